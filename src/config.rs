@@ -1,0 +1,400 @@
+//! Herald's one typed configuration: YAML file (PROTOCOL.md section 8 names),
+//! `HERALD_*` environment overrides, defaults, and validation that names the
+//! offending key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+pub use crate::membership::Source as Membership;
+
+/// A configuration that cannot be used; the message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid YAML: {message}")]
+    Yaml { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Key { key: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+fn key_error(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key { key: key.to_string(), message: message.into() }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub api: ApiConfig,
+    pub websocket: WebSocketConfig,
+    pub rooms: RoomsConfig,
+    pub bus: BusConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on. Without a configured secret only loopback is allowed.
+    pub listen: SocketAddr,
+    /// Connections held at once; upgrades beyond it get 503.
+    pub max_connections: usize,
+    /// How long shutdown waits for connections to drain after sending 1001.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Largest `POST /api/events` body; larger ones get 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_connections: 19_500,
+            shutdown_grace: Duration::from_secs(10),
+            max_body_bytes: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HS256 shared secret.
+    pub jwt_secret: Option<String>,
+    /// RS256 / ES256 public key (PEM).
+    pub jwt_public_key_file: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub membership: Membership,
+    /// Allowed `Origin` values for upgrades; empty allows any.
+    #[serde(deserialize_with = "string_or_list")]
+    pub allowed_origins: Vec<String>,
+    /// Clock skew tolerated when checking `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Bearer keys accepted by `POST /api/events`.
+    #[serde(deserialize_with = "string_or_list")]
+    pub keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Kept from the original design; Herald reads into a shared scratch
+    /// buffer, and this bounds a single socket read.
+    pub read_buffer_size: usize,
+    /// Kept from the original design; bytes a connection writes per syscall
+    /// before yielding to others is `max(write_buffer_size, 64 KiB)`.
+    pub write_buffer_size: usize,
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub pong_wait: Duration,
+    #[serde(with = "humantime_serde")]
+    pub write_wait: Duration,
+    pub max_message_size: usize,
+    /// Rooms one connection may be subscribed to at once.
+    pub max_subscriptions: usize,
+    /// Per-user frames a connection may have queued before it is a slow consumer.
+    pub user_queue: usize,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            read_buffer_size: 1024,
+            write_buffer_size: 1024,
+            ping_interval: Duration::from_secs(30),
+            pong_wait: Duration::from_secs(60),
+            write_wait: Duration::from_secs(10),
+            max_message_size: 65536,
+            max_subscriptions: 256,
+            user_queue: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoomsConfig {
+    /// Frames a room holds for its slowest reader before 4008.
+    pub buffer: usize,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        RoomsConfig { buffer: 1024 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusKind {
+    #[default]
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    pub kind: BusKind,
+    pub redis_url: String,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig { kind: BusKind::Memory, redis_url: "redis://127.0.0.1:6379".into() }
+    }
+}
+
+/// Lists may be given as YAML lists or as one comma-separated string (env).
+fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => {
+            s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+        }
+        OneOrMany::Many(v) => v,
+    })
+}
+
+impl Config {
+    /// Loads the file (if any), applies `HERALD_*` variables from `env`, and validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut tree = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+                let value: Value = if text.trim().is_empty() {
+                    Value::Object(Map::new())
+                } else {
+                    serde_saphyr::from_str(&text)
+                        .map_err(|e| ConfigError::Yaml { path: path.to_path_buf(), message: e.to_string() })?
+                };
+                match value {
+                    Value::Object(_) => value,
+                    Value::Null => Value::Object(Map::new()),
+                    _ => return Err(key_error("(root)", "the config file must be a mapping of sections")),
+                }
+            }
+            None => Value::Object(Map::new()),
+        };
+        let mut vars: Vec<(String, String)> =
+            env.into_iter().filter(|(k, _)| k.starts_with("HERALD_") && k.len() > 7).collect();
+        vars.sort();
+        for (var, raw) in vars {
+            apply_env(&mut tree, &var, &raw)?;
+        }
+        let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let path = e.path().to_string();
+            let key = if path == "." { "(root)".to_string() } else { path };
+            key_error(&key, e.into_inner().to_string())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values serde cannot: ranges and combinations.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ws = &self.websocket;
+        let positive = [
+            ("websocket.max_message_size", ws.max_message_size),
+            ("websocket.read_buffer_size", ws.read_buffer_size),
+            ("websocket.write_buffer_size", ws.write_buffer_size),
+            ("websocket.max_subscriptions", ws.max_subscriptions),
+            ("websocket.user_queue", ws.user_queue),
+            ("rooms.buffer", self.rooms.buffer),
+            ("server.max_connections", self.server.max_connections),
+            ("server.max_body_bytes", self.server.max_body_bytes),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(key_error(key, "must be greater than 0"));
+            }
+        }
+        for (key, value) in [
+            ("websocket.ping_interval", ws.ping_interval),
+            ("websocket.pong_wait", ws.pong_wait),
+            ("websocket.write_wait", ws.write_wait),
+        ] {
+            if value.is_zero() {
+                return Err(key_error(key, "must be longer than 0s"));
+            }
+        }
+        if ws.pong_wait <= ws.ping_interval {
+            return Err(key_error("websocket.pong_wait", "must be longer than websocket.ping_interval"));
+        }
+        if self.auth.jwt_secret.is_some() && self.auth.jwt_public_key_file.is_some() {
+            return Err(key_error(
+                "auth.jwt_public_key_file",
+                "set either auth.jwt_secret or this, not both",
+            ));
+        }
+        if self.auth.jwt_secret.as_deref().is_some_and(|s| s.len() < 16) {
+            return Err(key_error("auth.jwt_secret", "must be at least 16 bytes"));
+        }
+        if self.api.keys.iter().any(|k| k.len() < 16) {
+            return Err(key_error("api.keys", "every key must be at least 16 bytes"));
+        }
+        let has_secret = self.auth.jwt_secret.is_some() || self.auth.jwt_public_key_file.is_some();
+        if !self.server.listen.ip().is_loopback() && (!has_secret || self.api.keys.is_empty()) {
+            return Err(key_error(
+                "server.listen",
+                format!(
+                    "{} is not a loopback address: configure auth.jwt_secret (or auth.jwt_public_key_file) \
+                     and api.keys first",
+                    self.server.listen
+                ),
+            ));
+        }
+        if self.bus.kind == BusKind::Redis && !self.bus.redis_url.starts_with("redis://") {
+            return Err(key_error("bus.redis_url", "must be a redis:// URL"));
+        }
+        Ok(())
+    }
+}
+
+/// Applies one `HERALD_SECTION__KEY=value` override to the config tree.
+fn apply_env(tree: &mut Value, var: &str, raw: &str) -> Result<(), ConfigError> {
+    let path: Vec<String> = var["HERALD_".len()..].split("__").map(|s| s.to_ascii_lowercase()).collect();
+    if path.len() != 2 || path.iter().any(String::is_empty) {
+        return Err(ConfigError::Env {
+            var: var.into(),
+            message: "expected HERALD_<SECTION>__<KEY>, e.g. HERALD_AUTH__JWT_SECRET".into(),
+        });
+    }
+    // Values are read as YAML scalars so numbers stay numbers; anything that
+    // does not parse as one is taken as a plain string.
+    let value = match serde_saphyr::from_str::<Value>(raw) {
+        Ok(v @ (Value::Number(_) | Value::Bool(_))) => v,
+        _ => Value::String(raw.to_string()),
+    };
+    let Value::Object(root) = tree else { return Ok(()) };
+    let section = root.entry(path[0].clone()).or_insert_with(|| Value::Object(Map::new()));
+    match section {
+        Value::Object(map) => {
+            map.insert(path[1].clone(), value);
+            Ok(())
+        }
+        _ => Err(key_error(&path[0], "must be a mapping")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load_yaml(yaml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut file = tempfile();
+        file.1.write_all(yaml.as_bytes()).unwrap();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let result = Config::load(Some(&file.0), env);
+        let _ = std::fs::remove_file(&file.0);
+        result
+    }
+
+    fn tempfile() -> (PathBuf, std::fs::File) {
+        let path = std::env::temp_dir().join(format!("herald-config-{}.yaml", uuid::Uuid::new_v4()));
+        let file = std::fs::File::create(&path).unwrap();
+        (path, file)
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::load(None, []).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.websocket.read_buffer_size, 1024);
+        assert_eq!(c.websocket.write_buffer_size, 1024);
+        assert_eq!(c.websocket.ping_interval, Duration::from_secs(30));
+        assert_eq!(c.websocket.pong_wait, Duration::from_secs(60));
+        assert_eq!(c.websocket.write_wait, Duration::from_secs(10));
+        assert_eq!(c.websocket.max_message_size, 65536);
+        assert_eq!(c.rooms.buffer, 1024);
+        assert_eq!(c.bus.kind, BusKind::Memory);
+        assert_eq!(c.auth.membership, Membership::Token);
+    }
+
+    #[test]
+    fn reads_every_section_and_env_overrides_win() {
+        let yaml = r#"
+server:
+  listen: 127.0.0.1:9000
+auth:
+  jwt_secret: "0123456789abcdef0123"
+  membership: events
+  allowed_origins: ["https://app.example"]
+api:
+  keys: ["key-0123456789abcdef"]
+websocket:
+  ping_interval: 5s
+  pong_wait: 15s
+rooms:
+  buffer: 64
+bus:
+  kind: redis
+  redis_url: redis://127.0.0.1:7000
+"#;
+        let c = load_yaml(
+            yaml,
+            &[
+                ("HERALD_WEBSOCKET__PING_INTERVAL", "2s"),
+                ("HERALD_API__KEYS", "a-0123456789abcdef,b-0123456789abcdef"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.listen.port(), 9000);
+        assert_eq!(c.auth.membership, Membership::Events);
+        assert_eq!(c.auth.allowed_origins, vec!["https://app.example"]);
+        assert_eq!(c.websocket.ping_interval, Duration::from_secs(2));
+        assert_eq!(c.websocket.pong_wait, Duration::from_secs(15));
+        assert_eq!(c.rooms.buffer, 64);
+        assert_eq!(c.bus.kind, BusKind::Redis);
+        assert_eq!(c.api.keys.len(), 2);
+    }
+
+    #[test]
+    fn bad_input_names_the_key() {
+        let err = |yaml: &str, env: &[(&str, &str)]| load_yaml(yaml, env).unwrap_err().to_string();
+        assert!(
+            err("websocket:\n  ping_intervall: 5s\n", &[]).contains("websocket"),
+            "{}",
+            err("websocket:\n  ping_intervall: 5s\n", &[])
+        );
+        assert!(err("websocket:\n  ping_intervall: 5s\n", &[]).contains("ping_intervall"));
+        assert!(err("websocket:\n  pong_wait: soon\n", &[]).contains("websocket.pong_wait"));
+        assert!(err("rooms:\n  buffer: -3\n", &[]).contains("rooms.buffer"));
+        assert!(err("rooms:\n  buffer: 0\n", &[]).contains("rooms.buffer"));
+        assert!(err("bogus: 1\n", &[]).contains("bogus"));
+        assert!(
+            err("", &[("HERALD_WEBSOCKET__MAX_MESSAGE_SIZE", "big")]).contains("websocket.max_message_size")
+        );
+        assert!(err("", &[("HERALD_SERVER__LISTN", "x")]).contains("listn"));
+        assert!(err("", &[("HERALD_NOPE", "x")]).contains("HERALD_NOPE"));
+        assert!(err("auth:\n  membership: everyone\n", &[]).contains("auth.membership"));
+        assert!(err("server:\n  listen: 0.0.0.0:8080\n", &[]).contains("server.listen"));
+        assert!(err(": : :\n", &[]).contains("YAML"));
+    }
+}

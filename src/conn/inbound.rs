@@ -1,0 +1,156 @@
+//! Turns the client's byte stream into complete WebSocket messages: decodes
+//! frames, reassembles fragments with a bound on the total size, and keeps
+//! bytes only while a frame is incomplete (nothing is allocated while idle).
+
+use crate::protocol::frame::{self, DecodeError, OpCode};
+
+/// A complete client message or control frame.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Inbound {
+    Text(Vec<u8>),
+    Binary,
+    Ping(Vec<u8>),
+    Pong,
+    /// The client's close frame; its status code, if it sent one.
+    Close(Option<u16>),
+}
+
+/// Per-connection reassembly state.
+#[derive(Default)]
+pub(crate) struct Assembler {
+    /// Bytes of a frame that has not fully arrived; empty between frames.
+    partial: Vec<u8>,
+    /// The message being reassembled from fragments, and its opcode.
+    fragments: Vec<u8>,
+    fragment_op: Option<OpCode>,
+}
+
+impl Assembler {
+    /// Consumes freshly read bytes, appending complete messages to `out`.
+    pub(crate) fn ingest(
+        &mut self,
+        data: &[u8],
+        max: usize,
+        out: &mut Vec<Inbound>,
+    ) -> Result<(), DecodeError> {
+        if self.partial.is_empty() {
+            let used = self.decode_all(data, max, out)?;
+            self.partial.extend_from_slice(&data[used..]);
+        } else {
+            self.partial.extend_from_slice(data);
+            let buf = std::mem::take(&mut self.partial);
+            let used = self.decode_all(&buf, max, out)?;
+            if used < buf.len() {
+                self.partial = buf[used..].to_vec();
+            }
+        }
+        Ok(())
+    }
+
+    fn decode_all(
+        &mut self,
+        mut buf: &[u8],
+        max: usize,
+        out: &mut Vec<Inbound>,
+    ) -> Result<usize, DecodeError> {
+        let total = buf.len();
+        while let Some((f, used)) = frame::decode(buf, max)? {
+            buf = &buf[used..];
+            match f.op {
+                OpCode::Ping => out.push(Inbound::Ping(f.payload)),
+                OpCode::Pong => out.push(Inbound::Pong),
+                OpCode::Close => {
+                    let code =
+                        (f.payload.len() >= 2).then(|| u16::from_be_bytes([f.payload[0], f.payload[1]]));
+                    out.push(Inbound::Close(code));
+                    return Ok(total - buf.len());
+                }
+                OpCode::Text | OpCode::Binary => {
+                    if self.fragment_op.is_some() {
+                        // A new data frame while a fragmented one is open.
+                        return Err(DecodeError::Reserved);
+                    }
+                    if f.fin {
+                        out.push(message(f.op, f.payload));
+                    } else {
+                        self.fragment_op = Some(f.op);
+                        self.fragments = f.payload;
+                    }
+                }
+                OpCode::Continuation => {
+                    let Some(op) = self.fragment_op else { return Err(DecodeError::Reserved) };
+                    // The limit applies to the whole message, not each fragment.
+                    let size = self.fragments.len() + f.payload.len();
+                    if size > max {
+                        return Err(DecodeError::TooBig(size as u64));
+                    }
+                    self.fragments.extend_from_slice(&f.payload);
+                    if f.fin {
+                        self.fragment_op = None;
+                        out.push(message(op, std::mem::take(&mut self.fragments)));
+                    }
+                }
+            }
+        }
+        Ok(total - buf.len())
+    }
+}
+
+fn message(op: OpCode, payload: Vec<u8>) -> Inbound {
+    match op {
+        OpCode::Text => Inbound::Text(payload),
+        _ => Inbound::Binary,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+        assert!(payload.len() < 126);
+        let mut out = vec![first, 0x80 | payload.len() as u8, 9, 8, 7, 6];
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ [9, 8, 7, 6][i % 4]));
+        out
+    }
+
+    #[test]
+    fn reassembles_split_reads_and_fragments() {
+        let mut stream = masked(0x01, b"{\"type\":");
+        stream.extend(masked(0x89, b"hi"));
+        stream.extend(masked(0x80, b"\"ping\"}"));
+        stream.extend(masked(0x82, b"bin"));
+        stream.extend(masked(0x88, &1000u16.to_be_bytes()));
+        let mut a = Assembler::default();
+        let mut out = Vec::new();
+        // Feed one byte at a time: every split point must work.
+        for b in &stream {
+            a.ingest(std::slice::from_ref(b), 100, &mut out).unwrap();
+        }
+        assert_eq!(
+            out,
+            vec![
+                Inbound::Ping(b"hi".to_vec()),
+                Inbound::Text(b"{\"type\":\"ping\"}".to_vec()),
+                Inbound::Binary,
+                Inbound::Close(Some(1000))
+            ]
+        );
+        assert!(a.partial.is_empty() && a.fragments.is_empty());
+    }
+
+    #[test]
+    fn bounds_the_total_of_a_fragmented_message() {
+        let mut a = Assembler::default();
+        let mut out = Vec::new();
+        a.ingest(&masked(0x01, &[b'a'; 60]), 100, &mut out).unwrap();
+        let err = a.ingest(&masked(0x00, &[b'a'; 60]), 100, &mut out).unwrap_err();
+        assert_eq!(err.close_code(), 1009);
+    }
+
+    #[test]
+    fn refuses_a_stray_continuation() {
+        let mut a = Assembler::default();
+        assert!(a.ingest(&masked(0x80, b"x"), 100, &mut Vec::new()).is_err());
+    }
+}

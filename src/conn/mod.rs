@@ -1,0 +1,497 @@
+//! One WebSocket connection, served by one task: it reads and answers client
+//! commands and is the connection's write pump (the only writer of its
+//! socket). It waits on the socket, its rooms, its user mailbox and one timer
+//! at once, and writes every frame that is ready with one syscall.
+//!
+//! One task rather than a reader and a pump keeps an idle connection to one
+//! small future, with no read buffer and no write buffer while idle.
+
+mod inbound;
+mod outbound;
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::{StreamExt, StreamMap};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Claims;
+use crate::bus::{Bus, Topic};
+use crate::config::WebSocketConfig;
+use crate::membership;
+use crate::metrics::Metrics;
+use crate::protocol::client::{self, Command};
+use crate::protocol::frame::{self, OpCode};
+use crate::protocol::{server, ChatId, UserId};
+use crate::rooms::{Mailbox, Rooms, UserMsg, Users};
+use inbound::{Assembler, Inbound};
+use outbound::Outbound;
+
+/// Everything a connection needs from its node, shared by all connections.
+pub struct Context {
+    pub rooms: Arc<Rooms>,
+    pub users: Arc<Users>,
+    pub membership: Arc<membership::Table>,
+    pub source: membership::Source,
+    pub bus: Arc<dyn Bus>,
+    pub metrics: Arc<Metrics>,
+    pub ws: WebSocketConfig,
+    /// Frames a connection may have queued before it is a slow consumer
+    /// (`rooms.buffer`, the same bound its rooms give it).
+    pub queue_limit: usize,
+    /// Cancelled at shutdown: every connection closes with 1001.
+    pub shutdown: CancellationToken,
+    /// Tracks connection tasks so shutdown can wait for them to drain.
+    pub tasks: tokio_util::task::TaskTracker,
+}
+
+/// Most frames taken from rooms and mailbox in one turn, so one busy
+/// connection cannot starve the others on its worker thread.
+const MAX_TURN_FRAMES: usize = 256;
+/// Per-connection command budget: burst and refill per second.
+const COMMAND_BURST: f32 = 100.0;
+const COMMAND_RATE: f32 = 50.0;
+/// Error replies within one connection's life before it is closed with 1008.
+const MAX_ERRORS: u32 = 100;
+/// How long a closing connection waits for the client to finish.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// Why the connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Send a close frame with this code, then close.
+    Close(u16, &'static str),
+    /// The client closed or vanished: nothing more to send.
+    Gone,
+    /// The client sent a close frame: echo it.
+    Echo(Option<u16>),
+}
+
+struct Conn {
+    stream: TcpStream,
+    ctx: Arc<Context>,
+    user: UserId,
+    token_chats: Box<[ChatId]>,
+    expires_at: Instant,
+    subs: StreamMap<ChatId, BroadcastStream<Bytes>>,
+    /// This connection's inbox for per-user frames; `Users` holds the other
+    /// reference while the connection is registered.
+    mailbox: Arc<Mailbox>,
+    out: Outbound,
+    assembler: Assembler,
+    last_heard: Instant,
+    next_ping: Instant,
+    /// Set while frames wait for a socket that does not take them.
+    stalled_since: Option<Instant>,
+    tokens: f32,
+    tokens_at: Instant,
+    errors: u32,
+    /// Counts the connection against `server.max_connections` until dropped.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Serves one upgraded connection until it ends. `early` holds bytes the
+/// client sent right behind its handshake.
+pub async fn serve(
+    stream: TcpStream,
+    early: Bytes,
+    claims: Claims,
+    ctx: Arc<Context>,
+    permit: OwnedSemaphorePermit,
+) {
+    let now = Instant::now();
+    let lifetime = claims.exp.saturating_sub(crate::auth::now_secs());
+    let mailbox = Arc::new(Mailbox::new(ctx.ws.user_queue));
+    let mut conn = Conn {
+        stream,
+        user: claims.sub,
+        token_chats: claims.chats.into_boxed_slice(),
+        expires_at: now + Duration::from_secs(lifetime),
+        subs: StreamMap::new(),
+        mailbox: mailbox.clone(),
+        out: Outbound::default(),
+        assembler: Assembler::default(),
+        last_heard: now,
+        next_ping: now + ctx.ws.ping_interval,
+        stalled_since: None,
+        tokens: COMMAND_BURST,
+        tokens_at: now,
+        errors: 0,
+        _permit: permit,
+        ctx: ctx.clone(),
+    };
+    ctx.metrics.connections_opened.fetch_add(1, Ordering::Relaxed);
+    ctx.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
+    ctx.users.register(conn.user, mailbox.clone());
+    let end = match ctx.bus.watch(Topic::User(conn.user)).await {
+        Ok(()) => conn.run(early).await,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the user topic; closing");
+            End::Close(1011, "event bus unavailable")
+        }
+    };
+    conn.finish(end).await;
+    ctx.users.unregister(conn.user, &mailbox);
+    ctx.bus.unwatch(Topic::User(conn.user));
+    ctx.metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
+    ctx.metrics.connections_closed.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Conn {
+    async fn run(&mut self, early: Bytes) -> End {
+        let mut inbox = Vec::new();
+        if !early.is_empty() {
+            if let Err(end) = self.ingest(&early, &mut inbox) {
+                return end;
+            }
+            if let Err(end) = self.handle(&mut inbox).await {
+                return end;
+            }
+        }
+        let ctx = self.ctx.clone();
+        let mailbox = self.mailbox.clone();
+        let mut cancelled = std::pin::pin!(ctx.shutdown.cancelled());
+        let mut notified = std::pin::pin!(mailbox.notify.notified());
+        let mut deadline = self.deadline();
+        let sleep = tokio::time::sleep_until(deadline);
+        let mut sleep = std::pin::pin!(sleep);
+        loop {
+            let step = tokio::select! {
+                biased;
+                _ = &mut cancelled => Err(End::Close(1001, "server shutting down")),
+                ready = self.stream.readable() => match ready {
+                    Ok(()) => self.read_ready(&mut inbox),
+                    Err(_) => Err(End::Gone),
+                },
+                _ = self.stream.writable(), if !self.out.is_empty() => Ok(()),
+                item = self.subs.next(), if !self.subs.is_empty() => self.on_room(item),
+                _ = &mut notified => {
+                    notified.set(mailbox.notify.notified());
+                    self.on_mailbox()
+                }
+                _ = &mut sleep => self.on_timer(),
+            };
+            let step = match step {
+                Ok(()) if !inbox.is_empty() => self.handle(&mut inbox).await,
+                other => other,
+            };
+            if let Err(end) = step {
+                return end;
+            }
+            if let Err(end) = self.flush() {
+                return end;
+            }
+            let next = self.deadline();
+            if next != deadline {
+                deadline = next;
+                sleep.as_mut().reset(deadline);
+            }
+        }
+    }
+
+    /// The earliest moment a timer must act.
+    fn deadline(&self) -> Instant {
+        let mut at = self.next_ping.min(self.expires_at).min(self.last_heard + self.ctx.ws.pong_wait);
+        if let Some(since) = self.stalled_since {
+            at = at.min(since + self.ctx.ws.write_wait);
+        }
+        at
+    }
+
+    fn on_timer(&mut self) -> Result<(), End> {
+        let now = Instant::now();
+        if now >= self.expires_at {
+            return Err(End::Close(4001, "token expired"));
+        }
+        if now >= self.last_heard + self.ctx.ws.pong_wait {
+            // Nothing from the client for pong_wait: it is gone.
+            return Err(End::Gone);
+        }
+        if self.stalled_since.is_some_and(|since| now >= since + self.ctx.ws.write_wait) {
+            return Err(self.slow_consumer());
+        }
+        if now >= self.next_ping {
+            self.out.push(frame::encode(OpCode::Ping, b""));
+            self.next_ping = now + self.ctx.ws.ping_interval;
+        }
+        Ok(())
+    }
+
+    /// Reads everything the socket has, into a stack buffer that exists only
+    /// for this call: an idle connection holds no read buffer.
+    fn read_ready(&mut self, inbox: &mut Vec<Inbound>) -> Result<(), End> {
+        let mut buf = [0u8; 8192];
+        let limit = self.ctx.ws.read_buffer_size.clamp(512, buf.len());
+        loop {
+            match self.stream.try_read(&mut buf[..limit]) {
+                Ok(0) => return Err(End::Gone),
+                Ok(n) => {
+                    self.last_heard = Instant::now();
+                    self.ingest(&buf[..n], inbox)?;
+                    if n < limit || inbox.len() > 64 {
+                        return Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(_) => return Err(End::Gone),
+            }
+        }
+    }
+
+    fn ingest(&mut self, data: &[u8], inbox: &mut Vec<Inbound>) -> Result<(), End> {
+        self.assembler.ingest(data, self.ctx.ws.max_message_size, inbox).map_err(|e| {
+            End::Close(
+                e.close_code(),
+                if e.close_code() == 1009 { "message too big" } else { "protocol error" },
+            )
+        })
+    }
+
+    /// Answers every complete client message, in order.
+    async fn handle(&mut self, inbox: &mut Vec<Inbound>) -> Result<(), End> {
+        for msg in inbox.drain(..) {
+            match msg {
+                Inbound::Text(text) => self.command(&text).await?,
+                Inbound::Binary => self.reply_error(
+                    "bad_request",
+                    "binary frames are not accepted: commands are JSON text",
+                    None,
+                )?,
+                Inbound::Ping(payload) => self.out.push(frame::encode(OpCode::Pong, &payload)),
+                Inbound::Pong => {}
+                Inbound::Close(code) => return Err(End::Echo(code)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn command(&mut self, text: &[u8]) -> Result<(), End> {
+        if !self.take_token() {
+            return self.reply_error("rate_limited", "too many commands; slow down", None);
+        }
+        match client::parse(text) {
+            Ok(Command::Ping) => self.out.push(server::pong()),
+            Ok(Command::Subscribe { chat_id, since: _ }) => self.subscribe(chat_id).await?,
+            Ok(Command::Unsubscribe { chat_id }) => {
+                self.leave(chat_id);
+                self.out.push(server::unsubscribed(chat_id));
+            }
+            Err(e) => self.reply_error(e.code(), &e.to_string(), None)?,
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&mut self, chat: ChatId) -> Result<(), End> {
+        if self.subs.contains_key(&chat) {
+            self.out.push(server::subscribed(chat));
+            return Ok(());
+        }
+        if self.subs.len() >= self.ctx.ws.max_subscriptions {
+            return self.reply_error("too_many_subscriptions", "subscription limit reached", Some(chat));
+        }
+        if !membership::allowed(self.ctx.source, &self.ctx.membership, self.user, &self.token_chats, chat) {
+            return self.reply_error("forbidden", "not a member of this chat", Some(chat));
+        }
+        // Join before watching the bus, so nothing delivered after the watch
+        // completes can miss this receiver.
+        let rx = self.ctx.rooms.join(chat);
+        self.subs.insert(chat, BroadcastStream::new(rx));
+        self.ctx.metrics.subscriptions_active.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.ctx.bus.watch(Topic::Room(chat)).await {
+            tracing::warn!(%chat, error = %e, "cannot watch room on the bus");
+            self.leave_unwatched(chat);
+            return self.reply_error("unavailable", "event bus unavailable; retry", Some(chat));
+        }
+        self.out.push(server::subscribed(chat));
+        Ok(())
+    }
+
+    /// Drops a subscription, if any; returns whether there was one.
+    fn leave(&mut self, chat: ChatId) -> bool {
+        let had = self.leave_unwatched(chat);
+        if had {
+            self.ctx.bus.unwatch(Topic::Room(chat));
+        }
+        had
+    }
+
+    fn leave_unwatched(&mut self, chat: ChatId) -> bool {
+        // Dropping the stream drops its receiver before the room checks emptiness.
+        let had = self.subs.remove(&chat).is_some();
+        if had {
+            self.ctx.rooms.leave(chat);
+            self.ctx.metrics.subscriptions_active.fetch_sub(1, Ordering::Relaxed);
+        }
+        had
+    }
+
+    fn reply_error(&mut self, code: &str, message: &str, chat: Option<ChatId>) -> Result<(), End> {
+        self.ctx.metrics.client_error(code);
+        self.out.push(server::error(code, message, chat));
+        self.errors += 1;
+        if self.errors > MAX_ERRORS {
+            return Err(End::Close(1008, "too many invalid commands"));
+        }
+        Ok(())
+    }
+
+    fn take_token(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.tokens_at).as_secs_f32() * COMMAND_RATE;
+        self.tokens = (self.tokens + refill).min(COMMAND_BURST);
+        self.tokens_at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A room frame arrived: queue it and everything else already waiting, so
+    /// one write carries them all (adaptive batching: a connection that keeps
+    /// up writes each frame at once, one that fell behind writes in bulk).
+    fn on_room(
+        &mut self,
+        item: Option<(ChatId, Result<Bytes, BroadcastStreamRecvError>)>,
+    ) -> Result<(), End> {
+        let Some(item) = item else { return Ok(()) };
+        self.queue_room_item(item)?;
+        for _ in 0..MAX_TURN_FRAMES {
+            match self.subs.next().now_or_never() {
+                Some(Some(item)) => self.queue_room_item(item)?,
+                _ => break,
+            }
+        }
+        self.on_mailbox()
+    }
+
+    fn queue_room_item(
+        &mut self,
+        (chat, item): (ChatId, Result<Bytes, BroadcastStreamRecvError>),
+    ) -> Result<(), End> {
+        match item {
+            Ok(frame) => {
+                self.out.push(frame);
+                if self.out.len() > self.ctx.queue_limit {
+                    return Err(self.slow_consumer());
+                }
+                Ok(())
+            }
+            Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                tracing::debug!(%chat, missed, user = %self.user, "slow consumer lagged its room");
+                Err(self.slow_consumer())
+            }
+        }
+    }
+
+    fn on_mailbox(&mut self) -> Result<(), End> {
+        let mut msgs = Vec::new();
+        if self.mailbox.drain(&mut msgs).is_err() {
+            return Err(self.slow_consumer());
+        }
+        for msg in msgs {
+            match msg {
+                UserMsg::Frame(frame) => self.out.push(frame),
+                UserMsg::Removed(chat) => {
+                    if self.leave(chat) {
+                        self.out.push(server::removed(chat));
+                    }
+                }
+            }
+        }
+        if self.out.len() > self.ctx.queue_limit {
+            return Err(self.slow_consumer());
+        }
+        Ok(())
+    }
+
+    fn slow_consumer(&mut self) -> End {
+        self.ctx.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
+        // The backlog is abandoned: the client resubscribes with `since`.
+        self.out.truncate_unstarted();
+        End::Close(4008, "slow consumer")
+    }
+
+    fn flush(&mut self) -> Result<(), End> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let written = self.out.flush(&self.stream).map_err(|_| End::Gone)?;
+        let m = &self.ctx.metrics;
+        if written.syscalls > 0 {
+            m.frames_out.fetch_add(written.frames, Ordering::Relaxed);
+            m.bytes_out.fetch_add(written.bytes, Ordering::Relaxed);
+            m.write_syscalls.fetch_add(written.syscalls, Ordering::Relaxed);
+        }
+        if self.out.is_empty() {
+            self.stalled_since = None;
+        } else if self.stalled_since.is_none() || written.bytes > 0 {
+            // write_wait bounds how long one write may make no progress.
+            self.stalled_since = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Ends the connection: leaves every room at once (so a slow consumer
+    /// stops pinning room buffers), sends the close frame, and gives the
+    /// client a bounded time to read it.
+    async fn finish(&mut self, end: End) {
+        let chats: Vec<ChatId> = self.subs.keys().copied().collect();
+        for chat in chats {
+            self.leave(chat);
+        }
+        let code = match end {
+            End::Close(code, reason) => {
+                self.out.push(frame::close(code, reason));
+                Some(code)
+            }
+            End::Echo(code) => {
+                // Echo the client's code (RFC 6455 5.5.1), but never a reserved one.
+                let echo = code.filter(|c| (1000..5000).contains(c) && ![1004, 1005, 1006, 1015].contains(c));
+                self.out.push(frame::close(echo.unwrap_or(1000), ""));
+                Some(echo.unwrap_or(1000))
+            }
+            End::Gone => None,
+        };
+        self.ctx.metrics.closed_with(code);
+        if code.is_none() {
+            return;
+        }
+        let deadline = Instant::now() + self.ctx.ws.write_wait.min(CLOSE_LINGER * 5);
+        while !self.out.is_empty() {
+            if self.out.flush(&self.stream).is_err() {
+                return;
+            }
+            if self.out.is_empty() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, self.stream.writable()).await.is_err() {
+                return;
+            }
+        }
+        let _ = self.stream.shutdown().await;
+        // Read until the client closes too, so unread input does not turn our
+        // close into a reset that could discard the close frame.
+        let linger = Instant::now() + CLOSE_LINGER;
+        let mut buf = [0u8; 1024];
+        while let Ok(Ok(())) = tokio::time::timeout_at(linger, self.stream.readable()).await {
+            match self.stream.try_read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => break,
+            }
+        }
+    }
+}

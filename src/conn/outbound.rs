@@ -1,0 +1,142 @@
+//! The connection's write queue: pre-encoded frames waiting for the socket,
+//! written several per syscall when more than one is ready.
+//!
+//! Frames are shared `Bytes` (a reference count, not a copy of the room's
+//! frame), so a queued frame costs 32 bytes whatever its size.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+
+/// Most frames gathered into one `writev`.
+const MAX_IOVECS: usize = 64;
+
+/// What one flush wrote.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Written {
+    pub(crate) frames: u64,
+    pub(crate) bytes: u64,
+    pub(crate) syscalls: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Outbound {
+    queue: VecDeque<Bytes>,
+    /// Bytes of the front frame already written.
+    offset: usize,
+}
+
+impl Outbound {
+    pub(crate) fn push(&mut self, frame: Bytes) {
+        self.queue.push_back(frame);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Forgets everything not yet started: used when closing, so the close
+    /// frame follows the frame in flight without the backlog before it.
+    pub(crate) fn truncate_unstarted(&mut self) {
+        let keep = usize::from(self.offset > 0);
+        self.queue.truncate(keep);
+    }
+
+    /// Writes as much as the socket takes without blocking.
+    pub(crate) fn flush(&mut self, stream: &TcpStream) -> io::Result<Written> {
+        let mut written = Written::default();
+        while !self.queue.is_empty() {
+            let result = if self.queue.len() == 1 {
+                stream.try_write(&self.queue[0][self.offset..])
+            } else {
+                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+                let mut n = 0;
+                for (i, frame) in self.queue.iter().take(MAX_IOVECS).enumerate() {
+                    slices[i] = IoSlice::new(if i == 0 { &frame[self.offset..] } else { frame });
+                    n = i + 1;
+                }
+                stream.try_write_vectored(&slices[..n])
+            };
+            match result {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    written.syscalls += 1;
+                    written.bytes += n as u64;
+                    written.frames += self.advance(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.queue.is_empty() && self.queue.capacity() > 0 {
+            // Idle connections keep no buffer.
+            self.queue = VecDeque::new();
+        }
+        Ok(written)
+    }
+
+    /// Drops `n` written bytes from the front; returns frames completed.
+    fn advance(&mut self, mut n: usize) -> u64 {
+        let mut done = 0;
+        while n > 0 {
+            let Some(front) = self.queue.front() else { break };
+            let left = front.len() - self.offset;
+            if n >= left {
+                n -= left;
+                self.offset = 0;
+                self.queue.pop_front();
+                done += 1;
+            } else {
+                self.offset += n;
+                n = 0;
+            }
+        }
+        done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn writes_many_frames_in_one_syscall_and_keeps_order() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut out = Outbound::default();
+        for i in 0..10u8 {
+            out.push(Bytes::from(vec![i; 100]));
+        }
+        server.writable().await.unwrap();
+        let w = out.flush(&server).unwrap();
+        assert_eq!((w.frames, w.bytes, w.syscalls), (10, 1000, 1));
+        assert!(out.is_empty());
+        let mut got = vec![0u8; 1000];
+        let mut client = client;
+        client.read_exact(&mut got).await.unwrap();
+        for i in 0..10u8 {
+            assert!(got[i as usize * 100..(i as usize + 1) * 100].iter().all(|b| *b == i));
+        }
+    }
+
+    #[test]
+    fn partial_writes_resume_mid_frame() {
+        let mut out = Outbound::default();
+        out.push(Bytes::from_static(b"abc"));
+        out.push(Bytes::from_static(b"de"));
+        assert_eq!(out.advance(2), 0);
+        assert_eq!(out.offset, 2);
+        out.truncate_unstarted();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out.advance(1), 1);
+        assert!(out.is_empty());
+    }
+}

@@ -1,0 +1,25 @@
+//! Operations endpoints: `/healthz` and Prometheus `/metrics`.
+
+use hyper::{header, Response, StatusCode};
+
+use super::{json, App, Body};
+use crate::bus::Health;
+
+pub(super) fn healthz(app: &App) -> Response<Body> {
+    match app.ctx.bus.health() {
+        Health::Ok => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        // Still serving WebSockets, so still 200; publishers see 503 on publish.
+        Health::Degraded(reason) => {
+            json(StatusCode::OK, &serde_json::json!({"status": "degraded", "reason": reason}))
+        }
+    }
+}
+
+pub(super) fn metrics(app: &App) -> Response<Body> {
+    let ctx = &app.ctx;
+    let text = ctx.metrics.render(ctx.rooms.len(), ctx.users.len(), ctx.bus.health() == Health::Ok);
+    let mut resp = Response::new(Body::from(text));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
+    resp
+}

@@ -1,0 +1,107 @@
+//! `GET /ws`: authenticate and check the origin before the handshake, take a
+//! connection permit, upgrade, and hand the raw socket to [`crate::conn`].
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::upgrade::Upgraded;
+use hyper::{header, Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::{bearer, App, Body, HttpError};
+use crate::conn;
+
+pub(super) fn upgrade(app: &Arc<App>, mut req: Request<Incoming>) -> Result<Response<Body>, HttpError> {
+    let metrics = &app.ctx.metrics;
+    if !app.allowed_origins.is_empty() {
+        let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        if !origin.is_some_and(|o| app.allowed_origins.iter().any(|a| a == o)) {
+            metrics.upgrades_rejected_origin.fetch_add(1, Ordering::Relaxed);
+            return Err(HttpError::Forbidden);
+        }
+    }
+    let token = query_token(&req).or_else(|| bearer(&req).map(str::to_string)).unwrap_or_default();
+    let claims = app.verifier.verify(&token).map_err(|e| {
+        metrics.upgrades_rejected_auth.fetch_add(1, Ordering::Relaxed);
+        HttpError::Unauthorized(e.reason())
+    })?;
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return Err(HttpError::BadRequest("expected a WebSocket upgrade request".into()));
+    }
+    let permit = app.conn_limit.clone().try_acquire_owned().map_err(|_| {
+        metrics.upgrades_rejected_limit.fetch_add(1, Ordering::Relaxed);
+        HttpError::Unavailable("too many connections".into())
+    })?;
+    let (response, fut) = fastwebsockets::upgrade::upgrade(&mut req)
+        .map_err(|e| HttpError::BadRequest(format!("bad WebSocket handshake: {e}")))?;
+    let ctx = app.ctx.clone();
+    app.ctx.tasks.spawn(async move {
+        let upgraded = match fut.await {
+            Ok(ws) => ws.into_inner().into_inner(),
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade did not complete");
+                return;
+            }
+        };
+        match raw_socket(upgraded) {
+            Some((stream, early)) => conn::serve(stream, early, claims, ctx, permit).await,
+            None => tracing::error!("upgraded connection is not a TCP stream"),
+        }
+    });
+    let (parts, _) = response.into_parts();
+    Ok(Response::from_parts(parts, Body::default()))
+}
+
+/// Takes the TCP socket back from hyper, with any bytes it read past the handshake.
+fn raw_socket(upgraded: Upgraded) -> Option<(TcpStream, bytes::Bytes)> {
+    let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
+    Some((parts.io.into_inner(), parts.read_buf))
+}
+
+/// The `token` query parameter, percent-decoded.
+fn query_token(req: &Request<Incoming>) -> Option<String> {
+    let query = req.uri().query()?;
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == "token").then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn decodes_query_values() {
+        assert_eq!(percent_decode("a.b_c-d"), "a.b_c-d");
+        assert_eq!(percent_decode("a%2Eb"), "a.b");
+        assert_eq!(percent_decode("bad%"), "bad%");
+        assert_eq!(percent_decode("bad%zz"), "bad%zz");
+        assert_eq!(percent_decode("%4"), "%4");
+    }
+}

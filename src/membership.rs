@@ -1,0 +1,73 @@
+//! Who may subscribe to which chat: the `token`, `events` and `open` sources
+//! of PROTOCOL.md section 4.
+
+use std::collections::HashSet;
+
+use dashmap::DashMap;
+use serde::Deserialize;
+
+use crate::protocol::{ChatId, UserId};
+
+/// The configured membership source (`auth.membership`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The `chats` claim of the connection's JWT.
+    #[default]
+    Token,
+    /// What `chat.member_added` / `chat.member_removed` events taught us.
+    Events,
+    /// Every authenticated user may subscribe to every chat.
+    Open,
+}
+
+/// Membership learned from events: chat -> members.
+#[derive(Default)]
+pub struct Table {
+    members: DashMap<ChatId, HashSet<UserId>>,
+}
+
+impl Table {
+    pub fn add(&self, chat: ChatId, user: UserId) {
+        self.members.entry(chat).or_default().insert(user);
+    }
+
+    pub fn remove(&self, chat: ChatId, user: UserId) {
+        self.members.remove_if_mut(&chat, |_, users| {
+            users.remove(&user);
+            users.is_empty()
+        });
+    }
+
+    pub fn contains(&self, chat: ChatId, user: UserId) -> bool {
+        self.members.get(&chat).is_some_and(|users| users.contains(&user))
+    }
+}
+
+/// Decides a `subscribe`: `token_chats` is the connection's `chats` claim.
+pub fn allowed(source: Source, table: &Table, user: UserId, token_chats: &[ChatId], chat: ChatId) -> bool {
+    match source {
+        Source::Open => true,
+        Source::Token => token_chats.contains(&chat),
+        Source::Events => table.contains(chat, user),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_source_decides_as_documented() {
+        let table = Table::default();
+        let (user, chat, other) = (UserId::from_u128(1), ChatId::from_u128(2), ChatId::from_u128(3));
+        assert!(allowed(Source::Open, &table, user, &[], chat));
+        assert!(allowed(Source::Token, &table, user, &[chat], chat));
+        assert!(!allowed(Source::Token, &table, user, &[chat], other));
+        assert!(!allowed(Source::Events, &table, user, &[chat], chat));
+        table.add(chat, user);
+        assert!(allowed(Source::Events, &table, user, &[], chat));
+        table.remove(chat, user);
+        assert!(!allowed(Source::Events, &table, user, &[], chat));
+    }
+}

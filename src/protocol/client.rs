@@ -1,0 +1,114 @@
+//! Client -> server commands (PROTOCOL.md section 2) and their parsing.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+use super::ChatId;
+
+/// One parsed client command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Join a room; `since` is the last `seq` the client saw.
+    Subscribe { chat_id: ChatId, since: Option<u64> },
+    /// Leave a room.
+    Unsubscribe { chat_id: ChatId },
+    /// Application-level keepalive, answered with `pong`.
+    Ping,
+}
+
+/// Why a text frame is not a valid command; maps to the contract's error codes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// Not JSON, not an object, a missing field or a bad UUID: `bad_request`.
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// A well-formed command of a type this server does not know: `unknown_type`.
+    #[error("unknown command type")]
+    UnknownType,
+}
+
+impl CommandError {
+    /// The contract's `code` for this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CommandError::BadRequest(_) => "bad_request",
+            CommandError::UnknownType => "unknown_type",
+        }
+    }
+}
+
+/// The loose shape every command shares; fields are checked per type after.
+#[derive(Deserialize)]
+struct Loose<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    chat_id: Option<Cow<'a, str>>,
+    since: Option<u64>,
+}
+
+/// Parses one text frame into a command.
+///
+/// serde_json is used rather than simd-json: commands are tens of bytes, where
+/// serde_json measured faster (see `benches/protocol.rs`).
+pub fn parse(text: &[u8]) -> Result<Command, CommandError> {
+    let loose: Loose<'_> = serde_json::from_slice(text)
+        .map_err(|_| CommandError::BadRequest("command is not a JSON object of the documented shape"))?;
+    let ty = loose.ty.as_deref().ok_or(CommandError::BadRequest("missing field `type`"))?;
+    let chat_id = || -> Result<ChatId, CommandError> {
+        let raw = loose.chat_id.as_deref().ok_or(CommandError::BadRequest("missing field `chat_id`"))?;
+        ChatId::try_parse(raw).map_err(|_| CommandError::BadRequest("`chat_id` is not a UUID"))
+    };
+    match ty {
+        "subscribe" => Ok(Command::Subscribe { chat_id: chat_id()?, since: loose.since }),
+        "unsubscribe" => Ok(Command::Unsubscribe { chat_id: chat_id()? }),
+        "ping" => Ok(Command::Ping),
+        _ => Err(CommandError::UnknownType),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, expected: Result<Command, &str>) {
+        let got = parse(input.as_bytes()).map_err(|e| e.code());
+        assert_eq!(got, expected, "input: {input}");
+    }
+
+    const ID: &str = "7d1b3c2a-0f7e-4a55-9a55-1b2c3d4e5f60";
+
+    #[test]
+    fn parses_every_command() {
+        let id = ChatId::parse_str(ID).unwrap();
+        check(
+            &format!(r#"{{"type":"subscribe","chat_id":"{ID}"}}"#),
+            Ok(Command::Subscribe { chat_id: id, since: None }),
+        );
+        check(
+            &format!(r#"{{"type":"subscribe","chat_id":"{ID}","since":41}}"#),
+            Ok(Command::Subscribe { chat_id: id, since: Some(41) }),
+        );
+        check(
+            &format!(r#"{{"chat_id":"{ID}","type":"unsubscribe"}}"#),
+            Ok(Command::Unsubscribe { chat_id: id }),
+        );
+        check(r#"{"type":"ping"}"#, Ok(Command::Ping));
+    }
+
+    #[test]
+    fn rejects_bad_commands_with_the_contract_codes() {
+        check("not json", Err("bad_request"));
+        check("[1,2]", Err("bad_request"));
+        check(r#"{"chat_id":"x"}"#, Err("bad_request"));
+        check(r#"{"type":"subscribe"}"#, Err("bad_request"));
+        check(r#"{"type":"subscribe","chat_id":"not-a-uuid"}"#, Err("bad_request"));
+        check(r#"{"type":"subscribe","chat_id":42}"#, Err("bad_request"));
+        check(
+            r#"{"type":"subscribe","chat_id":"7d1b3c2a-0f7e-4a55-9a55-1b2c3d4e5f60","since":-1}"#,
+            Err("bad_request"),
+        );
+        check(r#"{"type":"dance"}"#, Err("unknown_type"));
+    }
+}

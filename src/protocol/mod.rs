@@ -1,0 +1,15 @@
+//! The wire contract (`PROTOCOL.md`) as types and byte encoders: client
+//! commands, domain events, server messages and WebSocket framing.
+//!
+//! Nothing here does IO, awaits or reads a clock, so codec tests and benches
+//! need no runtime.
+
+pub mod client;
+pub mod event;
+pub mod frame;
+pub mod server;
+
+/// A chat room's id (lowercase hyphenated UUID on the wire).
+pub type ChatId = uuid::Uuid;
+/// A user's id: the JWT `sub`.
+pub type UserId = uuid::Uuid;

@@ -1,0 +1,137 @@
+//! Server -> client messages (PROTOCOL.md sections 2-4), each encoded straight
+//! into a complete WebSocket text frame so it can be shared by every recipient.
+
+use bytes::Bytes;
+use std::io::Write;
+
+use super::frame;
+use super::ChatId;
+
+/// `{"type":"<ty>","chat_id":"<id>","seq":<n>,"data":<raw>}` as a frame.
+/// Room events are encoded once per event, whatever the room's size.
+pub fn room_event(ty: &str, chat_id: ChatId, seq: u64, data: &str) -> Bytes {
+    frame::text_with(72 + ty.len() + data.len(), |buf| {
+        buf.extend_from_slice(br#"{"type":""#);
+        buf.extend_from_slice(ty.as_bytes());
+        buf.extend_from_slice(br#"","chat_id":""#);
+        push_uuid(buf, chat_id);
+        buf.extend_from_slice(br#"","seq":"#);
+        let _ = write!(buf, "{seq}");
+        buf.extend_from_slice(br#","data":"#);
+        buf.extend_from_slice(data.as_bytes());
+        buf.push(b'}');
+    })
+}
+
+/// `{"type":"<ty>"[,"chat_id":"<id>"],"data":<raw>}`: a per-user event,
+/// which carries no `seq`; `chat_id` is included when the event has one.
+pub fn user_event(ty: &str, chat_id: Option<ChatId>, data: &str) -> Bytes {
+    frame::text_with(64 + ty.len() + data.len(), |buf| {
+        buf.extend_from_slice(br#"{"type":""#);
+        buf.extend_from_slice(ty.as_bytes());
+        if let Some(chat_id) = chat_id {
+            buf.extend_from_slice(br#"","chat_id":""#);
+            push_uuid(buf, chat_id);
+        }
+        buf.extend_from_slice(br#"","data":"#);
+        buf.extend_from_slice(data.as_bytes());
+        buf.push(b'}');
+    })
+}
+
+/// `{"type":"subscribed","chat_id":"<id>"}`
+pub fn subscribed(chat_id: ChatId) -> Bytes {
+    with_chat("subscribed", chat_id, "")
+}
+
+/// `{"type":"unsubscribed","chat_id":"<id>"}`
+pub fn unsubscribed(chat_id: ChatId) -> Bytes {
+    with_chat("unsubscribed", chat_id, "")
+}
+
+/// `{"type":"unsubscribed","chat_id":"<id>","reason":"removed"}`
+pub fn removed(chat_id: ChatId) -> Bytes {
+    with_chat("unsubscribed", chat_id, r#","reason":"removed""#)
+}
+
+/// `{"type":"pong"}`
+pub fn pong() -> Bytes {
+    frame::encode(frame::OpCode::Text, br#"{"type":"pong"}"#)
+}
+
+/// `{"type":"error","code":..,"message":..[,"chat_id":..]}`
+pub fn error(code: &str, message: &str, chat_id: Option<ChatId>) -> Bytes {
+    #[derive(serde::Serialize)]
+    struct Error<'a> {
+        #[serde(rename = "type")]
+        ty: &'static str,
+        code: &'a str,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        chat_id: Option<ChatId>,
+    }
+    let body = Error { ty: "error", code, message, chat_id };
+    frame::text_with(96 + message.len(), |buf| {
+        // ok: a struct of strings always serializes.
+        let _ = serde_json::to_writer(&mut *buf, &body);
+    })
+}
+
+fn with_chat(ty: &str, chat_id: ChatId, extra: &str) -> Bytes {
+    frame::text_with(64 + extra.len(), |buf| {
+        buf.extend_from_slice(br#"{"type":""#);
+        buf.extend_from_slice(ty.as_bytes());
+        buf.extend_from_slice(br#"","chat_id":""#);
+        push_uuid(buf, chat_id);
+        buf.push(b'"');
+        buf.extend_from_slice(extra.as_bytes());
+        buf.push(b'}');
+    })
+}
+
+fn push_uuid(buf: &mut Vec<u8>, id: ChatId) {
+    let mut tmp = uuid::Uuid::encode_buffer();
+    buf.extend_from_slice(id.hyphenated().encode_lower(&mut tmp).as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(frame: &Bytes) -> serde_json::Value {
+        let (decoded_len, start) = match frame[1] {
+            126 => (u16::from_be_bytes([frame[2], frame[3]]) as usize, 4),
+            n => (n as usize, 2),
+        };
+        assert_eq!(frame[0], 0x81);
+        assert_eq!(frame.len(), start + decoded_len);
+        serde_json::from_slice(&frame[start..]).unwrap()
+    }
+
+    #[test]
+    fn encodes_the_contract_shapes() {
+        let id = ChatId::parse_str("7d1b3c2a-0f7e-4a55-9a55-1b2c3d4e5f60").unwrap();
+        let v = payload(&room_event("message.new", id, 42, r#"{"content":"Hello!"}"#));
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"message.new","chat_id":id.to_string(),"seq":42,"data":{"content":"Hello!"}})
+        );
+        assert_eq!(
+            payload(&user_event("notification.new", None, "{}")),
+            serde_json::json!({"type":"notification.new","data":{}})
+        );
+        assert_eq!(
+            payload(&subscribed(id)),
+            serde_json::json!({"type":"subscribed","chat_id":id.to_string()})
+        );
+        assert_eq!(
+            payload(&removed(id)),
+            serde_json::json!({"type":"unsubscribed","chat_id":id.to_string(),"reason":"removed"})
+        );
+        assert_eq!(payload(&pong()), serde_json::json!({"type":"pong"}));
+        assert_eq!(
+            payload(&error("forbidden", "not \"a\" member", Some(id))),
+            serde_json::json!({"type":"error","code":"forbidden","message":"not \"a\" member","chat_id":id.to_string()})
+        );
+    }
+}

@@ -1,0 +1,193 @@
+//! The node: builds registries, bus and HTTP app from a [`Config`], runs the
+//! accept loop, and drains gracefully on shutdown.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{KeyError, Verifier};
+use crate::broadcast::Broadcaster;
+use crate::bus::memory::MemoryBus;
+use crate::bus::redis::RedisBus;
+use crate::bus::{Bus, BusError, Deliver};
+use crate::config::{BusKind, Config};
+use crate::conn::Context;
+use crate::http::App;
+use crate::membership;
+use crate::metrics::Metrics;
+use crate::protocol::event::DomainEvent;
+use crate::rooms::{Rooms, Users};
+
+/// Startup failures, each naming what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr} (server.listen): {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("event bus (bus.redis_url): {0}")]
+    Bus(#[from] BusError),
+}
+
+/// How long an HTTP client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A bound, ready-to-run Herald node.
+pub struct Server {
+    listener: TcpListener,
+    app: Arc<App>,
+    /// Tracks HTTP connection tasks (WebSocket tasks are in `app.ctx.tasks`).
+    http_tasks: TaskTracker,
+    grace: Duration,
+}
+
+/// Publishes domain events into a running node: the in-process ingress.
+#[derive(Clone)]
+pub struct Publisher {
+    bus: Arc<dyn Bus>,
+}
+
+impl Publisher {
+    /// Hands events to the bus; `Ok` means every one was accepted.
+    pub async fn publish(&self, events: Vec<DomainEvent>) -> Result<(), BusError> {
+        self.bus.publish(events).await
+    }
+}
+
+impl Server {
+    /// Builds the node and binds its listener. `config` must be validated
+    /// and carry a key (see `Config::validate`).
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        let verifier = Verifier::from_config(&config.auth)?;
+        let metrics = Arc::new(Metrics::default());
+        let rooms = Arc::new(Rooms::new(config.rooms.buffer));
+        let users = Arc::new(Users::new());
+        let membership = Arc::new(membership::Table::default());
+        let sink: Arc<dyn Deliver> = Arc::new(Broadcaster {
+            rooms: rooms.clone(),
+            users: users.clone(),
+            membership: membership.clone(),
+            metrics: metrics.clone(),
+        });
+        let bus: Arc<dyn Bus> = match config.bus.kind {
+            BusKind::Memory => Arc::new(MemoryBus::new(sink)),
+            BusKind::Redis => Arc::new(RedisBus::connect(&config.bus, sink).await?),
+        };
+        let addr = config.server.listen;
+        let listener = listen(addr).map_err(|source| ServerError::Bind { addr, source })?;
+        let ctx = Arc::new(Context {
+            rooms,
+            users,
+            membership,
+            source: config.auth.membership,
+            bus,
+            metrics,
+            queue_limit: config.rooms.buffer,
+            ws: config.websocket.clone(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        let app = Arc::new(App {
+            ctx,
+            verifier,
+            api_keys: config.api.keys.clone(),
+            allowed_origins: config.auth.allowed_origins.clone(),
+            max_body_bytes: config.server.max_body_bytes,
+            conn_limit: Arc::new(Semaphore::new(config.server.max_connections)),
+        });
+        Ok(Server { listener, app, http_tasks: TaskTracker::new(), grace: config.server.shutdown_grace })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        // ok: a bound listener always has a local address.
+        self.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// The in-process publisher of this node.
+    pub fn publisher(&self) -> Publisher {
+        Publisher { bus: self.app.ctx.bus.clone() }
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains: stops accepting,
+    /// closes every WebSocket with 1001, and waits up to the grace period.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let Server { listener, app, http_tasks, grace } = self;
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => {
+                    backoff = Duration::from_millis(5);
+                    stream
+                }
+                Err(e) => {
+                    // Usually fd exhaustion: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let app = app.clone();
+            let shutdown = shutdown.clone();
+            http_tasks.spawn(async move {
+                let service = service_fn(move |req| {
+                    let app = app.clone();
+                    async move { Ok::<_, Infallible>(app.handle(req).await) }
+                });
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades();
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = shutdown.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                    }
+                }
+            });
+        }
+        drop(listener);
+        tracing::info!("shutting down: closing connections with 1001");
+        app.ctx.shutdown.cancel();
+        app.ctx.tasks.close();
+        http_tasks.close();
+        let drained = tokio::time::timeout(grace, async {
+            app.ctx.tasks.wait().await;
+            http_tasks.wait().await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                remaining = app.ctx.tasks.len(),
+                "shutdown grace period (server.shutdown_grace) ended with connections still open"
+            );
+        }
+    }
+}
+
+/// Binds with a deep accept backlog: bursts of thousands of connects are normal.
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
