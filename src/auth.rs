@@ -92,14 +92,21 @@ impl Verifier {
         validation.algorithms = vec![alg];
         validation.leeway = auth.leeway.as_secs();
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // jsonwebtoken checks `iss` / `aud` only when present: a configured
+        // check must also make the claim required.
+        let mut required = vec!["exp", "sub"];
         if let Some(iss) = &auth.issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
         match &auth.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
+        validation.set_required_spec_claims(&required);
         Ok(Verifier { key, validation })
     }
 

@@ -8,10 +8,12 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use tokio::sync::{broadcast, Notify};
+use futures_util::task::AtomicWaker;
+use tokio::sync::broadcast;
 
 use crate::protocol::{ChatId, UserId};
 
@@ -75,23 +77,40 @@ pub enum UserMsg {
     Removed(ChatId),
 }
 
-/// One connection's inbox for per-user traffic. Held by the connection task
-/// and, while the connection is registered, by [`Users`].
+/// One connection's inbox for per-user traffic and node signals. Held by the
+/// connection task and, while the connection is registered, by [`Users`].
 pub struct Mailbox {
     queue: Mutex<VecDeque<UserMsg>>,
+    /// Set by every push and signal, cleared when the connection looks.
+    pending: AtomicBool,
     /// Set when the queue overflowed: the connection is a slow consumer.
     overflowed: AtomicBool,
-    /// Wakes the connection task when the queue gains messages.
-    pub notify: Notify,
+    /// Set when the node shuts down: the connection closes with 1001.
+    shutdown: AtomicBool,
+    /// The connection task's waker. Polling registers it in place, so the
+    /// task keeps no wait future for its mailbox.
+    waker: AtomicWaker,
     capacity: usize,
+}
+
+/// What a connection finds when it looks at its mailbox.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Drained {
+    Messages,
+    /// The queue overflowed: slow consumer.
+    Overflowed,
+    /// The node is shutting down.
+    Shutdown,
 }
 
 impl Mailbox {
     pub fn new(capacity: usize) -> Mailbox {
         Mailbox {
             queue: Mutex::new(VecDeque::new()),
+            pending: AtomicBool::new(false),
             overflowed: AtomicBool::new(false),
-            notify: Notify::new(),
+            shutdown: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
             capacity: capacity.max(1),
         }
     }
@@ -105,21 +124,46 @@ impl Mailbox {
                 q.push_back(msg);
             }
         }
-        self.notify.notify_one();
+        self.signal();
     }
 
-    /// Takes everything queued; `Err(())` if the mailbox overflowed.
-    #[allow(clippy::result_unit_err)]
-    pub fn drain(&self, out: &mut Vec<UserMsg>) -> Result<(), ()> {
+    /// Asks the connection to close with 1001.
+    pub fn shut_down(&self) {
+        self.shutdown.store(true, Ordering::Relaxed);
+        self.signal();
+    }
+
+    fn signal(&self) {
+        self.pending.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Ready when something was pushed or signalled since the last look.
+    pub fn poll_pending(&self, cx: &mut Context<'_>) -> Poll<()> {
+        // Register before checking, so a push in between still wakes us.
+        self.waker.register(cx.waker());
+        if self.pending.swap(false, Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Takes everything queued into `out`, and says what else happened.
+    pub fn drain(&self, out: &mut Vec<UserMsg>) -> Drained {
+        if self.shutdown.load(Ordering::Relaxed) {
+            return Drained::Shutdown;
+        }
         if self.overflowed.load(Ordering::Relaxed) {
-            return Err(());
+            return Drained::Overflowed;
         }
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         out.extend(q.drain(..));
-        if q.capacity() > 16 {
-            q.shrink_to_fit();
+        if q.capacity() > 0 {
+            // Idle connections keep no queue buffer.
+            *q = VecDeque::new();
         }
-        Ok(())
+        Drained::Messages
     }
 }
 
@@ -160,6 +204,15 @@ impl Users {
             mailbox.push(msg.clone());
         }
         boxes.len()
+    }
+
+    /// Tells every registered connection to close with 1001.
+    pub fn shut_down_all(&self) {
+        for entry in self.users.iter() {
+            for mailbox in entry.value() {
+                mailbox.shut_down();
+            }
+        }
     }
 
     /// Users with at least one live connection.
@@ -244,10 +297,12 @@ mod tests {
         assert!(users.register(bob, b1.clone()));
         assert_eq!(users.send(alice, UserMsg::Frame(Bytes::from_static(b"n"))), 2);
         let mut out = Vec::new();
-        a1.drain(&mut out).unwrap();
-        a2.drain(&mut out).unwrap();
-        b1.drain(&mut out).unwrap();
+        assert_eq!(a1.drain(&mut out), Drained::Messages);
+        assert_eq!(a2.drain(&mut out), Drained::Messages);
+        assert_eq!(b1.drain(&mut out), Drained::Messages);
         assert_eq!(out.len(), 2);
+        users.shut_down_all();
+        assert_eq!(b1.drain(&mut out), Drained::Shutdown);
         assert!(!users.unregister(alice, &a1));
         assert!(users.unregister(alice, &a2));
         assert_eq!(users.len(), 1);
@@ -259,6 +314,6 @@ mod tests {
         for _ in 0..3 {
             mailbox.push(UserMsg::Frame(Bytes::new()));
         }
-        assert!(mailbox.drain(&mut Vec::new()).is_err());
+        assert_eq!(mailbox.drain(&mut Vec::new()), Drained::Overflowed);
     }
 }

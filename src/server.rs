@@ -168,6 +168,7 @@ impl Server {
         drop(listener);
         tracing::info!("shutting down: closing connections with 1001");
         app.ctx.shutdown.cancel();
+        app.ctx.users.shut_down_all();
         app.ctx.tasks.close();
         http_tasks.close();
         let drained = tokio::time::timeout(grace, async {

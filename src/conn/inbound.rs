@@ -15,9 +15,15 @@ pub(crate) enum Inbound {
     Close(Option<u16>),
 }
 
-/// Per-connection reassembly state.
+/// Per-connection reassembly state: one pointer while idle, the buffers only
+/// while a frame or a fragmented message is incomplete.
 #[derive(Default)]
 pub(crate) struct Assembler {
+    state: Option<Box<Partial>>,
+}
+
+#[derive(Default)]
+struct Partial {
     /// Bytes of a frame that has not fully arrived; empty between frames.
     partial: Vec<u8>,
     /// The message being reassembled from fragments, and its opcode.
@@ -33,20 +39,27 @@ impl Assembler {
         max: usize,
         out: &mut Vec<Inbound>,
     ) -> Result<(), DecodeError> {
-        if self.partial.is_empty() {
-            let used = self.decode_all(data, max, out)?;
-            self.partial.extend_from_slice(&data[used..]);
+        // A stack value while nothing is pending: no allocation per read.
+        let mut state = self.state.take().map_or_else(Partial::default, |boxed| *boxed);
+        if state.partial.is_empty() {
+            let used = state.decode_all(data, max, out)?;
+            state.partial.extend_from_slice(&data[used..]);
         } else {
-            self.partial.extend_from_slice(data);
-            let buf = std::mem::take(&mut self.partial);
-            let used = self.decode_all(&buf, max, out)?;
+            state.partial.extend_from_slice(data);
+            let buf = std::mem::take(&mut state.partial);
+            let used = state.decode_all(&buf, max, out)?;
             if used < buf.len() {
-                self.partial = buf[used..].to_vec();
+                state.partial = buf[used..].to_vec();
             }
+        }
+        if !state.partial.is_empty() || state.fragment_op.is_some() {
+            self.state = Some(Box::new(state));
         }
         Ok(())
     }
+}
 
+impl Partial {
     fn decode_all(
         &mut self,
         mut buf: &[u8],
@@ -136,7 +149,7 @@ mod tests {
                 Inbound::Close(Some(1000))
             ]
         );
-        assert!(a.partial.is_empty() && a.fragments.is_empty());
+        assert!(a.state.is_none(), "nothing is kept between messages");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 mod inbound;
 mod outbound;
 
+use std::future::poll_fn;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -33,7 +34,7 @@ use crate::metrics::Metrics;
 use crate::protocol::client::{self, Command};
 use crate::protocol::frame::{self, OpCode};
 use crate::protocol::{server, ChatId, UserId};
-use crate::rooms::{Mailbox, Rooms, UserMsg, Users};
+use crate::rooms::{Drained, Mailbox, Rooms, UserMsg, Users};
 use inbound::{Assembler, Inbound};
 use outbound::Outbound;
 
@@ -49,7 +50,8 @@ pub struct Context {
     /// Frames a connection may have queued before it is a slow consumer
     /// (`rooms.buffer`, the same bound its rooms give it).
     pub queue_limit: usize,
-    /// Cancelled at shutdown: every connection closes with 1001.
+    /// Cancelled at shutdown, before every registered mailbox is told to
+    /// close with 1001; a connection registering later checks it.
     pub shutdown: CancellationToken,
     /// Tracks connection tasks so shutdown can wait for them to drain.
     pub tasks: tokio_util::task::TaskTracker,
@@ -63,6 +65,8 @@ const COMMAND_BURST: f32 = 100.0;
 const COMMAND_RATE: f32 = 50.0;
 /// Error replies within one connection's life before it is closed with 1008.
 const MAX_ERRORS: u32 = 100;
+/// Longest token lifetime honoured: about 30 years.
+const MAX_LIFETIME_SECS: u64 = 30 * 365 * 86_400;
 /// How long a closing connection waits for the client to finish.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
@@ -110,7 +114,8 @@ pub async fn serve(
     permit: OwnedSemaphorePermit,
 ) {
     let now = Instant::now();
-    let lifetime = claims.exp.saturating_sub(crate::auth::now_secs());
+    // Capped so an absurd `exp` cannot overflow the clock.
+    let lifetime = claims.exp.saturating_sub(crate::auth::now_secs()).min(MAX_LIFETIME_SECS);
     let mailbox = Arc::new(Mailbox::new(ctx.ws.user_queue));
     let mut conn = Conn {
         stream,
@@ -133,16 +138,28 @@ pub async fn serve(
     ctx.metrics.connections_opened.fetch_add(1, Ordering::Relaxed);
     ctx.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
     ctx.users.register(conn.user, mailbox.clone());
-    let end = match ctx.bus.watch(Topic::User(conn.user)).await {
-        Ok(()) => conn.run(early).await,
-        Err(e) => {
+    // Checked after registering: a shutdown signalled earlier missed this mailbox.
+    let end = if ctx.shutdown.is_cancelled() {
+        Err(End::Close(1001, "server shutting down"))
+    } else {
+        ctx.bus.watch(Topic::User(conn.user)).await.map_err(|e| {
             tracing::warn!(error = %e, "cannot watch the user topic; closing");
             End::Close(1011, "event bus unavailable")
-        }
+        })
     };
-    conn.finish(end).await;
+    let watched = end.is_ok();
+    let end = match end {
+        Ok(()) => conn.run(early).await,
+        Err(end) => end,
+    };
+    // Closing is rare next to idling: its future lives on the heap, not in
+    // every connection's task.
+    Box::pin(conn.finish(end)).await;
+    if watched {
+        // Only a watch that succeeded is counted by the bus.
+        ctx.bus.unwatch(Topic::User(conn.user));
+    }
     ctx.users.unregister(conn.user, &mailbox);
-    ctx.bus.unwatch(Topic::User(conn.user));
     ctx.metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
     ctx.metrics.connections_closed.fetch_add(1, Ordering::Relaxed);
 }
@@ -154,35 +171,31 @@ impl Conn {
             if let Err(end) = self.ingest(&early, &mut inbox) {
                 return end;
             }
-            if let Err(end) = self.handle(&mut inbox).await {
+            if let Err(end) = Box::pin(self.handle(&mut inbox)).await {
                 return end;
             }
         }
-        let ctx = self.ctx.clone();
-        let mailbox = self.mailbox.clone();
-        let mut cancelled = std::pin::pin!(ctx.shutdown.cancelled());
-        let mut notified = std::pin::pin!(mailbox.notify.notified());
         let mut deadline = self.deadline();
         let sleep = tokio::time::sleep_until(deadline);
         let mut sleep = std::pin::pin!(sleep);
         loop {
+            // Readiness and the mailbox are polled in place (`poll_fn`), so
+            // the task holds no wait futures for them while idle.
             let step = tokio::select! {
                 biased;
-                _ = &mut cancelled => Err(End::Close(1001, "server shutting down")),
-                ready = self.stream.readable() => match ready {
+                ready = poll_fn(|cx| self.stream.poll_read_ready(cx)) => match ready {
                     Ok(()) => self.read_ready(&mut inbox),
                     Err(_) => Err(End::Gone),
                 },
-                _ = self.stream.writable(), if !self.out.is_empty() => Ok(()),
+                _ = poll_fn(|cx| self.stream.poll_write_ready(cx)), if !self.out.is_empty() => Ok(()),
                 item = self.subs.next(), if !self.subs.is_empty() => self.on_room(item),
-                _ = &mut notified => {
-                    notified.set(mailbox.notify.notified());
-                    self.on_mailbox()
-                }
+                () = poll_fn(|cx| self.mailbox.poll_pending(cx)) => self.on_mailbox(),
                 _ = &mut sleep => self.on_timer(),
             };
             let step = match step {
-                Ok(()) if !inbox.is_empty() => self.handle(&mut inbox).await,
+                // Boxed: commands are rare next to deliveries, and their
+                // futures (a bus watch among them) need not widen every task.
+                Ok(()) if !inbox.is_empty() => Box::pin(self.handle(&mut inbox)).await,
                 other => other,
             };
             if let Err(end) = step {
@@ -397,8 +410,10 @@ impl Conn {
 
     fn on_mailbox(&mut self) -> Result<(), End> {
         let mut msgs = Vec::new();
-        if self.mailbox.drain(&mut msgs).is_err() {
-            return Err(self.slow_consumer());
+        match self.mailbox.drain(&mut msgs) {
+            Drained::Messages => {}
+            Drained::Overflowed => return Err(self.slow_consumer()),
+            Drained::Shutdown => return Err(End::Close(1001, "server shutting down")),
         }
         for msg in msgs {
             match msg {
@@ -493,5 +508,65 @@ impl Conn {
                 Err(_) => break,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::memory::MemoryBus;
+    use crate::bus::Deliver;
+
+    /// Every idle connection is one of these futures: keep it small.
+    #[tokio::test]
+    async fn the_connection_future_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let rooms = Arc::new(Rooms::new(4));
+        let users = Arc::new(Users::new());
+        let membership = Arc::new(membership::Table::default());
+        let sink: Arc<dyn Deliver> = Arc::new(crate::broadcast::Broadcaster {
+            rooms: rooms.clone(),
+            users: users.clone(),
+            membership: membership.clone(),
+            metrics: metrics.clone(),
+        });
+        let ctx = Arc::new(Context {
+            rooms,
+            users,
+            membership,
+            source: membership::Source::Open,
+            bus: Arc::new(MemoryBus::new(sink)),
+            metrics,
+            ws: WebSocketConfig::default(),
+            queue_limit: 16,
+            shutdown: CancellationToken::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
+        });
+        let permit = Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned().unwrap();
+        let claims = Claims { sub: UserId::from_u128(1), exp: u64::MAX / 2, chats: vec![] };
+        let fut = serve(stream, Bytes::new(), claims, ctx, permit);
+        let size = std::mem::size_of_val(&fut);
+        eprintln!("connection future: {size} bytes");
+        eprintln!(
+            "Conn {} Sleep {} Notified {} Cancelled {} stream {} subs {} out {} asm {} instant {}",
+            std::mem::size_of::<Conn>(),
+            std::mem::size_of::<tokio::time::Sleep>(),
+            std::mem::size_of::<tokio::sync::futures::Notified<'static>>(),
+            std::mem::size_of::<tokio_util::sync::WaitForCancellationFuture<'static>>(),
+            std::mem::size_of::<TcpStream>(),
+            std::mem::size_of::<StreamMap<ChatId, BroadcastStream<Bytes>>>(),
+            std::mem::size_of::<Outbound>(),
+            std::mem::size_of::<Assembler>(),
+            std::mem::size_of::<Instant>()
+        );
+        let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        eprintln!(
+            "readable {} writable {}",
+            std::mem::size_of_val(&tcp.readable()),
+            std::mem::size_of_val(&tcp.writable())
+        );
+        assert!(size <= 1024, "connection future grew to {size} bytes");
     }
 }

@@ -242,7 +242,7 @@ mod tests {
         assert_eq!(decode(&masked(0x83, b"x"), 100), Err(DecodeError::Reserved));
         assert_eq!(decode(&masked(0x09, b"x"), 100), Err(DecodeError::BadControl));
         // Too big is known from the header alone.
-        let big = masked(0x81, &vec![0; 200]);
+        let big = masked(0x81, &[0; 200]);
         assert_eq!(decode(&big[..4], 100), Err(DecodeError::TooBig(200)));
         assert_eq!(DecodeError::TooBig(1).close_code(), 1009);
     }
