@@ -3,6 +3,8 @@
 //! HTTP client, token minting and a metrics reader.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod redis;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

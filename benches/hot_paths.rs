@@ -1,0 +1,133 @@
+//! Criterion benches of Herald's hot paths, each against the obvious
+//! alternative: encode once vs per recipient, registry fan-out at 1 / 100 /
+//! 10,000 subscribers, subscribe churn from several threads, command parsing
+//! with serde_json vs simd-json, and JWT verification.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use herald::auth::{mint_hs256, Verifier};
+use herald::config::AuthConfig;
+use herald::protocol::{client, server, ChatId, UserId};
+use herald::rooms::Rooms;
+
+const DATA: &str = r#"{"id":"0d6a8c59-3c1e-4b8e-9d3e-5f3b2a1c0e9f","content":"Hello, how is the release going?","sender_id":"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b","created_at":"2026-01-15T10:30:00Z"}"#;
+
+fn encode(c: &mut Criterion) {
+    let chat = ChatId::from_u128(42);
+    let mut group = c.benchmark_group("encode_100_recipients");
+    group.throughput(Throughput::Elements(100));
+    group.bench_function("once_shared", |b| {
+        b.iter(|| {
+            let frame = server::room_event("message.new", chat, 7, black_box(DATA));
+            let copies: Vec<Bytes> = (0..100).map(|_| frame.clone()).collect();
+            black_box(copies)
+        })
+    });
+    group.bench_function("per_recipient_serde", |b| {
+        b.iter(|| {
+            let copies: Vec<Vec<u8>> = (0..100)
+                .map(|_| {
+                    let data: &serde_json::value::RawValue = serde_json::from_str(black_box(DATA)).unwrap();
+                    serde_json::to_vec(&serde_json::json!({
+                        "type": "message.new", "chat_id": chat, "seq": 7, "data": data
+                    }))
+                    .unwrap()
+                })
+                .collect();
+            black_box(copies)
+        })
+    });
+    group.finish();
+}
+
+fn fanout(c: &mut Criterion) {
+    let mut group = c.benchmark_group("room_fanout");
+    for subscribers in [1usize, 100, 10_000] {
+        let rooms = Rooms::new(1024);
+        let chat = ChatId::from_u128(1);
+        let mut receivers: Vec<_> = (0..subscribers).map(|_| rooms.join(chat)).collect();
+        let frame = server::room_event("message.new", chat, 1, DATA);
+        group.throughput(Throughput::Elements(subscribers as u64));
+        // One send, then every subscriber takes its copy: the whole per-event cost.
+        group.bench_with_input(
+            BenchmarkId::new("send_and_receive_all", subscribers),
+            &subscribers,
+            |b, _| {
+                b.iter(|| {
+                    rooms.send(chat, frame.clone());
+                    for rx in receivers.iter_mut() {
+                        black_box(rx.try_recv().ok());
+                    }
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+fn churn(c: &mut Criterion) {
+    let mut group = c.benchmark_group("subscribe_churn");
+    let threads = 4;
+    let per_thread = 1000;
+    group.throughput(Throughput::Elements((threads * per_thread) as u64));
+    group.sample_size(20);
+    group.bench_function("join_leave_4_threads_16_rooms", |b| {
+        let rooms = Arc::new(Rooms::new(64));
+        b.iter(|| {
+            std::thread::scope(|s| {
+                for t in 0..threads {
+                    let rooms = &rooms;
+                    s.spawn(move || {
+                        for i in 0..per_thread {
+                            let chat = ChatId::from_u128(((t * 7 + i) % 16) as u128);
+                            let rx = rooms.join(chat);
+                            drop(rx);
+                            rooms.leave(chat);
+                        }
+                    });
+                }
+            })
+        })
+    });
+    group.finish();
+}
+
+fn parse(c: &mut Criterion) {
+    let cmd = br#"{"type":"subscribe","chat_id":"7d1b3c2a-0f7e-4a55-9a55-1b2c3d4e5f60","since":41}"#;
+    let mut group = c.benchmark_group("parse_subscribe");
+    group.bench_function("serde_json", |b| b.iter(|| black_box(client::parse(black_box(cmd)))));
+    #[derive(serde::Deserialize)]
+    struct Loose<'a> {
+        #[serde(rename = "type", borrow)]
+        _ty: Option<&'a str>,
+        #[serde(borrow)]
+        chat_id: Option<&'a str>,
+        _since: Option<u64>,
+    }
+    group.bench_function("simd_json", |b| {
+        let mut scratch = cmd.to_vec();
+        b.iter(|| {
+            scratch.copy_from_slice(cmd);
+            let loose: Loose<'_> = simd_json::serde::from_slice(&mut scratch).unwrap();
+            black_box(loose.chat_id.map(ChatId::try_parse))
+        })
+    });
+    group.finish();
+}
+
+fn jwt(c: &mut Criterion) {
+    let secret = "bench-secret-0123456789abcdef";
+    let verifier =
+        Verifier::from_config(&AuthConfig { jwt_secret: Some(secret.into()), ..Default::default() }).unwrap();
+    let token = mint_hs256(secret, UserId::from_u128(9), &[ChatId::from_u128(1)], Duration::from_secs(3600));
+    c.bench_function("jwt_verify_hs256", |b| {
+        b.iter(|| black_box(verifier.verify(black_box(&token)).is_ok()))
+    });
+}
+
+criterion_group!(benches, encode, fanout, churn, parse, jwt);
+criterion_main!(benches);

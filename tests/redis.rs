@@ -1,0 +1,606 @@
+//! Redis bus tests against a real `redis-server`: several `RedisBus` nodes on one Redis, each
+//! with a recording sink, checked for cross-node delivery, `seq`, subscriptions and restarts.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use herald::bus::redis::{channel, RedisBus, RedisOptions};
+use herald::bus::{Bus, Deliver, Health, Topic};
+use herald::config::{BusConfig, BusKind, Membership};
+use herald::protocol::event::{parse_batch, DomainEvent, EventKind};
+use herald::protocol::{ChatId, UserId};
+use serde_json::json;
+use support::redis::RedisServer;
+use support::Gateway;
+use tokio::time::{sleep, timeout, Instant};
+
+/// What a sink saw, one entry per `deliver` call.
+#[derive(Debug, Clone, PartialEq)]
+struct Got {
+    kind: EventKind,
+    chat: Option<ChatId>,
+    user: Option<UserId>,
+    users: Vec<UserId>,
+    seq: Option<u64>,
+    data: Option<String>,
+}
+
+#[derive(Default)]
+struct Recorder {
+    got: Mutex<Vec<Got>>,
+}
+
+impl Deliver for Recorder {
+    fn deliver(&self, event: &DomainEvent, seq: Option<u64>) {
+        self.got.lock().unwrap().push(Got {
+            kind: event.kind,
+            chat: event.chat_id,
+            user: event.user_id,
+            users: event.user_ids.clone(),
+            seq,
+            data: event.data.as_ref().map(|d| d.get().to_string()),
+        });
+    }
+}
+
+impl Recorder {
+    fn all(&self) -> Vec<Got> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// Waits until `done` holds for what was delivered, or panics after 10 s.
+    async fn wait(&self, what: &str, done: impl Fn(&[Got]) -> bool) -> Vec<Got> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = self.all();
+            if done(&got) {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; got {got:#?}");
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Room seqs delivered for `chat`, in delivery order.
+    fn seqs(&self, chat: ChatId) -> Vec<u64> {
+        self.all().iter().filter(|g| g.chat == Some(chat) && g.seq.is_some()).filter_map(|g| g.seq).collect()
+    }
+}
+
+/// Short timings so restart tests run in seconds; `settle` still exceeds the backoff cap.
+fn options() -> RedisOptions {
+    RedisOptions {
+        settle: Duration::from_millis(1500),
+        backoff_max: Duration::from_millis(300),
+        ping_interval: Duration::from_millis(200),
+        ping_timeout: Duration::from_millis(500),
+        connect_timeout: Duration::from_millis(500),
+        ..RedisOptions::default()
+    }
+}
+
+async fn node(redis: &RedisServer) -> (RedisBus, Arc<Recorder>) {
+    node_with(redis, options()).await
+}
+
+async fn node_with(redis: &RedisServer, options: RedisOptions) -> (RedisBus, Arc<Recorder>) {
+    let sink = Arc::new(Recorder::default());
+    let config = BusConfig { kind: BusKind::Redis, redis_url: redis.url() };
+    let bus = RedisBus::connect_with(&config, sink.clone(), options).await.expect("connect");
+    (bus, sink)
+}
+
+fn id() -> uuid::Uuid {
+    uuid::Uuid::new_v4()
+}
+
+fn message(chat: ChatId, n: usize) -> DomainEvent {
+    events(&format!(r#"{{"type":"message.sent","chat_id":"{chat}","data":{{"n":{n}}}}}"#)).remove(0)
+}
+
+fn events(json: &str) -> Vec<DomainEvent> {
+    parse_batch(json.as_bytes()).expect("valid test events")
+}
+
+async fn redis_channels(redis: &RedisServer, pattern: &str) -> Vec<String> {
+    let mut conn = redis.client().get_multiplexed_async_connection().await.expect("inspect redis");
+    let mut channels: Vec<String> =
+        redis::cmd("PUBSUB").arg("CHANNELS").arg(pattern).query_async(&mut conn).await.expect("PUBSUB");
+    channels.sort();
+    channels
+}
+
+/// Waits (up to 5 s) until Redis's `herald:*` channels other than the global one are `want`.
+async fn expect_channels(redis: &RedisServer, want: &[String]) {
+    let mut want: Vec<String> = want.to_vec();
+    want.sort();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut got = redis_channels(redis, "herald:room:*").await;
+        got.extend(redis_channels(redis, "herald:user:*").await);
+        got.sort();
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "redis channels {got:?}, expected {want:?}");
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Publishes, retrying while the bus refuses (Redis down or settling), for up to 15 s.
+async fn publish_eventually(bus: &RedisBus, batch: Vec<DomainEvent>) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match bus.publish(batch.clone()).await {
+            Ok(()) => return,
+            Err(e) => assert!(Instant::now() < deadline, "publish still failing: {e}"),
+        }
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_health(bus: &RedisBus, ok: bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (bus.health() == Health::Ok) != ok {
+        assert!(Instant::now() < deadline, "health stayed {:?}", bus.health());
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_published_on_one_node_reaches_the_other_with_the_same_consecutive_seq() {
+    let Some(redis) = RedisServer::start() else { return };
+    let (a, sink_a) = node(&redis).await;
+    let (b, sink_b) = node(&redis).await;
+    let chat = id();
+    a.watch(Topic::Room(chat)).await.unwrap();
+    b.watch(Topic::Room(chat)).await.unwrap();
+
+    // A batch, then single calls from both nodes.
+    b.publish((0..4).map(|n| message(chat, n)).collect()).await.unwrap();
+    for n in 4..8 {
+        b.publish(vec![message(chat, n)]).await.unwrap();
+    }
+    a.publish(vec![message(chat, 8)]).await.unwrap();
+
+    let want: Vec<u64> = (1..=9).collect();
+    sink_a.wait("9 events on A", |g| g.len() >= 9).await;
+    sink_b.wait("9 events on B", |g| g.len() >= 9).await;
+    assert_eq!(sink_a.seqs(chat), want);
+    assert_eq!(sink_a.all(), sink_b.all(), "both nodes see the same events with the same seq");
+    let data: Vec<String> = sink_a.all().into_iter().filter_map(|g| g.data).collect();
+    let expected: Vec<String> = (0..9).map(|n| format!(r#"{{"n":{n}}}"#)).collect();
+    assert_eq!(data, expected, "order and bytes preserved");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_subscribes_to_a_room_only_while_it_has_local_subscribers() {
+    let Some(redis) = RedisServer::start() else { return };
+    let (a, sink_a) = node(&redis).await;
+    let (b, _sink_b) = node(&redis).await;
+    let chat = id();
+    let room = channel(Topic::Room(chat));
+
+    // Every node listens to the global membership channel, and to no room yet.
+    assert_eq!(redis_channels(&redis, "herald:members").await, vec!["herald:members".to_string()]);
+    expect_channels(&redis, &[]).await;
+    b.publish(vec![message(chat, 0)]).await.unwrap();
+
+    a.watch(Topic::Room(chat)).await.unwrap();
+    a.watch(Topic::Room(chat)).await.unwrap();
+    expect_channels(&redis, std::slice::from_ref(&room)).await;
+    b.publish(vec![message(chat, 1)]).await.unwrap();
+    sink_a.wait("the event after watch", |g| !g.is_empty()).await;
+    assert_eq!(sink_a.seqs(chat), vec![2], "nothing from before the watch, seq counts every publish");
+
+    a.unwatch(Topic::Room(chat));
+    sleep(Duration::from_millis(200)).await;
+    expect_channels(&redis, std::slice::from_ref(&room)).await;
+    a.unwatch(Topic::Room(chat));
+    expect_channels(&redis, &[]).await;
+    b.publish(vec![message(chat, 2)]).await.unwrap();
+    sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink_a.seqs(chat), vec![2], "nothing after the last unwatch");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_events_cross_nodes_once_per_event() {
+    let Some(redis) = RedisServer::start() else { return };
+    let (a, sink_a) = node(&redis).await;
+    let (b, _sink_b) = node(&redis).await;
+    let (alice, bob, carol, chat) = (id(), id(), id(), id());
+    a.watch(Topic::User(alice)).await.unwrap();
+    a.watch(Topic::User(carol)).await.unwrap();
+    a.watch(Topic::Room(chat)).await.unwrap();
+
+    let batch = format!(
+        r#"[{{"type":"notification.created","user_id":"{bob}","data":{{"to":"bob"}}}},
+           {{"type":"notification.created","user_id":"{alice}","data":{{"to":"alice"}}}},
+           {{"type":"task.status_changed","user_ids":["{alice}","{carol}"],"data":{{"t":1}}}},
+           {{"type":"task.status_changed","chat_id":"{chat}","user_ids":["{alice}","{carol}"],"data":{{"t":2}}}}]"#
+    );
+    b.publish(events(&batch)).await.unwrap();
+    let got = sink_a.wait("three events", |g| g.len() >= 3).await;
+    sleep(Duration::from_millis(300)).await;
+    let got_later = sink_a.all();
+    assert_eq!(got, got_later, "each event delivered once although it came on several channels");
+    assert_eq!(got.len(), 3, "{got:#?}");
+    assert_eq!(got[0].data.as_deref(), Some(r#"{"to":"alice"}"#));
+    assert_eq!((got[0].kind, got[0].seq), (EventKind::NotificationCreated, None));
+    assert_eq!((got[1].data.as_deref(), got[1].seq), (Some(r#"{"t":1}"#), None));
+    assert_eq!((got[2].data.as_deref(), got[2].seq, got[2].users.len()), (Some(r#"{"t":2}"#), Some(1), 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_events_reach_every_node_and_later_nodes_load_them() {
+    let Some(redis) = RedisServer::start() else { return };
+    let (a, sink_a) = node(&redis).await;
+    let (b, sink_b) = node(&redis).await;
+    let (chat, u1, u2) = (id(), id(), id());
+    let batch = format!(
+        r#"[{{"type":"chat.member_added","chat_id":"{chat}","user_id":"{u1}"}},
+           {{"type":"chat.member_added","chat_id":"{chat}","user_id":"{u2}"}},
+           {{"type":"chat.member_removed","chat_id":"{chat}","user_id":"{u1}"}}]"#
+    );
+    a.publish(events(&batch)).await.unwrap();
+    let kinds = |g: &[Got]| g.iter().map(|g| (g.kind, g.user)).collect::<Vec<_>>();
+    let want = vec![
+        (EventKind::MemberAdded, Some(u1)),
+        (EventKind::MemberAdded, Some(u2)),
+        (EventKind::MemberRemoved, Some(u1)),
+    ];
+    assert_eq!(kinds(&sink_a.wait("members on A", |g| g.len() >= 3).await), want);
+    assert_eq!(kinds(&sink_b.wait("members on B", |g| g.len() >= 3).await), want);
+
+    // A node started now learns the current membership from Redis.
+    let (_c, sink_c) = node(&redis).await;
+    let got = sink_c.wait("snapshot on C", |g| !g.is_empty()).await;
+    sleep(Duration::from_millis(200)).await;
+    assert_eq!(sink_c.all(), got);
+    assert_eq!(kinds(&got), vec![(EventKind::MemberAdded, Some(u2))]);
+    assert_eq!(got[0].chat, Some(chat));
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_mid_stream_refuses_then_resumes_without_duplicates_or_seq_reset() {
+    let Some(mut redis) = RedisServer::start() else { return };
+    let (a, sink_a) = node(&redis).await;
+    let (b, _sink_b) = node(&redis).await;
+    let (chat, user) = (id(), id());
+    a.watch(Topic::Room(chat)).await.unwrap();
+    a.watch(Topic::User(user)).await.unwrap();
+    for n in 0..5 {
+        b.publish(vec![message(chat, n)]).await.unwrap();
+    }
+    sink_a.wait("5 events", |g| g.len() >= 5).await;
+
+    redis.kill();
+    // Never Ok for an event Redis did not take.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.publish(vec![message(chat, 99)]).await.is_ok() {
+        assert!(Instant::now() < deadline, "publish kept succeeding with Redis down");
+    }
+    assert!(b.publish(vec![message(chat, 99)]).await.is_err());
+    wait_health(&a, false).await;
+    wait_health(&b, false).await;
+    assert!(a.watch(Topic::Room(id())).await.is_err(), "watch refused while down");
+
+    redis.restart();
+    publish_eventually(&b, vec![message(chat, 5)]).await;
+    for n in 6..10 {
+        b.publish(vec![message(chat, n)]).await.unwrap();
+    }
+    let notification = format!(r#"{{"type":"notification.created","user_id":"{user}","data":{{}}}}"#);
+    b.publish(events(&notification)).await.unwrap();
+    sink_a.wait("events after the restart", |g| g.len() >= 11).await;
+    wait_health(&a, true).await;
+    wait_health(&b, true).await;
+    sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink_a.seqs(chat), (1..=10).collect::<Vec<u64>>(), "no duplicate, no reset to 1");
+    assert_eq!(sink_a.all().len(), 11, "the user subscription was restored too");
+    let stats = a.stats();
+    assert!(stats.reconnects.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seq_continues_after_restart_even_when_the_publisher_never_saw_the_room() {
+    let Some(mut redis) = RedisServer::start() else { return };
+    // A, the only node that knows the room, reconnects slowly (backoff up to 1.5 s with jitter);
+    // B, which never saw the room, reconnects fast and publishes first.
+    let settle = Duration::from_millis(2500);
+    let slow = RedisOptions { backoff_max: Duration::from_secs(1), settle, ..options() };
+    let fast = RedisOptions { backoff_max: Duration::from_millis(100), settle, ..options() };
+    let (a, sink_a) = node_with(&redis, slow).await;
+    let (b, _sink_b) = node_with(&redis, fast).await;
+    let chat = id();
+    a.watch(Topic::Room(chat)).await.unwrap();
+    a.publish((0..3).map(|n| message(chat, n)).collect()).await.unwrap();
+    sink_a.wait("3 events", |g| g.len() >= 3).await;
+
+    redis.kill();
+    wait_health(&b, false).await;
+    // Long enough for A's backoff to reach its cap.
+    sleep(Duration::from_millis(1500)).await;
+    redis.restart();
+    // B knows nothing of the room: Redis refuses room events until A has re-seeded it.
+    let started = Instant::now();
+    publish_eventually(&b, vec![message(chat, 3)]).await;
+    assert!(started.elapsed() >= Duration::from_secs(1), "room events were refused while settling");
+    sink_a.wait("the event after the restart", |g| g.len() >= 4).await;
+    assert_eq!(sink_a.seqs(chat), vec![1, 2, 3, 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_are_batched_in_order_with_unique_seqs() {
+    let Some(redis) = RedisServer::start() else { return };
+    let (a, sink_a) = node(&redis).await;
+    let b = Arc::new(node(&redis).await.0);
+    let chat = id();
+    a.watch(Topic::Room(chat)).await.unwrap();
+    let tasks: Vec<_> = (0..20)
+        .map(|t| {
+            let b = b.clone();
+            tokio::spawn(async move {
+                for n in 0..50 {
+                    b.publish(vec![message(chat, t * 1000 + n)]).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    sink_a.wait("1000 events", |g| g.len() >= 1000).await;
+    assert_eq!(sink_a.seqs(chat), (1..=1000).collect::<Vec<u64>>());
+    // Each publisher's own events keep their order.
+    let data: Vec<u64> = sink_a
+        .all()
+        .iter()
+        .filter_map(|g| g.data.as_ref()?.trim_start_matches(r#"{"n":"#).trim_end_matches('}').parse().ok())
+        .collect();
+    for t in 0..20u64 {
+        let mine: Vec<u64> = data.iter().copied().filter(|n| n / 1000 == t).collect();
+        assert_eq!(mine, (0..50).map(|n| t * 1000 + n).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_watch_and_unwatch_end_subscribed_iff_the_count_is_positive() {
+    let Some(redis) = RedisServer::start() else { return };
+    let a = Arc::new(node(&redis).await.0);
+    let topics: Vec<Topic> = (0..4).map(|_| Topic::Room(id())).collect();
+    // After churning up and down, tasks of topics 1 and 3 end holding `t % 3` watches, the
+    // others none.
+    let tasks: Vec<_> = (0..24usize)
+        .map(|t| {
+            let (a, topic) = (a.clone(), topics[t % topics.len()]);
+            tokio::spawn(async move {
+                for round in 0..20 {
+                    a.watch(topic).await.unwrap();
+                    if round % 3 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                    a.unwatch(topic);
+                }
+                let hold = if t % 2 == 1 { t % 3 } else { 0 };
+                for _ in 0..hold {
+                    a.watch(topic).await.unwrap();
+                }
+                hold
+            })
+        })
+        .collect();
+    let mut counts = vec![0usize; topics.len()];
+    for (t, task) in tasks.into_iter().enumerate() {
+        counts[t % topics.len()] += task.await.unwrap();
+    }
+    let want: Vec<String> =
+        topics.iter().zip(&counts).filter(|(_, c)| **c > 0).map(|(t, _)| channel(*t)).collect();
+    assert!(!want.is_empty() && want.len() < topics.len(), "the mix covers both outcomes: {counts:?}");
+    expect_channels(&redis, &want).await;
+
+    // Drop every remaining watch, with fresh watches racing the last unwatches.
+    for (topic, count) in topics.iter().zip(&counts) {
+        for _ in 0..*count {
+            a.unwatch(*topic);
+        }
+        let a2 = a.clone();
+        let topic = *topic;
+        tokio::spawn(async move {
+            a2.watch(topic).await.unwrap();
+            a2.unwatch(topic);
+        })
+        .await
+        .unwrap();
+    }
+    expect_channels(&redis, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_degraded_when_redis_is_down_and_recovers_without_restart() {
+    let Some(mut redis) = RedisServer::start() else { return };
+    redis.kill();
+    let started = Instant::now();
+    let (a, sink_a) =
+        timeout(Duration::from_secs(5), node(&redis)).await.expect("connect returns while down");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(matches!(a.health(), Health::Degraded(_)));
+    let chat = id();
+    assert!(a.publish(vec![message(chat, 0)]).await.is_err());
+
+    redis.restart();
+    wait_health(&a, true).await;
+    a.watch(Topic::Room(chat)).await.unwrap();
+    publish_eventually(&a, vec![message(chat, 1)]).await;
+    sink_a.wait("the event", |g| !g.is_empty()).await;
+    assert_eq!(sink_a.seqs(chat), vec![1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_events_stay_local_and_an_unusable_url_names_the_key() {
+    let Some(redis) = RedisServer::start() else { return };
+    let (a, sink_a) = node(&redis).await;
+    let (_b, sink_b) = node(&redis).await;
+    a.publish(events(r#"{"type":"invoice.paid","data":{}}"#)).await.unwrap();
+    assert_eq!(sink_a.all().len(), 1, "counted by this node's broadcaster");
+    sleep(Duration::from_millis(200)).await;
+    assert!(sink_b.all().is_empty(), "not counted again on every node");
+
+    let config = BusConfig { kind: BusKind::Redis, redis_url: "redis://[::1".into() };
+    match RedisBus::connect(&config, sink_a).await {
+        Err(e) => assert!(e.to_string().contains("bus.redis_url"), "{e}"),
+        Ok(_) => panic!("accepted an unusable URL"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// End to end: two Herald nodes on one Redis, real WebSocket clients, HTTP publishing.
+
+/// Marks the fresh test Redis as long settled, so nodes start without the post-restart settle
+/// window (which exists for Redis restarts, tested separately).
+async fn mark_settled(redis: &RedisServer) {
+    let mut conn = redis.client().get_multiplexed_async_connection().await.expect("inspect redis");
+    let _: () = redis::cmd("SET").arg("herald:boot").arg(0).query_async(&mut conn).await.expect("SET");
+}
+
+async fn gateway(redis: &RedisServer, membership: Membership) -> Gateway {
+    let mut config = support::config();
+    config.bus = BusConfig { kind: BusKind::Redis, redis_url: redis.url() };
+    config.auth.membership = membership;
+    support::start(config).await
+}
+
+/// Publishes over HTTP until the node answers 202 (it answers 503 while Redis is down or settling).
+async fn http_publish_eventually(gw: &Gateway, body: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, reply) = gw.publish(body).await;
+        if status == 202 {
+            return;
+        }
+        assert_eq!(status, 503, "{reply}");
+        assert!(Instant::now() < deadline, "still 503: {reply}");
+        sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_clients_on_both_nodes_see_an_event_with_the_same_seq() {
+    let Some(redis) = RedisServer::start() else { return };
+    mark_settled(&redis).await;
+    let (a, b) = (gateway(&redis, Membership::Open).await, gateway(&redis, Membership::Open).await);
+    let chat = id();
+    let mut on_a = a.connect(id(), &[]).await;
+    let mut on_b = b.connect(id(), &[]).await;
+    on_a.subscribe(chat).await;
+    on_b.subscribe(chat).await;
+
+    // Raw text: `data` must cross Redis byte for byte (key order, `1.50`).
+    let raw = format!(r#"{{"type":"message.sent","chat_id":"{chat}","data":{{"text":"from b","n":1.50}}}}"#);
+    let (status, _) = b.publish(&raw).await;
+    assert_eq!(status, 202);
+    let (status, _) = a.publish(&support::message_sent(chat, &json!({"text": "from a"}))).await;
+    assert_eq!(status, 202);
+    for client in [&mut on_a, &mut on_b] {
+        let first = client.recv_text().await;
+        assert_eq!(
+            first,
+            format!(
+                r#"{{"type":"message.new","chat_id":"{chat}","seq":1,"data":{{"text":"from b","n":1.50}}}}"#
+            )
+        );
+        let second = client.recv().await;
+        assert_eq!(second, json!({"type":"message.new","chat_id":chat,"seq":2,"data":{"text":"from a"}}));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_notifications_cross_nodes() {
+    let Some(redis) = RedisServer::start() else { return };
+    mark_settled(&redis).await;
+    let (a, b) = (gateway(&redis, Membership::Open).await, gateway(&redis, Membership::Open).await);
+    let (alice, bob) = (id(), id());
+    let mut alice_on_a = a.connect(alice, &[]).await;
+    let mut bob_on_b = b.connect(bob, &[]).await;
+    // The user topic is watched as the connection starts; a round trip proves it is in place.
+    alice_on_a.send_json(json!({"type":"ping"})).await;
+    assert_eq!(alice_on_a.recv().await, json!({"type":"pong"}));
+
+    let body = json!({"type":"notification.created","user_id":alice,"data":{"title":"hi"}}).to_string();
+    assert_eq!(b.publish(&body).await.0, 202);
+    assert_eq!(alice_on_a.recv().await, json!({"type":"notification.new","data":{"title":"hi"}}));
+    bob_on_b.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_membership_removal_on_one_node_unsubscribes_a_client_on_the_other() {
+    let Some(redis) = RedisServer::start() else { return };
+    mark_settled(&redis).await;
+    let (a, b) = (gateway(&redis, Membership::Events).await, gateway(&redis, Membership::Events).await);
+    let (user, chat) = (id(), id());
+    let added = json!({"type":"chat.member_added","chat_id":chat,"user_id":user}).to_string();
+    assert_eq!(b.publish(&added).await.0, 202);
+
+    // Node A learns the membership from Redis; retry until it has.
+    let mut client = a.connect(user, &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        client.send_json(json!({"type":"subscribe","chat_id":chat})).await;
+        let reply = client.recv().await;
+        if reply["type"] == "subscribed" {
+            break;
+        }
+        assert_eq!(reply["code"], "forbidden", "{reply}");
+        assert!(Instant::now() < deadline, "membership never reached node A");
+        sleep(Duration::from_millis(50)).await;
+    }
+
+    let removed = json!({"type":"chat.member_removed","chat_id":chat,"user_id":user}).to_string();
+    assert_eq!(b.publish(&removed).await.0, 202);
+    assert_eq!(client.recv().await, json!({"type":"unsubscribed","chat_id":chat,"reason":"removed"}));
+    assert_eq!(b.publish(&support::message_sent(chat, &json!({}))).await.0, 202);
+    client.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_redis_restart_keeps_clients_connected_and_seq_growing() {
+    let Some(mut redis) = RedisServer::start() else { return };
+    mark_settled(&redis).await;
+    let (a, b) = (gateway(&redis, Membership::Open).await, gateway(&redis, Membership::Open).await);
+    let chat = id();
+    let mut on_a = a.connect(id(), &[]).await;
+    let mut on_b = b.connect(id(), &[]).await;
+    on_a.subscribe(chat).await;
+    on_b.subscribe(chat).await;
+    for n in 1..=3 {
+        assert_eq!(b.publish(&support::message_sent(chat, &json!({ "n": n }))).await.0, 202);
+    }
+    for client in [&mut on_a, &mut on_b] {
+        for n in 1..=3 {
+            assert_eq!(client.recv().await["seq"], n);
+        }
+    }
+
+    redis.kill();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _) = b.publish(&support::message_sent(chat, &json!({"lost": true}))).await;
+        if status == 503 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "publish kept succeeding with Redis down ({status})");
+    }
+    redis.restart();
+    http_publish_eventually(&b, &support::message_sent(chat, &json!({"n": 4}))).await;
+    assert_eq!(a.publish(&support::message_sent(chat, &json!({"n": 5}))).await.0, 202);
+    for client in [&mut on_a, &mut on_b] {
+        let next = client.recv().await;
+        assert_eq!(next, json!({"type":"message.new","chat_id":chat,"seq":4,"data":{"n":4}}));
+        assert_eq!(client.recv().await["seq"], 5);
+        client.send_json(json!({"type":"ping"})).await;
+        assert_eq!(client.recv().await, json!({"type":"pong"}));
+    }
+}
