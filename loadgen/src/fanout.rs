@@ -1,0 +1,338 @@
+//! `loadgen fanout`: subscribe C connections over R rooms, publish over HTTP for warmup + window,
+//! drain, close, and report throughput, latency, loss, duplicates and CPU.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::cli::FanoutArgs;
+use crate::ident::{room_id, Minter};
+use crate::msg::{self, ServerMsg};
+use crate::pool::{self, Phase, Spec};
+use crate::procfs::{self, CpuMark};
+use crate::progress::Progress;
+use crate::publish::{self, unix_nanos, Plan};
+use crate::report::{FanoutReport, LatencyUs};
+use crate::stats::{Local, SeqOutcome, SeqTracker, Shared};
+use crate::target;
+use crate::ws::{Incoming, WsClient};
+
+/// How long connection tasks get to close cleanly before they are aborted.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Read buffer per connection: big enough for many frames per read.
+const BUF_SIZE: usize = 16 << 10;
+
+/// The measured window as unix nanoseconds of publish time, `[start, end)`; 0 until set.
+#[derive(Debug, Default)]
+struct Window {
+    start: AtomicU64,
+    end: AtomicU64,
+}
+
+/// What each connection task needs besides its socket.
+struct Ctx {
+    shared: Arc<Shared>,
+    window: Window,
+    run_id: u64,
+}
+
+pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
+    let common = &args.common;
+    common.check_durations(&[
+        ("--duration", args.duration),
+        ("--warmup", args.warmup),
+        ("--drain", args.drain),
+    ])?;
+    if args.duration.is_zero() {
+        bail!("--duration must be more than 0");
+    }
+    let api_key =
+        common.api_key.clone().context("fanout publishes events: give --api-key (or LOADGEN_API_KEY)")?;
+    let target = target::resolve(&common.url, common.allow_remote).await?;
+    let mut notes = Vec::new();
+    let conns = pool::cap_conns(args.conns, u64::from(args.in_flight), &mut notes);
+    let rooms: Vec<Uuid> = (0..args.rooms).map(|i| room_id(common.room_group, i)).collect();
+    let run_id = Uuid::new_v4().as_u64_pair().0 >> 1;
+    let shared = Arc::new(Shared::new());
+    let ctx = Arc::new(Ctx { shared: shared.clone(), window: Window::default(), run_id });
+    let mut progress = Progress::new(common.json);
+
+    let spec = Arc::new(Spec {
+        target: target.clone(),
+        minter: Minter::new(&common.jwt_secret),
+        sources: common.source_addrs.clone(),
+        rooms: rooms.clone(),
+        concurrency: common.connect_concurrency as usize,
+        connect_timeout: common.connect_timeout,
+        buf_size: BUF_SIZE,
+    });
+    let (phase_tx, phase_rx) = watch::channel(Phase::Run);
+    progress.phase("connect", u64::from(conns));
+    let conn_ctx = ctx.clone();
+    let pool = pool::spawn(spec, conns, shared.clone(), phase_rx, move |client, phase| {
+        connection(client, conn_ctx.clone(), phase)
+    });
+    let connect_time = pool::wait_settled(&pool, &shared, conns, common.connect_deadline, &progress).await;
+    let subscribed = shared.subscribed.load(Relaxed);
+    if subscribed == 0 {
+        progress.finish();
+        pool::stop(pool, &phase_tx, CLOSE_GRACE).await;
+        bail!("no connection subscribed: {}", shared.connect_error_summary());
+    }
+    if subscribed < u64::from(conns) {
+        notes.push(format!("only {subscribed} of {conns} connections subscribed; measuring with those"));
+    }
+
+    // Publish for warmup + window. The window is in publish-time nanoseconds so that a delivery
+    // counts by when its event was sent, not when it arrived.
+    let start = Instant::now();
+    let window_start = start + args.warmup;
+    let end = window_start + args.duration;
+    let start_ns = unix_nanos() + args.warmup.as_nanos() as u64;
+    ctx.window.start.store(start_ns, Relaxed);
+    ctx.window.end.store(start_ns + args.duration.as_nanos() as u64, Relaxed);
+    let plan = Arc::new(Plan {
+        target,
+        api_key,
+        rooms: rooms.clone(),
+        batch: args.batch as usize,
+        rate: args.rate,
+        in_flight: args.in_flight as usize,
+        start,
+        end,
+        run_id,
+        content: "x".repeat(args.content_bytes as usize),
+    });
+    let pstats = Arc::new(publish::Stats::new(rooms.len()));
+    let publisher = tokio::spawn(publish::run(plan, pstats.clone()));
+
+    let total = (args.warmup + args.duration).as_millis() as u64;
+    progress.phase("publish", total);
+    let tick = |progress: &Progress| {
+        let shown = start.elapsed().as_millis().min(u128::from(total)) as u64;
+        progress.set(
+            shown,
+            format!(
+                "ms  events {}  deliveries {}",
+                pstats.events_accepted.load(Relaxed),
+                shared.own_deliveries.load(Relaxed)
+            ),
+        );
+    };
+    while Instant::now() < window_start {
+        tick(&progress);
+        tokio::time::sleep_until(window_start.min(Instant::now() + Duration::from_millis(200))).await;
+    }
+    let mark0 = CpuMark::now(common.server_pid);
+    while Instant::now() < end {
+        tick(&progress);
+        tokio::time::sleep_until(end.min(Instant::now() + Duration::from_millis(200))).await;
+    }
+    let mark1 = CpuMark::now(common.server_pid);
+    let server_rss = common.server_pid.and_then(|p| procfs::rss_bytes(Some(p)).ok());
+    // Workers stop by themselves at `end`; an outstanding request times out on its own.
+    if tokio::time::timeout(Duration::from_secs(15), publisher).await.is_err() {
+        notes.push("publishers did not stop in time".to_owned());
+    }
+    progress.phase("drain", 1);
+    tokio::time::sleep(args.drain).await;
+    let loadgen_rss = procfs::rss_bytes(None).ok();
+    progress.phase("close", 1);
+    let per_room = pool.per_room.clone();
+    pool::stop(pool, &phase_tx, CLOSE_GRACE).await;
+    progress.finish();
+
+    let cpu = mark1.since(&mark0);
+    let window_secs = cpu.wall_secs.max(1e-9);
+    let deliveries = shared.window_deliveries.load(Relaxed);
+    let expected: u64 = pstats
+        .accepted_per_room
+        .iter()
+        .zip(per_room.iter())
+        .map(|(events, subs)| events.load(Relaxed) * subs.load(Relaxed))
+        .sum();
+    let received = shared.own_deliveries.load(Relaxed);
+    let statuses = pstats.statuses.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let first_error = pstats.first_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if pstats.aborted.load(Relaxed) {
+        notes.push("the server refused the API key (401): publishing stopped".to_owned());
+    }
+    let events_accepted = pstats.events_accepted.load(Relaxed);
+    Ok(FanoutReport {
+        mode: "fanout",
+        url: common.url.clone(),
+        conns_requested: args.conns,
+        conns_subscribed: subscribed,
+        connect_errors: shared.connect_errors.load(Relaxed),
+        connect_error_kinds: shared.connect_error_kinds(),
+        connect_secs: connect_time.as_secs_f64(),
+        rooms: args.rooms,
+        batch: args.batch,
+        rate_target: args.rate,
+        warmup_secs: args.warmup.as_secs_f64(),
+        duration_secs: args.duration.as_secs_f64(),
+        publish_requests: pstats.requests.load(Relaxed),
+        events_accepted,
+        events_accepted_per_sec: events_accepted as f64 / (args.warmup + args.duration).as_secs_f64(),
+        publish_statuses: statuses,
+        publish_io_errors: pstats.io_errors.load(Relaxed),
+        publish_first_error: first_error,
+        deliveries,
+        deliveries_per_sec: deliveries as f64 / args.duration.as_secs_f64(),
+        latency_us: LatencyUs::from_histogram(&shared.latency()),
+        deliveries_total: received,
+        expected_deliveries: expected,
+        lost: expected.saturating_sub(received),
+        lost_exact: pstats.events_uncertain.load(Relaxed) == 0,
+        extra_deliveries: received.saturating_sub(expected),
+        seq_gap_missing: shared.gap_missing.load(Relaxed),
+        duplicated: shared.duplicated.load(Relaxed),
+        foreign_deliveries: shared.foreign_deliveries.load(Relaxed),
+        malformed_frames: shared.malformed.load(Relaxed),
+        protocol_errors: shared.protocol_errors.load(Relaxed),
+        close_codes: shared.close_codes(),
+        loadgen_cpu_secs: cpu.own_secs,
+        loadgen_cpu_pct: 100.0 * cpu.own_secs / window_secs,
+        loadgen_rss_bytes: loadgen_rss,
+        server_cpu_secs: cpu.server_secs,
+        server_cpu_pct: cpu.server_secs.map(|s| 100.0 * s / window_secs),
+        server_cpu_us_per_delivery: cpu
+            .server_secs
+            .filter(|_| deliveries > 0)
+            .map(|s| s * 1e6 / deliveries as f64),
+        server_rss_bytes: server_rss,
+        notes,
+    })
+}
+
+/// One subscribed connection: reads deliveries until told to stop or the server closes.
+async fn connection(mut client: WsClient, ctx: Arc<Ctx>, mut phase: watch::Receiver<Phase>) {
+    let mut local = Local::default();
+    let mut seqs = SeqTracker::default();
+    let shared = &ctx.shared;
+    'phases: loop {
+        if *phase.borrow_and_update() == Phase::Stop {
+            break;
+        }
+        let changed = phase.changed();
+        tokio::pin!(changed);
+        loop {
+            // Everything read so far arrived "now": one clock read per socket read.
+            let now = unix_nanos();
+            let window = (ctx.window.start.load(Relaxed), ctx.window.end.load(Relaxed));
+            let mut close = None;
+            loop {
+                match client.next_incoming() {
+                    Ok(Some(Incoming::Text(p))) => on_text(p, now, window, ctx.run_id, &mut seqs, &mut local),
+                    Ok(Some(Incoming::Binary)) => local.malformed += 1,
+                    Ok(Some(Incoming::Close(code))) => {
+                        close = Some(code);
+                        break;
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        shared.protocol_errors.fetch_add(1, Relaxed);
+                        close = Some(crate::frame::CLOSE_ABNORMAL);
+                        break;
+                    }
+                }
+            }
+            shared.flush(&mut local);
+            shared.pings_answered.fetch_add(client.take_pings(), Relaxed);
+            if let Some(code) = close {
+                shared.closed(code);
+                if code != crate::frame::CLOSE_ABNORMAL {
+                    client.answer_close(code).await;
+                }
+                return;
+            }
+            if client.has_output() && client.flush_out().await.is_err() {
+                shared.closed(crate::frame::CLOSE_ABNORMAL);
+                return;
+            }
+            tokio::select! {
+                biased;
+                changed = &mut changed => {
+                    if changed.is_err() {
+                        break 'phases;
+                    }
+                    continue 'phases;
+                }
+                read = client.fill() => {
+                    if !matches!(read, Ok(n) if n > 0) {
+                        shared.closed(crate::frame::CLOSE_ABNORMAL);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    client.close().await;
+}
+
+/// Accounts one text frame: seq check, ownership, window and latency.
+fn on_text(p: &[u8], now: u64, window: (u64, u64), run_id: u64, seqs: &mut SeqTracker, local: &mut Local) {
+    match msg::classify(p) {
+        ServerMsg::Delivery(d) => {
+            match seqs.observe(d.chat_id, d.seq) {
+                SeqOutcome::Duplicate => {
+                    local.duplicated += 1;
+                    return;
+                }
+                SeqOutcome::Gap(n) => local.gap_missing += n,
+                SeqOutcome::First | SeqOutcome::InOrder => {}
+            }
+            if d.run != Some(run_id) {
+                local.foreign += 1;
+                return;
+            }
+            local.own += 1;
+            if let Some(ts) = d.ts {
+                if ts >= window.0 && ts < window.1 {
+                    local.in_window += 1;
+                    local.latencies_us.push(now.saturating_sub(ts) / 1000);
+                }
+            }
+        }
+        ServerMsg::Malformed => local.malformed += 1,
+        ServerMsg::Pong => local.pongs += 1,
+        ServerMsg::Subscribed | ServerMsg::Error(_) | ServerMsg::Other => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(seq: u64, ts: u64, run: u64) -> String {
+        format!(
+            r#"{{"type":"message.new","chat_id":"c","seq":{seq},"data":{{"id":"i","content":"x","ts":{ts},"run":{run}}}}}"#
+        )
+    }
+
+    #[test]
+    fn accounts_window_latency_gaps_duplicates_and_foreign_events() {
+        let mut seqs = SeqTracker::default();
+        let mut local = Local::default();
+        let window = (1_000_000, 2_000_000);
+        let now = 2_500_000;
+        for (seq, ts, run) in [
+            (1, 500_000, 7),   // own, before the window
+            (2, 1_000_000, 7), // own, in window: 1500 us
+            (2, 1_000_000, 7), // duplicate
+            (5, 1_900_000, 7), // gap of 2, in window: 600 us
+            (6, 1_950_000, 9), // another run's event
+            (7, 2_000_000, 7), // own, after the window
+        ] {
+            on_text(frame(seq, ts, run).as_bytes(), now, window, 7, &mut seqs, &mut local);
+        }
+        assert_eq!((local.own, local.in_window, local.foreign), (4, 2, 1));
+        assert_eq!((local.duplicated, local.gap_missing), (1, 2));
+        assert_eq!(local.latencies_us, vec![1500, 600]);
+    }
+}

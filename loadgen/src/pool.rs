@@ -1,0 +1,185 @@
+//! Opening many subscribed connections: bounded concurrency, a per-connection timeout, an overall
+//! deadline, round-robin rooms and source addresses, and the open-files cap. Shared by both modes.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::ident::Minter;
+use crate::procfs;
+use crate::progress::Progress;
+use crate::stats::Shared;
+use crate::target::Target;
+use crate::ws::WsClient;
+
+/// File descriptors kept free for the runtime, stdio, /proc reads and the publishers.
+const SPARE_FDS: u64 = 64;
+
+/// What the runner tells every connection task, through a `watch` channel it holds the sender of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Keep reading and answering pings.
+    Run,
+    /// Idle mode: send one `{"type":"ping"}` and keep running.
+    PingCheck,
+    /// Close the connection and end the task.
+    Stop,
+}
+
+/// How to open the connections.
+pub(crate) struct Spec {
+    pub(crate) target: Target,
+    pub(crate) minter: Minter,
+    pub(crate) sources: Vec<IpAddr>,
+    pub(crate) rooms: Vec<Uuid>,
+    pub(crate) concurrency: usize,
+    pub(crate) connect_timeout: Duration,
+    /// Initial read buffer per connection (it grows for big frames).
+    pub(crate) buf_size: usize,
+}
+
+/// Connection tasks and their bookkeeping.
+pub(crate) struct Pool {
+    pub(crate) tasks: JoinSet<()>,
+    /// Subscribed connections per room index (to compute expected deliveries).
+    pub(crate) per_room: Arc<Vec<AtomicU64>>,
+    /// Set when the connect deadline passed: tasks still waiting for a permit give up.
+    pub(crate) gave_up: Arc<AtomicBool>,
+}
+
+/// Caps `requested` connections to what the open-files limit allows, with a note saying so.
+pub(crate) fn cap_conns(requested: u32, other_fds: u64, notes: &mut Vec<String>) -> u32 {
+    let Some(limit) = procfs::open_files_limit() else { return requested };
+    let usable = limit.saturating_sub(SPARE_FDS + other_fds);
+    if u64::from(requested) <= usable {
+        return requested;
+    }
+    let held = usable.min(u64::from(u32::MAX)) as u32;
+    notes.push(format!(
+        "requested {requested} connections, but one process may open only {limit} files \
+         (RLIMIT_NOFILE), so this run holds {held}; run several loadgen processes (with the same \
+         --room-group they share rooms, and --source-addrs spreads ephemeral ports) for more"
+    ));
+    held
+}
+
+/// Spawns `count` connection tasks. Connection `i` subscribes to room `i % rooms` from source
+/// `i % sources`, then hands the client to `run` until the phase says stop.
+pub(crate) fn spawn<F, Fut>(
+    spec: Arc<Spec>,
+    count: u32,
+    shared: Arc<Shared>,
+    phase: watch::Receiver<Phase>,
+    run: F,
+) -> Pool
+where
+    F: Fn(WsClient, watch::Receiver<Phase>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(spec.concurrency.max(1)));
+    let per_room: Arc<Vec<AtomicU64>> = Arc::new(spec.rooms.iter().map(|_| AtomicU64::new(0)).collect());
+    let gave_up = Arc::new(AtomicBool::new(false));
+    let mut tasks = JoinSet::new();
+    for i in 0..count as usize {
+        let (spec, shared, phase, run) = (spec.clone(), shared.clone(), phase.clone(), run.clone());
+        let (permits, per_room, gave_up) = (permits.clone(), per_room.clone(), gave_up.clone());
+        tasks.spawn(async move {
+            let room = i % spec.rooms.len();
+            let source = (!spec.sources.is_empty()).then(|| spec.sources[i % spec.sources.len()]);
+            let client = {
+                // The permit bounds concurrent handshakes; it is released once subscribed.
+                let Ok(_permit) = permits.acquire().await else { return };
+                if gave_up.load(Relaxed) || *phase.borrow() == Phase::Stop {
+                    return;
+                }
+                let opened = tokio::time::timeout(spec.connect_timeout, open(&spec, room, source)).await;
+                match opened.unwrap_or_else(|_| Err(anyhow::anyhow!("handshake + subscribe timed out"))) {
+                    Ok(client) => client,
+                    Err(e) => {
+                        shared.connect_failed(&e);
+                        return;
+                    }
+                }
+            };
+            if gave_up.load(Relaxed) {
+                // Measurement has started without it: counting it would skew expected deliveries.
+                shared.connect_failed(&anyhow::anyhow!("subscribed after the connect deadline"));
+                client.close().await;
+                return;
+            }
+            per_room[room].fetch_add(1, Relaxed);
+            shared.subscribed.fetch_add(1, Relaxed);
+            run(client, phase).await;
+        });
+    }
+    Pool { tasks, per_room, gave_up }
+}
+
+async fn open(spec: &Spec, room: usize, source: Option<IpAddr>) -> anyhow::Result<WsClient> {
+    let chat = spec.rooms[room];
+    let token = spec.minter.mint(&[chat])?;
+    let mut client = WsClient::connect(&spec.target, source, &token, spec.buf_size).await?;
+    client.subscribe(&chat).await.context("subscribe")?;
+    Ok(client)
+}
+
+/// Waits until every connection subscribed or failed, or `deadline` passed; returns the wait.
+pub(crate) async fn wait_settled(
+    pool: &Pool,
+    shared: &Shared,
+    count: u32,
+    deadline: Duration,
+    progress: &Progress,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let ok = shared.subscribed.load(Relaxed);
+        let failed = shared.connect_errors.load(Relaxed);
+        progress.set(ok + failed, format!("subscribed {ok}, failed {failed}"));
+        if ok + failed >= u64::from(count) {
+            break;
+        }
+        if started.elapsed() >= deadline {
+            pool.gave_up.store(true, Relaxed);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    started.elapsed()
+}
+
+/// Tells every task to stop and waits up to `grace` for them, then aborts the rest.
+pub(crate) async fn stop(mut pool: Pool, phase: &watch::Sender<Phase>, grace: Duration) {
+    pool.gave_up.store(true, Relaxed);
+    let _ = phase.send(Phase::Stop);
+    let joined = tokio::time::timeout(grace, async { while pool.tasks.join_next().await.is_some() {} }).await;
+    if joined.is_err() {
+        pool.tasks.abort_all();
+        while pool.tasks.join_next().await.is_some() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_to_the_open_files_limit() {
+        let limit = procfs::open_files_limit().expect("linux");
+        let mut notes = Vec::new();
+        assert_eq!(cap_conns(10, 8, &mut notes), 10);
+        assert!(notes.is_empty());
+        let huge = u32::try_from(limit + 1000).unwrap_or(u32::MAX);
+        let held = cap_conns(huge, 8, &mut notes);
+        assert_eq!(u64::from(held), limit - SPARE_FDS - 8);
+        assert!(notes[0].contains("several loadgen processes"), "{}", notes[0]);
+    }
+}

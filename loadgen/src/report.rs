@@ -1,0 +1,260 @@
+//! Run summaries: the figures of a fanout or idle run, printed as aligned text or one JSON object.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Publish -> deliver latency percentiles in microseconds.
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct LatencyUs {
+    pub(crate) samples: u64,
+    pub(crate) mean: f64,
+    pub(crate) p50: u64,
+    pub(crate) p90: u64,
+    pub(crate) p99: u64,
+    pub(crate) p999: u64,
+    pub(crate) max: u64,
+}
+
+impl LatencyUs {
+    pub(crate) fn from_histogram(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return LatencyUs::default();
+        }
+        LatencyUs {
+            samples: h.len(),
+            mean: (h.mean() * 10.0).round() / 10.0,
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct FanoutReport {
+    pub(crate) mode: &'static str,
+    pub(crate) url: String,
+    pub(crate) conns_requested: u32,
+    pub(crate) conns_subscribed: u64,
+    pub(crate) connect_errors: u64,
+    pub(crate) connect_error_kinds: BTreeMap<String, u64>,
+    pub(crate) connect_secs: f64,
+    pub(crate) rooms: u32,
+    pub(crate) batch: u32,
+    pub(crate) rate_target: u64,
+    pub(crate) warmup_secs: f64,
+    pub(crate) duration_secs: f64,
+    pub(crate) publish_requests: u64,
+    pub(crate) events_accepted: u64,
+    pub(crate) events_accepted_per_sec: f64,
+    /// HTTP status -> count, 2xx included.
+    pub(crate) publish_statuses: BTreeMap<u16, u64>,
+    pub(crate) publish_io_errors: u64,
+    pub(crate) publish_first_error: Option<String>,
+    /// Deliveries of events published inside the measured window.
+    pub(crate) deliveries: u64,
+    pub(crate) deliveries_per_sec: f64,
+    pub(crate) latency_us: LatencyUs,
+    /// Deliveries of this run's events over the whole run (warmup and drain included).
+    pub(crate) deliveries_total: u64,
+    pub(crate) expected_deliveries: u64,
+    /// expected - received over the whole run.
+    pub(crate) lost: u64,
+    /// False when some publishes had an unknown outcome, so `lost` is an estimate.
+    pub(crate) lost_exact: bool,
+    /// Received more than expected (with `lost_exact`, that means duplicates the seq check missed).
+    pub(crate) extra_deliveries: u64,
+    /// Events missing by the per-room seq check (gaps).
+    pub(crate) seq_gap_missing: u64,
+    pub(crate) duplicated: u64,
+    pub(crate) foreign_deliveries: u64,
+    pub(crate) malformed_frames: u64,
+    pub(crate) protocol_errors: u64,
+    /// Close codes the server sent (1006 = the connection ended without a close frame).
+    pub(crate) close_codes: BTreeMap<u16, u64>,
+    pub(crate) loadgen_cpu_secs: f64,
+    pub(crate) loadgen_cpu_pct: f64,
+    pub(crate) loadgen_rss_bytes: Option<u64>,
+    pub(crate) server_cpu_secs: Option<f64>,
+    pub(crate) server_cpu_pct: Option<f64>,
+    pub(crate) server_cpu_us_per_delivery: Option<f64>,
+    pub(crate) server_rss_bytes: Option<u64>,
+    pub(crate) notes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct IdleReport {
+    pub(crate) mode: &'static str,
+    pub(crate) url: String,
+    pub(crate) conns_requested: u32,
+    pub(crate) conns_subscribed: u64,
+    pub(crate) connect_errors: u64,
+    pub(crate) connect_error_kinds: BTreeMap<String, u64>,
+    pub(crate) connect_secs: f64,
+    pub(crate) connect_rate_per_sec: f64,
+    pub(crate) rooms: u32,
+    pub(crate) hold_secs: f64,
+    /// Connections still open at the end of the hold.
+    pub(crate) conns_open_at_end: u64,
+    pub(crate) close_codes: BTreeMap<u16, u64>,
+    pub(crate) server_pings_answered: u64,
+    pub(crate) ping_check_sent: Option<u64>,
+    pub(crate) ping_check_pongs: Option<u64>,
+    pub(crate) server_rss_before_bytes: Option<u64>,
+    pub(crate) server_rss_after_bytes: Option<u64>,
+    pub(crate) server_rss_bytes: Option<u64>,
+    pub(crate) bytes_per_conn: Option<f64>,
+    pub(crate) server_cpu_secs_during_hold: Option<f64>,
+    pub(crate) loadgen_cpu_secs: f64,
+    pub(crate) loadgen_rss_bytes: Option<u64>,
+    pub(crate) notes: Vec<String>,
+}
+
+/// Aligned "label  value" lines.
+struct Table(String);
+
+impl Table {
+    fn row(&mut self, label: &str, value: impl std::fmt::Display) {
+        let _ = writeln!(self.0, "  {label:<30} {value}");
+    }
+
+    fn opt<T: std::fmt::Display>(&mut self, label: &str, value: Option<T>) {
+        if let Some(v) = value {
+            self.row(label, v);
+        }
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn map<K: std::fmt::Display>(m: &BTreeMap<K, u64>) -> String {
+    if m.is_empty() {
+        return "none".to_owned();
+    }
+    m.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ")
+}
+
+fn errors(t: &mut Table, kinds: &BTreeMap<String, u64>) {
+    for (text, n) in kinds {
+        t.row("", format!("{n} x {text}"));
+    }
+}
+
+fn notes(t: &mut Table, notes: &[String]) {
+    for n in notes {
+        let _ = writeln!(t.0, "  note: {n}");
+    }
+}
+
+impl FanoutReport {
+    pub(crate) fn human(&self) -> String {
+        let mut t = Table(format!("loadgen fanout against {}\n", self.url));
+        t.row("connections subscribed", format!("{} / {}", self.conns_subscribed, self.conns_requested));
+        t.row("connect errors", self.connect_errors);
+        errors(&mut t, &self.connect_error_kinds);
+        t.row("connect time", format!("{:.2} s", self.connect_secs));
+        t.row("rooms", self.rooms);
+        t.row("window", format!("{:.1} s after {:.1} s warmup", self.duration_secs, self.warmup_secs));
+        let rate = if self.rate_target == 0 { "max".to_owned() } else { format!("{}/s", self.rate_target) };
+        t.row("publish", format!("{} requests, batch {}, rate {rate}", self.publish_requests, self.batch));
+        t.row("events accepted", format!("{} ({:.0}/s)", self.events_accepted, self.events_accepted_per_sec));
+        t.row("publish answers", map(&self.publish_statuses));
+        if self.publish_io_errors > 0 {
+            t.row("publish io errors", self.publish_io_errors);
+        }
+        t.opt("first publish error", self.publish_first_error.as_ref());
+        t.row("deliveries (window)", self.deliveries);
+        t.row("deliveries/s", format!("{:.0}", self.deliveries_per_sec));
+        let l = &self.latency_us;
+        t.row(
+            "latency us",
+            format!("p50 {}  p90 {}  p99 {}  p99.9 {}  max {}", l.p50, l.p90, l.p99, l.p999, l.max),
+        );
+        t.row(
+            "deliveries (whole run)",
+            format!("{} of {} expected", self.deliveries_total, self.expected_deliveries),
+        );
+        let exact = if self.lost_exact { "" } else { " (estimate: some publishes had unknown outcome)" };
+        t.row("lost", format!("{}{exact}", self.lost));
+        if self.extra_deliveries > 0 {
+            t.row("more than expected", self.extra_deliveries);
+        }
+        t.row("seq gaps (missing)", self.seq_gap_missing);
+        t.row("duplicated", self.duplicated);
+        if self.foreign_deliveries > 0 {
+            t.row("deliveries of other runs", self.foreign_deliveries);
+        }
+        if self.malformed_frames + self.protocol_errors > 0 {
+            t.row(
+                "malformed / protocol errors",
+                format!("{} / {}", self.malformed_frames, self.protocol_errors),
+            );
+        }
+        t.row("server close codes", map(&self.close_codes));
+        t.row(
+            "loadgen cpu",
+            format!("{:.2} s ({:.0}% of one core)", self.loadgen_cpu_secs, self.loadgen_cpu_pct),
+        );
+        t.opt("loadgen rss", self.loadgen_rss_bytes.map(mib));
+        if let (Some(secs), Some(pct)) = (self.server_cpu_secs, self.server_cpu_pct) {
+            t.row("server cpu", format!("{secs:.2} s ({pct:.0}% of one core)"));
+        }
+        t.opt("server cpu per delivery", self.server_cpu_us_per_delivery.map(|us| format!("{us:.2} us")));
+        t.opt("server rss", self.server_rss_bytes.map(mib));
+        notes(&mut t, &self.notes);
+        t.0
+    }
+}
+
+impl IdleReport {
+    pub(crate) fn human(&self) -> String {
+        let mut t = Table(format!("loadgen idle against {}\n", self.url));
+        t.row("connections subscribed", format!("{} / {}", self.conns_subscribed, self.conns_requested));
+        t.row("connect errors", self.connect_errors);
+        errors(&mut t, &self.connect_error_kinds);
+        t.row(
+            "connect time",
+            format!("{:.2} s ({:.0} conns/s)", self.connect_secs, self.connect_rate_per_sec),
+        );
+        t.row("rooms", self.rooms);
+        t.row("held", format!("{:.1} s, {} still open at the end", self.hold_secs, self.conns_open_at_end));
+        t.row("server close codes", map(&self.close_codes));
+        t.row("server pings answered", self.server_pings_answered);
+        if let (Some(sent), Some(pongs)) = (self.ping_check_sent, self.ping_check_pongs) {
+            t.row("ping check", format!("{pongs} pongs for {sent} pings"));
+        }
+        t.opt("server rss before", self.server_rss_before_bytes.map(mib));
+        t.opt("server rss subscribed", self.server_rss_after_bytes.map(mib));
+        t.opt("server rss at end", self.server_rss_bytes.map(mib));
+        t.opt("server bytes per conn", self.bytes_per_conn.map(|b| format!("{b:.0}")));
+        t.opt("server cpu during hold", self.server_cpu_secs_during_hold.map(|s| format!("{s:.2} s")));
+        t.row("loadgen cpu (whole run)", format!("{:.2} s", self.loadgen_cpu_secs));
+        t.opt("loadgen rss", self.loadgen_rss_bytes.map(mib));
+        notes(&mut t, &self.notes);
+        t.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_percentiles() {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("bounds");
+        for us in 1..=1000 {
+            h.record(us).expect("in range");
+        }
+        let l = LatencyUs::from_histogram(&h);
+        assert_eq!((l.samples, l.p50, l.max), (1000, 500, 1000));
+        assert!(l.p99 >= 990 && l.p999 >= l.p99);
+        assert_eq!(LatencyUs::from_histogram(&Histogram::<u64>::new(3).expect("new")).samples, 0);
+    }
+}
