@@ -603,4 +603,8 @@ async fn e2e_redis_restart_keeps_clients_connected_and_seq_growing() {
         client.send_json(json!({"type":"ping"})).await;
         assert_eq!(client.recv().await, json!({"type":"pong"}));
     }
+    // The outage is visible to operators.
+    assert!(b.metric("redis_reconnects_total").await >= 1.0);
+    assert!(b.metric("publish_unavailable_total").await >= 1.0);
+    assert_eq!(b.metric("bus_up").await, 1.0);
 }

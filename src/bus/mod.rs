@@ -62,4 +62,9 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Current health, for `/healthz` and `/metrics`.
     fn health(&self) -> Health;
+
+    /// Backend counters for `/metrics`: (name without the `herald_` prefix, help, value).
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        Vec::new()
+    }
 }

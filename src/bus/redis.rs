@@ -454,6 +454,34 @@ impl Bus for RedisBus {
         self.shared.unwatch(topic);
     }
 
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let stats = &self.shared.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("redis_reconnects_total", "Redis connections re-established.", get(&stats.reconnects)),
+            (
+                "redis_publish_failures_total",
+                "Publishes refused while Redis was unavailable.",
+                get(&stats.publish_failures),
+            ),
+            (
+                "redis_inbound_dropped_total",
+                "Redis pushes dropped because delivery fell behind.",
+                get(&stats.inbound_dropped),
+            ),
+            (
+                "redis_seq_regressions_total",
+                "Room events whose seq went backwards, dropped.",
+                get(&stats.seq_regressions),
+            ),
+            (
+                "redis_duplicates_total",
+                "Duplicate copies of an event dropped.",
+                get(&stats.duplicates_dropped),
+            ),
+        ]
+    }
+
     fn health(&self) -> Health {
         match *self.shared.phase.borrow() {
             Phase::Up => Health::Ok,

@@ -1,5 +1,7 @@
 //! Operations endpoints: `/healthz` and Prometheus `/metrics`.
 
+use std::fmt::Write;
+
 use hyper::{header, Response, StatusCode};
 
 use super::{json, App, Body};
@@ -17,7 +19,13 @@ pub(super) fn healthz(app: &App) -> Response<Body> {
 
 pub(super) fn metrics(app: &App) -> Response<Body> {
     let ctx = &app.ctx;
-    let text = ctx.metrics.render(ctx.rooms.len(), ctx.users.len(), ctx.bus.health() == Health::Ok);
+    let mut text = ctx.metrics.render(ctx.rooms.len(), ctx.users.len(), ctx.bus.health() == Health::Ok);
+    for (name, help, value) in ctx.bus.counters() {
+        let _ = writeln!(
+            text,
+            "# HELP herald_{name} {help}\n# TYPE herald_{name} counter\nherald_{name} {value}"
+        );
+    }
     let mut resp = Response::new(Body::from(text));
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
