@@ -47,7 +47,7 @@ pub(crate) struct CommonArgs {
     /// Allow a --url that is not a loopback address. Only load servers you operate.
     #[arg(long)]
     pub(crate) allow_remote: bool,
-    /// Runtime worker threads; 1 = a current-thread runtime (least CPU on a shared 2-core box).
+    /// Runtime worker threads; 1 = a current-thread runtime.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub(crate) threads: u16,
     /// Connections opened (handshake + subscribe) at the same time.
