@@ -149,6 +149,11 @@ impl Mailbox {
         }
     }
 
+    /// Consumes the "something arrived" signal without waiting for it.
+    pub fn take_pending(&self) -> bool {
+        self.pending.swap(false, Ordering::Acquire)
+    }
+
     /// Takes everything queued into `out`, and says what else happened.
     pub fn drain(&self, out: &mut Vec<UserMsg>) -> Drained {
         if self.shutdown.load(Ordering::Relaxed) {

@@ -109,7 +109,24 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
         content: "x".repeat(args.content_bytes as usize),
     });
     let pstats = Arc::new(publish::Stats::new(rooms.len()));
-    let publisher = tokio::spawn(publish::run(plan, pstats.clone()));
+    // Publishers get a thread and runtime of their own, as a separate
+    // publishing service would: their pace must not depend on how busy this
+    // process is receiving deliveries.
+    let publisher = {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let stats = pstats.clone();
+        std::thread::Builder::new()
+            .name("publisher".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt.block_on(publish::run(plan, stats)),
+                    Err(e) => eprintln!("loadgen: publisher runtime: {e}"),
+                }
+                let _ = done_tx.send(());
+            })
+            .context("spawning the publisher thread")?;
+        done_rx
+    };
 
     let total = (args.warmup + args.duration).as_millis() as u64;
     progress.phase("publish", total);
