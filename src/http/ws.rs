@@ -46,7 +46,11 @@ pub(super) fn upgrade(app: &Arc<App>, mut req: Request<Incoming>) -> Result<Resp
             }
         };
         match raw_socket(upgraded) {
-            Some((stream, early)) => conn::serve(stream, early, claims, ctx, permit).await,
+            // A task of its own: the connection's long-lived future then
+            // carries none of this short-lived handshake state.
+            Some((stream, early)) => {
+                ctx.tasks.spawn(conn::serve(stream, early, claims, ctx.clone(), permit));
+            }
             None => tracing::error!("upgraded connection is not a TCP stream"),
         }
     });
