@@ -141,7 +141,8 @@ pub fn serve(
         user: claims.sub,
         token_chats: claims.chats.into_boxed_slice(),
         expires_at: now + Duration::from_secs(lifetime),
-        subs: StreamMap::new(),
+        // Most connections watch one room: don't let the first insert reserve four.
+        subs: StreamMap::with_capacity(1),
         mailbox: Arc::new(Mailbox::new(ctx.ws.user_queue)),
         out: Outbound::default(),
         assembler: Assembler::default(),
@@ -340,7 +341,8 @@ impl Conn {
 
     /// Answers every complete client message, in order.
     async fn handle(&mut self, inbox: &mut Vec<Inbound>) -> Result<(), End> {
-        for msg in inbox.drain(..) {
+        // Taken whole, so an idle connection keeps no inbox buffer.
+        for msg in std::mem::take(inbox) {
             match msg {
                 Inbound::Text(text) => self.command(&text).await?,
                 Inbound::Binary => self.reply_error(
