@@ -75,6 +75,10 @@ pub(crate) struct FanoutArgs {
     /// Rooms the connections and events are spread over.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) rooms: u32,
+    /// More nodes of the same cluster (repeatable): connections and publishers are spread
+    /// round-robin over --url and these, so events cross nodes (multi-node runs).
+    #[arg(long = "also-url", value_name = "URL")]
+    pub(crate) also_urls: Vec<String>,
     /// Events per second over all publishers; 0 = as fast as the server answers.
     #[arg(long, default_value_t = 0)]
     pub(crate) rate: u64,

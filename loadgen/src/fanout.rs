@@ -54,6 +54,10 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     let api_key =
         common.api_key.clone().context("fanout publishes events: give --api-key (or LOADGEN_API_KEY)")?;
     let target = target::resolve(&common.url, common.allow_remote).await?;
+    let mut targets = vec![target.clone()];
+    for url in &args.also_urls {
+        targets.push(target::resolve(url, common.allow_remote).await?);
+    }
     let mut notes = Vec::new();
     let conns = pool::cap_conns(args.conns, u64::from(args.in_flight), &mut notes);
     let rooms: Vec<Uuid> = (0..args.rooms).map(|i| room_id(common.room_group, i)).collect();
@@ -63,7 +67,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     let mut progress = Progress::new(common.json);
 
     let spec = Arc::new(Spec {
-        target: target.clone(),
+        targets: targets.clone(),
         minter: Minter::new(&common.jwt_secret),
         sources: common.source_addrs.clone(),
         rooms: rooms.clone(),
@@ -97,7 +101,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     ctx.window.start.store(start_ns, Relaxed);
     ctx.window.end.store(start_ns + args.duration.as_nanos() as u64, Relaxed);
     let plan = Arc::new(Plan {
-        target,
+        targets,
         api_key,
         rooms: rooms.clone(),
         batch: args.batch as usize,

@@ -47,7 +47,7 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<IdleReport> {
     }
 
     let spec = Arc::new(Spec {
-        target,
+        targets: vec![target],
         minter: Minter::new(&common.jwt_secret),
         sources: common.source_addrs.clone(),
         rooms,

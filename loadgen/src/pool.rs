@@ -36,7 +36,8 @@ pub(crate) enum Phase {
 
 /// How to open the connections.
 pub(crate) struct Spec {
-    pub(crate) target: Target,
+    /// Nodes to connect to; each room's connections alternate between them.
+    pub(crate) targets: Vec<Target>,
     pub(crate) minter: Minter,
     pub(crate) sources: Vec<IpAddr>,
     pub(crate) rooms: Vec<Uuid>,
@@ -100,7 +101,7 @@ where
                 if gave_up.load(Relaxed) || *phase.borrow() == Phase::Stop {
                     return;
                 }
-                let opened = tokio::time::timeout(spec.connect_timeout, open(&spec, room, source)).await;
+                let opened = tokio::time::timeout(spec.connect_timeout, open(&spec, i, room, source)).await;
                 match opened.unwrap_or_else(|_| Err(anyhow::anyhow!("handshake + subscribe timed out"))) {
                     Ok(client) => client,
                     Err(e) => {
@@ -123,10 +124,16 @@ where
     Pool { tasks, per_room, gave_up }
 }
 
-async fn open(spec: &Spec, room: usize, source: Option<IpAddr>) -> anyhow::Result<WsClient> {
+async fn open(spec: &Spec, index: usize, room: usize, source: Option<IpAddr>) -> anyhow::Result<WsClient> {
     let chat = spec.rooms[room];
     let token = spec.minter.mint(&[chat])?;
-    let mut client = WsClient::connect(&spec.target, source, &token, spec.buf_size).await?;
+    let mut client = WsClient::connect(
+        &spec.targets[(index / spec.rooms.len()) % spec.targets.len()],
+        source,
+        &token,
+        spec.buf_size,
+    )
+    .await?;
     client.subscribe(&chat).await.context("subscribe")?;
     Ok(client)
 }

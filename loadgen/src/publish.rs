@@ -20,7 +20,8 @@ const END_GRACE: Duration = Duration::from_secs(2);
 
 /// What to publish, where, and when to stop.
 pub(crate) struct Plan {
-    pub(crate) target: Target,
+    /// Nodes to publish to; worker w posts to `targets[w % len]`.
+    pub(crate) targets: Vec<Target>,
     pub(crate) api_key: String,
     pub(crate) rooms: Vec<Uuid>,
     pub(crate) batch: usize,
@@ -114,14 +115,15 @@ pub(crate) fn write_body(plan: &Plan, k: u64, ts: u64, out: &mut Vec<u8>) {
 /// Runs the publishers until `plan.end` and returns when every worker has stopped.
 pub(crate) async fn run(plan: Arc<Plan>, stats: Arc<Stats>) {
     let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..plan.in_flight.max(1) {
-        workers.spawn(worker(plan.clone(), stats.clone()));
+    for w in 0..plan.in_flight.max(1) {
+        workers.spawn(worker(plan.clone(), stats.clone(), w));
     }
     while workers.join_next().await.is_some() {}
 }
 
-async fn worker(plan: Arc<Plan>, stats: Arc<Stats>) {
-    let path = plan.target.events_path();
+async fn worker(plan: Arc<Plan>, stats: Arc<Stats>, index: usize) {
+    let target = &plan.targets[index % plan.targets.len()];
+    let path = target.events_path();
     let interval_ns = if plan.rate > 0 { 1e9 * plan.batch as f64 / plan.rate as f64 } else { 0.0 };
     let rooms = plan.rooms.len() as u64;
     let mut body = Vec::with_capacity(256 * plan.batch);
@@ -141,7 +143,7 @@ async fn worker(plan: Arc<Plan>, stats: Arc<Stats>) {
         }
         let c = match conn.as_mut() {
             Some(c) => c,
-            None => match tokio::time::timeout(REQUEST_TIMEOUT, HttpConn::connect(&plan.target)).await {
+            None => match tokio::time::timeout(REQUEST_TIMEOUT, HttpConn::connect(target)).await {
                 Ok(Ok(c)) => conn.insert(c),
                 Ok(Err(e)) => {
                     stats.io_errors.fetch_add(1, Relaxed);
@@ -163,7 +165,7 @@ async fn worker(plan: Arc<Plan>, stats: Arc<Stats>) {
         // A request still unanswered shortly after the end is given up: the run must stop on time.
         let limit = REQUEST_TIMEOUT.min((plan.end + END_GRACE).saturating_duration_since(Instant::now()));
         let answer =
-            tokio::time::timeout(limit, c.post_json(&plan.target.host, &path, &plan.api_key, &body)).await;
+            tokio::time::timeout(limit, c.post_json(&target.host, &path, &plan.api_key, &body)).await;
         match answer {
             Ok(Ok(resp)) => {
                 stats.note_status(resp.status);
@@ -214,11 +216,11 @@ mod tests {
     fn plan(batch: usize) -> Plan {
         let now = Instant::now();
         Plan {
-            target: Target {
+            targets: vec![Target {
                 addr: "127.0.0.1:1".parse().expect("literal"),
                 host: "h".into(),
                 prefix: String::new(),
-            },
+            }],
             api_key: "k".into(),
             rooms: vec![room_id(0, 0), room_id(0, 1), room_id(0, 2)],
             batch,

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Two Herald nodes on one redis-server (all on loopback); loadgen spreads its
+# connections and publishers over both, so events cross nodes through Redis.
+# Usage: scripts/bench-redis.sh <loadgen fanout args...>
+set -euo pipefail
+cd "$(dirname "$0")/.."
+HERALD_BIN=${HERALD_BIN:-target/release/herald}
+LOADGEN_BIN=${LOADGEN_BIN:-target/release/loadgen}
+RPORT=${RPORT:-16399} A=${A:-18081} B=${B:-18082}
+export LOADGEN_JWT_SECRET=bench-secret-0123456789abcdef LOADGEN_API_KEY=bench-key-0123456789abcdef
+redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize no >/tmp/bench-redis.log 2>&1 &
+rpid=$!
+pids=()
+cleanup() { kill "${pids[@]}" "$rpid" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT
+for _ in $(seq 50); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+for port in "$A" "$B"; do
+    HERALD_AUTH__JWT_SECRET=$LOADGEN_JWT_SECRET HERALD_API__KEYS=$LOADGEN_API_KEY HERALD_AUTH__MEMBERSHIP=open \
+        HERALD_BUS__KIND=redis HERALD_BUS__REDIS_URL=redis://127.0.0.1:$RPORT \
+        HERALD_SERVER__LISTEN=127.0.0.1:$port RUST_LOG=warn "$HERALD_BIN" &
+    pids+=($!)
+done
+for port in "$A" "$B"; do
+    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" | grep -q '"ok"' && break; sleep 0.1; done
+done
+cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }
+before=($(cpu "${pids[0]}") $(cpu "${pids[1]}") $(cpu "$rpid"))
+"$LOADGEN_BIN" "$@" --url "http://127.0.0.1:$A" --also-url "http://127.0.0.1:$B" --server-pid "${pids[0]}"
+after=($(cpu "${pids[0]}") $(cpu "${pids[1]}") $(cpu "$rpid"))
+hz=$(getconf CLK_TCK)
+echo "whole-run CPU seconds: node A $(( (after[0]-before[0]) / hz )).$(( (after[0]-before[0]) % hz )), node B $(( (after[1]-before[1]) / hz )).$(( (after[1]-before[1]) % hz )), redis $(( (after[2]-before[2]) / hz )).$(( (after[2]-before[2]) % hz ))" >&2
+for port in "$A" "$B"; do curl -s "http://127.0.0.1:$port/metrics" | grep -E '^herald_(frames_out|write_syscalls|slow_consumers|redis_inbound_dropped|events_in)_total' | sed "s/^/node $port: /" >&2; done
