@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::cli::FanoutArgs;
-use crate::ident::{room_id, Minter};
+use crate::ident::room_id;
 use crate::msg::{self, ServerMsg};
 use crate::pool::{self, Phase, Spec};
 use crate::procfs::{self, CpuMark};
@@ -66,15 +66,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     let ctx = Arc::new(Ctx { shared: shared.clone(), window: Window::default(), run_id });
     let mut progress = Progress::new(common.json);
 
-    let spec = Arc::new(Spec {
-        targets: targets.clone(),
-        minter: Minter::new(&common.jwt_secret),
-        sources: common.source_addrs.clone(),
-        rooms: rooms.clone(),
-        concurrency: common.connect_concurrency as usize,
-        connect_timeout: common.connect_timeout,
-        buf_size: BUF_SIZE,
-    });
+    let spec = Arc::new(Spec::new(common, targets.clone(), rooms.clone(), BUF_SIZE));
     let (phase_tx, phase_rx) = watch::channel(Phase::Run);
     progress.phase("connect", u64::from(conns));
     let conn_ctx = ctx.clone();

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::cli::IdleArgs;
 use crate::frame::CLOSE_ABNORMAL;
-use crate::ident::{room_id, Minter};
+use crate::ident::room_id;
 use crate::msg::{self, ServerMsg};
 use crate::pool::{self, Phase, Spec};
 use crate::procfs::{self, CpuMark};
@@ -46,15 +46,7 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<IdleReport> {
         notes.push(format!("cannot read /proc/{}/status: no server memory figures", pid.unwrap_or(0)));
     }
 
-    let spec = Arc::new(Spec {
-        targets: vec![target],
-        minter: Minter::new(&common.jwt_secret),
-        sources: common.source_addrs.clone(),
-        rooms,
-        concurrency: common.connect_concurrency as usize,
-        connect_timeout: common.connect_timeout,
-        buf_size: BUF_SIZE,
-    });
+    let spec = Arc::new(Spec::new(common, vec![target], rooms, BUF_SIZE));
     let (phase_tx, phase_rx) = watch::channel(Phase::Run);
     progress.phase("connect", u64::from(conns));
     let conn_shared = shared.clone();

@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::cli::CommonArgs;
 use crate::ident::Minter;
 use crate::procfs;
 use crate::progress::Progress;
@@ -45,6 +46,21 @@ pub(crate) struct Spec {
     pub(crate) connect_timeout: Duration,
     /// Initial read buffer per connection (it grows for big frames).
     pub(crate) buf_size: usize,
+}
+
+impl Spec {
+    /// The connection plan every mode shares, from the common flags.
+    pub(crate) fn new(common: &CommonArgs, targets: Vec<Target>, rooms: Vec<Uuid>, buf_size: usize) -> Spec {
+        Spec {
+            targets,
+            minter: Minter::new(&common.jwt_secret),
+            sources: common.source_addrs.clone(),
+            rooms,
+            concurrency: common.connect_concurrency as usize,
+            connect_timeout: common.connect_timeout,
+            buf_size,
+        }
+    }
 }
 
 /// Connection tasks and their bookkeeping.

@@ -116,8 +116,9 @@ struct Conn {
     errors: u32,
     /// Frames were queued this turn by a delivery (not only by replies).
     fresh: bool,
-    /// Counts the connection against `server.max_connections` until dropped.
-    _permit: OwnedSemaphorePermit,
+    /// Counts the connection against `server.max_connections`; released
+    /// before the gauges say the connection is gone.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// Serves one upgraded connection until it ends. `early` holds bytes the
@@ -153,7 +154,7 @@ pub fn serve(
         tokens_at: now,
         errors: 0,
         fresh: false,
-        _permit: permit,
+        permit: Some(permit),
         ctx,
     };
     // `early` is a slice of hyper's read buffer: holding it would keep that
@@ -195,6 +196,7 @@ impl Conn {
             ctx.bus.unwatch(Topic::User(self.user));
         }
         ctx.users.unregister(self.user, &self.mailbox);
+        drop(self.permit.take());
         ctx.metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
         ctx.metrics.connections_closed.fetch_add(1, Ordering::Relaxed);
     }
