@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Starts a release Herald on loopback, runs one loadgen scenario against it,
 # stops it. Usage: scripts/bench-fanout.sh <loadgen args...>
-# Env: HERALD_BIN, LOADGEN_BIN (default target/release/{herald,loadgen}), PORT (default 18080).
+# Env: SERVER_BIN, LOADGEN_BIN (default target/release/{herald,loadgen}), PORT (default 18080).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-HERALD_BIN=${HERALD_BIN:-target/release/herald}
+SERVER_BIN=${SERVER_BIN:-target/release/herald}
 LOADGEN_BIN=${LOADGEN_BIN:-target/release/loadgen}
 PORT=${PORT:-18080}
 export LOADGEN_JWT_SECRET=bench-secret-0123456789abcdef LOADGEN_API_KEY=bench-key-0123456789abcdef
 HERALD_AUTH__JWT_SECRET=$LOADGEN_JWT_SECRET HERALD_API__KEYS=$LOADGEN_API_KEY HERALD_AUTH__MEMBERSHIP=open \
-    HERALD_SERVER__LISTEN=127.0.0.1:$PORT RUST_LOG=warn "$HERALD_BIN" &
+    HERALD_SERVER__LISTEN=127.0.0.1:$PORT RUST_LOG=warn "$SERVER_BIN" &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.1; done

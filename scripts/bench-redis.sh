@@ -4,7 +4,7 @@
 # Usage: scripts/bench-redis.sh <loadgen fanout args...>
 set -euo pipefail
 cd "$(dirname "$0")/.."
-HERALD_BIN=${HERALD_BIN:-target/release/herald}
+SERVER_BIN=${SERVER_BIN:-target/release/herald}
 LOADGEN_BIN=${LOADGEN_BIN:-target/release/loadgen}
 RPORT=${RPORT:-16399} A=${A:-18081} B=${B:-18082}
 export LOADGEN_JWT_SECRET=bench-secret-0123456789abcdef LOADGEN_API_KEY=bench-key-0123456789abcdef
@@ -17,7 +17,7 @@ for _ in $(seq 50); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; slee
 for port in "$A" "$B"; do
     HERALD_AUTH__JWT_SECRET=$LOADGEN_JWT_SECRET HERALD_API__KEYS=$LOADGEN_API_KEY HERALD_AUTH__MEMBERSHIP=open \
         HERALD_BUS__KIND=redis HERALD_BUS__REDIS_URL=redis://127.0.0.1:$RPORT \
-        HERALD_SERVER__LISTEN=127.0.0.1:$port RUST_LOG=warn "$HERALD_BIN" &
+        HERALD_SERVER__LISTEN=127.0.0.1:$port RUST_LOG=warn "$SERVER_BIN" &
     pids+=($!)
 done
 for port in "$A" "$B"; do

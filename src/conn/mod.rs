@@ -8,6 +8,7 @@
 
 mod inbound;
 mod outbound;
+mod subs;
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -17,15 +18,10 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::FutureExt;
-use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tokio_stream::wrappers::BroadcastStream;
-use tokio_stream::StreamMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Claims;
@@ -39,6 +35,7 @@ use crate::protocol::{server, ChatId, UserId};
 use crate::rooms::{Drained, Mailbox, Rooms, UserMsg, Users};
 use inbound::{Assembler, Inbound};
 use outbound::Outbound;
+use subs::{Stopped, Subscriptions};
 
 /// Everything a connection needs from its node, shared by all connections.
 pub struct Context {
@@ -79,7 +76,8 @@ enum Wake {
     /// The socket is readable (false: its registration failed).
     Readable(bool),
     Writable,
-    Room(Option<(ChatId, Result<Bytes, BroadcastStreamRecvError>)>),
+    /// Room frames were queued (Err: a room stopped serving us).
+    Room(Result<usize, Stopped>),
     Mailbox,
     Timer,
 }
@@ -101,7 +99,7 @@ struct Conn {
     user: UserId,
     token_chats: Box<[ChatId]>,
     expires_at: Instant,
-    subs: StreamMap<ChatId, BroadcastStream<Bytes>>,
+    subs: Subscriptions,
     /// This connection's inbox for per-user frames; `Users` holds the other
     /// reference while the connection is registered.
     mailbox: Arc<Mailbox>,
@@ -142,8 +140,7 @@ pub fn serve(
         user: claims.sub,
         token_chats: claims.chats.into_boxed_slice(),
         expires_at: now + Duration::from_secs(lifetime),
-        // Most connections watch one room: don't let the first insert reserve four.
-        subs: StreamMap::with_capacity(1),
+        subs: Subscriptions::default(),
         mailbox: Arc::new(Mailbox::new(ctx.ws.user_queue)),
         out: Outbound::default(),
         assembler: Assembler::default(),
@@ -224,8 +221,9 @@ impl Conn {
                     return Poll::Ready(Wake::Writable);
                 }
                 if !self.subs.is_empty() {
-                    if let Poll::Ready(item) = self.subs.poll_next_unpin(cx) {
-                        return Poll::Ready(Wake::Room(item));
+                    let out = &mut self.out;
+                    if let Poll::Ready(taken) = self.subs.poll_take(cx, MAX_TURN_FRAMES, |f| out.push(f)) {
+                        return Poll::Ready(Wake::Room(taken));
                     }
                 }
                 if self.mailbox.poll_pending(cx).is_ready() {
@@ -264,7 +262,7 @@ impl Conn {
                 for _ in 0..MAX_YIELDS {
                     let before = self.out.len();
                     tokio::task::yield_now().await;
-                    if let Err(end) = self.drain_ready() {
+                    if let Err(end) = poll_fn(|cx| Poll::Ready(self.drain_ready(cx))).await {
                         return end;
                     }
                     if self.out.len() == before || self.out.len() >= MAX_TURN_FRAMES {
@@ -377,7 +375,7 @@ impl Conn {
     }
 
     async fn subscribe(&mut self, chat: ChatId) -> Result<(), End> {
-        if self.subs.contains_key(&chat) {
+        if self.subs.contains(chat) {
             self.out.push(server::subscribed(chat));
             return Ok(());
         }
@@ -390,7 +388,7 @@ impl Conn {
         // Join before watching the bus, so nothing delivered after the watch
         // completes can miss this receiver.
         let rx = self.ctx.rooms.join(chat);
-        self.subs.insert(chat, BroadcastStream::new(rx));
+        self.subs.insert(chat, rx);
         self.ctx.metrics.subscriptions_active.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.ctx.bus.watch(Topic::Room(chat)).await {
             tracing::warn!(%chat, error = %e, "cannot watch room on the bus");
@@ -412,7 +410,7 @@ impl Conn {
 
     fn leave_unwatched(&mut self, chat: ChatId) -> bool {
         // Dropping the stream drops its receiver before the room checks emptiness.
-        let had = self.subs.remove(&chat).is_some();
+        let had = self.subs.remove(chat);
         if had {
             self.ctx.rooms.leave(chat);
             self.ctx.metrics.subscriptions_active.fetch_sub(1, Ordering::Relaxed);
@@ -443,49 +441,34 @@ impl Conn {
         }
     }
 
-    /// A room frame arrived: queue it and everything else already waiting.
-    fn on_room(
-        &mut self,
-        item: Option<(ChatId, Result<Bytes, BroadcastStreamRecvError>)>,
-    ) -> Result<(), End> {
-        let Some(item) = item else { return Ok(()) };
-        self.queue_room_item(item)?;
-        self.drain_ready()
+    /// Room frames were queued: check the bounds, and take what the
+    /// mailbox holds too.
+    fn on_room(&mut self, taken: Result<usize, Stopped>) -> Result<(), End> {
+        self.fresh = true;
+        match taken {
+            Ok(_) if self.out.len() > self.ctx.queue_limit => Err(self.slow_consumer()),
+            Ok(_) if self.mailbox.take_pending() => self.on_mailbox(),
+            Ok(_) => Ok(()),
+            Err(Stopped::Lagged { chat, missed }) => {
+                tracing::debug!(%chat, missed, user = %self.user, "slow consumer lagged its room");
+                Err(self.slow_consumer())
+            }
+            Err(Stopped::Closed { chat }) => {
+                tracing::error!(%chat, "room closed under a subscriber");
+                Err(End::Close(1011, "room closed"))
+            }
+        }
     }
 
     /// Queues every room and mailbox frame that is ready now, so one write
     /// carries them all (adaptive batching: a connection that keeps up writes
     /// each frame at once, one that fell behind writes in bulk).
-    fn drain_ready(&mut self) -> Result<(), End> {
-        self.fresh = true;
-        for _ in 0..MAX_TURN_FRAMES {
-            match self.subs.next().now_or_never() {
-                Some(Some(item)) => self.queue_room_item(item)?,
-                _ => break,
-            }
-        }
-        if self.mailbox.take_pending() {
-            self.on_mailbox()?;
-        }
-        Ok(())
-    }
-
-    fn queue_room_item(
-        &mut self,
-        (chat, item): (ChatId, Result<Bytes, BroadcastStreamRecvError>),
-    ) -> Result<(), End> {
-        match item {
-            Ok(frame) => {
-                self.out.push(frame);
-                if self.out.len() > self.ctx.queue_limit {
-                    return Err(self.slow_consumer());
-                }
-                Ok(())
-            }
-            Err(BroadcastStreamRecvError::Lagged(missed)) => {
-                tracing::debug!(%chat, missed, user = %self.user, "slow consumer lagged its room");
-                Err(self.slow_consumer())
-            }
+    fn drain_ready(&mut self, cx: &mut std::task::Context<'_>) -> Result<(), End> {
+        let out = &mut self.out;
+        match self.subs.poll_take(cx, MAX_TURN_FRAMES, |f| out.push(f)) {
+            Poll::Ready(taken) => self.on_room(taken),
+            Poll::Pending if self.mailbox.take_pending() => self.on_mailbox(),
+            Poll::Pending => Ok(()),
         }
     }
 
@@ -544,7 +527,7 @@ impl Conn {
     /// stops pinning room buffers), sends the close frame, and gives the
     /// client a bounded time to read it.
     async fn finish(&mut self, end: End) {
-        let chats: Vec<ChatId> = self.subs.keys().copied().collect();
+        let chats = self.subs.chats();
         for chat in chats {
             self.leave(chat);
         }
