@@ -64,7 +64,19 @@ fn fanout(c: &mut Criterion) {
                     }
                 })
             },
-        );
+        ); // The hub alternative: one queue per client, the sender loops over them.
+        let (senders, mut queues): (Vec<_>, Vec<_>) =
+            (0..subscribers).map(|_| tokio::sync::mpsc::channel::<Bytes>(1024)).unzip();
+        group.bench_with_input(BenchmarkId::new("per_client_queues", subscribers), &subscribers, |b, _| {
+            b.iter(|| {
+                for tx in &senders {
+                    let _ = tx.try_send(frame.clone());
+                }
+                for rx in queues.iter_mut() {
+                    black_box(rx.try_recv().ok());
+                }
+            })
+        });
     }
     group.finish();
 }
@@ -87,6 +99,34 @@ fn churn(c: &mut Criterion) {
                             let rx = rooms.join(chat);
                             drop(rx);
                             rooms.leave(chat);
+                        }
+                    });
+                }
+            })
+        })
+    });
+    group.bench_function("mutex_hashmap_4_threads_16_rooms", |b| {
+        // The alternative: one lock around every room.
+        type Map = std::collections::HashMap<ChatId, tokio::sync::broadcast::Sender<Bytes>>;
+        let rooms = std::sync::Mutex::new(Map::new());
+        b.iter(|| {
+            std::thread::scope(|s| {
+                for t in 0..threads {
+                    let rooms = &rooms;
+                    s.spawn(move || {
+                        for i in 0..per_thread {
+                            let chat = ChatId::from_u128(((t * 7 + i) % 16) as u128);
+                            let rx = rooms
+                                .lock()
+                                .unwrap()
+                                .entry(chat)
+                                .or_insert_with(|| tokio::sync::broadcast::channel(64).0)
+                                .subscribe();
+                            drop(rx);
+                            let mut map = rooms.lock().unwrap();
+                            if map.get(&chat).is_some_and(|tx| tx.receiver_count() == 0) {
+                                map.remove(&chat);
+                            }
                         }
                     });
                 }
