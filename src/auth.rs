@@ -149,23 +149,26 @@ pub fn mint_hs256(secret: &str, user: UserId, chats: &[ChatId], ttl: Duration) -
 mod tests {
     use super::*;
 
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
     const SECRET: &str = "unit-test-secret-0123456789";
 
-    fn verifier() -> Verifier {
-        Verifier::from_config(&AuthConfig { jwt_secret: Some(SECRET.into()), ..Default::default() }).unwrap()
+    fn verifier() -> Result<Verifier, KeyError> {
+        Verifier::from_config(&AuthConfig { jwt_secret: Some(SECRET.into()), ..Default::default() })
     }
 
     #[test]
-    fn accepts_a_good_token_and_returns_its_claims() {
+    fn accepts_a_good_token_and_returns_its_claims() -> TestResult {
         let user = UserId::from_u128(7);
         let chat = ChatId::from_u128(8);
-        let claims = verifier().verify(&mint_hs256(SECRET, user, &[chat], Duration::from_secs(60))).unwrap();
+        let claims = verifier()?.verify(&mint_hs256(SECRET, user, &[chat], Duration::from_secs(60)))?;
         assert_eq!((claims.sub, claims.chats), (user, vec![chat]));
+        Ok(())
     }
 
     #[test]
-    fn refuses_bad_tokens_with_a_reason() {
-        let v = verifier();
+    fn refuses_bad_tokens_with_a_reason() -> TestResult {
+        let v = verifier()?;
         let user = UserId::from_u128(7);
         let forged = mint_hs256("another-secret-0123456789", user, &[], Duration::from_secs(60));
         assert_eq!(v.verify(&forged), Err(AuthError::BadSignature));
@@ -173,14 +176,13 @@ mod tests {
         assert_eq!(v.verify(""), Err(AuthError::Missing));
         let expired = Claims { sub: user, exp: now_secs() - 5, chats: vec![] };
         let key = EncodingKey::from_secret(SECRET.as_bytes());
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &key).unwrap();
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &key)?;
         assert_eq!(v.verify(&token), Err(AuthError::Expired));
         let hs384 = jsonwebtoken::encode(
             &Header::new(Algorithm::HS384),
             &Claims { exp: now_secs() + 60, ..expired.clone() },
             &key,
-        )
-        .unwrap();
+        )?;
         assert_eq!(v.verify(&hs384), Err(AuthError::Algorithm));
         // alg: none, hand-built: header {"alg":"none","typ":"JWT"}.
         let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiIwMDAwMDAwMC0wMDAwLTAwMDAtMDAwMC0wMDAwMDAwMDAwMDciLCJleHAiOjQxMDI0NDQ4MDB9.";
@@ -195,8 +197,8 @@ mod tests {
             &Header::new(Algorithm::HS256),
             &Loose { sub: "bob", exp: now_secs() + 60 },
             &key,
-        )
-        .unwrap();
+        )?;
         assert_eq!(v.verify(&token), Err(AuthError::Malformed));
+        Ok(())
     }
 }

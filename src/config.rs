@@ -305,11 +305,15 @@ fn apply_env(tree: &mut Value, var: &str, raw: &str) -> Result<(), ConfigError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
     use std::io::Write;
 
     fn load_yaml(yaml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let mut file = tempfile();
-        file.1.write_all(yaml.as_bytes()).unwrap();
+        if let Err(source) = file.1.write_all(yaml.as_bytes()) {
+            return Err(ConfigError::Read { path: file.0, source });
+        }
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         let result = Config::load(Some(&file.0), env);
         let _ = std::fs::remove_file(&file.0);
@@ -318,14 +322,16 @@ mod tests {
 
     fn tempfile() -> (PathBuf, std::fs::File) {
         let path = std::env::temp_dir().join(format!("herald-config-{}.yaml", uuid::Uuid::new_v4()));
-        let file = std::fs::File::create(&path).unwrap();
-        (path, file)
+        match std::fs::File::create(&path) {
+            Ok(file) => (path, file),
+            Err(e) => panic!("cannot create {}: {e}", path.display()),
+        }
     }
 
     #[test]
-    fn defaults_are_the_documented_ones() {
-        let c = Config::load(None, []).unwrap();
-        assert_eq!(c.server.listen, "127.0.0.1:8080".parse().unwrap());
+    fn defaults_are_the_documented_ones() -> TestResult {
+        let c = Config::load(None, [])?;
+        assert_eq!(c.server.listen, "127.0.0.1:8080".parse()?);
         assert_eq!(c.websocket.read_buffer_size, 1024);
         assert_eq!(c.websocket.write_buffer_size, 1024);
         assert_eq!(c.websocket.ping_interval, Duration::from_secs(30));
@@ -335,10 +341,11 @@ mod tests {
         assert_eq!(c.rooms.buffer, 1024);
         assert_eq!(c.bus.kind, BusKind::Memory);
         assert_eq!(c.auth.membership, Membership::Token);
+        Ok(())
     }
 
     #[test]
-    fn reads_every_section_and_env_overrides_win() {
+    fn reads_every_section_and_env_overrides_win() -> TestResult {
         let yaml = r#"
 server:
   listen: 127.0.0.1:9000
@@ -363,8 +370,7 @@ bus:
                 ("HERALD_WEBSOCKET__PING_INTERVAL", "2s"),
                 ("HERALD_API__KEYS", "a-0123456789abcdef,b-0123456789abcdef"),
             ],
-        )
-        .unwrap();
+        )?;
         assert_eq!(c.server.listen.port(), 9000);
         assert_eq!(c.auth.membership, Membership::Events);
         assert_eq!(c.auth.allowed_origins, vec!["https://app.example"]);
@@ -373,6 +379,7 @@ bus:
         assert_eq!(c.rooms.buffer, 64);
         assert_eq!(c.bus.kind, BusKind::Redis);
         assert_eq!(c.api.keys.len(), 2);
+        Ok(())
     }
 
     #[test]

@@ -104,27 +104,30 @@ impl Outbound {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
     use tokio::io::AsyncReadExt;
 
     #[tokio::test]
-    async fn writes_many_frames_in_one_syscall_and_keeps_order() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (server, _) = listener.accept().await.unwrap();
+    async fn writes_many_frames_in_one_syscall_and_keeps_order() -> TestResult {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
+        let (server, _) = listener.accept().await?;
         let mut out = Outbound::default();
         for i in 0..10u8 {
             out.push(Bytes::from(vec![i; 100]));
         }
-        server.writable().await.unwrap();
-        let w = out.flush(&server).unwrap();
+        server.writable().await?;
+        let w = out.flush(&server)?;
         assert_eq!((w.frames, w.bytes, w.syscalls), (10, 1000, 1));
         assert!(out.is_empty());
         let mut got = vec![0u8; 1000];
         let mut client = client;
-        client.read_exact(&mut got).await.unwrap();
+        client.read_exact(&mut got).await?;
         for i in 0..10u8 {
             assert!(got[i as usize * 100..(i as usize + 1) * 100].iter().all(|b| *b == i));
         }
+        Ok(())
     }
 
     #[test]

@@ -203,23 +203,26 @@ pub fn parse_batch(body: &[u8]) -> Result<Vec<DomainEvent>, BatchError> {
 mod tests {
     use super::*;
 
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
     const CHAT: &str = "7d1b3c2a-0f7e-4a55-9a55-1b2c3d4e5f60";
 
     #[test]
-    fn keeps_data_byte_for_byte() {
+    fn keeps_data_byte_for_byte() -> TestResult {
         let body =
             format!(r#"{{"type":"message.sent","chat_id":"{CHAT}","data":{{"b":1.50,"a":"\u00e9"}}}}"#);
-        let events = parse_batch(body.as_bytes()).unwrap();
+        let events = parse_batch(body.as_bytes())?;
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].kind, EventKind::MessageSent);
-        assert_eq!(events[0].data.as_ref().unwrap().get(), r#"{"b":1.50,"a":"\u00e9"}"#);
+        assert_eq!(events[0].data.as_ref().ok_or("no data")?.get(), r#"{"b":1.50,"a":"\u00e9"}"#);
+        Ok(())
     }
 
     #[test]
-    fn parses_arrays_and_names_the_first_bad_event() {
+    fn parses_arrays_and_names_the_first_bad_event() -> TestResult {
         let ok = format!(r#"{{"type":"chat.updated","chat_id":"{CHAT}","data":{{"name":"x"}}}}"#);
         let batch = format!("[{ok},{ok}]");
-        assert_eq!(parse_batch(batch.as_bytes()).unwrap().len(), 2);
+        assert_eq!(parse_batch(batch.as_bytes())?.len(), 2);
         let bad = format!(r#"[{ok},{{"type":"message.sent","data":{{}}}}]"#);
         match parse_batch(bad.as_bytes()) {
             Err(BatchError::Event {
@@ -228,6 +231,7 @@ mod tests {
             }) => {}
             other => panic!("unexpected {other:?}"),
         }
+        Ok(())
     }
 
     #[test]
@@ -238,21 +242,23 @@ mod tests {
     }
 
     #[test]
-    fn unknown_types_parse_as_unknown() {
-        let events = parse_batch(br#"{"type":"invoice.paid","data":{}}"#).unwrap();
+    fn unknown_types_parse_as_unknown() -> TestResult {
+        let events = parse_batch(br#"{"type":"invoice.paid","data":{}}"#)?;
         assert_eq!(events[0].kind, EventKind::Unknown);
+        Ok(())
     }
 
     #[test]
-    fn round_trips_through_the_bus_form() {
+    fn round_trips_through_the_bus_form() -> TestResult {
         let body = format!(
             r#"{{"type":"task.status_changed","chat_id":"{CHAT}","user_ids":["{CHAT}"],"data":{{"s":"done"}}}}"#
         );
-        let ev = parse_batch(body.as_bytes()).unwrap().remove(0);
-        let (back, seq) = DomainEvent::from_json(ev.to_json(Some(7)).as_bytes()).unwrap();
+        let ev = parse_batch(body.as_bytes())?.remove(0);
+        let (back, seq) = DomainEvent::from_json(ev.to_json(Some(7)).as_bytes())?;
         assert_eq!(seq, Some(7));
         assert_eq!(back.kind, EventKind::TaskStatusChanged);
         assert_eq!(back.user_ids, ev.user_ids);
-        assert_eq!(back.data.unwrap().get(), r#"{"s":"done"}"#);
+        assert_eq!(back.data.ok_or("no data")?.get(), r#"{"s":"done"}"#);
+        Ok(())
     }
 }
