@@ -67,19 +67,18 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     let mut progress = Progress::new(common.json);
 
     let spec = Arc::new(Spec::new(common, targets.clone(), rooms.clone(), BUF_SIZE));
-    let (phase_tx, phase_rx) = watch::channel(Phase::Run);
-    progress.phase("connect", u64::from(conns));
     let conn_ctx = ctx.clone();
-    let pool = pool::spawn(spec, conns, shared.clone(), phase_rx, move |client, phase| {
-        connection(client, conn_ctx.clone(), phase)
-    });
-    let connect_time = pool::wait_settled(&pool, &shared, conns, common.connect_deadline, &progress).await;
+    let (pool, phase_tx, connect_time) = pool::open_all(
+        spec,
+        conns,
+        &shared,
+        common.connect_deadline,
+        CLOSE_GRACE,
+        &mut progress,
+        move |client, phase| connection(client, conn_ctx.clone(), phase),
+    )
+    .await?;
     let subscribed = shared.subscribed.load(Relaxed);
-    if subscribed == 0 {
-        progress.finish();
-        pool::stop(pool, &phase_tx, CLOSE_GRACE).await;
-        bail!("no connection subscribed: {}", shared.connect_error_summary());
-    }
     if subscribed < u64::from(conns) {
         notes.push(format!("only {subscribed} of {conns} connections subscribed; measuring with those"));
     }

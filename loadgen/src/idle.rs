@@ -5,7 +5,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::bail;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -47,19 +46,18 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<IdleReport> {
     }
 
     let spec = Arc::new(Spec::new(common, vec![target], rooms, BUF_SIZE));
-    let (phase_tx, phase_rx) = watch::channel(Phase::Run);
-    progress.phase("connect", u64::from(conns));
     let conn_shared = shared.clone();
-    let pool = pool::spawn(spec, conns, shared.clone(), phase_rx, move |client, phase| {
-        connection(client, conn_shared.clone(), phase)
-    });
-    let connect_time = pool::wait_settled(&pool, &shared, conns, common.connect_deadline, &progress).await;
+    let (pool, phase_tx, connect_time) = pool::open_all(
+        spec,
+        conns,
+        &shared,
+        common.connect_deadline,
+        CLOSE_GRACE,
+        &mut progress,
+        move |client, phase| connection(client, conn_shared.clone(), phase),
+    )
+    .await?;
     let subscribed = shared.subscribed.load(Relaxed);
-    if subscribed == 0 {
-        progress.finish();
-        pool::stop(pool, &phase_tx, CLOSE_GRACE).await;
-        bail!("no connection subscribed: {}", shared.connect_error_summary());
-    }
     tokio::time::sleep(RSS_SETTLE).await;
     let rss_after = pid.and_then(|p| procfs::rss_bytes(Some(p)).ok());
 

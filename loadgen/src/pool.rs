@@ -154,6 +154,34 @@ async fn open(spec: &Spec, index: usize, room: usize, source: Option<IpAddr>) ->
     Ok(client)
 }
 
+/// Opens `count` connections (each running `run` once subscribed), waits until they settle
+/// within `deadline`, and fails if none subscribed. Returns the pool, the phase switch that
+/// stops it, and how long connecting took.
+pub(crate) async fn open_all<F, Fut>(
+    spec: Arc<Spec>,
+    count: u32,
+    shared: &Arc<Shared>,
+    deadline: Duration,
+    close_grace: Duration,
+    progress: &mut Progress,
+    run: F,
+) -> anyhow::Result<(Pool, watch::Sender<Phase>, Duration)>
+where
+    F: Fn(WsClient, watch::Receiver<Phase>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (phase_tx, phase_rx) = watch::channel(Phase::Run);
+    progress.phase("connect", u64::from(count));
+    let pool = spawn(spec, count, shared.clone(), phase_rx, run);
+    let connect_time = wait_settled(&pool, shared, count, deadline, progress).await;
+    if shared.subscribed.load(Relaxed) == 0 {
+        progress.finish();
+        stop(pool, &phase_tx, close_grace).await;
+        anyhow::bail!("no connection subscribed: {}", shared.connect_error_summary());
+    }
+    Ok((pool, phase_tx, connect_time))
+}
+
 /// Waits until every connection subscribed or failed, or `deadline` passed; returns the wait.
 pub(crate) async fn wait_settled(
     pool: &Pool,
