@@ -214,10 +214,11 @@ struct Scripts {
     snapshot: redis::Script,
 }
 
-/// Publishes one batch atomically. KEYS: boot, gseq, member index, then one key per event (room
-/// counter, member set, or gseq). ARGV: settle ms, has-room flag, then per event: op, floor, chat,
-/// user, payload (event JSON without seq), channel count, channels. Returns the seqs.
-const PUBLISH_LUA: &str = r#"
+/// Lua shared by the scripts that need Redis's clock and boot mark: sets `now` (ms) and `boot`
+/// (when Redis's state began, recorded under KEYS[1] on first sight).
+macro_rules! boot_prelude {
+    () => {
+        r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local boot = redis.call('GET', KEYS[1])
@@ -225,7 +226,16 @@ if not boot then
   redis.call('SET', KEYS[1], now)
   boot = now
 end
-if ARGV[2] == '1' and now - tonumber(boot) < tonumber(ARGV[1]) then
+"#
+    };
+}
+
+/// Publishes one batch atomically. KEYS: boot, gseq, member index, then one key per event (room
+/// counter, member set, or gseq). ARGV: settle ms, has-room flag, then per event: op, floor, chat,
+/// user, payload (event JSON without seq), channel count, channels. Returns the seqs.
+const PUBLISH_LUA: &str = concat!(
+    boot_prelude!(),
+    r#"if ARGV[2] == '1' and now - tonumber(boot) < tonumber(ARGV[1]) then
   return redis.error_reply('SETTLING redis lost its state recently; nodes are re-seeding room seq')
 end
 local seqs = {}
@@ -258,25 +268,21 @@ for k = 4, #KEYS do
   seqs[#seqs + 1] = seq
 end
 return seqs
-"#;
+"#
+);
 
 /// Marks Redis's state as seen (boot key) and raises room counters to the floors this node knows.
 /// KEYS: boot, then room counters; ARGV: the floors. Returns ms since Redis's state began.
-const RESEED_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local boot = redis.call('GET', KEYS[1])
-if not boot then
-  redis.call('SET', KEYS[1], now)
-  boot = now
-end
-for k = 2, #KEYS do
+const RESEED_LUA: &str = concat!(
+    boot_prelude!(),
+    r#"for k = 2, #KEYS do
   local floor = tonumber(ARGV[k - 1])
   local cur = tonumber(redis.call('GET', KEYS[k]) or '0')
   if cur < floor then redis.call('SET', KEYS[k], floor) end
 end
 return now - tonumber(boot)
-"#;
+"#
+);
 
 /// The membership snapshot: the global counter, then (chat, user) pairs, flattened.
 /// KEYS: member index, gseq; ARGV: member set prefix.
