@@ -96,6 +96,7 @@ impl Server {
             ws: config.websocket.clone(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            busy: std::sync::atomic::AtomicBool::new(false),
         });
         let app = Arc::new(App {
             ctx,
@@ -123,6 +124,7 @@ impl Server {
     /// closes every WebSocket with 1001, and waits up to the grace period.
     pub async fn run(self, shutdown: CancellationToken) {
         let Server { listener, app, http_tasks, grace } = self;
+        http_tasks.spawn(crate::conn::sense_load(app.ctx.clone(), shutdown.clone()));
         let mut backoff = Duration::from_millis(5);
         loop {
             let accepted = tokio::select! {

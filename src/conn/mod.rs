@@ -12,7 +12,7 @@ mod subs;
 
 use std::future::{poll_fn, Future};
 use std::io;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -54,6 +54,32 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// Tracks connection tasks so shutdown can wait for them to drain.
     pub tasks: tokio_util::task::TaskTracker,
+    /// Set by [`sense_load`] while the node writes more than
+    /// [`BUSY_FRAMES_PER_SEC`]: connections then wait a moment to batch.
+    pub busy: AtomicBool,
+}
+
+/// Frames written per second above which the node counts as busy.
+pub const BUSY_FRAMES_PER_SEC: u64 = 100_000;
+const LOAD_SAMPLE: Duration = Duration::from_millis(10);
+
+/// Keeps `ctx.busy` current from the frames-written counter until `stop`.
+/// Batching pays off only under load: on a quiet node, stepping aside before
+/// each write costs a poll per delivery and gains nothing.
+pub async fn sense_load(ctx: Arc<Context>, stop: CancellationToken) {
+    let threshold = BUSY_FRAMES_PER_SEC * LOAD_SAMPLE.as_millis() as u64 / 1000;
+    let mut last = ctx.metrics.frames_out.load(Ordering::Relaxed);
+    let mut tick = tokio::time::interval(LOAD_SAMPLE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = ctx.metrics.frames_out.load(Ordering::Relaxed);
+        ctx.busy.store(now.wrapping_sub(last) > threshold, Ordering::Relaxed);
+        last = now;
+    }
 }
 
 /// Most frames taken from rooms and mailbox in one turn, so one busy
@@ -252,13 +278,15 @@ impl Conn {
             if let Err(end) = step {
                 return end;
             }
-            if std::mem::take(&mut self.fresh) && self.stalled_since.is_none() {
-                // Frames from rooms are waiting. Step aside before writing:
-                // the runtime polls its IO driver and runs the publishers it
-                // wakes, so under load more frames join this write (one
-                // syscall for many frames). Stepping aside again only while
-                // that keeps bringing frames, an idle node pays one extra
-                // poll of latency.
+            let fresh = std::mem::take(&mut self.fresh);
+            let busy = self.ctx.busy.load(Ordering::Relaxed) || self.out.len() > 1;
+            if fresh && self.stalled_since.is_none() && busy {
+                // Frames from rooms are waiting and the node is under load
+                // (or several frames are queued already). Step aside before
+                // writing: the runtime polls its IO driver and runs the
+                // publishers it wakes, so more frames join this write (one
+                // syscall for many frames); again only while that keeps
+                // bringing frames. On a quiet node a frame is written at once.
                 for _ in 0..MAX_YIELDS {
                     let before = self.out.len();
                     tokio::task::yield_now().await;
@@ -582,11 +610,7 @@ mod tests {
     use crate::bus::memory::MemoryBus;
     use crate::bus::Deliver;
 
-    /// Every idle connection is one of these futures: keep it small.
-    #[tokio::test]
-    async fn the_connection_future_stays_small() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+    fn context() -> Arc<Context> {
         let metrics = Arc::new(Metrics::default());
         let rooms = Arc::new(Rooms::new(4));
         let users = Arc::new(Users::new());
@@ -597,7 +621,7 @@ mod tests {
             membership: membership.clone(),
             metrics: metrics.clone(),
         });
-        let ctx = Arc::new(Context {
+        Arc::new(Context {
             rooms,
             users,
             membership,
@@ -608,7 +632,16 @@ mod tests {
             queue_limit: 16,
             shutdown: CancellationToken::new(),
             tasks: tokio_util::task::TaskTracker::new(),
-        });
+            busy: AtomicBool::new(false),
+        })
+    }
+
+    /// Every idle connection is one of these futures: keep it small.
+    #[tokio::test]
+    async fn the_connection_future_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let ctx = context();
         let permit = Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned().unwrap();
         let claims = Claims { sub: UserId::from_u128(1), exp: u64::MAX / 2, chats: vec![] };
         let fut = serve(stream, Bytes::new(), claims, ctx.clone(), permit);
@@ -618,5 +651,26 @@ mod tests {
         drop(fut);
         assert_eq!(ctx.users.len(), 0);
         assert!(size <= 768, "connection future grew to {size} bytes");
+    }
+
+    /// Batching is switched on by load and off again when it passes.
+    #[tokio::test(start_paused = true)]
+    async fn the_node_counts_as_busy_only_while_it_writes_fast() {
+        let ctx = context();
+        let stop = CancellationToken::new();
+        let sensor = tokio::spawn(sense_load(ctx.clone(), stop.clone()));
+        let per_sample = BUSY_FRAMES_PER_SEC * LOAD_SAMPLE.as_millis() as u64 / 1000;
+        for _ in 0..3 {
+            ctx.metrics.frames_out.fetch_add(per_sample * 2, Ordering::Relaxed);
+            tokio::time::sleep(LOAD_SAMPLE).await;
+        }
+        assert!(ctx.busy.load(Ordering::Relaxed), "fast writing marks the node busy");
+        for _ in 0..3 {
+            ctx.metrics.frames_out.fetch_add(per_sample / 2, Ordering::Relaxed);
+            tokio::time::sleep(LOAD_SAMPLE).await;
+        }
+        assert!(!ctx.busy.load(Ordering::Relaxed), "slow writing clears it");
+        stop.cancel();
+        sensor.await.unwrap();
     }
 }
