@@ -46,7 +46,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Server {
     listener: TcpListener,
     app: Arc<App>,
-    /// Tracks HTTP connection tasks (WebSocket tasks are in `app.ctx.tasks`).
+    /// Tracks HTTP connection tasks and the load sampler (WebSocket tasks
+    /// are in `app.ctx.tasks`).
     http_tasks: TaskTracker,
     grace: Duration,
 }
