@@ -17,7 +17,7 @@ use crate::pool::{self, Phase, Spec};
 use crate::procfs::{self, CpuMark};
 use crate::progress::Progress;
 use crate::publish::{self, unix_nanos, Plan};
-use crate::report::{FanoutReport, LatencyUs};
+use crate::report::{ConnectSummary, FanoutReport, LatencyUs};
 use crate::stats::{Local, SeqOutcome, SeqTracker, Shared};
 use crate::target;
 use crate::ws::{Incoming, WsClient};
@@ -178,12 +178,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     Ok(FanoutReport {
         mode: "fanout",
         url: common.url.clone(),
-        conns_requested: args.conns,
-        conns_subscribed: subscribed,
-        connect_errors: shared.connect_errors.load(Relaxed),
-        connect_error_kinds: shared.connect_error_kinds(),
-        connect_secs: connect_time.as_secs_f64(),
-        rooms: args.rooms,
+        connect: ConnectSummary::new(args.conns, args.rooms, &shared, connect_time),
         batch: args.batch,
         rate_target: args.rate,
         warmup_secs: args.warmup.as_secs_f64(),

@@ -16,7 +16,7 @@ use crate::msg::{self, ServerMsg};
 use crate::pool::{self, Phase, Spec};
 use crate::procfs::{self, CpuMark};
 use crate::progress::Progress;
-use crate::report::IdleReport;
+use crate::report::{ConnectSummary, IdleReport};
 use crate::stats::Shared;
 use crate::target;
 use crate::ws::{Incoming, WsClient};
@@ -97,13 +97,8 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<IdleReport> {
     Ok(IdleReport {
         mode: "idle",
         url: common.url.clone(),
-        conns_requested: args.conns,
-        conns_subscribed: subscribed,
-        connect_errors: shared.connect_errors.load(Relaxed),
-        connect_error_kinds: shared.connect_error_kinds(),
-        connect_secs,
+        connect: ConnectSummary::new(args.conns, args.rooms, &shared, connect_time),
         connect_rate_per_sec: subscribed as f64 / connect_secs.max(1e-9),
-        rooms: args.rooms,
         hold_secs: cpu.wall_secs,
         conns_open_at_end: open_at_end,
         close_codes: shared.close_codes(),

@@ -2,9 +2,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
+
+use crate::stats::Shared;
 
 /// Publish -> deliver latency percentiles in microseconds.
 #[derive(Debug, Default, Serialize)]
@@ -35,16 +39,48 @@ impl LatencyUs {
     }
 }
 
+/// How connecting went: common to every mode's report.
 #[derive(Debug, Serialize)]
-pub(crate) struct FanoutReport {
-    pub(crate) mode: &'static str,
-    pub(crate) url: String,
+pub(crate) struct ConnectSummary {
     pub(crate) conns_requested: u32,
     pub(crate) conns_subscribed: u64,
     pub(crate) connect_errors: u64,
     pub(crate) connect_error_kinds: BTreeMap<String, u64>,
     pub(crate) connect_secs: f64,
     pub(crate) rooms: u32,
+}
+
+impl ConnectSummary {
+    pub(crate) fn new(requested: u32, rooms: u32, shared: &Shared, took: Duration) -> Self {
+        ConnectSummary {
+            conns_requested: requested,
+            conns_subscribed: shared.subscribed.load(Relaxed),
+            connect_errors: shared.connect_errors.load(Relaxed),
+            connect_error_kinds: shared.connect_error_kinds(),
+            connect_secs: took.as_secs_f64(),
+            rooms,
+        }
+    }
+
+    /// The connect rows of a human summary; `rate` adds connects per second.
+    fn rows(&self, t: &mut Table, rate: Option<f64>) {
+        t.row("connections subscribed", format!("{} / {}", self.conns_subscribed, self.conns_requested));
+        t.row("connect errors", self.connect_errors);
+        errors(t, &self.connect_error_kinds);
+        match rate {
+            Some(rate) => t.row("connect time", format!("{:.2} s ({rate:.0} conns/s)", self.connect_secs)),
+            None => t.row("connect time", format!("{:.2} s", self.connect_secs)),
+        }
+        t.row("rooms", self.rooms);
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct FanoutReport {
+    pub(crate) mode: &'static str,
+    pub(crate) url: String,
+    #[serde(flatten)]
+    pub(crate) connect: ConnectSummary,
     pub(crate) batch: u32,
     pub(crate) rate_target: u64,
     pub(crate) warmup_secs: f64,
@@ -91,13 +127,9 @@ pub(crate) struct FanoutReport {
 pub(crate) struct IdleReport {
     pub(crate) mode: &'static str,
     pub(crate) url: String,
-    pub(crate) conns_requested: u32,
-    pub(crate) conns_subscribed: u64,
-    pub(crate) connect_errors: u64,
-    pub(crate) connect_error_kinds: BTreeMap<String, u64>,
-    pub(crate) connect_secs: f64,
+    #[serde(flatten)]
+    pub(crate) connect: ConnectSummary,
     pub(crate) connect_rate_per_sec: f64,
-    pub(crate) rooms: u32,
     pub(crate) hold_secs: f64,
     /// Connections still open at the end of the hold.
     pub(crate) conns_open_at_end: u64,
@@ -156,11 +188,7 @@ fn notes(t: &mut Table, notes: &[String]) {
 impl FanoutReport {
     pub(crate) fn human(&self) -> String {
         let mut t = Table(format!("loadgen fanout against {}\n", self.url));
-        t.row("connections subscribed", format!("{} / {}", self.conns_subscribed, self.conns_requested));
-        t.row("connect errors", self.connect_errors);
-        errors(&mut t, &self.connect_error_kinds);
-        t.row("connect time", format!("{:.2} s", self.connect_secs));
-        t.row("rooms", self.rooms);
+        self.connect.rows(&mut t, None);
         t.row("window", format!("{:.1} s after {:.1} s warmup", self.duration_secs, self.warmup_secs));
         let rate = if self.rate_target == 0 { "max".to_owned() } else { format!("{}/s", self.rate_target) };
         t.row("publish", format!("{} requests, batch {}, rate {rate}", self.publish_requests, self.batch));
@@ -216,14 +244,7 @@ impl FanoutReport {
 impl IdleReport {
     pub(crate) fn human(&self) -> String {
         let mut t = Table(format!("loadgen idle against {}\n", self.url));
-        t.row("connections subscribed", format!("{} / {}", self.conns_subscribed, self.conns_requested));
-        t.row("connect errors", self.connect_errors);
-        errors(&mut t, &self.connect_error_kinds);
-        t.row(
-            "connect time",
-            format!("{:.2} s ({:.0} conns/s)", self.connect_secs, self.connect_rate_per_sec),
-        );
-        t.row("rooms", self.rooms);
+        self.connect.rows(&mut t, Some(self.connect_rate_per_sec));
         t.row("held", format!("{:.1} s, {} still open at the end", self.hold_secs, self.conns_open_at_end));
         t.row("server close codes", map(&self.close_codes));
         t.row("server pings answered", self.server_pings_answered);
