@@ -85,16 +85,6 @@ async fn assert_works(gw: &Gateway, c: &mut Client) {
     assert_eq!(c.recv().await["data"], json!({"n":1}));
 }
 
-/// Reads one labelled sample, e.g. `herald_closes_total{code="4001"}`.
-async fn labelled(gw: &Gateway, name: &str, label: &str, value: &str) -> f64 {
-    let (_, text) = gw.get("/metrics").await;
-    let prefix = format!("herald_{name}{{{label}=\"{value}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("metric {prefix} not found in:\n{text}"))
-}
-
 #[tokio::test]
 async fn token_in_query_or_bearer_header_connects() {
     let gw = start(support::config()).await;
@@ -183,7 +173,7 @@ async fn bad_tokens_are_refused_before_the_upgrade_with_a_reason() {
     }
     // Refused before the upgrade: no WebSocket was ever opened.
     assert_eq!(gw.metric("connections_opened_total").await, 0.0);
-    assert_eq!(labelled(&gw, "upgrades_rejected_total", "reason", "auth").await, refused);
+    assert_eq!(gw.labelled("upgrades_rejected_total", "reason", "auth").await, refused);
 }
 
 #[tokio::test]
@@ -312,7 +302,7 @@ async fn origins_are_checked_when_configured() {
     // A prefix of an allowed origin is not that origin.
     let req = with_header(url.as_str().into_client_request().unwrap(), "origin", "https://app.example.evil");
     assert_eq!(gw.refused(req).await, (403, forbidden));
-    assert_eq!(labelled(&gw, "upgrades_rejected_total", "reason", "origin").await, 3.0);
+    assert_eq!(gw.labelled("upgrades_rejected_total", "reason", "origin").await, 3.0);
 
     let req = with_header(url.as_str().into_client_request().unwrap(), "origin", "https://admin.example");
     let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("allowed origin upgrades");
@@ -330,7 +320,7 @@ async fn connection_limit_sheds_with_503_and_recovers() {
 
     let req = gw.ws_url(&support::token(user(), &[])).into_client_request().unwrap();
     assert_eq!(gw.refused(req).await, (503, json!({"error": "too many connections"})));
-    assert_eq!(labelled(&gw, "upgrades_rejected_total", "reason", "limit").await, 1.0);
+    assert_eq!(gw.labelled("upgrades_rejected_total", "reason", "limit").await, 1.0);
     // The refusal did not disturb the connections that hold the slots.
     assert_works(&gw, &mut second).await;
 
@@ -355,7 +345,7 @@ async fn token_expiry_while_connected_closes_with_4001() {
     drop(c);
     gw.wait_metric("connections", 0.0).await;
     gw.wait_metric("subscriptions", 0.0).await;
-    assert_eq!(labelled(&gw, "closes_total", "code", "4001").await, 1.0);
+    assert_eq!(gw.labelled("closes_total", "code", "4001").await, 1.0);
 }
 
 #[tokio::test]

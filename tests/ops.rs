@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use herald::protocol::{ChatId, UserId};
 use serde_json::{json, Value};
-use support::{message_sent, start, Client, Gateway, API_KEY, PATIENCE};
+use support::{message_sent, start, Client, API_KEY, PATIENCE};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -46,16 +46,6 @@ async fn publish_to(addr: SocketAddr, key: &str, body: &str) -> (u16, Value) {
     );
     let (status, _, body) = http(addr, request.as_bytes()).await;
     (status, serde_json::from_str(&body).unwrap_or(Value::Null))
-}
-
-/// Reads one labelled sample, e.g. `herald_closes_total{code="1000"}`.
-async fn labelled(gw: &Gateway, name: &str, label: &str, value: &str) -> f64 {
-    let (_, text) = gw.get("/metrics").await;
-    let prefix = format!("herald_{name}{{{label}=\"{value}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("metric {prefix} not found in:\n{text}"))
 }
 
 /// Closes a client the way a well-behaved one does: close frame, wait for
@@ -110,10 +100,10 @@ async fn healthz_and_prometheus_metrics_are_served() {
     }
     assert_eq!(gw.metric("bus_up").await, 1.0);
     for code in ["bad_request", "unknown_type", "forbidden", "too_many_subscriptions", "rate_limited"] {
-        assert_eq!(labelled(&gw, "client_errors_total", "code", code).await, 0.0);
+        assert_eq!(gw.labelled("client_errors_total", "code", code).await, 0.0);
     }
     for code in ["1000", "1001", "1008", "1009", "4001", "4008"] {
-        assert_eq!(labelled(&gw, "closes_total", "code", code).await, 0.0);
+        assert_eq!(gw.labelled("closes_total", "code", code).await, 0.0);
     }
 }
 
@@ -144,7 +134,7 @@ async fn metrics_follow_connections_and_a_graceful_disconnect_cleans_up() {
     // An error reply is counted by its code.
     c.send(r#"{"type":"dance"}"#).await;
     assert_eq!(c.recv().await["code"], "unknown_type");
-    assert_eq!(labelled(&gw, "client_errors_total", "code", "unknown_type").await, 1.0);
+    assert_eq!(gw.labelled("client_errors_total", "code", "unknown_type").await, 1.0);
 
     close_properly(a).await;
     gw.wait_metric("subscriptions", 2.0).await;
@@ -155,7 +145,7 @@ async fn metrics_follow_connections_and_a_graceful_disconnect_cleans_up() {
         gw.wait_metric(gauge, 0.0).await;
     }
     assert_eq!(gw.metric("connections_closed_total").await, 3.0);
-    assert_eq!(labelled(&gw, "closes_total", "code", "1000").await, 3.0);
+    assert_eq!(gw.labelled("closes_total", "code", "1000").await, 3.0);
 }
 
 #[tokio::test]

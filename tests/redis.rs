@@ -466,6 +466,22 @@ async fn mark_settled(redis: &RedisServer) {
     let _: () = redis::cmd("SET").arg("herald:boot").arg(0).query_async(&mut conn).await.expect("SET");
 }
 
+/// Two nodes on a settled Redis, both with `membership`.
+async fn two_nodes(redis: &RedisServer, membership: Membership) -> (Gateway, Gateway) {
+    mark_settled(redis).await;
+    (gateway(redis, membership).await, gateway(redis, membership).await)
+}
+
+/// One client per node, both subscribed to a new chat.
+async fn subscribed_on_both(a: &Gateway, b: &Gateway) -> (uuid::Uuid, support::Client, support::Client) {
+    let chat = id();
+    let mut on_a = a.connect(id(), &[]).await;
+    let mut on_b = b.connect(id(), &[]).await;
+    on_a.subscribe(chat).await;
+    on_b.subscribe(chat).await;
+    (chat, on_a, on_b)
+}
+
 async fn gateway(redis: &RedisServer, membership: Membership) -> Gateway {
     let mut config = support::config();
     config.bus = BusConfig { kind: BusKind::Redis, redis_url: redis.url() };
@@ -490,13 +506,8 @@ async fn http_publish_eventually(gw: &Gateway, body: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_clients_on_both_nodes_see_an_event_with_the_same_seq() {
     let Some(redis) = RedisServer::start() else { return };
-    mark_settled(&redis).await;
-    let (a, b) = (gateway(&redis, Membership::Open).await, gateway(&redis, Membership::Open).await);
-    let chat = id();
-    let mut on_a = a.connect(id(), &[]).await;
-    let mut on_b = b.connect(id(), &[]).await;
-    on_a.subscribe(chat).await;
-    on_b.subscribe(chat).await;
+    let (a, b) = two_nodes(&redis, Membership::Open).await;
+    let (chat, mut on_a, mut on_b) = subscribed_on_both(&a, &b).await;
 
     // Raw text: `data` must cross Redis byte for byte (key order, `1.50`).
     let raw = format!(r#"{{"type":"message.sent","chat_id":"{chat}","data":{{"text":"from b","n":1.50}}}}"#);
@@ -520,8 +531,7 @@ async fn e2e_clients_on_both_nodes_see_an_event_with_the_same_seq() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_notifications_cross_nodes() {
     let Some(redis) = RedisServer::start() else { return };
-    mark_settled(&redis).await;
-    let (a, b) = (gateway(&redis, Membership::Open).await, gateway(&redis, Membership::Open).await);
+    let (a, b) = two_nodes(&redis, Membership::Open).await;
     let (alice, bob) = (id(), id());
     let mut alice_on_a = a.connect(alice, &[]).await;
     let mut bob_on_b = b.connect(bob, &[]).await;
@@ -538,8 +548,7 @@ async fn e2e_notifications_cross_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_membership_removal_on_one_node_unsubscribes_a_client_on_the_other() {
     let Some(redis) = RedisServer::start() else { return };
-    mark_settled(&redis).await;
-    let (a, b) = (gateway(&redis, Membership::Events).await, gateway(&redis, Membership::Events).await);
+    let (a, b) = two_nodes(&redis, Membership::Events).await;
     let (user, chat) = (id(), id());
     let added = json!({"type":"chat.member_added","chat_id":chat,"user_id":user}).to_string();
     assert_eq!(b.publish(&added).await.0, 202);
@@ -568,13 +577,8 @@ async fn e2e_membership_removal_on_one_node_unsubscribes_a_client_on_the_other()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_redis_restart_keeps_clients_connected_and_seq_growing() {
     let Some(mut redis) = RedisServer::start() else { return };
-    mark_settled(&redis).await;
-    let (a, b) = (gateway(&redis, Membership::Open).await, gateway(&redis, Membership::Open).await);
-    let chat = id();
-    let mut on_a = a.connect(id(), &[]).await;
-    let mut on_b = b.connect(id(), &[]).await;
-    on_a.subscribe(chat).await;
-    on_b.subscribe(chat).await;
+    let (a, b) = two_nodes(&redis, Membership::Open).await;
+    let (chat, mut on_a, mut on_b) = subscribed_on_both(&a, &b).await;
     for n in 1..=3 {
         assert_eq!(b.publish(&support::message_sent(chat, &json!({ "n": n }))).await.0, 202);
     }

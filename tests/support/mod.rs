@@ -120,12 +120,20 @@ impl Gateway {
 
     /// Reads one unlabelled metric (`herald_<name>`) from `/metrics`.
     pub async fn metric(&self, name: &str) -> f64 {
+        self.sample(&format!("herald_{name} ")).await
+    }
+
+    /// Reads one labelled sample, e.g. `herald_closes_total{code="4001"}`.
+    pub async fn labelled(&self, name: &str, label: &str, value: &str) -> f64 {
+        self.sample(&format!("herald_{name}{{{label}=\"{value}\"}} ")).await
+    }
+
+    async fn sample(&self, prefix: &str) -> f64 {
         let (_, text) = self.get("/metrics").await;
-        let prefix = format!("herald_{name} ");
         text.lines()
-            .find_map(|l| l.strip_prefix(&prefix))
+            .find_map(|l| l.strip_prefix(prefix))
             .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("metric {name} not found in:\n{text}"))
+            .unwrap_or_else(|| panic!("metric {prefix} not found in:\n{text}"))
     }
 
     /// Waits until a metric reaches `want`.
