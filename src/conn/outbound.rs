@@ -153,6 +153,38 @@ mod tests {
         Ok(())
     }
 
+    /// Frames too big to gather go out with `writev`, still in order and
+    /// complete, across however many writes the socket needs.
+    #[tokio::test]
+    async fn large_frames_are_written_whole_and_in_order() -> TestResult {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
+        let (server, _) = listener.accept().await?;
+        let sizes = [10, GATHER_BYTES + 1, 10, 3 * GATHER_BYTES, 7];
+        let mut out = Outbound::default();
+        for (i, size) in sizes.iter().enumerate() {
+            out.push(Bytes::from(vec![i as u8; *size]));
+        }
+        let total: usize = sizes.iter().sum();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; total];
+            client.read_exact(&mut got).await.map(|_| got)
+        });
+        let mut frames = 0;
+        while !out.is_empty() {
+            server.writable().await?;
+            frames += out.flush(&server)?.frames;
+        }
+        assert_eq!(frames, sizes.len() as u64);
+        let got = reader.await??;
+        let mut at = 0;
+        for (i, size) in sizes.iter().enumerate() {
+            assert!(got[at..at + size].iter().all(|b| *b == i as u8), "frame {i} intact and in place");
+            at += size;
+        }
+        Ok(())
+    }
+
     #[test]
     fn partial_writes_resume_mid_frame() {
         let mut out = Outbound::default();
