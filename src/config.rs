@@ -130,13 +130,27 @@ impl Default for WebSocketConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoomsConfig {
-    /// Frames a room holds for its slowest reader before 4008.
+    /// Frames a room's live ring holds: the fast path. A reader that lags
+    /// it continues from the room's history (see ARCHITECTURE.md for why
+    /// the default is small).
     pub buffer: usize,
+    /// Recent events each room keeps for recovery and catch-up.
+    pub history_size: usize,
+    /// How long an event stays in history.
+    #[serde(with = "humantime_serde")]
+    pub history_ttl: Duration,
+    /// Frame bytes all rooms' histories may hold together (extension).
+    pub history_bytes: usize,
 }
 
 impl Default for RoomsConfig {
     fn default() -> Self {
-        RoomsConfig { buffer: 1024 }
+        RoomsConfig {
+            buffer: 16,
+            history_size: 100,
+            history_ttl: Duration::from_secs(300),
+            history_bytes: 64 << 20,
+        }
     }
 }
 
@@ -226,6 +240,7 @@ impl Config {
             ("websocket.max_subscriptions", ws.max_subscriptions),
             ("websocket.user_queue", ws.user_queue),
             ("rooms.buffer", self.rooms.buffer),
+            ("rooms.history_size", self.rooms.history_size),
             ("server.max_connections", self.server.max_connections),
             ("server.max_body_bytes", self.server.max_body_bytes),
         ];
@@ -242,6 +257,20 @@ impl Config {
             if value.is_zero() {
                 return Err(key_error(key, "must be longer than 0s"));
             }
+        }
+        let rooms = &self.rooms;
+        for (key, value, max) in
+            [("rooms.buffer", rooms.buffer, 1 << 16), ("rooms.history_size", rooms.history_size, 100_000)]
+        {
+            if value > max {
+                return Err(key_error(key, format!("must be at most {max}")));
+            }
+        }
+        if rooms.history_ttl.is_zero() || rooms.history_ttl > Duration::from_secs(7 * 86_400) {
+            return Err(key_error("rooms.history_ttl", "must be longer than 0s and at most 7 days"));
+        }
+        if rooms.history_bytes < 1 << 16 {
+            return Err(key_error("rooms.history_bytes", "must be at least 65536"));
         }
         if ws.pong_wait <= ws.ping_interval {
             return Err(key_error("websocket.pong_wait", "must be longer than websocket.ping_interval"));
@@ -338,7 +367,9 @@ mod tests {
         assert_eq!(c.websocket.pong_wait, Duration::from_secs(60));
         assert_eq!(c.websocket.write_wait, Duration::from_secs(10));
         assert_eq!(c.websocket.max_message_size, 65536);
-        assert_eq!(c.rooms.buffer, 1024);
+        assert_eq!(c.rooms.buffer, 16);
+        assert_eq!(c.rooms.history_size, 100);
+        assert_eq!(c.rooms.history_ttl, Duration::from_secs(300));
         assert_eq!(c.bus.kind, BusKind::Memory);
         assert_eq!(c.auth.membership, Membership::Token);
         Ok(())
@@ -394,6 +425,9 @@ bus:
         assert!(err("websocket:\n  pong_wait: soon\n", &[]).contains("websocket.pong_wait"));
         assert!(err("rooms:\n  buffer: -3\n", &[]).contains("rooms.buffer"));
         assert!(err("rooms:\n  buffer: 0\n", &[]).contains("rooms.buffer"));
+        assert!(err("rooms:\n  history_size: 1000000\n", &[]).contains("rooms.history_size"));
+        assert!(err("rooms:\n  history_ttl: 0s\n", &[]).contains("rooms.history_ttl"));
+        assert!(err("rooms:\n  history_bytes: 10\n", &[]).contains("rooms.history_bytes"));
         assert!(err("bogus: 1\n", &[]).contains("bogus"));
         assert!(
             err("", &[("HERALD_WEBSOCKET__MAX_MESSAGE_SIZE", "big")]).contains("websocket.max_message_size")

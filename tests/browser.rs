@@ -141,7 +141,7 @@ async fn a_browser_subscribes_and_receives_events_live() {
         .spawn()
         .expect("chromium starts");
 
-    assert_eq!(next_report(&mut reports).await, json!({"type":"subscribed","chat_id":chat}));
+    assert_eq!(next_report(&mut reports).await, json!({"type":"subscribed","chat_id":chat,"seq":0}));
     let data = json!({"content":"Hello from Herald","n":1});
     assert_eq!(gw.publish(&support::message_sent(chat, &data)).await.0, 202);
     assert_eq!(

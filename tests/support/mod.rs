@@ -198,11 +198,26 @@ impl Client {
         }
     }
 
-    /// Subscribes and waits for the `subscribed` reply.
-    pub async fn subscribe(&mut self, chat: ChatId) {
+    /// Subscribes and waits for the `subscribed` reply; returns the room's
+    /// position (`seq`) it carries.
+    pub async fn subscribe(&mut self, chat: ChatId) -> u64 {
         self.send_json(serde_json::json!({"type":"subscribe","chat_id":chat})).await;
         let reply = self.recv().await;
-        assert_eq!(reply, serde_json::json!({"type":"subscribed","chat_id":chat}));
+        let seq = reply["seq"].as_u64().unwrap_or_else(|| panic!("subscribed without seq: {reply}"));
+        assert_eq!(reply, serde_json::json!({"type":"subscribed","chat_id":chat,"seq":seq}));
+        seq
+    }
+
+    /// Subscribes with `since`; returns the room's position and whether the
+    /// server recovered (its `recovered` field).
+    pub async fn subscribe_since(&mut self, chat: ChatId, since: u64) -> (u64, bool) {
+        self.send_json(serde_json::json!({"type":"subscribe","chat_id":chat,"since":since})).await;
+        let reply = self.recv().await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        assert_eq!(reply["chat_id"], chat.to_string(), "{reply}");
+        let seq = reply["seq"].as_u64().unwrap_or_else(|| panic!("subscribed without seq: {reply}"));
+        let recovered = reply["recovered"].as_bool().unwrap_or_else(|| panic!("no recovered: {reply}"));
+        (seq, recovered)
     }
 
     /// Asserts nothing but pings arrives for `wait`.
