@@ -205,6 +205,15 @@ impl Rooms {
 
     fn keep(&self, room: &Room, seq: u64, bytes: &Bytes) {
         let len = bytes.len();
+        if len > self.limits.bytes {
+            return;
+        }
+        if self.held_bytes.load(Ordering::Relaxed) + len > self.limits.bytes {
+            // Over the node-wide budget: the globally oldest frames go, down
+            // to 90% so the next publishes do not pay for this again. The
+            // room's own lock is not held meanwhile (shedding locks others).
+            self.shed((self.limits.bytes / 10 * 9).saturating_sub(len));
+        }
         let mut held = room.held();
         if held.back().is_some_and(|h| h.seq >= seq) {
             // An older or repeated seq: history holds each seq once, in order.
@@ -215,17 +224,8 @@ impl Rooms {
             // a contiguous run, so start again from this one.
             self.evict(&mut held, usize::MAX);
         }
-        // Bounded by count, and node-wide by bytes: over budget, the room
-        // being published gives up its own oldest frames first (the sweeper
-        // rebalances across rooms).
         let over = held.len() + 1 > self.limits.size;
         self.evict(&mut held, usize::from(over));
-        while self.held_bytes.load(Ordering::Relaxed) + len > self.limits.bytes && !held.is_empty() {
-            self.evict(&mut held, 1);
-        }
-        if len > self.limits.bytes {
-            return;
-        }
         held.push_back(Held { seq, at: Instant::now(), bytes: bytes.clone() });
         self.held_frames.fetch_add(1, Ordering::Relaxed);
         self.held_bytes.fetch_add(len, Ordering::Relaxed);
@@ -240,30 +240,39 @@ impl Rooms {
         }
     }
 
-    /// Drops history older than the TTL, rebalances the byte budget (when
-    /// more than 90% is used, the globally oldest frames go first), and
-    /// removes rooms left with neither history nor subscribers.
+    /// Drops history older than the TTL, keeps the byte budget at most 90%
+    /// used, and removes rooms left with neither history nor subscribers.
     pub fn sweep(&self, now: Instant) {
-        let mut oldest: BinaryHeap<Reverse<(Instant, ChatId)>> = BinaryHeap::new();
         for entry in self.rooms.iter() {
             let mut held = entry.value().held();
             let expired = held.iter().take_while(|h| now.duration_since(h.at) >= self.limits.ttl).count();
             self.evict(&mut held, expired);
-            if let Some(front) = held.front() {
+        }
+        self.shed(self.limits.bytes / 10 * 9);
+        self.rooms.retain(|_, room| room.subscribers() > 0 || !room.held().is_empty());
+    }
+
+    /// Evicts the node's oldest frames, whatever their room, until at most
+    /// `target` bytes are held.
+    fn shed(&self, target: usize) {
+        if self.held_bytes.load(Ordering::Relaxed) <= target {
+            return;
+        }
+        let mut oldest: BinaryHeap<Reverse<(Instant, ChatId)>> = BinaryHeap::new();
+        for entry in self.rooms.iter() {
+            if let Some(front) = entry.value().held().front() {
                 oldest.push(Reverse((front.at, *entry.key())));
             }
         }
-        let target = self.limits.bytes / 10 * 9;
         while self.held_bytes.load(Ordering::Relaxed) > target {
             let Some(Reverse((_, chat))) = oldest.pop() else { break };
-            let Some(room) = self.rooms.get(&chat).map(|r| r.clone()) else { continue };
+            let Some(room) = self.get(chat) else { continue };
             let mut held = room.held();
             self.evict(&mut held, 1);
             if let Some(front) = held.front() {
                 oldest.push(Reverse((front.at, chat)));
             }
         }
-        self.rooms.retain(|_, room| room.subscribers() > 0 || !room.held().is_empty());
     }
 
     /// The room, if this node has it.
@@ -519,18 +528,15 @@ mod tests {
         assert_eq!(read_all(&room_a, 2), Ok(vec![3, 4, 5]));
         assert_eq!(read_all(&room_a, 1), Err(Evicted { oldest: 3 }), "count bound");
         assert!(!room_a.covers(1, 5));
-        // 8 bytes a frame, 40 bytes node-wide: over budget, the publishing
-        // room gives up its own oldest frame at once...
+        // 8 bytes a frame, 40 bytes node-wide: over budget, the node's
+        // oldest frames (room a's) go first, down to 90% of the budget.
         for seq in 1..=3 {
             rooms.publish(b, seq, frame(seq));
         }
-        assert_eq!(rooms.held_bytes(), 40);
-        assert_eq!(read_all(&rooms.get(b).unwrap(), 1), Ok(vec![2, 3]));
-        // ...and the sweep brings the node under 90% by the globally oldest.
-        rooms.sweep(Instant::now());
         assert_eq!(rooms.held_bytes(), 32);
-        assert_eq!(read_all(&room_a, 3), Ok(vec![4, 5]));
-        assert_eq!(read_all(&room_a, 2), Err(Evicted { oldest: 4 }));
+        assert_eq!(read_all(&rooms.get(b).unwrap(), 0), Ok(vec![1, 2, 3]));
+        assert_eq!(read_all(&room_a, 4), Ok(vec![5]));
+        assert_eq!(read_all(&room_a, 2), Err(Evicted { oldest: 5 }));
         rooms.sweep(Instant::now() + Duration::from_secs(6));
         assert_eq!((rooms.held_frames(), rooms.held_bytes()), (0, 0), "age bound");
     }

@@ -265,7 +265,18 @@ pub struct RawClient {
 
 impl RawClient {
     pub async fn connect(addr: SocketAddr, token: &str) -> RawClient {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        RawClient::handshake(TcpStream::connect(addr).await.expect("connect"), token).await
+    }
+
+    /// Connects with a small socket receive buffer: a reader the server can
+    /// stall by writing more than that while the client does not read.
+    pub async fn connect_small(addr: SocketAddr, token: &str, recv_buffer: u32) -> RawClient {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(recv_buffer).expect("SO_RCVBUF");
+        RawClient::handshake(socket.connect(addr).await.expect("connect"), token).await
+    }
+
+    async fn handshake(mut stream: TcpStream, token: &str) -> RawClient {
         let req = format!(
             "GET /ws?token={token} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -309,6 +320,18 @@ impl RawClient {
         let mut payload = vec![0u8; len];
         self.stream.read_exact(&mut payload).await.ok()?;
         Some((head[0], payload))
+    }
+
+    /// Reads one text frame as JSON; None at a close frame or the end.
+    pub async fn read_json(&mut self) -> Option<Value> {
+        loop {
+            let (first, payload) = self.read_frame().await?;
+            match first & 0x0f {
+                0x1 => return Some(serde_json::from_slice(&payload).expect("text frames are JSON")),
+                0x8 => return None,
+                _ => {}
+            }
+        }
     }
 
     /// Reads frames until a close frame; returns its code.
