@@ -13,12 +13,14 @@
 //! - [`http`]: `/ws`, `/api/events`, `/healthz`, `/metrics`.
 //! - [`server`]: accept loop, limits and graceful drain.
 //! - [`metrics`]: counters and their Prometheus rendering.
+//! - [`demo`]: what the embedded default generates for a run, and its banner.
 
 pub mod auth;
 pub mod broadcast;
 pub mod bus;
 pub mod config;
 pub mod conn;
+pub mod demo;
 pub mod http;
 pub mod membership;
 pub mod metrics;

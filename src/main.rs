@@ -3,11 +3,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context as _;
-use herald::config::{Config, Membership};
-use herald::protocol::{ChatId, UserId};
+use herald::config::Config;
+use herald::demo::Demo;
 use herald::server::Server;
 use tokio_util::sync::CancellationToken;
 
@@ -57,95 +56,23 @@ fn run() -> anyhow::Result<()> {
         }
     }
     let mut config = Config::load(path.as_deref(), std::env::vars())?;
-    let demo = fill_ephemeral_secrets(&mut config);
+    let demo = Demo::prepare(&mut config)?;
+    if demo.is_some() {
+        tracing::warn!("no auth.jwt_secret / api.keys configured: using random ones for this run only");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let server = Server::bind(config.clone()).await?;
         let addr = server.local_addr();
         tracing::info!(%addr, bus = ?config.bus.kind, membership = ?config.auth.membership, "herald listening");
         if let Some(demo) = demo {
-            print_demo(&config, addr, &demo);
+            println!("{}", demo.banner(&config, addr));
         }
         let shutdown = CancellationToken::new();
         tokio::spawn(signal(shutdown.clone()));
         server.run(shutdown).await;
         Ok(())
     })
-}
-
-/// What the embedded default generated for this run.
-struct Demo {
-    secret: String,
-    /// False when the secret came from the config: then it is not printed.
-    secret_generated: bool,
-    api_key: String,
-}
-
-/// Without a configured key, generates a JWT secret and an API key for this
-/// run. `Config::validate` has already refused this on non-loopback addresses.
-fn fill_ephemeral_secrets(config: &mut Config) -> Option<Demo> {
-    let no_jwt_key = config.auth.jwt_secret.is_none() && config.auth.jwt_public_key_file.is_none();
-    if !no_jwt_key && !config.api.keys.is_empty() {
-        return None;
-    }
-    if no_jwt_key {
-        config.auth.jwt_secret = Some(random_hex(32));
-    }
-    if config.api.keys.is_empty() {
-        config.api.keys.push(random_hex(24));
-    }
-    tracing::warn!("no auth.jwt_secret / api.keys configured: using random ones for this run only");
-    let secret = config.auth.jwt_secret.clone()?;
-    Some(Demo { secret, secret_generated: no_jwt_key, api_key: config.api.keys[0].clone() })
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    if getrandom::fill(&mut buf).is_err() {
-        // ok: without OS randomness there is no safe secret to make.
-        panic!("the OS random number generator is unavailable");
-    }
-    buf.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn print_demo(config: &Config, addr: std::net::SocketAddr, demo: &Demo) {
-    let user = UserId::new_v4();
-    let chat = ChatId::new_v4();
-    let token = herald::auth::mint_hs256(&demo.secret, user, &[chat], Duration::from_secs(24 * 3600));
-    let membership_note = match config.auth.membership {
-        Membership::Token => "the token's `chats` claim lets it subscribe to the demo chat",
-        Membership::Events => "membership: events -- publish chat.member_added for this user first",
-        Membership::Open => "membership: open -- any chat may be subscribed",
-    };
-    println!(
-        r#"
-Herald is running on the embedded default (in-memory bus, secrets for this run only).
-
-  JWT secret (HS256): {secret}
-  API key:            {key}
-  demo user:          {user}
-  demo chat:          {chat}
-  demo token (24 h):  {token}
-  ({membership_note})
-
-Connect (websocat):
-  websocat 'ws://{addr}/ws?token={token}'
-  then send: {{"type":"subscribe","chat_id":"{chat}"}}
-
-Or in a browser console:
-  const ws = new WebSocket('ws://{addr}/ws?token={token}');
-  ws.onmessage = (e) => console.log(e.data);
-  ws.onopen = () => ws.send(JSON.stringify({{type: 'subscribe', chat_id: '{chat}'}}));
-
-Publish a message:
-  curl -sS -X POST http://{addr}/api/events \
-    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \
-    -d '{{"type":"message.sent","chat_id":"{chat}","data":{{"id":"{msg}","content":"Hello!","sender_id":"{user}","created_at":"2026-01-15T10:30:00Z"}}}}'
-"#,
-        secret = if demo.secret_generated { demo.secret.as_str() } else { "(configured)" },
-        key = demo.api_key,
-        msg = uuid::Uuid::new_v4(),
-    );
 }
 
 async fn signal(shutdown: CancellationToken) {
