@@ -1,61 +1,71 @@
-//! The `herald` binary: parse the command line, load the config, start the
-//! node, and stop it on Ctrl-C or SIGTERM.
+//! The `herald` binary: parse the command line, load the config, start
+//! tracing, and hand over to the library: serve until Ctrl-C or SIGTERM, or
+//! run one operator command and print its result.
 
-use std::path::PathBuf;
+use std::io::{IsTerminal as _, Read as _};
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use herald::config::Config;
+use clap::Parser as _;
+use herald::cmd::{self, check_config, init, token, Cli, Command};
+use herald::config::{Config, LogConfig, LogFormat};
 use herald::demo::Demo;
 use herald::server::Server;
 use tokio_util::sync::CancellationToken;
-
-const USAGE: &str = "\
-herald: realtime WebSocket fan-out gateway
-
-USAGE:
-    herald [--config <FILE>]
-
-With no --config, Herald runs on its embedded default: 127.0.0.1:8080, the
-in-memory bus, and a random JWT secret and API key printed for this run.
-Every config key can be set with HERALD_<SECTION>__<KEY>, e.g.
-HERALD_AUTH__JWT_SECRET or HERALD_WEBSOCKET__PING_INTERVAL=30s.
-Logs: RUST_LOG=herald=debug.";
+use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
+    match run(Cli::parse().into_command()) {
+        Ok(code) => code,
         Err(e) => {
-            eprintln!("herald: {e:#}");
+            eprintln!("herald: {}", cmd::describe(e.as_ref()));
             ExitCode::FAILURE
         }
     }
 }
 
-fn run() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let mut path: Option<PathBuf> = None;
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "-c" | "--config" => path = Some(args.next().context("--config needs a file path")?.into()),
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return Ok(());
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve(args) => serve(load(args.config.as_deref())?)?,
+        Command::Token(args) => {
+            let config = load(args.config.config.as_deref())?;
+            println!("{}", token::mint(&config.auth, args.sub, &args.chats, args.ttl)?);
+        }
+        Command::CheckToken(args) => {
+            let config = load(args.config.config.as_deref())?;
+            let jwt = if args.token == "-" {
+                let mut s = String::new();
+                std::io::stdin().read_to_string(&mut s).context("reading the token from stdin")?;
+                s
+            } else {
+                args.token
+            };
+            let verdict = token::check(&config.auth, &jwt)?;
+            println!("{verdict}");
+            if !matches!(verdict, token::Verdict::Accepted(_)) {
+                return Ok(ExitCode::FAILURE);
             }
-            "-V" | "--version" => {
-                println!("herald {}", env!("CARGO_PKG_VERSION"));
-                return Ok(());
-            }
-            other => anyhow::bail!("unknown argument {other:?}\n\n{USAGE}"),
+        }
+        Command::CheckConfig(args) => {
+            print!("{}", check_config::check(&load(args.config.as_deref())?)?);
+        }
+        Command::Init(args) => {
+            init::write(&args.path)?;
+            let path = args.path.display();
+            println!("wrote {path} with a fresh JWT secret and API key\n  start:  herald --config {path}");
         }
     }
-    let mut config = Config::load(path.as_deref(), std::env::vars())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The one loader, with the process environment's `HERALD_*` overrides.
+fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+    Ok(Config::load(path, std::env::vars())?)
+}
+
+fn serve(mut config: Config) -> anyhow::Result<()> {
+    init_tracing(&config.log)?;
     let demo = Demo::prepare(&mut config)?;
     if demo.is_some() {
         tracing::warn!("no auth.jwt_secret / api.keys configured: using random ones for this run only");
@@ -73,6 +83,23 @@ fn run() -> anyhow::Result<()> {
         server.run(shutdown).await;
         Ok(())
     })
+}
+
+/// Logs go to stderr, coloured only when it is a terminal (never into a
+/// file or a collector). `RUST_LOG`, when set, wins over `log.level`.
+fn init_tracing(log: &LogConfig) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.is_empty() => {
+            EnvFilter::builder().parse(&directives).context("RUST_LOG is not a valid log filter")?
+        }
+        _ => EnvFilter::builder().parse(&log.level).context("log.level")?,
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    Ok(())
 }
 
 async fn signal(shutdown: CancellationToken) {
