@@ -48,7 +48,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::CheckConfig(args) => {
-            print!("{}", check_config::check(&load(args.config.as_deref())?)?);
+            let config = load(args.config.config.as_deref())?;
+            print!("{}", check_config::check(&config)?);
+            if args.connect {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                println!("# {}", runtime.block_on(check_config::connect(&config))?);
+            }
         }
         Command::Init(args) => {
             init::write(&args.path)?;

@@ -1,8 +1,8 @@
 //! The operator commands as real processes: `herald token` mints what `/ws`
 //! accepts, `herald check-token` agrees with `/ws` on good and bad tokens,
-//! `herald check-config` names bad keys and masks secrets, `herald init`
-//! writes a config a node serves from, and logs are plain text or JSON
-//! lines when piped.
+//! `herald check-config` names bad keys, masks secrets and (with
+//! `--connect`) reaches Redis, `herald init` writes a config a node serves
+//! from, and logs are plain text or JSON lines when piped.
 
 mod support;
 
@@ -351,4 +351,22 @@ async fn help_lists_the_subcommands() {
     for command in ["serve", "token", "check-token", "check-config", "init"] {
         assert!(out.contains(&format!("\n  {command} ")), "{command} missing from:\n{out}");
     }
+}
+
+#[tokio::test]
+async fn check_config_connect_pings_redis() {
+    let dead = free_addr();
+    let down = TempConfig::new(&format!("bus:\n  kind: redis\n  redis_url: redis://:pw-0123456789@{dead}\n"));
+    let (ok, _, err) =
+        run(herald().arg("check-config").arg("--connect").arg("--config").arg(&down.path)).await;
+    assert!(!ok, "no Redis listens on {dead}");
+    assert!(err.contains(&format!("bus.redis_url redis://:***@{dead}")), "{err}");
+    assert!(!err.contains("pw-0123456789"), "{err}");
+
+    let Some(redis) = support::redis::RedisServer::start() else { return };
+    let up = TempConfig::new(&format!("bus:\n  kind: redis\n  redis_url: {}\n", redis.url()));
+    let (ok, out, err) =
+        run(herald().arg("check-config").arg("--connect").arg("--config").arg(&up.path)).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("answers PING"), "{out}");
 }

@@ -1,9 +1,15 @@
 //! `herald check-config`: checks what `Config::load` cannot (the public key
 //! file parses) and renders the effective config as YAML with every secret
-//! masked, so it can be pasted into a bug report.
+//! masked, so it can be pasted into a bug report. With `--connect` it also
+//! asks the configured Redis for a PING.
+
+use std::time::Duration;
 
 use crate::auth::{KeyError, Verifier};
-use crate::config::Config;
+use crate::config::{BusKind, Config};
+
+/// How long `--connect` waits for Redis to answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The config loaded but cannot be shown or used.
 #[derive(Debug, thiserror::Error)]
@@ -12,6 +18,8 @@ pub enum CheckError {
     Key(#[from] KeyError),
     #[error("cannot render the effective config: {0}")]
     Render(String),
+    #[error("bus.redis_url {url}: {message}")]
+    Redis { url: String, message: String },
 }
 
 /// Checks `config` beyond `Config::load` without binding or connecting, and
@@ -30,6 +38,26 @@ pub fn check(config: &Config) -> Result<String, CheckError> {
         notes.push_str("# no api.keys: each run makes a random API key\n");
     }
     Ok(format!("# effective config (file + HERALD_* environment + defaults); secrets masked\n{notes}{yaml}"))
+}
+
+/// `--connect`: PINGs the configured Redis (password masked in any error);
+/// says so when the bus is in memory and there is nothing to reach.
+pub async fn connect(config: &Config) -> Result<String, CheckError> {
+    if config.bus.kind != BusKind::Redis {
+        return Ok("bus.kind is memory: nothing to connect to".into());
+    }
+    let url = mask_url_password(&config.bus.redis_url);
+    let fail = |message: String| CheckError::Redis { url: url.clone(), message };
+    let ping = async {
+        let client = redis::Client::open(config.bus.redis_url.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, ping).await {
+        Ok(Ok(_)) => Ok(format!("redis at {url} answers PING")),
+        Ok(Err(e)) => Err(fail(e.to_string())),
+        Err(_) => Err(fail(format!("no answer within {}", humantime::format_duration(CONNECT_TIMEOUT)))),
+    }
 }
 
 /// A copy with the JWT secret, every API key and a Redis password masked.

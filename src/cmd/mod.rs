@@ -60,8 +60,8 @@ pub enum Command {
     CheckToken(CheckTokenArgs),
     /// Load and validate a config (file + HERALD_* env) and print it, secrets masked.
     ///
-    /// Binds no port and touches no Redis. Exits non-zero naming the bad key.
-    CheckConfig(ConfigArgs),
+    /// Binds no port and touches no Redis unless --connect. Exits non-zero naming the bad key.
+    CheckConfig(CheckConfigArgs),
     /// Write a complete, commented starter config with fresh random secrets.
     Init(InitArgs),
 }
@@ -94,6 +94,15 @@ pub struct CheckTokenArgs {
     pub config: ConfigArgs,
     /// The token (JWT); `-` reads it from standard input.
     pub token: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckConfigArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Also check that the configured Redis answers (bus.kind: redis).
+    #[arg(long)]
+    pub connect: bool,
 }
 
 #[derive(Debug, Clone, Args)]
