@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use crate::membership::Source as Membership;
@@ -28,7 +28,7 @@ fn key_error(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Key { key: key.to_string(), message: message.into() }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -37,9 +37,10 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     pub rooms: RoomsConfig,
     pub bus: BusConfig,
+    pub log: LogConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address to listen on. Without a configured secret only loopback is allowed.
@@ -64,7 +65,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// HS256 shared secret.
@@ -82,7 +83,7 @@ pub struct AuthConfig {
     pub leeway: Duration,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
     /// Bearer keys accepted by `POST /api/events`.
@@ -90,7 +91,7 @@ pub struct ApiConfig {
     pub keys: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebSocketConfig {
     /// Kept from the original design; Herald reads into a shared scratch
@@ -127,7 +128,7 @@ impl Default for WebSocketConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoomsConfig {
     /// Frames a room's live ring holds: the fast path. A reader that lags
@@ -154,7 +155,7 @@ impl Default for RoomsConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BusKind {
     #[default]
@@ -162,7 +163,7 @@ pub enum BusKind {
     Redis,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BusConfig {
     pub kind: BusKind,
@@ -172,6 +173,33 @@ pub struct BusConfig {
 impl Default for BusConfig {
     fn default() -> Self {
         BusConfig { kind: BusKind::Memory, redis_url: "redis://127.0.0.1:6379".into() }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines; coloured only when the output is a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target, message, fields)
+    /// for log collectors.
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `RUST_LOG`-style filter such as `info` or `info,herald=debug`;
+    /// `RUST_LOG`, when set, wins over it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Text, level: "info".into() }
     }
 }
 
@@ -298,6 +326,12 @@ impl Config {
                 ),
             ));
         }
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+            return Err(key_error(
+                "log.level",
+                format!("not a log filter such as `info` or `info,herald=debug`: {e}"),
+            ));
+        }
         if self.bus.kind == BusKind::Redis && !self.bus.redis_url.starts_with("redis://") {
             return Err(key_error("bus.redis_url", "must be a redis:// URL"));
         }
@@ -372,6 +406,7 @@ mod tests {
         assert_eq!(c.rooms.history_ttl, Duration::from_secs(300));
         assert_eq!(c.bus.kind, BusKind::Memory);
         assert_eq!(c.auth.membership, Membership::Token);
+        assert_eq!((c.log.format, c.log.level.as_str()), (LogFormat::Text, "info"));
         Ok(())
     }
 
@@ -394,12 +429,16 @@ rooms:
 bus:
   kind: redis
   redis_url: redis://127.0.0.1:7000
+log:
+  format: json
+  level: warn,herald=debug
 "#;
         let c = load_yaml(
             yaml,
             &[
                 ("HERALD_WEBSOCKET__PING_INTERVAL", "2s"),
                 ("HERALD_API__KEYS", "a-0123456789abcdef,b-0123456789abcdef"),
+                ("HERALD_LOG__LEVEL", "debug"),
             ],
         )?;
         assert_eq!(c.server.listen.port(), 9000);
@@ -410,6 +449,7 @@ bus:
         assert_eq!(c.rooms.buffer, 64);
         assert_eq!(c.bus.kind, BusKind::Redis);
         assert_eq!(c.api.keys.len(), 2);
+        assert_eq!((c.log.format, c.log.level.as_str()), (LogFormat::Json, "debug"));
         Ok(())
     }
 
@@ -437,5 +477,8 @@ bus:
         assert!(err("auth:\n  membership: everyone\n", &[]).contains("auth.membership"));
         assert!(err("server:\n  listen: 0.0.0.0:8080\n", &[]).contains("server.listen"));
         assert!(err(": : :\n", &[]).contains("YAML"));
+        assert!(err("log:\n  format: xml\n", &[]).contains("log.format"));
+        assert!(err("log:\n  level: \"herald=loud\"\n", &[]).contains("log.level"));
+        assert!(err("", &[("HERALD_LOG__LEVEL", "=")]).contains("log.level"));
     }
 }

@@ -17,12 +17,17 @@
 //! - [`http`]: `/ws`, `/api/events`, `/healthz`, `/metrics`.
 //! - [`server`]: accept loop, limits and graceful drain.
 //! - [`metrics`]: counters and their Prometheus rendering.
+//! - [`cmd`]: the command line and the operator subcommands (token, check-token,
+//!   check-config, init).
+//! - [`demo`]: what the embedded default generates for a run, and its banner.
 
 pub mod auth;
 pub mod broadcast;
 pub mod bus;
+pub mod cmd;
 pub mod config;
 pub mod conn;
+pub mod demo;
 pub mod error;
 pub mod http;
 pub mod membership;
