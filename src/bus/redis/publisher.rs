@@ -1,0 +1,185 @@
+//! The publisher task: batches concurrent `publish` calls into one pipeline of publish-script
+//! calls, and answers each call with whether Redis took its events.
+
+use std::sync::Arc;
+
+use redis::aio::MultiplexedConnection;
+use redis::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use super::scripts::{
+    channel, seq_key, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL, MEMBER_INDEX_KEY, MEMBER_SET_PREFIX, PUBLISH_LUA,
+};
+use super::{lock, unavailable, Shared};
+use crate::bus::{BusError, Topic};
+use crate::protocol::event::{DomainEvent, EventKind};
+use crate::protocol::{ChatId, UserId};
+
+/// Events one pipeline carries at most, so one write stays a reasonable size.
+const MAX_BATCH_EVENTS: usize = 4096;
+
+/// One `publish` call waiting for the publisher task.
+pub(super) struct PublishReq {
+    pub(super) events: Vec<DomainEvent>,
+    /// The caller's `publish` future holds the receiver; dropping it just discards the answer.
+    pub(super) reply: oneshot::Sender<Result<(), BusError>>,
+}
+
+pub(super) async fn publisher_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<PublishReq>) {
+    while let Some(first) = rx.recv().await {
+        // Everything queued while the previous pipeline was in flight goes out together.
+        let mut n = first.events.len();
+        let mut batch = vec![first];
+        while n < MAX_BATCH_EVENTS {
+            match rx.try_recv() {
+                Ok(req) => {
+                    n += req.events.len();
+                    batch.push(req);
+                }
+                Err(_) => break,
+            }
+        }
+        let Some(mut conn) = shared.current_conn() else {
+            for req in batch {
+                let _ = req.reply.send(Err(unavailable("redis unreachable")));
+            }
+            continue;
+        };
+        let results = publish_batch(&shared, &mut conn, &batch).await;
+        for (req, result) in batch.into_iter().zip(results) {
+            let _ = req.reply.send(result);
+        }
+    }
+}
+
+/// Runs one script call per request in a single pipeline; one result per request.
+async fn publish_batch(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+    batch: &[PublishReq],
+) -> Vec<Result<(), BusError>> {
+    let calls: Vec<Option<ScriptCall>> = batch.iter().map(|req| script_call(shared, &req.events)).collect();
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for call in calls.iter().flatten() {
+        pipe.add_command(call.cmd.clone());
+    }
+    let mut replies = if pipe.is_empty() {
+        Ok(Vec::new())
+    } else {
+        pipe.query_async::<Vec<redis::RedisResult<Value>>>(conn).await
+    };
+    // Someone flushed the script cache: load it again and retry those calls once.
+    if let Ok(results) = &replies {
+        if results.iter().any(|r| r.as_ref().err().and_then(|e| e.code()) == Some("NOSCRIPT")) {
+            let loaded = redis::cmd("SCRIPT").arg("LOAD").arg(PUBLISH_LUA).query_async::<String>(conn).await;
+            if loaded.is_ok() {
+                replies = pipe.query_async::<Vec<redis::RedisResult<Value>>>(conn).await;
+            }
+        }
+    }
+    let mut replies = match replies {
+        Ok(replies) => replies.into_iter(),
+        Err(e) => {
+            // The connection failed mid-pipeline: some calls may have run, but none is claimed.
+            // The supervisor's PING or the disconnection push notices a dead connection.
+            tracing::warn!(error = %e, "redis publish failed");
+            return batch.iter().map(|_| Err(unavailable(format!("redis: {e}")))).collect();
+        }
+    };
+    calls
+        .iter()
+        .map(|call| {
+            let Some(call) = call else { return Ok(()) };
+            match replies.next() {
+                Some(Ok(Value::Array(seqs))) => {
+                    for (room, seq) in call.rooms.iter().zip(seqs) {
+                        if let (Some(chat), Value::Int(seq)) = (room, seq) {
+                            shared.note_seq(*chat, u64::try_from(seq).unwrap_or(0));
+                        }
+                    }
+                    Ok(())
+                }
+                Some(Ok(other)) => Err(unavailable(format!("redis: unexpected reply {other:?}"))),
+                Some(Err(e)) if e.code() == Some("SETTLING") => Err(unavailable(
+                    "redis lost its state recently; room seq is being re-seeded, retry shortly",
+                )),
+                Some(Err(e)) => Err(unavailable(format!("redis: {e}"))),
+                None => Err(unavailable("redis: missing reply")),
+            }
+        })
+        .collect()
+}
+
+/// The channels an event is published to; `None` for events that go nowhere.
+fn channels_of(event: &DomainEvent) -> Option<Vec<String>> {
+    let users = |ids: &[UserId]| ids.iter().map(|u| channel(Topic::User(*u))).collect::<Vec<_>>();
+    let channels = match event.kind {
+        EventKind::MessageSent | EventKind::ChatUpdated | EventKind::TaskStatusChanged => {
+            let mut channels: Vec<String> =
+                event.room().map(|c| channel(Topic::Room(c))).into_iter().collect();
+            channels.extend(users(&event.user_ids));
+            channels
+        }
+        EventKind::NotificationCreated => users(event.user_id.as_slice()),
+        EventKind::MemberAdded | EventKind::MemberRemoved => {
+            if event.chat_id.is_some() && event.user_id.is_some() {
+                vec![MEMBERS_CHANNEL.to_string()]
+            } else {
+                Vec::new()
+            }
+        }
+        EventKind::Unknown => Vec::new(),
+    };
+    (!channels.is_empty()).then_some(channels)
+}
+
+/// One publish script call and, per event it carries, the room whose seq the reply holds.
+struct ScriptCall {
+    cmd: redis::Cmd,
+    rooms: Vec<Option<ChatId>>,
+}
+
+/// Builds the publish script call for one batch; `None` when no event needs Redis.
+fn script_call(shared: &Shared, events: &[DomainEvent]) -> Option<ScriptCall> {
+    let mut keys: Vec<String> = vec![BOOT_KEY.into(), GSEQ_KEY.into(), MEMBER_INDEX_KEY.into()];
+    let mut rooms = Vec::with_capacity(events.len());
+    let mut args: Vec<String> = Vec::new();
+    let mut has_room = false;
+    // Look the floors up in one short lock; the JSON encoding below runs without it.
+    let floors: Vec<u64> = {
+        let known = lock(&shared.floors);
+        events.iter().map(|e| e.room().and_then(|room| known.get(&room).copied()).unwrap_or(0)).collect()
+    };
+    for (event, floor) in events.iter().zip(floors) {
+        let Some(channels) = channels_of(event) else { continue };
+        let chat = event.chat_id.map(|c| c.to_string()).unwrap_or_default();
+        let user = event.user_id.map(|u| u.to_string()).unwrap_or_default();
+        let (op, key, floor) = match (event.kind, event.room()) {
+            (_, Some(room)) => {
+                has_room = true;
+                ("r", seq_key(room), floor)
+            }
+            (EventKind::MemberAdded, None) => ("a", format!("{MEMBER_SET_PREFIX}{chat}"), 0),
+            (EventKind::MemberRemoved, None) => ("x", format!("{MEMBER_SET_PREFIX}{chat}"), 0),
+            _ => ("u", GSEQ_KEY.into(), 0),
+        };
+        keys.push(key);
+        rooms.push(event.room());
+        args.extend([op.to_string(), floor.to_string(), chat, user, event.to_json(None)]);
+        args.push(channels.len().to_string());
+        args.extend(channels);
+    }
+    if keys.len() == 3 {
+        return None;
+    }
+    let settle_ms = shared.options.settle.as_millis().to_string();
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(shared.scripts.publish.get_hash())
+        .arg(keys.len())
+        .arg(&keys)
+        .arg(settle_ms)
+        .arg(if has_room { "1" } else { "0" })
+        .arg(&args);
+    Some(ScriptCall { cmd, rooms })
+}

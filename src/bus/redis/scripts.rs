@@ -1,0 +1,124 @@
+//! Redis key and channel names, and the Lua scripts that sequence, re-seed and snapshot: the
+//! whole of what Herald keeps in Redis and how it is laid out.
+
+use crate::bus::Topic;
+use crate::protocol::ChatId;
+
+/// The channel every node subscribes to for its whole life: membership events.
+pub const MEMBERS_CHANNEL: &str = "herald:members";
+pub(super) const BOOT_KEY: &str = "herald:boot";
+pub(super) const GSEQ_KEY: &str = "herald:gseq";
+pub(super) const MEMBER_INDEX_KEY: &str = "herald:member-chats";
+pub(super) const MEMBER_SET_PREFIX: &str = "herald:members:";
+
+/// The Redis channel for a topic (public so tests and tools can inspect `PUBSUB CHANNELS`).
+pub fn channel(topic: Topic) -> String {
+    match topic {
+        Topic::Room(chat) => format!("herald:room:{chat}"),
+        Topic::User(user) => format!("herald:user:{user}"),
+    }
+}
+
+pub(super) fn seq_key(chat: ChatId) -> String {
+    format!("herald:seq:{chat}")
+}
+
+/// The three scripts, hashed once; calls go by `EVALSHA` (loaded on every connect).
+pub(super) struct Scripts {
+    pub(super) publish: redis::Script,
+    pub(super) reseed: redis::Script,
+    pub(super) snapshot: redis::Script,
+}
+
+impl Scripts {
+    pub(super) fn new() -> Scripts {
+        Scripts {
+            publish: redis::Script::new(PUBLISH_LUA),
+            reseed: redis::Script::new(RESEED_LUA),
+            snapshot: redis::Script::new(SNAPSHOT_LUA),
+        }
+    }
+}
+
+/// Lua shared by the scripts that need Redis's clock and boot mark: sets `now` (ms) and `boot`
+/// (when Redis's state began, recorded under KEYS[1] on first sight).
+macro_rules! boot_prelude {
+    () => {
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local boot = redis.call('GET', KEYS[1])
+if not boot then
+  redis.call('SET', KEYS[1], now)
+  boot = now
+end
+"#
+    };
+}
+
+/// Publishes one batch atomically. KEYS: boot, gseq, member index, then one key per event (room
+/// counter, member set, or gseq). ARGV: settle ms, has-room flag, then per event: op, floor, chat,
+/// user, payload (event JSON without seq), channel count, channels. Returns the seqs.
+pub(super) const PUBLISH_LUA: &str = concat!(
+    boot_prelude!(),
+    r#"if ARGV[2] == '1' and now - tonumber(boot) < tonumber(ARGV[1]) then
+  return redis.error_reply('SETTLING redis lost its state recently; nodes are re-seeding room seq')
+end
+local seqs = {}
+local i = 3
+for k = 4, #KEYS do
+  local key = KEYS[k]
+  local op, floor, chat, user, payload = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local nch = tonumber(ARGV[i + 5])
+  i = i + 6
+  local seq
+  if op == 'r' then
+    local cur = tonumber(redis.call('GET', key) or '0')
+    if cur < floor then redis.call('SET', key, floor) end
+    seq = redis.call('INCR', key)
+  else
+    if op == 'a' then
+      redis.call('SADD', key, user)
+      redis.call('SADD', KEYS[3], chat)
+    elseif op == 'x' then
+      redis.call('SREM', key, user)
+      if redis.call('SCARD', key) == 0 then redis.call('SREM', KEYS[3], chat) end
+    end
+    seq = redis.call('INCR', KEYS[2])
+  end
+  local msg = string.sub(payload, 1, -2) .. ',"seq":' .. string.format('%d', seq) .. '}'
+  for c = 0, nch - 1 do
+    redis.call('PUBLISH', ARGV[i + c], msg)
+  end
+  i = i + nch
+  seqs[#seqs + 1] = seq
+end
+return seqs
+"#
+);
+
+/// Marks Redis's state as seen (boot key) and raises room counters to the floors this node knows.
+/// KEYS: boot, then room counters; ARGV: the floors. Returns ms since Redis's state began.
+pub(super) const RESEED_LUA: &str = concat!(
+    boot_prelude!(),
+    r#"for k = 2, #KEYS do
+  local floor = tonumber(ARGV[k - 1])
+  local cur = tonumber(redis.call('GET', KEYS[k]) or '0')
+  if cur < floor then redis.call('SET', KEYS[k], floor) end
+end
+return now - tonumber(boot)
+"#
+);
+
+/// The membership snapshot: the global counter, then (chat, user) pairs, flattened.
+/// KEYS: member index, gseq; ARGV: member set prefix.
+pub(super) const SNAPSHOT_LUA: &str = r#"
+local out = { redis.call('GET', KEYS[2]) or '0' }
+for _, chat in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  for _, user in ipairs(redis.call('SMEMBERS', ARGV[1] .. chat)) do
+    out[#out + 1] = chat
+    out[#out + 1] = user
+  end
+end
+return out
+"#;
