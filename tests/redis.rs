@@ -118,8 +118,8 @@ async fn expect_channels(redis: &RedisServer, want: &[String]) {
     want.sort();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let mut got = redis_channels(redis, "herald:room:*").await;
-        got.extend(redis_channels(redis, "herald:user:*").await);
+        let mut got = redis_channels(redis, "herald:{*}:room").await;
+        got.extend(redis_channels(redis, "herald:{*}:user").await);
         got.sort();
         if got == want {
             return;
@@ -173,6 +173,12 @@ async fn event_published_on_one_node_reaches_the_other_with_the_same_consecutive
     let data: Vec<String> = sink_a.all().into_iter().filter_map(|g| g.data).collect();
     let expected: Vec<String> = (0..9).map(|n| format!(r#"{{"n":{n}}}"#)).collect();
     assert_eq!(data, expected, "order and bytes preserved");
+
+    // The counter lives under the room's hash tag, next to its channel.
+    let mut conn = redis.client().get_multiplexed_async_connection().await.expect("inspect redis");
+    let counter: u64 =
+        redis::cmd("GET").arg(format!("herald:{{{chat}}}:seq")).query_async(&mut conn).await.expect("GET");
+    assert_eq!(counter, 9);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,6 +188,7 @@ async fn a_node_subscribes_to_a_room_only_while_it_has_local_subscribers() {
     let (b, _sink_b) = node(&redis).await;
     let chat = id();
     let room = channel(Topic::Room(chat));
+    assert_eq!(room, format!("herald:{{{chat}}}:room"), "room channels carry a Cluster hash tag");
 
     // Every node listens to the global membership channel, and to no room yet.
     assert_eq!(redis_channels(&redis, "herald:members").await, vec!["herald:members".to_string()]);

@@ -9,11 +9,12 @@
 //!   exponential backoff and restores every needed subscription itself (we do not use
 //!   `ConnectionManager`'s automatic resubscription: we need a hook at reconnect to re-seed room
 //!   counters and to gate publishing, and exact control of the subscription set).
-//! - **Channels**: `herald:room:<chat>` while a local subscriber watches the room,
-//!   `herald:user:<user>` while the user is connected here, and `herald:members`, which every node
-//!   subscribes to for its whole life (membership events must reach every node).
+//! - **Channels**: `herald:{<chat>}:room` while a local subscriber watches the room,
+//!   `herald:{<user>}:user` while the user is connected here, and `herald:members`, which every node
+//!   subscribes to for its whole life (membership events must reach every node). Every name and
+//!   the Redis Cluster outlook are in `scripts.rs`.
 //! - **Sequencing**: one Lua script call per `publish` batch INCRs each room's counter
-//!   (`herald:seq:<chat>`) and PUBLISHes the event with that `seq` in one atomic step, so every node
+//!   (`herald:{<chat>}:seq`) and PUBLISHes the event with that `seq` in one atomic step, so every node
 //!   sees the same `seq` in the same order. Non-room events get a global counter (`herald:gseq`)
 //!   used only to drop the copies a node receives on several channels (a task event for two local
 //!   users) and to order membership against the membership snapshot.
@@ -25,7 +26,7 @@
 //!   its state (detected by the missing `herald:boot` key), which gives every node time to
 //!   reconnect and re-seed. A node that still sees a room's `seq` go backwards drops the event,
 //!   counts it, and re-seeds that room.
-//! - **Membership** is also stored in Redis sets (`herald:members:<chat>` plus the index
+//! - **Membership** is also stored in Redis sets (`herald:{<chat>}:members` plus the index
 //!   `herald:member-chats`) by the same script, and each (re)connecting node loads a snapshot, so a
 //!   node started later knows who may subscribe. Live membership events are held back until the
 //!   snapshot is applied and those already in it are skipped, so a stale snapshot never re-adds a

@@ -8,7 +8,7 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use super::scripts::{
-    channel, seq_key, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL, MEMBER_INDEX_KEY, MEMBER_SET_PREFIX, PUBLISH_LUA,
+    channel, members_key, seq_key, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL, MEMBER_INDEX_KEY, PUBLISH_LUA,
 };
 use super::{lock, unavailable, Shared};
 use crate::bus::{BusError, Topic};
@@ -160,8 +160,8 @@ fn script_call(shared: &Shared, events: &[DomainEvent]) -> Option<ScriptCall> {
                 has_room = true;
                 ("r", seq_key(room), floor)
             }
-            (EventKind::MemberAdded, None) => ("a", format!("{MEMBER_SET_PREFIX}{chat}"), 0),
-            (EventKind::MemberRemoved, None) => ("x", format!("{MEMBER_SET_PREFIX}{chat}"), 0),
+            (EventKind::MemberAdded, None) => ("a", event.chat_id.map(members_key).unwrap_or_default(), 0),
+            (EventKind::MemberRemoved, None) => ("x", event.chat_id.map(members_key).unwrap_or_default(), 0),
             _ => ("u", GSEQ_KEY.into(), 0),
         };
         keys.push(key);

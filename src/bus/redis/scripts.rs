@@ -1,5 +1,28 @@
 //! Redis key and channel names, and the Lua scripts that sequence, re-seed and snapshot: the
 //! whole of what Herald keeps in Redis and how it is laid out.
+//!
+//! # Names
+//!
+//! Per-room and per-user names carry a Redis Cluster hash tag (the id in braces), so every key of
+//! one room hashes to one slot:
+//!
+//! | name | kind | what |
+//! |---|---|---|
+//! | `herald:{<chat>}:seq` | string | the room's `seq` counter |
+//! | `herald:{<chat>}:room` | channel | the room's events |
+//! | `herald:{<chat>}:members` | set | the room's members (`chat.member_*` events) |
+//! | `herald:{<chat>}:history` | list | reserved: the room's recent events |
+//! | `herald:{<user>}:user` | channel | events addressed to one user |
+//! | `herald:members` | channel | membership events, for every node |
+//! | `herald:member-chats` | set | rooms that have a member set |
+//! | `herald:gseq` | string | global counter of non-room events |
+//! | `herald:boot` | string | when Redis's current state began (ms) |
+//!
+//! On one Redis server a publish script call covers a whole batch: many rooms plus the global
+//! keys. Under Redis Cluster that call would span slots; the publisher would have to split a
+//! batch into one call per room (slot), and the global counter, boot mark and member index would
+//! need a per-slot form. The snapshot script builds member set names itself, which Cluster does
+//! not allow either. Herald supports one Redis server today; the names are ready for the split.
 
 use crate::bus::Topic;
 use crate::protocol::ChatId;
@@ -9,18 +32,32 @@ pub const MEMBERS_CHANNEL: &str = "herald:members";
 pub(super) const BOOT_KEY: &str = "herald:boot";
 pub(super) const GSEQ_KEY: &str = "herald:gseq";
 pub(super) const MEMBER_INDEX_KEY: &str = "herald:member-chats";
-pub(super) const MEMBER_SET_PREFIX: &str = "herald:members:";
+/// A room's member set is `MEMBER_SET_PREFIX <chat> MEMBER_SET_SUFFIX` (the snapshot script builds
+/// it from these two).
+const MEMBER_SET_PREFIX: &str = "herald:{";
+const MEMBER_SET_SUFFIX: &str = "}:members";
 
 /// The Redis channel for a topic (public so tests and tools can inspect `PUBSUB CHANNELS`).
 pub fn channel(topic: Topic) -> String {
     match topic {
-        Topic::Room(chat) => format!("herald:room:{chat}"),
-        Topic::User(user) => format!("herald:user:{user}"),
+        Topic::Room(chat) => format!("herald:{{{chat}}}:room"),
+        Topic::User(user) => format!("herald:{{{user}}}:user"),
     }
 }
 
+/// The room's `seq` counter.
 pub(super) fn seq_key(chat: ChatId) -> String {
-    format!("herald:seq:{chat}")
+    format!("herald:{{{chat}}}:seq")
+}
+
+/// The room's member set.
+pub(super) fn members_key(chat: ChatId) -> String {
+    format!("{MEMBER_SET_PREFIX}{chat}{MEMBER_SET_SUFFIX}")
+}
+
+/// The snapshot script's ARGV: how to name a room's member set.
+pub(super) fn members_key_parts() -> [&'static str; 2] {
+    [MEMBER_SET_PREFIX, MEMBER_SET_SUFFIX]
 }
 
 /// The three scripts, hashed once; calls go by `EVALSHA` (loaded on every connect).
@@ -111,11 +148,11 @@ return now - tonumber(boot)
 );
 
 /// The membership snapshot: the global counter, then (chat, user) pairs, flattened.
-/// KEYS: member index, gseq; ARGV: member set prefix.
+/// KEYS: member index, gseq; ARGV: member set name prefix and suffix (around the chat id).
 pub(super) const SNAPSHOT_LUA: &str = r#"
 local out = { redis.call('GET', KEYS[2]) or '0' }
 for _, chat in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  for _, user in ipairs(redis.call('SMEMBERS', ARGV[1] .. chat)) do
+  for _, user in ipairs(redis.call('SMEMBERS', ARGV[1] .. chat .. ARGV[2])) do
     out[#out + 1] = chat
     out[#out + 1] = user
   end

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::delivery::Inbound;
 use super::scripts::{
-    channel, seq_key, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL, MEMBER_INDEX_KEY, MEMBER_SET_PREFIX, PUBLISH_LUA,
+    channel, members_key_parts, seq_key, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL, MEMBER_INDEX_KEY, PUBLISH_LUA,
     RESEED_LUA, SNAPSHOT_LUA,
 };
 use super::{lock, Phase, Shared, Topics};
@@ -137,7 +137,7 @@ async fn open_session(
         .arg(2)
         .arg(MEMBER_INDEX_KEY)
         .arg(GSEQ_KEY)
-        .arg(MEMBER_SET_PREFIX)
+        .arg(&members_key_parts()[..])
         .query_async(&mut conn)
         .await?;
     let ver = flat.first().and_then(|v| v.parse().ok()).unwrap_or(0);
