@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald::bus::redis::{channel, RedisBus, RedisOptions};
-use herald::bus::{Bus, Deliver, Health, Topic};
+use herald::bus::{Bus, BusError, Deliver, Health, Topic};
 use herald::config::{BusConfig, BusKind, Membership};
 use herald::protocol::event::{parse_batch, DomainEvent, EventKind};
 use herald::protocol::{ChatId, UserId};
@@ -496,6 +496,13 @@ async fn gateway(redis: &RedisServer, membership: Membership) -> Gateway {
     support::start(config).await
 }
 
+/// A 503 body carries one of the bus's fixed messages, never Redis's own error text.
+fn assert_fixed_503(reply: &serde_json::Value) {
+    let fixed = [BusError::Unreachable, BusError::Settling, BusError::Timeout, BusError::Rejected]
+        .map(|e| json!({ "error": e.to_string() }));
+    assert!(fixed.contains(reply), "503 body is not a fixed bus message: {reply}");
+}
+
 /// Publishes over HTTP until the node answers 202 (it answers 503 while Redis is down or settling).
 async fn http_publish_eventually(gw: &Gateway, body: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -505,6 +512,7 @@ async fn http_publish_eventually(gw: &Gateway, body: &str) {
             return;
         }
         assert_eq!(status, 503, "{reply}");
+        assert_fixed_503(&reply);
         assert!(Instant::now() < deadline, "still 503: {reply}");
         sleep(Duration::from_millis(100)).await;
     }
@@ -598,8 +606,9 @@ async fn e2e_redis_restart_keeps_clients_connected_and_seq_growing() {
     redis.kill();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let (status, _) = b.publish(&support::message_sent(chat, &json!({"lost": true}))).await;
+        let (status, reply) = b.publish(&support::message_sent(chat, &json!({"lost": true}))).await;
         if status == 503 {
+            assert_fixed_503(&reply);
             break;
         }
         assert!(Instant::now() < deadline, "publish kept succeeding with Redis down ({status})");

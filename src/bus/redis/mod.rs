@@ -32,7 +32,7 @@
 //!   snapshot is applied and those already in it are skipped, so a stale snapshot never re-adds a
 //!   member removed after it.
 //! - **Failure**: while Redis is unreachable `publish` and `watch` return
-//!   [`BusError::Unavailable`] and [`Bus::health`] is degraded. Events published during an outage
+//!   [`BusError::Unreachable`] and [`Bus::health`] is degraded. Events published during an outage
 //!   are refused, never half-claimed; events another node published while this node was
 //!   reconnecting are lost to it, which its clients see as a `seq` gap.
 //!
@@ -115,7 +115,7 @@ impl Default for RedisOptions {
 pub struct RedisStats {
     /// Connections re-established after one was lost (`herald_redis_reconnects_total`).
     pub reconnects: AtomicU64,
-    /// Publish calls answered with `Unavailable` (`herald_redis_publish_failures_total`).
+    /// Publish calls refused with a [`BusError`] (`herald_redis_publish_failures_total`).
     pub publish_failures: AtomicU64,
     /// Pushes dropped because the delivery task fell behind (`herald_redis_inbound_dropped_total`).
     pub inbound_dropped: AtomicU64,
@@ -177,8 +177,16 @@ struct Shared {
     scripts: Scripts,
 }
 
-fn unavailable(why: impl std::fmt::Display) -> BusError {
-    BusError::Unavailable(why.to_string())
+/// The publisher-facing kind of a Redis failure. The caller logs the error itself: its text
+/// never reaches a client.
+fn classify(e: &redis::RedisError) -> BusError {
+    if e.is_timeout() {
+        BusError::Timeout
+    } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+        BusError::Unreachable
+    } else {
+        BusError::Rejected
+    }
 }
 
 /// Locks a std mutex; a panic elsewhere while holding it leaves plain data we can keep using.
@@ -209,7 +217,7 @@ impl RedisBus {
     }
 
     /// Starts the bus. Fails only for an unusable `bus.redis_url`. When Redis is unreachable it
-    /// starts degraded (publishes answer `Unavailable`, logged as an error) and keeps retrying.
+    /// starts degraded (publishes answer [`BusError::Unreachable`], logged as an error) and keeps retrying.
     /// When Redis is reachable it returns once publishing works, which after a fresh Redis takes
     /// up to `options.settle`.
     pub async fn connect_with(
@@ -264,7 +272,7 @@ impl RedisBus {
 
 /// Builds a RESP3 client (pushes need it) from `bus.redis_url`.
 fn open_client(url: &str) -> Result<redis::Client, BusError> {
-    let bad = |e: redis::RedisError| unavailable(format!("bus.redis_url {}: {e}", redacted(url)));
+    let bad = |e: redis::RedisError| BusError::InvalidUrl { url: redacted(url), reason: e.to_string() };
     let info = url.into_connection_info().map_err(bad)?;
     let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
     redis::Client::open(info.set_redis_settings(settings)).map_err(bad)
@@ -302,7 +310,7 @@ impl Bus for RedisBus {
     fn watch(&self, topic: Topic) -> BoxFuture<'_, Result<(), BusError>> {
         Box::pin(async move {
             if lock(&self.shared.conn).is_none() {
-                return Err(unavailable("redis unreachable"));
+                return Err(BusError::Unreachable);
             }
             let rx = {
                 let mut topics = lock(&self.shared.topics);
@@ -326,8 +334,8 @@ impl Bus for RedisBus {
                     Ok(())
                 }
                 Ok(Ok(Err(e))) => Err(e),
-                Ok(Err(_)) => Err(unavailable("redis bus stopped")),
-                Err(_) => Err(unavailable("redis did not confirm the subscription in time")),
+                Ok(Err(_)) => Err(BusError::Stopped),
+                Err(_) => Err(BusError::Timeout),
             }
         })
     }
@@ -377,14 +385,11 @@ impl RedisBus {
     async fn send_to_publisher(&self, events: Vec<DomainEvent>) -> Result<(), BusError> {
         // Refuse fast while down instead of queueing behind a dead connection.
         if lock(&self.shared.conn).is_none() {
-            return Err(unavailable("redis unreachable"));
+            return Err(BusError::Unreachable);
         }
         let (reply, rx) = oneshot::channel();
-        self.publish_tx
-            .send(PublishReq { events, reply })
-            .await
-            .map_err(|_| unavailable("redis publisher stopped"))?;
-        rx.await.unwrap_or_else(|_| Err(unavailable("redis publisher stopped")))
+        self.publish_tx.send(PublishReq { events, reply }).await.map_err(|_| BusError::Stopped)?;
+        rx.await.unwrap_or(Err(BusError::Stopped))
     }
 }
 
@@ -443,7 +448,7 @@ impl Shared {
         map.retain(|topic, state| {
             state.subscribed = false;
             for waiter in state.waiters.drain(..) {
-                let _ = waiter.send(Err(unavailable("redis connection lost")));
+                let _ = waiter.send(Err(BusError::Unreachable));
             }
             if state.count > 0 {
                 // Resubscribed by the next connection's first reconcile.

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::scripts::{
     channel, members_key, seq_key, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL, MEMBER_INDEX_KEY, PUBLISH_LUA,
 };
-use super::{lock, unavailable, Shared};
+use super::{classify, lock, Shared};
 use crate::bus::{BusError, Topic};
 use crate::protocol::event::{DomainEvent, EventKind};
 use crate::protocol::{ChatId, UserId};
@@ -41,7 +41,7 @@ pub(super) async fn publisher_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<P
         }
         let Some(mut conn) = shared.current_conn() else {
             for req in batch {
-                let _ = req.reply.send(Err(unavailable("redis unreachable")));
+                let _ = req.reply.send(Err(BusError::Unreachable));
             }
             continue;
         };
@@ -84,7 +84,8 @@ async fn publish_batch(
             // The connection failed mid-pipeline: some calls may have run, but none is claimed.
             // The supervisor's PING or the disconnection push notices a dead connection.
             tracing::warn!(error = %e, "redis publish failed");
-            return batch.iter().map(|_| Err(unavailable(format!("redis: {e}")))).collect();
+            let error = classify(&e);
+            return batch.iter().map(|_| Err(error.clone())).collect();
         }
     };
     calls
@@ -100,12 +101,19 @@ async fn publish_batch(
                     }
                     Ok(())
                 }
-                Some(Ok(other)) => Err(unavailable(format!("redis: unexpected reply {other:?}"))),
-                Some(Err(e)) if e.code() == Some("SETTLING") => Err(unavailable(
-                    "redis lost its state recently; room seq is being re-seeded, retry shortly",
-                )),
-                Some(Err(e)) => Err(unavailable(format!("redis: {e}"))),
-                None => Err(unavailable("redis: missing reply")),
+                Some(Ok(other)) => {
+                    tracing::error!(reply = ?other, "redis publish script: unexpected reply");
+                    Err(BusError::Rejected)
+                }
+                Some(Err(e)) if e.code() == Some("SETTLING") => Err(BusError::Settling),
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "redis publish script failed");
+                    Err(classify(&e))
+                }
+                None => {
+                    tracing::error!("redis pipeline: fewer replies than calls");
+                    Err(BusError::Rejected)
+                }
             }
         })
         .collect()
