@@ -12,8 +12,9 @@ use super::scripts::{
 };
 use super::{classify, lock, Shared};
 use crate::bus::{BusError, Topic};
-use crate::protocol::event::{DomainEvent, EventKind};
-use crate::protocol::{ChatId, UserId};
+use crate::protocol::event::DomainEvent;
+use crate::protocol::route::{route, MemberChange, Route};
+use crate::protocol::ChatId;
 
 /// Events one pipeline carries at most, so one write stays a reasonable size.
 const MAX_BATCH_EVENTS: usize = 4096;
@@ -119,27 +120,15 @@ async fn publish_batch(
         .collect()
 }
 
-/// The channels an event is published to; `None` for events that go nowhere.
-fn channels_of(event: &DomainEvent) -> Option<Vec<String>> {
-    let users = |ids: &[UserId]| ids.iter().map(|u| channel(Topic::User(*u))).collect::<Vec<_>>();
-    let channels = match event.kind {
-        EventKind::MessageSent | EventKind::ChatUpdated | EventKind::TaskStatusChanged => {
-            let mut channels: Vec<String> =
-                event.room().map(|c| channel(Topic::Room(c))).into_iter().collect();
-            channels.extend(users(&event.user_ids));
-            channels
-        }
-        EventKind::NotificationCreated => users(event.user_id.as_slice()),
-        EventKind::MemberAdded | EventKind::MemberRemoved => {
-            if event.chat_id.is_some() && event.user_id.is_some() {
-                vec![MEMBERS_CHANNEL.to_string()]
-            } else {
-                Vec::new()
-            }
-        }
-        EventKind::Unknown => Vec::new(),
-    };
-    (!channels.is_empty()).then_some(channels)
+/// The channels an event is published on: its room's, one per addressed user (each once), and
+/// the global membership channel for membership changes. Empty for events that go nowhere.
+fn channels(route: &Route<'_>) -> Vec<String> {
+    let mut channels: Vec<String> = route.room.map(|c| channel(Topic::Room(c))).into_iter().collect();
+    channels.extend(route.users.iter().map(|u| channel(Topic::User(*u))));
+    if route.membership.is_some() {
+        channels.push(MEMBERS_CHANNEL.to_string());
+    }
+    channels
 }
 
 /// One publish script call and, per event it carries, the room whose seq the reply holds.
@@ -154,27 +143,35 @@ fn script_call(shared: &Shared, events: &[DomainEvent]) -> Option<ScriptCall> {
     let mut rooms = Vec::with_capacity(events.len());
     let mut args: Vec<String> = Vec::new();
     let mut has_room = false;
+    let routes: Vec<Route<'_>> = events.iter().map(route).collect();
     // Look the floors up in one short lock; the JSON encoding below runs without it.
     let floors: Vec<u64> = {
         let known = lock(&shared.floors);
-        events.iter().map(|e| e.room().and_then(|room| known.get(&room).copied()).unwrap_or(0)).collect()
+        routes.iter().map(|r| r.room.and_then(|room| known.get(&room).copied()).unwrap_or(0)).collect()
     };
-    for (event, floor) in events.iter().zip(floors) {
-        let Some(channels) = channels_of(event) else { continue };
-        let chat = event.chat_id.map(|c| c.to_string()).unwrap_or_default();
-        let user = event.user_id.map(|u| u.to_string()).unwrap_or_default();
-        let (op, key, floor) = match (event.kind, event.room()) {
-            (_, Some(room)) => {
+    for ((event, route), floor) in events.iter().zip(&routes).zip(floors) {
+        let channels = channels(route);
+        if channels.is_empty() {
+            continue;
+        }
+        // The script reads chat and user only for membership ops.
+        let (op, key, floor, chat, user) = match (route.room, route.membership) {
+            (Some(room), _) => {
                 has_room = true;
-                ("r", seq_key(room), floor)
+                ("r", seq_key(room), floor, None, None)
             }
-            (EventKind::MemberAdded, None) => ("a", event.chat_id.map(members_key).unwrap_or_default(), 0),
-            (EventKind::MemberRemoved, None) => ("x", event.chat_id.map(members_key).unwrap_or_default(), 0),
-            _ => ("u", GSEQ_KEY.into(), 0),
+            (None, Some(MemberChange::Added { chat, user })) => {
+                ("a", members_key(chat), 0, Some(chat), Some(user))
+            }
+            (None, Some(MemberChange::Removed { chat, user })) => {
+                ("x", members_key(chat), 0, Some(chat), Some(user))
+            }
+            (None, None) => ("u", GSEQ_KEY.into(), 0, None, None),
         };
+        let text = |id: Option<uuid::Uuid>| id.map(|id| id.to_string()).unwrap_or_default();
         keys.push(key);
-        rooms.push(event.room());
-        args.extend([op.to_string(), floor.to_string(), chat, user, event.to_json(None)]);
+        rooms.push(route.room);
+        args.extend([op.to_string(), floor.to_string(), text(chat), text(user), event.to_json(None)]);
         args.push(channels.len().to_string());
         args.extend(channels);
     }
