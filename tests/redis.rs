@@ -628,3 +628,33 @@ async fn e2e_redis_restart_keeps_clients_connected_and_seq_growing() {
     assert!(b.metric("publish_unavailable_total").await >= 1.0);
     assert_eq!(b.metric("bus_up").await, 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_racing_the_last_unwatch_resolves_only_once_deliveries_flow() {
+    let Some(redis) = RedisServer::start() else { return };
+    let (a, sink_a) = node(&redis).await;
+    let (b, _sink_b) = node(&redis).await;
+    let chat = id();
+    let topic = Topic::Room(chat);
+    for n in 0..200usize {
+        a.watch(topic).await.unwrap();
+        // The last unwatch makes the supervisor UNSUBSCRIBE; the next watch lands before, during
+        // or after that command, depending on how long this task lets it run.
+        a.unwatch(topic);
+        for _ in 0..n % 7 {
+            tokio::task::yield_now().await;
+        }
+        a.watch(topic).await.unwrap();
+        // Resolved: an event published now must arrive.
+        b.publish(vec![message(chat, n)]).await.unwrap();
+        let want = format!(r#"{{"n":{n}}}"#);
+        sink_a
+            .wait(&format!("event {n} after watch resolved"), |g| {
+                g.iter().any(|g| g.data.as_deref() == Some(&want))
+            })
+            .await;
+        a.unwatch(topic);
+    }
+    let seqs = sink_a.seqs(chat);
+    assert_eq!(seqs, (1..=200).collect::<Vec<u64>>(), "every event once, in order");
+}

@@ -141,10 +141,23 @@ enum Phase {
 struct TopicState {
     /// Local subscribers (`watch` minus `unwatch`).
     count: usize,
-    /// Whether the current connection's `SUBSCRIBE` for it is confirmed.
-    subscribed: bool,
-    /// `watch` calls waiting for the confirmation; the supervisor answers them.
+    /// Where the current connection's subscription to it stands.
+    sub: Sub,
+    /// `watch` calls waiting for a confirmed `SUBSCRIBE`; the supervisor answers them.
     waiters: Vec<oneshot::Sender<Result<(), BusError>>>,
+}
+
+/// One topic's subscription on the current connection. Only the supervisor changes it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Sub {
+    /// Not subscribed, or a `SUBSCRIBE` is in flight and not yet confirmed.
+    #[default]
+    Off,
+    /// A `SUBSCRIBE` is confirmed: deliveries flow.
+    On,
+    /// An `UNSUBSCRIBE` is in flight: deliveries may stop at any moment, so a `watch` now waits
+    /// for the `SUBSCRIBE` the supervisor issues once the `UNSUBSCRIBE` is confirmed.
+    Leaving,
 }
 
 #[derive(Default)]
@@ -316,7 +329,7 @@ impl Bus for RedisBus {
                 let mut topics = lock(&self.shared.topics);
                 let state = topics.map.entry(topic).or_default();
                 state.count += 1;
-                if state.subscribed {
+                if state.sub == Sub::On {
                     return Ok(());
                 }
                 let (tx, rx) = oneshot::channel();
@@ -446,7 +459,7 @@ impl Shared {
         let mut topics = lock(&self.topics);
         let Topics { map, dirty, .. } = &mut *topics;
         map.retain(|topic, state| {
-            state.subscribed = false;
+            state.sub = Sub::Off;
             for waiter in state.waiters.drain(..) {
                 let _ = waiter.send(Err(BusError::Unreachable));
             }

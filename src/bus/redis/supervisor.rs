@@ -17,7 +17,7 @@ use super::scripts::{
     channel, members_key_parts, seq_key, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL, MEMBER_INDEX_KEY, PUBLISH_LUA,
     RESEED_LUA, SNAPSHOT_LUA,
 };
-use super::{lock, Phase, Shared, Topics};
+use super::{lock, Phase, Shared, Sub, Topics};
 use crate::protocol::ChatId;
 
 /// Channels per `SUBSCRIBE` / `UNSUBSCRIBE` command and rooms per re-seed call.
@@ -237,17 +237,23 @@ async fn reconcile(shared: &Shared, conn: &mut MultiplexedConnection) -> Result<
             reseed_rooms = reseed.drain().collect();
             for topic in dirty.drain() {
                 let Some(state) = map.get_mut(&topic) else { continue };
-                match (state.count > 0, state.subscribed) {
-                    (true, false) => subs.push(topic),
-                    (false, true) => unsubs.push(topic),
-                    (false, false) => {
+                match (state.count > 0, state.sub) {
+                    (true, Sub::Off) => subs.push(topic),
+                    (false, Sub::On) => {
+                        // Marked under the lock, so no `watch` trusts this subscription any more.
+                        state.sub = Sub::Leaving;
+                        unsubs.push(topic);
+                    }
+                    (false, Sub::Off) => {
                         map.remove(&topic);
                     }
-                    (true, true) => {
+                    (true, Sub::On) => {
                         for waiter in state.waiters.drain(..) {
                             let _ = waiter.send(Ok(()));
                         }
                     }
+                    // Only this function sets `Leaving`, and it settles it before draining again.
+                    (_, Sub::Leaving) => {}
                 }
             }
         }
@@ -268,11 +274,12 @@ async fn reconcile(shared: &Shared, conn: &mut MultiplexedConnection) -> Result<
             let Topics { map, dirty, .. } = &mut *topics;
             for topic in chunk {
                 if let Some(state) = map.get_mut(topic) {
-                    state.subscribed = false;
+                    state.sub = Sub::Off;
                     if state.count == 0 {
                         map.remove(topic);
                     } else {
-                        // Watched again while the UNSUBSCRIBE was in flight.
+                        // Watched again while the UNSUBSCRIBE was in flight: those watches wait
+                        // for the SUBSCRIBE of the next round.
                         dirty.insert(*topic);
                     }
                 }
@@ -285,7 +292,7 @@ async fn reconcile(shared: &Shared, conn: &mut MultiplexedConnection) -> Result<
             let Topics { map, dirty, .. } = &mut *topics;
             for topic in chunk {
                 if let Some(state) = map.get_mut(topic) {
-                    state.subscribed = true;
+                    state.sub = Sub::On;
                     for waiter in state.waiters.drain(..) {
                         let _ = waiter.send(Ok(()));
                     }
