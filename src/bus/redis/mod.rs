@@ -115,6 +115,9 @@ impl Default for RedisOptions {
 pub struct RedisStats {
     /// Connections re-established after one was lost (`herald_redis_reconnects_total`).
     pub reconnects: AtomicU64,
+    /// Connect attempts that failed; each is followed by a backoff wait
+    /// (`herald_redis_connect_failures_total`).
+    pub connect_failures: AtomicU64,
     /// Publish calls refused with a [`BusError`] (`herald_redis_publish_failures_total`).
     pub publish_failures: AtomicU64,
     /// Pushes dropped because the delivery task fell behind (`herald_redis_inbound_dropped_total`).
@@ -362,6 +365,11 @@ impl Bus for RedisBus {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         vec![
             ("redis_reconnects_total", "Redis connections re-established.", get(&stats.reconnects)),
+            (
+                "redis_connect_failures_total",
+                "Redis connect attempts that failed (each followed by a backoff wait).",
+                get(&stats.connect_failures),
+            ),
             (
                 "redis_publish_failures_total",
                 "Publishes refused while Redis was unavailable.",

@@ -59,6 +59,7 @@ pub(super) async fn supervise(
             }
             Err(e) => {
                 shared.go_down();
+                shared.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                 failures += 1;
                 // Loud on the first failure and then every ~30 attempts, not on every retry.
                 if failures == 1 || failures % 30 == 0 {
