@@ -808,4 +808,21 @@ async fn e2e_redis_history_is_bounded_by_count() {
         .await
         .expect("PTTL");
     assert!(ttl > 0 && ttl <= 300_000, "the history list expires with rooms.history_ttl: {ttl}");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_flushed_script_cache_is_reloaded_and_each_event_published_once() {
+    let redis = RedisServer::start();
+    let (a, sink_a) = node(&redis).await;
+    let (b, _sink_b) = node(&redis).await;
+    let chat = id();
+    a.watch(Topic::Room(chat)).await.unwrap();
+    b.publish(vec![message(chat, 0)]).await.unwrap();
+
+    let mut conn = redis.client().get_multiplexed_async_connection().await.expect("inspect redis");
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.expect("SCRIPT FLUSH");
+    b.publish(vec![message(chat, 1), message(chat, 2)]).await.unwrap();
+    let got = delivered_before_marker(&b, &a, &sink_a).await;
+    assert_eq!(got.len(), 3, "{got:#?}");
+    assert_eq!(sink_a.seqs(chat), vec![1, 2, 3]);
 }

@@ -43,6 +43,7 @@ struct Receiving {
     held: Option<Vec<(DomainEvent, u64)>>,
 }
 
+/// Delivers in arrival order until the bus handle is dropped (which aborts this task).
 pub(super) async fn deliver_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Inbound>) {
     // Highest room seq delivered per room; survives reconnects so nothing is delivered twice.
     let mut delivered: HashMap<ChatId, u64> = HashMap::new();

@@ -27,6 +27,7 @@ pub(super) struct PublishReq {
     pub(super) reply: oneshot::Sender<Result<(), BusError>>,
 }
 
+/// Serves publish calls until the bus handle is dropped (which aborts this task).
 pub(super) async fn publisher_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<PublishReq>) {
     while let Some(first) = rx.recv().await {
         // Everything queued while the previous pipeline was in flight goes out together.
@@ -66,22 +67,13 @@ async fn publish_batch(
     for call in calls.iter().flatten() {
         pipe.add_command(call.cmd.clone());
     }
-    let mut replies = if pipe.is_empty() {
+    let replies = if pipe.is_empty() {
         Ok(Vec::new())
     } else {
         pipe.query_async::<Vec<redis::RedisResult<Value>>>(conn).await
     };
-    // Someone flushed the script cache: load it again and retry those calls once.
-    if let Ok(results) = &replies {
-        if results.iter().any(|r| r.as_ref().err().and_then(|e| e.code()) == Some("NOSCRIPT")) {
-            let loaded = redis::cmd("SCRIPT").arg("LOAD").arg(PUBLISH_LUA).query_async::<String>(conn).await;
-            if loaded.is_ok() {
-                replies = pipe.query_async::<Vec<redis::RedisResult<Value>>>(conn).await;
-            }
-        }
-    }
     let mut replies = match replies {
-        Ok(replies) => replies.into_iter(),
+        Ok(replies) => replies,
         Err(e) => {
             // The connection failed mid-pipeline: some calls may have run, but none is claimed.
             // The supervisor's PING or the disconnection push notices a dead connection.
@@ -90,6 +82,37 @@ async fn publish_batch(
             return batch.iter().map(|_| Err(error.clone())).collect();
         }
     };
+    // Someone flushed the script cache: load it again and retry those calls once (only those:
+    // the others ran).
+    let missing: Vec<usize> = replies
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.as_ref().err().and_then(|e| e.code()) == Some("NOSCRIPT"))
+        .map(|(i, _)| i)
+        .collect();
+    if !missing.is_empty() {
+        let cmds: Vec<&redis::Cmd> = calls.iter().flatten().map(|call| &call.cmd).collect();
+        let mut retry = redis::pipe();
+        retry.ignore_errors();
+        for &i in &missing {
+            retry.add_command(cmds[i].clone());
+        }
+        let loaded = redis::cmd("SCRIPT").arg("LOAD").arg(PUBLISH_LUA).query_async::<String>(conn).await;
+        let again = match loaded {
+            Ok(_) => retry.query_async::<Vec<redis::RedisResult<Value>>>(conn).await,
+            Err(e) => Err(e),
+        };
+        match again {
+            Ok(again) => {
+                for (i, reply) in missing.into_iter().zip(again) {
+                    replies[i] = reply;
+                }
+            }
+            // Those calls keep their NOSCRIPT error and are refused below.
+            Err(e) => tracing::warn!(error = %e, "redis publish: reloading the script failed"),
+        }
+    }
+    let mut replies = replies.into_iter();
     calls
         .iter()
         .map(|call| {

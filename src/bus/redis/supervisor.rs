@@ -23,6 +23,8 @@ use crate::protocol::ChatId;
 /// Channels per `SUBSCRIBE` / `UNSUBSCRIBE` command and rooms per re-seed call.
 const CHUNK: usize = 512;
 
+/// One session per connection, backoff between attempts, until the bus handle is dropped (which
+/// aborts this task).
 pub(super) async fn supervise(
     shared: Arc<Shared>,
     client: redis::Client,
