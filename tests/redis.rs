@@ -808,6 +808,7 @@ async fn e2e_redis_history_is_bounded_by_count() {
         .await
         .expect("PTTL");
     assert!(ttl > 0 && ttl <= 300_000, "the history list expires with rooms.history_ttl: {ttl}");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server"]
