@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::time::Duration;
 
 use herald::config::Membership;
 use herald::protocol::{ChatId, UserId};
@@ -42,12 +41,14 @@ async fn subscribers_receive_messages_and_unsubscribe_stops_them() {
     c.subscribe(room).await;
     gw.publish(&message_sent(room, &json!({"n":2}))).await;
     assert_eq!(c.recv().await["seq"], 2);
-    c.expect_silence(Duration::from_millis(200)).await;
+    c.expect_nothing_else(&gw, room).await;
 
+    let markers = chat();
+    c.subscribe(markers).await;
     c.send_json(json!({"type":"unsubscribe","chat_id":room})).await;
     assert_eq!(c.recv().await, json!({"type":"unsubscribed","chat_id":room}));
     gw.publish(&message_sent(room, &json!({"n":3}))).await;
-    c.expect_silence(Duration::from_millis(300)).await;
+    c.expect_nothing_else(&gw, markers).await;
 }
 
 #[tokio::test]
@@ -119,7 +120,7 @@ async fn token_membership_forbids_other_chats_and_leaks_nothing() {
     gw.publish(&message_sent(theirs, &json!({"secret":true}))).await;
     gw.publish(&message_sent(mine, &json!({"ok":true}))).await;
     assert_eq!(c.recv().await["data"], json!({"ok":true}));
-    c.expect_silence(Duration::from_millis(200)).await;
+    c.expect_nothing_else(&gw, mine).await;
 }
 
 #[tokio::test]
@@ -127,8 +128,11 @@ async fn event_membership_is_learned_and_removal_unsubscribes() {
     let mut config = support::config();
     config.auth.membership = Membership::Events;
     let gw = start(config).await;
-    let (room, alice) = (chat(), user());
+    let (room, markers, alice) = (chat(), chat(), user());
     let mut c = gw.connect(alice, &[room]).await;
+    let in_markers = json!({"type":"chat.member_added","chat_id":markers,"user_id":alice}).to_string();
+    assert_eq!(gw.publish(&in_markers).await.0, 202);
+    c.subscribe(markers).await;
     // The token's `chats` claim does not count under `events`.
     c.send_json(json!({"type":"subscribe","chat_id":room})).await;
     assert_eq!(c.recv().await["code"], "forbidden");
@@ -143,7 +147,7 @@ async fn event_membership_is_learned_and_removal_unsubscribes() {
     assert_eq!(gw.publish(&removed).await.0, 202);
     assert_eq!(c.recv().await, json!({"type":"unsubscribed","chat_id":room,"reason":"removed"}));
     gw.publish(&message_sent(room, &json!({"n":2}))).await;
-    c.expect_silence(Duration::from_millis(300)).await;
+    c.expect_nothing_else(&gw, markers).await;
     c.send_json(json!({"type":"subscribe","chat_id":room})).await;
     assert_eq!(c.recv().await["code"], "forbidden");
 }
@@ -153,16 +157,17 @@ async fn removal_under_token_membership_still_drops_the_subscription() {
     let mut config = support::config();
     config.auth.membership = Membership::Token;
     let gw = start(config).await;
-    let (room, bob) = (chat(), user());
-    let mut c = gw.connect(bob, &[room]).await;
+    let (room, markers, bob) = (chat(), chat(), user());
+    let mut c = gw.connect(bob, &[room, markers]).await;
     let mut other = gw.connect(user(), &[room]).await;
     c.subscribe(room).await;
+    c.subscribe(markers).await;
     other.subscribe(room).await;
     gw.publish(&json!({"type":"chat.member_removed","chat_id":room,"user_id":bob}).to_string()).await;
     assert_eq!(c.recv().await, json!({"type":"unsubscribed","chat_id":room,"reason":"removed"}));
     gw.publish(&message_sent(room, &json!({"after":"removal"}))).await;
     assert_eq!(other.recv().await["data"], json!({"after":"removal"}));
-    c.expect_silence(Duration::from_millis(200)).await;
+    c.expect_nothing_else(&gw, markers).await;
 }
 
 #[tokio::test]
@@ -172,12 +177,14 @@ async fn notifications_reach_every_connection_of_that_user_and_nobody_else() {
     let mut a1 = gw.connect(alice, &[]).await;
     let mut a2 = gw.connect(alice, &[]).await;
     let mut b = gw.connect(bob, &[]).await;
+    let markers = chat();
+    b.subscribe(markers).await;
     let body = json!({"type":"notification.created","user_id":alice,"data":{"title":"New task assigned","body":"#123"}});
     assert_eq!(gw.publish(&body.to_string()).await.0, 202);
     let want = json!({"type":"notification.new","data":{"title":"New task assigned","body":"#123"}});
     assert_eq!(a1.recv().await, want);
     assert_eq!(a2.recv().await, want);
-    b.expect_silence(Duration::from_millis(300)).await;
+    b.expect_nothing_else(&gw, markers).await;
 }
 
 #[tokio::test]
@@ -187,6 +194,8 @@ async fn task_status_changes_go_to_the_room_with_seq_and_to_users_without() {
     let mut member = gw.connect(watcher, &[]).await;
     member.subscribe(room).await;
     let mut direct = gw.connect(assignee, &[]).await;
+    let markers = chat();
+    direct.subscribe(markers).await;
     let event = json!({"type":"task.status_changed","chat_id":room,"user_ids":[assignee],
         "data":{"task_id":"5b0c1bb8-8f1f-4cf7-9d8e-8f1c7b9e0a11","status":"done"}});
     assert_eq!(gw.publish(&event.to_string()).await.0, 202);
@@ -204,7 +213,7 @@ async fn task_status_changes_go_to_the_room_with_seq_and_to_users_without() {
     gw.publish(&event.to_string()).await;
     let got = member.recv().await;
     assert!(got.get("seq").is_none() && got["data"]["status"] == "open", "{got}");
-    direct.expect_silence(Duration::from_millis(200)).await;
+    direct.expect_nothing_else(&gw, markers).await;
 }
 
 #[tokio::test]

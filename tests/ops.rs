@@ -160,6 +160,8 @@ async fn publish_refuses_bad_keys_and_bodies_with_json_errors() {
     let room = chat();
     let mut c = gw.connect(user(), &[]).await;
     c.subscribe(room).await;
+    let markers = chat();
+    c.subscribe(markers).await;
     let good = message_sent(room, &json!({"n":1}));
 
     assert_eq!(gw.publish_with_key(&good, None).await, (401, json!({"error":"missing API key"})));
@@ -194,9 +196,9 @@ async fn publish_refuses_bad_keys_and_bodies_with_json_errors() {
     );
 
     // Nothing of it was delivered, and all of it was counted.
-    c.expect_silence(Duration::from_millis(200)).await;
     assert_eq!(gw.metric("events_in_total").await, 0.0);
     assert_eq!(gw.metric("publish_rejected_total").await, 10.0);
+    c.expect_nothing_else(&gw, markers).await;
     // A good one under the limit still goes through.
     assert_eq!(gw.publish(&good).await, (202, json!({"accepted":1})));
     assert_eq!(c.recv().await, json!({"type":"message.new","chat_id":room,"seq":1,"data":{"n":1}}));
@@ -208,6 +210,8 @@ async fn a_bad_event_rejects_the_whole_batch() {
     let room = chat();
     let mut c = gw.connect(user(), &[]).await;
     c.subscribe(room).await;
+    let markers = chat();
+    c.subscribe(markers).await;
     let batch = json!([
         {"type":"message.sent","chat_id":room,"data":{"n":0}},
         {"type":"message.sent","data":{"n":1}},
@@ -218,8 +222,8 @@ async fn a_bad_event_rejects_the_whole_batch() {
     let msg = err["error"].as_str().unwrap_or_default();
     assert!(msg.contains("event 1"), "error must name event 1: {err}");
     assert!(msg.contains("chat_id"), "error must name the missing field: {err}");
-    c.expect_silence(Duration::from_millis(300)).await;
     assert_eq!(gw.metric("events_in_total").await, 0.0);
+    c.expect_nothing_else(&gw, markers).await;
 
     // Event 0 was not sequenced either: the next event is the room's first.
     assert_eq!(gw.publish(&message_sent(room, &json!({"n":3}))).await.0, 202);
@@ -232,11 +236,13 @@ async fn unknown_event_types_are_counted_and_ignored() {
     let room = chat();
     let mut c = gw.connect(user(), &[]).await;
     c.subscribe(room).await;
+    let markers = chat();
+    c.subscribe(markers).await;
 
     let unknown = json!({"type":"chat.poked","chat_id":room,"data":{"n":0}});
     assert_eq!(gw.publish(&unknown.to_string()).await, (202, json!({"accepted":0,"ignored":1})));
     assert_eq!(gw.metric("events_unknown_total").await, 1.0);
-    c.expect_silence(Duration::from_millis(200)).await;
+    c.expect_nothing_else(&gw, markers).await;
 
     let mixed = json!([
         {"type":"future.thing"},
@@ -246,7 +252,7 @@ async fn unknown_event_types_are_counted_and_ignored() {
     assert_eq!(gw.publish(&mixed.to_string()).await, (202, json!({"accepted":1,"ignored":2})));
     assert_eq!(gw.metric("events_unknown_total").await, 3.0);
     assert_eq!(c.recv().await, json!({"type":"message.new","chat_id":room,"seq":1,"data":{"n":1}}));
-    c.expect_silence(Duration::from_millis(200)).await;
+    c.expect_nothing_else(&gw, markers).await;
 }
 
 #[tokio::test]

@@ -220,15 +220,23 @@ impl Client {
         (seq, recovered)
     }
 
-    /// Asserts nothing but pings arrives for `wait`.
-    pub async fn expect_silence(&mut self, wait: Duration) {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            match tokio::time::timeout_at(deadline, self.ws.next()).await {
-                Err(_) => return,
-                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-                Ok(other) => panic!("expected silence, got {other:?}"),
-            }
+    /// Proves that nothing else is on its way to this client: publishes two
+    /// marker events, one after the other has arrived, to `marker_room`
+    /// (which the client must be subscribed to), and asserts that nothing but
+    /// the markers arrived. Anything the node had queued for this client
+    /// before the first marker (in any room or its mailbox) is written no
+    /// later than that marker's write, so before the second marker.
+    pub async fn expect_nothing_else(&mut self, gw: &Gateway, marker_room: ChatId) {
+        for n in 0..2 {
+            let marker = serde_json::json!({"marker": n});
+            let (status, _) = gw.publish(&message_sent(marker_room, &marker)).await;
+            assert_eq!(status, 202, "marker published");
+            let got = self.recv().await;
+            assert_eq!(
+                (&got["chat_id"], &got["data"]),
+                (&Value::String(marker_room.to_string()), &marker),
+                "expected nothing before marker {n}, got {got}"
+            );
         }
     }
 
