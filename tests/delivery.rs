@@ -4,7 +4,6 @@
 
 mod support;
 
-
 use herald::config::Membership;
 use herald::protocol::{ChatId, UserId};
 use serde_json::{json, Value};

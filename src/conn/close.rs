@@ -9,14 +9,14 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
-use super::{Conn, End};
+use super::{Conn, End, Socket};
 use crate::error::{CloseCode, Ended};
 use crate::protocol::frame;
 
 /// How long a closing connection waits for the client to finish.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
-impl Conn {
+impl<S: Socket> Conn<S> {
     pub(super) fn slow_consumer(&mut self) -> End {
         self.node.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
         // The backlog is abandoned: the client resubscribes with `since`.
@@ -58,7 +58,8 @@ impl Conn {
             if self.out.is_empty() {
                 break;
             }
-            if tokio::time::timeout_at(deadline, self.stream.writable()).await.is_err() {
+            let writable = std::future::poll_fn(|cx| self.stream.poll_write_ready(cx));
+            if tokio::time::timeout_at(deadline, writable).await.is_err() {
                 return;
             }
         }
@@ -67,7 +68,11 @@ impl Conn {
         // close into a reset that could discard the close frame.
         let linger = Instant::now() + CLOSE_LINGER;
         let mut buf = [0u8; 1024];
-        while let Ok(Ok(())) = tokio::time::timeout_at(linger, self.stream.readable()).await {
+        loop {
+            let readable = std::future::poll_fn(|cx| self.stream.poll_read_ready(cx));
+            if !matches!(tokio::time::timeout_at(linger, readable).await, Ok(Ok(()))) {
+                break;
+            }
             match self.stream.try_read(&mut buf) {
                 Ok(0) => break,
                 Ok(_) => {}

@@ -10,13 +10,15 @@
 //! [`session`] (client commands, subscriptions and recovery, the rate limit),
 //! [`timers`] (ping, silence, token expiry, write stall) and [`close`] (the
 //! close handshake); [`inbound`], [`outbound`] and [`subs`] are its
-//! reassembly buffer, write queue and rooms.
+//! reassembly buffer, write queue and rooms; [`socket`] is what it needs of
+//! its socket (TCP, or a Unix socket pair in tests).
 
 mod close;
 mod inbound;
 mod outbound;
 mod pump;
 mod session;
+mod socket;
 mod subs;
 mod timers;
 
@@ -26,7 +28,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
@@ -38,6 +39,7 @@ use crate::protocol::{ChatId, UserId};
 use crate::rooms::Mailbox;
 use inbound::{Assembler, Inbound};
 use outbound::Outbound;
+pub use socket::Socket;
 use subs::Subscriptions;
 
 /// Longest token lifetime honoured: about 30 years.
@@ -54,8 +56,8 @@ enum End {
     Echo(Option<u16>),
 }
 
-struct Conn {
-    stream: TcpStream,
+struct Conn<S> {
+    stream: S,
     node: Arc<Node>,
     user: UserId,
     token_chats: Box<[ChatId]>,
@@ -86,8 +88,8 @@ struct Conn {
 /// Not an `async fn`: the connection is built here, so the returned future
 /// holds the `Conn` once instead of also keeping slots for these arguments
 /// for its whole life (every idle connection is one such future).
-pub fn serve(
-    stream: TcpStream,
+pub fn serve<S: Socket>(
+    stream: S,
     early: Bytes,
     claims: Claims,
     node: Arc<Node>,
@@ -125,7 +127,7 @@ pub fn serve(
     async move { conn.lifecycle(early).await }
 }
 
-impl Conn {
+impl<S: Socket> Conn<S> {
     /// Registers, runs and unregisters the connection.
     async fn lifecycle(&mut self, early: Result<Vec<Inbound>, End>) {
         let node = self.node.clone();
@@ -163,13 +165,95 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::config::{Config, Membership};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    /// A client frame: masked, as RFC 6455 requires (payloads under 126 bytes).
+    fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [1u8, 2, 3, 4];
+        let mut out = vec![first, 0x80 | payload.len() as u8];
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    /// Reads one server frame: (first header byte, payload).
+    async fn read_frame(client: &mut UnixStream) -> std::io::Result<(u8, Vec<u8>)> {
+        let mut head = [0u8; 2];
+        client.read_exact(&mut head).await?;
+        let len = match head[1] {
+            126 => usize::from(client.read_u16().await?),
+            127 => client.read_u64().await? as usize,
+            n => usize::from(n),
+        };
+        let mut payload = vec![0u8; len];
+        client.read_exact(&mut payload).await?;
+        Ok((head[0], payload))
+    }
+
+    async fn read_json(client: &mut UnixStream) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+        loop {
+            let (first, payload) = read_frame(client).await?;
+            if first == 0x81 {
+                return Ok(serde_json::from_slice(&payload)?);
+            }
+        }
+    }
+
+    /// One connection task driven over a Unix socket pair: no HTTP, no TCP,
+    /// just the task, its node and the bytes on the wire.
+    #[tokio::test]
+    async fn the_pump_answers_commands_delivers_in_order_and_echoes_the_close() -> TestResult {
+        let mut config = Config::default();
+        config.auth.membership = Membership::Open;
+        let node = Arc::new(Node::build(&config).await?);
+        let (server, mut client) = UnixStream::pair()?;
+        let permit = Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned()?;
+        let claims = Claims { sub: UserId::from_u128(7), exp: u64::MAX / 2, chats: vec![] };
+        let task = tokio::spawn(serve(server, Bytes::new(), claims, node.clone(), permit));
+
+        let chat = ChatId::from_u128(42);
+        client
+            .write_all(&masked(0x81, format!(r#"{{"type":"subscribe","chat_id":"{chat}"}}"#).as_bytes()))
+            .await?;
+        let reply = read_json(&mut client).await?;
+        assert_eq!(reply, serde_json::json!({"type":"subscribed","chat_id":chat,"seq":0}));
+
+        let body = format!(
+            r#"[{{"type":"message.sent","chat_id":"{chat}","data":{{"n":1}}}},{{"type":"chat.updated","chat_id":"{chat}","data":{{"n":2}}}}]"#
+        );
+        node.bus.publish(crate::protocol::event::parse_batch(body.as_bytes())?).await?;
+        for (seq, ty) in [(1, "message.new"), (2, "chat.updated")] {
+            let event = read_json(&mut client).await?;
+            assert_eq!((event["seq"].as_u64(), event["type"].as_str()), (Some(seq), Some(ty)), "{event}");
+        }
+
+        client.write_all(&masked(0x89, b"hb")).await?;
+        assert_eq!(
+            read_frame(&mut client).await?,
+            (0x8A, b"hb".to_vec()),
+            "a ping is answered with its payload"
+        );
+        client.write_all(&masked(0x81, br#"{"type":"nope"}"#)).await?;
+        assert_eq!(read_json(&mut client).await?["code"], "unknown_type");
+
+        client.write_all(&masked(0x88, &4000u16.to_be_bytes())).await?;
+        let (first, payload) = read_frame(&mut client).await?;
+        assert_eq!((first, &payload[..2]), (0x88, &4000u16.to_be_bytes()[..]), "the client's code is echoed");
+        drop(client);
+        task.await?;
+        assert_eq!((node.users.len(), node.rooms.subscribers(chat)), (0, 0), "the task left its rooms");
+        Ok(())
+    }
 
     /// Every idle connection is one of these futures: keep it small.
     #[tokio::test]
     async fn the_connection_future_stays_small() -> Result<(), Box<dyn std::error::Error>> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let stream = TcpStream::connect(listener.local_addr()?).await?;
+        let stream = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
         let node = Arc::new(Node::build(&Config::default()).await?);
         let permit = Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned()?;
         let claims = Claims { sub: UserId::from_u128(1), exp: u64::MAX / 2, chats: vec![] };

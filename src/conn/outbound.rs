@@ -8,7 +8,8 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
+
+use super::Socket;
 
 /// Most frames gathered into one `writev`.
 const MAX_IOVECS: usize = 64;
@@ -57,7 +58,7 @@ impl Outbound {
     }
 
     /// Writes as much as the socket takes without blocking.
-    pub(crate) fn flush(&mut self, stream: &TcpStream) -> io::Result<Written> {
+    pub(crate) fn flush(&mut self, stream: &impl Socket) -> io::Result<Written> {
         let mut written = Written::default();
         while !self.queue.is_empty() {
             let result = if self.queue.len() == 1 {

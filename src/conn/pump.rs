@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::inbound::Inbound;
 use super::subs::{Stopped, Taken};
-use super::{Conn, End};
+use super::{Conn, End, Socket};
 use crate::error::CloseCode;
 use crate::protocol::server;
 use crate::rooms::{Drained, UserMsg};
@@ -38,7 +38,7 @@ enum Wake {
     Timer,
 }
 
-impl Conn {
+impl<S: Socket> Conn<S> {
     /// The connection's main loop; `inbox` holds messages that arrived with
     /// the handshake.
     pub(super) async fn run(&mut self, mut inbox: Vec<Inbound>) -> End {

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 
 use super::inbound::Inbound;
-use super::{Conn, End};
+use super::{Conn, End, Socket};
 use crate::bus::Topic;
 use crate::error::{CloseCode, ErrorCode};
 use crate::membership;
@@ -21,7 +21,7 @@ const COMMAND_RATE: f32 = 50.0;
 /// Error replies within one connection's life before it is closed with 1008.
 const MAX_ERRORS: u32 = 100;
 
-impl Conn {
+impl<S: Socket> Conn<S> {
     /// Answers every complete client message, in order.
     pub(super) async fn handle(&mut self, inbox: &mut Vec<Inbound>) -> Result<(), End> {
         // Taken whole, so an idle connection keeps no inbox buffer.

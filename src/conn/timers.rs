@@ -4,11 +4,11 @@
 
 use tokio::time::Instant;
 
-use super::{Conn, End};
+use super::{Conn, End, Socket};
 use crate::error::CloseCode;
 use crate::protocol::frame::{self, OpCode};
 
-impl Conn {
+impl<S: Socket> Conn<S> {
     /// The earliest moment a timer must act.
     pub(super) fn deadline(&self) -> Instant {
         let ws = &self.node.ws;
