@@ -1,0 +1,155 @@
+// herald-client against a real Herald process: acks and typed errors,
+// reconnect and resubscribe across a restart, token renewal on 4001,
+// deduplication and gap reports by seq, and dead-path detection by ping.
+
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+
+import { HeraldClient, HeraldError } from '../herald-client.js';
+import { inbox, message, next, proxy, startHerald, token, uuid } from './support.js';
+
+let herald;
+before(async () => {
+  herald = await startHerald();
+});
+after(() => herald?.stop());
+
+/** A client with fast timers, closed when the test ends. */
+function client(t, url, options) {
+  const c = new HeraldClient(url, { backoffInitial: 50, backoffMax: 500, ...options });
+  t.after(() => c.close());
+  return c;
+}
+
+test('subscribe resolves on the ack; events arrive in order; unsubscribe stops them', async (t) => {
+  const chat = uuid();
+  const c = client(t, herald.wsUrl, { token: token(uuid(), [chat]) });
+  const states = [];
+  c.on('state', (s) => states.push(s));
+  await c.connect();
+  const q = inbox();
+  const ack = await c.subscribe(chat, (e) => q.push(e));
+  assert.equal(ack.chatId, chat);
+  const base = ack.seq ?? 0;
+  for (const n of [1, 2, 3]) await herald.publish(message(chat, n));
+  for (const n of [1, 2, 3]) {
+    const e = await q.take();
+    assert.deepEqual(e, { type: 'message.new', chat_id: chat, seq: base + n, data: { n } });
+  }
+  await c.unsubscribe(chat);
+  // Delivery stopped at once: the event in between reaches neither handler
+  // (the server answers in order, so the new ack comes after it).
+  await herald.publish(message(chat, 4));
+  const again = inbox();
+  await c.subscribe(chat, (e) => again.push(e));
+  await herald.publish(message(chat, 5));
+  assert.equal((await again.take()).data.n, 5);
+  assert.equal(q.pending, 0);
+  assert.deepEqual(states, ['connecting', 'connected']);
+});
+
+test('a refused subscribe rejects with the server error code', async (t) => {
+  const mine = uuid();
+  const c = client(t, herald.wsUrl, { token: token(uuid(), [mine]) });
+  await c.connect();
+  const other = uuid();
+  await assert.rejects(c.subscribe(other, () => {}), (err) => {
+    assert.ok(err instanceof HeraldError);
+    assert.equal(err.code, 'forbidden');
+    assert.equal(err.chatId, other);
+    return true;
+  });
+  // The connection is still usable.
+  assert.equal((await c.subscribe(mine, () => {})).chatId, mine);
+});
+
+test('a restart: reconnects with backoff, resubscribes with since, reports the refetch', async (t) => {
+  const node = await startHerald();
+  t.after(() => node.stop());
+  const chat = uuid();
+  const c = client(t, node.wsUrl, { token: token(uuid(), [chat]) });
+  await c.connect();
+  const q = inbox();
+  await c.subscribe(chat, (e) => q.push(e));
+  await node.publish(message(chat, 1));
+  await node.publish(message(chat, 2));
+  const last = (await q.take(), await q.take()).seq;
+
+  const dropped = next(c, 'disconnected');
+  await node.stop();
+  const gone = await dropped;
+  assert.equal(gone.code, 1001);
+  assert.equal(gone.willReconnect, true);
+
+  // Same port, new process: the in-memory history is gone, so the server
+  // cannot replay and the app is told to refetch from its backend.
+  const refetch = next(c, 'refetch');
+  const reconnected = next(c, 'connected');
+  const restarted = await startHerald({ port: node.port });
+  t.after(() => restarted.stop());
+  await reconnected;
+  const r = await refetch;
+  assert.equal(r.chatId, chat);
+  assert.equal(r.reason, 'not_recovered');
+  assert.equal(r.since, last);
+  // Live events flow again, even though the new node's seq starts over.
+  await restarted.publish(message(chat, 3));
+  assert.equal((await q.take()).data.n, 3);
+});
+
+test('an expired token (4001) is renewed through getToken()', async (t) => {
+  const chat = uuid();
+  const user = uuid();
+  let calls = 0;
+  const c = client(t, herald.wsUrl, {
+    getToken: async () => {
+      calls += 1;
+      return token(user, [chat], calls === 1 ? 1 : 3600);
+    },
+  });
+  await c.connect();
+  const q = inbox();
+  await c.subscribe(chat, (e) => q.push(e));
+  const resubscribed = next(c, 'subscribed');
+  const gone = await next(c, 'disconnected', () => true, 5000);
+  assert.equal(gone.code, 4001);
+  assert.equal(gone.willReconnect, true);
+  await resubscribed;
+  assert.equal(calls, 2);
+  await herald.publish(message(chat, 1));
+  assert.equal((await q.take()).data.n, 1);
+});
+
+test('a repeated frame is dropped and a lost one is reported as a gap', async (t) => {
+  const p = await proxy(herald.addr);
+  t.after(() => p.close());
+  const chat = uuid();
+  const c = client(t, p.wsUrl, { token: token(uuid(), [chat]) });
+  await c.connect();
+  const q = inbox();
+  await c.subscribe(chat, (e) => q.push(e));
+
+  const repeated = p.repeat((m) => m.data?.n === 1);
+  await herald.publish(message(chat, 1));
+  await repeated;
+  const first = await q.take();
+  const lost = p.drop((m) => m.data?.n === 2);
+  await herald.publish(message(chat, 2));
+  await lost;
+  const gap = next(c, 'refetch');
+  await herald.publish(message(chat, 3));
+  const third = await q.take();
+  assert.equal(third.data.n, 3, 'the repeat of 1 was dropped; 2 never arrived');
+  assert.deepEqual(await gap, { chatId: chat, reason: 'gap', since: first.seq, seq: first.seq + 1 });
+});
+
+test('a dead network path is detected by the app-level ping', async (t) => {
+  const p = await proxy(herald.addr);
+  t.after(() => p.close());
+  const c = client(t, p.wsUrl, { token: token(uuid(), []), pingInterval: 100, pingTimeout: 300 });
+  await c.connect();
+  p.goSilent();
+  const gone = await next(c, 'disconnected');
+  assert.equal(gone.reason, 'ping timeout');
+  assert.equal(gone.willReconnect, true);
+});
