@@ -37,6 +37,7 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     pub rooms: RoomsConfig,
     pub bus: BusConfig,
+    pub ui: UiConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,6 +160,15 @@ impl Default for BusConfig {
     fn default() -> Self {
         BusConfig { kind: BusKind::Memory, redis_url: "redis://127.0.0.1:6379".into() }
     }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UiConfig {
+    /// The demo page at `/`. Unset: on exactly when Herald runs on the
+    /// embedded default (generated secrets, loopback only); `true` serves the
+    /// page without demo credentials (it asks for a token); `false` never.
+    pub enabled: Option<bool>,
 }
 
 /// Lists may be given as YAML lists or as one comma-separated string (env).
@@ -341,6 +351,7 @@ mod tests {
         assert_eq!(c.rooms.buffer, 1024);
         assert_eq!(c.bus.kind, BusKind::Memory);
         assert_eq!(c.auth.membership, Membership::Token);
+        assert_eq!(c.ui.enabled, None);
         Ok(())
     }
 
@@ -363,6 +374,8 @@ rooms:
 bus:
   kind: redis
   redis_url: redis://127.0.0.1:7000
+ui:
+  enabled: false
 "#;
         let c = load_yaml(
             yaml,
@@ -379,6 +392,7 @@ bus:
         assert_eq!(c.rooms.buffer, 64);
         assert_eq!(c.bus.kind, BusKind::Redis);
         assert_eq!(c.api.keys.len(), 2);
+        assert_eq!(c.ui.enabled, Some(false));
         Ok(())
     }
 
