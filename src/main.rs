@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use herald::config::{Config, Membership};
+use herald::http::DemoPage;
 use herald::protocol::{ChatId, UserId};
 use herald::server::Server;
 use tokio_util::sync::CancellationToken;
@@ -60,11 +61,19 @@ fn run() -> anyhow::Result<()> {
     let demo = fill_ephemeral_secrets(&mut config);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let server = Server::bind(config.clone()).await?;
+        let mut server = Server::bind(config.clone()).await?;
         let addr = server.local_addr();
         tracing::info!(%addr, bus = ?config.bus.kind, membership = ?config.auth.membership, "herald listening");
         if let Some(demo) = demo {
-            print_demo(&config, addr, &demo);
+            let page = DemoPage {
+                secret: demo.secret.clone(),
+                user: UserId::new_v4(),
+                chat: ChatId::new_v4(),
+                api_key: demo.api_key.clone(),
+                token_ttl: Duration::from_secs(24 * 3600),
+            };
+            print_demo(&config, addr, &demo, &page);
+            server = server.with_demo_page(page);
         }
         let shutdown = CancellationToken::new();
         tokio::spawn(signal(shutdown.clone()));
@@ -108,9 +117,8 @@ fn random_hex(bytes: usize) -> String {
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn print_demo(config: &Config, addr: std::net::SocketAddr, demo: &Demo) {
-    let user = UserId::new_v4();
-    let chat = ChatId::new_v4();
+fn print_demo(config: &Config, addr: std::net::SocketAddr, demo: &Demo, page: &DemoPage) {
+    let (user, chat) = (page.user, page.chat);
     let token = herald::auth::mint_hs256(&demo.secret, user, &[chat], Duration::from_secs(24 * 3600));
     let membership_note = match config.auth.membership {
         Membership::Token => "the token's `chats` claim lets it subscribe to the demo chat",
@@ -118,7 +126,7 @@ fn print_demo(config: &Config, addr: std::net::SocketAddr, demo: &Demo) {
         Membership::Open => "membership: open -- any chat may be subscribed",
     };
     println!(
-        r#"
+        r#"{page_line}
 Herald is running on the embedded default (in-memory bus, secrets for this run only).
 
   JWT secret (HS256): {secret}
@@ -144,6 +152,11 @@ Publish a message:
 "#,
         secret = if demo.secret_generated { demo.secret.as_str() } else { "(configured)" },
         key = demo.api_key,
+        page_line = if config.ui.enabled == Some(false) {
+            String::new()
+        } else {
+            format!("\n  Demo page: open http://{addr}/ in a browser\n")
+        },
         msg = uuid::Uuid::new_v4(),
     );
 }
