@@ -12,9 +12,11 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use herald::auth::{mint_hs256, Verifier};
 use herald::config::AuthConfig;
 use herald::protocol::{client, server, ChatId, UserId};
-use herald::rooms::Rooms;
+use herald::rooms::{HistoryLimits, Rooms};
 
 const DATA: &str = r#"{"id":"0d6a8c59-3c1e-4b8e-9d3e-5f3b2a1c0e9f","content":"Hello, how is the release going?","sender_id":"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b","created_at":"2026-01-15T10:30:00Z"}"#;
+
+const LIMITS: HistoryLimits = HistoryLimits { size: 100, ttl: Duration::from_secs(300), bytes: 64 << 20 };
 
 fn encode(c: &mut Criterion) {
     let chat = ChatId::from_u128(42);
@@ -47,18 +49,21 @@ fn encode(c: &mut Criterion) {
 fn fanout(c: &mut Criterion) {
     let mut group = c.benchmark_group("room_fanout");
     for subscribers in [1usize, 100, 10_000] {
-        let rooms = Rooms::new(1024);
+        let rooms = Rooms::new(1024, LIMITS);
         let chat = ChatId::from_u128(1);
-        let mut receivers: Vec<_> = (0..subscribers).map(|_| rooms.join(chat)).collect();
+        let mut receivers: Vec<_> = (0..subscribers).map(|_| rooms.join(chat).1).collect();
+        let mut seq = 0;
         let frame = server::room_event("message.new", chat, 1, DATA);
         group.throughput(Throughput::Elements(subscribers as u64));
-        // One send, then every subscriber takes its copy: the whole per-event cost.
+        // One publish (history push + ring send), then every subscriber takes
+        // its copy: the whole per-event cost.
         group.bench_with_input(
             BenchmarkId::new("send_and_receive_all", subscribers),
             &subscribers,
             |b, _| {
                 b.iter(|| {
-                    rooms.send(chat, frame.clone());
+                    seq += 1;
+                    rooms.publish(chat, seq, frame.clone());
                     for rx in receivers.iter_mut() {
                         black_box(rx.try_recv().ok());
                     }
@@ -81,6 +86,28 @@ fn fanout(c: &mut Criterion) {
     group.finish();
 }
 
+/// The catch-up path: a reader behind its room's ring reads a page of
+/// frames from history (one lock, one reference-count bump per frame).
+fn catch_up(c: &mut Criterion) {
+    let mut group = c.benchmark_group("history");
+    let rooms = Rooms::new(16, LIMITS);
+    let chat = ChatId::from_u128(1);
+    let frame = server::room_event("message.new", chat, 1, DATA);
+    for seq in 1..=100 {
+        rooms.publish(chat, seq, frame.clone());
+    }
+    let Some(room) = rooms.get(chat) else { return };
+    group.throughput(Throughput::Elements(64));
+    group.bench_function("read_64_after", |b| {
+        b.iter(|| {
+            let mut n = 0usize;
+            let read = room.read_after(black_box(30), 64, |f| n += f.len());
+            black_box((read, n))
+        })
+    });
+    group.finish();
+}
+
 fn churn(c: &mut Criterion) {
     let mut group = c.benchmark_group("subscribe_churn");
     let threads = 4;
@@ -88,7 +115,7 @@ fn churn(c: &mut Criterion) {
     group.throughput(Throughput::Elements((threads * per_thread) as u64));
     group.sample_size(20);
     group.bench_function("join_leave_4_threads_16_rooms", |b| {
-        let rooms = Arc::new(Rooms::new(64));
+        let rooms = Arc::new(Rooms::new(64, LIMITS));
         b.iter(|| {
             std::thread::scope(|s| {
                 for t in 0..threads {
@@ -169,5 +196,5 @@ fn jwt(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, encode, fanout, churn, parse, jwt);
+criterion_group!(benches, encode, fanout, catch_up, churn, parse, jwt);
 criterion_main!(benches);

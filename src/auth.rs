@@ -34,8 +34,10 @@ pub enum AuthError {
     BadSignature,
     #[error("token algorithm is not accepted")]
     Algorithm,
-    #[error("token issuer or audience does not match")]
-    WrongParty,
+    #[error("token issuer does not match auth.issuer")]
+    WrongIssuer,
+    #[error("token audience does not match auth.audience")]
+    WrongAudience,
     #[error("token is malformed or lacks the required claims (sub as UUID, exp)")]
     Malformed,
 }
@@ -49,7 +51,7 @@ impl AuthError {
             AuthError::NotYetValid => "token_not_yet_valid",
             AuthError::BadSignature => "invalid_signature",
             AuthError::Algorithm => "algorithm_not_allowed",
-            AuthError::WrongParty => "invalid_issuer_or_audience",
+            AuthError::WrongIssuer | AuthError::WrongAudience => "invalid_issuer_or_audience",
             AuthError::Malformed => "malformed_token",
         }
     }
@@ -68,6 +70,7 @@ pub enum KeyError {
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    alg: Algorithm,
 }
 
 impl Verifier {
@@ -107,7 +110,12 @@ impl Verifier {
             None => validation.validate_aud = false,
         }
         validation.set_required_spec_claims(&required);
-        Ok(Verifier { key, validation })
+        Ok(Verifier { key, validation, alg })
+    }
+
+    /// The one algorithm this verifier accepts.
+    pub fn algorithm(&self) -> Algorithm {
+        self.alg
     }
 
     /// Verifies a token and returns its claims.
@@ -121,7 +129,8 @@ impl Verifier {
                 ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 ErrorKind::InvalidSignature => AuthError::BadSignature,
                 ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => AuthError::Algorithm,
-                ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience => AuthError::WrongParty,
+                ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+                ErrorKind::InvalidAudience => AuthError::WrongAudience,
                 _ => AuthError::Malformed,
             },
         )

@@ -28,7 +28,7 @@ impl Deliver for Broadcaster {
             EventKind::MessageSent | EventKind::ChatUpdated | EventKind::TaskStatusChanged => {
                 let ty = event.kind.client_type().unwrap_or_default();
                 if let (Some(chat), Some(seq)) = (event.chat_id, seq) {
-                    self.rooms.send(chat, server::room_event(ty, chat, seq, data));
+                    self.rooms.publish(chat, seq, server::room_event(ty, chat, seq, data));
                 } else if event.chat_id.is_some() {
                     tracing::warn!(kind = ?event.kind, "room event delivered without a seq; dropped");
                 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use crate::membership::Source as Membership;
@@ -28,7 +28,7 @@ fn key_error(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Key { key: key.to_string(), message: message.into() }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -37,10 +37,11 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     pub rooms: RoomsConfig,
     pub bus: BusConfig,
+    pub log: LogConfig,
     pub ui: UiConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address to listen on. Without a configured secret only loopback is allowed.
@@ -65,7 +66,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// HS256 shared secret.
@@ -83,7 +84,7 @@ pub struct AuthConfig {
     pub leeway: Duration,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
     /// Bearer keys accepted by `POST /api/events`.
@@ -91,7 +92,7 @@ pub struct ApiConfig {
     pub keys: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebSocketConfig {
     /// Kept from the original design; Herald reads into a shared scratch
@@ -128,20 +129,34 @@ impl Default for WebSocketConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoomsConfig {
-    /// Frames a room holds for its slowest reader before 4008.
+    /// Frames a room's live ring holds: the fast path. A reader that lags
+    /// it continues from the room's history (see ARCHITECTURE.md for why
+    /// the default is small).
     pub buffer: usize,
+    /// Recent events each room keeps for recovery and catch-up.
+    pub history_size: usize,
+    /// How long an event stays in history.
+    #[serde(with = "humantime_serde")]
+    pub history_ttl: Duration,
+    /// Frame bytes all rooms' histories may hold together (extension).
+    pub history_bytes: usize,
 }
 
 impl Default for RoomsConfig {
     fn default() -> Self {
-        RoomsConfig { buffer: 1024 }
+        RoomsConfig {
+            buffer: 16,
+            history_size: 100,
+            history_ttl: Duration::from_secs(300),
+            history_bytes: 64 << 20,
+        }
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BusKind {
     #[default]
@@ -149,7 +164,7 @@ pub enum BusKind {
     Redis,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BusConfig {
     pub kind: BusKind,
@@ -162,7 +177,34 @@ impl Default for BusConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines; coloured only when the output is a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target, message, fields)
+    /// for log collectors.
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `RUST_LOG`-style filter such as `info` or `info,herald=debug`;
+    /// `RUST_LOG`, when set, wins over it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UiConfig {
     /// The demo page at `/`. Unset: on exactly when Herald runs on the
@@ -236,6 +278,7 @@ impl Config {
             ("websocket.max_subscriptions", ws.max_subscriptions),
             ("websocket.user_queue", ws.user_queue),
             ("rooms.buffer", self.rooms.buffer),
+            ("rooms.history_size", self.rooms.history_size),
             ("server.max_connections", self.server.max_connections),
             ("server.max_body_bytes", self.server.max_body_bytes),
         ];
@@ -252,6 +295,20 @@ impl Config {
             if value.is_zero() {
                 return Err(key_error(key, "must be longer than 0s"));
             }
+        }
+        let rooms = &self.rooms;
+        for (key, value, max) in
+            [("rooms.buffer", rooms.buffer, 1 << 16), ("rooms.history_size", rooms.history_size, 100_000)]
+        {
+            if value > max {
+                return Err(key_error(key, format!("must be at most {max}")));
+            }
+        }
+        if rooms.history_ttl.is_zero() || rooms.history_ttl > Duration::from_secs(7 * 86_400) {
+            return Err(key_error("rooms.history_ttl", "must be longer than 0s and at most 7 days"));
+        }
+        if rooms.history_bytes < 1 << 16 {
+            return Err(key_error("rooms.history_bytes", "must be at least 65536"));
         }
         if ws.pong_wait <= ws.ping_interval {
             return Err(key_error("websocket.pong_wait", "must be longer than websocket.ping_interval"));
@@ -277,6 +334,12 @@ impl Config {
                      and api.keys first",
                     self.server.listen
                 ),
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+            return Err(key_error(
+                "log.level",
+                format!("not a log filter such as `info` or `info,herald=debug`: {e}"),
             ));
         }
         if self.bus.kind == BusKind::Redis && !self.bus.redis_url.starts_with("redis://") {
@@ -348,9 +411,12 @@ mod tests {
         assert_eq!(c.websocket.pong_wait, Duration::from_secs(60));
         assert_eq!(c.websocket.write_wait, Duration::from_secs(10));
         assert_eq!(c.websocket.max_message_size, 65536);
-        assert_eq!(c.rooms.buffer, 1024);
+        assert_eq!(c.rooms.buffer, 16);
+        assert_eq!(c.rooms.history_size, 100);
+        assert_eq!(c.rooms.history_ttl, Duration::from_secs(300));
         assert_eq!(c.bus.kind, BusKind::Memory);
         assert_eq!(c.auth.membership, Membership::Token);
+        assert_eq!((c.log.format, c.log.level.as_str()), (LogFormat::Text, "info"));
         assert_eq!(c.ui.enabled, None);
         Ok(())
     }
@@ -374,6 +440,9 @@ rooms:
 bus:
   kind: redis
   redis_url: redis://127.0.0.1:7000
+log:
+  format: json
+  level: warn,herald=debug
 ui:
   enabled: false
 "#;
@@ -382,6 +451,7 @@ ui:
             &[
                 ("HERALD_WEBSOCKET__PING_INTERVAL", "2s"),
                 ("HERALD_API__KEYS", "a-0123456789abcdef,b-0123456789abcdef"),
+                ("HERALD_LOG__LEVEL", "debug"),
             ],
         )?;
         assert_eq!(c.server.listen.port(), 9000);
@@ -392,6 +462,7 @@ ui:
         assert_eq!(c.rooms.buffer, 64);
         assert_eq!(c.bus.kind, BusKind::Redis);
         assert_eq!(c.api.keys.len(), 2);
+        assert_eq!((c.log.format, c.log.level.as_str()), (LogFormat::Json, "debug"));
         assert_eq!(c.ui.enabled, Some(false));
         Ok(())
     }
@@ -408,6 +479,9 @@ ui:
         assert!(err("websocket:\n  pong_wait: soon\n", &[]).contains("websocket.pong_wait"));
         assert!(err("rooms:\n  buffer: -3\n", &[]).contains("rooms.buffer"));
         assert!(err("rooms:\n  buffer: 0\n", &[]).contains("rooms.buffer"));
+        assert!(err("rooms:\n  history_size: 1000000\n", &[]).contains("rooms.history_size"));
+        assert!(err("rooms:\n  history_ttl: 0s\n", &[]).contains("rooms.history_ttl"));
+        assert!(err("rooms:\n  history_bytes: 10\n", &[]).contains("rooms.history_bytes"));
         assert!(err("bogus: 1\n", &[]).contains("bogus"));
         assert!(
             err("", &[("HERALD_WEBSOCKET__MAX_MESSAGE_SIZE", "big")]).contains("websocket.max_message_size")
@@ -417,5 +491,8 @@ ui:
         assert!(err("auth:\n  membership: everyone\n", &[]).contains("auth.membership"));
         assert!(err("server:\n  listen: 0.0.0.0:8080\n", &[]).contains("server.listen"));
         assert!(err(": : :\n", &[]).contains("YAML"));
+        assert!(err("log:\n  format: xml\n", &[]).contains("log.format"));
+        assert!(err("log:\n  level: \"herald=loud\"\n", &[]).contains("log.level"));
+        assert!(err("", &[("HERALD_LOG__LEVEL", "=")]).contains("log.level"));
     }
 }

@@ -1,79 +1,99 @@
-//! The `herald` binary: parse the command line, load the config, start the
-//! node, and stop it on Ctrl-C or SIGTERM.
+//! The `herald` binary: parse the command line, load the config, start
+//! tracing, and hand over to the library: serve until Ctrl-C or SIGTERM, or
+//! run one operator command and print its result.
 
-use std::path::PathBuf;
+use std::io::{IsTerminal as _, Read as _};
+use std::path::Path;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context as _;
-use herald::config::{Config, Membership};
+use clap::Parser as _;
+use herald::cmd::{self, check_config, init, token, Cli, Command};
+use herald::config::{Config, LogConfig, LogFormat};
+use herald::demo::Demo;
 use herald::http::DemoPage;
-use herald::protocol::{ChatId, UserId};
 use herald::server::Server;
 use tokio_util::sync::CancellationToken;
-
-const USAGE: &str = "\
-herald: realtime WebSocket fan-out gateway
-
-USAGE:
-    herald [--config <FILE>]
-
-With no --config, Herald runs on its embedded default: 127.0.0.1:8080, the
-in-memory bus, and a random JWT secret and API key printed for this run.
-Every config key can be set with HERALD_<SECTION>__<KEY>, e.g.
-HERALD_AUTH__JWT_SECRET or HERALD_WEBSOCKET__PING_INTERVAL=30s.
-Logs: RUST_LOG=herald=debug.";
+use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
+    match run(Cli::parse().into_command()) {
+        Ok(code) => code,
         Err(e) => {
-            eprintln!("herald: {e:#}");
+            eprintln!("herald: {}", cmd::describe(e.as_ref()));
             ExitCode::FAILURE
         }
     }
 }
 
-fn run() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let mut path: Option<PathBuf> = None;
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "-c" | "--config" => path = Some(args.next().context("--config needs a file path")?.into()),
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return Ok(());
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve(args) => serve(load(args.config.as_deref())?)?,
+        Command::Token(args) => {
+            let config = load(args.config.config.as_deref())?;
+            println!("{}", token::mint(&config.auth, args.sub, &args.chats, args.ttl)?);
+        }
+        Command::CheckToken(args) => {
+            let config = load(args.config.config.as_deref())?;
+            let jwt = if args.token == "-" {
+                let mut s = String::new();
+                std::io::stdin().read_to_string(&mut s).context("reading the token from stdin")?;
+                s
+            } else {
+                args.token
+            };
+            let verdict = token::check(&config.auth, &jwt)?;
+            println!("{verdict}");
+            if !matches!(verdict, token::Verdict::Accepted(_)) {
+                return Ok(ExitCode::FAILURE);
             }
-            "-V" | "--version" => {
-                println!("herald {}", env!("CARGO_PKG_VERSION"));
-                return Ok(());
+        }
+        Command::CheckConfig(args) => {
+            let config = load(args.config.config.as_deref())?;
+            print!("{}", check_config::check(&config)?);
+            if args.connect {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                println!("# {}", runtime.block_on(check_config::connect(&config))?);
             }
-            other => anyhow::bail!("unknown argument {other:?}\n\n{USAGE}"),
+        }
+        Command::Init(args) => {
+            init::write(&args.path)?;
+            let path = args.path.display();
+            println!("wrote {path} with a fresh JWT secret and API key\n  start:  herald --config {path}");
         }
     }
-    let mut config = Config::load(path.as_deref(), std::env::vars())?;
-    let demo = fill_ephemeral_secrets(&mut config);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The one loader, with the process environment's `HERALD_*` overrides.
+fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+    Ok(Config::load(path, std::env::vars())?)
+}
+
+fn serve(mut config: Config) -> anyhow::Result<()> {
+    init_tracing(&config.log)?;
+    let demo = Demo::prepare(&mut config)?;
+    if demo.is_some() {
+        tracing::warn!("no auth.jwt_secret / api.keys configured: using random ones for this run only");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let mut server = Server::bind(config.clone()).await?;
         let addr = server.local_addr();
         tracing::info!(%addr, bus = ?config.bus.kind, membership = ?config.auth.membership, "herald listening");
         if let Some(demo) = demo {
-            let page = DemoPage {
-                secret: demo.secret.clone(),
-                user: UserId::new_v4(),
-                chat: ChatId::new_v4(),
-                api_key: demo.api_key.clone(),
-                token_ttl: Duration::from_secs(24 * 3600),
-            };
-            print_demo(&config, addr, &demo, &page);
-            server = server.with_demo_page(page);
+            // The page needs the secret to hand its demo user fresh tokens.
+            if let (Some(secret), false) = (&demo.secret, config.ui.enabled == Some(false)) {
+                println!("\n  Demo page: open http://{addr}/ in a browser");
+                server = server.with_demo_page(DemoPage {
+                    secret: secret.clone(),
+                    user: demo.user,
+                    chat: demo.chat,
+                    api_key: demo.api_key.clone(),
+                    token_ttl: herald::demo::TOKEN_TTL,
+                });
+            }
+            println!("{}", demo.banner(&config, addr));
         }
         let shutdown = CancellationToken::new();
         tokio::spawn(signal(shutdown.clone()));
@@ -82,83 +102,21 @@ fn run() -> anyhow::Result<()> {
     })
 }
 
-/// What the embedded default generated for this run.
-struct Demo {
-    secret: String,
-    /// False when the secret came from the config: then it is not printed.
-    secret_generated: bool,
-    api_key: String,
-}
-
-/// Without a configured key, generates a JWT secret and an API key for this
-/// run. `Config::validate` has already refused this on non-loopback addresses.
-fn fill_ephemeral_secrets(config: &mut Config) -> Option<Demo> {
-    let no_jwt_key = config.auth.jwt_secret.is_none() && config.auth.jwt_public_key_file.is_none();
-    if !no_jwt_key && !config.api.keys.is_empty() {
-        return None;
-    }
-    if no_jwt_key {
-        config.auth.jwt_secret = Some(random_hex(32));
-    }
-    if config.api.keys.is_empty() {
-        config.api.keys.push(random_hex(24));
-    }
-    tracing::warn!("no auth.jwt_secret / api.keys configured: using random ones for this run only");
-    let secret = config.auth.jwt_secret.clone()?;
-    Some(Demo { secret, secret_generated: no_jwt_key, api_key: config.api.keys[0].clone() })
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    if getrandom::fill(&mut buf).is_err() {
-        // ok: without OS randomness there is no safe secret to make.
-        panic!("the OS random number generator is unavailable");
-    }
-    buf.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn print_demo(config: &Config, addr: std::net::SocketAddr, demo: &Demo, page: &DemoPage) {
-    let (user, chat) = (page.user, page.chat);
-    let token = herald::auth::mint_hs256(&demo.secret, user, &[chat], Duration::from_secs(24 * 3600));
-    let membership_note = match config.auth.membership {
-        Membership::Token => "the token's `chats` claim lets it subscribe to the demo chat",
-        Membership::Events => "membership: events -- publish chat.member_added for this user first",
-        Membership::Open => "membership: open -- any chat may be subscribed",
+/// Logs go to stderr, coloured only when it is a terminal (never into a
+/// file or a collector). `RUST_LOG`, when set, wins over `log.level`.
+fn init_tracing(log: &LogConfig) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.is_empty() => {
+            EnvFilter::builder().parse(&directives).context("RUST_LOG is not a valid log filter")?
+        }
+        _ => EnvFilter::builder().parse(&log.level).context("log.level")?,
     };
-    println!(
-        r#"{page_line}
-Herald is running on the embedded default (in-memory bus, secrets for this run only).
-
-  JWT secret (HS256): {secret}
-  API key:            {key}
-  demo user:          {user}
-  demo chat:          {chat}
-  demo token (24 h):  {token}
-  ({membership_note})
-
-Connect (websocat):
-  websocat 'ws://{addr}/ws?token={token}'
-  then send: {{"type":"subscribe","chat_id":"{chat}"}}
-
-Or in a browser console:
-  const ws = new WebSocket('ws://{addr}/ws?token={token}');
-  ws.onmessage = (e) => console.log(e.data);
-  ws.onopen = () => ws.send(JSON.stringify({{type: 'subscribe', chat_id: '{chat}'}}));
-
-Publish a message:
-  curl -sS -X POST http://{addr}/api/events \
-    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \
-    -d '{{"type":"message.sent","chat_id":"{chat}","data":{{"id":"{msg}","content":"Hello!","sender_id":"{user}","created_at":"2026-01-15T10:30:00Z"}}}}'
-"#,
-        secret = if demo.secret_generated { demo.secret.as_str() } else { "(configured)" },
-        key = demo.api_key,
-        page_line = if config.ui.enabled == Some(false) {
-            String::new()
-        } else {
-            format!("\n  Demo page: open http://{addr}/ in a browser\n")
-        },
-        msg = uuid::Uuid::new_v4(),
-    );
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    Ok(())
 }
 
 async fn signal(shutdown: CancellationToken) {

@@ -4,12 +4,12 @@
 use std::collections::HashSet;
 
 use dashmap::DashMap;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::protocol::{ChatId, UserId};
 
 /// The configured membership source (`auth.membership`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
     /// The `chats` claim of the connection's JWT.

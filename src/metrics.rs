@@ -6,6 +6,17 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::error::{Ended, ErrorCode};
+
+/// Gauges read from the registries at scrape time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Gauges {
+    pub rooms: usize,
+    pub users: usize,
+    pub history_frames: usize,
+    pub history_bytes: usize,
+}
+
 /// Every counter and gauge Herald exports.
 #[derive(Default)]
 pub struct Metrics {
@@ -24,38 +35,31 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     pub write_syscalls: AtomicU64,
     pub slow_consumers: AtomicU64,
-    pub client_errors: [AtomicU64; ERROR_CODES.len()],
-    pub close_codes: [AtomicU64; CLOSE_CODES.len()],
+    /// Subscriptions with `since` answered `recovered: true` / `false`.
+    pub recovered: AtomicU64,
+    pub not_recovered: AtomicU64,
+    /// Times a connection fell behind a room's live ring and read on from
+    /// its history instead.
+    pub catchups: AtomicU64,
+    pub client_errors: [AtomicU64; ErrorCode::ALL.len()],
+    pub close_codes: [AtomicU64; Ended::LABELS.len()],
 }
-
-/// The contract's client error codes, in the order of `client_errors`.
-pub const ERROR_CODES: [&str; 5] =
-    ["bad_request", "unknown_type", "forbidden", "too_many_subscriptions", "rate_limited"];
-
-/// Close codes Herald sends, in the order of `close_codes`; the last slot
-/// counts connections that ended without a close frame from us.
-pub const CLOSE_CODES: [u16; 9] = [1000, 1001, 1002, 1008, 1009, 1011, 4001, 4008, 0];
 
 fn inc(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
 impl Metrics {
-    pub fn client_error(&self, code: &str) {
-        if let Some(i) = ERROR_CODES.iter().position(|c| *c == code) {
-            inc(&self.client_errors[i]);
-        }
+    pub fn client_error(&self, code: ErrorCode) {
+        inc(&self.client_errors[code.index()]);
     }
 
-    pub fn closed_with(&self, code: Option<u16>) {
-        let code = code.unwrap_or(0);
-        let i = CLOSE_CODES.iter().position(|c| *c == code).unwrap_or(CLOSE_CODES.len() - 1);
-        inc(&self.close_codes[i]);
+    pub fn closed_with(&self, ended: Ended) {
+        inc(&self.close_codes[ended.index()]);
     }
 
-    /// Renders the Prometheus text format; `rooms` and `users` are read from
-    /// the registries at scrape time.
-    pub fn render(&self, rooms: usize, users: usize, bus_healthy: bool) -> String {
+    /// Renders the Prometheus text format.
+    pub fn render(&self, gauges: &Gauges, bus_healthy: bool) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::with_capacity(4096);
         let mut one = |name: &str, kind: &str, help: &str, value: u64| {
@@ -78,8 +82,16 @@ impl Metrics {
             get(&self.connections_closed),
         );
         one("subscriptions", "gauge", "Active room subscriptions.", get(&self.subscriptions_active));
-        one("rooms", "gauge", "Rooms with at least one local subscriber.", rooms as u64);
-        one("users", "gauge", "Users with at least one live connection.", users as u64);
+        one("rooms", "gauge", "Rooms held on this node (with subscribers or history).", gauges.rooms as u64);
+        one("users", "gauge", "Users with at least one live connection.", gauges.users as u64);
+        one("history_frames", "gauge", "Frames held in room histories.", gauges.history_frames as u64);
+        one("history_bytes", "gauge", "Frame bytes held in room histories.", gauges.history_bytes as u64);
+        one(
+            "catchups_total",
+            "counter",
+            "Times a connection fell behind a room's live ring and read on from its history.",
+            get(&self.catchups),
+        );
         one("events_in_total", "counter", "Domain events accepted for delivery.", get(&self.events_in));
         one(
             "events_unknown_total",
@@ -114,6 +126,11 @@ impl Metrics {
             get(&self.slow_consumers),
         );
         one("bus_up", "gauge", "1 when the event bus accepts publishes.", u64::from(bus_healthy));
+        let _ = writeln!(out, "# HELP herald_recoveries_total Subscriptions with since, by outcome.");
+        let _ = writeln!(out, "# TYPE herald_recoveries_total counter");
+        for (result, c) in [("recovered", &self.recovered), ("not_recovered", &self.not_recovered)] {
+            let _ = writeln!(out, "herald_recoveries_total{{result=\"{result}\"}} {}", get(c));
+        }
         let _ = writeln!(out, "# HELP herald_upgrades_rejected_total Upgrades refused before the handshake.");
         let _ = writeln!(out, "# TYPE herald_upgrades_rejected_total counter");
         for (reason, c) in [
@@ -125,15 +142,15 @@ impl Metrics {
         }
         let _ = writeln!(out, "# HELP herald_client_errors_total Error replies sent to clients, by code.");
         let _ = writeln!(out, "# TYPE herald_client_errors_total counter");
-        for (code, c) in ERROR_CODES.iter().zip(&self.client_errors) {
-            let _ = writeln!(out, "herald_client_errors_total{{code=\"{code}\"}} {}", get(c));
+        for (code, c) in ErrorCode::ALL.iter().zip(&self.client_errors) {
+            let _ = writeln!(out, "herald_client_errors_total{{code=\"{}\"}} {}", code.as_str(), get(c));
         }
         let _ = writeln!(
             out,
-            "# HELP herald_closes_total Connections ended, by the close code Herald sent (0: none)."
+            "# HELP herald_closes_total Connections ended, by the close code sent (other: a client's own code echoed; none: no close frame)."
         );
         let _ = writeln!(out, "# TYPE herald_closes_total counter");
-        for (code, c) in CLOSE_CODES.iter().zip(&self.close_codes) {
+        for (code, c) in Ended::LABELS.iter().zip(&self.close_codes) {
             let _ = writeln!(out, "herald_closes_total{{code=\"{code}\"}} {}", get(c));
         }
         out

@@ -1,4 +1,4 @@
-//! The node: builds registries, bus and HTTP app from a [`Config`], runs the
+//! The server: builds the node and the HTTP app from a [`Config`], runs the
 //! accept loop, and drains gracefully on shutdown.
 
 use std::convert::Infallible;
@@ -16,17 +16,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{KeyError, Verifier};
-use crate::broadcast::Broadcaster;
-use crate::bus::memory::MemoryBus;
-use crate::bus::redis::RedisBus;
-use crate::bus::{Bus, BusError, Deliver};
-use crate::config::{BusKind, Config};
-use crate::conn::Context;
+use crate::bus::{Bus, BusError};
+use crate::config::Config;
 use crate::http::{App, DemoPage};
-use crate::membership;
-use crate::metrics::Metrics;
+use crate::node::{self, Node};
 use crate::protocol::event::DomainEvent;
-use crate::rooms::{Rooms, Users};
 
 /// Startup failures, each naming what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +41,7 @@ pub struct Server {
     listener: TcpListener,
     app: Arc<App>,
     /// Tracks HTTP connection tasks and the load sampler (WebSocket tasks
-    /// are in `app.ctx.tasks`).
+    /// are in `app.node.tasks`).
     http_tasks: TaskTracker,
     grace: Duration,
 }
@@ -70,37 +64,11 @@ impl Server {
     /// and carry a key (see `Config::validate`).
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
         let verifier = Verifier::from_config(&config.auth)?;
-        let metrics = Arc::new(Metrics::default());
-        let rooms = Arc::new(Rooms::new(config.rooms.buffer));
-        let users = Arc::new(Users::new());
-        let membership = Arc::new(membership::Table::default());
-        let sink: Arc<dyn Deliver> = Arc::new(Broadcaster {
-            rooms: rooms.clone(),
-            users: users.clone(),
-            membership: membership.clone(),
-            metrics: metrics.clone(),
-        });
-        let bus: Arc<dyn Bus> = match config.bus.kind {
-            BusKind::Memory => Arc::new(MemoryBus::new(sink)),
-            BusKind::Redis => Arc::new(RedisBus::connect(&config.bus, sink).await?),
-        };
+        let node = Arc::new(Node::build(&config).await?);
         let addr = config.server.listen;
         let listener = listen(addr).map_err(|source| ServerError::Bind { addr, source })?;
-        let ctx = Arc::new(Context {
-            rooms,
-            users,
-            membership,
-            source: config.auth.membership,
-            bus,
-            metrics,
-            queue_limit: config.rooms.buffer,
-            ws: config.websocket.clone(),
-            shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-            busy: std::sync::atomic::AtomicBool::new(false),
-        });
         let app = Arc::new(App {
-            ctx,
+            node,
             verifier,
             api_keys: config.api.keys.clone(),
             allowed_origins: config.auth.allowed_origins.clone(),
@@ -129,14 +97,15 @@ impl Server {
 
     /// The in-process publisher of this node.
     pub fn publisher(&self) -> Publisher {
-        Publisher { bus: self.app.ctx.bus.clone() }
+        Publisher { bus: self.app.node.bus.clone() }
     }
 
     /// Serves until `shutdown` is cancelled, then drains: stops accepting,
     /// closes every WebSocket with 1001, and waits up to the grace period.
     pub async fn run(self, shutdown: CancellationToken) {
         let Server { listener, app, http_tasks, grace } = self;
-        http_tasks.spawn(crate::conn::sense_load(app.ctx.clone(), shutdown.clone()));
+        http_tasks.spawn(node::sense_load(app.node.clone(), shutdown.clone()));
+        http_tasks.spawn(node::sweep_history(app.node.clone(), shutdown.clone()));
         let mut backoff = Duration::from_millis(5);
         loop {
             let accepted = tokio::select! {
@@ -181,18 +150,18 @@ impl Server {
         }
         drop(listener);
         tracing::info!("shutting down: closing connections with 1001");
-        app.ctx.shutdown.cancel();
-        app.ctx.users.shut_down_all();
-        app.ctx.tasks.close();
+        app.node.shutdown.cancel();
+        app.node.users.shut_down_all();
+        app.node.tasks.close();
         http_tasks.close();
         let drained = tokio::time::timeout(grace, async {
-            app.ctx.tasks.wait().await;
+            app.node.tasks.wait().await;
             http_tasks.wait().await;
         })
         .await;
         if drained.is_err() {
             tracing::warn!(
-                remaining = app.ctx.tasks.len(),
+                remaining = app.node.tasks.len(),
                 "shutdown grace period (server.shutdown_grace) ended with connections still open"
             );
         }

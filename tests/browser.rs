@@ -403,7 +403,7 @@ async fn a_browser_websocket_subscribes_and_receives_events_live() {
     tokio::spawn(serve_page(page_listener, raw_page(&ws_url, chat), reports_tx));
     let browser = Browser::open(&format!("{page_origin}/")).await;
 
-    assert_eq!(next_report(&mut reports).await["type"], "subscribed");
+    assert_eq!(next_report(&mut reports).await, json!({"type":"subscribed","chat_id":chat,"seq":0}));
     let data = json!({"content":"Hello from Herald","n":1});
     assert_eq!(gw.publish(&support::message_sent(chat, &data)).await.0, 202);
     let event = next_report(&mut reports).await;

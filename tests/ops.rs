@@ -1,7 +1,7 @@
 //! Black-box tests of operations and lifecycle: `/healthz`, `/metrics` and
 //! gauge cleanup, publish errors (PROTOCOL.md section 5), graceful shutdown,
 //! and the real `herald` binary: the embedded default's demo, config errors
-//! that name the key, and starting from a YAML file.
+//! that name the key, a taken port reported once, and starting from a YAML file.
 
 mod support;
 
@@ -141,9 +141,13 @@ async fn metrics_follow_connections_and_a_graceful_disconnect_cleans_up() {
     assert_eq!(gw.metric("rooms").await, 2.0, "the lobby still has b");
     close_properly(b).await;
     close_properly(c).await;
-    for gauge in ["connections", "subscriptions", "rooms", "users"] {
+    for gauge in ["connections", "subscriptions", "users"] {
         gw.wait_metric(gauge, 0.0).await;
     }
+    // The side room is gone; the lobby stays for its history (one event).
+    gw.wait_metric("rooms", 1.0).await;
+    assert_eq!(gw.metric("history_frames").await, 1.0);
+    assert!(gw.metric("history_bytes").await > 0.0);
     assert_eq!(gw.metric("connections_closed_total").await, 3.0);
     assert_eq!(gw.labelled("closes_total", "code", "1000").await, 3.0);
 }
@@ -384,6 +388,16 @@ async fn bad_config_stops_startup_naming_the_key() {
     let stderr = refused_start(herald().args(["--config", "/nonexistent.yaml"])).await;
     assert!(stderr.contains("/nonexistent.yaml"), "{stderr}");
     assert!(stderr.to_ascii_lowercase().contains("no such file"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_taken_port_stops_startup_saying_the_os_error_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let os_error = std::net::TcpListener::bind(addr).expect_err("the port is taken").to_string();
+    let stderr = refused_start(herald().env("HERALD_SERVER__LISTEN", addr.to_string())).await;
+    assert!(stderr.contains(&format!("cannot listen on {addr} (server.listen)")), "{stderr}");
+    assert_eq!(stderr.matches(&os_error).count(), 1, "the OS error {os_error:?} once in:\n{stderr}");
 }
 
 #[tokio::test]

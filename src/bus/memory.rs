@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 
-use super::{BoxFuture, Bus, BusError, Deliver, Health, Topic};
+use super::{BoxFuture, Bus, BusError, Deliver, Health, Recovery, Topic};
 use crate::protocol::event::DomainEvent;
 use crate::protocol::ChatId;
 
@@ -31,7 +31,7 @@ impl MemoryBus {
                 Some(chat) => {
                     // Clone the counter out so the map shard is not held while delivering.
                     let cell = self.seqs.entry(chat).or_default().clone();
-                    let mut seq = cell.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    let mut seq = lock(&cell);
                     *seq += 1;
                     self.sink.deliver(event, Some(*seq));
                 }
@@ -39,6 +39,10 @@ impl MemoryBus {
             }
         }
     }
+}
+
+fn lock(cell: &Mutex<u64>) -> std::sync::MutexGuard<'_, u64> {
+    cell.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Bus for MemoryBus {
@@ -52,6 +56,14 @@ impl Bus for MemoryBus {
     }
 
     fn unwatch(&self, _topic: Topic) {}
+
+    fn recover(&self, chat: ChatId, _since: Option<u64>) -> BoxFuture<'_, Result<Recovery, BusError>> {
+        // Read under the room's mutex: every event up to the head has then
+        // been delivered (into this node's history) too. This bus keeps no
+        // events of its own: the node's room history is all there is.
+        let head = self.seqs.get(&chat).map(|c| c.clone()).map_or(0, |cell| *lock(&cell));
+        Box::pin(std::future::ready(Ok(Recovery { head, events: None })))
+    }
 
     fn health(&self) -> Health {
         Health::Ok

@@ -38,6 +38,16 @@ pub enum BusError {
     Unavailable(String),
 }
 
+/// A room's position and the events the bus holds after a `since`.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// The last `seq` assigned to the room (0: none yet).
+    pub head: u64,
+    /// Every event with `seq` in `(since, head]`, in order, with its `seq`;
+    /// `None` when the bus does not hold them all.
+    pub events: Option<Vec<(u64, DomainEvent)>>,
+}
+
 /// The receiving side of the bus: the broadcaster. Called from bus tasks; it
 /// must not block (it encodes once and hands frames to the registries).
 pub trait Deliver: Send + Sync + 'static {
@@ -59,6 +69,13 @@ pub trait Bus: Send + Sync + 'static {
     /// One local subscriber of `topic` fewer; at zero the bus may stop
     /// receiving that topic.
     fn unwatch(&self, topic: Topic);
+
+    /// The room's position (the last `seq` assigned, 0 for none) and, when
+    /// `since` is given, the room's events after it that the bus itself keeps
+    /// (`None` when it keeps none of its own, or no longer all of them).
+    /// Called after [`Bus::watch`] resolved, so every event after the
+    /// position reaches this node's broadcaster.
+    fn recover(&self, chat: ChatId, since: Option<u64>) -> BoxFuture<'_, Result<Recovery, BusError>>;
 
     /// Current health, for `/healthz` and `/metrics`.
     fn health(&self) -> Health;

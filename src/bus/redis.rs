@@ -460,6 +460,18 @@ impl Bus for RedisBus {
         self.shared.unwatch(topic);
     }
 
+    fn recover(&self, chat: ChatId, _since: Option<u64>) -> BoxFuture<'_, Result<super::Recovery, BusError>> {
+        Box::pin(async move {
+            let mut conn = self.shared.current_conn().ok_or_else(|| unavailable("redis unreachable"))?;
+            let head: Option<u64> = redis::cmd("GET")
+                .arg(seq_key(chat))
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| unavailable(format!("redis: {e}")))?;
+            Ok(super::Recovery { head: head.unwrap_or(0), events: None })
+        })
+    }
+
     fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
         let stats = &self.shared.stats;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);

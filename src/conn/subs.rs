@@ -1,8 +1,14 @@
-//! The rooms one connection is subscribed to: one broadcast receiver per
-//! room, polled in place. A wake takes the ready frame and every frame queued
-//! behind it before the receiver waits again, so each delivery pays one
-//! registration with the room, not one per poll.
+//! The rooms one connection is subscribed to: one live-ring receiver and a
+//! position per room, polled in place. A wake takes the ready frame and every
+//! frame queued behind it before the receiver waits again, so each delivery
+//! pays one registration with the room, not one per poll.
+//!
+//! A room whose ring ran ahead of this connection (it lagged, or a frame
+//! arrived past a gap) is read from the room's history instead, a page at a
+//! time, until the connection is back at the room's head: no frame is missed
+//! and none is queued twice, because every frame carries its `seq`.
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -10,29 +16,43 @@ use tokio::sync::broadcast::{error::RecvError, Receiver};
 use tokio_util::sync::ReusableBoxFuture;
 
 use crate::protocol::ChatId;
+use crate::rooms::{Frame, Room};
 
 /// What a receive future resolves to: the outcome and the receiver back.
-type Received = (Result<Bytes, RecvError>, Receiver<Bytes>);
+type Received = (Result<Frame, RecvError>, Receiver<Frame>);
 
-async fn receive(mut rx: Receiver<Bytes>) -> Received {
+async fn receive(mut rx: Receiver<Frame>) -> Received {
     let result = rx.recv().await;
     (result, rx)
 }
 
 struct Sub {
     chat: ChatId,
+    room: Arc<Room>,
     /// Owns the receiver while it waits. Boxed once per subscription and
     /// reused for every frame.
     next: ReusableBoxFuture<'static, Received>,
+    /// The `seq` of the last frame queued for the client (its position).
+    last: u64,
+    /// Reading from history: the ring is ahead of `last + 1`.
+    behind: bool,
 }
 
 /// A room stopped serving this connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Stopped {
-    /// The connection fell more than the room's buffer behind.
-    Lagged { chat: ChatId, missed: u64 },
+    /// The connection fell further behind than the room's history reaches.
+    Evicted { chat: ChatId, last: u64, oldest: u64 },
     /// The room's sender is gone (cannot happen while a receiver exists).
     Closed { chat: ChatId },
+}
+
+/// What one poll took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Taken {
+    pub(crate) frames: usize,
+    /// Rooms that started reading from history in this poll (catch-ups).
+    pub(crate) catchups: usize,
 }
 
 #[derive(Default)]
@@ -49,20 +69,38 @@ impl Subscriptions {
         self.subs.is_empty()
     }
 
-    pub(crate) fn contains(&self, chat: ChatId) -> bool {
-        self.subs.iter().any(|s| s.chat == chat)
+    /// The connection's position in `chat`, if subscribed.
+    pub(crate) fn position(&self, chat: ChatId) -> Option<u64> {
+        self.subs.iter().find(|s| s.chat == chat).map(|s| s.last)
     }
 
     pub(crate) fn chats(&self) -> Vec<ChatId> {
         self.subs.iter().map(|s| s.chat).collect()
     }
 
-    pub(crate) fn insert(&mut self, chat: ChatId, rx: Receiver<Bytes>) {
+    /// Adds a room at position `last`: frames after it are taken from the
+    /// ring, or first from history when `behind` (a recovery).
+    pub(crate) fn insert(
+        &mut self,
+        chat: ChatId,
+        room: Arc<Room>,
+        rx: Receiver<Frame>,
+        last: u64,
+        behind: bool,
+    ) {
         if self.subs.capacity() == 0 {
             // Most connections watch one room: don't reserve four.
             self.subs.reserve_exact(1);
         }
-        self.subs.push(Sub { chat, next: ReusableBoxFuture::new(receive(rx)) });
+        self.subs.push(Sub { chat, room, next: ReusableBoxFuture::new(receive(rx)), last, behind });
+    }
+
+    /// Moves the position in `chat` (after a recovery decided it).
+    pub(crate) fn set_position(&mut self, chat: ChatId, last: u64, behind: bool) {
+        if let Some(sub) = self.subs.iter_mut().find(|s| s.chat == chat) {
+            sub.last = last;
+            sub.behind = behind;
+        }
     }
 
     /// Drops the subscription (and its receiver); returns whether there was one.
@@ -76,27 +114,60 @@ impl Subscriptions {
         }
     }
 
-    /// Takes up to `budget` ready frames from every room, in each room's
-    /// order, handing them to `push`. Ready with the count when any was
-    /// taken; pending (every receiver registered with `cx`) when none was.
+    /// Takes up to `budget` new frames from every room, in each room's
+    /// `seq` order, handing them to `push`. Ready when any was taken;
+    /// pending (every ring receiver registered with `cx`) when none was.
     pub(crate) fn poll_take(
         &mut self,
         cx: &mut Context<'_>,
         budget: usize,
         mut push: impl FnMut(Bytes),
-    ) -> Poll<Result<usize, Stopped>> {
-        let mut taken = 0;
+    ) -> Poll<Result<Taken, Stopped>> {
+        let mut taken = Taken::default();
         for sub in &mut self.subs {
-            while taken < budget {
+            while taken.frames < budget {
+                if sub.behind {
+                    let read = sub.room.read_after(sub.last, budget - taken.frames, &mut push);
+                    let read = match read {
+                        Ok(read) => read,
+                        Err(e) => {
+                            return Poll::Ready(Err(Stopped::Evicted {
+                                chat: sub.chat,
+                                last: sub.last,
+                                oldest: e.oldest,
+                            }))
+                        }
+                    };
+                    taken.frames += read.frames;
+                    sub.last = read.last;
+                    // At the head, the ring serves again; what it still holds
+                    // up to `last` is skipped below.
+                    sub.behind = !read.at_head;
+                    continue;
+                }
                 match sub.next.poll(cx) {
                     Poll::Pending => break,
                     Poll::Ready((Ok(frame), rx)) => {
-                        push(frame);
-                        taken += 1;
                         sub.next.set(receive(rx));
+                        if frame.seq <= sub.last {
+                            // Already queued from history, or before our position.
+                            continue;
+                        }
+                        if frame.seq == sub.last + 1 {
+                            push(frame.bytes);
+                            taken.frames += 1;
+                            sub.last = frame.seq;
+                        } else {
+                            // A gap: what lies between is in history.
+                            sub.behind = true;
+                            taken.catchups += 1;
+                        }
                     }
-                    Poll::Ready((Err(RecvError::Lagged(missed)), _)) => {
-                        return Poll::Ready(Err(Stopped::Lagged { chat: sub.chat, missed }))
+                    Poll::Ready((Err(RecvError::Lagged(_)), rx)) => {
+                        // The ring moved past us; history has what it dropped.
+                        sub.next.set(receive(rx));
+                        sub.behind = true;
+                        taken.catchups += 1;
                     }
                     Poll::Ready((Err(RecvError::Closed), _)) => {
                         return Poll::Ready(Err(Stopped::Closed { chat: sub.chat }))
@@ -104,7 +175,7 @@ impl Subscriptions {
                 }
             }
         }
-        if taken > 0 {
+        if taken.frames > 0 {
             Poll::Ready(Ok(taken))
         } else {
             Poll::Pending
@@ -115,48 +186,84 @@ impl Subscriptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rooms::{HistoryLimits, Rooms};
     use futures_util::task::noop_waker_ref;
-    use tokio::sync::broadcast;
+    use std::time::Duration;
 
-    fn take(subs: &mut Subscriptions, budget: usize) -> Poll<Result<Vec<Bytes>, Stopped>> {
+    const LIMITS: HistoryLimits = HistoryLimits { size: 64, ttl: Duration::from_secs(60), bytes: 1 << 20 };
+
+    fn take(subs: &mut Subscriptions, budget: usize) -> Poll<Result<Vec<u8>, Stopped>> {
         let mut cx = Context::from_waker(noop_waker_ref());
         let mut got = Vec::new();
-        subs.poll_take(&mut cx, budget, |b| got.push(b)).map(|r| r.map(|_| got))
+        subs.poll_take(&mut cx, budget, |b| got.push(b[0])).map(|r| r.map(|_| got))
+    }
+
+    fn join(rooms: &Rooms, subs: &mut Subscriptions, chat: ChatId, last: u64, behind: bool) {
+        let (room, rx) = rooms.join(chat);
+        subs.insert(chat, room, rx, last, behind);
+    }
+
+    fn publish(rooms: &Rooms, chat: ChatId, seqs: std::ops::RangeInclusive<u8>) {
+        for seq in seqs {
+            rooms.publish(chat, u64::from(seq), Bytes::from(vec![seq]));
+        }
     }
 
     #[test]
     fn takes_everything_ready_in_order_within_the_budget() {
-        let (tx_a, rx_a) = broadcast::channel(8);
-        let (tx_b, rx_b) = broadcast::channel(8);
+        let rooms = Rooms::new(8, LIMITS);
+        let (a, b) = (ChatId::from_u128(1), ChatId::from_u128(2));
         let mut subs = Subscriptions::default();
-        subs.insert(ChatId::from_u128(1), rx_a);
-        subs.insert(ChatId::from_u128(2), rx_b);
+        join(&rooms, &mut subs, a, 0, false);
+        join(&rooms, &mut subs, b, 0, false);
         assert!(take(&mut subs, 10).is_pending());
-        for i in 0..3u8 {
-            tx_a.send(Bytes::from(vec![i])).unwrap();
-        }
-        tx_b.send(Bytes::from_static(b"b")).unwrap();
-        let Poll::Ready(Ok(first)) = take(&mut subs, 2) else { panic!("frames were ready") };
-        assert_eq!(first, vec![Bytes::from(vec![0]), Bytes::from(vec![1])]);
-        let Poll::Ready(Ok(rest)) = take(&mut subs, 10) else { panic!("frames were ready") };
-        assert_eq!(rest, vec![Bytes::from(vec![2]), Bytes::from_static(b"b")]);
+        publish(&rooms, a, 1..=3);
+        publish(&rooms, b, 1..=1);
+        assert_eq!(take(&mut subs, 2), Poll::Ready(Ok(vec![1, 2])));
+        assert_eq!(take(&mut subs, 10), Poll::Ready(Ok(vec![3, 1])));
         assert!(take(&mut subs, 10).is_pending());
-        assert!(subs.remove(ChatId::from_u128(1)));
-        assert!(!subs.contains(ChatId::from_u128(1)) && subs.len() == 1);
-        assert_eq!(tx_a.receiver_count(), 0, "removing drops the receiver");
+        assert!(subs.remove(a));
+        assert!(subs.position(a).is_none() && subs.len() == 1);
+        assert_eq!(rooms.subscribers(a), 0, "removing drops the receiver");
     }
 
     #[test]
-    fn reports_a_lagging_room() {
-        let (tx, rx) = broadcast::channel(2);
+    fn a_reader_that_lags_the_ring_catches_up_from_history_without_a_gap() {
+        let rooms = Rooms::new(2, LIMITS);
+        let chat = ChatId::from_u128(3);
         let mut subs = Subscriptions::default();
-        subs.insert(ChatId::from_u128(3), rx);
-        for i in 0..5u8 {
-            tx.send(Bytes::from(vec![i])).unwrap();
+        join(&rooms, &mut subs, chat, 0, false);
+        publish(&rooms, chat, 1..=20);
+        // Pages of 7 from history, then the ring again, with nothing twice.
+        let mut got = Vec::new();
+        while let Poll::Ready(page) = take(&mut subs, 7) {
+            got.extend(page.unwrap());
         }
-        assert_eq!(
-            take(&mut subs, 10),
-            Poll::Ready(Err(Stopped::Lagged { chat: ChatId::from_u128(3), missed: 3 }))
-        );
+        assert_eq!(got, (1..=20).collect::<Vec<u8>>());
+        publish(&rooms, chat, 21..=21);
+        assert_eq!(take(&mut subs, 7), Poll::Ready(Ok(vec![21])));
+    }
+
+    #[test]
+    fn a_recovery_replays_from_history_then_goes_live() {
+        let rooms = Rooms::new(4, LIMITS);
+        let chat = ChatId::from_u128(4);
+        publish(&rooms, chat, 1..=5);
+        let mut subs = Subscriptions::default();
+        join(&rooms, &mut subs, chat, 2, true);
+        publish(&rooms, chat, 6..=6);
+        assert_eq!(take(&mut subs, 100), Poll::Ready(Ok(vec![3, 4, 5, 6])));
+        assert!(take(&mut subs, 100).is_pending(), "6 came from history; the ring's copy is skipped");
+        assert_eq!(subs.position(chat), Some(6));
+    }
+
+    #[test]
+    fn falling_behind_further_than_history_stops_the_room() {
+        let rooms = Rooms::new(2, HistoryLimits { size: 4, ..LIMITS });
+        let chat = ChatId::from_u128(5);
+        let mut subs = Subscriptions::default();
+        join(&rooms, &mut subs, chat, 0, false);
+        publish(&rooms, chat, 1..=10);
+        assert_eq!(take(&mut subs, 100), Poll::Ready(Err(Stopped::Evicted { chat, last: 0, oldest: 7 })));
     }
 }

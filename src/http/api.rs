@@ -11,7 +11,7 @@ use super::{bearer, constant_time_eq, json, App, Body, HttpError};
 use crate::protocol::event::{parse_batch, EventKind};
 
 pub(super) async fn publish(app: &App, req: Request<Incoming>) -> Result<Response<Body>, HttpError> {
-    let metrics = &app.ctx.metrics;
+    let metrics = &app.node.metrics;
     let reject = |e: HttpError| {
         metrics.publish_rejected.fetch_add(1, Ordering::Relaxed);
         e
@@ -44,7 +44,7 @@ pub(super) async fn publish(app: &App, req: Request<Incoming>) -> Result<Respons
     }
     let accepted = events.len();
     if accepted > 0 {
-        if let Err(e) = app.ctx.bus.publish(events).await {
+        if let Err(e) = app.node.bus.publish(events).await {
             metrics.publish_unavailable.fetch_add(1, Ordering::Relaxed);
             return Err(HttpError::Unavailable(e.to_string()));
         }

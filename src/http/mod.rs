@@ -18,14 +18,14 @@ use hyper::{header, Method, Request, Response, StatusCode};
 use tokio::sync::Semaphore;
 
 use crate::auth::Verifier;
-use crate::conn::Context;
+use crate::node::Node;
 
 /// Response body type of every route.
 pub type Body = Full<Bytes>;
 
 /// What the HTTP routes share.
 pub struct App {
-    pub ctx: Arc<Context>,
+    pub node: Arc<Node>,
     pub verifier: Verifier,
     pub api_keys: Vec<String>,
     pub allowed_origins: Vec<String>,

@@ -6,9 +6,10 @@ use hyper::{header, Response, StatusCode};
 
 use super::{json, App, Body};
 use crate::bus::Health;
+use crate::metrics::Gauges;
 
 pub(super) fn healthz(app: &App) -> Response<Body> {
-    match app.ctx.bus.health() {
+    match app.node.bus.health() {
         Health::Ok => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         // Still serving WebSockets, so still 200; publishers see 503 on publish.
         Health::Degraded(reason) => {
@@ -18,9 +19,15 @@ pub(super) fn healthz(app: &App) -> Response<Body> {
 }
 
 pub(super) fn metrics(app: &App) -> Response<Body> {
-    let ctx = &app.ctx;
-    let mut text = ctx.metrics.render(ctx.rooms.len(), ctx.users.len(), ctx.bus.health() == Health::Ok);
-    for (name, help, value) in ctx.bus.counters() {
+    let node = &app.node;
+    let gauges = Gauges {
+        rooms: node.rooms.len(),
+        users: node.users.len(),
+        history_frames: node.rooms.held_frames(),
+        history_bytes: node.rooms.held_bytes(),
+    };
+    let mut text = node.metrics.render(&gauges, node.bus.health() == Health::Ok);
+    for (name, help, value) in node.bus.counters() {
         let _ = writeln!(
             text,
             "# HELP herald_{name} {help}\n# TYPE herald_{name} counter\nherald_{name} {value}"

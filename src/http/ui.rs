@@ -89,19 +89,19 @@ fn etag() -> String {
 /// the page derives per-second rates from two readings.
 pub(super) fn stats(app: &App) -> Response<Body> {
     use std::sync::atomic::Ordering::Relaxed;
-    let ctx = &app.ctx;
-    let m = &ctx.metrics;
+    let node = &app.node;
+    let m = &node.metrics;
     json(
         StatusCode::OK,
         &serde_json::json!({
             "connections": m.connections_active.load(Relaxed),
             "subscriptions": m.subscriptions_active.load(Relaxed),
-            "rooms": ctx.rooms.len(),
-            "users": ctx.users.len(),
+            "rooms": node.rooms.len(),
+            "users": node.users.len(),
             "events_in_total": m.events_in.load(Relaxed),
             "frames_out_total": m.frames_out.load(Relaxed),
             "slow_consumers_dropped_total": m.slow_consumers.load(Relaxed),
-            "bus_up": ctx.bus.health() == Health::Ok,
+            "bus_up": node.bus.health() == Health::Ok,
         }),
     )
 }

@@ -14,7 +14,7 @@ use super::{bearer, App, Body, HttpError};
 use crate::conn;
 
 pub(super) fn upgrade(app: &Arc<App>, mut req: Request<Incoming>) -> Result<Response<Body>, HttpError> {
-    let metrics = &app.ctx.metrics;
+    let metrics = &app.node.metrics;
     if !app.allowed_origins.is_empty() {
         let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok());
         if !origin.is_some_and(|o| app.allowed_origins.iter().any(|a| a == o)) {
@@ -36,8 +36,8 @@ pub(super) fn upgrade(app: &Arc<App>, mut req: Request<Incoming>) -> Result<Resp
     })?;
     let (response, fut) = fastwebsockets::upgrade::upgrade(&mut req)
         .map_err(|e| HttpError::BadRequest(format!("bad WebSocket handshake: {e}")))?;
-    let ctx = app.ctx.clone();
-    app.ctx.tasks.spawn(async move {
+    let node = app.node.clone();
+    app.node.tasks.spawn(async move {
         let upgraded = match fut.await {
             Ok(ws) => ws.into_inner().into_inner(),
             Err(e) => {
@@ -49,7 +49,7 @@ pub(super) fn upgrade(app: &Arc<App>, mut req: Request<Incoming>) -> Result<Resp
             // A task of its own: the connection's long-lived future then
             // carries none of this short-lived handshake state.
             Some((stream, early)) => {
-                ctx.tasks.spawn(conn::serve(stream, early, claims, ctx.clone(), permit));
+                node.tasks.spawn(conn::serve(stream, early, claims, node.clone(), permit));
             }
             None => tracing::error!("upgraded connection is not a TCP stream"),
         }

@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 
 use super::ChatId;
+use crate::error::ErrorCode;
 
 /// One parsed client command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,10 +31,10 @@ pub enum CommandError {
 
 impl CommandError {
     /// The contract's `code` for this error.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            CommandError::BadRequest(_) => "bad_request",
-            CommandError::UnknownType => "unknown_type",
+            CommandError::BadRequest(_) => ErrorCode::BadRequest,
+            CommandError::UnknownType => ErrorCode::UnknownType,
         }
     }
 }
@@ -51,7 +52,7 @@ struct Loose<'a> {
 /// Parses one text frame into a command.
 ///
 /// serde_json is used rather than simd-json: commands are tens of bytes, where
-/// serde_json measured faster (see `benches/protocol.rs`).
+/// serde_json measured faster (see the `parse` group in `benches/hot_paths.rs`).
 pub fn parse(text: &[u8]) -> Result<Command, CommandError> {
     let loose: Loose<'_> = serde_json::from_slice(text)
         .map_err(|_| CommandError::BadRequest("command is not a JSON object of the documented shape"))?;
@@ -73,7 +74,7 @@ mod tests {
     use super::*;
 
     fn check(input: &str, expected: Result<Command, &str>) {
-        let got = parse(input.as_bytes()).map_err(|e| e.code());
+        let got = parse(input.as_bytes()).map_err(|e| e.code().as_str());
         assert_eq!(got, expected, "input: {input}");
     }
 

@@ -4,6 +4,7 @@
 use bytes::Bytes;
 use std::io::Write;
 
+use super::event::DomainEvent;
 use super::frame;
 use super::ChatId;
 
@@ -39,9 +40,22 @@ pub fn user_event(ty: &str, chat_id: Option<ChatId>, data: &str) -> Bytes {
     })
 }
 
-/// `{"type":"subscribed","chat_id":"<id>"}`
-pub fn subscribed(chat_id: ChatId) -> Bytes {
-    with_chat("subscribed", chat_id, "")
+/// `{"type":"subscribed","chat_id":"<id>","seq":<n>[,"recovered":<bool>]}`:
+/// the room's position when the subscription took effect, and whether the
+/// events after `since` follow (only when the client sent `since`).
+pub fn subscribed(chat_id: ChatId, seq: u64, recovered: Option<bool>) -> Bytes {
+    let extra = match recovered {
+        None => format!(r#","seq":{seq}"#),
+        Some(r) => format!(r#","seq":{seq},"recovered":{r}"#),
+    };
+    with_chat("subscribed", chat_id, &extra)
+}
+
+/// The frame of a room event replayed from the bus's own history: the same
+/// bytes [`room_event`] made when it went out live.
+pub fn replayed(event: &DomainEvent, seq: u64) -> Option<Bytes> {
+    let (ty, chat) = (event.kind.client_type()?, event.chat_id?);
+    Some(room_event(ty, chat, seq, event.data.as_ref().map_or("null", |d| d.get())))
 }
 
 /// `{"type":"unsubscribed","chat_id":"<id>"}`
@@ -121,8 +135,12 @@ mod tests {
             serde_json::json!({"type":"notification.new","data":{}})
         );
         assert_eq!(
-            payload(&subscribed(id)),
-            serde_json::json!({"type":"subscribed","chat_id":id.to_string()})
+            payload(&subscribed(id, 57, None)),
+            serde_json::json!({"type":"subscribed","chat_id":id.to_string(),"seq":57})
+        );
+        assert_eq!(
+            payload(&subscribed(id, 57, Some(false))),
+            serde_json::json!({"type":"subscribed","chat_id":id.to_string(),"seq":57,"recovered":false})
         );
         assert_eq!(
             payload(&removed(id)),

@@ -198,11 +198,26 @@ impl Client {
         }
     }
 
-    /// Subscribes and waits for the `subscribed` reply.
-    pub async fn subscribe(&mut self, chat: ChatId) {
+    /// Subscribes and waits for the `subscribed` reply; returns the room's
+    /// position (`seq`) it carries.
+    pub async fn subscribe(&mut self, chat: ChatId) -> u64 {
         self.send_json(serde_json::json!({"type":"subscribe","chat_id":chat})).await;
         let reply = self.recv().await;
-        assert_eq!(reply, serde_json::json!({"type":"subscribed","chat_id":chat}));
+        let seq = reply["seq"].as_u64().unwrap_or_else(|| panic!("subscribed without seq: {reply}"));
+        assert_eq!(reply, serde_json::json!({"type":"subscribed","chat_id":chat,"seq":seq}));
+        seq
+    }
+
+    /// Subscribes with `since`; returns the room's position and whether the
+    /// server recovered (its `recovered` field).
+    pub async fn subscribe_since(&mut self, chat: ChatId, since: u64) -> (u64, bool) {
+        self.send_json(serde_json::json!({"type":"subscribe","chat_id":chat,"since":since})).await;
+        let reply = self.recv().await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        assert_eq!(reply["chat_id"], chat.to_string(), "{reply}");
+        let seq = reply["seq"].as_u64().unwrap_or_else(|| panic!("subscribed without seq: {reply}"));
+        let recovered = reply["recovered"].as_bool().unwrap_or_else(|| panic!("no recovered: {reply}"));
+        (seq, recovered)
     }
 
     /// Asserts nothing but pings arrives for `wait`.
@@ -250,7 +265,18 @@ pub struct RawClient {
 
 impl RawClient {
     pub async fn connect(addr: SocketAddr, token: &str) -> RawClient {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        RawClient::handshake(TcpStream::connect(addr).await.expect("connect"), token).await
+    }
+
+    /// Connects with a small socket receive buffer: a reader the server can
+    /// stall by writing more than that while the client does not read.
+    pub async fn connect_small(addr: SocketAddr, token: &str, recv_buffer: u32) -> RawClient {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(recv_buffer).expect("SO_RCVBUF");
+        RawClient::handshake(socket.connect(addr).await.expect("connect"), token).await
+    }
+
+    async fn handshake(mut stream: TcpStream, token: &str) -> RawClient {
         let req = format!(
             "GET /ws?token={token} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -294,6 +320,18 @@ impl RawClient {
         let mut payload = vec![0u8; len];
         self.stream.read_exact(&mut payload).await.ok()?;
         Some((head[0], payload))
+    }
+
+    /// Reads one text frame as JSON; None at a close frame or the end.
+    pub async fn read_json(&mut self) -> Option<Value> {
+        loop {
+            let (first, payload) = self.read_frame().await?;
+            match first & 0x0f {
+                0x1 => return Some(serde_json::from_slice(&payload).expect("text frames are JSON")),
+                0x8 => return None,
+                _ => {}
+            }
+        }
     }
 
     /// Reads frames until a close frame; returns its code.

@@ -1,0 +1,239 @@
+//! The connection's wait loop and write pump: one hand-written poll over the
+//! socket, the rooms, the mailbox and the timer; reads into a stack buffer;
+//! takes ready frames in bulk (stepping aside to batch while the node is
+//! busy); writes them with as few syscalls as it can.
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+
+use tokio::time::Instant;
+
+use super::inbound::Inbound;
+use super::subs::{Stopped, Taken};
+use super::{Conn, End};
+use crate::error::CloseCode;
+use crate::protocol::server;
+use crate::rooms::{Drained, UserMsg};
+
+/// Most frames taken from rooms and mailbox in one turn, so one busy
+/// connection cannot starve the others on its worker thread.
+const MAX_TURN_FRAMES: usize = 256;
+/// Room frames a connection holds queued at most: past it, it stops taking
+/// from its rooms until the socket drains, and reads the rest from history
+/// later (rooms never wait for it, and it never holds more than this).
+pub(super) const MAX_QUEUED: usize = 512;
+/// Most times a connection steps aside before writing while frames keep arriving.
+const MAX_YIELDS: usize = 3;
+
+/// Which source woke the connection.
+enum Wake {
+    /// The socket is readable (false: its registration failed).
+    Readable(bool),
+    Writable,
+    /// Room frames were queued (Err: a room stopped serving us).
+    Room(Result<Taken, Stopped>),
+    Mailbox,
+    Timer,
+}
+
+impl Conn {
+    /// The connection's main loop; `inbox` holds messages that arrived with
+    /// the handshake.
+    pub(super) async fn run(&mut self, mut inbox: Vec<Inbound>) -> End {
+        if !inbox.is_empty() {
+            if let Err(end) = Box::pin(self.handle(&mut inbox)).await {
+                return end;
+            }
+        }
+        let mut deadline = self.deadline();
+        let sleep = tokio::time::sleep_until(deadline);
+        let mut sleep = std::pin::pin!(sleep);
+        loop {
+            // One hand-written poll over every source instead of `select!`:
+            // readiness, rooms and mailbox register their wakers in place,
+            // so an idle connection's task holds no wait futures at all.
+            let wake = poll_fn(|cx| {
+                if let Poll::Ready(ready) = self.stream.poll_read_ready(cx) {
+                    return Poll::Ready(Wake::Readable(ready.is_ok()));
+                }
+                if !self.out.is_empty() && self.stream.poll_write_ready(cx).is_ready() {
+                    return Poll::Ready(Wake::Writable);
+                }
+                let room_budget = MAX_QUEUED.saturating_sub(self.out.len()).min(MAX_TURN_FRAMES);
+                if !self.subs.is_empty() && room_budget > 0 {
+                    let out = &mut self.out;
+                    if let Poll::Ready(taken) = self.subs.poll_take(cx, room_budget, |f| out.push(f)) {
+                        return Poll::Ready(Wake::Room(taken));
+                    }
+                }
+                if self.mailbox.poll_pending(cx).is_ready() {
+                    return Poll::Ready(Wake::Mailbox);
+                }
+                if sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Timer);
+                }
+                Poll::Pending
+            })
+            .await;
+            let step = match wake {
+                Wake::Readable(true) => self.read_ready(&mut inbox),
+                Wake::Readable(false) => Err(End::Gone),
+                Wake::Writable => Ok(()),
+                Wake::Room(item) => self.on_room(item),
+                Wake::Mailbox => self.on_mailbox(),
+                Wake::Timer => self.on_timer(),
+            };
+            let step = match step {
+                // Boxed: commands are rare next to deliveries, and their
+                // futures (a bus watch among them) need not widen every task.
+                Ok(()) if !inbox.is_empty() => Box::pin(self.handle(&mut inbox)).await,
+                other => other,
+            };
+            if let Err(end) = step {
+                return end;
+            }
+            let fresh = std::mem::take(&mut self.fresh);
+            let busy = self.node.busy.load(Ordering::Relaxed) || self.out.len() > 1;
+            if fresh && self.stalled_since.is_none() && busy {
+                // Frames from rooms are waiting and the node is under load
+                // (or several frames are queued already). Step aside before
+                // writing: the runtime polls its IO driver and runs the
+                // publishers it wakes, so more frames join this write (one
+                // syscall for many frames); again only while that keeps
+                // bringing frames. On a quiet node a frame is written at once.
+                for _ in 0..MAX_YIELDS {
+                    let before = self.out.len();
+                    tokio::task::yield_now().await;
+                    if let Err(end) = poll_fn(|cx| Poll::Ready(self.drain_ready(cx))).await {
+                        return end;
+                    }
+                    if self.out.len() == before || self.out.len() >= MAX_TURN_FRAMES {
+                        break;
+                    }
+                }
+            }
+            if let Err(end) = self.flush() {
+                return end;
+            }
+            let next = self.deadline();
+            if next != deadline {
+                deadline = next;
+                sleep.as_mut().reset(deadline);
+            }
+        }
+    }
+
+    /// Reads everything the socket has, into a stack buffer that exists only
+    /// for this call: an idle connection holds no read buffer.
+    fn read_ready(&mut self, inbox: &mut Vec<Inbound>) -> Result<(), End> {
+        let mut buf = [0u8; 8192];
+        let limit = self.node.ws.read_buffer_size.clamp(512, buf.len());
+        loop {
+            match self.stream.try_read(&mut buf[..limit]) {
+                Ok(0) => return Err(End::Gone),
+                Ok(n) => {
+                    self.last_heard = Instant::now();
+                    self.ingest(&buf[..n], inbox)?;
+                    if n < limit || inbox.len() > 64 {
+                        return Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(_) => return Err(End::Gone),
+            }
+        }
+    }
+
+    pub(super) fn ingest(&mut self, data: &[u8], inbox: &mut Vec<Inbound>) -> Result<(), End> {
+        self.assembler.ingest(data, self.node.ws.max_message_size, inbox).map_err(|e| {
+            End::Close(if e.close_code() == 1009 { CloseCode::TooBig } else { CloseCode::ProtocolError })
+        })
+    }
+
+    /// Room frames were queued: count catch-ups, and take what the mailbox
+    /// holds too.
+    fn on_room(&mut self, taken: Result<Taken, Stopped>) -> Result<(), End> {
+        self.fresh = true;
+        match taken {
+            Ok(taken) => {
+                if taken.catchups > 0 {
+                    self.node.metrics.catchups.fetch_add(taken.catchups as u64, Ordering::Relaxed);
+                }
+                if self.mailbox.take_pending() {
+                    return self.on_mailbox();
+                }
+                Ok(())
+            }
+            Err(Stopped::Evicted { chat, last, oldest }) => {
+                tracing::debug!(%chat, last, oldest, user = %self.user, "slow consumer fell behind the room's history");
+                Err(self.slow_consumer())
+            }
+            Err(Stopped::Closed { chat }) => {
+                tracing::error!(%chat, "room closed under a subscriber");
+                Err(End::Close(CloseCode::InternalError))
+            }
+        }
+    }
+
+    /// Queues every room and mailbox frame that is ready now, so one write
+    /// carries them all (adaptive batching: a connection that keeps up writes
+    /// each frame at once, one that fell behind writes in bulk).
+    fn drain_ready(&mut self, cx: &mut std::task::Context<'_>) -> Result<(), End> {
+        let budget = MAX_QUEUED.saturating_sub(self.out.len()).min(MAX_TURN_FRAMES);
+        let out = &mut self.out;
+        match self.subs.poll_take(cx, budget, |f| out.push(f)) {
+            Poll::Ready(taken) if budget > 0 => self.on_room(taken),
+            _ if self.mailbox.take_pending() => self.on_mailbox(),
+            _ => Ok(()),
+        }
+    }
+
+    pub(super) fn on_mailbox(&mut self) -> Result<(), End> {
+        self.fresh = true;
+        let mut msgs = Vec::new();
+        match self.mailbox.drain(&mut msgs) {
+            Drained::Messages => {}
+            Drained::Overflowed => return Err(self.slow_consumer()),
+            Drained::Shutdown => return Err(End::Close(CloseCode::GoingAway)),
+        }
+        for msg in msgs {
+            match msg {
+                UserMsg::Frame(frame) => self.out.push(frame),
+                UserMsg::Removed(chat) => {
+                    if self.leave(chat) {
+                        self.out.push(server::removed(chat));
+                    }
+                }
+            }
+        }
+        // Per-user frames have no history to catch up from: a connection
+        // whose queue holds more than its rooms' share plus a full mailbox
+        // is not reading.
+        if self.out.len() > MAX_QUEUED + self.node.ws.user_queue {
+            return Err(self.slow_consumer());
+        }
+        Ok(())
+    }
+
+    pub(super) fn flush(&mut self) -> Result<(), End> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let written = self.out.flush(&self.stream).map_err(|_| End::Gone)?;
+        let m = &self.node.metrics;
+        if written.syscalls > 0 {
+            m.frames_out.fetch_add(written.frames, Ordering::Relaxed);
+            m.bytes_out.fetch_add(written.bytes, Ordering::Relaxed);
+            m.write_syscalls.fetch_add(written.syscalls, Ordering::Relaxed);
+        }
+        if self.out.is_empty() {
+            self.stalled_since = None;
+        } else if self.stalled_since.is_none() || written.bytes > 0 {
+            // write_wait bounds how long one write may make no progress.
+            self.stalled_since = Some(Instant::now());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,178 @@
+//! The command session: answers client commands in order (subscribe with
+//! recovery, unsubscribe, ping), enforces the command rate limit and the
+//! error budget, and keeps the bus's interest in step with the rooms.
+
+use std::sync::atomic::Ordering;
+
+use tokio::time::Instant;
+
+use super::inbound::Inbound;
+use super::{Conn, End};
+use crate::bus::Topic;
+use crate::error::{CloseCode, ErrorCode};
+use crate::membership;
+use crate::protocol::client::{self, Command};
+use crate::protocol::frame::{self, OpCode};
+use crate::protocol::{server, ChatId};
+
+/// Per-connection command budget: burst and refill per second.
+pub(super) const COMMAND_BURST: f32 = 100.0;
+const COMMAND_RATE: f32 = 50.0;
+/// Error replies within one connection's life before it is closed with 1008.
+const MAX_ERRORS: u32 = 100;
+
+impl Conn {
+    /// Answers every complete client message, in order.
+    pub(super) async fn handle(&mut self, inbox: &mut Vec<Inbound>) -> Result<(), End> {
+        // Taken whole, so an idle connection keeps no inbox buffer.
+        for msg in std::mem::take(inbox) {
+            match msg {
+                Inbound::Text(text) => self.command(&text).await?,
+                Inbound::Binary => self.reply_error(
+                    ErrorCode::BadRequest,
+                    "binary frames are not accepted: commands are JSON text",
+                    None,
+                )?,
+                Inbound::Ping(payload) => self.out.push(frame::encode(OpCode::Pong, &payload)),
+                Inbound::Pong => {}
+                Inbound::Close(code) => return Err(End::Echo(code)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn command(&mut self, text: &[u8]) -> Result<(), End> {
+        if !self.take_token() {
+            return self.reply_error(ErrorCode::RateLimited, "too many commands; slow down", None);
+        }
+        match client::parse(text) {
+            Ok(Command::Ping) => self.out.push(server::pong()),
+            Ok(Command::Subscribe { chat_id, since }) => self.subscribe(chat_id, since).await?,
+            Ok(Command::Unsubscribe { chat_id }) => {
+                self.leave(chat_id);
+                self.out.push(server::unsubscribed(chat_id));
+            }
+            Err(e) => self.reply_error(e.code(), &e.to_string(), None)?,
+        }
+        Ok(())
+    }
+
+    /// Subscribes, and places the connection in the room: at the room's
+    /// head, or (with `since`) right after `since` when history still holds
+    /// everything from there (contract section 3.1).
+    async fn subscribe(&mut self, chat: ChatId, since: Option<u64>) -> Result<(), End> {
+        if let Some(at) = self.subs.position(chat) {
+            // Idempotent: already there, at this position.
+            self.out.push(server::subscribed(chat, at, since.map(|_| false)));
+            return Ok(());
+        }
+        if self.subs.len() >= self.node.ws.max_subscriptions {
+            return self.reply_error(
+                ErrorCode::TooManySubscriptions,
+                "subscription limit reached",
+                Some(chat),
+            );
+        }
+        if !membership::allowed(self.node.source, &self.node.membership, self.user, &self.token_chats, chat) {
+            return self.reply_error(ErrorCode::Forbidden, "not a member of this chat", Some(chat));
+        }
+        // Join the ring first, then watch the bus, then ask the bus for the
+        // position: every event after that position is then either in this
+        // receiver or in the room's history, and the ring's copies of
+        // anything at or before it are skipped by seq.
+        let (room, rx) = self.node.rooms.join(chat);
+        self.subs.insert(chat, room.clone(), rx, u64::MAX, false);
+        self.node.metrics.subscriptions_active.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.node.bus.watch(Topic::Room(chat)).await {
+            tracing::warn!(%chat, error = %e, "cannot watch room on the bus");
+            self.leave_unwatched(chat);
+            return self.reply_error(ErrorCode::Unavailable, "event bus unavailable; retry", Some(chat));
+        }
+        let recovery = match self.node.bus.recover(chat, since).await {
+            Ok(recovery) => recovery,
+            Err(e) => {
+                tracing::warn!(%chat, error = %e, "cannot read the room's position");
+                self.leave(chat);
+                return self.reply_error(ErrorCode::Unavailable, "event bus unavailable; retry", Some(chat));
+            }
+        };
+        let head = recovery.head;
+        let Some(since) = since else {
+            self.subs.set_position(chat, head, false);
+            self.out.push(server::subscribed(chat, head, None));
+            return Ok(());
+        };
+        let metrics = &self.node.metrics;
+        if room.covers(since, head) {
+            // Replayed from this node's history by the pump, at its own pace.
+            self.subs.set_position(chat, since, since < head);
+            metrics.recovered.fetch_add(1, Ordering::Relaxed);
+            self.out.push(server::subscribed(chat, head, Some(true)));
+            return Ok(());
+        }
+        let replay = recovery.events.filter(|events| {
+            // The bus's own copy (Redis) must run exactly since+1 ..= head.
+            events.len() as u64 == head.saturating_sub(since)
+                && events.iter().zip(since + 1..).all(|((seq, _), want)| *seq == want)
+        });
+        match replay {
+            Some(events) if since < head => {
+                self.out.push(server::subscribed(chat, head, Some(true)));
+                for (seq, event) in &events {
+                    if let Some(frame) = server::replayed(event, *seq) {
+                        self.out.push(frame);
+                    }
+                }
+                metrics.recovered.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                metrics.not_recovered.fetch_add(1, Ordering::Relaxed);
+                self.out.push(server::subscribed(chat, head, Some(false)));
+            }
+        }
+        self.subs.set_position(chat, head, false);
+        Ok(())
+    }
+
+    /// Drops a subscription, if any; returns whether there was one.
+    pub(super) fn leave(&mut self, chat: ChatId) -> bool {
+        let had = self.leave_unwatched(chat);
+        if had {
+            self.node.bus.unwatch(Topic::Room(chat));
+        }
+        had
+    }
+
+    fn leave_unwatched(&mut self, chat: ChatId) -> bool {
+        // Dropping the subscription drops its receiver before the room checks emptiness.
+        let had = self.subs.remove(chat);
+        if had {
+            self.node.rooms.leave(chat);
+            self.node.metrics.subscriptions_active.fetch_sub(1, Ordering::Relaxed);
+        }
+        had
+    }
+
+    fn reply_error(&mut self, code: ErrorCode, message: &str, chat: Option<ChatId>) -> Result<(), End> {
+        self.node.metrics.client_error(code);
+        self.out.push(server::error(code.as_str(), message, chat));
+        self.errors += 1;
+        if self.errors > MAX_ERRORS {
+            return Err(End::Close(CloseCode::PolicyViolation));
+        }
+        Ok(())
+    }
+
+    fn take_token(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.tokens_at).as_secs_f32() * COMMAND_RATE;
+        self.tokens = (self.tokens + refill).min(COMMAND_BURST);
+        self.tokens_at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! The operator commands as real processes: `herald token` mints what `/ws`
+//! accepts, `herald check-token` agrees with `/ws` on good and bad tokens,
+//! `herald check-config` names bad keys, masks secrets and (with
+//! `--connect`) reaches Redis, `herald init` writes a config a node serves
+//! from, and logs are plain text or JSON lines when piped.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use herald::auth::now_secs;
+use herald::config::Config;
+use herald::protocol::{ChatId, UserId};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use support::{message_sent, Client, PATIENCE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite;
+
+const SECRET: &str = "cli-test-secret-0123456789abcdef";
+const API_KEY: &str = "cli-test-api-key-0123456789";
+
+/// The `herald` binary with a clean environment: only what a test sets.
+fn herald() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+    cmd.env_clear().stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    cmd
+}
+
+/// Runs a command to completion: (success, stdout, stderr).
+async fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out: Output =
+        tokio::time::timeout(PATIENCE, cmd.output()).await.expect("exits in time").expect("runs");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+/// A config file in a fresh temporary directory, removed on drop.
+struct TempConfig {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl TempConfig {
+    fn new(yaml: &str) -> TempConfig {
+        let dir = std::env::temp_dir().join(format!("herald-cli-test-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir(&dir).expect("create temp dir");
+        let path = dir.join("herald.yaml");
+        if !yaml.is_empty() {
+            std::fs::write(&path, yaml).expect("write config");
+        }
+        TempConfig { dir, path }
+    }
+
+    /// A node started in this process from the same file, on port 0.
+    async fn start(&self) -> support::Gateway {
+        let mut config = Config::load(Some(&self.path), []).expect("config loads");
+        config.server.listen = "127.0.0.1:0".parse().unwrap();
+        support::start(config).await
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn hs256_config(extra_auth: &str) -> TempConfig {
+    TempConfig::new(&format!(
+        "auth:\n  jwt_secret: \"{SECRET}\"\n  membership: token\n{extra_auth}api:\n  keys: [\"{API_KEY}\"]\n"
+    ))
+}
+
+/// `herald token` with this config; returns the printed token.
+async fn mint(config: &Path, user: UserId, chats: &[ChatId]) -> String {
+    let mut cmd = herald();
+    cmd.arg("token").arg("--config").arg(config).args(["--sub", &user.to_string(), "--ttl", "10m"]);
+    for chat in chats {
+        cmd.args(["--chat", &chat.to_string()]);
+    }
+    let (ok, out, err) = run(&mut cmd).await;
+    assert!(ok, "herald token failed: {err}");
+    assert_eq!(out.lines().count(), 1, "only the token on stdout: {out}");
+    out.trim().to_string()
+}
+
+/// What `/ws` does with a token: `None` if it upgrades, else the 401 reason.
+async fn ws_verdict(addr: SocketAddr, token: &str) -> Option<String> {
+    match tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={token}")).await {
+        Ok(_) => None,
+        Err(tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 401);
+            let body: Value =
+                serde_json::from_slice(&resp.body().clone().unwrap_or_default()).expect("JSON body");
+            Some(body["error"].as_str().expect("error reason").to_string())
+        }
+        Err(e) => panic!("unexpected upgrade error {e}"),
+    }
+}
+
+#[tokio::test]
+async fn a_minted_token_connects_and_subscribes_to_its_chats() {
+    let file = hs256_config("  issuer: \"https://auth.example\"\n  audience: herald\n");
+    let gw = file.start().await;
+    let (user, lobby, side, other) = (UserId::new_v4(), ChatId::new_v4(), ChatId::new_v4(), ChatId::new_v4());
+    let token = mint(&file.path, user, &[lobby, side]).await;
+
+    let mut c = gw.connect_token(&token).await;
+    c.subscribe(lobby).await;
+    c.subscribe(side).await;
+    c.send_json(json!({"type":"subscribe","chat_id":other})).await;
+    assert_eq!(c.recv().await["code"], "forbidden", "a chat not in the token's claim");
+    assert_eq!(gw.publish_with_key(&message_sent(lobby, &json!({"n":1})), Some(API_KEY)).await.0, 202);
+    assert_eq!(c.recv().await["data"], json!({"n":1}));
+}
+
+#[tokio::test]
+async fn token_refuses_to_mint_without_a_private_key() {
+    let public = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rsa_public.pem");
+    let file = TempConfig::new(&format!("auth:\n  jwt_public_key_file: {}\n", public.display()));
+    let mut cmd = herald();
+    cmd.arg("token").arg("--config").arg(&file.path).args(["--sub", &UserId::new_v4().to_string()]);
+    let (ok, out, err) = run(&mut cmd).await;
+    assert!(!ok, "minted without a private key: {out}");
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains("cannot mint"), "{err}");
+    assert!(err.contains("auth.jwt_public_key_file"), "{err}");
+}
+
+#[tokio::test]
+async fn check_token_agrees_with_ws() {
+    let file = hs256_config("  audience: herald\n");
+    let gw = file.start().await;
+    let user = UserId::new_v4();
+    let good = mint(&file.path, user, &[]).await;
+    let key = EncodingKey::from_secret(SECRET.as_bytes());
+    let sign = |claims: Value, alg| jsonwebtoken::encode(&Header::new(alg), &claims, &key).expect("sign");
+    let expired = sign(json!({"sub": user, "exp": now_secs() - 3600, "aud": "herald"}), Algorithm::HS256);
+    let wrong_aud = sign(json!({"sub": user, "exp": now_secs() + 600, "aud": "elsewhere"}), Algorithm::HS256);
+    let hs384 = sign(json!({"sub": user, "exp": now_secs() + 600, "aud": "herald"}), Algorithm::HS384);
+    // Tampered: the payload swapped for another user's, the signature kept.
+    let other = mint(&file.path, UserId::new_v4(), &[]).await;
+    let tampered = {
+        let (head, rest) = good.split_once('.').expect("a JWT");
+        let (_, sig) = rest.split_once('.').expect("a JWT");
+        let (_, other_rest) = other.split_once('.').expect("a JWT");
+        let (other_payload, _) = other_rest.split_once('.').expect("a JWT");
+        format!("{head}.{other_payload}.{sig}")
+    };
+    let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiIwMDAwMDAwMC0wMDAwLTAwMDAtMDAwMC0wMDAwMDAwMDAwMDciLCJleHAiOjQxMDI0NDQ4MDAsImF1ZCI6ImhlcmFsZCJ9.";
+
+    let cases = [
+        ("good", good.as_str(), None, "valid"),
+        ("expired", &expired, Some("token_expired"), "expired at "),
+        ("tampered", &tampered, Some("invalid_signature"), "not signed with auth.jwt_secret"),
+        ("wrong audience", &wrong_aud, Some("invalid_issuer_or_audience"), r#"its aud is "elsewhere""#),
+        ("alg none", none, Some("malformed_token"), r#"alg "none""#),
+        ("HS384", &hs384, Some("algorithm_not_allowed"), "accepts only HS256"),
+        ("garbage", "not-a-jwt", Some("malformed_token"), "three base64url parts"),
+    ];
+    for (name, token, want_ws, detail) in cases {
+        let ws = ws_verdict(gw.addr, token).await;
+        assert_eq!(ws.as_deref(), want_ws, "/ws on the {name} token");
+        let mut cmd = herald();
+        cmd.arg("check-token").arg("--config").arg(&file.path).arg(token);
+        let (ok, out, err) = run(&mut cmd).await;
+        match &ws {
+            None => {
+                assert!(ok && out.contains(&user.to_string()), "{name}: /ws accepts, check-token: {out}{err}")
+            }
+            Some(reason) => {
+                assert!(!ok, "{name}: /ws refuses ({reason}) but check-token accepts: {out}");
+                assert!(out.starts_with(&format!("refused ({reason})")), "{name}: /ws says {reason}: {out}");
+            }
+        }
+        assert!(out.contains(detail), "{name}: no {detail:?} in {out}");
+    }
+}
+
+#[tokio::test]
+async fn check_token_reads_standard_input() {
+    let file = hs256_config("");
+    let token = mint(&file.path, UserId::new_v4(), &[]).await;
+    let mut child = herald()
+        .arg("check-token")
+        .arg("--config")
+        .arg(&file.path)
+        .arg("-")
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(format!("{token}\n").as_bytes()).await.expect("write token");
+    drop(stdin);
+    let out = tokio::time::timeout(PATIENCE, child.wait_with_output()).await.expect("in time").expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[tokio::test]
+async fn check_config_masks_secrets_and_names_bad_keys() {
+    // A port already taken and an unreachable Redis: checking binds and
+    // connects to neither, so both are fine.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let file = TempConfig::new(&format!(
+        "server:\n  listen: {addr}\nauth:\n  jwt_secret: \"{SECRET}\"\napi:\n  keys: [\"{API_KEY}\"]\n\
+         bus:\n  kind: redis\n  redis_url: redis://:redis-password-123@127.0.0.1:1\n"
+    ));
+    let mut cmd = herald();
+    cmd.arg("check-config").arg("--config").arg(&file.path).env("HERALD_WEBSOCKET__PING_INTERVAL", "7s");
+    let (ok, out, err) = run(&mut cmd).await;
+    assert!(ok, "{err}");
+    for secret in [SECRET, API_KEY, "redis-password-123"] {
+        assert!(!out.contains(secret), "{secret} printed:\n{out}");
+    }
+    let shown =
+        [&format!("listen: {addr}"), "ping_interval: 7s", "redis://:***@127.0.0.1:1", "<masked, 32 bytes>"];
+    for text in shown {
+        assert!(out.contains(text), "{text} missing:\n{out}");
+    }
+    // It is YAML of the same shape: the output loads (masks are long enough to pass as secrets).
+    let echo = TempConfig::new(&out);
+    let reloaded = Config::load(Some(&echo.path), []).expect("the printed config loads");
+    assert_eq!(reloaded.websocket.ping_interval, Duration::from_secs(7));
+
+    let bad = TempConfig::new("websocket:\n  ping_intervall: 5s\n");
+    let (ok, out, err) = run(herald().arg("check-config").arg("--config").arg(&bad.path)).await;
+    assert!(!ok && out.is_empty(), "{out}");
+    assert!(err.contains("ping_intervall") && err.contains("websocket"), "{err}");
+    let (ok, _, err) = run(herald().args(["check-config"]).env("HERALD_LOG__FORMAT", "xml")).await;
+    assert!(!ok && err.contains("log.format"), "{err}");
+    let (ok, _, err) = run(herald().args(["check-config"]).env("HERALD_LOG__LEVEL", "herald=loud")).await;
+    assert!(!ok && err.contains("log.level"), "{err}");
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr")
+}
+
+/// Waits until a child node answers `/healthz` with 200.
+async fn wait_healthy(child: &mut Child, addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().expect("child status") {
+            let mut err = String::new();
+            child.stderr.take().expect("stderr").read_to_string(&mut err).await.ok();
+            panic!("herald exited early with {status}: {err}");
+        }
+        if let Ok(mut stream) = TcpStream::connect(addr).await {
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .await
+                .expect("write");
+            let mut raw = String::new();
+            stream.read_to_string(&mut raw).await.ok();
+            assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "herald did not start serving on {addr}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn init_writes_a_config_a_node_serves_from() {
+    let file = TempConfig::new("");
+    let (ok, out, err) = run(herald().arg("init").arg(&file.path)).await;
+    assert!(ok, "{err}");
+    assert!(out.contains(&file.path.display().to_string()), "{out}");
+    let written = std::fs::read_to_string(&file.path).expect("init wrote the file");
+    let (ok, _, err) = run(herald().arg("init").arg(&file.path)).await;
+    assert!(!ok && err.contains("already exists"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file.path).expect("still there"), written, "not overwritten");
+
+    let addr = free_addr();
+    let mut node = herald()
+        .arg("--config")
+        .arg(&file.path)
+        .env("HERALD_SERVER__LISTEN", addr.to_string())
+        .spawn()
+        .expect("spawn herald");
+    wait_healthy(&mut node, addr).await;
+
+    // The written secret and key are in force: a token minted from the file
+    // subscribes to its chat, and the file's API key publishes to it.
+    let (user, room) = (UserId::new_v4(), ChatId::new_v4());
+    let token = mint(&file.path, user, &[room]).await;
+    let (ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={token}")).await.expect("upgrade");
+    let mut c = Client { ws };
+    c.subscribe(room).await;
+    let key = Config::load(Some(&file.path), []).expect("loads").api.keys[0].clone();
+    let body = message_sent(room, &json!({"n":1}));
+    let request = format!(
+        "POST /api/events HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("publish");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok();
+    assert!(response.starts_with("HTTP/1.1 202"), "{response}");
+    assert_eq!(c.recv().await["data"], json!({"n":1}));
+    node.kill().await.expect("kill herald");
+}
+
+/// Starts a node with `env`, waits until it serves, stops it, returns stderr.
+async fn node_stderr(env: &[(&str, &str)]) -> String {
+    let addr = free_addr();
+    let mut cmd = herald();
+    cmd.env("HERALD_SERVER__LISTEN", addr.to_string()).envs(env.iter().copied());
+    let mut node = cmd.spawn().expect("spawn herald");
+    wait_healthy(&mut node, addr).await;
+    node.kill().await.expect("kill herald");
+    let mut err = String::new();
+    node.stderr.take().expect("stderr").read_to_string(&mut err).await.expect("read stderr");
+    err
+}
+
+#[tokio::test]
+async fn piped_logs_are_plain_text_or_json_lines() {
+    let text = node_stderr(&[]).await;
+    assert!(text.contains("herald listening"), "info is the default level: {text}");
+    assert!(!text.contains('\x1b'), "ANSI escapes in piped logs: {text:?}");
+
+    let json = node_stderr(&[("HERALD_LOG__FORMAT", "json")]).await;
+    let lines: Vec<Value> =
+        json.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}"))).collect();
+    let listening = lines.iter().find(|l| l["message"] == "herald listening").expect("a listening line");
+    for key in ["timestamp", "level", "target", "addr"] {
+        assert!(listening.get(key).is_some(), "no {key} in {listening}");
+    }
+    assert_eq!(listening["level"], "INFO");
+
+    // RUST_LOG wins over log.level.
+    let quiet = node_stderr(&[("HERALD_LOG__LEVEL", "debug"), ("RUST_LOG", "error")]).await;
+    assert!(!quiet.contains("herald listening"), "{quiet}");
+}
+
+#[tokio::test]
+async fn help_lists_the_subcommands() {
+    let (ok, out, _) = run(herald().arg("--help")).await;
+    assert!(ok);
+    for command in ["serve", "token", "check-token", "check-config", "init"] {
+        assert!(out.contains(&format!("\n  {command} ")), "{command} missing from:\n{out}");
+    }
+}
+
+#[tokio::test]
+async fn check_config_connect_pings_redis() {
+    let dead = free_addr();
+    let down = TempConfig::new(&format!("bus:\n  kind: redis\n  redis_url: redis://:pw-0123456789@{dead}\n"));
+    let (ok, _, err) =
+        run(herald().arg("check-config").arg("--connect").arg("--config").arg(&down.path)).await;
+    assert!(!ok, "no Redis listens on {dead}");
+    assert!(err.contains(&format!("bus.redis_url redis://:***@{dead}")), "{err}");
+    assert!(!err.contains("pw-0123456789"), "{err}");
+
+    let Some(redis) = support::redis::RedisServer::start() else { return };
+    let up = TempConfig::new(&format!("bus:\n  kind: redis\n  redis_url: {}\n", redis.url()));
+    let (ok, out, err) =
+        run(herald().arg("check-config").arg("--connect").arg("--config").arg(&up.path)).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("answers PING"), "{out}");
+}
