@@ -120,6 +120,41 @@ test('an expired token (4001) is renewed through getToken()', async (t) => {
   assert.equal((await q.take()).data.n, 1);
 });
 
+test('a dropped connection resubscribes with since and gets the missed events replayed', async (t) => {
+  const p = await proxy(herald.addr);
+  t.after(() => p.close());
+  const chat = uuid();
+  const c = client(t, p.wsUrl, { token: token(uuid(), [chat]) });
+  await c.connect();
+  const seen = [];
+  const q = inbox();
+  await c.subscribe(chat, (e) => {
+    seen.push(e.data.n);
+    q.push(e);
+  });
+  let refetched = null;
+  c.on('refetch', (r) => {
+    refetched = r;
+  });
+  await herald.publish(message(chat, 1));
+  await q.take();
+
+  const dropped = next(c, 'disconnected');
+  p.cut();
+  assert.equal((await dropped).code, 1006);
+  // Published while the client is away: the room's history holds them.
+  await herald.publish(message(chat, 2));
+  await herald.publish(message(chat, 3));
+  const resubscribed = next(c, 'subscribed');
+  p.reopen();
+  const ack = await resubscribed;
+  assert.equal(ack.recovered, true);
+  await herald.publish(message(chat, 4));
+  for (let i = 0; i < 3; i++) await q.take();
+  assert.deepEqual(seen, [1, 2, 3, 4], 'replayed in order, then live: no gap, no duplicate');
+  assert.equal(refetched, null);
+});
+
 test('a repeated frame is dropped and a lost one is reported as a gap', async (t) => {
   const p = await proxy(herald.addr);
   t.after(() => p.close());

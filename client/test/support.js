@@ -145,7 +145,9 @@ export async function proxy(target) {
   const rules = [];
   const sockets = new Set();
   let silent = false;
+  let refusing = false;
   const server = net.createServer((client) => {
+    if (refusing) return client.destroy();
     const upstream = net.connect(Number(port), host);
     sockets.add(client).add(upstream);
     const closeBoth = () => {
@@ -196,6 +198,15 @@ export async function proxy(target) {
     /** Stops forwarding both ways without closing anything. */
     goSilent() {
       silent = true;
+    },
+    /** Cuts every connection (the client sees 1006) and refuses new ones until `reopen()`. */
+    cut() {
+      refusing = true;
+      for (const s of sockets) s.destroy();
+      sockets.clear();
+    },
+    reopen() {
+      refusing = false;
     },
     close() {
       for (const s of sockets) s.destroy();
