@@ -89,7 +89,9 @@ export interface Disconnected {
 /** The app may have missed events of this room: fetch them from your backend. */
 export interface Refetch {
   chatId: string;
-  /** `not_recovered`: the server could not replay after a reconnect; `gap`: a `seq` jump. */
+  /** `not_recovered`: the server could not replay after a reconnect; `gap`: a
+   * `seq` jump seen live that the server could not replay either (the client
+   * first resubscribes with `since` to have the missed events replayed). */
   reason: 'not_recovered' | 'gap';
   /** Last `seq` the app saw. */
   since: number | null;

@@ -119,7 +119,16 @@ export class HeraldClient {
       room.handler = handler;
       if (room.acked) return Promise.resolve({ chatId, seq: room.lastSeq, recovered: undefined });
     } else {
-      room = { chatId, handler, lastSeq: null, since: null, acked: false, everAcked: false, waiters: [] };
+      room = {
+        chatId,
+        handler,
+        lastSeq: null,
+        since: null,
+        acked: false,
+        everAcked: false,
+        recovering: false,
+        waiters: [],
+      };
       this._rooms.set(chatId, room);
       if (this._state === 'connected') this._sendSubscribe(room);
     }
@@ -231,7 +240,10 @@ export class HeraldClient {
     // Unanswered unsubscribes are moot: the next connection will not subscribe those rooms.
     for (const op of this._inflight) if (op.type === 'unsubscribe') op.resolve();
     this._inflight = [];
-    for (const room of this._rooms.values()) room.acked = false;
+    for (const room of this._rooms.values()) {
+      room.acked = false;
+      room.recovering = false;
+    }
     if (this._stopped) return;
     const expired = code === CloseCode.TOKEN_EXPIRED;
     if (expired && typeof this._opts.getToken !== 'function') {
@@ -323,10 +335,12 @@ export class HeraldClient {
     if (!room || room.acked) return;
     const seq = typeof msg.seq === 'number' ? msg.seq : null;
     const since = room.since;
+    const gap = room.recovering;
+    room.recovering = false;
     if (room.everAcked && msg.recovered !== true) {
       // A resubscribe the server could not replay (history too short, node
       // restarted, or a server without recovery): the app must refetch.
-      this._emit('refetch', { chatId: room.chatId, reason: 'not_recovered', since, seq });
+      this._emit('refetch', { chatId: room.chatId, reason: gap ? 'gap' : 'not_recovered', since, seq });
       room.lastSeq = seq;
     } else if (room.lastSeq === null) {
       room.lastSeq = seq;
@@ -374,16 +388,12 @@ export class HeraldClient {
       if (typeof msg.seq !== 'number') this._emit('event', msg);
       return;
     }
+    // While a gap is being recovered, the replay after the new ack carries
+    // this event and everything before it.
+    if (room.recovering) return;
     if (room.lastSeq !== null) {
       if (msg.seq <= room.lastSeq) return; // already delivered (replay overlap)
-      if (msg.seq > room.lastSeq + 1) {
-        this._emit('refetch', {
-          chatId: room.chatId,
-          reason: 'gap',
-          since: room.lastSeq,
-          seq: msg.seq - 1,
-        });
-      }
+      if (msg.seq > room.lastSeq + 1) return this._recoverGap(room, msg.seq);
     }
     room.lastSeq = msg.seq;
     try {
@@ -391,6 +401,17 @@ export class HeraldClient {
     } catch (err) {
       this._emit('error', err);
     }
+  }
+
+  /** A live `seq` gap: ask the server to replay from the last delivered
+   * event (PROTOCOL.md 3.1); only if it cannot does the app refetch. A
+   * server without recovery answers without `recovered`: refetch too. */
+  _recoverGap(room, seq) {
+    room.recovering = true;
+    room.acked = false;
+    const noop = () => {};
+    this._send({ type: 'unsubscribe', chat_id: room.chatId }, { chatId: room.chatId, resolve: noop, reject: noop });
+    this._sendSubscribe(room);
   }
 
   // ---- plumbing ----
