@@ -95,11 +95,12 @@ pub struct ApiConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebSocketConfig {
-    /// Kept from the original design; Herald reads into a shared scratch
-    /// buffer, and this bounds a single socket read.
+    /// Bytes taken from the socket per read, clamped to 512..8192: reads go
+    /// into a stack buffer that exists only during the read.
     pub read_buffer_size: usize,
-    /// Kept from the original design; bytes a connection writes per syscall
-    /// before yielding to others is `max(write_buffer_size, 64 KiB)`.
+    /// Accepted for compatibility with the contract's defaults; it has no
+    /// effect (writes gather pre-encoded frames into a per-thread buffer of
+    /// 64 KiB, shared by every connection of that thread).
     pub write_buffer_size: usize,
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
@@ -253,8 +254,7 @@ impl Config {
             }
             None => Value::Object(Map::new()),
         };
-        let mut vars: Vec<(String, String)> =
-            env.into_iter().filter(|(k, _)| k.starts_with("HERALD_") && k.len() > 7).collect();
+        let mut vars: Vec<(String, String)> = env.into_iter().filter(|(k, _)| is_override(k)).collect();
         vars.sort();
         for (var, raw) in vars {
             apply_env(&mut tree, &var, &raw)?;
@@ -349,6 +349,32 @@ impl Config {
     }
 }
 
+/// Only `HERALD_<SECTION>__<KEY>` names are Herald's: an orchestrator injects
+/// others (`HERALD_PORT`, `HERALD_SERVICE_HOST` for a service named herald),
+/// and those are ignored (contract section 8).
+fn is_override(var: &str) -> bool {
+    let Some(rest) = var.strip_prefix("HERALD_") else { return false };
+    if rest.contains("__") {
+        return true;
+    }
+    tracing::debug!(var, "environment variable is not HERALD_<SECTION>__<KEY>; ignored");
+    false
+}
+
+/// Keys whose values are text even when they look like numbers (a numeric
+/// secret from the environment must stay a string).
+const TEXT_KEYS: [&str; 9] = [
+    "server.listen",
+    "auth.jwt_secret",
+    "auth.jwt_public_key_file",
+    "auth.issuer",
+    "auth.audience",
+    "auth.allowed_origins",
+    "api.keys",
+    "bus.redis_url",
+    "log.level",
+];
+
 /// Applies one `HERALD_SECTION__KEY=value` override to the config tree.
 fn apply_env(tree: &mut Value, var: &str, raw: &str) -> Result<(), ConfigError> {
     let path: Vec<String> = var["HERALD_".len()..].split("__").map(|s| s.to_ascii_lowercase()).collect();
@@ -360,8 +386,9 @@ fn apply_env(tree: &mut Value, var: &str, raw: &str) -> Result<(), ConfigError> 
     }
     // Values are read as YAML scalars so numbers stay numbers; anything that
     // does not parse as one is taken as a plain string.
+    let text = TEXT_KEYS.contains(&format!("{}.{}", path[0], path[1]).as_str());
     let value = match serde_saphyr::from_str::<Value>(raw) {
-        Ok(v @ (Value::Number(_) | Value::Bool(_))) => v,
+        Ok(v @ (Value::Number(_) | Value::Bool(_))) if !text => v,
         _ => Value::String(raw.to_string()),
     };
     let Value::Object(root) = tree else { return Ok(()) };
@@ -468,6 +495,22 @@ ui:
     }
 
     #[test]
+    fn orchestrator_variables_are_ignored_and_numeric_secrets_stay_text() -> TestResult {
+        let c = load_yaml(
+            "",
+            &[
+                ("HERALD_PORT", "tcp://10.0.0.1:8080"),
+                ("HERALD_SERVICE_HOST", "10.0.0.1"),
+                ("HERALD_AUTH__JWT_SECRET", "12345678901234567890"),
+                ("HERALD_API__KEYS", "12345678901234567890"),
+            ],
+        )?;
+        assert_eq!(c.auth.jwt_secret.as_deref(), Some("12345678901234567890"));
+        assert_eq!(c.api.keys, vec!["12345678901234567890"]);
+        Ok(())
+    }
+
+    #[test]
     fn bad_input_names_the_key() {
         let err = |yaml: &str, env: &[(&str, &str)]| load_yaml(yaml, env).unwrap_err().to_string();
         assert!(
@@ -487,7 +530,7 @@ ui:
             err("", &[("HERALD_WEBSOCKET__MAX_MESSAGE_SIZE", "big")]).contains("websocket.max_message_size")
         );
         assert!(err("", &[("HERALD_SERVER__LISTN", "x")]).contains("listn"));
-        assert!(err("", &[("HERALD_NOPE", "x")]).contains("HERALD_NOPE"));
+        assert!(err("", &[("HERALD_A__B__C", "x")]).contains("HERALD_A__B__C"));
         assert!(err("auth:\n  membership: everyone\n", &[]).contains("auth.membership"));
         assert!(err("server:\n  listen: 0.0.0.0:8080\n", &[]).contains("server.listen"));
         assert!(err(": : :\n", &[]).contains("YAML"));

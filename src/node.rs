@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::broadcast::Broadcaster;
 use crate::bus::memory::MemoryBus;
-use crate::bus::redis::RedisBus;
+use crate::bus::redis::{RedisBus, RedisOptions};
 use crate::bus::{Bus, BusError, Deliver};
 use crate::config::{BusKind, Config, WebSocketConfig};
 use crate::membership;
@@ -53,7 +53,14 @@ impl Node {
         });
         let bus: Arc<dyn Bus> = match config.bus.kind {
             BusKind::Memory => Arc::new(MemoryBus::new(sink)),
-            BusKind::Redis => Arc::new(RedisBus::connect(&config.bus, sink).await?),
+            BusKind::Redis => {
+                let options = RedisOptions {
+                    history_size: config.rooms.history_size,
+                    history_ttl: config.rooms.history_ttl,
+                    ..RedisOptions::default()
+                };
+                Arc::new(RedisBus::connect_with(&config.bus, sink, options).await?)
+            }
         };
         Ok(Node {
             rooms,

@@ -362,8 +362,12 @@ async fn check_config_connect_pings_redis() {
     assert!(!ok, "no Redis listens on {dead}");
     assert!(err.contains(&format!("bus.redis_url redis://:***@{dead}")), "{err}");
     assert!(!err.contains("pw-0123456789"), "{err}");
+}
 
-    let Some(redis) = support::redis::RedisServer::start() else { return };
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn check_config_connect_reaches_a_live_redis() {
+    let redis = support::redis::RedisServer::start();
     let up = TempConfig::new(&format!("bus:\n  kind: redis\n  redis_url: {}\n", redis.url()));
     let (ok, out, err) =
         run(herald().arg("check-config").arg("--connect").arg("--config").arg(&up.path)).await;

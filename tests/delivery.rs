@@ -235,3 +235,24 @@ async fn subscription_limit_is_enforced() {
         (Some("too_many_subscriptions"), Some(&*third.to_string()))
     );
 }
+
+#[tokio::test]
+async fn a_user_named_twice_in_user_ids_gets_the_event_once() {
+    let gw = start(support::config()).await;
+    let u = user();
+    let mut c = gw.connect(u, &[]).await;
+    // The user topic is in place once a round trip has been answered.
+    c.send_json(json!({"type":"ping"})).await;
+    assert_eq!(c.recv().await, json!({"type":"pong"}));
+
+    // A marker addressed to the same user follows in the same batch: the user's frames arrive in
+    // order, so the frame after the first copy shows whether a second copy was sent.
+    let batch = json!([
+        {"type":"task.status_changed","user_ids":[u, u, u],"data":{"n":1}},
+        {"type":"notification.created","user_id":u,"data":{"marker":true}},
+    ]);
+    let (status, _) = gw.publish(&batch.to_string()).await;
+    assert_eq!(status, 202);
+    assert_eq!(c.recv().await, json!({"type":"task.updated","data":{"n":1}}));
+    assert_eq!(c.recv().await, json!({"type":"notification.new","data":{"marker":true}}));
+}

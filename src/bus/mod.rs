@@ -31,11 +31,30 @@ pub enum Health {
     Degraded(&'static str),
 }
 
-/// Why a publish or a watch did not happen. Ingress answers 503 for these.
-#[derive(Debug, thiserror::Error)]
+/// Why a publish or a watch did not happen, or the bus could not start.
+///
+/// Ingress answers 503 with this `Display` text, so every message is fixed and written for the
+/// publisher; the backend's own error text goes to the logs only.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BusError {
-    #[error("bus unavailable: {0}")]
-    Unavailable(String),
+    /// The backend cannot be reached (down, or the node is reconnecting).
+    #[error("bus unavailable: redis unreachable")]
+    Unreachable,
+    /// Redis lost its state recently; room events wait until every node has re-seeded `seq`.
+    #[error("bus unavailable: redis lost its state recently; room seq is being re-seeded, retry shortly")]
+    Settling,
+    /// The backend did not answer in time (a publish, or the confirmation of a watch).
+    #[error("bus unavailable: redis did not answer in time")]
+    Timeout,
+    /// The backend answered with an error or an unexpected reply.
+    #[error("bus unavailable: redis refused the request")]
+    Rejected,
+    /// The bus's tasks are gone (the node is stopping).
+    #[error("bus unavailable: the bus has stopped")]
+    Stopped,
+    /// `bus.redis_url` cannot be used; only [`redis::RedisBus::connect`] returns it, at startup.
+    #[error("bus.redis_url `{url}` is not a usable Redis URL: {reason}")]
+    InvalidUrl { url: String, reason: String },
 }
 
 /// A room's position and the events the bus holds after a `since`.

@@ -70,12 +70,10 @@ pub struct DomainEvent {
 }
 
 impl DomainEvent {
-    /// The room this event is broadcast to, if any: the events that carry `seq`.
+    /// The room this event is broadcast to, if any: the events that carry `seq`
+    /// ([`route`](super::route::route) has the full rule).
     pub fn room(&self) -> Option<ChatId> {
-        match self.kind {
-            EventKind::MessageSent | EventKind::ChatUpdated | EventKind::TaskStatusChanged => self.chat_id,
-            _ => None,
-        }
+        super::route::room(self)
     }
 }
 

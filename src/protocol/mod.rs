@@ -1,5 +1,6 @@
 //! The wire contract (`PROTOCOL.md`) as types and byte encoders: client
-//! commands, domain events, server messages and WebSocket framing.
+//! commands, domain events and who receives them, server messages and
+//! WebSocket framing.
 //!
 //! Nothing here does IO, awaits or reads a clock, so codec tests and benches
 //! need no runtime.
@@ -7,6 +8,7 @@
 pub mod client;
 pub mod event;
 pub mod frame;
+pub mod route;
 pub mod server;
 
 /// A chat room's id (lowercase hyphenated UUID on the wire).

@@ -1,0 +1,522 @@
+//! The Redis pub/sub bus (multi-node): every accepted event goes through Redis, which assigns room
+//! `seq`, and each node delivers what Redis sends it to its own broadcaster.
+//!
+//! # Design
+//!
+//! - **One connection per node**, RESP3, owned by a supervisor task. It carries publishes (Lua
+//!   script calls) and the node's subscriptions (pushes). The supervisor alone issues `SUBSCRIBE` /
+//!   `UNSUBSCRIBE`, so subscription changes never race each other; it reconnects with capped
+//!   exponential backoff and restores every needed subscription itself (we do not use
+//!   `ConnectionManager`'s automatic resubscription: we need a hook at reconnect to re-seed room
+//!   counters and to gate publishing, and exact control of the subscription set).
+//! - **Channels**: `herald:{<chat>}:room` while a local subscriber watches the room,
+//!   `herald:{<user>}:user` while the user is connected here, and `herald:members`, which every node
+//!   subscribes to for its whole life (membership events must reach every node). Every name and
+//!   the Redis Cluster outlook are in `scripts.rs`.
+//! - **Sequencing**: one Lua script call per `publish` batch INCRs each room's counter
+//!   (`herald:{<chat>}:seq`) and PUBLISHes the event with that `seq` in one atomic step, so every node
+//!   sees the same `seq` in the same order. Non-room events get a global counter (`herald:gseq`)
+//!   used only to drop the copies a node receives on several channels (a task event for two local
+//!   users) and to order membership against the membership snapshot.
+//! - **Seq never goes back after a Redis restart** (Redis may keep nothing): every node remembers
+//!   the highest `seq` it saw per room (delivered or assigned to its own publishes) and re-seeds the
+//!   counters (`SET max(current, known)`) on every reconnect before it publishes again; the publish
+//!   script also takes that floor per event. Because the publishing node may know nothing about a
+//!   room only another node watched, the script refuses room events for `settle` after Redis lost
+//!   its state (detected by the missing `herald:boot` key), which gives every node time to
+//!   reconnect and re-seed. A node that still sees a room's `seq` go backwards drops the event,
+//!   counts it, and re-seeds that room.
+//! - **Membership** is also stored in Redis sets (`herald:{<chat>}:members` plus the index
+//!   `herald:member-chats`) by the same script, and each (re)connecting node loads a snapshot, so a
+//!   node started later knows who may subscribe. Live membership events are held back until the
+//!   snapshot is applied and those already in it are skipped, so a stale snapshot never re-adds a
+//!   member removed after it.
+//! - **Failure**: while Redis is unreachable `publish` and `watch` return
+//!   [`BusError::Unreachable`] and [`Bus::health`] is degraded. Events published during an outage
+//!   are refused, never half-claimed; events another node published while this node was
+//!   reconnecting are lost to it, which its clients see as a `seq` gap.
+//!
+//! # Layout
+//!
+//! - this file: the [`RedisBus`] handle and its [`Bus`] impl, [`RedisOptions`], [`RedisStats`],
+//!   and the state the handle shares with its three tasks;
+//! - `scripts.rs`: key and channel names, the Lua scripts;
+//! - `supervisor.rs`: the connection, its subscriptions, reconnects;
+//! - `publisher.rs`: batches publish calls into script calls;
+//! - `delivery.rs`: hands what Redis pushes to the broadcaster, once each and in order.
+
+mod delivery;
+mod publisher;
+mod scripts;
+mod supervisor;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{IntoConnectionInfo, ProtocolVersion};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::JoinHandle;
+
+use super::{BoxFuture, Bus, BusError, Deliver, Health, Recovery, Topic};
+use crate::config::BusConfig;
+use crate::protocol::event::{DomainEvent, EventKind};
+use crate::protocol::ChatId;
+use publisher::PublishReq;
+use scripts::Scripts;
+pub use scripts::{channel, MEMBERS_CHANNEL};
+
+/// Pushes that may wait for the delivery task; beyond it they are dropped and counted (the clients
+/// see a `seq` gap) rather than growing memory without bound.
+const INBOUND_CAPACITY: usize = 65_536;
+/// Publish calls that may wait for the publisher task; callers beyond it wait (backpressure).
+const PUBLISH_QUEUE: usize = 1024;
+
+/// Timing knobs. [`RedisBus::connect`] uses the defaults; tests shorten them.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// How long after Redis lost its state room events are refused, so every node can reconnect
+    /// and re-seed the room counters first. Must exceed the longest reconnect wait
+    /// (`backoff_max` plus up to 50% jitter) plus a connect.
+    pub settle: Duration,
+    /// Longest wait between reconnect attempts.
+    pub backoff_max: Duration,
+    /// How often the supervisor PINGs.
+    pub ping_interval: Duration,
+    /// A PING slower than this counts as a lost connection.
+    pub ping_timeout: Duration,
+    /// How long one connect attempt may take.
+    pub connect_timeout: Duration,
+    /// How long any command may wait for its reply.
+    pub response_timeout: Duration,
+    /// How long `watch` waits for its `SUBSCRIBE` to be confirmed.
+    pub watch_timeout: Duration,
+    /// Events each room's Redis history keeps (`rooms.history_size`).
+    pub history_size: usize,
+    /// How long they are kept (`rooms.history_ttl`).
+    pub history_ttl: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            settle: Duration::from_secs(3),
+            backoff_max: Duration::from_secs(1),
+            ping_interval: Duration::from_millis(500),
+            ping_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(5),
+            watch_timeout: Duration::from_secs(5),
+            history_size: 100,
+            history_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The bus's own counters. `/metrics` exports them through [`Bus::counters`] under the names in
+/// brackets; [`RedisBus::stats`] reads them directly (tests, tools holding the concrete bus).
+#[derive(Debug, Default)]
+pub struct RedisStats {
+    /// Connections re-established after one was lost (`herald_redis_reconnects_total`).
+    pub reconnects: AtomicU64,
+    /// Connect attempts that failed; each is followed by a backoff wait
+    /// (`herald_redis_connect_failures_total`).
+    pub connect_failures: AtomicU64,
+    /// Publish calls refused with a [`BusError`] (`herald_redis_publish_failures_total`).
+    pub publish_failures: AtomicU64,
+    /// Pushes dropped because the delivery task fell behind (`herald_redis_inbound_dropped_total`).
+    pub inbound_dropped: AtomicU64,
+    /// Room events whose `seq` went backwards, dropped (`herald_redis_seq_regressions_total`).
+    pub seq_regressions: AtomicU64,
+    /// Copies of an event received on several channels, dropped (`herald_redis_duplicates_total`).
+    pub duplicates_dropped: AtomicU64,
+}
+
+/// Where the connection stands; `health()` is derived from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No attempt has finished yet (startup).
+    Connecting,
+    Down,
+    /// Connected, but Redis lost its state recently: room events are refused until the deadline.
+    Settling,
+    Up,
+}
+
+/// Local interest in one topic.
+#[derive(Default)]
+struct TopicState {
+    /// Local subscribers (`watch` minus `unwatch`).
+    count: usize,
+    /// Where the current connection's subscription to it stands.
+    sub: Sub,
+    /// `watch` calls waiting for a confirmed `SUBSCRIBE`; the supervisor answers them.
+    waiters: Vec<oneshot::Sender<Result<(), BusError>>>,
+}
+
+/// One topic's subscription on the current connection. Only the supervisor changes it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Sub {
+    /// Not subscribed, or a `SUBSCRIBE` is in flight and not yet confirmed.
+    #[default]
+    Off,
+    /// A `SUBSCRIBE` is confirmed: deliveries flow.
+    On,
+    /// An `UNSUBSCRIBE` is in flight: deliveries may stop at any moment, so a `watch` now waits
+    /// for the `SUBSCRIBE` the supervisor issues once the `UNSUBSCRIBE` is confirmed.
+    Leaving,
+}
+
+#[derive(Default)]
+struct Topics {
+    map: HashMap<Topic, TopicState>,
+    /// Topics whose wanted and confirmed state may differ; only the supervisor drains it.
+    dirty: HashSet<Topic>,
+    /// Rooms whose Redis counter must be re-seeded from `floors` (a regression was seen).
+    reseed: HashSet<ChatId>,
+}
+
+/// State shared by the bus handle and its three tasks.
+struct Shared {
+    sink: Arc<dyn Deliver>,
+    options: RedisOptions,
+    topics: Mutex<Topics>,
+    /// Wakes the supervisor to reconcile `topics.dirty` / `topics.reseed`.
+    kick: Notify,
+    /// The live connection, present only once its subscriptions, re-seed and scripts are in place.
+    /// The publisher and `watch` read it; only the supervisor sets it.
+    conn: Mutex<Option<MultiplexedConnection>>,
+    phase: watch::Sender<Phase>,
+    /// Highest room `seq` this node knows (delivered or assigned to its publishes): the floor for
+    /// re-seeding. Kept for every room seen while the process lives (a few dozen bytes each).
+    floors: Mutex<HashMap<ChatId, u64>>,
+    /// Generation whose connection reported a disconnection, and the wake-up for the supervisor.
+    lost_gen: AtomicU64,
+    lost: Notify,
+    stats: Arc<RedisStats>,
+    scripts: Scripts,
+}
+
+/// The publisher-facing kind of a Redis failure. The caller logs the error itself: its text
+/// never reaches a client.
+fn classify(e: &redis::RedisError) -> BusError {
+    if e.is_timeout() {
+        BusError::Timeout
+    } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+        BusError::Unreachable
+    } else {
+        BusError::Rejected
+    }
+}
+
+/// Locks a std mutex; a panic elsewhere while holding it leaves plain data we can keep using.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The Redis bus handle. Dropping it stops its tasks and closes the connection.
+pub struct RedisBus {
+    shared: Arc<Shared>,
+    /// The publisher task holds the receiver; a closed queue means the task is gone.
+    publish_tx: mpsc::Sender<PublishReq>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for RedisBus {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl RedisBus {
+    /// Connects with default [`RedisOptions`]. See [`RedisBus::connect_with`].
+    pub async fn connect(config: &BusConfig, sink: Arc<dyn Deliver>) -> Result<RedisBus, BusError> {
+        RedisBus::connect_with(config, sink, RedisOptions::default()).await
+    }
+
+    /// Starts the bus. Fails only for an unusable `bus.redis_url`. When Redis is unreachable it
+    /// starts degraded (publishes answer [`BusError::Unreachable`], logged as an error) and keeps retrying.
+    /// When Redis is reachable it returns once publishing works, which after a fresh Redis takes
+    /// up to `options.settle`.
+    pub async fn connect_with(
+        config: &BusConfig,
+        sink: Arc<dyn Deliver>,
+        options: RedisOptions,
+    ) -> Result<RedisBus, BusError> {
+        let client = open_client(&config.redis_url)?;
+        let target = redacted(&config.redis_url);
+        let (phase, mut phase_rx) = watch::channel(Phase::Connecting);
+        let shared = Arc::new(Shared {
+            sink,
+            options,
+            topics: Mutex::default(),
+            kick: Notify::new(),
+            conn: Mutex::new(None),
+            phase,
+            floors: Mutex::default(),
+            lost_gen: AtomicU64::new(0),
+            lost: Notify::new(),
+            stats: Arc::default(),
+            scripts: Scripts::new(),
+        });
+        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
+        let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
+        let tasks = vec![
+            tokio::spawn(delivery::deliver_task(shared.clone(), inbound_rx)),
+            tokio::spawn(publisher::publisher_task(shared.clone(), publish_rx)),
+            tokio::spawn(supervisor::supervise(shared.clone(), client, inbound_tx, target.clone())),
+        ];
+        let bus = RedisBus { shared, publish_tx, tasks };
+
+        // Wait for the first attempt's outcome; once connected, also for a fresh Redis to settle.
+        let wait = bus.shared.options.settle + bus.shared.options.connect_timeout * 2;
+        let settled =
+            tokio::time::timeout(wait, phase_rx.wait_for(|p| matches!(p, Phase::Up | Phase::Down))).await;
+        match settled.ok().and_then(Result::ok).map(|p| *p) {
+            Some(Phase::Up) => tracing::info!(redis = %target, "redis bus connected"),
+            _ => tracing::error!(
+                redis = %target,
+                "bus.redis_url: Redis is unreachable; starting degraded (publishes answer 503) and retrying"
+            ),
+        }
+        Ok(bus)
+    }
+
+    /// The bus's counters, live. `/metrics` reads the same values through [`Bus::counters`].
+    pub fn stats(&self) -> Arc<RedisStats> {
+        self.shared.stats.clone()
+    }
+}
+
+/// Builds a RESP3 client (pushes need it) from `bus.redis_url`.
+fn open_client(url: &str) -> Result<redis::Client, BusError> {
+    let bad = |e: redis::RedisError| BusError::InvalidUrl { url: redacted(url), reason: e.to_string() };
+    let info = url.into_connection_info().map_err(bad)?;
+    let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
+    redis::Client::open(info.set_redis_settings(settings)).map_err(bad)
+}
+
+/// The URL without its password, for logs.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+impl Bus for RedisBus {
+    fn publish(&self, events: Vec<DomainEvent>) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(async move {
+            // Unknown types are only counted by the broadcaster: keep them local so the count is
+            // per node, not multiplied by the number of nodes.
+            let (unknown, events): (Vec<_>, Vec<_>) =
+                events.into_iter().partition(|e| e.kind == EventKind::Unknown);
+            if !events.is_empty() {
+                let result = self.send_to_publisher(events).await;
+                if result.is_err() {
+                    self.shared.stats.publish_failures.fetch_add(1, Ordering::Relaxed);
+                }
+                result?;
+            }
+            for event in &unknown {
+                self.shared.sink.deliver(event, None);
+            }
+            Ok(())
+        })
+    }
+
+    fn watch(&self, topic: Topic) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(async move {
+            if lock(&self.shared.conn).is_none() {
+                return Err(BusError::Unreachable);
+            }
+            let rx = {
+                let mut topics = lock(&self.shared.topics);
+                let state = topics.map.entry(topic).or_default();
+                state.count += 1;
+                if state.sub == Sub::On {
+                    return Ok(());
+                }
+                let (tx, rx) = oneshot::channel();
+                state.waiters.push(tx);
+                topics.dirty.insert(topic);
+                rx
+            };
+            self.shared.kick.notify_one();
+            // Until confirmed, this watch is counted only by the guard: an error, a timeout or a
+            // cancelled caller takes the count back, so the caller never calls `unwatch` for it.
+            let guard = WatchGuard { shared: &self.shared, topic: Some(topic) };
+            match tokio::time::timeout(self.shared.options.watch_timeout, rx).await {
+                Ok(Ok(Ok(()))) => {
+                    guard.keep();
+                    Ok(())
+                }
+                Ok(Ok(Err(e))) => Err(e),
+                Ok(Err(_)) => Err(BusError::Stopped),
+                Err(_) => Err(BusError::Timeout),
+            }
+        })
+    }
+
+    fn unwatch(&self, topic: Topic) {
+        self.shared.unwatch(topic);
+    }
+
+    fn recover(&self, chat: ChatId, since: Option<u64>) -> BoxFuture<'_, Result<Recovery, BusError>> {
+        Box::pin(async move {
+            let mut conn = self.shared.current_conn().ok_or(BusError::Unreachable)?;
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(self.shared.scripts.recover.get_hash())
+                .arg(2)
+                .arg(scripts::seq_key(chat))
+                .arg(scripts::history_key(chat))
+                .arg(self.shared.options.history_ttl.as_millis().to_string())
+                .arg(if since.is_some() { "1" } else { "0" });
+            let reply: Vec<Vec<u8>> = cmd.query_async(&mut conn).await.map_err(|e| {
+                tracing::warn!(%chat, error = %e, "redis recover failed");
+                if e.is_timeout() {
+                    BusError::Timeout
+                } else {
+                    BusError::Rejected
+                }
+            })?;
+            let mut entries = reply.into_iter();
+            let head = entries.next().and_then(|h| std::str::from_utf8(&h).ok()?.parse().ok()).unwrap_or(0);
+            let Some(since) = since else { return Ok(Recovery { head, events: None }) };
+            let mut events = Vec::new();
+            for entry in entries {
+                match DomainEvent::from_json(&entry) {
+                    Ok((event, Some(seq))) if seq > since && seq <= head => events.push((seq, event)),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(%chat, error = %e, "undecodable history entry in redis; skipped")
+                    }
+                }
+            }
+            Ok(Recovery { head, events: Some(events) })
+        })
+    }
+
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let stats = &self.shared.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("redis_reconnects_total", "Redis connections re-established.", get(&stats.reconnects)),
+            (
+                "redis_connect_failures_total",
+                "Redis connect attempts that failed (each followed by a backoff wait).",
+                get(&stats.connect_failures),
+            ),
+            (
+                "redis_publish_failures_total",
+                "Publishes refused while Redis was unavailable.",
+                get(&stats.publish_failures),
+            ),
+            (
+                "redis_inbound_dropped_total",
+                "Redis pushes dropped because delivery fell behind.",
+                get(&stats.inbound_dropped),
+            ),
+            (
+                "redis_seq_regressions_total",
+                "Room events whose seq went backwards, dropped.",
+                get(&stats.seq_regressions),
+            ),
+            (
+                "redis_duplicates_total",
+                "Duplicate copies of an event dropped.",
+                get(&stats.duplicates_dropped),
+            ),
+        ]
+    }
+
+    fn health(&self) -> Health {
+        match *self.shared.phase.borrow() {
+            Phase::Up => Health::Ok,
+            Phase::Settling => Health::Degraded("redis lost its state; re-seeding room seq"),
+            Phase::Connecting | Phase::Down => Health::Degraded("redis unreachable"),
+        }
+    }
+}
+
+impl RedisBus {
+    async fn send_to_publisher(&self, events: Vec<DomainEvent>) -> Result<(), BusError> {
+        // Refuse fast while down instead of queueing behind a dead connection.
+        if lock(&self.shared.conn).is_none() {
+            return Err(BusError::Unreachable);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.publish_tx.send(PublishReq { events, reply }).await.map_err(|_| BusError::Stopped)?;
+        rx.await.unwrap_or(Err(BusError::Stopped))
+    }
+}
+
+/// Takes back an unconfirmed watch's count when dropped.
+struct WatchGuard<'a> {
+    shared: &'a Shared,
+    topic: Option<Topic>,
+}
+
+impl WatchGuard<'_> {
+    fn keep(mut self) {
+        self.topic = None;
+    }
+}
+
+impl Drop for WatchGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(topic) = self.topic {
+            self.shared.unwatch(topic);
+        }
+    }
+}
+
+impl Shared {
+    fn unwatch(&self, topic: Topic) {
+        let mut topics = lock(&self.topics);
+        let Some(state) = topics.map.get_mut(&topic) else {
+            tracing::warn!(?topic, "unwatch without a matching watch; ignored");
+            return;
+        };
+        state.count = state.count.saturating_sub(1);
+        if state.count == 0 {
+            topics.dirty.insert(topic);
+            drop(topics);
+            self.kick.notify_one();
+        }
+    }
+
+    fn current_conn(&self) -> Option<MultiplexedConnection> {
+        lock(&self.conn).clone()
+    }
+
+    /// Raises this node's known floor for a room.
+    fn note_seq(&self, chat: ChatId, seq: u64) {
+        let mut floors = lock(&self.floors);
+        let floor = floors.entry(chat).or_insert(0);
+        *floor = (*floor).max(seq);
+    }
+
+    /// The connection is gone: refuse publishes and watches, forget confirmations, fail waiters.
+    fn go_down(&self) {
+        *lock(&self.conn) = None;
+        self.phase.send_replace(Phase::Down);
+        let mut topics = lock(&self.topics);
+        let Topics { map, dirty, .. } = &mut *topics;
+        map.retain(|topic, state| {
+            state.sub = Sub::Off;
+            for waiter in state.waiters.drain(..) {
+                let _ = waiter.send(Err(BusError::Unreachable));
+            }
+            if state.count > 0 {
+                // Resubscribed by the next connection's first reconcile.
+                dirty.insert(*topic);
+            }
+            state.count > 0
+        });
+    }
+}

@@ -1,0 +1,219 @@
+//! The publisher task: batches concurrent `publish` calls into one pipeline of publish-script
+//! calls, and answers each call with whether Redis took its events.
+
+use std::sync::Arc;
+
+use redis::aio::MultiplexedConnection;
+use redis::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use super::scripts::{
+    channel, history_key, members_key, seq_key, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL, MEMBER_INDEX_KEY,
+    PUBLISH_LUA,
+};
+use super::{classify, lock, Shared};
+use crate::bus::{BusError, Topic};
+use crate::protocol::event::DomainEvent;
+use crate::protocol::route::{route, MemberChange, Route};
+use crate::protocol::ChatId;
+
+/// Events one pipeline carries at most, so one write stays a reasonable size.
+const MAX_BATCH_EVENTS: usize = 4096;
+
+/// One `publish` call waiting for the publisher task.
+pub(super) struct PublishReq {
+    pub(super) events: Vec<DomainEvent>,
+    /// The caller's `publish` future holds the receiver; dropping it just discards the answer.
+    pub(super) reply: oneshot::Sender<Result<(), BusError>>,
+}
+
+/// Serves publish calls until the bus handle is dropped (which aborts this task).
+pub(super) async fn publisher_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<PublishReq>) {
+    while let Some(first) = rx.recv().await {
+        // Everything queued while the previous pipeline was in flight goes out together.
+        let mut n = first.events.len();
+        let mut batch = vec![first];
+        while n < MAX_BATCH_EVENTS {
+            match rx.try_recv() {
+                Ok(req) => {
+                    n += req.events.len();
+                    batch.push(req);
+                }
+                Err(_) => break,
+            }
+        }
+        let Some(mut conn) = shared.current_conn() else {
+            for req in batch {
+                let _ = req.reply.send(Err(BusError::Unreachable));
+            }
+            continue;
+        };
+        let results = publish_batch(&shared, &mut conn, &batch).await;
+        for (req, result) in batch.into_iter().zip(results) {
+            let _ = req.reply.send(result);
+        }
+    }
+}
+
+/// Runs one script call per request in a single pipeline; one result per request.
+async fn publish_batch(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+    batch: &[PublishReq],
+) -> Vec<Result<(), BusError>> {
+    let calls: Vec<Option<ScriptCall>> = batch.iter().map(|req| script_call(shared, &req.events)).collect();
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for call in calls.iter().flatten() {
+        pipe.add_command(call.cmd.clone());
+    }
+    let replies = if pipe.is_empty() {
+        Ok(Vec::new())
+    } else {
+        pipe.query_async::<Vec<redis::RedisResult<Value>>>(conn).await
+    };
+    let mut replies = match replies {
+        Ok(replies) => replies,
+        Err(e) => {
+            // The connection failed mid-pipeline: some calls may have run, but none is claimed.
+            // The supervisor's PING or the disconnection push notices a dead connection.
+            tracing::warn!(error = %e, "redis publish failed");
+            let error = classify(&e);
+            return batch.iter().map(|_| Err(error.clone())).collect();
+        }
+    };
+    // Someone flushed the script cache: load it again and retry those calls once (only those:
+    // the others ran).
+    let missing: Vec<usize> = replies
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.as_ref().err().and_then(|e| e.code()) == Some("NOSCRIPT"))
+        .map(|(i, _)| i)
+        .collect();
+    if !missing.is_empty() {
+        let cmds: Vec<&redis::Cmd> = calls.iter().flatten().map(|call| &call.cmd).collect();
+        let mut retry = redis::pipe();
+        retry.ignore_errors();
+        for &i in &missing {
+            retry.add_command(cmds[i].clone());
+        }
+        let loaded = redis::cmd("SCRIPT").arg("LOAD").arg(PUBLISH_LUA).query_async::<String>(conn).await;
+        let again = match loaded {
+            Ok(_) => retry.query_async::<Vec<redis::RedisResult<Value>>>(conn).await,
+            Err(e) => Err(e),
+        };
+        match again {
+            Ok(again) => {
+                for (i, reply) in missing.into_iter().zip(again) {
+                    replies[i] = reply;
+                }
+            }
+            // Those calls keep their NOSCRIPT error and are refused below.
+            Err(e) => tracing::warn!(error = %e, "redis publish: reloading the script failed"),
+        }
+    }
+    let mut replies = replies.into_iter();
+    calls
+        .iter()
+        .map(|call| {
+            let Some(call) = call else { return Ok(()) };
+            match replies.next() {
+                Some(Ok(Value::Array(seqs))) => {
+                    for (room, seq) in call.rooms.iter().zip(seqs) {
+                        if let (Some(chat), Value::Int(seq)) = (room, seq) {
+                            shared.note_seq(*chat, u64::try_from(seq).unwrap_or(0));
+                        }
+                    }
+                    Ok(())
+                }
+                Some(Ok(other)) => {
+                    tracing::error!(reply = ?other, "redis publish script: unexpected reply");
+                    Err(BusError::Rejected)
+                }
+                Some(Err(e)) if e.code() == Some("SETTLING") => Err(BusError::Settling),
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "redis publish script failed");
+                    Err(classify(&e))
+                }
+                None => {
+                    tracing::error!("redis pipeline: fewer replies than calls");
+                    Err(BusError::Rejected)
+                }
+            }
+        })
+        .collect()
+}
+
+/// The channels an event is published on: its room's, one per addressed user (each once), and
+/// the global membership channel for membership changes. Empty for events that go nowhere.
+fn channels(route: &Route<'_>) -> Vec<String> {
+    let mut channels: Vec<String> = route.room.map(|c| channel(Topic::Room(c))).into_iter().collect();
+    channels.extend(route.users.iter().map(|u| channel(Topic::User(*u))));
+    if route.membership.is_some() {
+        channels.push(MEMBERS_CHANNEL.to_string());
+    }
+    channels
+}
+
+/// One publish script call and, per event it carries, the room whose seq the reply holds.
+struct ScriptCall {
+    cmd: redis::Cmd,
+    rooms: Vec<Option<ChatId>>,
+}
+
+/// Builds the publish script call for one batch; `None` when no event needs Redis.
+fn script_call(shared: &Shared, events: &[DomainEvent]) -> Option<ScriptCall> {
+    let mut keys: Vec<String> = vec![BOOT_KEY.into(), GSEQ_KEY.into(), MEMBER_INDEX_KEY.into()];
+    let mut rooms = Vec::with_capacity(events.len());
+    let mut args: Vec<String> = Vec::new();
+    let mut has_room = false;
+    let routes: Vec<Route<'_>> = events.iter().map(route).collect();
+    // Look the floors up in one short lock; the JSON encoding below runs without it.
+    let floors: Vec<u64> = {
+        let known = lock(&shared.floors);
+        routes.iter().map(|r| r.room.and_then(|room| known.get(&room).copied()).unwrap_or(0)).collect()
+    };
+    for ((event, route), floor) in events.iter().zip(&routes).zip(floors) {
+        let channels = channels(route);
+        if channels.is_empty() {
+            continue;
+        }
+        // The script reads chat and user only for membership ops.
+        let (op, key, floor, chat, user) = match (route.room, route.membership) {
+            (Some(room), _) => {
+                has_room = true;
+                ("r", seq_key(room), floor, None, None)
+            }
+            (None, Some(MemberChange::Added { chat, user })) => {
+                ("a", members_key(chat), 0, Some(chat), Some(user))
+            }
+            (None, Some(MemberChange::Removed { chat, user })) => {
+                ("x", members_key(chat), 0, Some(chat), Some(user))
+            }
+            (None, None) => ("u", GSEQ_KEY.into(), 0, None, None),
+        };
+        let text = |id: Option<uuid::Uuid>| id.map(|id| id.to_string()).unwrap_or_default();
+        keys.push(key);
+        if let Some(room) = route.room {
+            keys.push(history_key(room));
+        }
+        rooms.push(route.room);
+        args.extend([op.to_string(), floor.to_string(), text(chat), text(user), event.to_json(None)]);
+        args.push(channels.len().to_string());
+        args.extend(channels);
+    }
+    if keys.len() == 3 {
+        return None;
+    }
+    let settle_ms = shared.options.settle.as_millis().to_string();
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(shared.scripts.publish.get_hash())
+        .arg(keys.len())
+        .arg(&keys)
+        .arg(settle_ms)
+        .arg(if has_room { "1" } else { "0" })
+        .arg(shared.options.history_size)
+        .arg(shared.options.history_ttl.as_millis().to_string())
+        .arg(&args);
+    Some(ScriptCall { cmd, rooms })
+}

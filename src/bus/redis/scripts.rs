@@ -1,0 +1,200 @@
+//! Redis key and channel names, and the Lua scripts that sequence, re-seed and snapshot: the
+//! whole of what Herald keeps in Redis and how it is laid out.
+//!
+//! # Names
+//!
+//! Per-room and per-user names carry a Redis Cluster hash tag (the id in braces), so every key of
+//! one room hashes to one slot:
+//!
+//! | name | kind | what |
+//! |---|---|---|
+//! | `herald:{<chat>}:seq` | string | the room's `seq` counter |
+//! | `herald:{<chat>}:room` | channel | the room's events |
+//! | `herald:{<chat>}:members` | set | the room's members (`chat.member_*` events) |
+//! | `herald:{<chat>}:history` | list | the room's recent events, `<ms>\|<event JSON with seq>`, oldest first |
+//! | `herald:{<user>}:user` | channel | events addressed to one user |
+//! | `herald:members` | channel | membership events, for every node |
+//! | `herald:member-chats` | set | rooms that have a member set |
+//! | `herald:gseq` | string | global counter of non-room events |
+//! | `herald:boot` | string | when Redis's current state began (ms) |
+//!
+//! On one Redis server a publish script call covers a whole batch: many rooms plus the global
+//! keys. Under Redis Cluster that call would span slots; the publisher would have to split a
+//! batch into one call per room (slot), and the global counter, boot mark and member index would
+//! need a per-slot form. The snapshot script builds member set names itself, which Cluster does
+//! not allow either. Herald supports one Redis server today; the names are ready for the split.
+
+use crate::bus::Topic;
+use crate::protocol::ChatId;
+
+/// The channel every node subscribes to for its whole life: membership events.
+pub const MEMBERS_CHANNEL: &str = "herald:members";
+pub(super) const BOOT_KEY: &str = "herald:boot";
+pub(super) const GSEQ_KEY: &str = "herald:gseq";
+pub(super) const MEMBER_INDEX_KEY: &str = "herald:member-chats";
+/// A room's member set is `MEMBER_SET_PREFIX <chat> MEMBER_SET_SUFFIX` (the snapshot script builds
+/// it from these two).
+const MEMBER_SET_PREFIX: &str = "herald:{";
+const MEMBER_SET_SUFFIX: &str = "}:members";
+
+/// The Redis channel for a topic (public so tests and tools can inspect `PUBSUB CHANNELS`).
+pub fn channel(topic: Topic) -> String {
+    match topic {
+        Topic::Room(chat) => format!("herald:{{{chat}}}:room"),
+        Topic::User(user) => format!("herald:{{{user}}}:user"),
+    }
+}
+
+/// The room's `seq` counter.
+pub(super) fn seq_key(chat: ChatId) -> String {
+    format!("herald:{{{chat}}}:seq")
+}
+
+/// The room's history list (written by the publish script, read by the recover script).
+pub(super) fn history_key(chat: ChatId) -> String {
+    format!("herald:{{{chat}}}:history")
+}
+
+/// The room's member set.
+pub(super) fn members_key(chat: ChatId) -> String {
+    format!("{MEMBER_SET_PREFIX}{chat}{MEMBER_SET_SUFFIX}")
+}
+
+/// The snapshot script's ARGV: how to name a room's member set.
+pub(super) fn members_key_parts() -> [&'static str; 2] {
+    [MEMBER_SET_PREFIX, MEMBER_SET_SUFFIX]
+}
+
+/// The three scripts, hashed once; calls go by `EVALSHA` (loaded on every connect).
+pub(super) struct Scripts {
+    pub(super) publish: redis::Script,
+    pub(super) reseed: redis::Script,
+    pub(super) snapshot: redis::Script,
+    pub(super) recover: redis::Script,
+}
+
+impl Scripts {
+    pub(super) fn new() -> Scripts {
+        Scripts {
+            publish: redis::Script::new(PUBLISH_LUA),
+            reseed: redis::Script::new(RESEED_LUA),
+            snapshot: redis::Script::new(SNAPSHOT_LUA),
+            recover: redis::Script::new(RECOVER_LUA),
+        }
+    }
+}
+
+/// Lua shared by the scripts that need Redis's clock and boot mark: sets `now` (ms) and `boot`
+/// (when Redis's state began, recorded under KEYS[1] on first sight).
+macro_rules! boot_prelude {
+    () => {
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local boot = redis.call('GET', KEYS[1])
+if not boot then
+  redis.call('SET', KEYS[1], now)
+  boot = now
+end
+"#
+    };
+}
+
+/// Publishes one batch atomically. KEYS: boot, gseq, member index, then per event its key (room
+/// counter, member set, or gseq) and, for a room event, the room's history list. ARGV: settle ms,
+/// has-room flag, history size, history TTL ms, then per event: op, floor, chat, user, payload
+/// (event JSON without seq), channel count, channels. Returns the seqs.
+///
+/// A room event is appended to its room's history in the same call that assigns its `seq` and
+/// publishes it, so history and live delivery can never disagree.
+pub(super) const PUBLISH_LUA: &str = concat!(
+    boot_prelude!(),
+    r#"if ARGV[2] == '1' and now - tonumber(boot) < tonumber(ARGV[1]) then
+  return redis.error_reply('SETTLING redis lost its state recently; nodes are re-seeding room seq')
+end
+local seqs = {}
+local hsize, httl = tonumber(ARGV[3]), tonumber(ARGV[4])
+local i = 5
+local k = 4
+while k <= #KEYS do
+  local key = KEYS[k]
+  k = k + 1
+  local op, floor, chat, user, payload = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local nch = tonumber(ARGV[i + 5])
+  i = i + 6
+  local seq
+  if op == 'r' then
+    local cur = tonumber(redis.call('GET', key) or '0')
+    if cur < floor then redis.call('SET', key, floor) end
+    seq = redis.call('INCR', key)
+  else
+    if op == 'a' then
+      redis.call('SADD', key, user)
+      redis.call('SADD', KEYS[3], chat)
+    elseif op == 'x' then
+      redis.call('SREM', key, user)
+      if redis.call('SCARD', key) == 0 then redis.call('SREM', KEYS[3], chat) end
+    end
+    seq = redis.call('INCR', KEYS[2])
+  end
+  local msg = string.sub(payload, 1, -2) .. ',"seq":' .. string.format('%d', seq) .. '}'
+  if op == 'r' then
+    local hkey = KEYS[k]
+    k = k + 1
+    redis.call('RPUSH', hkey, string.format('%d', now) .. '|' .. msg)
+    redis.call('LTRIM', hkey, -hsize, -1)
+    redis.call('PEXPIRE', hkey, httl)
+  end
+  for c = 0, nch - 1 do
+    redis.call('PUBLISH', ARGV[i + c], msg)
+  end
+  i = i + nch
+  seqs[#seqs + 1] = seq
+end
+return seqs
+"#
+);
+
+/// Marks Redis's state as seen (boot key) and raises room counters to the floors this node knows.
+/// KEYS: boot, then room counters; ARGV: the floors. Returns ms since Redis's state began.
+pub(super) const RESEED_LUA: &str = concat!(
+    boot_prelude!(),
+    r#"for k = 2, #KEYS do
+  local floor = tonumber(ARGV[k - 1])
+  local cur = tonumber(redis.call('GET', KEYS[k]) or '0')
+  if cur < floor then redis.call('SET', KEYS[k], floor) end
+end
+return now - tonumber(boot)
+"#
+);
+
+/// A room's position and history: the counter, then the entries (`<ms>|<json>`) younger than the
+/// TTL, oldest first, or none when ARGV[2] is '0'. KEYS: room counter, room history; ARGV: TTL ms,
+/// whether to read the history.
+pub(super) const RECOVER_LUA: &str = r#"
+local out = { redis.call('GET', KEYS[1]) or '0' }
+if ARGV[2] == '1' then
+  local t = redis.call('TIME')
+  local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1])
+  for _, entry in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+    local bar = string.find(entry, '|', 1, true)
+    if bar and tonumber(string.sub(entry, 1, bar - 1)) > oldest then
+      out[#out + 1] = string.sub(entry, bar + 1)
+    end
+  end
+end
+return out
+"#;
+
+/// The membership snapshot: the global counter, then (chat, user) pairs, flattened.
+/// KEYS: member index, gseq; ARGV: member set name prefix and suffix (around the chat id).
+pub(super) const SNAPSHOT_LUA: &str = r#"
+local out = { redis.call('GET', KEYS[2]) or '0' }
+for _, chat in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  for _, user in ipairs(redis.call('SMEMBERS', ARGV[1] .. chat .. ARGV[2])) do
+    out[#out + 1] = chat
+    out[#out + 1] = user
+  end
+end
+return out
+"#;

@@ -1,0 +1,310 @@
+//! The supervisor task: owns the node's one Redis connection. It connects, restores what a node
+//! needs (scripts, room counter floors, subscriptions, the membership snapshot), alone issues
+//! `SUBSCRIBE` / `UNSUBSCRIBE` to match local interest, detects a lost connection, and reconnects
+//! with capped, jittered backoff.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, PushInfo, PushKind};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::delivery::Inbound;
+use super::scripts::{
+    channel, members_key_parts, seq_key, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL, MEMBER_INDEX_KEY, PUBLISH_LUA,
+    RECOVER_LUA, RESEED_LUA, SNAPSHOT_LUA,
+};
+use super::{lock, Phase, Shared, Sub, Topics};
+use crate::protocol::ChatId;
+
+/// Channels per `SUBSCRIBE` / `UNSUBSCRIBE` command and rooms per re-seed call.
+const CHUNK: usize = 512;
+
+/// One session per connection, backoff between attempts, until the bus handle is dropped (which
+/// aborts this task).
+pub(super) async fn supervise(
+    shared: Arc<Shared>,
+    client: redis::Client,
+    inbound: mpsc::Sender<Inbound>,
+    target: String,
+) {
+    let mut gen = 0u64;
+    let mut delay = Duration::from_millis(50);
+    let mut was_up = false;
+    let mut failures = 0u64;
+    loop {
+        gen += 1;
+        // Sent before the connection exists, so it precedes every push of that connection.
+        if inbound.send(Inbound::Reset { gen }).await.is_err() {
+            return;
+        }
+        match open_session(&shared, &client, &inbound, gen).await {
+            Ok((conn, settle_until)) => {
+                if was_up {
+                    shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                if was_up || failures > 0 {
+                    tracing::warn!(redis = %target, "redis bus reconnected; subscriptions restored");
+                }
+                was_up = true;
+                failures = 0;
+                delay = Duration::from_millis(50);
+                let err = run_session(&shared, conn, gen, settle_until).await;
+                shared.go_down();
+                tracing::error!(
+                    redis = %target, error = %err,
+                    "redis bus lost its connection; publishes answer 503 until it is back"
+                );
+            }
+            Err(e) => {
+                shared.go_down();
+                shared.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                failures += 1;
+                // Loud on the first failure and then every ~30 attempts, not on every retry.
+                if failures == 1 || failures % 30 == 0 {
+                    tracing::error!(redis = %target, error = %e, attempts = failures, "redis bus cannot connect; retrying");
+                }
+            }
+        }
+        let jitter = delay.mul_f64(f64::from(getrandom::u32().unwrap_or(0) % 1000) / 2000.0);
+        tokio::time::sleep(delay + jitter).await;
+        delay = (delay * 2).min(shared.options.backoff_max);
+    }
+}
+
+/// Opens a connection and restores everything the node needs before it is used: scripts, room
+/// counter floors, the global and watched subscriptions, the membership snapshot.
+async fn open_session(
+    shared: &Arc<Shared>,
+    client: &redis::Client,
+    inbound: &mpsc::Sender<Inbound>,
+    gen: u64,
+) -> Result<(MultiplexedConnection, Option<Instant>), redis::RedisError> {
+    let push_tx = inbound.clone();
+    let weak = Arc::downgrade(shared);
+    // Runs on the connection's reader: must not block, so it only forwards or counts.
+    let push_sender = move |info: PushInfo| -> Result<(), ()> {
+        let Some(shared) = weak.upgrade() else { return Err(()) };
+        match info.kind {
+            PushKind::Disconnection => {
+                shared.lost_gen.store(gen, Ordering::SeqCst);
+                shared.lost.notify_one();
+                Ok(())
+            }
+            PushKind::Message => match push_tx.try_send(Inbound::Push { gen, info }) {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    if shared.stats.inbound_dropped.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
+                        tracing::error!("redis bus delivery task is behind; dropping events (seq gaps)");
+                    }
+                    Ok(())
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+            },
+            // Subscribe confirmations are awaited as replies; other kinds do not concern us.
+            _ => Ok(()),
+        }
+    };
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(shared.options.connect_timeout))
+        .set_response_timeout(Some(shared.options.response_timeout))
+        .set_push_sender(push_sender);
+    let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
+
+    for code in [PUBLISH_LUA, RESEED_LUA, SNAPSHOT_LUA, RECOVER_LUA] {
+        redis::cmd("SCRIPT").arg("LOAD").arg(code).query_async::<String>(&mut conn).await?;
+    }
+
+    // Re-seed every room this node knows before it publishes again (a restarted Redis starts empty).
+    let floors: Vec<(ChatId, u64)> = lock(&shared.floors).iter().map(|(c, s)| (*c, *s)).collect();
+    let age_ms = reseed(shared, &mut conn, &floors).await?;
+    let settle_ms = u64::try_from(shared.options.settle.as_millis()).unwrap_or(u64::MAX);
+    let settle_until =
+        (age_ms < settle_ms).then(|| Instant::now() + Duration::from_millis(settle_ms - age_ms));
+
+    conn.subscribe(MEMBERS_CHANNEL).await?;
+    {
+        // Everything watched is resubscribed by the first reconcile.
+        let mut topics = lock(&shared.topics);
+        let Topics { map, dirty, .. } = &mut *topics;
+        dirty.extend(map.keys().copied());
+    }
+    reconcile(shared, &mut conn).await?;
+
+    // Snapshot after subscribing to the members channel, so nothing falls between the two.
+    let flat: Vec<String> = redis::cmd("EVALSHA")
+        .arg(shared.scripts.snapshot.get_hash())
+        .arg(2)
+        .arg(MEMBER_INDEX_KEY)
+        .arg(GSEQ_KEY)
+        .arg(&members_key_parts()[..])
+        .query_async(&mut conn)
+        .await?;
+    let ver = flat.first().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let pairs = flat
+        .get(1..)
+        .unwrap_or_default()
+        .chunks_exact(2)
+        .filter_map(|p| Some((p[0].parse().ok()?, p[1].parse().ok()?)))
+        .collect();
+    if inbound.send(Inbound::Snapshot { gen, ver, pairs }).await.is_err() {
+        return Err(redis::RedisError::from((redis::ErrorKind::Client, "redis bus stopped")));
+    }
+
+    *lock(&shared.conn) = Some(conn.clone());
+    shared.phase.send_replace(if settle_until.is_some() { Phase::Settling } else { Phase::Up });
+    Ok((conn, settle_until))
+}
+
+/// Raises room counters to the given floors (in chunks); returns ms since Redis's state began.
+pub(super) async fn reseed(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+    floors: &[(ChatId, u64)],
+) -> Result<u64, redis::RedisError> {
+    let mut age = u64::MAX;
+    let mut chunks: Vec<&[(ChatId, u64)]> = floors.chunks(CHUNK).collect();
+    if chunks.is_empty() {
+        chunks.push(&[]);
+    }
+    for chunk in chunks {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(shared.scripts.reseed.get_hash()).arg(1 + chunk.len()).arg(BOOT_KEY);
+        for (chat, _) in chunk {
+            cmd.arg(seq_key(*chat));
+        }
+        for (_, floor) in chunk {
+            cmd.arg(*floor);
+        }
+        let a: i64 = cmd.query_async(conn).await?;
+        age = age.min(u64::try_from(a).unwrap_or(0));
+    }
+    Ok(age)
+}
+
+/// Serves one connection until it fails; returns why.
+async fn run_session(
+    shared: &Shared,
+    mut conn: MultiplexedConnection,
+    gen: u64,
+    mut settle_until: Option<Instant>,
+) -> redis::RedisError {
+    let mut ping = tokio::time::interval(shared.options.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let settle_at = settle_until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            _ = shared.kick.notified() => {
+                if let Err(e) = reconcile(shared, &mut conn).await {
+                    return e;
+                }
+            }
+            _ = ping.tick() => {
+                let pong = tokio::time::timeout(
+                    shared.options.ping_timeout,
+                    redis::cmd("PING").query_async::<String>(&mut conn),
+                ).await;
+                match pong {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return e,
+                    Err(_) => return redis::RedisError::from((redis::ErrorKind::Io, "PING timed out")),
+                }
+            }
+            _ = shared.lost.notified() => {
+                if shared.lost_gen.load(Ordering::SeqCst) == gen {
+                    return redis::RedisError::from((redis::ErrorKind::Io, "connection closed"));
+                }
+            }
+            _ = tokio::time::sleep_until(settle_at), if settle_until.is_some() => {
+                settle_until = None;
+                shared.phase.send_replace(Phase::Up);
+            }
+        }
+    }
+}
+
+/// Brings Redis subscriptions in line with local interest, and re-seeds regressed rooms. Only the
+/// supervisor calls it, so SUBSCRIBE/UNSUBSCRIBE for a topic are never in flight twice; watches
+/// and unwatches that happen meanwhile mark the topic dirty again and are handled next round.
+async fn reconcile(shared: &Shared, conn: &mut MultiplexedConnection) -> Result<(), redis::RedisError> {
+    loop {
+        let mut subs = Vec::new();
+        let mut unsubs = Vec::new();
+        let reseed_rooms: Vec<ChatId>;
+        {
+            let mut topics = lock(&shared.topics);
+            let Topics { map, dirty, reseed } = &mut *topics;
+            reseed_rooms = reseed.drain().collect();
+            for topic in dirty.drain() {
+                let Some(state) = map.get_mut(&topic) else { continue };
+                match (state.count > 0, state.sub) {
+                    (true, Sub::Off) => subs.push(topic),
+                    (false, Sub::On) => {
+                        // Marked under the lock, so no `watch` trusts this subscription any more.
+                        state.sub = Sub::Leaving;
+                        unsubs.push(topic);
+                    }
+                    (false, Sub::Off) => {
+                        map.remove(&topic);
+                    }
+                    (true, Sub::On) => {
+                        for waiter in state.waiters.drain(..) {
+                            let _ = waiter.send(Ok(()));
+                        }
+                    }
+                    // Only this function sets `Leaving`, and it settles it before draining again.
+                    (_, Sub::Leaving) => {}
+                }
+            }
+        }
+        if !reseed_rooms.is_empty() {
+            let floors: Vec<(ChatId, u64)> = {
+                let known = lock(&shared.floors);
+                reseed_rooms.iter().filter_map(|c| known.get(c).map(|f| (*c, *f))).collect()
+            };
+            reseed(shared, conn, &floors).await?;
+        }
+        if subs.is_empty() && unsubs.is_empty() {
+            return Ok(());
+        }
+        for chunk in unsubs.chunks(CHUNK) {
+            let channels: Vec<String> = chunk.iter().map(|t| channel(*t)).collect();
+            conn.unsubscribe(&channels).await?;
+            let mut topics = lock(&shared.topics);
+            let Topics { map, dirty, .. } = &mut *topics;
+            for topic in chunk {
+                if let Some(state) = map.get_mut(topic) {
+                    state.sub = Sub::Off;
+                    if state.count == 0 {
+                        map.remove(topic);
+                    } else {
+                        // Watched again while the UNSUBSCRIBE was in flight: those watches wait
+                        // for the SUBSCRIBE of the next round.
+                        dirty.insert(*topic);
+                    }
+                }
+            }
+        }
+        for chunk in subs.chunks(CHUNK) {
+            let channels: Vec<String> = chunk.iter().map(|t| channel(*t)).collect();
+            conn.subscribe(&channels).await?;
+            let mut topics = lock(&shared.topics);
+            let Topics { map, dirty, .. } = &mut *topics;
+            for topic in chunk {
+                if let Some(state) = map.get_mut(topic) {
+                    state.sub = Sub::On;
+                    for waiter in state.waiters.drain(..) {
+                        let _ = waiter.send(Ok(()));
+                    }
+                    if state.count == 0 {
+                        // Unwatched while the SUBSCRIBE was in flight.
+                        dirty.insert(*topic);
+                    }
+                }
+            }
+        }
+    }
+}
