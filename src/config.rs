@@ -38,6 +38,7 @@ pub struct Config {
     pub rooms: RoomsConfig,
     pub bus: BusConfig,
     pub log: LogConfig,
+    pub ui: UiConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -202,6 +203,15 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig { format: LogFormat::Text, level: "info".into() }
     }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UiConfig {
+    /// The demo page at `/`. Unset: on exactly when Herald runs on the
+    /// embedded default (generated secrets, loopback only); `true` serves the
+    /// page without demo credentials (it asks for a token); `false` never.
+    pub enabled: Option<bool>,
 }
 
 /// Lists may be given as YAML lists or as one comma-separated string (env).
@@ -434,6 +444,7 @@ mod tests {
         assert_eq!(c.bus.kind, BusKind::Memory);
         assert_eq!(c.auth.membership, Membership::Token);
         assert_eq!((c.log.format, c.log.level.as_str()), (LogFormat::Text, "info"));
+        assert_eq!(c.ui.enabled, None);
         Ok(())
     }
 
@@ -459,6 +470,8 @@ bus:
 log:
   format: json
   level: warn,herald=debug
+ui:
+  enabled: false
 "#;
         let c = load_yaml(
             yaml,
@@ -477,6 +490,7 @@ log:
         assert_eq!(c.bus.kind, BusKind::Redis);
         assert_eq!(c.api.keys.len(), 2);
         assert_eq!((c.log.format, c.log.level.as_str()), (LogFormat::Json, "debug"));
+        assert_eq!(c.ui.enabled, Some(false));
         Ok(())
     }
 

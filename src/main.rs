@@ -11,6 +11,7 @@ use clap::Parser as _;
 use herald::cmd::{self, check_config, init, token, Cli, Command};
 use herald::config::{Config, LogConfig, LogFormat};
 use herald::demo::Demo;
+use herald::http::DemoPage;
 use herald::server::Server;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -77,10 +78,21 @@ fn serve(mut config: Config) -> anyhow::Result<()> {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let server = Server::bind(config.clone()).await?;
+        let mut server = Server::bind(config.clone()).await?;
         let addr = server.local_addr();
         tracing::info!(%addr, bus = ?config.bus.kind, membership = ?config.auth.membership, "herald listening");
         if let Some(demo) = demo {
+            // The page needs the secret to hand its demo user fresh tokens.
+            if let (Some(secret), false) = (&demo.secret, config.ui.enabled == Some(false)) {
+                println!("\n  Demo page: open http://{addr}/ in a browser");
+                server = server.with_demo_page(DemoPage {
+                    secret: secret.clone(),
+                    user: demo.user,
+                    chat: demo.chat,
+                    api_key: demo.api_key.clone(),
+                    token_ttl: herald::demo::TOKEN_TTL,
+                });
+            }
             println!("{}", demo.banner(&config, addr));
         }
         let shutdown = CancellationToken::new();

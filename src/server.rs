@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{KeyError, Verifier};
 use crate::bus::{Bus, BusError};
 use crate::config::Config;
-use crate::http::App;
+use crate::http::{App, DemoPage};
 use crate::node::{self, Node};
 use crate::protocol::event::DomainEvent;
 
@@ -74,6 +74,7 @@ impl Server {
             allowed_origins: config.auth.allowed_origins.clone(),
             max_body_bytes: config.server.max_body_bytes,
             conn_limit: Arc::new(Semaphore::new(config.server.max_connections)),
+            ui: crate::http::Ui { enabled: config.ui.enabled, demo: None },
         });
         Ok(Server { listener, app, http_tasks: TaskTracker::new(), grace: config.server.shutdown_grace })
     }
@@ -82,6 +83,16 @@ impl Server {
     pub fn local_addr(&self) -> SocketAddr {
         // ok: a bound listener always has a local address.
         self.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Gives the page at `/` a demo user to run as (the embedded default;
+    /// `ui.enabled: false` still keeps the page off).
+    pub fn with_demo_page(mut self, demo: DemoPage) -> Server {
+        // ok to skip when shared: nothing clones the app before `run`.
+        if let Some(app) = Arc::get_mut(&mut self.app) {
+            app.ui.demo = Some(demo);
+        }
+        self
     }
 
     /// The in-process publisher of this node.

@@ -1,9 +1,13 @@
-//! The HTTP edge: routes `/ws`, `/api/events`, `/healthz` and `/metrics`, and
-//! the one mapping from edge errors to status codes and JSON bodies.
+//! The HTTP edge: routes `/ws`, `/api/events`, `/healthz`, `/metrics` and the
+//! browser's files (`ui`), and the one mapping from edge errors to status
+//! codes and JSON bodies.
 
 mod api;
 mod ops;
+mod ui;
 mod ws;
+
+pub use ui::{DemoPage, Ui};
 
 use std::sync::Arc;
 
@@ -29,6 +33,8 @@ pub struct App {
     /// One permit per open WebSocket (`server.max_connections`); each
     /// connection task holds its permit until it ends.
     pub conn_limit: Arc<Semaphore>,
+    /// The demo page's switch and demo (`ui.enabled`).
+    pub ui: Ui,
 }
 
 /// An error answered at the edge; never leaks internals.
@@ -84,7 +90,13 @@ impl App {
             (&Method::POST, "/api/events") => api::publish(&self, req).await,
             (&Method::GET, "/healthz") => Ok(ops::healthz(&self)),
             (&Method::GET, "/metrics") => Ok(ops::metrics(&self)),
-            (_, "/ws" | "/api/events" | "/healthz" | "/metrics") => Err(HttpError::MethodNotAllowed),
+            (&Method::GET, "/client.js") => Ok(ui::client_js(&req)),
+            (&Method::GET, "/api/stats") => Ok(ui::stats(&self)),
+            (&Method::GET, "/") => ui::page(&self, &req),
+            (&Method::GET, "/demo/token") => ui::demo_token(&self, &req),
+            (_, "/ws" | "/api/events" | "/healthz" | "/metrics" | "/client.js" | "/api/stats") => {
+                Err(HttpError::MethodNotAllowed)
+            }
             _ => Err(HttpError::NotFound),
         };
         result.unwrap_or_else(HttpError::into_response)

@@ -1,0 +1,127 @@
+// Type declarations for herald-client.js (the Herald browser client).
+
+/** Close codes the server uses (docs/PROTOCOL.md section 6). */
+export declare const CloseCode: Readonly<{
+  NORMAL: 1000;
+  GOING_AWAY: 1001;
+  POLICY: 1008;
+  TOO_BIG: 1009;
+  TOKEN_EXPIRED: 4001;
+  SLOW_CONSUMER: 4008;
+}>;
+
+/** Error codes of the server's `error` replies, plus the client's own. */
+export type HeraldErrorCode =
+  | 'bad_request'
+  | 'unknown_type'
+  | 'forbidden'
+  | 'too_many_subscriptions'
+  | 'rate_limited'
+  | 'unavailable'
+  /** client closed, or unsubscribed before the server answered */
+  | 'closed'
+  /** the server removed the user from the chat */
+  | 'removed'
+  | 'token'
+  | 'token_expired'
+  | 'connect'
+  | (string & {});
+
+export declare class HeraldError extends Error {
+  readonly code: HeraldErrorCode;
+  readonly chatId?: string;
+  constructor(code: HeraldErrorCode, message?: string, chatId?: string);
+}
+
+/** A room event as the server sends it. */
+export interface RoomEvent<Data = unknown> {
+  type: 'message.new' | 'chat.updated' | 'task.updated' | (string & {});
+  chat_id: string;
+  seq: number;
+  data: Data;
+}
+
+/** A per-user event (no `seq`), e.g. `notification.new`. */
+export interface UserEvent<Data = unknown> {
+  type: 'notification.new' | 'task.updated' | (string & {});
+  chat_id?: string;
+  data: Data;
+}
+
+export interface HeraldClientOptions {
+  /** A fixed JWT. With only a token, a 4001 (token expired) ends the client. */
+  token?: string;
+  /** Called before every connection attempt, including after 4001. */
+  getToken?: () => string | Promise<string>;
+  /** WebSocket constructor; defaults to `globalThis.WebSocket`. */
+  WebSocket?: typeof WebSocket;
+  /** First reconnect delay ceiling in ms (default 500); doubles per failed attempt, jittered. */
+  backoffInitial?: number;
+  /** Largest reconnect delay ceiling in ms (default 30000). */
+  backoffMax?: number;
+  /** Silence (ms) after which the client sends `{"type":"ping"}` (default 25000). */
+  pingInterval?: number;
+  /** No frame within this many ms after a ping: the path is dead, reconnect (default 10000). */
+  pingTimeout?: number;
+  /** An attempt that has not opened after this many ms is abandoned (default 10000). */
+  connectTimeout?: number;
+}
+
+export type ConnectionState = 'idle' | 'connecting' | 'connected' | 'disconnected' | 'closed';
+
+export interface Subscribed {
+  chatId: string;
+  /** The room's position when the subscription took effect (absent on older servers). */
+  seq: number | null;
+  /** On a resubscribe with `since`: whether the missed events were replayed. */
+  recovered?: boolean;
+}
+
+export interface Disconnected {
+  /** The WebSocket close code; 0 when the client gave up on the socket itself. */
+  code: number;
+  reason: string;
+  willReconnect: boolean;
+  /** ms until the next attempt, when willReconnect. */
+  delay?: number;
+}
+
+/** The app may have missed events of this room: fetch them from your backend. */
+export interface Refetch {
+  chatId: string;
+  /** `not_recovered`: the server could not replay after a reconnect; `gap`: a
+   * `seq` jump seen live that the server could not replay either (the client
+   * first resubscribes with `since` to have the missed events replayed). */
+  reason: 'not_recovered' | 'gap';
+  /** Last `seq` the app saw. */
+  since: number | null;
+  /** Events up to this `seq` may be missing (null when the server sent none). */
+  seq: number | null;
+}
+
+export interface HeraldClientEvents {
+  state: ConnectionState;
+  connecting: { attempt: number };
+  connected: Record<string, never>;
+  disconnected: Disconnected;
+  /** Every `subscribed` ack, resubscribes after a reconnect included. */
+  subscribed: Subscribed;
+  refetch: Refetch;
+  event: UserEvent;
+  unsubscribed: { chatId: string; reason: string };
+  error: Error;
+}
+
+export declare class HeraldClient {
+  constructor(url: string | undefined, options: HeraldClientOptions);
+  readonly state: ConnectionState;
+  /** Starts connecting; resolves once connected. */
+  connect(): Promise<void>;
+  /** Closes for good with 1000. */
+  close(): void;
+  /** Resolves on `subscribed`, rejects with a HeraldError on `error`; survives reconnects. */
+  subscribe<Data = unknown>(chatId: string, handler: (event: RoomEvent<Data>) => void): Promise<Subscribed>;
+  /** Stops delivery at once; resolves on `unsubscribed`. */
+  unsubscribe(chatId: string): Promise<void>;
+  on<K extends keyof HeraldClientEvents>(name: K, fn: (value: HeraldClientEvents[K]) => void): () => void;
+}
