@@ -247,7 +247,16 @@ impl Config {
                         .map_err(|e| ConfigError::Yaml { path: path.to_path_buf(), message: e.to_string() })?
                 };
                 match value {
-                    Value::Object(_) => value,
+                    Value::Object(mut sections) => {
+                        // A section whose keys are all commented out parses
+                        // as null: it means "all defaults", not an error.
+                        for section in sections.values_mut() {
+                            if section.is_null() {
+                                *section = Value::Object(Map::new());
+                            }
+                        }
+                        Value::Object(sections)
+                    }
                     Value::Null => Value::Object(Map::new()),
                     _ => return Err(key_error("(root)", "the config file must be a mapping of sections")),
                 }
@@ -491,6 +500,14 @@ ui:
         assert_eq!(c.api.keys.len(), 2);
         assert_eq!((c.log.format, c.log.level.as_str()), (LogFormat::Json, "debug"));
         assert_eq!(c.ui.enabled, Some(false));
+        Ok(())
+    }
+
+    #[test]
+    fn a_section_with_every_key_commented_out_means_defaults() -> TestResult {
+        let c = load_yaml("ui:\n  # enabled: true\nrooms:\n", &[])?;
+        assert_eq!(c.ui.enabled, None);
+        assert_eq!(c.rooms.history_size, 100);
         Ok(())
     }
 
