@@ -29,7 +29,7 @@ pub enum ServerError {
     Bind { addr: SocketAddr, source: io::Error },
     #[error(transparent)]
     Key(#[from] KeyError),
-    #[error("event bus (bus.redis_url): {0}")]
+    #[error(transparent)]
     Bus(#[from] BusError),
 }
 

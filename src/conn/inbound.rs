@@ -121,10 +121,7 @@ mod tests {
     use super::*;
 
     fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
-        assert!(payload.len() < 126);
-        let mut out = vec![first, 0x80 | payload.len() as u8, 9, 8, 7, 6];
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ [9, 8, 7, 6][i % 4]));
-        out
+        frame::masked(first, payload, [9, 8, 7, 6])
     }
 
     #[test]

@@ -171,13 +171,8 @@ mod tests {
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-    /// A client frame: masked, as RFC 6455 requires (payloads under 126 bytes).
     fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [1u8, 2, 3, 4];
-        let mut out = vec![first, 0x80 | payload.len() as u8];
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        out
+        crate::protocol::frame::masked(first, payload, [1, 2, 3, 4])
     }
 
     /// Reads one server frame: (first header byte, payload).

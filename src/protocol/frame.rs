@@ -69,6 +69,29 @@ pub fn encode(op: OpCode, payload: &[u8]) -> Bytes {
     buf.freeze()
 }
 
+/// Encodes a client frame: `first` is the whole first header byte (FIN, RSV
+/// and opcode, so tests and tools can also send malformed ones), the payload
+/// masked with `mask` as RFC 6455 requires of clients. Herald itself never
+/// sends one; its tests, fuzzers and tools do.
+pub fn masked(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(MAX_HEAD + 4 + payload.len());
+    out.push(first);
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= u16::MAX as usize => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
 /// Builds a text frame whose payload is written by `write`, reserving room
 /// for the header first so the payload is never copied.
 pub fn text_with(capacity: usize, write: impl FnOnce(&mut Vec<u8>)) -> Bytes {
@@ -183,22 +206,7 @@ mod tests {
     use super::*;
 
     fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [1u8, 2, 3, 4];
-        let mut out = vec![first];
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n if n <= 65535 => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        out
+        super::masked(first, payload, [1, 2, 3, 4])
     }
 
     #[test]
