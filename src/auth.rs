@@ -154,9 +154,56 @@ pub fn mint_hs256(secret: &str, user: UserId, chats: &[ChatId], ttl: Duration) -
     .unwrap_or_default()
 }
 
+/// The `token` parameter of a request's query string, percent-decoded (the
+/// browser way to pass a JWT to `GET /ws`).
+pub fn token_from_query(query: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == "token").then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_and_decodes_the_token_parameter() {
+        assert_eq!(token_from_query("a=1&token=a.b_c-d").as_deref(), Some("a.b_c-d"));
+        assert_eq!(token_from_query("token=a%2Eb").as_deref(), Some("a.b"));
+        assert_eq!(token_from_query("token=bad%").as_deref(), Some("bad%"));
+        assert_eq!(token_from_query("token=bad%zz").as_deref(), Some("bad%zz"));
+        assert_eq!(token_from_query("token=%4").as_deref(), Some("%4"));
+        assert_eq!(token_from_query("tokens=x&t=y"), None);
+        assert_eq!(
+            token_from_query("token=%ff%fe").as_deref(),
+            Some("\u{fffd}\u{fffd}"),
+            "not UTF-8: replaced"
+        );
+    }
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 

@@ -236,32 +236,40 @@ impl Config {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut tree = match path {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-                let value: Value = if text.trim().is_empty() {
-                    Value::Object(Map::new())
-                } else {
-                    serde_saphyr::from_str(&text)
-                        .map_err(|e| ConfigError::Yaml { path: path.to_path_buf(), message: e.to_string() })?
-                };
-                match value {
-                    Value::Object(mut sections) => {
-                        // A section whose keys are all commented out parses
-                        // as null: it means "all defaults", not an error.
-                        for section in sections.values_mut() {
-                            if section.is_null() {
-                                *section = Value::Object(Map::new());
-                            }
-                        }
-                        Value::Object(sections)
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?,
+            None => String::new(),
+        };
+        Config::parse(&text, path.unwrap_or(Path::new("(none)")), env)
+    }
+
+    /// Parses YAML text (`path` names it in errors), applies `HERALD_*`
+    /// variables from `env`, and validates.
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let value: Value = if text.trim().is_empty() {
+            Value::Object(Map::new())
+        } else {
+            serde_saphyr::from_str(text)
+                .map_err(|e| ConfigError::Yaml { path: path.to_path_buf(), message: e.to_string() })?
+        };
+        let mut tree = match value {
+            Value::Object(mut sections) => {
+                // A section whose keys are all commented out parses as null:
+                // it means "all defaults", not an error.
+                for section in sections.values_mut() {
+                    if section.is_null() {
+                        *section = Value::Object(Map::new());
                     }
-                    Value::Null => Value::Object(Map::new()),
-                    _ => return Err(key_error("(root)", "the config file must be a mapping of sections")),
                 }
+                Value::Object(sections)
             }
-            None => Value::Object(Map::new()),
+            Value::Null => Value::Object(Map::new()),
+            _ => return Err(key_error("(root)", "the config file must be a mapping of sections")),
         };
         let mut vars: Vec<(String, String)> = env.into_iter().filter(|(k, _)| is_override(k)).collect();
         vars.sort();

@@ -9,12 +9,11 @@
 //! [`pump`] (the wait loop, reads, deliveries, batching and writes),
 //! [`session`] (client commands, subscriptions and recovery, the rate limit),
 //! [`timers`] (ping, silence, token expiry, write stall) and [`close`] (the
-//! close handshake); [`inbound`], [`outbound`] and [`subs`] are its
-//! reassembly buffer, write queue and rooms; [`socket`] is what it needs of
+//! close handshake); [`outbound`] and [`subs`] are its write queue and
+//! rooms (reassembly is `protocol::assemble`); [`socket`] is what it needs of
 //! its socket (TCP, or a Unix socket pair in tests).
 
 mod close;
-mod inbound;
 mod outbound;
 mod pump;
 mod session;
@@ -35,9 +34,9 @@ use crate::auth::Claims;
 use crate::bus::Topic;
 use crate::error::CloseCode;
 use crate::node::Node;
+use crate::protocol::assemble::{Assembler, Inbound};
 use crate::protocol::{ChatId, UserId};
 use crate::rooms::Mailbox;
-use inbound::{Assembler, Inbound};
 use outbound::Outbound;
 pub use socket::Socket;
 use subs::Subscriptions;

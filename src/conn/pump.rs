@@ -10,10 +10,10 @@ use std::task::Poll;
 
 use tokio::time::Instant;
 
-use super::inbound::Inbound;
 use super::subs::{Stopped, Taken};
 use super::{Conn, End, Socket};
 use crate::error::CloseCode;
+use crate::protocol::assemble::Inbound;
 use crate::protocol::server;
 use crate::rooms::{Drained, UserMsg};
 

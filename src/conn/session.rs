@@ -6,11 +6,11 @@ use std::sync::atomic::Ordering;
 
 use tokio::time::Instant;
 
-use super::inbound::Inbound;
 use super::{Conn, End, Socket};
 use crate::bus::Topic;
 use crate::error::{CloseCode, ErrorCode};
 use crate::membership;
+use crate::protocol::assemble::Inbound;
 use crate::protocol::client::{self, Command};
 use crate::protocol::frame::{self, OpCode};
 use crate::protocol::{server, ChatId};

@@ -1,10 +1,11 @@
 //! The wire contract (`PROTOCOL.md`) as types and byte encoders: client
-//! commands, domain events and who receives them, server messages and
-//! WebSocket framing.
+//! commands, domain events and who receives them, server messages,
+//! WebSocket framing and the reassembly of a client's byte stream.
 //!
 //! Nothing here does IO, awaits or reads a clock, so codec tests and benches
 //! need no runtime.
 
+pub mod assemble;
 pub mod client;
 pub mod event;
 pub mod frame;

@@ -1,12 +1,14 @@
-//! Turns the client's byte stream into complete WebSocket messages: decodes
+//! Turns a client's byte stream into complete WebSocket messages: decodes
 //! frames, reassembles fragments with a bound on the total size, and keeps
 //! bytes only while a frame is incomplete (nothing is allocated while idle).
+//! Each byte is copied a bounded number of times however the stream is cut,
+//! so a frame trickled one byte per read costs what it weighs.
 
-use crate::protocol::frame::{self, DecodeError, OpCode};
+use super::frame::{self, DecodeError, OpCode};
 
 /// A complete client message or control frame.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Inbound {
+pub enum Inbound {
     Text(Vec<u8>),
     Binary,
     Ping(Vec<u8>),
@@ -18,8 +20,11 @@ pub(crate) enum Inbound {
 /// Per-connection reassembly state: one pointer while idle, the buffers only
 /// while a frame or a fragmented message is incomplete.
 #[derive(Default)]
-pub(crate) struct Assembler {
+pub struct Assembler {
     state: Option<Box<Partial>>,
+    /// Bytes moved inside the partial buffer, for the linearity test.
+    #[cfg(test)]
+    moved: usize,
 }
 
 #[derive(Default)]
@@ -32,13 +37,9 @@ struct Partial {
 }
 
 impl Assembler {
-    /// Consumes freshly read bytes, appending complete messages to `out`.
-    pub(crate) fn ingest(
-        &mut self,
-        data: &[u8],
-        max: usize,
-        out: &mut Vec<Inbound>,
-    ) -> Result<(), DecodeError> {
+    /// Consumes freshly read bytes, appending complete messages to `out`;
+    /// `max` bounds one message (its fragments together).
+    pub fn ingest(&mut self, data: &[u8], max: usize, out: &mut Vec<Inbound>) -> Result<(), DecodeError> {
         // A stack value while nothing is pending: no allocation per read.
         let mut state = self.state.take().map_or_else(Partial::default, |boxed| *boxed);
         if state.partial.is_empty() {
@@ -46,11 +47,18 @@ impl Assembler {
             state.partial.extend_from_slice(&data[used..]);
         } else {
             state.partial.extend_from_slice(data);
-            let buf = std::mem::take(&mut state.partial);
+            let mut buf = std::mem::take(&mut state.partial);
             let used = state.decode_all(&buf, max, out)?;
-            if used < buf.len() {
-                state.partial = buf[used..].to_vec();
+            // Only what follows a completed frame moves (less than a frame),
+            // never the incomplete frame on each read.
+            if used > 0 {
+                #[cfg(test)]
+                {
+                    self.moved += buf.len() - used;
+                }
+                buf.drain(..used);
             }
+            state.partial = buf;
         }
         if !state.partial.is_empty() || state.fragment_op.is_some() {
             self.state = Some(Box::new(state));
@@ -147,6 +155,22 @@ mod tests {
             ]
         );
         assert!(a.state.is_none(), "nothing is kept between messages");
+    }
+
+    /// Issue: a 64 KB frame trickled one byte per read was copied whole on
+    /// every read (gigabytes). Now no byte of an incomplete frame moves.
+    #[test]
+    fn a_trickled_frame_costs_what_it_weighs() {
+        let payload = vec![b'x'; 65_000];
+        let stream = frame::masked(0x81, &payload, [9, 8, 7, 6]);
+        let mut a = Assembler::default();
+        let mut out = Vec::new();
+        for b in &stream {
+            a.ingest(std::slice::from_ref(b), 65_536, &mut out).unwrap();
+        }
+        assert_eq!(out, vec![Inbound::Text(payload)]);
+        assert_eq!(a.moved, 0, "bytes of the incomplete frame were moved on reads");
+        assert!(a.state.is_none());
     }
 
     #[test]
