@@ -51,7 +51,8 @@ fn fanout(c: &mut Criterion) {
     for subscribers in [1usize, 100, 10_000] {
         let rooms = Rooms::new(1024, LIMITS);
         let chat = ChatId::from_u128(1);
-        let mut receivers: Vec<_> = (0..subscribers).map(|_| rooms.join(chat).1).collect();
+        let mut receivers: Vec<_> =
+            (0..subscribers).map(|_| rooms.join(chat, UserId::from_u128(1)).1).collect();
         let mut seq = 0;
         let frame = server::room_event("message.new", chat, 1, DATA);
         group.throughput(Throughput::Elements(subscribers as u64));
@@ -101,7 +102,7 @@ fn catch_up(c: &mut Criterion) {
     group.bench_function("read_64_after", |b| {
         b.iter(|| {
             let mut n = 0usize;
-            let read = room.read_after(black_box(30), 64, |f| n += f.len());
+            let read = room.read_after(black_box(30), 64, usize::MAX, |f| n += f.len());
             black_box((read, n))
         })
     });
@@ -123,7 +124,7 @@ fn churn(c: &mut Criterion) {
                     s.spawn(move || {
                         for i in 0..per_thread {
                             let chat = ChatId::from_u128(((t * 7 + i) % 16) as u128);
-                            let rx = rooms.join(chat);
+                            let rx = rooms.join(chat, UserId::from_u128(1));
                             drop(rx);
                             rooms.leave(chat);
                         }

@@ -10,7 +10,7 @@ use crate::membership;
 use crate::metrics::Metrics;
 use crate::protocol::event::{DomainEvent, EventKind};
 use crate::protocol::route::{route, MemberChange};
-use crate::protocol::server;
+use crate::protocol::{server, ChatId, UserId};
 use crate::rooms::{Rooms, UserMsg, Users};
 
 /// Implements [`Deliver`] for a node's registries.
@@ -18,10 +18,33 @@ pub struct Broadcaster {
     pub rooms: Arc<Rooms>,
     pub users: Arc<Users>,
     pub membership: Arc<membership::Table>,
+    /// The table is kept only under `membership: events`, the one source
+    /// that reads it: under `token` and `open` publishers cannot grow it.
+    pub source: membership::Source,
     pub metrics: Arc<Metrics>,
 }
 
+impl Broadcaster {
+    /// Ends `user`'s subscriptions to `chat` on this node. Its readers are
+    /// cut off at once: a frame of the room published right after must not
+    /// reach them, even if they take it before they read the removal.
+    fn removed(&self, chat: ChatId, user: UserId) {
+        if self.users.send(user, UserMsg::Removed(chat)) > 0 {
+            self.rooms.revoke(chat, user);
+        }
+    }
+}
+
 impl Deliver for Broadcaster {
+    fn membership_snapshot(&self, pairs: Vec<(ChatId, UserId)>) {
+        if self.source != membership::Source::Events {
+            return;
+        }
+        for (chat, user) in self.membership.replace(&pairs) {
+            self.removed(chat, user);
+        }
+    }
+
     fn deliver(&self, event: &DomainEvent, seq: Option<u64>) {
         self.metrics.events_in.fetch_add(1, Ordering::Relaxed);
         if event.kind == EventKind::Unknown {
@@ -30,12 +53,15 @@ impl Deliver for Broadcaster {
         }
         let route = route(event);
         match route.membership {
-            Some(MemberChange::Added { chat, user }) => self.membership.add(chat, user),
+            Some(MemberChange::Added { chat, user }) if self.source == membership::Source::Events => {
+                self.membership.add(chat, user);
+            }
             Some(MemberChange::Removed { chat, user }) => {
                 self.membership.remove(chat, user);
-                self.users.send(user, UserMsg::Removed(chat));
+                // Under every source: a removed user's subscription ends.
+                self.removed(chat, user);
             }
-            None => {}
+            Some(MemberChange::Added { .. }) | None => {}
         }
         let Some(ty) = event.kind.client_type() else { return };
         let data = event.data.as_ref().map_or("null", |d| d.get());

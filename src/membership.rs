@@ -39,6 +39,26 @@ impl Table {
         });
     }
 
+    /// Makes the table exactly `pairs`; returns the pairs it dropped.
+    pub fn replace(&self, pairs: &[(ChatId, UserId)]) -> Vec<(ChatId, UserId)> {
+        let wanted: HashSet<(ChatId, UserId)> = pairs.iter().copied().collect();
+        let mut dropped = Vec::new();
+        self.members.retain(|chat, users| {
+            users.retain(|user| {
+                let keep = wanted.contains(&(*chat, *user));
+                if !keep {
+                    dropped.push((*chat, *user));
+                }
+                keep
+            });
+            !users.is_empty()
+        });
+        for (chat, user) in pairs {
+            self.add(*chat, *user);
+        }
+        dropped
+    }
+
     pub fn contains(&self, chat: ChatId, user: UserId) -> bool {
         self.members.get(&chat).is_some_and(|users| users.contains(&user))
     }
@@ -69,5 +89,15 @@ mod tests {
         assert!(allowed(Source::Events, &table, user, &[], chat));
         table.remove(chat, user);
         assert!(!allowed(Source::Events, &table, user, &[], chat));
+    }
+
+    #[test]
+    fn a_snapshot_replaces_the_table_and_names_what_it_dropped() {
+        let table = Table::default();
+        let (a, b, c) = (ChatId::from_u128(1), ChatId::from_u128(2), UserId::from_u128(3));
+        table.add(a, c);
+        table.add(b, c);
+        assert_eq!(table.replace(&[(b, c), (a, UserId::from_u128(4))]), vec![(a, c)]);
+        assert!(!table.contains(a, c) && table.contains(b, c) && table.contains(a, UserId::from_u128(4)));
     }
 }

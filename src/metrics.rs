@@ -41,6 +41,9 @@ pub struct Metrics {
     /// Times a connection fell behind a room's live ring and read on from
     /// its history instead.
     pub catchups: AtomicU64,
+    /// Pings not answered because a pong to the same client was still
+    /// waiting to be written.
+    pub pongs_dropped: AtomicU64,
     pub client_errors: [AtomicU64; ErrorCode::ALL.len()],
     pub close_codes: [AtomicU64; Ended::LABELS.len()],
 }
@@ -124,6 +127,12 @@ impl Metrics {
             "counter",
             "Connections closed with 4008.",
             get(&self.slow_consumers),
+        );
+        one(
+            "pongs_dropped_total",
+            "counter",
+            "Client pings left unanswered because an earlier pong was still unwritten.",
+            get(&self.pongs_dropped),
         );
         one("bus_up", "gauge", "1 when the event bus accepts publishes.", u64::from(bus_healthy));
         let _ = writeln!(out, "# HELP herald_recoveries_total Subscriptions with since, by outcome.");

@@ -49,6 +49,7 @@ impl Node {
             rooms: rooms.clone(),
             users: users.clone(),
             membership: membership.clone(),
+            source: config.auth.membership,
             metrics: metrics.clone(),
         });
         let bus: Arc<dyn Bus> = match config.bus.kind {
@@ -103,8 +104,8 @@ pub async fn sense_load(node: Arc<Node>, stop: CancellationToken) {
 }
 
 /// Drops history older than `rooms.history_ttl`, keeps the node-wide byte
-/// budget fair across rooms, and removes rooms left with neither history nor
-/// subscribers, until `stop`.
+/// budget fair across rooms, removes rooms left with neither history nor
+/// subscribers, and lets the bus forget its state for them, until `stop`.
 pub async fn sweep_history(node: Arc<Node>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(HISTORY_SWEEP);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -114,6 +115,8 @@ pub async fn sweep_history(node: Arc<Node>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         node.rooms.sweep(tokio::time::Instant::now());
+        let rooms = &node.rooms;
+        node.bus.forget_idle(&|chat| rooms.get(chat).is_some());
     }
 }
 

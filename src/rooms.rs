@@ -9,8 +9,8 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -78,26 +78,66 @@ struct Held {
 /// from the ring; a reader that lags the ring, or recovers after `since`,
 /// reads the history at its own pace.
 pub struct Room {
-    /// The live ring (`rooms.buffer` frames). Receivers are the room's
-    /// subscribers on this node.
-    ring: broadcast::Sender<Frame>,
+    /// The live ring (`rooms.buffer` frames), made when the first
+    /// subscriber joins: a room that only holds history (publishers made
+    /// it) preallocates nothing. Receivers are the room's subscribers here.
+    ring: OnceLock<broadcast::Sender<Frame>>,
     /// Recent frames in `seq` order, allocated as they arrive.
     history: Mutex<VecDeque<Held>>,
+    /// The last `seq` published here.
+    head: AtomicU64,
+    /// Users removed from the room while connected here, with the room's
+    /// head at that moment: their connections take nothing after it, even
+    /// before they have seen the removal in their mailbox.
+    revoked: Mutex<Vec<(UserId, u64)>>,
+    /// Whether `revoked` has entries: readers check it per poll for free.
+    any_revoked: AtomicBool,
 }
 
 impl Room {
-    fn new(ring: usize) -> Room {
-        Room { ring: broadcast::channel(ring).0, history: Mutex::new(VecDeque::new()) }
+    fn new() -> Room {
+        Room {
+            ring: OnceLock::new(),
+            history: Mutex::new(VecDeque::new()),
+            head: AtomicU64::new(0),
+            revoked: Mutex::new(Vec::new()),
+            any_revoked: AtomicBool::new(false),
+        }
+    }
+
+    /// The last `seq` `user` may still receive here, when it was removed.
+    pub fn cutoff(&self, user: UserId) -> Option<u64> {
+        if !self.any_revoked.load(Ordering::Acquire) {
+            return None;
+        }
+        let revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+        revoked.iter().find(|(u, _)| *u == user).map(|(_, at)| *at)
+    }
+
+    fn set_revoked(&self, user: UserId, at: Option<u64>) {
+        let mut revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+        revoked.retain(|(u, _)| *u != user);
+        if let Some(at) = at {
+            revoked.push((user, at));
+        }
+        self.any_revoked.store(!revoked.is_empty(), Ordering::Release);
     }
 
     fn held(&self) -> MutexGuard<'_, VecDeque<Held>> {
         self.history.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Hands `push` the held frames after `after`, in order, at most `max`.
+    /// Hands `push` the held frames after `after`, in order: at most `max`
+    /// frames, and no more once `max_bytes` are handed (at least one frame).
     /// Fails when the history no longer holds `after + 1` although newer
     /// frames exist: the reader fell further behind than history reaches.
-    pub fn read_after(&self, after: u64, max: usize, mut push: impl FnMut(Bytes)) -> Result<Read, Evicted> {
+    pub fn read_after(
+        &self,
+        after: u64,
+        max: usize,
+        max_bytes: usize,
+        mut push: impl FnMut(Bytes),
+    ) -> Result<Read, Evicted> {
         let held = self.held();
         let Some(front) = held.front() else { return Ok(Read { frames: 0, last: after, at_head: true }) };
         let newest = held.back().map_or(0, |h| h.seq);
@@ -110,11 +150,16 @@ impl Room {
         // Seqs are consecutive within a room's history, so `after` is found by offset.
         let start = usize::try_from(after + 1 - front.seq).unwrap_or(usize::MAX);
         let mut read = Read { frames: 0, last: after, at_head: false };
+        let mut bytes = 0;
         for h in held.iter().skip(start).take(max) {
             if h.seq != read.last + 1 {
                 // A gap inside history (an event this node never received).
                 return Err(Evicted { oldest: h.seq });
             }
+            if bytes >= max_bytes {
+                break;
+            }
+            bytes += h.bytes.len();
             push(h.bytes.clone());
             read.frames += 1;
             read.last = h.seq;
@@ -137,7 +182,7 @@ impl Room {
 
     /// Subscribers of this room on this node.
     pub fn subscribers(&self) -> usize {
-        self.ring.receiver_count()
+        self.ring.get().map_or(0, broadcast::Sender::receiver_count)
     }
 }
 
@@ -167,10 +212,23 @@ impl Rooms {
     /// Joins a room, creating it on first use; the receiver sees every frame
     /// published after this call. Done under the map entry's lock, so it
     /// cannot interleave with [`Rooms::leave`] removing the same room.
-    pub fn join(&self, chat: ChatId) -> (Arc<Room>, broadcast::Receiver<Frame>) {
-        let entry = self.rooms.entry(chat).or_insert_with(|| Arc::new(Room::new(self.ring)));
-        let rx = entry.ring.subscribe();
+    /// A user joining again (a member re-added) lifts an earlier removal.
+    pub fn join(&self, chat: ChatId, user: UserId) -> (Arc<Room>, broadcast::Receiver<Frame>) {
+        let entry = self.rooms.entry(chat).or_insert_with(|| Arc::new(Room::new()));
+        let rx = entry.ring.get_or_init(|| broadcast::channel(self.ring).0).subscribe();
+        if entry.any_revoked.load(Ordering::Acquire) {
+            entry.set_revoked(user, None);
+        }
         (entry.clone(), rx)
+    }
+
+    /// `user` was removed from `chat`: its readers of the room on this node
+    /// take nothing published after this moment. Call it before later
+    /// frames of the room are published.
+    pub fn revoke(&self, chat: ChatId, user: UserId) {
+        if let Some(room) = self.get(chat) {
+            room.set_revoked(user, Some(room.head.load(Ordering::Acquire)));
+        }
     }
 
     /// Called after a subscriber dropped its receiver: removes the room if it
@@ -192,15 +250,16 @@ impl Rooms {
         let room = match self.rooms.get(&chat) {
             Some(room) => room.clone(),
             None if self.limits.size == 0 => return 0,
-            None => self.rooms.entry(chat).or_insert_with(|| Arc::new(Room::new(self.ring))).clone(),
+            None => self.rooms.entry(chat).or_insert_with(|| Arc::new(Room::new())).clone(),
         };
+        room.head.fetch_max(seq, Ordering::AcqRel);
         if self.limits.size > 0 {
             self.keep(&room, seq, &bytes);
         }
-        if room.subscribers() == 0 {
-            return 0;
+        match room.ring.get() {
+            Some(ring) if ring.receiver_count() > 0 => ring.send(Frame { seq, bytes }).unwrap_or(0),
+            _ => 0,
         }
-        room.ring.send(Frame { seq, bytes }).unwrap_or(0)
     }
 
     fn keep(&self, room: &Room, seq: u64, bytes: &Bytes) {
@@ -317,7 +376,7 @@ pub enum UserMsg {
 /// One connection's inbox for per-user traffic and node signals. Held by the
 /// connection task and, while the connection is registered, by [`Users`].
 pub struct Mailbox {
-    queue: Mutex<VecDeque<UserMsg>>,
+    queue: Mutex<Inbox>,
     /// Set by every push and signal, cleared when the connection looks.
     pending: AtomicBool,
     /// Set when the queue overflowed: the connection is a slow consumer.
@@ -328,6 +387,15 @@ pub struct Mailbox {
     /// task keeps no wait future for its mailbox.
     waker: AtomicWaker,
     capacity: usize,
+}
+
+/// Frame bytes a mailbox holds at most (besides its count bound).
+const MAILBOX_BYTES: usize = 1 << 20;
+
+#[derive(Default)]
+struct Inbox {
+    msgs: VecDeque<UserMsg>,
+    bytes: usize,
 }
 
 /// What a connection finds when it looks at its mailbox.
@@ -343,7 +411,7 @@ pub enum Drained {
 impl Mailbox {
     pub fn new(capacity: usize) -> Mailbox {
         Mailbox {
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Inbox::default()),
             pending: AtomicBool::new(false),
             overflowed: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
@@ -354,11 +422,16 @@ impl Mailbox {
 
     fn push(&self, msg: UserMsg) {
         {
+            let len = match &msg {
+                UserMsg::Frame(frame) => frame.len(),
+                UserMsg::Removed(_) => 0,
+            };
             let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            if q.len() >= self.capacity {
+            if q.msgs.len() >= self.capacity || q.bytes + len > MAILBOX_BYTES {
                 self.overflowed.store(true, Ordering::Relaxed);
             } else {
-                q.push_back(msg);
+                q.bytes += len;
+                q.msgs.push_back(msg);
             }
         }
         self.signal();
@@ -400,10 +473,11 @@ impl Mailbox {
             return Drained::Overflowed;
         }
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        out.extend(q.drain(..));
-        if q.capacity() > 0 {
+        out.extend(q.msgs.drain(..));
+        q.bytes = 0;
+        if q.msgs.capacity() > 0 {
             // Idle connections keep no queue buffer.
-            *q = VecDeque::new();
+            q.msgs = VecDeque::new();
         }
         Drained::Messages
     }
@@ -481,7 +555,9 @@ mod tests {
 
     fn read_all(room: &Room, after: u64) -> Result<Vec<u64>, Evicted> {
         let mut got = Vec::new();
-        room.read_after(after, usize::MAX, |b| got.push(u64::from_be_bytes(b[..8].try_into().unwrap())))?;
+        room.read_after(after, usize::MAX, usize::MAX, |b| {
+            got.push(u64::from_be_bytes(b[..8].try_into().unwrap()))
+        })?;
         Ok(got)
     }
 
@@ -489,8 +565,8 @@ mod tests {
     fn rooms_live_while_they_have_subscribers_or_history() {
         let rooms = Rooms::new(4, LIMITS);
         let chat = ChatId::from_u128(1);
-        let (_, a) = rooms.join(chat);
-        let (_, mut b) = rooms.join(chat);
+        let (_, a) = rooms.join(chat, UserId::from_u128(99));
+        let (_, mut b) = rooms.join(chat, UserId::from_u128(99));
         assert_eq!((rooms.len(), rooms.subscribers(chat)), (1, 2));
         assert_eq!(rooms.publish(chat, 1, frame(1)), 2);
         assert_eq!(b.try_recv().unwrap().seq, 1);
@@ -500,6 +576,20 @@ mod tests {
         rooms.sweep(Instant::now() + LIMITS.ttl);
         assert!(rooms.is_empty(), "expired history and no subscriber: gone");
         assert_eq!(rooms.held_frames(), 0);
+    }
+
+    #[test]
+    fn a_removed_user_is_cut_off_at_the_head_until_it_joins_again() {
+        let rooms = Rooms::new(4, LIMITS);
+        let (chat, alice, bob) = (ChatId::from_u128(8), UserId::from_u128(1), UserId::from_u128(2));
+        let (room, _rx) = rooms.join(chat, alice);
+        rooms.publish(chat, 1, frame(1));
+        assert_eq!(room.cutoff(alice), None);
+        rooms.revoke(chat, alice);
+        rooms.publish(chat, 2, frame(2));
+        assert_eq!((room.cutoff(alice), room.cutoff(bob)), (Some(1), None));
+        let (_, _again) = rooms.join(chat, alice);
+        assert_eq!(room.cutoff(alice), None, "re-added and subscribed again");
     }
 
     #[test]
@@ -549,11 +639,16 @@ mod tests {
             rooms.publish(chat, seq, frame(seq));
         }
         let room = rooms.get(chat).unwrap();
-        let page = room.read_after(0, 2, |_| {}).unwrap();
+        let page = room.read_after(0, 2, usize::MAX, |_| {}).unwrap();
         assert_eq!(page, Read { frames: 2, last: 2, at_head: false });
-        let rest = room.read_after(page.last, 10, |_| {}).unwrap();
+        let rest = room.read_after(page.last, 10, usize::MAX, |_| {}).unwrap();
         assert_eq!(rest, Read { frames: 3, last: 5, at_head: true });
-        assert_eq!(room.read_after(5, 10, |_| {}).unwrap(), Read { frames: 0, last: 5, at_head: true });
+        assert_eq!(
+            room.read_after(5, 10, usize::MAX, |_| {}).unwrap(),
+            Read { frames: 0, last: 5, at_head: true }
+        );
+        // 8 bytes a frame: a byte budget of 9 stops after the second.
+        assert_eq!(room.read_after(0, 10, 9, |_| {}).unwrap(), Read { frames: 2, last: 2, at_head: false });
     }
 
     #[test]
@@ -575,12 +670,12 @@ mod tests {
         let rooms = Arc::new(Rooms::new(4, HistoryLimits { size: 0, ..LIMITS }));
         let chat = ChatId::from_u128(7);
         for seq in 0..200u64 {
-            let first = rooms.join(chat);
+            let first = rooms.join(chat, UserId::from_u128(99));
             let barrier = Arc::new(Barrier::new(2));
             let (r, b) = (rooms.clone(), barrier.clone());
             let joiner = std::thread::spawn(move || {
                 b.wait();
-                r.join(chat)
+                r.join(chat, UserId::from_u128(99))
             });
             barrier.wait();
             drop(first);
@@ -621,6 +716,16 @@ mod tests {
         let mailbox = Mailbox::new(2);
         for _ in 0..3 {
             mailbox.push(UserMsg::Frame(Bytes::new()));
+        }
+        assert_eq!(mailbox.drain(&mut Vec::new()), Drained::Overflowed);
+        // In bytes too: two half-megabyte frames fit, a third does not.
+        let mailbox = Mailbox::new(100);
+        for _ in 0..2 {
+            mailbox.push(UserMsg::Frame(Bytes::from(vec![0; MAILBOX_BYTES / 2])));
+        }
+        assert_eq!(mailbox.drain(&mut Vec::new()), Drained::Messages);
+        for _ in 0..3 {
+            mailbox.push(UserMsg::Frame(Bytes::from(vec![0; MAILBOX_BYTES / 2])));
         }
         assert_eq!(mailbox.drain(&mut Vec::new()), Drained::Overflowed);
     }

@@ -11,10 +11,12 @@ use crate::protocol::ChatId;
 
 /// The embedded default bus.
 pub struct MemoryBus {
-    /// Per-room sequence counters. They outlive empty rooms so `seq` never
-    /// restarts while the process lives. The mutex is held across assigning
-    /// and delivering, which keeps each room's frames in `seq` order when
-    /// several publishers race.
+    /// Per-room sequence counters, kept while the node holds the room (it
+    /// has a subscriber or history): a room forgotten after its history
+    /// expired starts again from 0, and a client that still remembers an
+    /// older `seq` is told `recovered:false` with the new position. The
+    /// mutex is held across assigning and delivering, which keeps each
+    /// room's frames in `seq` order when several publishers race.
     seqs: DashMap<ChatId, Arc<Mutex<u64>>>,
     sink: Arc<dyn Deliver>,
 }
@@ -24,13 +26,21 @@ impl MemoryBus {
         MemoryBus { seqs: DashMap::new(), sink }
     }
 
+    /// The room's counter, created at 0 when missing. Cloned out so the map
+    /// shard is not held while delivering.
+    fn counter(&self, chat: ChatId) -> Arc<Mutex<u64>> {
+        if let Some(cell) = self.seqs.get(&chat) {
+            return cell.clone();
+        }
+        self.seqs.entry(chat).or_default().clone()
+    }
+
     /// Publishes synchronously; the in-process bus cannot fail.
     pub fn publish_now(&self, events: &[DomainEvent]) {
         for event in events {
             match event.room() {
                 Some(chat) => {
-                    // Clone the counter out so the map shard is not held while delivering.
-                    let cell = self.seqs.entry(chat).or_default().clone();
+                    let cell = self.counter(chat);
                     let mut seq = lock(&cell);
                     *seq += 1;
                     self.sink.deliver(event, Some(*seq));
@@ -57,11 +67,21 @@ impl Bus for MemoryBus {
 
     fn unwatch(&self, _topic: Topic) {}
 
+    fn forget_idle(&self, active: &dyn Fn(ChatId) -> bool) {
+        self.seqs.retain(|chat, _| active(*chat));
+    }
+
+    fn gauges(&self) -> Vec<(&'static str, &'static str, u64)> {
+        vec![("room_counters", "Rooms whose seq counter this node keeps.", self.seqs.len() as u64)]
+    }
+
     fn recover(&self, chat: ChatId, _since: Option<u64>) -> BoxFuture<'_, Result<Recovery, BusError>> {
         // Read under the room's mutex: every event up to the head has then
         // been delivered (into this node's history) too. This bus keeps no
         // events of its own: the node's room history is all there is.
-        let head = self.seqs.get(&chat).map(|c| c.clone()).map_or(0, |cell| *lock(&cell));
+        // The counter is created here for a new room, so the sweeper keeps
+        // it from now on (the subscriber's room holds it).
+        let head = *lock(&self.counter(chat));
         Box::pin(std::future::ready(Ok(Recovery { head, events: None })))
     }
 

@@ -10,7 +10,7 @@ pub mod redis;
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::protocol::event::DomainEvent;
+use crate::protocol::event::{DomainEvent, EventKind};
 use crate::protocol::{ChatId, UserId};
 
 /// A boxed future, so `dyn Bus` can be shared by every task.
@@ -72,6 +72,22 @@ pub struct Recovery {
 pub trait Deliver: Send + Sync + 'static {
     /// One event, with the room `seq` the bus assigned (room events only).
     fn deliver(&self, event: &DomainEvent, seq: Option<u64>);
+
+    /// The complete membership as the bus holds it (a multi-node bus loads
+    /// it on every connect): every pair not in it is no longer a member.
+    /// The default delivers each pair as an addition.
+    fn membership_snapshot(&self, pairs: Vec<(ChatId, UserId)>) {
+        for (chat, user) in pairs {
+            let event = DomainEvent {
+                kind: EventKind::MemberAdded,
+                chat_id: Some(chat),
+                user_id: Some(user),
+                user_ids: Vec::new(),
+                data: None,
+            };
+            self.deliver(&event, None);
+        }
+    }
 }
 
 /// An event bus backend.
@@ -95,6 +111,16 @@ pub trait Bus: Send + Sync + 'static {
     /// Called after [`Bus::watch`] resolved, so every event after the
     /// position reaches this node's broadcaster.
     fn recover(&self, chat: ChatId, since: Option<u64>) -> BoxFuture<'_, Result<Recovery, BusError>>;
+
+    /// Drops per-room state kept for rooms `active` no longer names (the
+    /// node holds a room while it has a subscriber or history), so
+    /// publishers cannot grow it without bound. Called by the node's sweeper.
+    fn forget_idle(&self, _active: &dyn Fn(ChatId) -> bool) {}
+
+    /// Backend gauges for `/metrics`: (name without the `herald_` prefix, help, value).
+    fn gauges(&self) -> Vec<(&'static str, &'static str, u64)> {
+        Vec::new()
+    }
 
     /// Current health, for `/healthz` and `/metrics`.
     fn health(&self) -> Health;

@@ -69,8 +69,12 @@ struct Conn<S> {
     assembler: Assembler,
     last_heard: Instant,
     next_ping: Instant,
-    /// Set while frames wait for a socket that does not take them.
+    /// Set while frames wait for a socket that does not take them all.
     stalled_since: Option<Instant>,
+    /// Bytes written since `stalled_since` was last set.
+    progress: u64,
+    /// A pong is queued and not yet written.
+    pong_queued: bool,
     tokens: f32,
     tokens_at: Instant,
     errors: u32,
@@ -109,6 +113,8 @@ pub fn serve<S: Socket>(
         last_heard: now,
         next_ping: now + node.ws.ping_interval,
         stalled_since: None,
+        progress: 0,
+        pong_queued: false,
         tokens: session::COMMAND_BURST,
         tokens_at: now,
         errors: 0,

@@ -35,11 +35,19 @@ pub(crate) struct Outbound {
     queue: VecDeque<Bytes>,
     /// Bytes of the front frame already written.
     offset: usize,
+    /// Bytes queued and not yet written.
+    bytes: usize,
 }
 
 impl Outbound {
     pub(crate) fn push(&mut self, frame: Bytes) {
+        self.bytes += frame.len();
         self.queue.push_back(frame);
+    }
+
+    /// Bytes queued and not yet written.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -55,6 +63,7 @@ impl Outbound {
     pub(crate) fn truncate_unstarted(&mut self) {
         let keep = usize::from(self.offset > 0);
         self.queue.truncate(keep);
+        self.bytes = self.queue.front().map_or(0, |f| f.len() - self.offset);
     }
 
     /// Writes as much as the socket takes without blocking.
@@ -113,11 +122,13 @@ impl Outbound {
             let left = front.len() - self.offset;
             if n >= left {
                 n -= left;
+                self.bytes -= left;
                 self.offset = 0;
                 self.queue.pop_front();
                 done += 1;
             } else {
                 self.offset += n;
+                self.bytes -= n;
                 n = 0;
             }
         }
@@ -191,11 +202,12 @@ mod tests {
         let mut out = Outbound::default();
         out.push(Bytes::from_static(b"abc"));
         out.push(Bytes::from_static(b"de"));
+        assert_eq!(out.bytes(), 5);
         assert_eq!(out.advance(2), 0);
-        assert_eq!(out.offset, 2);
+        assert_eq!((out.offset, out.bytes()), (2, 3));
         out.truncate_unstarted();
-        assert_eq!(out.len(), 1);
+        assert_eq!((out.len(), out.bytes()), (1, 1));
         assert_eq!(out.advance(1), 1);
-        assert!(out.is_empty());
+        assert!(out.is_empty() && out.bytes() == 0);
     }
 }

@@ -10,7 +10,7 @@ use std::task::Poll;
 
 use tokio::time::Instant;
 
-use super::subs::{Stopped, Taken};
+use super::subs::{Budget, Stopped, Taken};
 use super::{Conn, End, Socket};
 use crate::error::CloseCode;
 use crate::protocol::assemble::Inbound;
@@ -20,10 +20,19 @@ use crate::rooms::{Drained, UserMsg};
 /// Most frames taken from rooms and mailbox in one turn, so one busy
 /// connection cannot starve the others on its worker thread.
 const MAX_TURN_FRAMES: usize = 256;
-/// Room frames a connection holds queued at most: past it, it stops taking
-/// from its rooms until the socket drains, and reads the rest from history
-/// later (rooms never wait for it, and it never holds more than this).
+/// Room frames a connection holds queued at most, in count and in bytes:
+/// past either, it stops taking from its rooms until the socket drains, and
+/// reads the rest from history later (rooms never wait for it, and it never
+/// holds more than this).
 pub(super) const MAX_QUEUED: usize = 512;
+const MAX_QUEUED_BYTES: usize = 1 << 20;
+/// Everything a connection may have queued (room frames, per-user frames,
+/// replies) before it counts as not reading: closed with 4008.
+const MAX_OUT_BYTES: usize = 4 << 20;
+/// While frames wait, the socket must take at least this much per
+/// `write_wait`, or the connection is a slow consumer: a reader that
+/// trickles a byte at a time cannot hold its queue forever.
+const MIN_PROGRESS: u64 = 64 * 1024;
 /// Most times a connection steps aside before writing while frames keep arriving.
 const MAX_YIELDS: usize = 3;
 
@@ -61,10 +70,12 @@ impl<S: Socket> Conn<S> {
                 if !self.out.is_empty() && self.stream.poll_write_ready(cx).is_ready() {
                     return Poll::Ready(Wake::Writable);
                 }
-                let room_budget = MAX_QUEUED.saturating_sub(self.out.len()).min(MAX_TURN_FRAMES);
-                if !self.subs.is_empty() && room_budget > 0 {
+                let room_budget = self.room_budget();
+                if !self.subs.is_empty() && room_budget.frames > 0 && room_budget.bytes > 0 {
                     let out = &mut self.out;
-                    if let Poll::Ready(taken) = self.subs.poll_take(cx, room_budget, |f| out.push(f)) {
+                    if let Poll::Ready(taken) =
+                        self.subs.poll_take(cx, self.user, room_budget, |f| out.push(f))
+                    {
                         return Poll::Ready(Wake::Room(taken));
                     }
                 }
@@ -78,7 +89,10 @@ impl<S: Socket> Conn<S> {
             })
             .await;
             let step = match wake {
-                Wake::Readable(true) => self.read_ready(&mut inbox),
+                // A client that floods keeps the socket readable, which is
+                // polled first: timers are checked here too, or it would
+                // starve them.
+                Wake::Readable(true) => self.read_ready(&mut inbox).and_then(|()| self.timers_due(deadline)),
                 Wake::Readable(false) => Err(End::Gone),
                 Wake::Writable => Ok(()),
                 Wake::Room(item) => self.on_room(item),
@@ -181,10 +195,15 @@ impl<S: Socket> Conn<S> {
     /// carries them all (adaptive batching: a connection that keeps up writes
     /// each frame at once, one that fell behind writes in bulk).
     fn drain_ready(&mut self, cx: &mut std::task::Context<'_>) -> Result<(), End> {
-        let budget = MAX_QUEUED.saturating_sub(self.out.len()).min(MAX_TURN_FRAMES);
+        let budget = self.room_budget();
         let out = &mut self.out;
-        match self.subs.poll_take(cx, budget, |f| out.push(f)) {
-            Poll::Ready(taken) if budget > 0 => self.on_room(taken),
+        let room_taken = if budget.frames > 0 && budget.bytes > 0 {
+            self.subs.poll_take(cx, self.user, budget, |f| out.push(f))
+        } else {
+            Poll::Pending
+        };
+        match room_taken {
+            Poll::Ready(taken) => self.on_room(taken),
             _ if self.mailbox.take_pending() => self.on_mailbox(),
             _ => Ok(()),
         }
@@ -208,13 +227,23 @@ impl<S: Socket> Conn<S> {
                 }
             }
         }
-        // Per-user frames have no history to catch up from: a connection
-        // whose queue holds more than its rooms' share plus a full mailbox
-        // is not reading.
-        if self.out.len() > MAX_QUEUED + self.node.ws.user_queue {
+        self.check_queued()
+    }
+
+    /// Per-user frames and replies have no history to catch up from: a
+    /// connection holding more than [`MAX_OUT_BYTES`] queued is not reading.
+    pub(super) fn check_queued(&mut self) -> Result<(), End> {
+        if self.out.bytes() > MAX_OUT_BYTES {
             return Err(self.slow_consumer());
         }
         Ok(())
+    }
+
+    fn room_budget(&self) -> Budget {
+        Budget {
+            frames: MAX_QUEUED.saturating_sub(self.out.len()).min(MAX_TURN_FRAMES),
+            bytes: MAX_QUEUED_BYTES.saturating_sub(self.out.bytes()),
+        }
     }
 
     pub(super) fn flush(&mut self) -> Result<(), End> {
@@ -230,9 +259,19 @@ impl<S: Socket> Conn<S> {
         }
         if self.out.is_empty() {
             self.stalled_since = None;
-        } else if self.stalled_since.is_none() || written.bytes > 0 {
-            // write_wait bounds how long one write may make no progress.
+            self.progress = 0;
+            self.pong_queued = false;
+        } else if self.stalled_since.is_none() {
             self.stalled_since = Some(Instant::now());
+            self.progress = 0;
+        } else {
+            // The deadline moves on only for real progress: a reader that
+            // trickles a few bytes at a time still meets write_wait.
+            self.progress += written.bytes;
+            if self.progress >= MIN_PROGRESS {
+                self.stalled_since = Some(Instant::now());
+                self.progress = 0;
+            }
         }
         Ok(())
     }

@@ -33,12 +33,22 @@ impl<S: Socket> Conn<S> {
                     "binary frames are not accepted: commands are JSON text",
                     None,
                 )?,
-                Inbound::Ping(payload) => self.out.push(frame::encode(OpCode::Pong, &payload)),
+                Inbound::Ping(payload) => {
+                    // One pong waiting is enough (RFC 6455 5.5.3 allows
+                    // answering only the latest): a client that pings without
+                    // reading cannot grow the queue with pongs.
+                    if self.pong_queued {
+                        self.node.metrics.pongs_dropped.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        self.pong_queued = true;
+                        self.out.push(frame::encode(OpCode::Pong, &payload));
+                    }
+                }
                 Inbound::Pong => {}
                 Inbound::Close(code) => return Err(End::Echo(code)),
             }
         }
-        Ok(())
+        self.check_queued()
     }
 
     async fn command(&mut self, text: &[u8]) -> Result<(), End> {
@@ -80,7 +90,7 @@ impl<S: Socket> Conn<S> {
         // position: every event after that position is then either in this
         // receiver or in the room's history, and the ring's copies of
         // anything at or before it are skipped by seq.
-        let (room, rx) = self.node.rooms.join(chat);
+        let (room, rx) = self.node.rooms.join(chat, self.user);
         self.subs.insert(chat, room.clone(), rx, u64::MAX, false);
         self.node.metrics.subscriptions_active.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.node.bus.watch(Topic::Room(chat)).await {

@@ -8,6 +8,7 @@
 //! time, until the connection is back at the room's head: no frame is missed
 //! and none is queued twice, because every frame carries its `seq`.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -15,7 +16,7 @@ use bytes::Bytes;
 use tokio::sync::broadcast::{error::RecvError, Receiver};
 use tokio_util::sync::ReusableBoxFuture;
 
-use crate::protocol::ChatId;
+use crate::protocol::{ChatId, UserId};
 use crate::rooms::{Frame, Room};
 
 /// What a receive future resolves to: the outcome and the receiver back.
@@ -45,6 +46,13 @@ pub(crate) enum Stopped {
     Evicted { chat: ChatId, last: u64, oldest: u64 },
     /// The room's sender is gone (cannot happen while a receiver exists).
     Closed { chat: ChatId },
+}
+
+/// How much one poll may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Budget {
+    pub(crate) frames: usize,
+    pub(crate) bytes: usize,
 }
 
 /// What one poll took.
@@ -114,20 +122,33 @@ impl Subscriptions {
         }
     }
 
-    /// Takes up to `budget` new frames from every room, in each room's
-    /// `seq` order, handing them to `push`. Ready when any was taken;
-    /// pending (every ring receiver registered with `cx`) when none was.
+    /// Takes new frames from every room, in each room's `seq` order, handing
+    /// them to `push`: at most `budget.frames`, and none more once
+    /// `budget.bytes` are taken. Ready when any was taken; pending (every
+    /// ring receiver registered with `cx`) when none was.
     pub(crate) fn poll_take(
         &mut self,
         cx: &mut Context<'_>,
-        budget: usize,
+        user: UserId,
+        budget: Budget,
         mut push: impl FnMut(Bytes),
     ) -> Poll<Result<Taken, Stopped>> {
         let mut taken = Taken::default();
+        let bytes = Cell::new(0);
+        let mut push = |frame: Bytes| {
+            bytes.set(bytes.get() + frame.len());
+            push(frame);
+        };
         for sub in &mut self.subs {
-            while taken.frames < budget {
+            // A user removed from the room takes nothing past the removal,
+            // even before its connection has read the removal itself.
+            let cutoff = sub.room.cutoff(user).unwrap_or(u64::MAX);
+            while taken.frames < budget.frames && bytes.get() < budget.bytes && sub.last < cutoff {
                 if sub.behind {
-                    let read = sub.room.read_after(sub.last, budget - taken.frames, &mut push);
+                    let frames = (budget.frames - taken.frames)
+                        .min(usize::try_from(cutoff - sub.last).unwrap_or(usize::MAX));
+                    let left = budget.bytes - bytes.get();
+                    let read = sub.room.read_after(sub.last, frames, left, &mut push);
                     let read = match read {
                         Ok(read) => read,
                         Err(e) => {
@@ -149,8 +170,9 @@ impl Subscriptions {
                     Poll::Pending => break,
                     Poll::Ready((Ok(frame), rx)) => {
                         sub.next.set(receive(rx));
-                        if frame.seq <= sub.last {
-                            // Already queued from history, or before our position.
+                        if frame.seq <= sub.last || frame.seq > cutoff {
+                            // Already queued from history, before our position,
+                            // or after our removal.
                             continue;
                         }
                         if frame.seq == sub.last + 1 {
@@ -192,14 +214,17 @@ mod tests {
 
     const LIMITS: HistoryLimits = HistoryLimits { size: 64, ttl: Duration::from_secs(60), bytes: 1 << 20 };
 
-    fn take(subs: &mut Subscriptions, budget: usize) -> Poll<Result<Vec<u8>, Stopped>> {
+    fn take(subs: &mut Subscriptions, frames: usize) -> Poll<Result<Vec<u8>, Stopped>> {
         let mut cx = Context::from_waker(noop_waker_ref());
         let mut got = Vec::new();
-        subs.poll_take(&mut cx, budget, |b| got.push(b[0])).map(|r| r.map(|_| got))
+        let budget = Budget { frames, bytes: usize::MAX };
+        subs.poll_take(&mut cx, USER, budget, |b| got.push(b[0])).map(|r| r.map(|_| got))
     }
 
+    const USER: UserId = UserId::from_u128(77);
+
     fn join(rooms: &Rooms, subs: &mut Subscriptions, chat: ChatId, last: u64, behind: bool) {
-        let (room, rx) = rooms.join(chat);
+        let (room, rx) = rooms.join(chat, USER);
         subs.insert(chat, room, rx, last, behind);
     }
 
@@ -255,6 +280,23 @@ mod tests {
         assert_eq!(take(&mut subs, 100), Poll::Ready(Ok(vec![3, 4, 5, 6])));
         assert!(take(&mut subs, 100).is_pending(), "6 came from history; the ring's copy is skipped");
         assert_eq!(subs.position(chat), Some(6));
+    }
+
+    #[test]
+    fn nothing_after_a_removal_is_taken_from_the_ring_or_from_history() {
+        let rooms = Rooms::new(4, LIMITS);
+        let (live, behind) = (ChatId::from_u128(6), ChatId::from_u128(7));
+        let mut subs = Subscriptions::default();
+        join(&rooms, &mut subs, live, 0, false);
+        publish(&rooms, behind, 1..=3);
+        join(&rooms, &mut subs, behind, 0, true);
+        publish(&rooms, live, 1..=2);
+        rooms.revoke(live, USER);
+        rooms.revoke(behind, USER);
+        publish(&rooms, live, 3..=4);
+        publish(&rooms, behind, 4..=4);
+        assert_eq!(take(&mut subs, 100), Poll::Ready(Ok(vec![1, 2, 1, 2, 3])));
+        assert!(take(&mut subs, 100).is_pending());
     }
 
     #[test]

@@ -19,6 +19,14 @@ impl<S: Socket> Conn<S> {
         at
     }
 
+    /// Acts on the timers when `deadline` has passed (outside a timer wake).
+    pub(super) fn timers_due(&mut self, deadline: Instant) -> Result<(), End> {
+        if Instant::now() >= deadline {
+            return self.on_timer();
+        }
+        Ok(())
+    }
+
     pub(super) fn on_timer(&mut self) -> Result<(), End> {
         let now = Instant::now();
         let ws = &self.node.ws;

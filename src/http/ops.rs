@@ -27,6 +27,10 @@ pub(super) fn metrics(app: &App) -> Response<Body> {
         history_bytes: node.rooms.held_bytes(),
     };
     let mut text = node.metrics.render(&gauges, node.bus.health() == Health::Ok);
+    for (name, help, value) in node.bus.gauges() {
+        let _ =
+            writeln!(text, "# HELP herald_{name} {help}\n# TYPE herald_{name} gauge\nherald_{name} {value}");
+    }
     for (name, help, value) in node.bus.counters() {
         let _ = writeln!(
             text,

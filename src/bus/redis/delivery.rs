@@ -2,7 +2,6 @@
 //! it once and in Redis's order: room events by `seq`, copies received on several channels
 //! dropped, membership events ordered against the connection's membership snapshot.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -45,23 +44,15 @@ struct Receiving {
 
 /// Delivers in arrival order until the bus handle is dropped (which aborts this task).
 pub(super) async fn deliver_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Inbound>) {
-    // Highest room seq delivered per room; survives reconnects so nothing is delivered twice.
-    let mut delivered: HashMap<ChatId, u64> = HashMap::new();
     let mut state = Receiving { gen: 0, last_gseq: 0, held: None };
     while let Some(msg) = rx.recv().await {
         match msg {
             Inbound::Reset { gen } => state = Receiving { gen, last_gseq: 0, held: Some(Vec::new()) },
             Inbound::Snapshot { gen, ver, pairs } if gen == state.gen => {
-                for (chat, user) in pairs {
-                    let event = DomainEvent {
-                        kind: EventKind::MemberAdded,
-                        chat_id: Some(chat),
-                        user_id: Some(user),
-                        user_ids: Vec::new(),
-                        data: None,
-                    };
-                    shared.sink.deliver(&event, None);
-                }
+                // The snapshot is the whole truth as of `ver`: the sink adds
+                // what it lacks and drops what it no longer holds (a removal
+                // this node missed while it was cut off).
+                shared.sink.membership_snapshot(pairs);
                 for (event, gseq) in state.held.take().unwrap_or_default() {
                     if gseq > ver {
                         shared.sink.deliver(&event, None);
@@ -82,7 +73,7 @@ pub(super) async fn deliver_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Inb
                     tracing::warn!("event without seq on a redis channel; dropped");
                     continue;
                 };
-                deliver_one(&shared, &mut delivered, &mut state, event, seq);
+                deliver_one(&shared, &mut state, event, seq);
             }
             // A push from a connection already replaced: the new one restores what is needed.
             Inbound::Push { .. } => {}
@@ -90,14 +81,9 @@ pub(super) async fn deliver_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Inb
     }
 }
 
-fn deliver_one(
-    shared: &Shared,
-    delivered: &mut HashMap<ChatId, u64>,
-    state: &mut Receiving,
-    event: DomainEvent,
-    seq: u64,
-) {
+fn deliver_one(shared: &Shared, state: &mut Receiving, event: DomainEvent, seq: u64) {
     if let Some(room) = event.room() {
+        let mut delivered = lock(&shared.delivered);
         let last = delivered.entry(room).or_insert(0);
         if seq <= *last {
             if seq < *last {
@@ -114,6 +100,7 @@ fn deliver_one(
             return;
         }
         *last = seq;
+        drop(delivered);
         shared.note_seq(room, seq);
         shared.sink.deliver(&event, Some(seq));
         return;

@@ -192,6 +192,9 @@ struct Shared {
     /// Highest room `seq` this node knows (delivered or assigned to its publishes): the floor for
     /// re-seeding. Kept for every room seen while the process lives (a few dozen bytes each).
     floors: Mutex<HashMap<ChatId, u64>>,
+    /// Highest room `seq` delivered per room, so nothing is delivered twice (survives reconnects).
+    /// Only the delivery task and the idle sweep touch it.
+    delivered: Mutex<HashMap<ChatId, u64>>,
     /// Generation whose connection reported a disconnection, and the wake-up for the supervisor.
     lost_gen: AtomicU64,
     lost: Notify,
@@ -258,6 +261,7 @@ impl RedisBus {
             conn: Mutex::new(None),
             phase,
             floors: Mutex::default(),
+            delivered: Mutex::default(),
             lost_gen: AtomicU64::new(0),
             lost: Notify::new(),
             stats: Arc::default(),
@@ -364,6 +368,21 @@ impl Bus for RedisBus {
 
     fn unwatch(&self, topic: Topic) {
         self.shared.unwatch(topic);
+    }
+
+    fn forget_idle(&self, active: &dyn Fn(ChatId) -> bool) {
+        // A room this node no longer holds needs no floor (its seq survives a Redis restart
+        // through the nodes that hold it) and no dedupe mark (it is not watched here).
+        lock(&self.shared.floors).retain(|chat, _| active(*chat));
+        lock(&self.shared.delivered).retain(|chat, _| active(*chat));
+    }
+
+    fn gauges(&self) -> Vec<(&'static str, &'static str, u64)> {
+        vec![(
+            "redis_room_marks",
+            "Rooms whose seq this node remembers for re-seeding and dedupe.",
+            lock(&self.shared.floors).len() as u64,
+        )]
     }
 
     fn recover(&self, chat: ChatId, since: Option<u64>) -> BoxFuture<'_, Result<Recovery, BusError>> {
