@@ -53,6 +53,12 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Largest `POST /api/events` body; larger ones get 413.
     pub max_body_bytes: usize,
+    /// HTTP connections held at once before they upgrade or finish (plain
+    /// requests, handshakes in progress); more are closed at accept.
+    pub max_http_connections: usize,
+    /// How long a client may take to send its request headers.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +68,8 @@ impl Default for ServerConfig {
             max_connections: 19_500,
             shutdown_grace: Duration::from_secs(10),
             max_body_bytes: 1 << 20,
+            max_http_connections: 1024,
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -297,6 +305,7 @@ impl Config {
             ("rooms.buffer", self.rooms.buffer),
             ("rooms.history_size", self.rooms.history_size),
             ("server.max_connections", self.server.max_connections),
+            ("server.max_http_connections", self.server.max_http_connections),
             ("server.max_body_bytes", self.server.max_body_bytes),
         ];
         for (key, value) in positive {
@@ -304,14 +313,24 @@ impl Config {
                 return Err(key_error(key, "must be greater than 0"));
             }
         }
-        for (key, value) in [
-            ("websocket.ping_interval", ws.ping_interval),
-            ("websocket.pong_wait", ws.pong_wait),
-            ("websocket.write_wait", ws.write_wait),
+        // Bounded above too: a huge duration would overflow the clock.
+        const DAY: Duration = Duration::from_secs(86_400);
+        for (key, value, max) in [
+            ("websocket.ping_interval", ws.ping_interval, DAY),
+            ("websocket.pong_wait", ws.pong_wait, DAY),
+            ("websocket.write_wait", ws.write_wait, DAY),
+            ("server.header_read_timeout", self.server.header_read_timeout, DAY),
+            ("server.shutdown_grace", self.server.shutdown_grace, DAY),
         ] {
             if value.is_zero() {
                 return Err(key_error(key, "must be longer than 0s"));
             }
+            if value > max {
+                return Err(key_error(key, "must be at most 1 day"));
+            }
+        }
+        if self.auth.leeway > DAY {
+            return Err(key_error("auth.leeway", "must be at most 1 day"));
         }
         let rooms = &self.rooms;
         for (key, value, max) in
@@ -548,6 +567,9 @@ ui:
         assert!(err("rooms:\n  buffer: -3\n", &[]).contains("rooms.buffer"));
         assert!(err("rooms:\n  buffer: 0\n", &[]).contains("rooms.buffer"));
         assert!(err("rooms:\n  history_size: 1000000\n", &[]).contains("rooms.history_size"));
+        assert!(err("websocket:\n  ping_interval: 1000years\n", &[]).contains("websocket.ping_interval"));
+        assert!(err("server:\n  shutdown_grace: 400days\n", &[]).contains("server.shutdown_grace"));
+        assert!(err("auth:\n  leeway: 2days\n", &[]).contains("auth.leeway"));
         assert!(err("rooms:\n  history_ttl: 0s\n", &[]).contains("rooms.history_ttl"));
         assert!(err("rooms:\n  history_bytes: 10\n", &[]).contains("rooms.history_bytes"));
         assert!(err("bogus: 1\n", &[]).contains("bogus"));

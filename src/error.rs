@@ -60,6 +60,8 @@ pub enum CloseCode {
     GoingAway,
     /// 1002: a frame broke RFC 6455.
     ProtocolError,
+    /// 1007: a text message that is not UTF-8.
+    InvalidData,
     /// 1008: repeated abuse.
     PolicyViolation,
     /// 1009: a client message over `websocket.max_message_size`.
@@ -74,10 +76,11 @@ pub enum CloseCode {
 
 impl CloseCode {
     /// Every code Herald sends, in the order of the metrics' counters.
-    pub const ALL: [CloseCode; 8] = [
+    pub const ALL: [CloseCode; 9] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::ProtocolError,
+        CloseCode::InvalidData,
         CloseCode::PolicyViolation,
         CloseCode::TooBig,
         CloseCode::InternalError,
@@ -91,6 +94,7 @@ impl CloseCode {
             CloseCode::Normal => 1000,
             CloseCode::GoingAway => 1001,
             CloseCode::ProtocolError => 1002,
+            CloseCode::InvalidData => 1007,
             CloseCode::PolicyViolation => 1008,
             CloseCode::TooBig => 1009,
             CloseCode::InternalError => 1011,
@@ -105,6 +109,7 @@ impl CloseCode {
             CloseCode::Normal => "",
             CloseCode::GoingAway => "server shutting down",
             CloseCode::ProtocolError => "protocol error",
+            CloseCode::InvalidData => "text message is not UTF-8",
             CloseCode::PolicyViolation => "too many invalid commands",
             CloseCode::TooBig => "message too big",
             CloseCode::InternalError => "event bus unavailable",
@@ -134,7 +139,7 @@ pub enum Ended {
 impl Ended {
     /// The metric labels in counter order: Herald's codes, then `other` and `none`.
     pub const LABELS: [&'static str; CloseCode::ALL.len() + 2] =
-        ["1000", "1001", "1002", "1008", "1009", "1011", "4001", "4008", "other", "none"];
+        ["1000", "1001", "1002", "1007", "1008", "1009", "1011", "4001", "4008", "other", "none"];
 
     /// Index into [`Ended::LABELS`].
     pub fn index(self) -> usize {

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub upgrades_rejected_auth: AtomicU64,
     pub upgrades_rejected_origin: AtomicU64,
     pub upgrades_rejected_limit: AtomicU64,
+    /// HTTP connections open (before upgrade, or plain requests).
+    pub http_connections: AtomicU64,
+    /// Connections closed at accept: `server.max_http_connections` reached.
+    pub http_rejected: AtomicU64,
     pub events_in: AtomicU64,
     pub events_unknown: AtomicU64,
     pub publish_rejected: AtomicU64,
@@ -133,6 +137,18 @@ impl Metrics {
             "counter",
             "Client pings left unanswered because an earlier pong was still unwritten.",
             get(&self.pongs_dropped),
+        );
+        one(
+            "http_connections",
+            "gauge",
+            "HTTP connections open (not upgraded).",
+            get(&self.http_connections),
+        );
+        one(
+            "http_rejected_total",
+            "counter",
+            "Connections closed at accept because server.max_http_connections were open.",
+            get(&self.http_rejected),
         );
         one("bus_up", "gauge", "1 when the event bus accepts publishes.", u64::from(bus_healthy));
         let _ = writeln!(out, "# HELP herald_recoveries_total Subscriptions with since, by outcome.");

@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,9 +34,6 @@ pub enum ServerError {
     Bus(#[from] BusError),
 }
 
-/// How long an HTTP client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// A bound, ready-to-run Herald node.
 pub struct Server {
     listener: TcpListener,
@@ -43,6 +41,11 @@ pub struct Server {
     /// Tracks HTTP connection tasks and the load sampler (WebSocket tasks
     /// are in `app.node.tasks`).
     http_tasks: TaskTracker,
+    /// One permit per HTTP connection until it ends or upgrades
+    /// (`server.max_http_connections`); each connection task holds its own.
+    http_limit: Arc<Semaphore>,
+    /// How long a client may take to send its request headers.
+    header_timeout: Duration,
     grace: Duration,
 }
 
@@ -76,7 +79,14 @@ impl Server {
             conn_limit: Arc::new(Semaphore::new(config.server.max_connections)),
             ui: crate::http::Ui { enabled: config.ui.enabled, demo: None },
         });
-        Ok(Server { listener, app, http_tasks: TaskTracker::new(), grace: config.server.shutdown_grace })
+        Ok(Server {
+            listener,
+            app,
+            http_tasks: TaskTracker::new(),
+            http_limit: Arc::new(Semaphore::new(config.server.max_http_connections)),
+            header_timeout: config.server.header_read_timeout,
+            grace: config.server.shutdown_grace,
+        })
     }
 
     /// The address actually bound (useful with port 0).
@@ -103,7 +113,7 @@ impl Server {
     /// Serves until `shutdown` is cancelled, then drains: stops accepting,
     /// closes every WebSocket with 1001, and waits up to the grace period.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Server { listener, app, http_tasks, grace } = self;
+        let Server { listener, app, http_tasks, http_limit, header_timeout, grace } = self;
         http_tasks.spawn(node::sense_load(app.node.clone(), shutdown.clone()));
         http_tasks.spawn(node::sweep_history(app.node.clone(), shutdown.clone()));
         let mut backoff = Duration::from_millis(5);
@@ -125,17 +135,28 @@ impl Server {
                     continue;
                 }
             };
+            // Bounded like WebSockets: a flood of connections that never
+            // finish a request is shed at accept, not queued.
+            let metrics = app.node.metrics.clone();
+            let Ok(permit) = http_limit.clone().try_acquire_owned() else {
+                metrics.http_rejected.fetch_add(1, Ordering::Relaxed);
+                drop(stream);
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let app = app.clone();
             let shutdown = shutdown.clone();
             http_tasks.spawn(async move {
+                let _permit = permit;
+                metrics.http_connections.fetch_add(1, Ordering::Relaxed);
+                let _gauge = Decrement(&metrics.http_connections);
                 let service = service_fn(move |req| {
                     let app = app.clone();
                     async move { Ok::<_, Infallible>(app.handle(req).await) }
                 });
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .header_read_timeout(header_timeout)
                     .serve_connection(TokioIo::new(stream), service)
                     .with_upgrades();
                 let mut conn = std::pin::pin!(conn);
@@ -165,6 +186,15 @@ impl Server {
                 "shutdown grace period (server.shutdown_grace) ended with connections still open"
             );
         }
+    }
+}
+
+/// Takes one off a gauge when dropped, however its task ends.
+struct Decrement<'a>(&'a AtomicU64);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -75,9 +75,8 @@ struct Conn<S> {
     progress: u64,
     /// A pong is queued and not yet written.
     pong_queued: bool,
-    tokens: f32,
-    tokens_at: Instant,
-    errors: u32,
+    /// The command rate limit and the error budget.
+    limits: session::Limits,
     /// Frames were queued this turn by a delivery (not only by replies).
     fresh: bool,
     /// Counts the connection against `server.max_connections`; released
@@ -115,9 +114,7 @@ pub fn serve<S: Socket>(
         stalled_since: None,
         progress: 0,
         pong_queued: false,
-        tokens: session::COMMAND_BURST,
-        tokens_at: now,
-        errors: 0,
+        limits: session::Limits::new(now),
         fresh: false,
         permit: Some(permit),
         node,

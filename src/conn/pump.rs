@@ -161,9 +161,9 @@ impl<S: Socket> Conn<S> {
     }
 
     pub(super) fn ingest(&mut self, data: &[u8], inbox: &mut Vec<Inbound>) -> Result<(), End> {
-        self.assembler.ingest(data, self.node.ws.max_message_size, inbox).map_err(|e| {
-            End::Close(if e.close_code() == 1009 { CloseCode::TooBig } else { CloseCode::ProtocolError })
-        })
+        self.assembler
+            .ingest(data, self.node.ws.max_message_size, inbox)
+            .map_err(|e| End::Close(e.close_code()))
     }
 
     /// Room frames were queued: count catch-ups, and take what the mailbox

@@ -16,10 +16,13 @@ use crate::protocol::frame::{self, OpCode};
 use crate::protocol::{server, ChatId};
 
 /// Per-connection command budget: burst and refill per second.
-pub(super) const COMMAND_BURST: f32 = 100.0;
+const COMMAND_BURST: f32 = 100.0;
 const COMMAND_RATE: f32 = 50.0;
-/// Error replies within one connection's life before it is closed with 1008.
-const MAX_ERRORS: u32 = 100;
+/// Error replies a connection may earn before it is closed with 1008; the
+/// count decays by one every ten seconds, so a long-lived client's
+/// occasional mistakes never add up to a close.
+const MAX_ERRORS: f32 = 100.0;
+const ERROR_DECAY_PER_SEC: f32 = 0.1;
 
 impl<S: Socket> Conn<S> {
     /// Answers every complete client message, in order.
@@ -34,6 +37,15 @@ impl<S: Socket> Conn<S> {
                     None,
                 )?,
                 Inbound::Ping(payload) => {
+                    // Pings spend the command budget too: a flood of them
+                    // (which cost a read and a write each) is abuse.
+                    if !self.take_token() {
+                        self.node.metrics.pongs_dropped.fetch_add(1, Ordering::Relaxed);
+                        if self.limits.error() {
+                            return Err(End::Close(CloseCode::PolicyViolation));
+                        }
+                        continue;
+                    }
                     // One pong waiting is enough (RFC 6455 5.5.3 allows
                     // answering only the latest): a client that pings without
                     // reading cannot grow the queue with pongs.
@@ -166,23 +178,77 @@ impl<S: Socket> Conn<S> {
     fn reply_error(&mut self, code: ErrorCode, message: &str, chat: Option<ChatId>) -> Result<(), End> {
         self.node.metrics.client_error(code);
         self.out.push(server::error(code.as_str(), message, chat));
-        self.errors += 1;
-        if self.errors > MAX_ERRORS {
+        if self.limits.error() {
             return Err(End::Close(CloseCode::PolicyViolation));
         }
         Ok(())
     }
 
     fn take_token(&mut self) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.tokens_at).as_secs_f32() * COMMAND_RATE;
-        self.tokens = (self.tokens + refill).min(COMMAND_BURST);
-        self.tokens_at = now;
+        self.limits.take(Instant::now())
+    }
+}
+
+/// A connection's command rate limit (a token bucket) and its error budget
+/// (errors earned, decaying with time). Pure arithmetic over the clock it is
+/// given.
+pub(super) struct Limits {
+    tokens: f32,
+    errors: f32,
+    at: Instant,
+}
+
+impl Limits {
+    pub(super) fn new(now: Instant) -> Limits {
+        Limits { tokens: COMMAND_BURST, errors: 0.0, at: now }
+    }
+
+    /// Takes one command token; false when the client is over its rate.
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f32();
+        self.tokens = (self.tokens + elapsed * COMMAND_RATE).min(COMMAND_BURST);
+        self.errors = (self.errors - elapsed * ERROR_DECAY_PER_SEC).max(0.0);
+        self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
         } else {
             false
         }
+    }
+
+    /// Counts one error reply; true when the budget is exhausted (close 1008).
+    fn error(&mut self) -> bool {
+        self.errors += 1.0;
+        self.errors > MAX_ERRORS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn errors_decay_so_only_a_burst_of_abuse_closes() {
+        let start = Instant::now();
+        let mut limits = Limits::new(start);
+        // 100 errors a day apart (10,000 minutes) never add up.
+        for day in 0..100u64 {
+            assert!(limits.take(start + Duration::from_secs(day * 86_400)));
+            assert!(!limits.error(), "closed on day {day}");
+        }
+        // 101 in a burst do.
+        let now = start + Duration::from_secs(100 * 86_400);
+        assert!(limits.take(now));
+        assert!((0..101).any(|_| limits.error()));
+    }
+
+    #[test]
+    fn commands_are_limited_to_a_burst_then_a_rate() {
+        let start = Instant::now();
+        let mut limits = Limits::new(start);
+        assert_eq!((0..150).filter(|_| limits.take(start)).count(), 100);
+        assert_eq!((0..100).filter(|_| limits.take(start + Duration::from_secs(1))).count(), 50);
     }
 }

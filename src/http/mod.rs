@@ -89,14 +89,16 @@ impl App {
             (&Method::GET, "/ws") => ws::upgrade(&self, req),
             (&Method::POST, "/api/events") => api::publish(&self, req).await,
             (&Method::GET, "/healthz") => Ok(ops::healthz(&self)),
+            (&Method::GET, "/readyz") => Ok(ops::readyz(&self)),
             (&Method::GET, "/metrics") => Ok(ops::metrics(&self)),
             (&Method::GET, "/client.js") => Ok(ui::client_js(&req)),
             (&Method::GET, "/api/stats") => Ok(ui::stats(&self)),
             (&Method::GET, "/") => ui::page(&self, &req),
             (&Method::GET, "/demo/token") => ui::demo_token(&self, &req),
-            (_, "/ws" | "/api/events" | "/healthz" | "/metrics" | "/client.js" | "/api/stats") => {
-                Err(HttpError::MethodNotAllowed)
-            }
+            (
+                _,
+                "/ws" | "/api/events" | "/healthz" | "/readyz" | "/metrics" | "/client.js" | "/api/stats",
+            ) => Err(HttpError::MethodNotAllowed),
             _ => Err(HttpError::NotFound),
         };
         result.unwrap_or_else(HttpError::into_response)

@@ -1,4 +1,5 @@
-//! Operations endpoints: `/healthz` and Prometheus `/metrics`.
+//! Operations endpoints: `/healthz` (alive), `/readyz` (ready for traffic)
+//! and Prometheus `/metrics`.
 
 use std::fmt::Write;
 
@@ -15,6 +16,25 @@ pub(super) fn healthz(app: &App) -> Response<Body> {
         Health::Degraded(reason) => {
             json(StatusCode::OK, &serde_json::json!({"status": "degraded", "reason": reason}))
         }
+    }
+}
+
+/// `GET /readyz`: whether a load balancer should send this node new
+/// clients and publishes: 503 while the bus cannot serve (new WebSockets
+/// would be closed with 1011, publishes refused) or the node is draining.
+pub(super) fn readyz(app: &App) -> Response<Body> {
+    if app.node.shutdown.is_cancelled() {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "not_ready", "reason": "shutting down"}),
+        );
+    }
+    match app.node.bus.health() {
+        Health::Ok => json(StatusCode::OK, &serde_json::json!({"status": "ready"})),
+        Health::Degraded(reason) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "not_ready", "reason": reason}),
+        ),
     }
 }
 

@@ -92,7 +92,7 @@ impl Partial {
                         return Err(DecodeError::Reserved);
                     }
                     if f.fin {
-                        out.push(message(f.op, f.payload));
+                        out.push(message(f.op, f.payload)?);
                     } else {
                         self.fragment_op = Some(f.op);
                         self.fragments = f.payload;
@@ -108,7 +108,7 @@ impl Partial {
                     self.fragments.extend_from_slice(&f.payload);
                     if f.fin {
                         self.fragment_op = None;
-                        out.push(message(op, std::mem::take(&mut self.fragments)));
+                        out.push(message(op, std::mem::take(&mut self.fragments))?);
                     }
                 }
             }
@@ -117,10 +117,12 @@ impl Partial {
     }
 }
 
-fn message(op: OpCode, payload: Vec<u8>) -> Inbound {
+/// A complete message; a text message must be UTF-8 (RFC 6455 8.1).
+fn message(op: OpCode, payload: Vec<u8>) -> Result<Inbound, DecodeError> {
     match op {
-        OpCode::Text => Inbound::Text(payload),
-        _ => Inbound::Binary,
+        OpCode::Text if std::str::from_utf8(&payload).is_err() => Err(DecodeError::InvalidUtf8),
+        OpCode::Text => Ok(Inbound::Text(payload)),
+        _ => Ok(Inbound::Binary),
     }
 }
 
@@ -179,7 +181,19 @@ mod tests {
         let mut out = Vec::new();
         a.ingest(&masked(0x01, &[b'a'; 60]), 100, &mut out).unwrap();
         let err = a.ingest(&masked(0x00, &[b'a'; 60]), 100, &mut out).unwrap_err();
-        assert_eq!(err.close_code(), 1009);
+        assert_eq!(err.close_code().code(), 1009);
+    }
+
+    #[test]
+    fn a_text_message_must_be_utf8_whole_even_split_across_fragments() {
+        let mut a = Assembler::default();
+        let mut out = Vec::new();
+        // "é" split between two fragments is fine once whole.
+        a.ingest(&masked(0x01, &[0xc3]), 100, &mut out).unwrap();
+        a.ingest(&masked(0x80, &[0xa9]), 100, &mut out).unwrap();
+        assert_eq!(out, vec![Inbound::Text("é".as_bytes().to_vec())]);
+        let err = a.ingest(&masked(0x81, &[0xff, 0xfe]), 100, &mut out).unwrap_err();
+        assert_eq!(err.close_code().code(), 1007);
     }
 
     #[test]

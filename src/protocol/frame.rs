@@ -4,6 +4,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::error::CloseCode;
+
 /// WebSocket opcodes Herald handles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpCode {
@@ -140,14 +142,19 @@ pub enum DecodeError {
     Reserved,
     #[error("fragmented or oversized control frame")]
     BadControl,
+    #[error("text message is not UTF-8")]
+    InvalidUtf8,
 }
 
 impl DecodeError {
     /// The RFC 6455 close code for this error.
-    pub fn close_code(self) -> u16 {
+    pub fn close_code(self) -> CloseCode {
         match self {
-            DecodeError::TooBig(_) => 1009,
-            _ => 1002,
+            DecodeError::TooBig(_) => CloseCode::TooBig,
+            DecodeError::InvalidUtf8 => CloseCode::InvalidData,
+            DecodeError::Unmasked | DecodeError::Reserved | DecodeError::BadControl => {
+                CloseCode::ProtocolError
+            }
         }
     }
 }
@@ -252,6 +259,6 @@ mod tests {
         // Too big is known from the header alone.
         let big = masked(0x81, &[0; 200]);
         assert_eq!(decode(&big[..4], 100), Err(DecodeError::TooBig(200)));
-        assert_eq!(DecodeError::TooBig(1).close_code(), 1009);
+        assert_eq!(DecodeError::TooBig(1).close_code().code(), 1009);
     }
 }
