@@ -665,6 +665,14 @@ async fn e2e_redis_restart_keeps_clients_connected_and_seq_growing() {
         }
         assert!(Instant::now() < deadline, "publish kept succeeding with Redis down ({status})");
     }
+    // Alive, but not ready: a load balancer sends new clients elsewhere.
+    assert_eq!(b.get("/healthz").await.0, 200);
+    let (status, body) = b.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).ok().map(|v| v["status"].clone()),
+        Some(json!("not_ready"))
+    );
     redis.restart();
     http_publish_eventually(&b, &support::message_sent(chat, &json!({"n": 4}))).await;
     assert_eq!(a.publish(&support::message_sent(chat, &json!({"n": 5}))).await.0, 202);
@@ -679,6 +687,53 @@ async fn e2e_redis_restart_keeps_clients_connected_and_seq_growing() {
     assert!(b.metric("redis_reconnects_total").await >= 1.0);
     assert!(b.metric("publish_unavailable_total").await >= 1.0);
     assert_eq!(b.metric("bus_up").await, 1.0);
+    assert_eq!(b.get("/readyz").await.0, 200);
+}
+
+/// Issue: a node that reconnected loaded the membership snapshot as additions only, so a
+/// removal published while it was cut off left the user subscribed. The snapshot now replaces
+/// the table, and what it no longer holds is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn e2e_a_removal_missed_during_an_outage_is_applied_on_reconnect() {
+    let redis = RedisServer::start();
+    let (a, b) = two_nodes(&redis, Membership::Events).await;
+    let (chat, member) = (id(), id());
+    let added = json!({"type":"chat.member_added","chat_id":chat,"user_id":member}).to_string();
+    assert_eq!(b.publish(&added).await.0, 202);
+    let mut on_a = a.connect(member, &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        // Node A learns the membership from Redis; subscribe once it has.
+        on_a.send_json(json!({"type":"subscribe","chat_id":chat})).await;
+        let reply = on_a.recv().await;
+        if reply["type"] == "subscribed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "membership never reached node A: {reply}");
+        sleep(Duration::from_millis(20)).await;
+    }
+    // The removal A never hears of: gone from Redis's sets, never published.
+    let mut conn = redis.client().get_multiplexed_async_connection().await.expect("inspect redis");
+    let _: () = redis::cmd("SREM")
+        .arg(format!("herald:{{{chat}}}:members"))
+        .arg(member.to_string())
+        .query_async(&mut conn)
+        .await
+        .expect("SREM");
+    // Cut every node off (subscribed RESP3 clients count as pubsub); each reconnects and
+    // loads the snapshot.
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .expect("KILL");
+    assert_eq!(killed, 2, "both nodes were cut off");
+    assert_eq!(on_a.recv().await, json!({"type":"unsubscribed","chat_id":chat,"reason":"removed"}));
+    on_a.send_json(json!({"type":"subscribe","chat_id":chat})).await;
+    assert_eq!(on_a.recv().await["code"], "forbidden");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
