@@ -16,7 +16,9 @@ after(() => herald?.stop());
 
 /** A client with fast timers, closed when the test ends. */
 function client(t, url, options) {
-  const c = new HeraldClient(url, { backoffInitial: 50, backoffMax: 500, ...options });
+  // A short connect timeout: an attempt that lands while the test proxy
+  // refuses connections can hang in Node's WebSocket until it fires.
+  const c = new HeraldClient(url, { backoffInitial: 50, backoffMax: 500, connectTimeout: 2000, ...options });
   t.after(() => c.close());
   return c;
 }
