@@ -7,7 +7,8 @@
 //!   WebSocket codec (no IO); `msg`: cheap field extraction from server frames.
 //! - `publish`: the HTTP publishers; `http`: a minimal keep-alive HTTP/1.1 client.
 //! - `stats`: shared counters and seq checking; `report`: summaries; `progress`: the stderr bar.
-//! - `scrape`: the server's /metrics samples; `procfs`: CPU/RSS/limits from /proc; `ident`: room ids and tokens; `target`: URL + loopback rule.
+//! - `scrape`: the server's /metrics samples; `procfs`: CPU/RSS/limits from /proc; `ident`: room
+//!   ids and tokens; `target`: URL + loopback rule.
 
 mod cli;
 mod fanout;

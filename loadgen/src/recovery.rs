@@ -239,6 +239,9 @@ struct Ctx {
     stall_every: Duration,
     history_size: u64,
     classes: [ClassStats; 3],
+    /// Connections whose first `subscribed` carried no `seq` (a server without recovery): their
+    /// expected position is a guess.
+    no_position: AtomicU64,
     /// When drops and stalls may happen: set once publishing starts (`None` before).
     disrupt_window: Mutex<Option<(Instant, Instant)>>,
     /// The publishers' counts: the events each room should have delivered.
@@ -302,6 +305,7 @@ pub(crate) async fn run(args: RecoveryArgs) -> anyhow::Result<RecoveryReport> {
         stall_every: args.stall_every,
         history_size: args.history_size,
         classes: Default::default(),
+        no_position: AtomicU64::new(0),
         disrupt_window: Mutex::new(None),
         published: published.clone(),
     });
@@ -387,6 +391,12 @@ pub(crate) async fn run(args: RecoveryArgs) -> anyhow::Result<RecoveryReport> {
         notes.push(format!(
             "{} events had an unknown publish outcome: expected deliveries are estimates",
             published.events_uncertain.load(Relaxed)
+        ));
+    }
+    let no_position = ctx.no_position.load(Relaxed);
+    if no_position > 0 {
+        notes.push(format!(
+            "{no_position} subscribed answers carried no seq (server without recovery): positions start at 0"
         ));
     }
     let classes: Vec<ClassReport> = Class::ALL.iter().map(|c| ctx.stats(*c).report(c.name())).collect();
@@ -477,7 +487,10 @@ async fn connection(client: WsClient, opened: Opened, ctx: Arc<Ctx>, mut phase: 
     let class = class_of(opened.index, ctx.churn, ctx.stall);
     let stats = ctx.stats(class);
     stats.conns.fetch_add(1, Relaxed);
-    let base = opened.seq.unwrap_or(0);
+    let base = opened.seq.unwrap_or_else(|| {
+        ctx.no_position.fetch_add(1, Relaxed);
+        0
+    });
     let mut resume = Resume::new(base);
     let mut tally = Tally::default();
     let mut rng = Rng::new(opened.index);

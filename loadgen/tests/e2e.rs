@@ -136,7 +136,7 @@ fn recovery_resumes_dropped_and_stalled_readers_with_no_loss() {
             "--duration",
             "2s",
             "--drain",
-            "1500ms",
+            "2s",
         ],
     );
     assert_eq!(r["conns_subscribed"], 60, "{r}");
