@@ -14,4 +14,4 @@ pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.1; done
 "$LOADGEN_BIN" "$@" --url "http://127.0.0.1:$PORT" --server-pid "$pid"
-curl -s "http://127.0.0.1:$PORT/metrics" | grep -E '^herald_(frames_out|write_syscalls|slow_consumers)' >&2
+curl -s "http://127.0.0.1:$PORT/metrics" | grep -E '^herald_(frames_out|write_syscalls|slow_consumers|catchups|recoveries)' >&2

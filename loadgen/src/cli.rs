@@ -1,4 +1,5 @@
-//! Command-line interface: the flags every run shares and the `fanout` and `idle` subcommands.
+//! Command-line interface: the flags every run shares and the `fanout`, `idle` and `recovery`
+//! subcommands.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -20,6 +21,9 @@ pub(crate) enum Command {
     Fanout(FanoutArgs),
     /// Hold N subscribed connections open and measure connect rate and server memory per connection.
     Idle(IdleArgs),
+    /// Publish at a fixed rate while some connections drop and resume with `since` and others
+    /// stall; check that every class sees every seq exactly once.
+    Recovery(RecoveryArgs),
 }
 
 /// Flags shared by every subcommand.
@@ -118,6 +122,72 @@ pub(crate) struct IdleArgs {
     /// At the end, send {"type":"ping"} on every connection and count the pongs.
     #[arg(long)]
     pub(crate) ping_check: bool,
+    /// Rooms each connection subscribes to (distinct): connection i takes rooms i*n .. i*n+n-1
+    /// (mod --rooms). With --rooms = conns * n every room has one subscriber.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub(crate) subs_per_conn: u32,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RecoveryArgs {
+    #[command(flatten)]
+    pub(crate) common: CommonArgs,
+    /// WebSocket connections (each subscribes to one room, round-robin).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) conns: u32,
+    /// Rooms the connections and events are spread over.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) rooms: u32,
+    /// Events per second over all publishers (a fixed rate is needed to stay within history).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) rate: u64,
+    /// Events per POST (a JSON array when > 1).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub(crate) batch: u32,
+    /// Publish requests outstanding at once (one keep-alive connection each).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    pub(crate) in_flight: u32,
+    /// How long events are published (and connections dropped and stalled).
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+    pub(crate) duration: Duration,
+    /// Time after publishing stops for resumed and stalled connections to catch up.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub(crate) drain: Duration,
+    /// Bytes of the `content` field of each message.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub(crate) content_bytes: u32,
+    /// Fraction of connections that repeatedly drop their socket and resume with `since`.
+    #[arg(long, default_value_t = 0.1, value_parser = fraction)]
+    pub(crate) churn: f64,
+    /// Mean time a churning connection stays connected (uniform in 0.5x .. 1.5x).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub(crate) churn_every: Duration,
+    /// Longest time a churning connection stays away before reconnecting (uniform in 0 .. this).
+    #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
+    pub(crate) outage: Duration,
+    /// Fraction of connections that stop reading for --stall-for, then resume.
+    #[arg(long, default_value_t = 0.05, value_parser = fraction)]
+    pub(crate) stall: f64,
+    /// How long a stalled connection reads nothing.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub(crate) stall_for: Duration,
+    /// Mean time a stalling connection reads between stalls (uniform in 0.5x .. 1.5x).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub(crate) stall_every: Duration,
+    /// SO_RCVBUF of stalling connections, so the server's writes back up quickly.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1024..))]
+    pub(crate) stall_rcvbuf: u32,
+    /// The server's rooms.history_size: only labels why a resume was not recovered.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) history_size: u64,
+}
+
+/// A number in 0..=1.
+fn fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{s:?} is not a fraction between 0 and 1")),
+    }
 }
 
 /// Longest any single phase may be asked to last: every run ends by itself.
@@ -173,5 +243,31 @@ mod tests {
         );
         assert_eq!(f.common.source_addrs.len(), 2);
         assert_eq!(f.common.url, "http://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn parses_a_recovery_run_and_refuses_bad_fractions() {
+        let cli = Cli::try_parse_from([
+            "loadgen",
+            "recovery",
+            "--jwt-secret",
+            "s",
+            "--churn",
+            "0.25",
+            "--stall",
+            "0",
+            "--stall-for",
+            "500ms",
+        ])
+        .expect("parses");
+        let Command::Recovery(r) = cli.command else { panic!("recovery") };
+        assert_eq!((r.churn, r.stall, r.stall_for), (0.25, 0.0, Duration::from_millis(500)));
+        assert_eq!((r.conns, r.rooms, r.rate), (2000, 20, 500));
+        for bad in ["1.5", "-0.1", "x"] {
+            assert!(
+                Cli::try_parse_from(["loadgen", "recovery", "--jwt-secret", "s", "--churn", bad]).is_err()
+            );
+        }
+        assert!(Cli::try_parse_from(["loadgen", "recovery", "--jwt-secret", "s", "--rate", "0"]).is_err());
     }
 }

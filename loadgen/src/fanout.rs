@@ -75,7 +75,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
         common.connect_deadline,
         CLOSE_GRACE,
         &mut progress,
-        move |client, phase| connection(client, conn_ctx.clone(), phase),
+        move |client, _opened, phase| connection(client, conn_ctx.clone(), phase),
     )
     .await?;
     let subscribed = shared.subscribed.load(Relaxed);
@@ -104,24 +104,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
         content: "x".repeat(args.content_bytes as usize),
     });
     let pstats = Arc::new(publish::Stats::new(rooms.len()));
-    // Publishers get a thread and runtime of their own, as a separate
-    // publishing service would: their pace must not depend on how busy this
-    // process is receiving deliveries.
-    let publisher = {
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-        let stats = pstats.clone();
-        std::thread::Builder::new()
-            .name("publisher".into())
-            .spawn(move || {
-                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(rt) => rt.block_on(publish::run(plan, stats)),
-                    Err(e) => eprintln!("loadgen: publisher runtime: {e}"),
-                }
-                let _ = done_tx.send(());
-            })
-            .context("spawning the publisher thread")?;
-        done_rx
-    };
+    let publisher = publish::spawn_thread(plan, pstats.clone())?;
 
     let total = (args.warmup + args.duration).as_millis() as u64;
     progress.phase("publish", total);
@@ -308,7 +291,7 @@ fn on_text(p: &[u8], now: u64, window: (u64, u64), run_id: u64, seqs: &mut SeqTr
         }
         ServerMsg::Malformed => local.malformed += 1,
         ServerMsg::Pong => local.pongs += 1,
-        ServerMsg::Subscribed | ServerMsg::Error(_) | ServerMsg::Other => {}
+        ServerMsg::Subscribed(_) | ServerMsg::Error(_) | ServerMsg::Other => {}
     }
 }
 

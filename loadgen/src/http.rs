@@ -119,6 +119,22 @@ impl HttpConn {
             body.len()
         )?;
         self.req.extend_from_slice(body);
+        self.exchange().await
+    }
+
+    /// Sends `GET path` and reads the whole response (used for `/metrics`).
+    pub(crate) async fn get(&mut self, host: &str, path: &str) -> anyhow::Result<Response<'_>> {
+        use std::io::Write as _;
+        self.buf.copy_within(self.used..self.end, 0);
+        self.end -= self.used;
+        self.used = 0;
+        self.req.clear();
+        write!(self.req, "GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n")?;
+        self.exchange().await
+    }
+
+    /// Writes the request in `req` and reads its response into `buf`.
+    async fn exchange(&mut self) -> anyhow::Result<Response<'_>> {
         self.stream.write_all(&self.req).await.context("sending request")?;
 
         let head = loop {

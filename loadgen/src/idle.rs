@@ -45,7 +45,9 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<IdleReport> {
         notes.push(format!("cannot read /proc/{}/status: no server memory figures", pid.unwrap_or(0)));
     }
 
-    let spec = Arc::new(Spec::new(common, vec![target], rooms, BUF_SIZE));
+    let mut spec = Spec::new(common, vec![target], rooms, BUF_SIZE);
+    spec.subs_per_conn = args.subs_per_conn as usize;
+    let spec = Arc::new(spec);
     let conn_shared = shared.clone();
     let (pool, phase_tx, connect_time) = pool::open_all(
         spec,
@@ -54,7 +56,7 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<IdleReport> {
         common.connect_deadline,
         CLOSE_GRACE,
         &mut progress,
-        move |client, phase| connection(client, conn_shared.clone(), phase),
+        move |client, _opened, phase| connection(client, conn_shared.clone(), phase),
     )
     .await?;
     let subscribed = shared.subscribed.load(Relaxed);
@@ -111,6 +113,10 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<IdleReport> {
         bytes_per_conn: rss_before
             .zip(rss_after)
             .map(|(before, after)| (after as f64 - before as f64) / subscribed as f64),
+        subs_per_conn: args.subs_per_conn,
+        bytes_per_subscription: rss_before.zip(rss_after).map(|(before, after)| {
+            (after as f64 - before as f64) / (subscribed as f64 * f64::from(args.subs_per_conn))
+        }),
         server_cpu_secs_during_hold: cpu.server_secs,
         loadgen_cpu_secs: procfs::cpu_seconds(None).unwrap_or(0.0),
         loadgen_rss_bytes: loadgen_rss,

@@ -2,12 +2,13 @@
 //!
 //! # Layout
 //! - `cli`: flags and subcommands.
-//! - `fanout`, `idle`: the two runs.
+//! - `fanout`, `idle`, `recovery`: the three runs.
 //! - `pool`: opening many subscribed connections; `ws`: one client connection; `frame`: the
 //!   WebSocket codec (no IO); `msg`: cheap field extraction from server frames.
 //! - `publish`: the HTTP publishers; `http`: a minimal keep-alive HTTP/1.1 client.
 //! - `stats`: shared counters and seq checking; `report`: summaries; `progress`: the stderr bar.
-//! - `procfs`: CPU/RSS/limits from /proc; `ident`: room ids and tokens; `target`: URL + loopback rule.
+//! - `scrape`: the server's /metrics samples; `procfs`: CPU/RSS/limits from /proc; `ident`: room
+//!   ids and tokens; `target`: URL + loopback rule.
 
 mod cli;
 mod fanout;
@@ -20,7 +21,9 @@ mod pool;
 mod procfs;
 mod progress;
 mod publish;
+mod recovery;
 mod report;
+mod scrape;
 mod stats;
 mod target;
 mod ws;
@@ -45,6 +48,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let threads = match &cli.command {
         Command::Fanout(a) => a.common.threads,
         Command::Idle(a) => a.common.threads,
+        Command::Recovery(a) => a.common.threads,
     };
     let runtime = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
@@ -67,6 +71,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let json = args.common.json;
                 let report = idle::run(args).await?;
                 print(json, &report, report.human())
+            }
+            Command::Recovery(args) => {
+                let json = args.common.json;
+                let report = recovery::run(args).await?;
+                print(json, &report, report.human())?;
+                if report.events_accepted == 0 {
+                    anyhow::bail!("the server accepted no event: nothing was measured");
+                }
+                Ok(())
             }
         }
     })

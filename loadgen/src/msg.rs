@@ -1,5 +1,6 @@
-//! Cheap reading of server text frames: the message type, and for `message.new` the `chat_id`,
-//! `seq` and the loadgen stamp (`ts`, `run`) inside `data`, without a JSON parser on the hot path.
+//! Cheap reading of server text frames: the message type, for `message.new` the `chat_id`, `seq`
+//! and the loadgen stamp (`ts`, `run`) inside `data`, and for `subscribed` the room position and
+//! the recovery answer, without a JSON parser on the hot path.
 
 use std::sync::LazyLock;
 
@@ -12,6 +13,7 @@ static SEQ: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"seq\":"
 static TS: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"ts\":"));
 static RUN: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"run\":"));
 static CODE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"code\":\""));
+static RECOVERED: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"recovered\":"));
 
 /// A `message.new` delivery as far as the load generator cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,13 +26,22 @@ pub(crate) struct Delivery<'a> {
     pub(crate) run: Option<u64>,
 }
 
+/// A `subscribed` answer: the room's position, and with `since` whether the gap was recovered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Subscribed {
+    /// The room's last `seq` when the subscription took effect (absent from older servers).
+    pub(crate) seq: Option<u64>,
+    /// Present only when the `subscribe` carried `since`.
+    pub(crate) recovered: Option<bool>,
+}
+
 /// What one server text frame is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ServerMsg<'a> {
     Delivery(Delivery<'a>),
     /// A room event without a readable `seq`, or `message.new` missing fields.
     Malformed,
-    Subscribed,
+    Subscribed(Subscribed),
     Pong,
     /// `{"type":"error",...}` with its `code`.
     Error(&'a [u8]),
@@ -59,7 +70,10 @@ pub(crate) fn classify(payload: &[u8]) -> ServerMsg<'_> {
                 run: number_after(&RUN, data),
             })
         }
-        b"subscribed" => ServerMsg::Subscribed,
+        b"subscribed" => ServerMsg::Subscribed(Subscribed {
+            seq: number_after(&SEQ, head),
+            recovered: bool_after(&RECOVERED, head),
+        }),
         b"pong" => ServerMsg::Pong,
         b"error" => ServerMsg::Error(string_after(&CODE, payload).unwrap_or(b"?")),
         _ => ServerMsg::Other,
@@ -88,6 +102,20 @@ fn number_after(key: &Finder<'_>, hay: &[u8]) -> Option<u64> {
         any = true;
     }
     any.then_some(value)
+}
+
+/// The `true` or `false` that follows `key` (which ends with the colon), after optional spaces.
+fn bool_after(key: &Finder<'_>, hay: &[u8]) -> Option<bool> {
+    let start = key.find(hay)? + key.needle().len();
+    let rest = &hay[start..];
+    let rest = &rest[rest.iter().take_while(|b| **b == b' ').count()..];
+    if rest.starts_with(b"true") {
+        Some(true)
+    } else if rest.starts_with(b"false") {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 /// Reads a string field of a small control message; used off the hot path (error texts).
@@ -130,7 +158,18 @@ mod tests {
 
     #[test]
     fn control_replies() {
-        assert_eq!(classify(br#"{"type":"subscribed","chat_id":"a"}"#), ServerMsg::Subscribed);
+        assert_eq!(
+            classify(br#"{"type":"subscribed","chat_id":"a"}"#),
+            ServerMsg::Subscribed(Subscribed::default())
+        );
+        assert_eq!(
+            classify(br#"{"type":"subscribed","chat_id":"a","seq":57,"recovered":true}"#),
+            ServerMsg::Subscribed(Subscribed { seq: Some(57), recovered: Some(true) })
+        );
+        assert_eq!(
+            classify(br#"{"type":"subscribed","chat_id":"a","seq":0,"recovered": false}"#),
+            ServerMsg::Subscribed(Subscribed { seq: Some(0), recovered: Some(false) })
+        );
         assert_eq!(classify(br#"{"type":"pong"}"#), ServerMsg::Pong);
         assert_eq!(
             classify(br#"{"type":"error","code":"forbidden","message":"no","chat_id":"a"}"#),

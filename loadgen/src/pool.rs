@@ -1,5 +1,6 @@
 //! Opening many subscribed connections: bounded concurrency, a per-connection timeout, an overall
-//! deadline, round-robin rooms and source addresses, and the open-files cap. Shared by both modes.
+//! deadline, round-robin rooms and source addresses, and the open-files cap; and reopening one
+//! connection with `since` after it dropped. Shared by every mode.
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -15,6 +16,7 @@ use uuid::Uuid;
 
 use crate::cli::CommonArgs;
 use crate::ident::Minter;
+use crate::msg::Subscribed;
 use crate::procfs;
 use crate::progress::Progress;
 use crate::stats::Shared;
@@ -46,6 +48,24 @@ pub(crate) struct Spec {
     pub(crate) connect_timeout: Duration,
     /// Initial read buffer per connection (it grows for big frames).
     pub(crate) buf_size: usize,
+    /// Rooms each connection subscribes to: connection `i` takes rooms `(i * n + j) % rooms`.
+    pub(crate) subs_per_conn: usize,
+    /// SO_RCVBUF for connection `i`, when it should have a small one (stalled readers).
+    pub(crate) recv_buffer: Option<RecvBufferFor>,
+}
+
+/// Chooses SO_RCVBUF by connection index; `None` leaves the kernel default.
+pub(crate) type RecvBufferFor = Arc<dyn Fn(usize) -> Option<u32> + Send + Sync>;
+
+/// Where a freshly subscribed connection stands, handed to the mode's connection task.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Opened {
+    pub(crate) index: usize,
+    /// Index of its (first) room.
+    pub(crate) room: usize,
+    pub(crate) source: Option<IpAddr>,
+    /// The first room's position from `subscribed`.
+    pub(crate) seq: Option<u64>,
 }
 
 impl Spec {
@@ -59,6 +79,8 @@ impl Spec {
             concurrency: common.connect_concurrency as usize,
             connect_timeout: common.connect_timeout,
             buf_size,
+            subs_per_conn: 1,
+            recv_buffer: None,
         }
     }
 }
@@ -66,7 +88,7 @@ impl Spec {
 /// Connection tasks and their bookkeeping.
 pub(crate) struct Pool {
     pub(crate) tasks: JoinSet<()>,
-    /// Subscribed connections per room index (to compute expected deliveries).
+    /// Subscriptions per room index (to compute expected deliveries).
     pub(crate) per_room: Arc<Vec<AtomicU64>>,
     /// Set when the connect deadline passed: tasks still waiting for a permit give up.
     pub(crate) gave_up: Arc<AtomicBool>,
@@ -88,8 +110,9 @@ pub(crate) fn cap_conns(requested: u32, other_fds: u64, notes: &mut Vec<String>)
     held
 }
 
-/// Spawns `count` connection tasks. Connection `i` subscribes to room `i % rooms` from source
-/// `i % sources`, then hands the client to `run` until the phase says stop.
+/// Spawns `count` connection tasks. Connection `i` subscribes to its rooms (room `i % rooms` with
+/// one subscription per connection) from source `i % sources`, then hands the client to `run`
+/// until the phase says stop.
 pub(crate) fn spawn<F, Fut>(
     spec: Arc<Spec>,
     count: u32,
@@ -98,7 +121,7 @@ pub(crate) fn spawn<F, Fut>(
     run: F,
 ) -> Pool
 where
-    F: Fn(WsClient, watch::Receiver<Phase>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(WsClient, Opened, watch::Receiver<Phase>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(spec.concurrency.max(1)));
@@ -109,17 +132,16 @@ where
         let (spec, shared, phase, run) = (spec.clone(), shared.clone(), phase.clone(), run.clone());
         let (permits, per_room, gave_up) = (permits.clone(), per_room.clone(), gave_up.clone());
         tasks.spawn(async move {
-            let room = i % spec.rooms.len();
             let source = (!spec.sources.is_empty()).then(|| spec.sources[i % spec.sources.len()]);
-            let client = {
+            let (client, seq) = {
                 // The permit bounds concurrent handshakes; it is released once subscribed.
                 let Ok(_permit) = permits.acquire().await else { return };
                 if gave_up.load(Relaxed) || *phase.borrow() == Phase::Stop {
                     return;
                 }
-                let opened = tokio::time::timeout(spec.connect_timeout, open(&spec, i, room, source)).await;
+                let opened = tokio::time::timeout(spec.connect_timeout, open(&spec, i, source)).await;
                 match opened.unwrap_or_else(|_| Err(anyhow::anyhow!("handshake + subscribe timed out"))) {
-                    Ok(client) => client,
+                    Ok(opened) => opened,
                     Err(e) => {
                         shared.connect_failed(&e);
                         return;
@@ -132,26 +154,58 @@ where
                 client.close().await;
                 return;
             }
-            per_room[room].fetch_add(1, Relaxed);
+            for room in rooms_of(&spec, i) {
+                per_room[room].fetch_add(1, Relaxed);
+            }
             shared.subscribed.fetch_add(1, Relaxed);
-            run(client, phase).await;
+            let room = i * spec.subs_per_conn % spec.rooms.len();
+            run(client, Opened { index: i, room, source, seq }, phase).await;
         });
     }
     Pool { tasks, per_room, gave_up }
 }
 
-async fn open(spec: &Spec, index: usize, room: usize, source: Option<IpAddr>) -> anyhow::Result<WsClient> {
-    let chat = spec.rooms[room];
+/// Room indexes connection `index` subscribes to (distinct while `subs_per_conn <= rooms`).
+fn rooms_of(spec: &Spec, index: usize) -> impl Iterator<Item = usize> + '_ {
+    let n = spec.subs_per_conn.max(1);
+    (0..n).map(move |j| (index * n + j) % spec.rooms.len())
+}
+
+/// Connects connection `index` and subscribes it to its rooms; returns the first room's `seq`.
+async fn open(spec: &Spec, index: usize, source: Option<IpAddr>) -> anyhow::Result<(WsClient, Option<u64>)> {
+    let chats: Vec<Uuid> = rooms_of(spec, index).map(|r| spec.rooms[r]).collect();
+    let token = spec.minter.mint(&chats)?;
+    let recv_buffer = spec.recv_buffer.as_ref().and_then(|f| f(index));
+    let target = &spec.targets[(index / spec.rooms.len()) % spec.targets.len()];
+    let mut client = WsClient::connect(target, source, &token, spec.buf_size, recv_buffer).await?;
+    let mut first = None;
+    for chat in &chats {
+        let answer = client.subscribe(chat, None).await.context("subscribe")?;
+        first = first.or(Some(answer.seq));
+    }
+    Ok((client, first.flatten()))
+}
+
+/// Opens connection `opened.index` again after it dropped: a fresh token and socket (same source
+/// and receive buffer), then `subscribe` to its room with `since`. Returns the client and the
+/// server's answer. Single-room connections only (`subs_per_conn` 1).
+pub(crate) async fn reopen(
+    spec: &Spec,
+    opened: &Opened,
+    since: Option<u64>,
+) -> anyhow::Result<(WsClient, Subscribed)> {
+    let chat = spec.rooms[opened.room];
     let token = spec.minter.mint(&[chat])?;
-    let mut client = WsClient::connect(
-        &spec.targets[(index / spec.rooms.len()) % spec.targets.len()],
-        source,
-        &token,
-        spec.buf_size,
-    )
-    .await?;
-    client.subscribe(&chat).await.context("subscribe")?;
-    Ok(client)
+    let recv_buffer = spec.recv_buffer.as_ref().and_then(|f| f(opened.index));
+    let target = &spec.targets[(opened.index / spec.rooms.len()) % spec.targets.len()];
+    let connect = async {
+        let mut client = WsClient::connect(target, opened.source, &token, spec.buf_size, recv_buffer).await?;
+        let answer = client.subscribe(&chat, since).await.context("subscribe")?;
+        anyhow::Ok((client, answer))
+    };
+    tokio::time::timeout(spec.connect_timeout, connect)
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("handshake + subscribe timed out")))
 }
 
 /// Opens `count` connections (each running `run` once subscribed), waits until they settle
@@ -167,7 +221,7 @@ pub(crate) async fn open_all<F, Fut>(
     run: F,
 ) -> anyhow::Result<(Pool, watch::Sender<Phase>, Duration)>
 where
-    F: Fn(WsClient, watch::Receiver<Phase>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(WsClient, Opened, watch::Receiver<Phase>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let (phase_tx, phase_rx) = watch::channel(Phase::Run);

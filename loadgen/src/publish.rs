@@ -112,6 +112,28 @@ pub(crate) fn write_body(plan: &Plan, k: u64, ts: u64, out: &mut Vec<u8>) {
     }
 }
 
+/// Starts the publishers on a thread and runtime of their own, as a separate publishing service
+/// would run: their pace must not depend on how busy this process is receiving deliveries. The
+/// receiver resolves once every worker has stopped.
+pub(crate) fn spawn_thread(
+    plan: Arc<Plan>,
+    stats: Arc<Stats>,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<()>> {
+    use anyhow::Context as _;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("publisher".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(run(plan, stats)),
+                Err(e) => eprintln!("loadgen: publisher runtime: {e}"),
+            }
+            let _ = done_tx.send(());
+        })
+        .context("spawning the publisher thread")?;
+    Ok(done_rx)
+}
+
 /// Runs the publishers until `plan.end` and returns when every worker has stopped.
 pub(crate) async fn run(plan: Arc<Plan>, stats: Arc<Stats>) {
     let mut workers = tokio::task::JoinSet::new();

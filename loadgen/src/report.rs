@@ -1,4 +1,5 @@
-//! Run summaries: the figures of a fanout or idle run, printed as aligned text or one JSON object.
+//! Run summaries: the figures of a fanout, idle or recovery run, printed as aligned text or one
+//! JSON object.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -141,9 +142,92 @@ pub(crate) struct IdleReport {
     pub(crate) server_rss_after_bytes: Option<u64>,
     pub(crate) server_rss_bytes: Option<u64>,
     pub(crate) bytes_per_conn: Option<f64>,
+    /// Rooms each connection subscribed to (`--subs-per-conn`).
+    pub(crate) subs_per_conn: u32,
+    /// Server RSS growth while connecting, per subscription.
+    pub(crate) bytes_per_subscription: Option<f64>,
     pub(crate) server_cpu_secs_during_hold: Option<f64>,
     pub(crate) loadgen_cpu_secs: f64,
     pub(crate) loadgen_rss_bytes: Option<u64>,
+    pub(crate) notes: Vec<String>,
+}
+
+/// One class of connections in a recovery run (steady, churn, stall).
+#[derive(Debug, Serialize)]
+pub(crate) struct ClassReport {
+    pub(crate) class: &'static str,
+    pub(crate) conns: u64,
+    /// Σ over the class's connections of the events accepted for their room.
+    pub(crate) expected_deliveries: u64,
+    /// Distinct events of this run delivered (replays included, duplicates not).
+    pub(crate) deliveries: u64,
+    /// expected - deliveries - events skipped by an unrecovered resume.
+    pub(crate) lost: u64,
+    /// Events skipped between two deliveries (a seq gap).
+    pub(crate) gap_missing: u64,
+    /// Events after the last one a connection saw, when the run stopped.
+    pub(crate) tail_missing: u64,
+    pub(crate) duplicated: u64,
+    pub(crate) foreign_deliveries: u64,
+    pub(crate) malformed_frames: u64,
+    /// Sockets the client dropped on purpose (churn).
+    pub(crate) drops: u64,
+    /// Times a connection stopped reading (stall).
+    pub(crate) stalls: u64,
+    /// Reconnects that resubscribed with `since`.
+    pub(crate) resumes: u64,
+    pub(crate) recovered: u64,
+    /// Events the recovered resumes were behind (replayed).
+    pub(crate) recovered_events: u64,
+    pub(crate) max_behind_on_resume: u64,
+    /// Resumes answered `recovered:false` (or without `recovered`): unrecoverable.
+    pub(crate) not_recovered: u64,
+    pub(crate) not_recovered_skipped: u64,
+    pub(crate) not_recovered_reasons: BTreeMap<String, u64>,
+    pub(crate) reconnect_errors: u64,
+    pub(crate) reconnect_error_kinds: BTreeMap<String, u64>,
+    /// Close codes the server sent this class (1006 = ended without a close frame).
+    pub(crate) close_codes: BTreeMap<u16, u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct RecoveryReport {
+    pub(crate) mode: &'static str,
+    pub(crate) url: String,
+    #[serde(flatten)]
+    pub(crate) connect: ConnectSummary,
+    pub(crate) rate_target: u64,
+    pub(crate) duration_secs: f64,
+    pub(crate) drain_secs: f64,
+    pub(crate) churn_conns: u64,
+    pub(crate) stall_conns: u64,
+    pub(crate) churn_every_ms: u64,
+    pub(crate) outage_max_ms: u64,
+    pub(crate) stall_for_ms: u64,
+    pub(crate) stall_every_ms: u64,
+    pub(crate) stall_rcvbuf: u32,
+    pub(crate) events_accepted: u64,
+    pub(crate) events_accepted_per_sec: f64,
+    pub(crate) publish_statuses: BTreeMap<u16, u64>,
+    pub(crate) publish_io_errors: u64,
+    pub(crate) publish_first_error: Option<String>,
+    /// False when some publishes had an unknown outcome, so `lost` is an estimate.
+    pub(crate) lost_exact: bool,
+    /// Σ of the classes' `lost`.
+    pub(crate) lost: u64,
+    pub(crate) duplicated: u64,
+    pub(crate) not_recovered: u64,
+    pub(crate) classes: Vec<ClassReport>,
+    /// Change of the server's recovery metrics over the run (absent when /metrics failed).
+    pub(crate) server_metrics_delta: Option<BTreeMap<String, f64>>,
+    pub(crate) protocol_errors: u64,
+    pub(crate) server_pings_answered: u64,
+    pub(crate) loadgen_cpu_secs: f64,
+    pub(crate) loadgen_cpu_pct: f64,
+    pub(crate) loadgen_rss_bytes: Option<u64>,
+    pub(crate) server_cpu_secs: Option<f64>,
+    pub(crate) server_cpu_pct: Option<f64>,
+    pub(crate) server_rss_bytes: Option<u64>,
     pub(crate) notes: Vec<String>,
 }
 
@@ -255,9 +339,104 @@ impl IdleReport {
         t.opt("server rss subscribed", self.server_rss_after_bytes.map(mib));
         t.opt("server rss at end", self.server_rss_bytes.map(mib));
         t.opt("server bytes per conn", self.bytes_per_conn.map(|b| format!("{b:.0}")));
+        if self.subs_per_conn > 1 {
+            t.row("subscriptions per conn", self.subs_per_conn);
+            t.opt("server bytes per subscription", self.bytes_per_subscription.map(|b| format!("{b:.0}")));
+        }
         t.opt("server cpu during hold", self.server_cpu_secs_during_hold.map(|s| format!("{s:.2} s")));
         t.row("loadgen cpu (whole run)", format!("{:.2} s", self.loadgen_cpu_secs));
         t.opt("loadgen rss", self.loadgen_rss_bytes.map(mib));
+        notes(&mut t, &self.notes);
+        t.0
+    }
+}
+
+impl RecoveryReport {
+    pub(crate) fn human(&self) -> String {
+        let mut t = Table(format!("loadgen recovery against {}\n", self.url));
+        self.connect.rows(&mut t, None);
+        t.row(
+            "classes",
+            format!(
+                "{} churn (every ~{} ms, away <= {} ms), {} stall ({} ms every ~{} ms, SO_RCVBUF {})",
+                self.churn_conns,
+                self.churn_every_ms,
+                self.outage_max_ms,
+                self.stall_conns,
+                self.stall_for_ms,
+                self.stall_every_ms,
+                self.stall_rcvbuf
+            ),
+        );
+        t.row(
+            "events accepted",
+            format!(
+                "{} ({:.0}/s, target {}/s) over {:.1} s + {:.1} s drain",
+                self.events_accepted,
+                self.events_accepted_per_sec,
+                self.rate_target,
+                self.duration_secs,
+                self.drain_secs
+            ),
+        );
+        t.row("publish answers", map(&self.publish_statuses));
+        if self.publish_io_errors > 0 {
+            t.row("publish io errors", self.publish_io_errors);
+        }
+        t.opt("first publish error", self.publish_first_error.as_ref());
+        for c in &self.classes {
+            let _ = writeln!(t.0, "  [{}] {} connections", c.class, c.conns);
+            t.row("  deliveries", format!("{} of {} expected", c.deliveries, c.expected_deliveries));
+            t.row("  lost (gaps / tail)", format!("{} ({} / {})", c.lost, c.gap_missing, c.tail_missing));
+            t.row("  duplicated", c.duplicated);
+            if c.drops + c.stalls > 0 {
+                t.row("  drops / stalls", format!("{} / {}", c.drops, c.stalls));
+            }
+            if c.resumes > 0 || c.reconnect_errors > 0 {
+                t.row(
+                    "  resumes",
+                    format!(
+                        "{} ({} recovered, {} events replayed, max {} behind)",
+                        c.resumes, c.recovered, c.recovered_events, c.max_behind_on_resume
+                    ),
+                );
+                t.row(
+                    "  not recovered",
+                    format!("{} ({} events skipped)", c.not_recovered, c.not_recovered_skipped),
+                );
+                for (reason, n) in &c.not_recovered_reasons {
+                    t.row("", format!("{n} x {reason}"));
+                }
+                t.row("  reconnect errors", c.reconnect_errors);
+                errors(&mut t, &c.reconnect_error_kinds);
+            }
+            if c.foreign_deliveries + c.malformed_frames > 0 {
+                t.row("  foreign / malformed", format!("{} / {}", c.foreign_deliveries, c.malformed_frames));
+            }
+            t.row("  server close codes", map(&c.close_codes));
+        }
+        let exact = if self.lost_exact { "" } else { " (estimate: some publishes had unknown outcome)" };
+        t.row("lost (all classes)", format!("{}{exact}", self.lost));
+        t.row("duplicated (all classes)", self.duplicated);
+        t.row("not recovered (all classes)", self.not_recovered);
+        if let Some(delta) = &self.server_metrics_delta {
+            // Unchanged samples (most close codes) are left to the JSON.
+            for (name, v) in delta.iter().filter(|(_, v)| **v != 0.0) {
+                t.row(&format!("server {name}"), format!("{v:+}"));
+            }
+        }
+        if self.protocol_errors > 0 {
+            t.row("protocol errors", self.protocol_errors);
+        }
+        t.row(
+            "loadgen cpu",
+            format!("{:.2} s ({:.0}% of one core)", self.loadgen_cpu_secs, self.loadgen_cpu_pct),
+        );
+        t.opt("loadgen rss", self.loadgen_rss_bytes.map(mib));
+        if let (Some(secs), Some(pct)) = (self.server_cpu_secs, self.server_cpu_pct) {
+            t.row("server cpu", format!("{secs:.2} s ({pct:.0}% of one core)"));
+        }
+        t.opt("server rss", self.server_rss_bytes.map(mib));
         notes(&mut t, &self.notes);
         t.0
     }

@@ -24,6 +24,10 @@ impl Target {
     pub(crate) fn events_path(&self) -> String {
         format!("{}/api/events", self.prefix)
     }
+
+    pub(crate) fn metrics_path(&self) -> String {
+        format!("{}/metrics", self.prefix)
+    }
 }
 
 /// The pieces of a base URL: host (no brackets), port, authority, path prefix.

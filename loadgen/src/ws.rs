@@ -11,7 +11,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use uuid::Uuid;
 
 use crate::frame::{self, Parsed, OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT};
-use crate::msg::{self, ServerMsg};
+use crate::msg::{self, ServerMsg, Subscribed};
 use crate::target::Target;
 
 /// Largest message the client accepts; Herald's frames are far smaller.
@@ -48,15 +48,21 @@ pub(crate) struct WsClient {
 }
 
 impl WsClient {
-    /// Opens TCP (bound to `source` when given), upgrades `GET /ws?token=...`, and checks for 101.
+    /// Opens TCP (bound to `source` when given, with SO_RCVBUF `recv_buffer` when given, set
+    /// before connecting so the advertised window honours it), upgrades `GET /ws?token=...`, and
+    /// checks for 101.
     pub(crate) async fn connect(
         target: &Target,
         source: Option<IpAddr>,
         token: &str,
         buf_size: usize,
+        recv_buffer: Option<u32>,
     ) -> anyhow::Result<WsClient> {
         let socket = if target.addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
             .context("socket")?;
+        if let Some(bytes) = recv_buffer {
+            socket.set_recv_buffer_size(bytes).context("SO_RCVBUF")?;
+        }
         if let Some(ip) = source {
             socket.bind(SocketAddr::new(ip, 0)).with_context(|| format!("bind to source {ip}"))?;
         }
@@ -123,15 +129,21 @@ impl WsClient {
         Ok(())
     }
 
-    /// Subscribes to `chat` and waits for `subscribed`. Other frames before it are ignored.
-    pub(crate) async fn subscribe(&mut self, chat: &Uuid) -> anyhow::Result<()> {
-        self.queue_text(format!(r#"{{"type":"subscribe","chat_id":"{chat}"}}"#).as_bytes());
+    /// Subscribes to `chat` (resuming after `since` when given) and waits for `subscribed`. Other
+    /// frames before it are ignored; frames after it (a recovery replay) stay buffered for
+    /// [`WsClient::next_incoming`].
+    pub(crate) async fn subscribe(&mut self, chat: &Uuid, since: Option<u64>) -> anyhow::Result<Subscribed> {
+        let text = match since {
+            Some(n) => format!(r#"{{"type":"subscribe","chat_id":"{chat}","since":{n}}}"#),
+            None => format!(r#"{{"type":"subscribe","chat_id":"{chat}"}}"#),
+        };
+        self.queue_text(text.as_bytes());
         self.flush_out().await.context("subscribe: write")?;
         loop {
             while let Some(incoming) = self.next_incoming().context("subscribe")? {
                 match incoming {
                     Incoming::Text(p) => match msg::classify(p) {
-                        ServerMsg::Subscribed => return Ok(()),
+                        ServerMsg::Subscribed(answer) => return Ok(answer),
                         ServerMsg::Error(code) => bail!("subscribe refused: {}", msg::lossy(code)),
                         _ => {}
                     },
@@ -330,8 +342,8 @@ mod tests {
         script.extend(server_frame(true, OP_CLOSE, &4008u16.to_be_bytes()));
         let (target, server) = fake_server(script).await;
 
-        let mut c = WsClient::connect(&target, None, "tok", 64).await.expect("connect");
-        c.subscribe(&Uuid::nil()).await.expect("subscribed");
+        let mut c = WsClient::connect(&target, None, "tok", 64, None).await.expect("connect");
+        c.subscribe(&Uuid::nil(), None).await.expect("subscribed");
         let mut texts = Vec::new();
         let code = 'outer: loop {
             while let Some(inc) = c.next_incoming().expect("valid frames") {
@@ -376,7 +388,7 @@ mod tests {
             let _ = s.write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 2\r\n\r\n{}").await;
         });
         let target = Target { addr, host: addr.to_string(), prefix: String::new() };
-        let err = WsClient::connect(&target, None, "bad", 1024).await.err().expect("refused");
+        let err = WsClient::connect(&target, None, "bad", 1024, None).await.err().expect("refused");
         assert_eq!(err.to_string(), "handshake: HTTP 401");
     }
 }

@@ -107,3 +107,79 @@ fn idle_holds_connections_and_every_one_answers_ping() {
     assert_eq!(r["ping_check_pongs"], 100, "{r}");
     assert!(r["bytes_per_conn"].as_f64().is_some(), "{r}");
 }
+
+#[test]
+fn recovery_resumes_dropped_and_stalled_readers_with_no_loss() {
+    let node = start_node();
+    let r = loadgen(
+        &node,
+        &[
+            "recovery",
+            "--conns",
+            "60",
+            "--rooms",
+            "3",
+            "--rate",
+            "150",
+            "--churn",
+            "0.3",
+            "--churn-every",
+            "300ms",
+            "--outage",
+            "100ms",
+            "--stall",
+            "0.2",
+            "--stall-for",
+            "500ms",
+            "--stall-every",
+            "300ms",
+            "--duration",
+            "2s",
+            "--drain",
+            "2s",
+        ],
+    );
+    assert_eq!(r["conns_subscribed"], 60, "{r}");
+    assert_eq!((r["churn_conns"].as_u64(), r["stall_conns"].as_u64()), (Some(18), Some(12)), "{r}");
+    assert!(r["events_accepted"].as_u64().is_some_and(|n| n > 0), "{r}");
+    assert_eq!(r["lost"], 0, "{r}");
+    assert_eq!(r["duplicated"], 0, "{r}");
+    assert_eq!(r["not_recovered"], 0, "{r}");
+    let class = |name: &str| {
+        r["classes"].as_array().and_then(|cs| cs.iter().find(|c| c["class"] == name)).cloned().expect(name)
+    };
+    for name in ["steady", "churn", "stall"] {
+        let c = class(name);
+        assert!(c["expected_deliveries"].as_u64().is_some_and(|n| n > 0), "{name}: {c}");
+        assert_eq!(c["deliveries"], c["expected_deliveries"], "{name}: {c}");
+        assert_eq!(
+            (c["gap_missing"].as_u64(), c["tail_missing"].as_u64()),
+            (Some(0), Some(0)),
+            "{name}: {c}"
+        );
+    }
+    // Churners really dropped and every resume was recovered, as the server counted too.
+    let churn = class("churn");
+    let resumes = churn["resumes"].as_u64().expect("resumes");
+    assert!(resumes > 0 && churn["drops"].as_u64() >= Some(resumes), "{churn}");
+    assert_eq!(churn["recovered"].as_u64(), Some(resumes), "{churn}");
+    assert!(churn["recovered_events"].as_u64().is_some_and(|n| n > 0), "{churn}");
+    let server = &r["server_metrics_delta"];
+    assert_eq!(server["herald_recoveries_total{result=\"recovered\"}"].as_f64(), Some(resumes as f64), "{r}");
+    // Stallers really stopped reading and still saw everything.
+    assert!(class("stall")["stalls"].as_u64().is_some_and(|n| n > 0), "{r}");
+}
+
+#[test]
+fn idle_subscribes_each_connection_to_several_rooms() {
+    let node = start_node();
+    let r = loadgen(
+        &node,
+        &["idle", "--conns", "4", "--rooms", "40", "--subs-per-conn", "10", "--hold", "100ms"],
+    );
+    assert_eq!(r["conns_subscribed"], 4, "{r}");
+    assert_eq!(r["subs_per_conn"], 10, "{r}");
+    assert!(r["bytes_per_subscription"].as_f64().is_some(), "{r}");
+    // A refused or unanswered subscribe fails the connection: all 40 were answered.
+    assert_eq!(r["connect_errors"], 0, "{r}");
+}
