@@ -157,7 +157,7 @@ pub struct RoomsConfig {
 impl Default for RoomsConfig {
     fn default() -> Self {
         RoomsConfig {
-            buffer: 16,
+            buffer: 8,
             history_size: 100,
             history_ttl: Duration::from_secs(300),
             history_bytes: 64 << 20,
@@ -474,7 +474,7 @@ mod tests {
         assert_eq!(c.websocket.pong_wait, Duration::from_secs(60));
         assert_eq!(c.websocket.write_wait, Duration::from_secs(10));
         assert_eq!(c.websocket.max_message_size, 65536);
-        assert_eq!(c.rooms.buffer, 16);
+        assert_eq!(c.rooms.buffer, 8);
         assert_eq!(c.rooms.history_size, 100);
         assert_eq!(c.rooms.history_ttl, Duration::from_secs(300));
         assert_eq!(c.bus.kind, BusKind::Memory);

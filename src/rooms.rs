@@ -25,10 +25,23 @@ use crate::protocol::{ChatId, UserId};
 
 /// One pre-encoded room event frame and its room `seq`, as the live ring
 /// carries it: the seq lets a reader skip what it already has and see gaps.
+/// A pointer, made once per event: the ring preallocates its slots, so a
+/// small slot keeps an idle room small.
 #[derive(Debug, Clone)]
-pub struct Frame {
-    pub seq: u64,
-    pub bytes: Bytes,
+pub struct Frame(Arc<(u64, Bytes)>);
+
+impl Frame {
+    pub fn new(seq: u64, bytes: Bytes) -> Frame {
+        Frame(Arc::new((seq, bytes)))
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.0 .0
+    }
+
+    pub fn bytes(&self) -> &Bytes {
+        &self.0 .1
+    }
 }
 
 /// How much history rooms keep (`rooms.history_size`, `rooms.history_ttl`,
@@ -257,7 +270,7 @@ impl Rooms {
             self.keep(&room, seq, &bytes);
         }
         match room.ring.get() {
-            Some(ring) if ring.receiver_count() > 0 => ring.send(Frame { seq, bytes }).unwrap_or(0),
+            Some(ring) if ring.receiver_count() > 0 => ring.send(Frame::new(seq, bytes)).unwrap_or(0),
             _ => 0,
         }
     }
@@ -569,7 +582,7 @@ mod tests {
         let (_, mut b) = rooms.join(chat, UserId::from_u128(99));
         assert_eq!((rooms.len(), rooms.subscribers(chat)), (1, 2));
         assert_eq!(rooms.publish(chat, 1, frame(1)), 2);
-        assert_eq!(b.try_recv().unwrap().seq, 1);
+        assert_eq!(b.try_recv().unwrap().seq(), 1);
         drop((a, b));
         rooms.leave(chat);
         assert_eq!(rooms.len(), 1, "history keeps the room");
@@ -683,7 +696,7 @@ mod tests {
             let (_, mut second) = joiner.join().unwrap();
             // Whatever the interleaving, the joiner's room is the live one.
             assert_eq!(rooms.publish(chat, seq, frame(seq)), 1);
-            assert_eq!(second.try_recv().unwrap().seq, seq);
+            assert_eq!(second.try_recv().unwrap().seq(), seq);
             drop(second);
             rooms.leave(chat);
             assert!(rooms.is_empty());

@@ -1,7 +1,7 @@
 //! The in-process bus: one node, no network. Assigns room `seq` locally and
 //! delivers synchronously inside `publish`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use dashmap::DashMap;
 
@@ -9,30 +9,32 @@ use super::{BoxFuture, Bus, BusError, Deliver, Health, Recovery, Topic};
 use crate::protocol::event::DomainEvent;
 use crate::protocol::ChatId;
 
+/// Stripes of the publish lock: rooms sharing one serialize their publishes.
+const STRIPES: usize = 64;
+
 /// The embedded default bus.
 pub struct MemoryBus {
     /// Per-room sequence counters, kept while the node holds the room (it
     /// has a subscriber or history): a room forgotten after its history
     /// expired starts again from 0, and a client that still remembers an
-    /// older `seq` is told `recovered:false` with the new position. The
-    /// mutex is held across assigning and delivering, which keeps each
-    /// room's frames in `seq` order when several publishers race.
-    seqs: DashMap<ChatId, Arc<Mutex<u64>>>,
+    /// older `seq` is told `recovered:false` with the new position.
+    seqs: DashMap<ChatId, u64>,
+    /// Held across assigning a room's `seq` and delivering the event, which
+    /// keeps each room's frames in `seq` order when several publishers race.
+    /// Striped by room rather than one lock per room: a room then costs its
+    /// counter alone.
+    stripes: Box<[Mutex<()>]>,
     sink: Arc<dyn Deliver>,
 }
 
 impl MemoryBus {
     pub fn new(sink: Arc<dyn Deliver>) -> MemoryBus {
-        MemoryBus { seqs: DashMap::new(), sink }
+        MemoryBus { seqs: DashMap::new(), stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(), sink }
     }
 
-    /// The room's counter, created at 0 when missing. Cloned out so the map
-    /// shard is not held while delivering.
-    fn counter(&self, chat: ChatId) -> Arc<Mutex<u64>> {
-        if let Some(cell) = self.seqs.get(&chat) {
-            return cell.clone();
-        }
-        self.seqs.entry(chat).or_default().clone()
+    fn stripe(&self, chat: ChatId) -> MutexGuard<'_, ()> {
+        let index = (chat.as_u64_pair().1 as usize) % self.stripes.len();
+        self.stripes[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Publishes synchronously; the in-process bus cannot fail.
@@ -40,19 +42,18 @@ impl MemoryBus {
         for event in events {
             match event.room() {
                 Some(chat) => {
-                    let cell = self.counter(chat);
-                    let mut seq = lock(&cell);
-                    *seq += 1;
-                    self.sink.deliver(event, Some(*seq));
+                    let _ordered = self.stripe(chat);
+                    let seq = {
+                        let mut counter = self.seqs.entry(chat).or_insert(0);
+                        *counter += 1;
+                        *counter
+                    };
+                    self.sink.deliver(event, Some(seq));
                 }
                 None => self.sink.deliver(event, None),
             }
         }
     }
-}
-
-fn lock(cell: &Mutex<u64>) -> std::sync::MutexGuard<'_, u64> {
-    cell.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Bus for MemoryBus {
@@ -68,7 +69,15 @@ impl Bus for MemoryBus {
     fn unwatch(&self, _topic: Topic) {}
 
     fn forget_idle(&self, active: &dyn Fn(ChatId) -> bool) {
-        self.seqs.retain(|chat, _| active(*chat));
+        let idle: Vec<ChatId> = self.seqs.iter().map(|e| *e.key()).filter(|chat| !active(*chat)).collect();
+        for chat in idle {
+            // Checked again under the room's stripe: a publish in flight
+            // holds it until its room exists, so its counter is never lost.
+            let _ordered = self.stripe(chat);
+            if !active(chat) {
+                self.seqs.remove(&chat);
+            }
+        }
     }
 
     fn gauges(&self) -> Vec<(&'static str, &'static str, u64)> {
@@ -76,12 +85,13 @@ impl Bus for MemoryBus {
     }
 
     fn recover(&self, chat: ChatId, _since: Option<u64>) -> BoxFuture<'_, Result<Recovery, BusError>> {
-        // Read under the room's mutex: every event up to the head has then
+        // Read under the room's stripe: every event up to the head has then
         // been delivered (into this node's history) too. This bus keeps no
         // events of its own: the node's room history is all there is.
-        // The counter is created here for a new room, so the sweeper keeps
-        // it from now on (the subscriber's room holds it).
-        let head = *lock(&self.counter(chat));
+        let head = {
+            let _ordered = self.stripe(chat);
+            self.seqs.get(&chat).map_or(0, |seq| *seq)
+        };
         Box::pin(std::future::ready(Ok(Recovery { head, events: None })))
     }
 

@@ -170,15 +170,16 @@ impl Subscriptions {
                     Poll::Pending => break,
                     Poll::Ready((Ok(frame), rx)) => {
                         sub.next.set(receive(rx));
-                        if frame.seq <= sub.last || frame.seq > cutoff {
+                        let seq = frame.seq();
+                        if seq <= sub.last || seq > cutoff {
                             // Already queued from history, before our position,
                             // or after our removal.
                             continue;
                         }
-                        if frame.seq == sub.last + 1 {
-                            push(frame.bytes);
+                        if seq == sub.last + 1 {
+                            push(frame.bytes().clone());
                             taken.frames += 1;
-                            sub.last = frame.seq;
+                            sub.last = seq;
                         } else {
                             // A gap: what lies between is in history.
                             sub.behind = true;
