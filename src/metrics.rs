@@ -15,6 +15,8 @@ pub struct Gauges {
     pub users: usize,
     pub history_frames: usize,
     pub history_bytes: usize,
+    /// Connection tasks alive (with those still closing).
+    pub tasks: usize,
 }
 
 /// Every counter and gauge Herald exports.
@@ -91,6 +93,7 @@ impl Metrics {
         one("subscriptions", "gauge", "Active room subscriptions.", get(&self.subscriptions_active));
         one("rooms", "gauge", "Rooms held on this node (with subscribers or history).", gauges.rooms as u64);
         one("users", "gauge", "Users with at least one live connection.", gauges.users as u64);
+        one("tasks", "gauge", "Connection tasks alive, closing ones included.", gauges.tasks as u64);
         one("history_frames", "gauge", "Frames held in room histories.", gauges.history_frames as u64);
         one("history_bytes", "gauge", "Frame bytes held in room histories.", gauges.history_bytes as u64);
         one(

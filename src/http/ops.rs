@@ -45,6 +45,7 @@ pub(super) fn metrics(app: &App) -> Response<Body> {
         users: node.users.len(),
         history_frames: node.rooms.held_frames(),
         history_bytes: node.rooms.held_bytes(),
+        tasks: node.tasks.len(),
     };
     let mut text = node.metrics.render(&gauges, node.bus.health() == Health::Ok);
     for (name, help, value) in node.bus.gauges() {
