@@ -50,6 +50,10 @@ pub struct Metrics {
     /// Pings not answered because a pong to the same client was still
     /// waiting to be written.
     pub pongs_dropped: AtomicU64,
+    /// Publishes refused with 429 because the node was overloaded.
+    pub publish_overloaded: AtomicU64,
+    /// The median delivery lag of the last window (ms, lower bound of its bucket).
+    pub lag_median_ms: AtomicU64,
     pub client_errors: [AtomicU64; ErrorCode::ALL.len()],
     pub close_codes: [AtomicU64; Ended::LABELS.len()],
 }
@@ -152,6 +156,18 @@ impl Metrics {
             "counter",
             "Connections closed at accept because server.max_http_connections were open.",
             get(&self.http_rejected),
+        );
+        one(
+            "publish_overloaded_total",
+            "counter",
+            "Publish requests answered 429: the node could not fan out as fast as events arrived.",
+            get(&self.publish_overloaded),
+        );
+        one(
+            "delivery_lag_median_ms",
+            "gauge",
+            "Median age of the oldest frame a connection took, over the last 50 ms.",
+            get(&self.lag_median_ms),
         );
         one("bus_up", "gauge", "1 when the event bus accepts publishes.", u64::from(bus_healthy));
         let _ = writeln!(out, "# HELP herald_recoveries_total Subscriptions with since, by outcome.");

@@ -28,11 +28,11 @@ use crate::protocol::{ChatId, UserId};
 /// A pointer, made once per event: the ring preallocates its slots, so a
 /// small slot keeps an idle room small.
 #[derive(Debug, Clone)]
-pub struct Frame(Arc<(u64, Bytes)>);
+pub struct Frame(Arc<(u64, Bytes, Instant)>);
 
 impl Frame {
-    pub fn new(seq: u64, bytes: Bytes) -> Frame {
-        Frame(Arc::new((seq, bytes)))
+    pub fn new(seq: u64, bytes: Bytes, at: Instant) -> Frame {
+        Frame(Arc::new((seq, bytes, at)))
     }
 
     pub fn seq(&self) -> u64 {
@@ -41,6 +41,11 @@ impl Frame {
 
     pub fn bytes(&self) -> &Bytes {
         &self.0 .1
+    }
+
+    /// When the frame was published on this node.
+    pub fn at(&self) -> Instant {
+        self.0 .2
     }
 }
 
@@ -78,6 +83,8 @@ pub struct Read {
     pub last: u64,
     /// True when nothing newer is held: the reader is at the room's head.
     pub at_head: bool,
+    /// When the first frame handed over was published.
+    pub oldest: Option<Instant>,
 }
 
 /// One frame held for recovery.
@@ -152,17 +159,19 @@ impl Room {
         mut push: impl FnMut(Bytes),
     ) -> Result<Read, Evicted> {
         let held = self.held();
-        let Some(front) = held.front() else { return Ok(Read { frames: 0, last: after, at_head: true }) };
+        let Some(front) = held.front() else {
+            return Ok(Read { frames: 0, last: after, at_head: true, oldest: None });
+        };
         let newest = held.back().map_or(0, |h| h.seq);
         if newest <= after {
-            return Ok(Read { frames: 0, last: after, at_head: true });
+            return Ok(Read { frames: 0, last: after, at_head: true, oldest: None });
         }
         if front.seq > after + 1 {
             return Err(Evicted { oldest: front.seq });
         }
         // Seqs are consecutive within a room's history, so `after` is found by offset.
         let start = usize::try_from(after + 1 - front.seq).unwrap_or(usize::MAX);
-        let mut read = Read { frames: 0, last: after, at_head: false };
+        let mut read = Read { frames: 0, last: after, at_head: false, oldest: None };
         let mut bytes = 0;
         for h in held.iter().skip(start).take(max) {
             if h.seq != read.last + 1 {
@@ -173,6 +182,7 @@ impl Room {
                 break;
             }
             bytes += h.bytes.len();
+            read.oldest.get_or_insert(h.at);
             push(h.bytes.clone());
             read.frames += 1;
             read.last = h.seq;
@@ -266,16 +276,17 @@ impl Rooms {
             None => self.rooms.entry(chat).or_insert_with(|| Arc::new(Room::new())).clone(),
         };
         room.head.fetch_max(seq, Ordering::AcqRel);
+        let now = Instant::now();
         if self.limits.size > 0 {
-            self.keep(&room, seq, &bytes);
+            self.keep(&room, seq, &bytes, now);
         }
         match room.ring.get() {
-            Some(ring) if ring.receiver_count() > 0 => ring.send(Frame::new(seq, bytes)).unwrap_or(0),
+            Some(ring) if ring.receiver_count() > 0 => ring.send(Frame::new(seq, bytes, now)).unwrap_or(0),
             _ => 0,
         }
     }
 
-    fn keep(&self, room: &Room, seq: u64, bytes: &Bytes) {
+    fn keep(&self, room: &Room, seq: u64, bytes: &Bytes, now: Instant) {
         let len = bytes.len();
         if len > self.limits.bytes {
             return;
@@ -298,7 +309,7 @@ impl Rooms {
         }
         let over = held.len() + 1 > self.limits.size;
         self.evict(&mut held, usize::from(over));
-        held.push_back(Held { seq, at: Instant::now(), bytes: bytes.clone() });
+        held.push_back(Held { seq, at: now, bytes: bytes.clone() });
         self.held_frames.fetch_add(1, Ordering::Relaxed);
         self.held_bytes.fetch_add(len, Ordering::Relaxed);
     }
@@ -652,16 +663,16 @@ mod tests {
             rooms.publish(chat, seq, frame(seq));
         }
         let room = rooms.get(chat).unwrap();
+        let shape = |r: Read| (r.frames, r.last, r.at_head);
         let page = room.read_after(0, 2, usize::MAX, |_| {}).unwrap();
-        assert_eq!(page, Read { frames: 2, last: 2, at_head: false });
+        assert_eq!(shape(page), (2, 2, false));
+        assert!(page.oldest.is_some(), "the reader learns how old what it took is");
         let rest = room.read_after(page.last, 10, usize::MAX, |_| {}).unwrap();
-        assert_eq!(rest, Read { frames: 3, last: 5, at_head: true });
-        assert_eq!(
-            room.read_after(5, 10, usize::MAX, |_| {}).unwrap(),
-            Read { frames: 0, last: 5, at_head: true }
-        );
+        assert_eq!(shape(rest), (3, 5, true));
+        let none = room.read_after(5, 10, usize::MAX, |_| {}).unwrap();
+        assert_eq!((shape(none), none.oldest), ((0, 5, true), None));
         // 8 bytes a frame: a byte budget of 9 stops after the second.
-        assert_eq!(room.read_after(0, 10, 9, |_| {}).unwrap(), Read { frames: 2, last: 2, at_head: false });
+        assert_eq!(shape(room.read_after(0, 10, 9, |_| {}).unwrap()), (2, 2, false));
     }
 
     #[test]

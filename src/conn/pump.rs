@@ -172,6 +172,9 @@ impl<S: Socket> Conn<S> {
         self.fresh = true;
         match taken {
             Ok(taken) => {
+                if let Some(oldest) = taken.oldest {
+                    self.node.lag.record(Instant::now().saturating_duration_since(oldest));
+                }
                 if taken.catchups > 0 {
                     self.node.metrics.catchups.fetch_add(taken.catchups as u64, Ordering::Relaxed);
                 }

@@ -61,6 +61,9 @@ pub(crate) struct Taken {
     pub(crate) frames: usize,
     /// Rooms that started reading from history in this poll (catch-ups).
     pub(crate) catchups: usize,
+    /// When the oldest frame taken was published: how far behind this
+    /// connection runs (the node's load sensor samples it).
+    pub(crate) oldest: Option<tokio::time::Instant>,
 }
 
 #[derive(Default)]
@@ -160,6 +163,7 @@ impl Subscriptions {
                         }
                     };
                     taken.frames += read.frames;
+                    taken.oldest = earliest(taken.oldest, read.oldest);
                     sub.last = read.last;
                     // At the head, the ring serves again; what it still holds
                     // up to `last` is skipped below.
@@ -177,6 +181,7 @@ impl Subscriptions {
                             continue;
                         }
                         if seq == sub.last + 1 {
+                            taken.oldest = earliest(taken.oldest, Some(frame.at()));
                             push(frame.bytes().clone());
                             taken.frames += 1;
                             sub.last = seq;
@@ -203,6 +208,16 @@ impl Subscriptions {
         } else {
             Poll::Pending
         }
+    }
+}
+
+fn earliest(
+    a: Option<tokio::time::Instant>,
+    b: Option<tokio::time::Instant>,
+) -> Option<tokio::time::Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

@@ -50,6 +50,9 @@ pub enum HttpError {
     TooLarge(usize),
     #[error("{0}")]
     Unavailable(String),
+    /// The node cannot fan out as fast as events arrive: retry later.
+    #[error("overloaded")]
+    Overloaded,
     #[error("not found")]
     NotFound,
     #[error("method not allowed")]
@@ -65,12 +68,18 @@ impl HttpError {
             HttpError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             HttpError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             HttpError::NotFound => StatusCode::NOT_FOUND,
+            HttpError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             HttpError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
     pub fn into_response(self) -> Response<Body> {
-        json(self.status(), &serde_json::json!({ "error": self.to_string() }))
+        let overloaded = matches!(self, HttpError::Overloaded);
+        let mut resp = json(self.status(), &serde_json::json!({ "error": self.to_string() }));
+        if overloaded {
+            resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        resp
     }
 }
 
@@ -115,4 +124,18 @@ fn bearer(req: &Request<Incoming>) -> Option<&str> {
     let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overloaded_is_429_with_retry_after_and_a_fixed_body() {
+        let resp = HttpError::Overloaded.into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers().get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()), Some("1"));
+        let other = HttpError::Unauthorized("x").into_response();
+        assert!(other.headers().get(header::RETRY_AFTER).is_none());
+    }
 }
