@@ -2,6 +2,7 @@
 //! of PROTOCOL.md section 4.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
@@ -25,18 +26,34 @@ pub enum Source {
 #[derive(Default)]
 pub struct Table {
     members: DashMap<ChatId, HashSet<UserId>>,
+    /// (chat, user) pairs held, for the gauge.
+    pairs: AtomicUsize,
 }
 
 impl Table {
     pub fn add(&self, chat: ChatId, user: UserId) {
-        self.members.entry(chat).or_default().insert(user);
+        if self.members.entry(chat).or_default().insert(user) {
+            self.pairs.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub fn remove(&self, chat: ChatId, user: UserId) {
         self.members.remove_if_mut(&chat, |_, users| {
-            users.remove(&user);
+            if users.remove(&user) {
+                self.pairs.fetch_sub(1, Ordering::Relaxed);
+            }
             users.is_empty()
         });
+    }
+
+    /// (chat, user) pairs held.
+    pub fn len(&self) -> usize {
+        self.pairs.load(Ordering::Relaxed)
+    }
+
+    /// True when no membership is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Makes the table exactly `pairs`; returns the pairs it dropped.
@@ -48,6 +65,7 @@ impl Table {
                 let keep = wanted.contains(&(*chat, *user));
                 if !keep {
                     dropped.push((*chat, *user));
+                    self.pairs.fetch_sub(1, Ordering::Relaxed);
                 }
                 keep
             });
@@ -99,5 +117,6 @@ mod tests {
         table.add(b, c);
         assert_eq!(table.replace(&[(b, c), (a, UserId::from_u128(4))]), vec![(a, c)]);
         assert!(!table.contains(a, c) && table.contains(b, c) && table.contains(a, UserId::from_u128(4)));
+        assert_eq!(table.len(), 2);
     }
 }

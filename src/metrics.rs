@@ -17,6 +17,8 @@ pub struct Gauges {
     pub history_bytes: usize,
     /// Connection tasks alive (with those still closing).
     pub tasks: usize,
+    /// (chat, user) pairs in the membership table.
+    pub members: usize,
 }
 
 /// Every counter and gauge Herald exports.
@@ -97,6 +99,12 @@ impl Metrics {
         one("subscriptions", "gauge", "Active room subscriptions.", get(&self.subscriptions_active));
         one("rooms", "gauge", "Rooms held on this node (with subscribers or history).", gauges.rooms as u64);
         one("users", "gauge", "Users with at least one live connection.", gauges.users as u64);
+        one(
+            "membership_pairs",
+            "gauge",
+            "(chat, user) pairs in the membership table (membership: events only).",
+            gauges.members as u64,
+        );
         one("tasks", "gauge", "Connection tasks alive, closing ones included.", gauges.tasks as u64);
         one("history_frames", "gauge", "Frames held in room histories.", gauges.history_frames as u64);
         one("history_bytes", "gauge", "Frame bytes held in room histories.", gauges.history_bytes as u64);

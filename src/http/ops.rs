@@ -46,6 +46,7 @@ pub(super) fn metrics(app: &App) -> Response<Body> {
         history_frames: node.rooms.held_frames(),
         history_bytes: node.rooms.held_bytes(),
         tasks: node.tasks.len(),
+        members: node.membership.len(),
     };
     let mut text = node.metrics.render(&gauges, node.bus.health() == Health::Ok);
     for (name, help, value) in node.bus.gauges() {
