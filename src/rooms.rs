@@ -102,25 +102,63 @@ pub struct Room {
     /// subscriber joins: a room that only holds history (publishers made
     /// it) preallocates nothing. Receivers are the room's subscribers here.
     ring: OnceLock<broadcast::Sender<Frame>>,
-    /// Recent frames in `seq` order, allocated as they arrive.
-    history: Mutex<VecDeque<Held>>,
+    /// History and revocations, boxed only while the room has any.
+    state: Mutex<Lazy>,
     /// The last `seq` published here.
     head: AtomicU64,
+    /// Whether the state holds revocations: readers check it per poll for free.
+    any_revoked: AtomicBool,
+}
+
+/// What a room holds besides its ring, allocated only while it holds
+/// something: an idle room pays for one pointer (two-person rooms are the
+/// common chat shape, so a room's fixed cost is most of a connection's).
+#[derive(Default)]
+struct State {
+    /// Recent frames in `seq` order.
+    held: VecDeque<Held>,
     /// Users removed from the room while connected here, with the room's
     /// head at that moment: their connections take nothing after it, even
     /// before they have seen the removal in their mailbox.
-    revoked: Mutex<Vec<(UserId, u64)>>,
-    /// Whether `revoked` has entries: readers check it per poll for free.
-    any_revoked: AtomicBool,
+    revoked: Vec<(UserId, u64)>,
+}
+
+#[derive(Default)]
+struct Lazy(Option<Box<State>>);
+
+static NOTHING_HELD: VecDeque<Held> = VecDeque::new();
+
+impl std::ops::Deref for Lazy {
+    type Target = VecDeque<Held>;
+
+    fn deref(&self) -> &VecDeque<Held> {
+        self.0.as_ref().map_or(&NOTHING_HELD, |s| &s.held)
+    }
+}
+
+impl Lazy {
+    fn state(&mut self) -> &mut State {
+        self.0.get_or_insert_with(Box::default)
+    }
+
+    fn revoked(&self) -> &[(UserId, u64)] {
+        self.0.as_ref().map_or(&[], |s| &s.revoked)
+    }
+
+    /// Frees the box once it holds nothing.
+    fn trim(&mut self) {
+        if self.0.as_ref().is_some_and(|s| s.held.is_empty() && s.revoked.is_empty()) {
+            self.0 = None;
+        }
+    }
 }
 
 impl Room {
     fn new() -> Room {
         Room {
             ring: OnceLock::new(),
-            history: Mutex::new(VecDeque::new()),
+            state: Mutex::new(Lazy::default()),
             head: AtomicU64::new(0),
-            revoked: Mutex::new(Vec::new()),
             any_revoked: AtomicBool::new(false),
         }
     }
@@ -130,21 +168,22 @@ impl Room {
         if !self.any_revoked.load(Ordering::Acquire) {
             return None;
         }
-        let revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
-        revoked.iter().find(|(u, _)| *u == user).map(|(_, at)| *at)
+        self.held().revoked().iter().find(|(u, _)| *u == user).map(|(_, at)| *at)
     }
 
     fn set_revoked(&self, user: UserId, at: Option<u64>) {
-        let mut revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
-        revoked.retain(|(u, _)| *u != user);
+        let mut lazy = self.held();
+        let state = lazy.state();
+        state.revoked.retain(|(u, _)| *u != user);
         if let Some(at) = at {
-            revoked.push((user, at));
+            state.revoked.push((user, at));
         }
-        self.any_revoked.store(!revoked.is_empty(), Ordering::Release);
+        self.any_revoked.store(!state.revoked.is_empty(), Ordering::Release);
+        lazy.trim();
     }
 
-    fn held(&self) -> MutexGuard<'_, VecDeque<Held>> {
-        self.history.lock().unwrap_or_else(|p| p.into_inner())
+    fn held(&self) -> MutexGuard<'_, Lazy> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Hands `push` the held frames after `after`, in order: at most `max`
@@ -309,18 +348,20 @@ impl Rooms {
         }
         let over = held.len() + 1 > self.limits.size;
         self.evict(&mut held, usize::from(over));
-        held.push_back(Held { seq, at: now, bytes: bytes.clone() });
+        held.state().held.push_back(Held { seq, at: now, bytes: bytes.clone() });
         self.held_frames.fetch_add(1, Ordering::Relaxed);
         self.held_bytes.fetch_add(len, Ordering::Relaxed);
     }
 
     /// Drops up to `n` of the oldest frames of one room's history.
-    fn evict(&self, held: &mut VecDeque<Held>, n: usize) {
+    fn evict(&self, lazy: &mut Lazy, n: usize) {
+        let Some(state) = lazy.0.as_mut() else { return };
         for _ in 0..n {
-            let Some(h) = held.pop_front() else { return };
+            let Some(h) = state.held.pop_front() else { break };
             self.held_frames.fetch_sub(1, Ordering::Relaxed);
             self.held_bytes.fetch_sub(h.bytes.len(), Ordering::Relaxed);
         }
+        lazy.trim();
     }
 
     /// Drops history older than the TTL, keeps the byte budget at most 90%
@@ -329,7 +370,9 @@ impl Rooms {
         for entry in self.rooms.iter() {
             let mut held = entry.value().held();
             let expired = held.iter().take_while(|h| now.duration_since(h.at) >= self.limits.ttl).count();
-            self.evict(&mut held, expired);
+            if expired > 0 {
+                self.evict(&mut held, expired);
+            }
         }
         self.shed(self.limits.bytes / 10 * 9);
         self.rooms.retain(|_, room| room.subscribers() > 0 || !room.held().is_empty());
