@@ -107,8 +107,9 @@ fn feed(stream: &[u8], cuts: &[u8], max: usize) -> Outcome {
     let mut rest = stream;
     let mut cut = cuts.iter().cycle();
     loop {
-        // Without cut lengths the stream arrives in one read.
-        let n = cut.next().map_or(rest.len(), |&n| usize::from(n)).min(rest.len());
+        // Without cut lengths the stream arrives in one read; a length of 0
+        // reads one byte (an empty read is the end of the stream, never ingested).
+        let n = cut.next().map_or(rest.len(), |&n| usize::from(n).max(1)).min(rest.len());
         let (read, after) = rest.split_at(n);
         rest = after;
         let result = assembler.ingest(read, max, &mut messages);
@@ -127,7 +128,7 @@ fn feed(stream: &[u8], cuts: &[u8], max: usize) -> Outcome {
 
 /// Input: `[max selector] [k] [k read lengths] [stream...]` with `k` taken
 /// modulo 8. Feeds the stream to an [`Assembler`] in reads of those lengths
-/// (cycled; 0 is an empty read) and once in a single read: both must agree,
+/// (cycled) and once in a single read: both must agree,
 /// and what comes out is bounded by what went in.
 pub(crate) fn reassemble(data: &[u8]) {
     let [selector, k, rest @ ..] = data else { return };
@@ -196,14 +197,17 @@ fn round_trip(ev: &DomainEvent, seq: Option<u64>) {
 }
 
 /// Input: a `POST /api/events` body, and the same bytes as one event on the
-/// Redis bus. Whatever parses survives the bus's re-encoding unchanged.
+/// Redis bus. Only JSON (which is UTF-8) is accepted, and whatever parses
+/// survives the bus's re-encoding unchanged.
 pub(crate) fn ingress_events(data: &[u8]) {
     if let Ok(events) = event::parse_batch(data) {
+        assert!(serde_json::from_slice::<serde_json::Value>(data).is_ok(), "accepted invalid JSON");
         for ev in &events {
             round_trip(ev, None);
         }
     }
     if let Ok((ev, seq)) = DomainEvent::from_json(data) {
+        assert!(serde_json::from_slice::<serde_json::Value>(data).is_ok(), "bus accepted invalid JSON");
         round_trip(&ev, seq);
     }
 }
