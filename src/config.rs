@@ -284,11 +284,12 @@ impl Config {
         for (var, raw) in vars {
             apply_env(&mut tree, &var, &raw)?;
         }
-        let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
             let path = e.path().to_string();
             let key = if path == "." { "(root)".to_string() } else { path };
             key_error(&key, e.into_inner().to_string())
         })?;
+        config.log.level = log_filter(&config.log.level);
         config.validate()?;
         Ok(config)
     }
@@ -372,7 +373,7 @@ impl Config {
                 ),
             ));
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(log_filter(&self.log.level)) {
             return Err(key_error(
                 "log.level",
                 format!("not a log filter such as `info` or `info,herald=debug`: {e}"),
@@ -383,6 +384,16 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `log.level` with each comma-separated directive trimmed and empty ones
+/// dropped. tracing-subscriber 0.3.23 slices a directive at offsets taken
+/// from its trimmed form, so leading whitespace shifts every cut:
+/// `info, herald=debug` is refused, `info, herald` silently targets
+/// ` herald`, and a cut through a non-ASCII character panics (found by
+/// fuzzing).
+fn log_filter(level: &str) -> String {
+    level.split(',').map(str::trim).filter(|d| !d.is_empty()).collect::<Vec<_>>().join(",")
 }
 
 /// Only `HERALD_<SECTION>__<KEY>` names are Herald's: an orchestrator injects
@@ -527,6 +538,17 @@ ui:
         assert_eq!(c.api.keys.len(), 2);
         assert_eq!((c.log.format, c.log.level.as_str()), (LogFormat::Json, "debug"));
         assert_eq!(c.ui.enabled, Some(false));
+        Ok(())
+    }
+
+    /// Fuzzing found: tracing-subscriber misreads a directive with leading
+    /// whitespace, and panics when that is followed by non-ASCII text.
+    #[test]
+    fn log_directives_are_trimmed_before_tracing_reads_them() -> TestResult {
+        let c = load_yaml("log:\n  level: \"info, herald=debug\"\n", &[])?;
+        assert_eq!(c.log.level, "info,herald=debug");
+        let c = load_yaml("", &[("HERALD_LOG__LEVEL", "\tx\u{e9}=debug ,")])?;
+        assert_eq!(c.log.level, "x\u{e9}=debug");
         Ok(())
     }
 

@@ -54,7 +54,12 @@ struct Loose<'a> {
 /// serde_json is used rather than simd-json: commands are tens of bytes, where
 /// serde_json measured faster (see the `parse` group in `benches/hot_paths.rs`).
 pub fn parse(text: &[u8]) -> Result<Command, CommandError> {
-    let loose: Loose<'_> = serde_json::from_slice(text)
+    // serde_json skips an ignored field's string without checking its UTF-8,
+    // so a frame with invalid UTF-8 in an unknown field was accepted; the
+    // contract's JSON is UTF-8 text (found by fuzzing).
+    let text =
+        std::str::from_utf8(text).map_err(|_| CommandError::BadRequest("command is not UTF-8 text"))?;
+    let loose: Loose<'_> = serde_json::from_str(text)
         .map_err(|_| CommandError::BadRequest("command is not a JSON object of the documented shape"))?;
     let ty = loose.ty.as_deref().ok_or(CommandError::BadRequest("missing field `type`"))?;
     let chat_id = || -> Result<ChatId, CommandError> {
@@ -111,5 +116,12 @@ mod tests {
             Err("bad_request"),
         );
         check(r#"{"type":"dance"}"#, Err("unknown_type"));
+    }
+
+    /// Fuzzing found: invalid UTF-8 inside an ignored field was accepted.
+    #[test]
+    fn refuses_invalid_utf8_even_in_an_ignored_field() {
+        let got = parse(b"{\"x\":\"\xff\",\"type\":\"ping\"}").map_err(|e| e.code().as_str());
+        assert_eq!(got, Err("bad_request"));
     }
 }

@@ -160,7 +160,8 @@ impl DomainEvent {
 
     /// Parses one event as the Redis bus carries it, with its `seq` if assigned.
     pub fn from_json(bytes: &[u8]) -> Result<(DomainEvent, Option<u64>), EventError> {
-        let w: Wire<'_> = serde_json::from_slice(bytes).map_err(|e| EventError::Malformed(e.to_string()))?;
+        let text = std::str::from_utf8(bytes).map_err(|e| EventError::Malformed(e.to_string()))?;
+        let w: Wire<'_> = serde_json::from_str(text).map_err(|e| EventError::Malformed(e.to_string()))?;
         DomainEvent::from_wire(w)
     }
 }
@@ -177,6 +178,10 @@ pub enum BatchError {
 /// Parses a `POST /api/events` body: one event object or an array of them.
 /// Publisher-supplied `seq` fields are ignored: sequencing is Herald's.
 pub fn parse_batch(body: &[u8]) -> Result<Vec<DomainEvent>, BatchError> {
+    // serde_json skips an unknown field's string without checking its UTF-8,
+    // so a body with invalid UTF-8 there was accepted; JSON is UTF-8 text
+    // (found by fuzzing the client commands, which shared the flaw).
+    std::str::from_utf8(body).map_err(|e| BatchError::Body(format!("not UTF-8: {e}")))?;
     let first_non_ws = body.iter().find(|b| !b.is_ascii_whitespace());
     let raws: Vec<&[u8]> = match first_non_ws {
         Some(b'[') => {
@@ -258,5 +263,16 @@ mod tests {
         assert_eq!(back.user_ids, ev.user_ids);
         assert_eq!(back.data.ok_or("no data")?.get(), r#"{"s":"done"}"#);
         Ok(())
+    }
+
+    /// Found with fuzzing: invalid UTF-8 in an unknown field was accepted,
+    /// at the ingress and on the bus.
+    #[test]
+    fn refuses_invalid_utf8_even_in_an_unknown_field() {
+        let mut body =
+            format!(r#"{{"type":"chat.updated","chat_id":"{CHAT}","data":{{}},"x":""#).into_bytes();
+        body.extend_from_slice(b"\xff\"}");
+        assert!(matches!(parse_batch(&body), Err(BatchError::Body(_))));
+        assert!(matches!(DomainEvent::from_json(&body), Err(EventError::Malformed(_))));
     }
 }

@@ -199,7 +199,10 @@ pub fn decode(buf: &[u8], max_payload: usize) -> Result<Option<(Decoded, usize)>
         return Err(DecodeError::TooBig(len));
     }
     let len = len as usize;
-    if buf.len() < at + 4 + len {
+    // Compared with what remains rather than as `at + 4 + len`: with a limit
+    // near `usize::MAX` (the config accepts any positive size) a header may
+    // claim a length whose sum overflows (found by fuzzing).
+    if buf.len() - at < 4 || buf.len() - at - 4 < len {
         return Ok(None);
     }
     let mask = [buf[at], buf[at + 1], buf[at + 2], buf[at + 3]];
@@ -260,5 +263,17 @@ mod tests {
         let big = masked(0x81, &[0; 200]);
         assert_eq!(decode(&big[..4], 100), Err(DecodeError::TooBig(200)));
         assert_eq!(DecodeError::TooBig(1).close_code().code(), 1009);
+    }
+
+    /// Fuzzing found: a 64-bit length near `u64::MAX` under a limit of
+    /// `usize::MAX` overflowed `at + 4 + len` (a panic in debug builds, a
+    /// slice panic in release). It only asks for more bytes now.
+    #[test]
+    fn a_huge_length_under_a_huge_limit_waits_for_bytes() {
+        let mut head = vec![0x81, 0x80 | 127];
+        head.extend_from_slice(&u64::MAX.to_be_bytes());
+        head.extend_from_slice(&[1, 2, 3, 4, b'x']);
+        assert_eq!(decode(&head, usize::MAX), Ok(None));
+        assert_eq!(decode(&head, usize::MAX - 1), Err(DecodeError::TooBig(u64::MAX)));
     }
 }
