@@ -87,9 +87,10 @@ fn check_error(e: DecodeError, max: usize) {
     match e {
         DecodeError::TooBig(n) => {
             assert!(n > max as u64, "TooBig({n}) under max {max}");
-            assert_eq!(e.close_code(), 1009);
+            assert_eq!(e.close_code().code(), 1009);
         }
-        _ => assert_eq!(e.close_code(), 1002),
+        DecodeError::InvalidUtf8 => assert_eq!(e.close_code().code(), 1007),
+        _ => assert_eq!(e.close_code().code(), 1002),
     }
 }
 
