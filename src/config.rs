@@ -392,7 +392,7 @@ impl Config {
 /// `info, herald=debug` is refused, `info, herald` silently targets
 /// ` herald`, and a cut through a non-ASCII character panics (found by
 /// fuzzing).
-fn log_filter(level: &str) -> String {
+pub fn log_filter(level: &str) -> String {
     level.split(',').map(str::trim).filter(|d| !d.is_empty()).collect::<Vec<_>>().join(",")
 }
 

@@ -107,6 +107,8 @@ fn serve(mut config: Config) -> anyhow::Result<()> {
 fn init_tracing(log: &LogConfig) -> anyhow::Result<()> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.is_empty() => {
+            // Trimmed as `log.level` is: the same parser bug applies.
+            let directives = herald::config::log_filter(&directives);
             EnvFilter::builder().parse(&directives).context("RUST_LOG is not a valid log filter")?
         }
         _ => EnvFilter::builder().parse(&log.level).context("log.level")?,

@@ -342,6 +342,10 @@ async fn piped_logs_are_plain_text_or_json_lines() {
     // RUST_LOG wins over log.level.
     let quiet = node_stderr(&[("HERALD_LOG__LEVEL", "debug"), ("RUST_LOG", "error")]).await;
     assert!(!quiet.contains("herald listening"), "{quiet}");
+    // Spaces after commas are read as written (tracing-subscriber alone
+    // refuses or misreads them, and panics on some).
+    let spaced = node_stderr(&[("RUST_LOG", "error, herald=info")]).await;
+    assert!(spaced.contains("herald listening"), "{spaced}");
 }
 
 #[tokio::test]
