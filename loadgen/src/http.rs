@@ -19,6 +19,8 @@ pub(crate) struct Head {
     pub(crate) chunked: bool,
     /// The server will close the connection after this response.
     pub(crate) close: bool,
+    /// `Retry-After` in seconds (a 429 or 503 asks the client to wait).
+    pub(crate) retry_after: Option<u64>,
 }
 
 /// Parses a response head at the front of `buf`; `Ok(None)` when it is not complete yet.
@@ -45,6 +47,7 @@ pub(crate) fn parse_head(buf: &[u8]) -> anyhow::Result<Option<Head>> {
         content_length: None,
         chunked: false,
         close: version == "HTTP/1.0",
+        retry_after: None,
     };
     for line in lines {
         let Some((name, value)) = line.split_once(':') else { continue };
@@ -56,6 +59,9 @@ pub(crate) fn parse_head(buf: &[u8]) -> anyhow::Result<Option<Head>> {
             head.chunked = value.to_ascii_lowercase().contains("chunked");
         } else if name.eq_ignore_ascii_case("connection") {
             head.close = value.eq_ignore_ascii_case("close");
+        } else if name.eq_ignore_ascii_case("retry-after") {
+            // Seconds only; an HTTP date is not worth parsing here.
+            head.retry_after = value.parse().ok();
         }
     }
     Ok(Some(head))
@@ -88,6 +94,7 @@ pub(crate) struct Response<'a> {
     pub(crate) body: &'a [u8],
     /// The connection cannot be reused.
     pub(crate) close: bool,
+    pub(crate) retry_after: Option<u64>,
 }
 
 impl HttpConn {
@@ -166,7 +173,12 @@ impl HttpConn {
         }
         self.used = total;
         let close = head.close || head.content_length.is_none();
-        Ok(Response { status: head.status, body: &self.buf[head.head_len..total], close })
+        Ok(Response {
+            status: head.status,
+            body: &self.buf[head.head_len..total],
+            close,
+            retry_after: head.retry_after,
+        })
     }
 
     /// Reads into the buffer, growing it when full; 0 means the server closed.
@@ -223,12 +235,16 @@ mod tests {
                 head_len: r.len() - 14,
                 content_length: Some(14),
                 chunked: false,
-                close: false
+                close: false,
+                retry_after: None
             }
         );
         assert_eq!(accepted_count(&r[head.head_len..]), Some(3));
         assert_eq!(parse_head(b"HTTP/1.1 202 Acc").expect("valid"), None);
         let c = parse_head(b"HTTP/1.1 503 x\r\nConnection: close\r\n\r\n").expect("valid").expect("complete");
+        let pushed =
+            parse_head(b"HTTP/1.1 429 x\r\nRetry-After: 2\r\n\r\n").expect("valid").expect("complete");
+        assert_eq!((pushed.status, pushed.retry_after), (429, Some(2)));
         assert!(c.close);
         assert!(parse_head(b"garbage\r\n\r\n").is_err());
         assert_eq!(accepted_count(b"{\"accepted\": 12}"), Some(12));

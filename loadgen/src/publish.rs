@@ -147,7 +147,6 @@ async fn worker(plan: Arc<Plan>, stats: Arc<Stats>, index: usize) {
     let target = &plan.targets[index % plan.targets.len()];
     let path = target.events_path();
     let interval_ns = if plan.rate > 0 { 1e9 * plan.batch as f64 / plan.rate as f64 } else { 0.0 };
-    let rooms = plan.rooms.len() as u64;
     let mut body = Vec::with_capacity(256 * plan.batch);
     let mut conn: Option<HttpConn> = None;
     loop {
@@ -181,17 +180,47 @@ async fn worker(plan: Arc<Plan>, stats: Arc<Stats>, index: usize) {
                 }
             },
         };
-        write_body(&plan, k, unix_nanos(), &mut body);
+        if publish_one(&plan, &stats, target, &path, k, c, &mut body).await {
+            conn = None;
+        }
+    }
+}
+
+/// Publishes request `k`, again after each 429 (honouring `Retry-After`,
+/// as a publisher should) until it is answered otherwise or the run ends.
+/// True when the connection cannot be used again.
+async fn publish_one(
+    plan: &Plan,
+    stats: &Stats,
+    target: &Target,
+    path: &str,
+    k: u64,
+    c: &mut HttpConn,
+    body: &mut Vec<u8>,
+) -> bool {
+    let rooms = plan.rooms.len() as u64;
+    loop {
+        write_body(plan, k, unix_nanos(), body);
         stats.requests.fetch_add(1, Relaxed);
         let batch = plan.batch as u64;
         // A request still unanswered shortly after the end is given up: the run must stop on time.
         let limit = REQUEST_TIMEOUT.min((plan.end + END_GRACE).saturating_duration_since(Instant::now()));
-        let answer =
-            tokio::time::timeout(limit, c.post_json(&target.host, &path, &plan.api_key, &body)).await;
+        let answer = tokio::time::timeout(limit, c.post_json(&target.host, path, &plan.api_key, body)).await;
         match answer {
             Ok(Ok(resp)) => {
                 stats.note_status(resp.status);
                 let close = resp.close;
+                if resp.status == 429 && !close {
+                    // Pushed back (counted among the statuses): none of the
+                    // batch was taken, so it goes again after Retry-After.
+                    let wait = Duration::from_secs(resp.retry_after.unwrap_or(1))
+                        .min(plan.end.saturating_duration_since(Instant::now()));
+                    tokio::time::sleep(wait).await;
+                    if Instant::now() >= plan.end {
+                        return false;
+                    }
+                    continue;
+                }
                 if (200..300).contains(&resp.status) {
                     let accepted = http::accepted_count(resp.body).unwrap_or(batch);
                     stats.events_accepted.fetch_add(accepted, Relaxed);
@@ -210,21 +239,19 @@ async fn worker(plan: Arc<Plan>, stats: Arc<Stats>, index: usize) {
                         stats.aborted.store(true, Relaxed);
                     }
                 }
-                if close {
-                    conn = None;
-                }
+                return close;
             }
             Ok(Err(e)) => {
                 stats.io_errors.fetch_add(1, Relaxed);
                 stats.events_uncertain.fetch_add(batch, Relaxed);
                 stats.note_error(format!("{e:#}"));
-                conn = None;
+                return true;
             }
             Err(_) => {
                 stats.io_errors.fetch_add(1, Relaxed);
                 stats.events_uncertain.fetch_add(batch, Relaxed);
                 stats.note_error("publish request timed out".to_owned());
-                conn = None;
+                return true;
             }
         }
     }
