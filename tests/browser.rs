@@ -158,6 +158,21 @@ impl Browser {
 
     async fn close(mut self) {
         let _ = self.process.kill().await;
+        // Chromium's helper processes may still be writing the profile for a
+        // moment after the main one is gone.
+        for _ in 0..20 {
+            if std::fs::remove_dir_all(&self.profile).is_ok() || !self.profile.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Browser {
+    /// A failed test leaves no browser or profile behind either.
+    fn drop(&mut self) {
+        let _ = self.process.start_kill();
         let _ = std::fs::remove_dir_all(&self.profile);
     }
 }
