@@ -324,6 +324,7 @@ pub(crate) struct Verdict {
     pub(crate) healthy_lost: u64,
     pub(crate) healthy_duplicated: u64,
     /// Healthy connections that ended without a close frame (1006) the client did not cause.
+    /// (Resumes not recovered fail the verdict too; they are in the classes.)
     pub(crate) healthy_unexplained_drops: u64,
     /// Abusive connections that ended in a way their limit does not promise.
     pub(crate) abusive_unexpected: u64,

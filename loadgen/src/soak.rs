@@ -18,7 +18,6 @@ use crate::procfs;
 use crate::report::{AbuseReport, ClassReport, RssGrowth, Sample, SoakReport, StreamsHead, Verdict};
 use crate::scrape;
 use crate::streams::{Harness, Switching};
-use crate::target::Target;
 
 /// Longest soak: the run must stay bounded on a shared machine.
 const MAX_DURATION: Duration = Duration::from_secs(600);
@@ -78,7 +77,7 @@ pub(crate) async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
     loop {
         let now = Instant::now();
         if now >= next || now >= publishing.end {
-            let sample = sample(&h, &h.target, common.server_pid, publishing.start).await;
+            let sample = sample(&h, common.server_pid, publishing.start).await;
             eprintln!("{}", sample.line());
             series.push(sample);
             next += args.sample_every;
@@ -124,8 +123,8 @@ pub(crate) async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
 }
 
 /// The server now: RSS, the gauges, and the run's counts so far.
-async fn sample(h: &Harness, target: &Target, server_pid: Option<u32>, start: Instant) -> Sample {
-    let gauges = scrape::fetch(target, GAUGES).await.unwrap_or_default();
+async fn sample(h: &Harness, server_pid: Option<u32>, start: Instant) -> Sample {
+    let gauges = scrape::fetch(&h.target, GAUGES).await.unwrap_or_default();
     let gauge = |name: &str| gauges.get(name).copied();
     Sample {
         t_secs: start.elapsed().as_secs_f64(),
@@ -160,8 +159,9 @@ pub(crate) fn rss_growth(samples: &[(f64, u64)]) -> Option<RssGrowth> {
     Some(RssGrowth { samples: samples.len(), slope_kb_per_min: cov / var * 60.0, max_minus_min_kb: spread })
 }
 
-/// Healthy classes lose nothing, see nothing twice, and every server-side end of theirs came
-/// with a close code; abusive ones end only as their limits promise.
+/// Healthy classes lose nothing, see nothing twice, resume within history, and every
+/// server-side end of theirs came with a close code; abusive ones end only as their limits
+/// promise.
 pub(crate) fn verdict(classes: &[ClassReport], abuse: &[AbuseReport]) -> Verdict {
     let healthy_lost = classes.iter().map(|c| c.lost).sum();
     let healthy_duplicated = classes.iter().map(|c| c.duplicated).sum();
@@ -173,6 +173,13 @@ pub(crate) fn verdict(classes: &[ClassReport], abuse: &[AbuseReport]) -> Verdict
         reasons.push(format!(
             "{}: {} lost ({} in gaps, {} never arrived), {} duplicated",
             c.class, c.lost, c.gap_missing, c.tail_missing, c.duplicated
+        ));
+    }
+    for c in classes.iter().filter(|c| c.not_recovered > 0) {
+        // Skipped events are accounted, not lost, but a soak keeps every return within history.
+        reasons.push(format!(
+            "{}: {} resumes not recovered ({} events skipped)",
+            c.class, c.not_recovered, c.not_recovered_skipped
         ));
     }
     for c in classes {
@@ -267,10 +274,12 @@ mod tests {
         let v = verdict(&healthy, &abusive);
         assert!(v.pass && v.reasons.is_empty(), "{v:?}");
 
-        let v = verdict(&[class("churn", 2, &[]), class("steady", 0, &[(1006, 1)])], &abusive);
+        let mut unrecovered = class("switch", 0, &[]);
+        unrecovered.not_recovered = 1;
+        let v = verdict(&[class("churn", 2, &[]), class("steady", 0, &[(1006, 1)]), unrecovered], &abusive);
         assert!(!v.pass);
         assert_eq!((v.healthy_lost, v.healthy_unexplained_drops), (2, 1));
-        assert_eq!(v.reasons.len(), 2, "{v:?}");
+        assert_eq!(v.reasons.len(), 3, "{v:?}");
 
         let v = verdict(&healthy, &[abuse("trickle", "4008", &[("4008", 4), ("1006", 1)])]);
         assert_eq!((v.pass, v.abusive_unexpected), (false, 1));

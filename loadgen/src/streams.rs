@@ -647,6 +647,12 @@ impl Harness {
                 "{no_position} subscribed answers carried no seq (server without recovery): positions start at 0"
             ));
         }
+        let unknown = ctx.room_start.iter().filter(|s| s.load(Relaxed) == u64::MAX).count();
+        if unknown > 0 && ctx.mix.switch > 0 {
+            notes.push(format!(
+                "{unknown} rooms had no connection before publishing: switchers' tails there are not counted"
+            ));
+        }
         let classes: Vec<ClassReport> = Class::ALL
             .iter()
             .filter(|c| **c != Class::Switch || ctx.mix.switch > 0)
