@@ -261,7 +261,8 @@ async fn round(kind: Abuse, ctx: &AbuseCtx) -> Outcome {
     }
 }
 
-/// Subscribes to `chats`, then reads 16 bytes every 20 ms until the server closes it.
+/// Subscribes to `chats`, then reads 16 bytes every 20 ms (answering pings) until the server
+/// closes it.
 ///
 /// The close frame waits behind everything the server's kernel holds for this socket, and the
 /// server gives it only `write_wait` to go out: at 800 B/s it never would. So when the server's
@@ -284,6 +285,11 @@ async fn trickle(mut c: WsClient, chats: &[Uuid], target: &Target, stats: &Abuse
         match c.fill_at_most(TRICKLE_BYTES).await {
             Ok(n) if n > 0 => {}
             _ => return Outcome::Close(CLOSE_ABNORMAL),
+        }
+        // It answers the server's pings as any client does: one that never writes is a vanished
+        // client (dropped after pong_wait without a close frame), not a slow reader.
+        if c.has_output() && c.flush_out().await.is_err() {
+            return Outcome::Close(CLOSE_ABNORMAL);
         }
         tokio::time::sleep(TRICKLE_EVERY).await;
         if Instant::now() < next_poll {

@@ -278,6 +278,8 @@ pub(crate) struct Sample {
     pub(crate) server_rss_kb: Option<u64>,
     pub(crate) tasks: Option<f64>,
     pub(crate) connections: Option<f64>,
+    /// Distinct users connected (every connection, and every reconnect, is a fresh user).
+    pub(crate) users: Option<f64>,
     pub(crate) rooms: Option<f64>,
     pub(crate) history_bytes: Option<f64>,
     pub(crate) events_accepted: u64,
@@ -288,16 +290,17 @@ pub(crate) struct Sample {
 impl Sample {
     /// The series' header line, matching [`Sample::line`].
     pub(crate) const HEADER: &'static str =
-        "     t s   rss KiB   tasks   conns   rooms  history B   events  deliveries";
+        "     t s   rss KiB   tasks   conns   users   rooms  history B   events  deliveries";
 
     pub(crate) fn line(&self) -> String {
         let f = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
         format!(
-            "{:>8.1} {:>9} {:>7} {:>7} {:>7} {:>10} {:>8} {:>11}",
+            "{:>8.1} {:>9} {:>7} {:>7} {:>7} {:>7} {:>10} {:>8} {:>11}",
             self.t_secs,
             self.server_rss_kb.map_or_else(|| "-".to_owned(), |k| k.to_string()),
             f(self.tasks),
             f(self.connections),
+            f(self.users),
             f(self.rooms),
             f(self.history_bytes),
             self.events_accepted,

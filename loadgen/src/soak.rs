@@ -26,7 +26,8 @@ const WARMUP_SHARE: f64 = 0.2;
 /// How long abusive clients get to stop once told.
 const ABUSE_GRACE: Duration = Duration::from_secs(3);
 /// The gauges sampled from /metrics.
-const GAUGES: &[&str] = &["herald_tasks", "herald_connections", "herald_rooms", "herald_history_bytes"];
+const GAUGES: &[&str] =
+    &["herald_tasks", "herald_connections", "herald_users", "herald_rooms", "herald_history_bytes"];
 
 pub(crate) async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
     let (common, s) = (&args.common, &args.streams);
@@ -131,6 +132,7 @@ async fn sample(h: &Harness, server_pid: Option<u32>, start: Instant) -> Sample 
         server_rss_kb: server_pid.and_then(|p| procfs::rss_bytes(Some(p)).ok()).map(|b| b / 1024),
         tasks: gauge("herald_tasks"),
         connections: gauge("herald_connections"),
+        users: gauge("herald_users"),
         rooms: gauge("herald_rooms"),
         history_bytes: gauge("herald_history_bytes"),
         events_accepted: h.ctx.published().events_accepted.load(Relaxed),
