@@ -1,5 +1,5 @@
-//! Command-line interface: the flags every run shares and the `fanout`, `idle` and `recovery`
-//! subcommands.
+//! Command-line interface: the flags every run shares and the `fanout`, `idle`, `recovery` and
+//! `soak` subcommands.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -24,6 +24,10 @@ pub(crate) enum Command {
     /// Publish at a fixed rate while some connections drop and resume with `since` and others
     /// stall; check that every class sees every seq exactly once.
     Recovery(RecoveryArgs),
+    /// Run for minutes with churn, stalls, room switches and abusive clients mixed in; sample the
+    /// server's memory and tasks; check that healthy clients lose nothing and every abusive
+    /// client is closed with the expected code.
+    Soak(SoakArgs),
 }
 
 /// Flags shared by every subcommand.
@@ -132,6 +136,16 @@ pub(crate) struct IdleArgs {
 pub(crate) struct RecoveryArgs {
     #[command(flatten)]
     pub(crate) common: CommonArgs,
+    #[command(flatten)]
+    pub(crate) streams: StreamArgs,
+    /// How long events are published (and connections dropped and stalled).
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+    pub(crate) duration: Duration,
+}
+
+/// The healthy classes and the fixed-rate publishing that `recovery` and `soak` share.
+#[derive(Debug, Args)]
+pub(crate) struct StreamArgs {
     /// WebSocket connections (each subscribes to one room, round-robin).
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) conns: u32,
@@ -147,9 +161,6 @@ pub(crate) struct RecoveryArgs {
     /// Publish requests outstanding at once (one keep-alive connection each).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1_000))]
     pub(crate) in_flight: u32,
-    /// How long events are published (and connections dropped and stalled).
-    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
-    pub(crate) duration: Duration,
     /// Time after publishing stops for resumed and stalled connections to catch up.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub(crate) drain: Duration,
@@ -180,6 +191,53 @@ pub(crate) struct RecoveryArgs {
     /// The server's rooms.history_size: only labels why a resume was not recovered.
     #[arg(long, default_value_t = 100)]
     pub(crate) history_size: u64,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SoakArgs {
+    #[command(flatten)]
+    pub(crate) common: CommonArgs,
+    #[command(flatten)]
+    pub(crate) streams: StreamArgs,
+    /// How long events are published and every class runs (at most 10m).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub(crate) duration: Duration,
+    /// Fraction of connections that move between rooms: unsubscribe, then subscribe to the next
+    /// room of their rotation, with `since` when they were there before.
+    #[arg(long, default_value_t = 0.05, value_parser = fraction)]
+    pub(crate) switch: f64,
+    /// Mean time a switcher stays in a room (uniform in 0.5x .. 1.5x).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub(crate) switch_every: Duration,
+    /// Rooms a switcher rotates through: its own and the next ones (keep their absence from each
+    /// room within the server's history).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=256))]
+    pub(crate) switch_rooms: u32,
+    /// Seconds between two samples of the server (RSS, tasks, connections, history bytes).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub(crate) sample_every: Duration,
+    /// Clients that send a burst of pings and never read the pongs (expect close 1008).
+    #[arg(long, default_value_t = 2)]
+    pub(crate) ping_flooders: u32,
+    /// Clients that send text that is not a command until the error budget runs out (1008).
+    #[arg(long, default_value_t = 2)]
+    pub(crate) garbage_senders: u32,
+    /// Clients that send a text frame that is not UTF-8 (1007).
+    #[arg(long, default_value_t = 2)]
+    pub(crate) non_utf8_senders: u32,
+    /// Clients in every room (up to 256) that read 16 bytes every 20 ms (4008 via write_wait).
+    #[arg(long, default_value_t = 2)]
+    pub(crate) tricklers: u32,
+    /// Plain TCP connections to the HTTP port that send nothing (closed by the server).
+    #[arg(long, default_value_t = 4)]
+    pub(crate) idle_http: u32,
+    /// Clients that send a handshake's headers a byte every 100 ms (cut off by
+    /// server.header_read_timeout).
+    #[arg(long, default_value_t = 2)]
+    pub(crate) slowloris: u32,
+    /// Pause of an abusive client between being closed and coming back.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub(crate) abuse_pause: Duration,
 }
 
 /// A number in 0..=1.
@@ -261,13 +319,41 @@ mod tests {
         ])
         .expect("parses");
         let Command::Recovery(r) = cli.command else { panic!("recovery") };
-        assert_eq!((r.churn, r.stall, r.stall_for), (0.25, 0.0, Duration::from_millis(500)));
-        assert_eq!((r.conns, r.rooms, r.rate), (2000, 20, 500));
+        let s = &r.streams;
+        assert_eq!((s.churn, s.stall, s.stall_for), (0.25, 0.0, Duration::from_millis(500)));
+        assert_eq!((s.conns, s.rooms, s.rate), (2000, 20, 500));
         for bad in ["1.5", "-0.1", "x"] {
             assert!(
                 Cli::try_parse_from(["loadgen", "recovery", "--jwt-secret", "s", "--churn", bad]).is_err()
             );
         }
         assert!(Cli::try_parse_from(["loadgen", "recovery", "--jwt-secret", "s", "--rate", "0"]).is_err());
+    }
+
+    #[test]
+    fn parses_a_soak_run_with_the_recovery_flags() {
+        let cli = Cli::try_parse_from([
+            "loadgen",
+            "soak",
+            "--jwt-secret",
+            "s",
+            "--duration",
+            "10m",
+            "--rooms",
+            "50",
+            "--switch",
+            "0.1",
+            "--tricklers",
+            "0",
+            "--stall",
+            "0.02",
+        ])
+        .expect("parses");
+        let Command::Soak(a) = cli.command else { panic!("soak") };
+        assert_eq!(
+            (a.duration, a.streams.rooms, a.switch, a.tricklers),
+            (Duration::from_secs(600), 50, 0.1, 0)
+        );
+        assert_eq!((a.streams.stall, a.sample_every, a.switch_rooms), (0.02, Duration::from_secs(10), 3));
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - `cli`: flags and subcommands.
-//! - `fanout`, `idle`, `recovery`: the three runs.
+//! - `fanout`, `idle`, `recovery`, `soak`: the four runs; `streams`: the healthy connection
+//!   classes and their accounting (recovery, soak); `abuse`: soak's abusive clients.
 //! - `pool`: opening many subscribed connections; `ws`: one client connection; `frame`: the
 //!   WebSocket codec (no IO); `msg`: cheap field extraction from server frames.
 //! - `publish`: the HTTP publishers; `http`: a minimal keep-alive HTTP/1.1 client.
@@ -10,6 +11,7 @@
 //! - `scrape`: the server's /metrics samples; `procfs`: CPU/RSS/limits from /proc; `ident`: room
 //!   ids and tokens; `target`: URL + loopback rule.
 
+mod abuse;
 mod cli;
 mod fanout;
 mod frame;
@@ -24,7 +26,9 @@ mod publish;
 mod recovery;
 mod report;
 mod scrape;
+mod soak;
 mod stats;
+mod streams;
 mod target;
 mod ws;
 
@@ -49,6 +53,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fanout(a) => a.common.threads,
         Command::Idle(a) => a.common.threads,
         Command::Recovery(a) => a.common.threads,
+        Command::Soak(a) => a.common.threads,
     };
     let runtime = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
@@ -76,8 +81,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let json = args.common.json;
                 let report = recovery::run(args).await?;
                 print(json, &report, report.human())?;
-                if report.events_accepted == 0 {
+                if report.streams.events_accepted == 0 {
                     anyhow::bail!("the server accepted no event: nothing was measured");
+                }
+                Ok(())
+            }
+            Command::Soak(args) => {
+                let json = args.common.json;
+                let report = soak::run(args).await?;
+                print(json, &report, report.human())?;
+                if report.streams.events_accepted == 0 {
+                    anyhow::bail!("the server accepted no event: nothing was measured");
+                }
+                if !report.verdict.pass {
+                    anyhow::bail!("soak failed: {}", report.verdict.reasons.join("; "));
                 }
                 Ok(())
             }

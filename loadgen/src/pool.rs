@@ -177,7 +177,7 @@ async fn open(spec: &Spec, index: usize, source: Option<IpAddr>) -> anyhow::Resu
     let token = spec.minter.mint(&chats)?;
     let recv_buffer = spec.recv_buffer.as_ref().and_then(|f| f(index));
     let target = &spec.targets[(index / spec.rooms.len()) % spec.targets.len()];
-    let mut client = WsClient::connect(target, source, &token, spec.buf_size, recv_buffer).await?;
+    let mut client = WsClient::connect(target, source, &token, spec.buf_size, recv_buffer, None).await?;
     let mut first = None;
     for chat in &chats {
         let answer = client.subscribe(chat, None).await.context("subscribe")?;
@@ -187,19 +187,21 @@ async fn open(spec: &Spec, index: usize, source: Option<IpAddr>) -> anyhow::Resu
 }
 
 /// Opens connection `opened.index` again after it dropped: a fresh token and socket (same source
-/// and receive buffer), then `subscribe` to its room with `since`. Returns the client and the
-/// server's answer. Single-room connections only (`subs_per_conn` 1).
+/// and receive buffer), then `subscribe` to room index `room` with `since`. Returns the client
+/// and the server's answer. Single-room connections only (`subs_per_conn` 1).
 pub(crate) async fn reopen(
     spec: &Spec,
     opened: &Opened,
+    room: usize,
     since: Option<u64>,
 ) -> anyhow::Result<(WsClient, Subscribed)> {
-    let chat = spec.rooms[opened.room];
+    let chat = spec.rooms[room];
     let token = spec.minter.mint(&[chat])?;
     let recv_buffer = spec.recv_buffer.as_ref().and_then(|f| f(opened.index));
     let target = &spec.targets[(opened.index / spec.rooms.len()) % spec.targets.len()];
     let connect = async {
-        let mut client = WsClient::connect(target, opened.source, &token, spec.buf_size, recv_buffer).await?;
+        let mut client =
+            WsClient::connect(target, opened.source, &token, spec.buf_size, recv_buffer, None).await?;
         let answer = client.subscribe(&chat, since).await.context("subscribe")?;
         anyhow::Ok((client, answer))
     };

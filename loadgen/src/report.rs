@@ -1,5 +1,5 @@
-//! Run summaries: the figures of a fanout, idle or recovery run, printed as aligned text or one
-//! JSON object.
+//! Run summaries: the figures of a fanout, idle, recovery or soak run, printed as aligned text or
+//! one JSON object.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -41,7 +41,7 @@ impl LatencyUs {
 }
 
 /// How connecting went: common to every mode's report.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub(crate) struct ConnectSummary {
     pub(crate) conns_requested: u32,
     pub(crate) conns_subscribed: u64,
@@ -152,7 +152,7 @@ pub(crate) struct IdleReport {
     pub(crate) notes: Vec<String>,
 }
 
-/// One class of connections in a recovery run (steady, churn, stall).
+/// One class of connections in a recovery or soak run (steady, churn, stall, switch).
 #[derive(Debug, Serialize)]
 pub(crate) struct ClassReport {
     pub(crate) class: &'static str,
@@ -169,12 +169,17 @@ pub(crate) struct ClassReport {
     pub(crate) tail_missing: u64,
     pub(crate) duplicated: u64,
     pub(crate) foreign_deliveries: u64,
+    /// Deliveries to a room the connection never joined, and unreadable room events.
     pub(crate) malformed_frames: u64,
+    /// Error replies from the server (a refused subscribe, a rate limit).
+    pub(crate) error_replies: u64,
     /// Sockets the client dropped on purpose (churn).
     pub(crate) drops: u64,
     /// Times a connection stopped reading (stall).
     pub(crate) stalls: u64,
-    /// Reconnects that resubscribed with `since`.
+    /// Moves to another room (switch).
+    pub(crate) switches: u64,
+    /// Subscribes with `since`: reconnects, and switchers' returns to a room.
     pub(crate) resumes: u64,
     pub(crate) recovered: u64,
     /// Events the recovered resumes were behind (replayed).
@@ -190,8 +195,9 @@ pub(crate) struct ClassReport {
     pub(crate) close_codes: BTreeMap<u16, u64>,
 }
 
+/// The opening figures of a run of the healthy classes (recovery, soak).
 #[derive(Debug, Serialize)]
-pub(crate) struct RecoveryReport {
+pub(crate) struct StreamsHead {
     pub(crate) mode: &'static str,
     pub(crate) url: String,
     #[serde(flatten)]
@@ -199,6 +205,12 @@ pub(crate) struct RecoveryReport {
     pub(crate) rate_target: u64,
     pub(crate) duration_secs: f64,
     pub(crate) drain_secs: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct RecoveryReport {
+    #[serde(flatten)]
+    pub(crate) head: StreamsHead,
     pub(crate) churn_conns: u64,
     pub(crate) stall_conns: u64,
     pub(crate) churn_every_ms: u64,
@@ -206,6 +218,14 @@ pub(crate) struct RecoveryReport {
     pub(crate) stall_for_ms: u64,
     pub(crate) stall_every_ms: u64,
     pub(crate) stall_rcvbuf: u32,
+    #[serde(flatten)]
+    pub(crate) streams: StreamsSummary,
+}
+
+/// What a run of the healthy classes (recovery, soak) found: publishing, per-class accounting,
+/// the server's metrics and the CPU and memory both sides used.
+#[derive(Debug, Serialize)]
+pub(crate) struct StreamsSummary {
     pub(crate) events_accepted: u64,
     pub(crate) events_accepted_per_sec: f64,
     pub(crate) publish_statuses: BTreeMap<u16, u64>,
@@ -229,6 +249,104 @@ pub(crate) struct RecoveryReport {
     pub(crate) server_cpu_pct: Option<f64>,
     pub(crate) server_rss_bytes: Option<u64>,
     pub(crate) notes: Vec<String>,
+}
+
+/// One kind of abusive client in a soak run.
+#[derive(Debug, Serialize)]
+pub(crate) struct AbuseReport {
+    pub(crate) kind: &'static str,
+    pub(crate) clients: u64,
+    /// Connections opened (each client comes back after being closed).
+    pub(crate) connections: u64,
+    /// The outcomes the server's limits promise for this kind.
+    pub(crate) expected: Vec<&'static str>,
+    /// How connections ended: close code, `http <status>`, `eof`, or a failure.
+    pub(crate) outcomes: BTreeMap<String, u64>,
+    /// Outcomes not in `expected`.
+    pub(crate) unexpected: u64,
+    /// Connections still open when the run stopped (abusing, or not yet cut off).
+    pub(crate) open_at_end: u64,
+    /// Tricklers' full-speed reads that found no close frame (another connection was dropped).
+    pub(crate) rounds_unclosed: u64,
+}
+
+/// One sample of the server during a soak run.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Sample {
+    /// Since publishing started.
+    pub(crate) t_secs: f64,
+    pub(crate) server_rss_kb: Option<u64>,
+    pub(crate) tasks: Option<f64>,
+    pub(crate) connections: Option<f64>,
+    /// Distinct users connected (every connection, and every reconnect, is a fresh user).
+    pub(crate) users: Option<f64>,
+    pub(crate) rooms: Option<f64>,
+    pub(crate) history_bytes: Option<f64>,
+    pub(crate) events_accepted: u64,
+    /// Distinct deliveries to the healthy classes so far.
+    pub(crate) deliveries: u64,
+}
+
+impl Sample {
+    /// The series' header line, matching [`Sample::line`].
+    pub(crate) const HEADER: &'static str =
+        "     t s   rss KiB   tasks   conns   users   rooms  history B   events  deliveries";
+
+    pub(crate) fn line(&self) -> String {
+        let f = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
+        format!(
+            "{:>8.1} {:>9} {:>7} {:>7} {:>7} {:>7} {:>10} {:>8} {:>11}",
+            self.t_secs,
+            self.server_rss_kb.map_or_else(|| "-".to_owned(), |k| k.to_string()),
+            f(self.tasks),
+            f(self.connections),
+            f(self.users),
+            f(self.rooms),
+            f(self.history_bytes),
+            self.events_accepted,
+            self.deliveries
+        )
+    }
+}
+
+/// How the server's RSS moved after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub(crate) struct RssGrowth {
+    /// Samples after warm-up that the figures use.
+    pub(crate) samples: usize,
+    /// Least-squares slope.
+    pub(crate) slope_kb_per_min: f64,
+    pub(crate) max_minus_min_kb: u64,
+}
+
+/// Whether the soak held: no loss for healthy clients, and every close explained.
+#[derive(Debug, Serialize)]
+pub(crate) struct Verdict {
+    pub(crate) pass: bool,
+    /// Σ lost over steady, churn, stall and switch.
+    pub(crate) healthy_lost: u64,
+    pub(crate) healthy_duplicated: u64,
+    /// Healthy connections that ended without a close frame (1006) the client did not cause.
+    /// (Resumes not recovered fail the verdict too; they are in the classes.)
+    pub(crate) healthy_unexplained_drops: u64,
+    /// Abusive connections that ended in a way their limit does not promise.
+    pub(crate) abusive_unexpected: u64,
+    /// Why it failed (empty on a pass).
+    pub(crate) reasons: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct SoakReport {
+    #[serde(flatten)]
+    pub(crate) head: StreamsHead,
+    pub(crate) warmup_secs: f64,
+    pub(crate) series: Vec<Sample>,
+    /// Over the samples after warm-up; absent without --server-pid or with fewer than 2 samples.
+    pub(crate) rss_growth: Option<RssGrowth>,
+    pub(crate) abuse: Vec<AbuseReport>,
+    pub(crate) verdict: Verdict,
+    #[serde(flatten)]
+    pub(crate) streams: StreamsSummary,
 }
 
 /// Aligned "label  value" lines.
@@ -353,8 +471,7 @@ impl IdleReport {
 
 impl RecoveryReport {
     pub(crate) fn human(&self) -> String {
-        let mut t = Table(format!("loadgen recovery against {}\n", self.url));
-        self.connect.rows(&mut t, None);
+        let mut t = self.head.table();
         t.row(
             "classes",
             format!(
@@ -368,15 +485,87 @@ impl RecoveryReport {
                 self.stall_rcvbuf
             ),
         );
+        self.streams.rows(&mut t, &self.head);
+        notes(&mut t, &self.streams.notes);
+        t.0
+    }
+}
+
+impl SoakReport {
+    pub(crate) fn human(&self) -> String {
+        let mut t = self.head.table();
+        self.streams.rows(&mut t, &self.head);
+        for a in &self.abuse {
+            t.row(
+                &format!("[{}] x{}", a.kind, a.clients),
+                format!(
+                    "{} connections: {} (expected {}){}",
+                    a.connections,
+                    map(&a.outcomes),
+                    a.expected.join(" or "),
+                    if a.open_at_end > 0 {
+                        format!(", {} open at end", a.open_at_end)
+                    } else {
+                        String::new()
+                    }
+                ),
+            );
+        }
+        let _ = writeln!(t.0, "  server over time (warm-up: first {:.0} s)", self.warmup_secs);
+        let _ = writeln!(t.0, "  {}", Sample::HEADER);
+        for s in &self.series {
+            let _ = writeln!(t.0, "  {}", s.line());
+        }
+        t.opt(
+            "rss after warm-up",
+            self.rss_growth.map(|g| {
+                format!(
+                    "slope {:+.1} KiB/min, max-min {} KiB over {} samples",
+                    g.slope_kb_per_min, g.max_minus_min_kb, g.samples
+                )
+            }),
+        );
+        let v = &self.verdict;
+        t.row(
+            "verdict",
+            format!(
+                "{} (healthy lost {}, duplicated {}, unexplained drops {}; abusive unexpected {})",
+                if v.pass { "PASS" } else { "FAIL" },
+                v.healthy_lost,
+                v.healthy_duplicated,
+                v.healthy_unexplained_drops,
+                v.abusive_unexpected
+            ),
+        );
+        for r in &v.reasons {
+            t.row("", r);
+        }
+        notes(&mut t, &self.streams.notes);
+        t.0
+    }
+}
+
+impl StreamsHead {
+    /// The title and the connect rows.
+    fn table(&self) -> Table {
+        let mut t = Table(format!("loadgen {} against {}\n", self.mode, self.url));
+        self.connect.rows(&mut t, None);
+        t
+    }
+}
+
+impl StreamsSummary {
+    /// Publishing, every class, the server's metric changes, CPU and RSS.
+    fn rows(&self, t: &mut Table, head: &StreamsHead) {
         t.row(
             "events accepted",
             format!(
                 "{} ({:.0}/s, target {}/s) over {:.1} s + {:.1} s drain",
                 self.events_accepted,
                 self.events_accepted_per_sec,
-                self.rate_target,
-                self.duration_secs,
-                self.drain_secs
+                head.rate_target,
+                head.duration_secs,
+                head.drain_secs
             ),
         );
         t.row("publish answers", map(&self.publish_statuses));
@@ -389,8 +578,8 @@ impl RecoveryReport {
             t.row("  deliveries", format!("{} of {} expected", c.deliveries, c.expected_deliveries));
             t.row("  lost (gaps / tail)", format!("{} ({} / {})", c.lost, c.gap_missing, c.tail_missing));
             t.row("  duplicated", c.duplicated);
-            if c.drops + c.stalls > 0 {
-                t.row("  drops / stalls", format!("{} / {}", c.drops, c.stalls));
+            if c.drops + c.stalls + c.switches > 0 {
+                t.row("  drops / stalls / switches", format!("{} / {} / {}", c.drops, c.stalls, c.switches));
             }
             if c.resumes > 0 || c.reconnect_errors > 0 {
                 t.row(
@@ -408,10 +597,13 @@ impl RecoveryReport {
                     t.row("", format!("{n} x {reason}"));
                 }
                 t.row("  reconnect errors", c.reconnect_errors);
-                errors(&mut t, &c.reconnect_error_kinds);
+                errors(t, &c.reconnect_error_kinds);
             }
-            if c.foreign_deliveries + c.malformed_frames > 0 {
-                t.row("  foreign / malformed", format!("{} / {}", c.foreign_deliveries, c.malformed_frames));
+            if c.foreign_deliveries + c.malformed_frames + c.error_replies > 0 {
+                t.row(
+                    "  foreign / malformed / errors",
+                    format!("{} / {} / {}", c.foreign_deliveries, c.malformed_frames, c.error_replies),
+                );
             }
             t.row("  server close codes", map(&c.close_codes));
         }
@@ -437,8 +629,6 @@ impl RecoveryReport {
             t.row("server cpu", format!("{secs:.2} s ({pct:.0}% of one core)"));
         }
         t.opt("server rss", self.server_rss_bytes.map(mib));
-        notes(&mut t, &self.notes);
-        t.0
     }
 }
 

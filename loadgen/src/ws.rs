@@ -50,16 +50,25 @@ pub(crate) struct WsClient {
 impl WsClient {
     /// Opens TCP (bound to `source` when given, with SO_RCVBUF `recv_buffer` when given, set
     /// before connecting so the advertised window honours it), upgrades `GET /ws?token=...`, and
-    /// checks for 101.
+    /// checks for 101. With `mss`, the socket advertises that MSS (TCP_MAXSEG): the server's
+    /// kernel sizes its send buffer for this socket by it, so a small one makes the server's own
+    /// queue meet a reader that does not keep up within seconds, not after megabytes.
     pub(crate) async fn connect(
         target: &Target,
         source: Option<IpAddr>,
         token: &str,
         buf_size: usize,
         recv_buffer: Option<u32>,
+        mss: Option<u32>,
     ) -> anyhow::Result<WsClient> {
-        let socket = if target.addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
+        let domain = if target.addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+        let raw = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
             .context("socket")?;
+        if let Some(mss) = mss {
+            raw.set_tcp_mss(mss).context("TCP_MAXSEG")?;
+        }
+        raw.set_nonblocking(true).context("O_NONBLOCK")?;
+        let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(raw));
         if let Some(bytes) = recv_buffer {
             socket.set_recv_buffer_size(bytes).context("SO_RCVBUF")?;
         }
@@ -117,7 +126,45 @@ impl WsClient {
 
     /// Queues a masked text frame; call [`WsClient::flush_out`] to send it.
     pub(crate) fn queue_text(&mut self, text: &[u8]) {
-        frame::encode_masked(OP_TEXT, text, frame::new_mask(), &mut self.out);
+        self.queue_frame(OP_TEXT, text);
+    }
+
+    /// Queues `subscribe` to `chat` (resuming after `since` when given); the answer comes later.
+    pub(crate) fn queue_subscribe(&mut self, chat: &Uuid, since: Option<u64>) {
+        let text = match since {
+            Some(n) => format!(r#"{{"type":"subscribe","chat_id":"{chat}","since":{n}}}"#),
+            None => format!(r#"{{"type":"subscribe","chat_id":"{chat}"}}"#),
+        };
+        self.queue_text(text.as_bytes());
+    }
+
+    /// Queues `unsubscribe` from `chat`.
+    pub(crate) fn queue_unsubscribe(&mut self, chat: &Uuid) {
+        self.queue_text(format!(r#"{{"type":"unsubscribe","chat_id":"{chat}"}}"#).as_bytes());
+    }
+
+    /// Queues a masked frame of any opcode, as an abusive client would send it: `payload` is not
+    /// checked (a text frame need not be UTF-8, a ping may be repeated without end).
+    pub(crate) fn queue_frame(&mut self, opcode: u8, payload: &[u8]) {
+        frame::encode_masked(opcode, payload, frame::new_mask(), &mut self.out);
+    }
+
+    /// Reads at most `max` more bytes (a reader that trickles); returns 0 at end of stream.
+    pub(crate) async fn fill_at_most(&mut self, max: usize) -> std::io::Result<usize> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        if self.buf.len() - self.end < max {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            let size = (self.end + max).max(self.buf.len()).max(self.need.unwrap_or(0));
+            self.buf.resize(size, 0);
+        }
+        let n = self.stream.read(&mut self.buf[self.end..self.end + max]).await?;
+        self.end += n;
+        Ok(n)
     }
 
     /// Writes queued frames.
@@ -133,11 +180,7 @@ impl WsClient {
     /// frames before it are ignored; frames after it (a recovery replay) stay buffered for
     /// [`WsClient::next_incoming`].
     pub(crate) async fn subscribe(&mut self, chat: &Uuid, since: Option<u64>) -> anyhow::Result<Subscribed> {
-        let text = match since {
-            Some(n) => format!(r#"{{"type":"subscribe","chat_id":"{chat}","since":{n}}}"#),
-            None => format!(r#"{{"type":"subscribe","chat_id":"{chat}"}}"#),
-        };
-        self.queue_text(text.as_bytes());
+        self.queue_subscribe(chat, since);
         self.flush_out().await.context("subscribe: write")?;
         loop {
             while let Some(incoming) = self.next_incoming().context("subscribe")? {
@@ -342,7 +385,7 @@ mod tests {
         script.extend(server_frame(true, OP_CLOSE, &4008u16.to_be_bytes()));
         let (target, server) = fake_server(script).await;
 
-        let mut c = WsClient::connect(&target, None, "tok", 64, None).await.expect("connect");
+        let mut c = WsClient::connect(&target, None, "tok", 64, None, None).await.expect("connect");
         c.subscribe(&Uuid::nil(), None).await.expect("subscribed");
         let mut texts = Vec::new();
         let code = 'outer: loop {
@@ -388,7 +431,7 @@ mod tests {
             let _ = s.write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 2\r\n\r\n{}").await;
         });
         let target = Target { addr, host: addr.to_string(), prefix: String::new() };
-        let err = WsClient::connect(&target, None, "bad", 1024, None).await.err().expect("refused");
+        let err = WsClient::connect(&target, None, "bad", 1024, None, None).await.err().expect("refused");
         assert_eq!(err.to_string(), "handshake: HTTP 401");
     }
 }

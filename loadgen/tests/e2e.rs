@@ -35,9 +35,15 @@ impl Drop for Node {
 }
 
 fn start_node() -> Node {
+    start_node_with(&[])
+}
+
+/// A node with more `HERALD_*` settings.
+fn start_node_with(env: &[(&str, &str)]) -> Node {
     let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
     let child = Command::new(herald_bin())
         .env_clear()
+        .envs(env.iter().copied())
         .env("HERALD_SERVER__LISTEN", format!("127.0.0.1:{port}"))
         .env("HERALD_AUTH__JWT_SECRET", SECRET)
         .env("HERALD_API__KEYS", KEY)
@@ -182,4 +188,83 @@ fn idle_subscribes_each_connection_to_several_rooms() {
     assert!(r["bytes_per_subscription"].as_f64().is_some(), "{r}");
     // A refused or unanswered subscribe fails the connection: all 40 were answered.
     assert_eq!(r["connect_errors"], 0, "{r}");
+}
+
+#[test]
+fn soak_loses_nothing_for_healthy_clients_and_closes_abusers_with_the_promised_codes() {
+    // Short limits so that every abusive kind is closed, more than once, within 10 s.
+    let node = start_node_with(&[
+        ("HERALD_WEBSOCKET__WRITE_WAIT", "2s"),
+        ("HERALD_SERVER__HEADER_READ_TIMEOUT", "1s"),
+    ]);
+    let r = loadgen(
+        &node,
+        &[
+            "soak",
+            "--duration",
+            "10s",
+            "--conns",
+            "60",
+            "--rooms",
+            "3",
+            "--rate",
+            "200",
+            "--content-bytes",
+            "200",
+            "--churn",
+            "0.2",
+            "--churn-every",
+            "500ms",
+            "--outage",
+            "100ms",
+            "--stall",
+            "0.1",
+            "--stall-for",
+            "500ms",
+            "--stall-every",
+            "500ms",
+            "--switch",
+            "0.2",
+            "--switch-every",
+            "500ms",
+            "--sample-every",
+            "2s",
+            "--drain",
+            "2s",
+        ],
+    );
+    assert_eq!(r["conns_subscribed"], 60, "{r}");
+    assert_eq!(r["verdict"]["pass"], true, "{r}");
+    assert_eq!((r["lost"].as_u64(), r["duplicated"].as_u64()), (Some(0), Some(0)), "{r}");
+    let classes = r["classes"].as_array().expect("classes");
+    let names: Vec<&str> = classes.iter().filter_map(|c| c["class"].as_str()).collect();
+    assert_eq!(names, ["steady", "churn", "stall", "switch"], "{r}");
+    for c in classes {
+        assert!(c["expected_deliveries"].as_u64().is_some_and(|n| n > 0), "{c}");
+        assert_eq!(c["deliveries"], c["expected_deliveries"], "{c}");
+    }
+    // Switchers really moved, came back to rooms with since, and every return was recovered.
+    let switch = &classes[3];
+    let resumes = switch["resumes"].as_u64().expect("resumes");
+    assert!(switch["switches"].as_u64().is_some_and(|n| n > 3) && resumes > 0, "{switch}");
+    assert_eq!(switch["recovered"].as_u64(), Some(resumes), "{switch}");
+    // Every abusive kind was closed, only ever as its limit promises.
+    let abuse = r["abuse"].as_array().expect("abuse");
+    assert_eq!(abuse.len(), 6, "{r}");
+    for a in abuse {
+        assert_eq!(a["unexpected"], 0, "{a}");
+        let closed: u64 =
+            a["outcomes"].as_object().expect("outcomes").values().filter_map(|n| n.as_u64()).sum();
+        assert!(closed > 0, "never closed: {a}");
+    }
+    let trickle = abuse.iter().find(|a| a["kind"] == "trickle").expect("trickle");
+    assert!(trickle["outcomes"]["4008"].as_u64().is_some_and(|n| n > 0), "{trickle}");
+    // The server was sampled throughout: RSS, tasks, and a growth figure after warm-up.
+    let series = r["series"].as_array().expect("series");
+    assert!(series.len() >= 5, "{r}");
+    assert!(
+        series.iter().all(|p| p["server_rss_kb"].as_u64().is_some() && p["tasks"].as_f64().is_some()),
+        "{r}"
+    );
+    assert!(r["rss_growth"]["slope_kb_per_min"].as_f64().is_some(), "{r}");
 }
