@@ -6,7 +6,7 @@
 //! replayed from the room's history) and a token expiry (4001, renewed through
 //! `getToken()`); `allowed_origins` holds for the browser's `Origin`.
 //!
-//! Needs Debian's `chromium` (`.ci/run` installs it), hence `#[ignore]`:
+//! Needs Debian's `chromium` (`.ci/run` installs it), hence they are ignored with a reason:
 //! run with `cargo test --test browser -- --include-ignored`. The demo page's
 //! screenshot lands in `$CARGO_TARGET_TMPDIR/demo.png`, and in
 //! `docs/demo.png` (the README's) with `UPDATE_SCREENSHOT=1`.
