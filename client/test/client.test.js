@@ -23,6 +23,25 @@ function client(t, url, options) {
   return c;
 }
 
+/** A client behind a test proxy, subscribed to a fresh chat: the numbers it saw
+ * in order, a queue of its events, and the last refetch it was asked for. */
+async function proxiedRoom(t) {
+  const p = await proxy(herald.addr);
+  t.after(() => p.close());
+  const chat = uuid();
+  const c = client(t, p.wsUrl, { token: token(uuid(), [chat]) });
+  await c.connect();
+  const room = { p, chat, c, seen: [], q: inbox(), refetched: null };
+  await c.subscribe(chat, (e) => {
+    room.seen.push(e.data.n);
+    room.q.push(e);
+  });
+  c.on('refetch', (r) => {
+    room.refetched = r;
+  });
+  return room;
+}
+
 test('subscribe resolves on the ack; events arrive in order; unsubscribe stops them', async (t) => {
   const chat = uuid();
   const c = client(t, herald.wsUrl, { token: token(uuid(), [chat]) });
@@ -123,21 +142,8 @@ test('an expired token (4001) is renewed through getToken()', async (t) => {
 });
 
 test('a dropped connection resubscribes with since and gets the missed events replayed', async (t) => {
-  const p = await proxy(herald.addr);
-  t.after(() => p.close());
-  const chat = uuid();
-  const c = client(t, p.wsUrl, { token: token(uuid(), [chat]) });
-  await c.connect();
-  const seen = [];
-  const q = inbox();
-  await c.subscribe(chat, (e) => {
-    seen.push(e.data.n);
-    q.push(e);
-  });
-  let refetched = null;
-  c.on('refetch', (r) => {
-    refetched = r;
-  });
+  const room = await proxiedRoom(t);
+  const { p, chat, c, seen, q } = room;
   await herald.publish(message(chat, 1));
   await q.take();
 
@@ -154,25 +160,12 @@ test('a dropped connection resubscribes with since and gets the missed events re
   await herald.publish(message(chat, 4));
   for (let i = 0; i < 3; i++) await q.take();
   assert.deepEqual(seen, [1, 2, 3, 4], 'replayed in order, then live: no gap, no duplicate');
-  assert.equal(refetched, null);
+  assert.equal(room.refetched, null);
 });
 
 test('a repeated frame is dropped; a lost one is replayed by resubscribing with since', async (t) => {
-  const p = await proxy(herald.addr);
-  t.after(() => p.close());
-  const chat = uuid();
-  const c = client(t, p.wsUrl, { token: token(uuid(), [chat]) });
-  await c.connect();
-  const seen = [];
-  const q = inbox();
-  await c.subscribe(chat, (e) => {
-    seen.push(e.data.n);
-    q.push(e);
-  });
-  let refetched = null;
-  c.on('refetch', (r) => {
-    refetched = r;
-  });
+  const room = await proxiedRoom(t);
+  const { p, chat, c, seen, q } = room;
 
   const repeated = p.repeat((m) => m.data?.n === 1);
   await herald.publish(message(chat, 1));
@@ -187,7 +180,7 @@ test('a repeated frame is dropped; a lost one is replayed by resubscribing with 
   await q.take();
   await q.take();
   assert.deepEqual(seen, [1, 2, 3], 'the repeat of 1 dropped, 2 replayed, then 3');
-  assert.equal(refetched, null);
+  assert.equal(room.refetched, null);
 });
 
 test('a lost frame the history no longer holds is reported as a gap to refetch', async (t) => {

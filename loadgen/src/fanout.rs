@@ -17,7 +17,7 @@ use crate::pool::{self, Phase, Spec};
 use crate::procfs::{self, CpuMark};
 use crate::progress::Progress;
 use crate::publish::{self, unix_nanos, Plan};
-use crate::report::{ConnectSummary, FanoutReport, LatencyUs};
+use crate::report::{ConnectSummary, FanoutReport, LatencyUs, PublishSummary, Usage};
 use crate::stats::{Local, SeqOutcome, SeqTracker, Shared};
 use crate::target;
 use crate::ws::{Incoming, WsClient};
@@ -143,7 +143,6 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     progress.finish();
 
     let cpu = mark1.since(&mark0);
-    let window_secs = cpu.wall_secs.max(1e-9);
     let deliveries = shared.window_deliveries.load(Relaxed);
     let expected: u64 = pstats
         .accepted_per_room
@@ -152,12 +151,9 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
         .map(|(events, subs)| events.load(Relaxed) * subs.load(Relaxed))
         .sum();
     let received = shared.own_deliveries.load(Relaxed);
-    let statuses = pstats.statuses.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let first_error = pstats.first_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
     if pstats.aborted.load(Relaxed) {
         notes.push("the server refused the API key (401): publishing stopped".to_owned());
     }
-    let events_accepted = pstats.events_accepted.load(Relaxed);
     Ok(FanoutReport {
         mode: "fanout",
         url: common.url.clone(),
@@ -167,11 +163,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
         warmup_secs: args.warmup.as_secs_f64(),
         duration_secs: args.duration.as_secs_f64(),
         publish_requests: pstats.requests.load(Relaxed),
-        events_accepted,
-        events_accepted_per_sec: events_accepted as f64 / (args.warmup + args.duration).as_secs_f64(),
-        publish_statuses: statuses,
-        publish_io_errors: pstats.io_errors.load(Relaxed),
-        publish_first_error: first_error,
+        published: PublishSummary::new(&pstats, (args.warmup + args.duration).as_secs_f64()),
         deliveries,
         deliveries_per_sec: deliveries as f64 / args.duration.as_secs_f64(),
         latency_us: LatencyUs::from_histogram(&shared.latency()),
@@ -186,16 +178,11 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
         malformed_frames: shared.malformed.load(Relaxed),
         protocol_errors: shared.protocol_errors.load(Relaxed),
         close_codes: shared.close_codes(),
-        loadgen_cpu_secs: cpu.own_secs,
-        loadgen_cpu_pct: 100.0 * cpu.own_secs / window_secs,
-        loadgen_rss_bytes: loadgen_rss,
-        server_cpu_secs: cpu.server_secs,
-        server_cpu_pct: cpu.server_secs.map(|s| 100.0 * s / window_secs),
+        usage: Usage::new(&cpu, loadgen_rss, server_rss),
         server_cpu_us_per_delivery: cpu
             .server_secs
             .filter(|_| deliveries > 0)
             .map(|s| s * 1e6 / deliveries as f64),
-        server_rss_bytes: server_rss,
         notes,
     })
 }

@@ -67,7 +67,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let json = args.common.json;
                 let report = fanout::run(args).await?;
                 print(json, &report, report.human())?;
-                if report.events_accepted == 0 {
+                if report.published.events_accepted == 0 {
                     anyhow::bail!("the server accepted no event: nothing was measured");
                 }
                 Ok(())
@@ -81,7 +81,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let json = args.common.json;
                 let report = recovery::run(args).await?;
                 print(json, &report, report.human())?;
-                if report.streams.events_accepted == 0 {
+                if report.streams.published.events_accepted == 0 {
                     anyhow::bail!("the server accepted no event: nothing was measured");
                 }
                 Ok(())
@@ -90,7 +90,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let json = args.common.json;
                 let report = soak::run(args).await?;
                 print(json, &report, report.human())?;
-                if report.streams.events_accepted == 0 {
+                if report.streams.published.events_accepted == 0 {
                     anyhow::bail!("the server accepted no event: nothing was measured");
                 }
                 if !report.verdict.pass {

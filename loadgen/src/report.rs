@@ -9,6 +9,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::procfs::CpuUse;
+use crate::publish;
 use crate::stats::Shared;
 
 /// Publish -> deliver latency percentiles in microseconds.
@@ -76,6 +78,78 @@ impl ConnectSummary {
     }
 }
 
+/// What the publishers did, as the fanout, recovery and soak reports show it.
+#[derive(Debug, Serialize)]
+pub(crate) struct PublishSummary {
+    pub(crate) events_accepted: u64,
+    pub(crate) events_accepted_per_sec: f64,
+    /// HTTP status -> count, 2xx included (429: the server pushed back).
+    pub(crate) publish_statuses: BTreeMap<u16, u64>,
+    pub(crate) publish_io_errors: u64,
+    pub(crate) publish_first_error: Option<String>,
+}
+
+impl PublishSummary {
+    /// The publishers' outcome over `secs` of publishing.
+    pub(crate) fn new(stats: &publish::Stats, secs: f64) -> PublishSummary {
+        let events_accepted = stats.events_accepted.load(Relaxed);
+        PublishSummary {
+            events_accepted,
+            events_accepted_per_sec: events_accepted as f64 / secs.max(1e-9),
+            publish_statuses: stats.statuses.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            publish_io_errors: stats.io_errors.load(Relaxed),
+            publish_first_error: stats.first_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
+    }
+
+    fn rows(&self, t: &mut Table, accepted: String) {
+        t.row("events accepted", accepted);
+        t.row("publish answers", map(&self.publish_statuses));
+        if self.publish_io_errors > 0 {
+            t.row("publish io errors", self.publish_io_errors);
+        }
+        t.opt("first publish error", self.publish_first_error.as_ref());
+    }
+}
+
+/// CPU and memory both sides used over a run's window.
+#[derive(Debug, Serialize)]
+pub(crate) struct Usage {
+    pub(crate) loadgen_cpu_secs: f64,
+    pub(crate) loadgen_cpu_pct: f64,
+    pub(crate) loadgen_rss_bytes: Option<u64>,
+    pub(crate) server_cpu_secs: Option<f64>,
+    pub(crate) server_cpu_pct: Option<f64>,
+    pub(crate) server_rss_bytes: Option<u64>,
+}
+
+impl Usage {
+    pub(crate) fn new(cpu: &CpuUse, loadgen_rss: Option<u64>, server_rss: Option<u64>) -> Usage {
+        let window_secs = cpu.wall_secs.max(1e-9);
+        Usage {
+            loadgen_cpu_secs: cpu.own_secs,
+            loadgen_cpu_pct: 100.0 * cpu.own_secs / window_secs,
+            loadgen_rss_bytes: loadgen_rss,
+            server_cpu_secs: cpu.server_secs,
+            server_cpu_pct: cpu.server_secs.map(|s| 100.0 * s / window_secs),
+            server_rss_bytes: server_rss,
+        }
+    }
+
+    fn rows(&self, t: &mut Table, per_delivery_us: Option<f64>) {
+        t.row(
+            "loadgen cpu",
+            format!("{:.2} s ({:.0}% of one core)", self.loadgen_cpu_secs, self.loadgen_cpu_pct),
+        );
+        t.opt("loadgen rss", self.loadgen_rss_bytes.map(mib));
+        if let (Some(secs), Some(pct)) = (self.server_cpu_secs, self.server_cpu_pct) {
+            t.row("server cpu", format!("{secs:.2} s ({pct:.0}% of one core)"));
+        }
+        t.opt("server cpu per delivery", per_delivery_us.map(|us| format!("{us:.2} us")));
+        t.opt("server rss", self.server_rss_bytes.map(mib));
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub(crate) struct FanoutReport {
     pub(crate) mode: &'static str,
@@ -87,12 +161,8 @@ pub(crate) struct FanoutReport {
     pub(crate) warmup_secs: f64,
     pub(crate) duration_secs: f64,
     pub(crate) publish_requests: u64,
-    pub(crate) events_accepted: u64,
-    pub(crate) events_accepted_per_sec: f64,
-    /// HTTP status -> count, 2xx included.
-    pub(crate) publish_statuses: BTreeMap<u16, u64>,
-    pub(crate) publish_io_errors: u64,
-    pub(crate) publish_first_error: Option<String>,
+    #[serde(flatten)]
+    pub(crate) published: PublishSummary,
     /// Deliveries of events published inside the measured window.
     pub(crate) deliveries: u64,
     pub(crate) deliveries_per_sec: f64,
@@ -114,13 +184,9 @@ pub(crate) struct FanoutReport {
     pub(crate) protocol_errors: u64,
     /// Close codes the server sent (1006 = the connection ended without a close frame).
     pub(crate) close_codes: BTreeMap<u16, u64>,
-    pub(crate) loadgen_cpu_secs: f64,
-    pub(crate) loadgen_cpu_pct: f64,
-    pub(crate) loadgen_rss_bytes: Option<u64>,
-    pub(crate) server_cpu_secs: Option<f64>,
-    pub(crate) server_cpu_pct: Option<f64>,
+    #[serde(flatten)]
+    pub(crate) usage: Usage,
     pub(crate) server_cpu_us_per_delivery: Option<f64>,
-    pub(crate) server_rss_bytes: Option<u64>,
     pub(crate) notes: Vec<String>,
 }
 
@@ -226,11 +292,8 @@ pub(crate) struct RecoveryReport {
 /// the server's metrics and the CPU and memory both sides used.
 #[derive(Debug, Serialize)]
 pub(crate) struct StreamsSummary {
-    pub(crate) events_accepted: u64,
-    pub(crate) events_accepted_per_sec: f64,
-    pub(crate) publish_statuses: BTreeMap<u16, u64>,
-    pub(crate) publish_io_errors: u64,
-    pub(crate) publish_first_error: Option<String>,
+    #[serde(flatten)]
+    pub(crate) published: PublishSummary,
     /// False when some publishes had an unknown outcome, so `lost` is an estimate.
     pub(crate) lost_exact: bool,
     /// Σ of the classes' `lost`.
@@ -242,12 +305,8 @@ pub(crate) struct StreamsSummary {
     pub(crate) server_metrics_delta: Option<BTreeMap<String, f64>>,
     pub(crate) protocol_errors: u64,
     pub(crate) server_pings_answered: u64,
-    pub(crate) loadgen_cpu_secs: f64,
-    pub(crate) loadgen_cpu_pct: f64,
-    pub(crate) loadgen_rss_bytes: Option<u64>,
-    pub(crate) server_cpu_secs: Option<f64>,
-    pub(crate) server_cpu_pct: Option<f64>,
-    pub(crate) server_rss_bytes: Option<u64>,
+    #[serde(flatten)]
+    pub(crate) usage: Usage,
     pub(crate) notes: Vec<String>,
 }
 
@@ -394,12 +453,8 @@ impl FanoutReport {
         t.row("window", format!("{:.1} s after {:.1} s warmup", self.duration_secs, self.warmup_secs));
         let rate = if self.rate_target == 0 { "max".to_owned() } else { format!("{}/s", self.rate_target) };
         t.row("publish", format!("{} requests, batch {}, rate {rate}", self.publish_requests, self.batch));
-        t.row("events accepted", format!("{} ({:.0}/s)", self.events_accepted, self.events_accepted_per_sec));
-        t.row("publish answers", map(&self.publish_statuses));
-        if self.publish_io_errors > 0 {
-            t.row("publish io errors", self.publish_io_errors);
-        }
-        t.opt("first publish error", self.publish_first_error.as_ref());
+        let p = &self.published;
+        p.rows(&mut t, format!("{} ({:.0}/s)", p.events_accepted, p.events_accepted_per_sec));
         t.row("deliveries (window)", self.deliveries);
         t.row("deliveries/s", format!("{:.0}", self.deliveries_per_sec));
         let l = &self.latency_us;
@@ -428,16 +483,7 @@ impl FanoutReport {
             );
         }
         t.row("server close codes", map(&self.close_codes));
-        t.row(
-            "loadgen cpu",
-            format!("{:.2} s ({:.0}% of one core)", self.loadgen_cpu_secs, self.loadgen_cpu_pct),
-        );
-        t.opt("loadgen rss", self.loadgen_rss_bytes.map(mib));
-        if let (Some(secs), Some(pct)) = (self.server_cpu_secs, self.server_cpu_pct) {
-            t.row("server cpu", format!("{secs:.2} s ({pct:.0}% of one core)"));
-        }
-        t.opt("server cpu per delivery", self.server_cpu_us_per_delivery.map(|us| format!("{us:.2} us")));
-        t.opt("server rss", self.server_rss_bytes.map(mib));
+        self.usage.rows(&mut t, self.server_cpu_us_per_delivery);
         notes(&mut t, &self.notes);
         t.0
     }
@@ -557,22 +603,18 @@ impl StreamsHead {
 impl StreamsSummary {
     /// Publishing, every class, the server's metric changes, CPU and RSS.
     fn rows(&self, t: &mut Table, head: &StreamsHead) {
-        t.row(
-            "events accepted",
+        let p = &self.published;
+        p.rows(
+            t,
             format!(
                 "{} ({:.0}/s, target {}/s) over {:.1} s + {:.1} s drain",
-                self.events_accepted,
-                self.events_accepted_per_sec,
+                p.events_accepted,
+                p.events_accepted_per_sec,
                 head.rate_target,
                 head.duration_secs,
                 head.drain_secs
             ),
         );
-        t.row("publish answers", map(&self.publish_statuses));
-        if self.publish_io_errors > 0 {
-            t.row("publish io errors", self.publish_io_errors);
-        }
-        t.opt("first publish error", self.publish_first_error.as_ref());
         for c in &self.classes {
             let _ = writeln!(t.0, "  [{}] {} connections", c.class, c.conns);
             t.row("  deliveries", format!("{} of {} expected", c.deliveries, c.expected_deliveries));
@@ -620,15 +662,7 @@ impl StreamsSummary {
         if self.protocol_errors > 0 {
             t.row("protocol errors", self.protocol_errors);
         }
-        t.row(
-            "loadgen cpu",
-            format!("{:.2} s ({:.0}% of one core)", self.loadgen_cpu_secs, self.loadgen_cpu_pct),
-        );
-        t.opt("loadgen rss", self.loadgen_rss_bytes.map(mib));
-        if let (Some(secs), Some(pct)) = (self.server_cpu_secs, self.server_cpu_pct) {
-            t.row("server cpu", format!("{secs:.2} s ({pct:.0}% of one core)"));
-        }
-        t.opt("server rss", self.server_rss_bytes.map(mib));
+        self.usage.rows(t, None);
     }
 }
 

@@ -20,7 +20,7 @@ use crate::pool::{self, Opened, Phase, Pool, Spec};
 use crate::procfs::{self, CpuMark};
 use crate::progress::Progress;
 use crate::publish::{self, Plan};
-use crate::report::{ClassReport, ConnectSummary, StreamsSummary};
+use crate::report::{ClassReport, ConnectSummary, PublishSummary, StreamsSummary, Usage};
 use crate::scrape;
 use crate::stats::{SeqOutcome, Shared};
 use crate::target::{self, Target};
@@ -634,7 +634,6 @@ impl Harness {
         };
         let (ctx, published) = (&self.ctx, &self.ctx.published);
         let cpu = mark1.since(&publishing.mark0);
-        let window_secs = cpu.wall_secs.max(1e-9);
         let uncertain = published.events_uncertain.load(Relaxed);
         if uncertain > 0 {
             notes.push(format!(
@@ -661,14 +660,9 @@ impl Harness {
         if classes.iter().any(|c| c.foreign_deliveries > 0) {
             notes.push("events of other publishers reached these rooms: tail accounting is off".to_owned());
         }
-        let events_accepted = published.events_accepted.load(Relaxed);
         let publish_secs = publishing.end.duration_since(publishing.start).as_secs_f64();
         StreamsSummary {
-            events_accepted,
-            events_accepted_per_sec: events_accepted as f64 / publish_secs.max(1e-9),
-            publish_statuses: published.statuses.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-            publish_io_errors: published.io_errors.load(Relaxed),
-            publish_first_error: published.first_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            published: PublishSummary::new(published, publish_secs),
             lost_exact: uncertain == 0,
             lost: classes.iter().map(|c| c.lost).sum(),
             duplicated: classes.iter().map(|c| c.duplicated).sum(),
@@ -677,12 +671,7 @@ impl Harness {
             server_metrics_delta: self.metrics_before.zip(metrics_after).map(|(b, a)| scrape::delta(&b, &a)),
             protocol_errors: self.shared.protocol_errors.load(Relaxed),
             server_pings_answered: self.shared.pings_answered.load(Relaxed),
-            loadgen_cpu_secs: cpu.own_secs,
-            loadgen_cpu_pct: 100.0 * cpu.own_secs / window_secs,
-            loadgen_rss_bytes: loadgen_rss,
-            server_cpu_secs: cpu.server_secs,
-            server_cpu_pct: cpu.server_secs.map(|s| 100.0 * s / window_secs),
-            server_rss_bytes: server_rss,
+            usage: Usage::new(&cpu, loadgen_rss, server_rss),
             notes,
         }
     }
