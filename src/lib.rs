@@ -9,6 +9,8 @@
 //! - [`membership`]: who may subscribe to which chat.
 //! - [`rooms`]: room registry (live rings and history of pre-encoded frames)
 //!   and user registry.
+//! - [`backlog`]: frames owed to this node's readers, the signal that pushes
+//!   back on publishers under overload.
 //! - [`broadcast`]: domain event -> client frame -> registries.
 //! - [`bus`]: how accepted events reach every node (memory, Redis).
 //! - [`conn`]: one task per WebSocket: reads commands, writes frames.
@@ -22,6 +24,7 @@
 //! - [`demo`]: what the embedded default generates for a run, and its banner.
 
 pub mod auth;
+pub mod backlog;
 pub mod broadcast;
 pub mod bus;
 pub mod cmd;

@@ -19,6 +19,10 @@ pub struct Gauges {
     pub tasks: usize,
     /// (chat, user) pairs in the membership table.
     pub members: usize,
+    /// Room frames owed to this node's readers, and the limit past which
+    /// publishers are pushed back.
+    pub backlog: i64,
+    pub backlog_limit: i64,
 }
 
 /// Every counter and gauge Herald exports.
@@ -108,6 +112,18 @@ impl Metrics {
         one("tasks", "gauge", "Connection tasks alive, closing ones included.", gauges.tasks as u64);
         one("history_frames", "gauge", "Frames held in room histories.", gauges.history_frames as u64);
         one("history_bytes", "gauge", "Frame bytes held in room histories.", gauges.history_bytes as u64);
+        one(
+            "backlog_frames",
+            "gauge",
+            "Room frames published and not yet written to this node's readers (the overload signal).",
+            gauges.backlog.max(0) as u64,
+        );
+        one(
+            "backlog_limit_frames",
+            "gauge",
+            "Backlog above which publishes wait, then get 429.",
+            gauges.backlog_limit.max(0) as u64,
+        );
         one(
             "catchups_total",
             "counter",

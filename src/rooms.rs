@@ -9,7 +9,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -20,6 +20,7 @@ use futures_util::task::AtomicWaker;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
+use crate::backlog::Backlog;
 use crate::config::RoomsConfig;
 use crate::protocol::{ChatId, UserId};
 
@@ -108,6 +109,10 @@ pub struct Room {
     head: AtomicU64,
     /// Whether the state holds revocations: readers check it per poll for free.
     any_revoked: AtomicBool,
+    /// Subscriptions counted in the node's backlog; changed, and read by a
+    /// publish, only under the `state` lock.
+    readers: AtomicU32,
+    backlog: Arc<Backlog>,
 }
 
 /// What a room holds besides its ring, allocated only while it holds
@@ -154,13 +159,43 @@ impl Lazy {
 }
 
 impl Room {
-    fn new() -> Room {
+    fn new(backlog: Arc<Backlog>) -> Room {
         Room {
             ring: OnceLock::new(),
             state: Mutex::new(Lazy::default()),
             head: AtomicU64::new(0),
             any_revoked: AtomicBool::new(false),
+            readers: AtomicU32::new(0),
+            backlog,
         }
+    }
+
+    /// Counts a reader at position `last` in the node's backlog: from now on
+    /// every frame published here is owed to it until it takes it.
+    pub fn count_reader(&self, last: u64) {
+        let _held = self.held();
+        self.readers.fetch_add(1, Ordering::Relaxed);
+        self.backlog.joined(self.distance(last));
+    }
+
+    /// Stops counting a reader that was at `last`: what it still owed is
+    /// forgiven.
+    pub fn uncount_reader(&self, last: u64) {
+        let _held = self.held();
+        self.readers.fetch_sub(1, Ordering::Relaxed);
+        self.backlog.left(self.distance(last));
+    }
+
+    /// A counted reader moved from `from` to `to` without taking frames (a
+    /// recovery placed it).
+    pub fn move_reader(&self, from: u64, to: u64) {
+        self.backlog.add(from.wrapping_sub(to) as i64);
+    }
+
+    /// The head minus `last`: negative while a reader is placed ahead of
+    /// what this node has seen (the bus knew a newer head).
+    fn distance(&self, last: u64) -> i64 {
+        self.head.load(Ordering::Acquire).wrapping_sub(last) as i64
     }
 
     /// The last `seq` `user` may still receive here, when it was removed.
@@ -258,17 +293,30 @@ pub struct Rooms {
     /// Frames and frame bytes held in every room's history (gauges).
     held_frames: AtomicUsize,
     held_bytes: AtomicUsize,
+    /// Frames owed to this node's readers, shared with every room.
+    backlog: Arc<Backlog>,
 }
 
 impl Rooms {
     pub fn new(ring: usize, limits: HistoryLimits) -> Rooms {
+        let ring = ring.max(1);
         Rooms {
             rooms: DashMap::new(),
-            ring: ring.max(1),
+            ring,
             limits,
             held_frames: AtomicUsize::new(0),
             held_bytes: AtomicUsize::new(0),
+            backlog: Arc::new(Backlog::for_reach(limits.size.max(ring))),
         }
+    }
+
+    /// Frames owed to this node's readers: the admission control's signal.
+    pub fn backlog(&self) -> &Backlog {
+        &self.backlog
+    }
+
+    fn new_room(&self) -> Arc<Room> {
+        Arc::new(Room::new(self.backlog.clone()))
     }
 
     /// Joins a room, creating it on first use; the receiver sees every frame
@@ -276,7 +324,7 @@ impl Rooms {
     /// cannot interleave with [`Rooms::leave`] removing the same room.
     /// A user joining again (a member re-added) lifts an earlier removal.
     pub fn join(&self, chat: ChatId, user: UserId) -> (Arc<Room>, broadcast::Receiver<Frame>) {
-        let entry = self.rooms.entry(chat).or_insert_with(|| Arc::new(Room::new()));
+        let entry = self.rooms.entry(chat).or_insert_with(|| self.new_room());
         let rx = entry.ring.get_or_init(|| broadcast::channel(self.ring).0).subscribe();
         if entry.any_revoked.load(Ordering::Acquire) {
             entry.set_revoked(user, None);
@@ -312,12 +360,29 @@ impl Rooms {
         let room = match self.rooms.get(&chat) {
             Some(room) => room.clone(),
             None if self.limits.size == 0 => return 0,
-            None => self.rooms.entry(chat).or_insert_with(|| Arc::new(Room::new())).clone(),
+            None => self.rooms.entry(chat).or_insert_with(|| self.new_room()).clone(),
         };
-        room.head.fetch_max(seq, Ordering::AcqRel);
         let now = Instant::now();
-        if self.limits.size > 0 {
-            self.keep(&room, seq, &bytes, now);
+        let keep = self.limits.size > 0 && bytes.len() <= self.limits.bytes;
+        if keep && self.held_bytes.load(Ordering::Relaxed) + bytes.len() > self.limits.bytes {
+            // Over the node-wide budget: the globally oldest frames go, down
+            // to 90% so the next publishes do not pay for this again. The
+            // room's own lock is not held meanwhile (shedding locks others).
+            self.shed((self.limits.bytes / 10 * 9).saturating_sub(bytes.len()));
+        }
+        {
+            let mut held = room.held();
+            let before = room.head.fetch_max(seq, Ordering::AcqRel);
+            let readers = room.readers.load(Ordering::Relaxed);
+            if seq > before && readers > 0 {
+                // Under the room's lock: no reader joins or leaves between
+                // the head moving and its readers being charged for it.
+                let owed = (seq - before).saturating_mul(u64::from(readers));
+                room.backlog.add(i64::try_from(owed).unwrap_or(i64::MAX));
+            }
+            if keep {
+                self.keep(&mut held, seq, &bytes, now);
+            }
         }
         match room.ring.get() {
             Some(ring) if ring.receiver_count() > 0 => ring.send(Frame::new(seq, bytes, now)).unwrap_or(0),
@@ -325,18 +390,8 @@ impl Rooms {
         }
     }
 
-    fn keep(&self, room: &Room, seq: u64, bytes: &Bytes, now: Instant) {
-        let len = bytes.len();
-        if len > self.limits.bytes {
-            return;
-        }
-        if self.held_bytes.load(Ordering::Relaxed) + len > self.limits.bytes {
-            // Over the node-wide budget: the globally oldest frames go, down
-            // to 90% so the next publishes do not pay for this again. The
-            // room's own lock is not held meanwhile (shedding locks others).
-            self.shed((self.limits.bytes / 10 * 9).saturating_sub(len));
-        }
-        let mut held = room.held();
+    /// Appends a frame to a room's history (its lock held).
+    fn keep(&self, held: &mut Lazy, seq: u64, bytes: &Bytes, now: Instant) {
         if held.back().is_some_and(|h| h.seq >= seq) {
             // An older or repeated seq: history holds each seq once, in order.
             return;
@@ -344,13 +399,13 @@ impl Rooms {
         if held.back().is_some_and(|h| h.seq + 1 != seq) {
             // This node missed events of the room: what it holds is no longer
             // a contiguous run, so start again from this one.
-            self.evict(&mut held, usize::MAX);
+            self.evict(held, usize::MAX);
         }
         let over = held.len() + 1 > self.limits.size;
-        self.evict(&mut held, usize::from(over));
+        self.evict(held, usize::from(over));
         held.state().held.push_back(Held { seq, at: now, bytes: bytes.clone() });
         self.held_frames.fetch_add(1, Ordering::Relaxed);
-        self.held_bytes.fetch_add(len, Ordering::Relaxed);
+        self.held_bytes.fetch_add(bytes.len(), Ordering::Relaxed);
     }
 
     /// Drops up to `n` of the oldest frames of one room's history.

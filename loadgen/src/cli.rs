@@ -199,7 +199,7 @@ pub(crate) struct SoakArgs {
     pub(crate) common: CommonArgs,
     #[command(flatten)]
     pub(crate) streams: StreamArgs,
-    /// How long events are published and every class runs (at most 10m).
+    /// How long events are published and every class runs (at most 1h).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub(crate) duration: Duration,
     /// Fraction of connections that move between rooms: unsubscribe, then subscribe to the next

@@ -38,6 +38,7 @@ use crate::protocol::assemble::{Assembler, Inbound};
 use crate::protocol::{ChatId, UserId};
 use crate::rooms::Mailbox;
 use outbound::Outbound;
+pub(crate) use pump::MAX_QUEUED;
 pub use socket::Socket;
 use subs::Subscriptions;
 
@@ -127,6 +128,13 @@ pub fn serve<S: Socket>(
     // The block owns `conn` and lends it: an `async fn` taking `self` by
     // value would keep a second copy of it in the future.
     async move { conn.lifecycle(early).await }
+}
+
+impl<S> Drop for Conn<S> {
+    fn drop(&mut self) {
+        // Frames it took and never wrote are no longer owed to anyone.
+        self.node.rooms.backlog().pay(self.out.owed());
+    }
 }
 
 impl<S: Socket> Conn<S> {

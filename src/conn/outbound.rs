@@ -28,6 +28,8 @@ pub(crate) struct Written {
     pub(crate) frames: u64,
     pub(crate) bytes: u64,
     pub(crate) syscalls: u64,
+    /// Room frames no longer owed in the node's backlog.
+    pub(crate) paid: usize,
 }
 
 #[derive(Default)]
@@ -37,12 +39,31 @@ pub(crate) struct Outbound {
     offset: usize,
     /// Bytes queued and not yet written.
     bytes: usize,
+    /// Room frames queued and not yet written: the node's backlog counts
+    /// them as owed until the socket takes them.
+    owed: usize,
 }
 
 impl Outbound {
     pub(crate) fn push(&mut self, frame: Bytes) {
         self.bytes += frame.len();
         self.queue.push_back(frame);
+    }
+
+    /// Queues a room frame, owed in the node's backlog until written.
+    pub(crate) fn push_owed(&mut self, frame: Bytes) {
+        self.owed += 1;
+        self.push(frame);
+    }
+
+    /// Room frames queued and not yet paid for.
+    pub(crate) fn owed(&self) -> usize {
+        self.owed
+    }
+
+    /// Stops counting queued room frames as owed; returns how many were.
+    pub(crate) fn forgive(&mut self) -> usize {
+        std::mem::take(&mut self.owed)
     }
 
     /// Bytes queued and not yet written.
@@ -107,6 +128,10 @@ impl Outbound {
                 Err(e) => return Err(e),
             }
         }
+        // Written frames pay for room frames first (replies among them make it
+        // pay early); an empty queue settles it exactly.
+        written.paid = if self.queue.is_empty() { self.owed } else { self.owed.min(written.frames as usize) };
+        self.owed -= written.paid;
         if self.queue.is_empty() && self.queue.capacity() > 0 {
             // Idle connections keep no buffer.
             self.queue = VecDeque::new();

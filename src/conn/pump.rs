@@ -24,7 +24,7 @@ const MAX_TURN_FRAMES: usize = 256;
 /// past either, it stops taking from its rooms until the socket drains, and
 /// reads the rest from history later (rooms never wait for it, and it never
 /// holds more than this).
-pub(super) const MAX_QUEUED: usize = 512;
+pub(crate) const MAX_QUEUED: usize = 512;
 const MAX_QUEUED_BYTES: usize = 1 << 20;
 /// Everything a connection may have queued (room frames, per-user frames,
 /// replies) before it counts as not reading: closed with 4008.
@@ -74,7 +74,7 @@ impl<S: Socket> Conn<S> {
                 if !self.subs.is_empty() && room_budget.frames > 0 && room_budget.bytes > 0 {
                     let out = &mut self.out;
                     if let Poll::Ready(taken) =
-                        self.subs.poll_take(cx, self.user, room_budget, |f| out.push(f))
+                        self.subs.poll_take(cx, self.user, room_budget, |f| out.push_owed(f))
                     {
                         return Poll::Ready(Wake::Room(taken));
                     }
@@ -201,7 +201,7 @@ impl<S: Socket> Conn<S> {
         let budget = self.room_budget();
         let out = &mut self.out;
         let room_taken = if budget.frames > 0 && budget.bytes > 0 {
-            self.subs.poll_take(cx, self.user, budget, |f| out.push(f))
+            self.subs.poll_take(cx, self.user, budget, |f| out.push_owed(f))
         } else {
             Poll::Pending
         };
@@ -254,6 +254,20 @@ impl<S: Socket> Conn<S> {
             return Ok(());
         }
         let written = self.out.flush(&self.stream).map_err(|_| End::Gone)?;
+        if written.paid > 0 {
+            self.node.rooms.backlog().pay(written.paid);
+        }
+        // A connection whose queue is full takes nothing more until its
+        // socket drains: it stops counting in the node's backlog meanwhile,
+        // so one stalled reader never makes the node refuse publishers.
+        let budget = self.room_budget();
+        let full = budget.frames == 0 || budget.bytes == 0;
+        if full != self.subs.is_parked() {
+            if full {
+                self.node.rooms.backlog().pay(self.out.forgive());
+            }
+            self.subs.park(full);
+        }
         let m = &self.node.metrics;
         if written.syscalls > 0 {
             m.frames_out.fetch_add(written.frames, Ordering::Relaxed);

@@ -103,7 +103,7 @@ impl<S: Socket> Conn<S> {
         // receiver or in the room's history, and the ring's copies of
         // anything at or before it are skipped by seq.
         let (room, rx) = self.node.rooms.join(chat, self.user);
-        self.subs.insert(chat, room.clone(), rx, u64::MAX, false);
+        self.subs.insert(chat, room.clone(), rx);
         self.node.metrics.subscriptions_active.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.node.bus.watch(Topic::Room(chat)).await {
             tracing::warn!(%chat, error = %e, "cannot watch room on the bus");

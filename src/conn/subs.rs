@@ -37,6 +37,18 @@ struct Sub {
     last: u64,
     /// Reading from history: the ring is ahead of `last + 1`.
     behind: bool,
+    /// Its position is known (set by [`Subscriptions::set_position`]).
+    placed: bool,
+    /// Counted in the node's backlog: placed, and the connection not parked.
+    counted: bool,
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        if self.counted {
+            self.room.uncount_reader(self.last);
+        }
+    }
 }
 
 /// A room stopped serving this connection.
@@ -69,11 +81,20 @@ pub(crate) struct Taken {
 #[derive(Default)]
 pub(crate) struct Subscriptions {
     subs: Vec<Sub>,
+    /// The connection's write queue is full: it takes nothing, and its rooms
+    /// do not count what it falls behind in the node's backlog (a stalled
+    /// reader must not make the node look overloaded; it catches up from
+    /// history, or is dropped, on its own).
+    parked: bool,
 }
 
 impl Subscriptions {
     pub(crate) fn len(&self) -> usize {
         self.subs.len()
+    }
+
+    pub(crate) fn is_parked(&self) -> bool {
+        self.parked
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -89,28 +110,48 @@ impl Subscriptions {
         self.subs.iter().map(|s| s.chat).collect()
     }
 
-    /// Adds a room at position `last`: frames after it are taken from the
-    /// ring, or first from history when `behind` (a recovery).
-    pub(crate) fn insert(
-        &mut self,
-        chat: ChatId,
-        room: Arc<Room>,
-        rx: Receiver<Frame>,
-        last: u64,
-        behind: bool,
-    ) {
+    /// Adds a room whose position is not known yet: it takes nothing until
+    /// [`Subscriptions::set_position`] places it.
+    pub(crate) fn insert(&mut self, chat: ChatId, room: Arc<Room>, rx: Receiver<Frame>) {
         if self.subs.capacity() == 0 {
             // Most connections watch one room: don't reserve four.
             self.subs.reserve_exact(1);
         }
-        self.subs.push(Sub { chat, room, next: ReusableBoxFuture::new(receive(rx)), last, behind });
+        let next = ReusableBoxFuture::new(receive(rx));
+        let sub = Sub { chat, room, next, last: u64::MAX, behind: false, placed: false, counted: false };
+        self.subs.push(sub);
     }
 
-    /// Moves the position in `chat` (after a recovery decided it).
+    /// Places the connection in `chat` at `last`: frames after it are taken
+    /// from the ring, or first from history when `behind` (a recovery).
     pub(crate) fn set_position(&mut self, chat: ChatId, last: u64, behind: bool) {
         if let Some(sub) = self.subs.iter_mut().find(|s| s.chat == chat) {
+            if sub.counted {
+                sub.room.move_reader(sub.last, last);
+            } else if !self.parked {
+                sub.room.count_reader(last);
+                sub.counted = true;
+            }
             sub.last = last;
             sub.behind = behind;
+            sub.placed = true;
+        }
+    }
+
+    /// The connection stopped taking (its queue is full) or resumed: while
+    /// parked, its rooms stop counting it in the node's backlog.
+    pub(crate) fn park(&mut self, parked: bool) {
+        if parked == self.parked {
+            return;
+        }
+        self.parked = parked;
+        for sub in self.subs.iter_mut().filter(|s| s.placed) {
+            if parked && sub.counted {
+                sub.room.uncount_reader(sub.last);
+            } else if !parked && !sub.counted {
+                sub.room.count_reader(sub.last);
+            }
+            sub.counted = !parked;
         }
     }
 
@@ -241,7 +282,8 @@ mod tests {
 
     fn join(rooms: &Rooms, subs: &mut Subscriptions, chat: ChatId, last: u64, behind: bool) {
         let (room, rx) = rooms.join(chat, USER);
-        subs.insert(chat, room, rx, last, behind);
+        subs.insert(chat, room, rx);
+        subs.set_position(chat, last, behind);
     }
 
     fn publish(rooms: &Rooms, chat: ChatId, seqs: std::ops::RangeInclusive<u8>) {

@@ -47,6 +47,8 @@ pub(super) fn metrics(app: &App) -> Response<Body> {
         history_bytes: node.rooms.held_bytes(),
         tasks: node.tasks.len(),
         members: node.membership.len(),
+        backlog: node.rooms.backlog().owed(),
+        backlog_limit: node.rooms.backlog().limit(),
     };
     let mut text = node.metrics.render(&gauges, node.bus.health() == Health::Ok);
     for (name, help, value) in node.bus.gauges() {

@@ -91,15 +91,19 @@ impl Gateway {
     }
 
     pub async fn publish_with_key(&self, body: &str, key: Option<&str>) -> (u16, Value) {
-        let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-        let (status, body) = self
-            .http(&format!(
-                "POST /api/events HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: application/json\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            ))
-            .await;
+        let (status, _, body) = self.post_events(body, key).await;
         (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+    }
+
+    /// POSTs a publish body; returns status, response head and body.
+    pub async fn post_events(&self, body: &str, key: Option<&str>) -> (u16, String, String) {
+        let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+        self.exchange(&format!(
+            "POST /api/events HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ))
+        .await
     }
 
     pub async fn get(&self, path: &str) -> (u16, String) {
@@ -108,14 +112,20 @@ impl Gateway {
 
     /// Sends a raw HTTP/1.1 request and returns status and body.
     pub async fn http(&self, request: &str) -> (u16, String) {
+        let (status, _, body) = self.exchange(request).await;
+        (status, body)
+    }
+
+    /// Sends a raw HTTP/1.1 request; returns status, response head and body.
+    pub async fn exchange(&self, request: &str) -> (u16, String, String) {
         let mut stream = TcpStream::connect(self.addr).await.expect("connect");
         stream.write_all(request.as_bytes()).await.expect("write request");
         let mut raw = Vec::new();
         tokio::time::timeout(PATIENCE, stream.read_to_end(&mut raw)).await.expect("response in time").ok();
         let text = String::from_utf8_lossy(&raw).into_owned();
         let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        (status, body)
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        (status, head.to_string(), body.to_string())
     }
 
     /// Reads one unlabelled metric (`herald_<name>`) from `/metrics`.

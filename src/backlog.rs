@@ -1,0 +1,158 @@
+//! The node's delivery backlog: room frames published and not yet written to
+//! the sockets of this node's subscribers, counted exactly and cheap enough
+//! to read on every publish. It is the admission control's signal
+//! ([`crate::node::Node::admit`]): publishers are pushed back while most
+//! readers run far behind, long before they fall past the rooms' history.
+//!
+//! The count is `Σ (room head − reader position)` over every subscription,
+//! plus frames taken from a room but still queued for the socket. It is kept
+//! by deltas, never by scanning: a publish adds the room's reader count (under
+//! the room's lock, so a reader joining or leaving cannot interleave), a
+//! reader joining or leaving adds or removes its own distance from the head
+//! (under the same lock), and a connection pays for frames as the socket takes
+//! them. Every term is undone exactly when its subscription or connection
+//! ends, so the count cannot drift.
+
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+
+/// Counters spread over cache lines: publishers and every worker's
+/// connections add at once, and one shared line would bounce between cores.
+const SHARDS: usize = 16;
+
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard(AtomicI64);
+
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
+}
+
+/// Frames owed to this node's readers, and how many readers owe them.
+pub struct Backlog {
+    owed: [Shard; SHARDS],
+    readers: AtomicI64,
+    /// Owed frames per reader, on average, above which the node is overloaded.
+    per_reader: i64,
+    /// Owed frames below which the node is never overloaded, whatever the
+    /// average: a few stalled readers on a small node are not an overload.
+    floor: i64,
+}
+
+impl Backlog {
+    /// `per_reader`: the average distance from the head that counts as
+    /// overloaded; `floor`: the least backlog that does.
+    pub fn new(per_reader: u64, floor: u64) -> Backlog {
+        Backlog {
+            owed: Default::default(),
+            readers: AtomicI64::new(0),
+            per_reader: i64::try_from(per_reader.max(1)).unwrap_or(i64::MAX),
+            floor: i64::try_from(floor).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// The backlog for rooms whose readers can fall `reach` frames behind
+    /// (history, or the live ring when there is none) before they are
+    /// dropped: overloaded once readers run a quarter of that behind on
+    /// average, which leaves them room to catch up, and never for less than
+    /// two readers at the very edge with a full write queue each.
+    pub fn for_reach(reach: usize) -> Backlog {
+        let reach = reach as u64;
+        Backlog::new(reach / 4, 2 * (reach + crate::conn::MAX_QUEUED as u64))
+    }
+
+    /// Adds `frames` owed (negative: paid).
+    pub fn add(&self, frames: i64) {
+        if frames != 0 {
+            let shard = SHARD.with(|s| *s);
+            self.owed[shard].0.fetch_add(frames, Ordering::Relaxed);
+        }
+    }
+
+    /// Frames written to a socket: no longer owed.
+    pub fn pay(&self, frames: usize) {
+        self.add(-i64::try_from(frames).unwrap_or(i64::MAX));
+    }
+
+    /// A reader started counting, `behind` frames from its room's head (call
+    /// under the room's lock).
+    pub fn joined(&self, behind: i64) {
+        self.readers.fetch_add(1, Ordering::Relaxed);
+        self.add(behind);
+    }
+
+    /// A reader stopped counting, `behind` frames from its room's head (call
+    /// under the room's lock).
+    pub fn left(&self, behind: i64) {
+        self.readers.fetch_sub(1, Ordering::Relaxed);
+        self.add(-behind);
+    }
+
+    /// Frames owed now (a moment's sum: each shard is exact, their sum may
+    /// mix instants).
+    pub fn owed(&self) -> i64 {
+        self.owed.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Subscriptions counted.
+    pub fn readers(&self) -> i64 {
+        self.readers.load(Ordering::Relaxed)
+    }
+
+    /// The backlog above which the node counts as overloaded.
+    pub fn limit(&self) -> i64 {
+        self.readers().saturating_mul(self.per_reader).max(self.floor)
+    }
+
+    /// True while the node owes its readers more than it can catch up with
+    /// before they fall past history.
+    pub fn over(&self) -> bool {
+        self.owed() > self.limit()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_limit_is_an_average_per_reader_with_a_floor() {
+        let b = Backlog::new(25, 300);
+        assert_eq!(b.limit(), 300, "no readers: the floor");
+        for _ in 0..100 {
+            b.joined(0);
+        }
+        assert_eq!(b.limit(), 2_500);
+        // One stalled reader at the edge of history is not an overload...
+        b.add(100 + 512);
+        assert!(!b.over());
+        // ...most readers 30 frames behind is.
+        b.add(99 * 30);
+        assert!(b.over());
+        b.pay(99 * 30);
+        assert!(!b.over());
+        b.left(612);
+        assert_eq!((b.owed(), b.readers()), (0, 99));
+    }
+
+    #[test]
+    fn shards_sum_across_threads() {
+        let b = std::sync::Arc::new(Backlog::new(1, 0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1_000 {
+                        b.add(3);
+                        b.pay(1);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            assert!(t.join().is_ok());
+        }
+        assert_eq!(b.owed(), 4 * 2_000);
+    }
+}

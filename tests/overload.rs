@@ -1,0 +1,119 @@
+//! Admission control over real sockets: a node whose readers as a whole run
+//! far behind pushes back on its publishers (wait, then 429 with
+//! `Retry-After`) instead of dropping readers, and admits again once they
+//! catch up; one stalled reader never pushes back on anyone.
+
+mod support;
+
+use std::time::Duration;
+
+use herald::protocol::{ChatId, UserId};
+use serde_json::{json, Value};
+use support::{start, Gateway, RawClient, API_KEY, PATIENCE};
+
+/// One publish of `n` events of about `size` bytes each to `room`.
+fn batch(room: ChatId, n: usize, size: usize) -> String {
+    let blob = "b".repeat(size);
+    let events: Vec<Value> =
+        (0..n).map(|_| json!({"type":"message.sent","chat_id":room,"data":{"blob":blob}})).collect();
+    Value::Array(events).to_string()
+}
+
+/// A raw reader subscribed to `room` that reads nothing more until told:
+/// its 4 KB receive buffer fills at once.
+async fn stalled_reader(gw: &Gateway, room: ChatId) -> RawClient {
+    let token = support::token(UserId::new_v4(), &[]);
+    let mut reader = RawClient::connect_small(gw.addr, &token, 4096).await;
+    reader.send_frame(0x81, json!({"type":"subscribe","chat_id":room}).to_string().as_bytes()).await;
+    let reply = reader.read_json().await.expect("subscribed");
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    reader
+}
+
+/// Reads `count` room events and checks they are seq 1..=count in order.
+async fn read_events(reader: &mut RawClient, count: u64) {
+    for want in 1..=count {
+        let event = reader.read_json().await.expect("an event, not a close");
+        assert_eq!(event["seq"].as_u64(), Some(want), "{}", event["type"]);
+    }
+}
+
+#[tokio::test]
+async fn a_node_whose_readers_all_fall_behind_pushes_back_instead_of_dropping_them() {
+    let mut config = support::config();
+    // Stalled on purpose: the write deadline must not end them first.
+    config.websocket.write_wait = Duration::from_secs(60);
+    let gw = start(config).await;
+    let room = ChatId::new_v4();
+    let mut readers = Vec::new();
+    for _ in 0..8 {
+        readers.push(stalled_reader(&gw, room).await);
+    }
+    let body = batch(room, 20, 1_000);
+    let mut accepted = 0;
+    let mut refusal = None;
+    for _ in 0..500 {
+        let (status, head, reply) = gw.post_events(&body, Some(API_KEY)).await;
+        match status {
+            202 => {
+                accepted +=
+                    serde_json::from_str::<Value>(&reply).expect("JSON")["accepted"].as_u64().unwrap_or(0)
+            }
+            429 => {
+                refusal = Some((head, reply));
+                break;
+            }
+            other => panic!("unexpected {other}: {reply}"),
+        }
+    }
+    let (head, reply) = refusal.expect("publishers were pushed back");
+    assert_eq!(serde_json::from_str::<Value>(&reply).expect("JSON"), json!({"error":"overloaded"}));
+    assert!(head.to_ascii_lowercase().contains("retry-after: 1"), "{head}");
+    assert_eq!(gw.metric("publish_overloaded_total").await, 1.0);
+    assert!(gw.metric("backlog_frames").await > gw.metric("backlog_limit_frames").await);
+    assert_eq!(gw.metric("slow_consumers_dropped_total").await, 0.0, "nobody was dropped");
+
+    // Every reader gets every accepted event, none lost to the overload...
+    for reader in &mut readers {
+        read_events(reader, accepted).await;
+    }
+    // ...and the node, caught up, admits publishes again at once.
+    gw.wait_metric("backlog_frames", 0.0).await;
+    assert_eq!(gw.publish(&batch(room, 1, 1_000)).await.0, 202);
+    for reader in &mut readers {
+        let event = reader.read_json().await.expect("the next event");
+        assert_eq!(event["seq"].as_u64(), Some(accepted + 1));
+    }
+    assert_eq!(gw.metric("slow_consumers_dropped_total").await, 0.0);
+}
+
+#[tokio::test]
+async fn one_stalled_reader_never_pushes_back_on_publishers() {
+    let mut config = support::config();
+    config.websocket.write_wait = Duration::from_secs(60);
+    let gw = start(config).await;
+    let room = ChatId::new_v4();
+    let mut stalled = stalled_reader(&gw, room).await;
+    let mut healthy = gw.connect(UserId::new_v4(), &[]).await;
+    healthy.subscribe(room).await;
+    let reading = tokio::spawn(async move {
+        for want in 1..=3_000u64 {
+            let event = healthy.recv().await;
+            assert_eq!(event["seq"].as_u64(), Some(want));
+        }
+    });
+    // 3,000 events of 4 KB: more than the kernel's socket buffers hold, so
+    // the stalled reader fills its queue in Herald and falls 30 times its
+    // room's history behind; all the while the node keeps accepting.
+    let body = batch(room, 20, 4_000);
+    for _ in 0..150 {
+        let (status, reply) = gw.publish(&body).await;
+        assert_eq!(status, 202, "{reply}");
+    }
+    tokio::time::timeout(PATIENCE, reading).await.expect("healthy reader in time").expect("in order");
+    assert_eq!(gw.metric("publish_overloaded_total").await, 0.0);
+    // The stalled reader, once it reads, gets what it had queued and is then
+    // closed: it fell further behind than history reaches.
+    assert_eq!(stalled.read_close().await, Some(4008));
+    gw.wait_metric("backlog_frames", 0.0).await;
+}
