@@ -13,25 +13,14 @@
 //! them. Every term is undone exactly when its subscription or connection
 //! ends, so the count cannot drift.
 
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 
-/// Counters spread over cache lines: publishers and every worker's
-/// connections add at once, and one shared line would bounce between cores.
-const SHARDS: usize = 16;
-
-#[repr(align(128))]
-#[derive(Default)]
-struct Shard(AtomicI64);
-
-static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
-}
+use crate::striped::Striped;
 
 /// Frames owed to this node's readers, and how many readers owe them.
 pub struct Backlog {
-    owed: [Shard; SHARDS],
+    /// Striped: publishers and every worker's connections add at once.
+    owed: Striped,
     readers: AtomicI64,
     /// Owed frames per reader, on average, above which the node is overloaded.
     per_reader: i64,
@@ -65,8 +54,7 @@ impl Backlog {
     /// Adds `frames` owed (negative: paid).
     pub fn add(&self, frames: i64) {
         if frames != 0 {
-            let shard = SHARD.with(|s| *s);
-            self.owed[shard].0.fetch_add(frames, Ordering::Relaxed);
+            self.owed.add(frames);
         }
     }
 
@@ -89,10 +77,9 @@ impl Backlog {
         self.add(-behind);
     }
 
-    /// Frames owed now (a moment's sum: each shard is exact, their sum may
-    /// mix instants).
+    /// Frames owed now (a moment's sum of the stripes).
     pub fn owed(&self) -> i64 {
-        self.owed.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
+        self.owed.sum()
     }
 
     /// Subscriptions counted.
@@ -134,25 +121,5 @@ mod tests {
         assert!(!b.over());
         b.left(612);
         assert_eq!((b.owed(), b.readers()), (0, 99));
-    }
-
-    #[test]
-    fn shards_sum_across_threads() {
-        let b = std::sync::Arc::new(Backlog::new(1, 0));
-        let threads: Vec<_> = (0..4)
-            .map(|_| {
-                let b = b.clone();
-                std::thread::spawn(move || {
-                    for _ in 0..1_000 {
-                        b.add(3);
-                        b.pay(1);
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            assert!(t.join().is_ok());
-        }
-        assert_eq!(b.owed(), 4 * 2_000);
     }
 }

@@ -18,7 +18,9 @@
 //!   history sweeper.
 //! - [`http`]: `/ws`, `/api/events`, `/healthz`, `/metrics`.
 //! - [`server`]: accept loop, limits and graceful drain.
-//! - [`metrics`]: counters and their Prometheus rendering.
+//! - [`metrics`]: counters and their Prometheus rendering; [`striped`]: the
+//!   per-thread counters the delivery path adds to.
+//! - [`trim`]: gives the allocator's free pages back after connection bursts.
 //! - [`cmd`]: the command line and the operator subcommands (token, check-token,
 //!   check-config, init).
 //! - [`demo`]: what the embedded default generates for a run, and its banner.
@@ -39,5 +41,7 @@ pub mod node;
 pub mod protocol;
 pub mod rooms;
 pub mod server;
+pub mod striped;
+pub mod trim;
 
 pub use config::Config;

@@ -1,12 +1,14 @@
 //! Process-wide counters and their Prometheus text rendering for `/metrics`.
 //!
-//! Plain atomics: the fan-out path adds per write (a batch of frames), never
-//! per recipient on a shared counter.
+//! Plain atomics, except the counters every write adds to, which are striped
+//! per thread: the fan-out path adds per write (a batch of frames), never per
+//! recipient, and never to a cache line that other workers write too.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Ended, ErrorCode};
+use crate::striped::Striped;
 
 /// Gauges read from the registries at scrape time.
 #[derive(Debug, Default, Clone, Copy)]
@@ -43,9 +45,10 @@ pub struct Metrics {
     pub events_unknown: AtomicU64,
     pub publish_rejected: AtomicU64,
     pub publish_unavailable: AtomicU64,
-    pub frames_out: AtomicU64,
-    pub bytes_out: AtomicU64,
-    pub write_syscalls: AtomicU64,
+    /// Added to by every write of every connection: striped per thread.
+    pub frames_out: Striped,
+    pub bytes_out: Striped,
+    pub write_syscalls: Striped,
     pub slow_consumers: AtomicU64,
     /// Subscriptions with `since` answered `recovered: true` / `false`.
     pub recovered: AtomicU64,
@@ -149,13 +152,13 @@ impl Metrics {
             "Publish requests answered 503.",
             get(&self.publish_unavailable),
         );
-        one("frames_out_total", "counter", "WebSocket frames written to clients.", get(&self.frames_out));
-        one("bytes_out_total", "counter", "Bytes written to clients.", get(&self.bytes_out));
+        one("frames_out_total", "counter", "WebSocket frames written to clients.", self.frames_out.get());
+        one("bytes_out_total", "counter", "Bytes written to clients.", self.bytes_out.get());
         one(
             "write_syscalls_total",
             "counter",
             "Socket writes (several frames may share one).",
-            get(&self.write_syscalls),
+            self.write_syscalls.get(),
         );
         one(
             "slow_consumers_dropped_total",

@@ -2,7 +2,7 @@
 //! and task tracking, plus the load sensor. Built once from a [`Config`] by
 //! [`crate::server`], then shared by the HTTP edge and every connection.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +17,8 @@ use crate::config::{BusKind, Config, WebSocketConfig};
 use crate::membership;
 use crate::metrics::Metrics;
 use crate::rooms::{HistoryLimits, Rooms, Users};
+use crate::striped::Striped;
+use crate::trim::Trimmer;
 
 /// Everything a connection and the HTTP routes need from their node.
 pub struct Node {
@@ -50,21 +52,21 @@ const ADMIT_WAIT: Duration = Duration::from_millis(250);
 const ADMIT_POLL: Duration = Duration::from_millis(1);
 
 /// Delivery lag histogram, in log2 milliseconds: cheap enough to feed once
-/// per connection wake.
+/// per connection wake (striped, so workers never share a line).
 #[derive(Default)]
 pub struct Lag {
-    buckets: [AtomicU64; LAG_BUCKETS],
+    buckets: [Striped; LAG_BUCKETS],
 }
 
 impl Lag {
     pub fn record(&self, lag: Duration) {
         let ms = u64::try_from(lag.as_millis()).unwrap_or(u64::MAX);
         let bucket = (u64::BITS - ms.leading_zeros()) as usize;
-        self.buckets[bucket.min(LAG_BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+        self.buckets[bucket.min(LAG_BUCKETS - 1)].add(1);
     }
 
     fn snapshot(&self) -> [u64; LAG_BUCKETS] {
-        std::array::from_fn(|b| self.buckets[b].load(Ordering::Relaxed))
+        std::array::from_fn(|b| self.buckets[b].get())
     }
 }
 
@@ -165,7 +167,7 @@ const HISTORY_SWEEP: Duration = Duration::from_millis(500);
 /// delivery and gains nothing.
 pub async fn sense_load(node: Arc<Node>, stop: CancellationToken) {
     let threshold = BUSY_FRAMES_PER_SEC * LOAD_SAMPLE.as_millis() as u64 / 1000;
-    let mut last = node.metrics.frames_out.load(Ordering::Relaxed);
+    let mut last = node.metrics.frames_out.get();
     let mut lag_before = node.lag.snapshot();
     let mut overloaded = false;
     let mut tick = tokio::time::interval(LOAD_SAMPLE);
@@ -175,7 +177,7 @@ pub async fn sense_load(node: Arc<Node>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = node.metrics.frames_out.load(Ordering::Relaxed);
+        let now = node.metrics.frames_out.get();
         node.busy.store(now.wrapping_sub(last) > threshold, Ordering::Relaxed);
         last = now;
         let backlog = node.rooms.backlog();
@@ -202,18 +204,30 @@ const LAG_WINDOW_TICKS: u64 = 5;
 
 /// Drops history older than `rooms.history_ttl`, keeps the node-wide byte
 /// budget fair across rooms, removes rooms left with neither history nor
-/// subscribers, and lets the bus forget its state for them, until `stop`.
+/// subscribers, lets the bus forget its state for them, and gives the
+/// allocator's free pages back once a burst of connections settles, until
+/// `stop`.
 pub async fn sweep_history(node: Arc<Node>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(HISTORY_SWEEP);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut trimmer = Trimmer::new(tokio::time::Instant::now());
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        node.rooms.sweep(tokio::time::Instant::now());
+        let now = tokio::time::Instant::now();
+        node.rooms.sweep(now);
         let rooms = &node.rooms;
         node.bus.forget_idle(&|chat| rooms.get(chat).is_some());
+        let m = &node.metrics;
+        let churn =
+            m.connections_opened.load(Ordering::Relaxed) + m.connections_closed.load(Ordering::Relaxed);
+        if trimmer.due(churn, now) {
+            let started = std::time::Instant::now();
+            let released = crate::trim::release_free_memory();
+            tracing::debug!(released, took = ?started.elapsed(), "gave free memory back after connection churn");
+        }
     }
 }
 
@@ -231,12 +245,12 @@ mod tests {
         let sensor = tokio::spawn(sense_load(node.clone(), stop.clone()));
         let per_sample = BUSY_FRAMES_PER_SEC * LOAD_SAMPLE.as_millis() as u64 / 1000;
         for _ in 0..3 {
-            node.metrics.frames_out.fetch_add(per_sample * 2, Ordering::Relaxed);
+            node.metrics.frames_out.add(per_sample as i64 * 2);
             tokio::time::sleep(LOAD_SAMPLE).await;
         }
         assert!(node.busy.load(Ordering::Relaxed), "fast writing marks the node busy");
         for _ in 0..3 {
-            node.metrics.frames_out.fetch_add(per_sample / 2, Ordering::Relaxed);
+            node.metrics.frames_out.add(per_sample as i64 / 2);
             tokio::time::sleep(LOAD_SAMPLE).await;
         }
         assert!(!node.busy.load(Ordering::Relaxed), "slow writing clears it");

@@ -608,7 +608,48 @@ impl Mailbox {
 /// Live connections per user, for per-user delivery.
 #[derive(Default)]
 pub struct Users {
-    users: DashMap<UserId, Vec<Arc<Mailbox>>>,
+    users: DashMap<UserId, Boxes>,
+}
+
+/// One user's mailboxes. Most users hold one connection: it is kept inline,
+/// so a connection costs no list allocation here.
+enum Boxes {
+    One(Arc<Mailbox>),
+    Many(Vec<Arc<Mailbox>>),
+}
+
+impl Boxes {
+    fn as_slice(&self) -> &[Arc<Mailbox>] {
+        match self {
+            Boxes::One(mailbox) => std::slice::from_ref(mailbox),
+            Boxes::Many(boxes) => boxes,
+        }
+    }
+
+    fn push(&mut self, mailbox: Arc<Mailbox>) {
+        match self {
+            Boxes::One(first) => *self = Boxes::Many(vec![first.clone(), mailbox]),
+            Boxes::Many(boxes) => boxes.push(mailbox),
+        }
+    }
+
+    /// Removes `mailbox`; returns true when none is left.
+    fn remove(&mut self, mailbox: &Arc<Mailbox>) -> bool {
+        match self {
+            Boxes::One(only) => Arc::ptr_eq(only, mailbox),
+            Boxes::Many(boxes) => {
+                boxes.retain(|b| !Arc::ptr_eq(b, mailbox));
+                match boxes.as_slice() {
+                    [] => true,
+                    [one] => {
+                        *self = Boxes::One(one.clone());
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
 }
 
 impl Users {
@@ -618,17 +659,23 @@ impl Users {
 
     /// Registers a connection's mailbox; returns true if it is the user's first.
     pub fn register(&self, user: UserId, mailbox: Arc<Mailbox>) -> bool {
-        let mut entry = self.users.entry(user).or_default();
-        entry.push(mailbox);
-        entry.len() == 1
+        match self.users.entry(user) {
+            dashmap::Entry::Occupied(mut entry) => {
+                entry.get_mut().push(mailbox);
+                false
+            }
+            dashmap::Entry::Vacant(entry) => {
+                entry.insert(Boxes::One(mailbox));
+                true
+            }
+        }
     }
 
     /// Unregisters a connection; returns true if it was the user's last.
     pub fn unregister(&self, user: UserId, mailbox: &Arc<Mailbox>) -> bool {
         let mut last = false;
         self.users.remove_if_mut(&user, |_, boxes| {
-            boxes.retain(|b| !Arc::ptr_eq(b, mailbox));
-            last = boxes.is_empty();
+            last = boxes.remove(mailbox);
             last
         });
         last
@@ -637,17 +684,17 @@ impl Users {
     /// Sends a frame to every connection of `user`; returns how many.
     pub fn send(&self, user: UserId, msg: UserMsg) -> usize {
         let Some(boxes) = self.users.get(&user) else { return 0 };
-        for mailbox in boxes.iter() {
+        for mailbox in boxes.as_slice() {
             // A clone of `Bytes` is a reference count, not a copy.
             mailbox.push(msg.clone());
         }
-        boxes.len()
+        boxes.as_slice().len()
     }
 
     /// Tells every registered connection to close with 1001.
     pub fn shut_down_all(&self) {
         for entry in self.users.iter() {
-            for mailbox in entry.value() {
+            for mailbox in entry.value().as_slice() {
                 mailbox.shut_down();
             }
         }
@@ -831,6 +878,18 @@ mod tests {
         assert!(!users.unregister(alice, &a1));
         assert!(users.unregister(alice, &a2));
         assert_eq!(users.len(), 1);
+        // Three connections come and go in any order; the last one out says so.
+        let a3 = Arc::new(Mailbox::new(8));
+        for m in [&a1, &a2, &a3] {
+            users.register(alice, (*m).clone());
+        }
+        assert!(!users.unregister(alice, &a2));
+        assert_eq!(users.send(alice, UserMsg::Frame(Bytes::from_static(b"m"))), 2);
+        assert!(!users.unregister(alice, &a2), "not registered twice");
+        assert!(!users.unregister(alice, &a3));
+        assert_eq!(users.send(alice, UserMsg::Frame(Bytes::from_static(b"m"))), 1);
+        assert!(users.unregister(alice, &a1));
+        assert_eq!(users.send(alice, UserMsg::Frame(Bytes::from_static(b"m"))), 0);
     }
 
     #[test]

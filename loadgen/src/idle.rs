@@ -113,6 +113,9 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<IdleReport> {
         bytes_per_conn: rss_before
             .zip(rss_after)
             .map(|(before, after)| (after as f64 - before as f64) / subscribed as f64),
+        bytes_per_conn_held: rss_before
+            .zip(rss_end)
+            .map(|(before, end)| (end as f64 - before as f64) / open_at_end.max(1) as f64),
         subs_per_conn: args.subs_per_conn,
         bytes_per_subscription: rss_before.zip(rss_after).map(|(before, after)| {
             (after as f64 - before as f64) / (subscribed as f64 * f64::from(args.subs_per_conn))

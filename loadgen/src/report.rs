@@ -207,7 +207,12 @@ pub(crate) struct IdleReport {
     pub(crate) server_rss_before_bytes: Option<u64>,
     pub(crate) server_rss_after_bytes: Option<u64>,
     pub(crate) server_rss_bytes: Option<u64>,
+    /// Server RSS growth per connection, right after connecting.
     pub(crate) bytes_per_conn: Option<f64>,
+    /// The same at the end of the hold: what idle connections keep once the
+    /// connect burst has settled (an allocator may give back what the
+    /// handshakes left).
+    pub(crate) bytes_per_conn_held: Option<f64>,
     /// Rooms each connection subscribed to (`--subs-per-conn`).
     pub(crate) subs_per_conn: u32,
     /// Server RSS growth while connecting, per subscription.
@@ -503,6 +508,7 @@ impl IdleReport {
         t.opt("server rss subscribed", self.server_rss_after_bytes.map(mib));
         t.opt("server rss at end", self.server_rss_bytes.map(mib));
         t.opt("server bytes per conn", self.bytes_per_conn.map(|b| format!("{b:.0}")));
+        t.opt("server bytes per conn at end", self.bytes_per_conn_held.map(|b| format!("{b:.0}")));
         if self.subs_per_conn > 1 {
             t.row("subscriptions per conn", self.subs_per_conn);
             t.opt("server bytes per subscription", self.bytes_per_subscription.map(|b| format!("{b:.0}")));

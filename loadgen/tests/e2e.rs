@@ -112,6 +112,7 @@ fn idle_holds_connections_and_every_one_answers_ping() {
     assert_eq!(r["ping_check_sent"], 100, "{r}");
     assert_eq!(r["ping_check_pongs"], 100, "{r}");
     assert!(r["bytes_per_conn"].as_f64().is_some(), "{r}");
+    assert!(r["bytes_per_conn_held"].as_f64().is_some(), "{r}");
 }
 
 #[test]

@@ -11,9 +11,9 @@ use std::task::Poll;
 use tokio::time::Instant;
 
 use super::subs::{Budget, Stopped, Taken};
+use super::timers::Stamp;
 use super::{Conn, End, Socket};
 use crate::error::CloseCode;
-use crate::protocol::assemble::Inbound;
 use crate::protocol::server;
 use crate::rooms::{Drained, UserMsg};
 
@@ -48,16 +48,16 @@ enum Wake {
 }
 
 impl<S: Socket> Conn<S> {
-    /// The connection's main loop; `inbox` holds messages that arrived with
-    /// the handshake.
-    pub(super) async fn run(&mut self, mut inbox: Vec<Inbound>) -> End {
-        if !inbox.is_empty() {
-            if let Err(end) = Box::pin(self.handle(&mut inbox)).await {
+    /// The connection's main loop; the inbox may hold messages that arrived
+    /// with the handshake.
+    pub(super) async fn run(&mut self) -> End {
+        if !self.inbox.is_empty() {
+            if let Err(end) = Box::pin(self.handle()).await {
                 return end;
             }
         }
         let mut deadline = self.deadline();
-        let sleep = tokio::time::sleep_until(deadline);
+        let sleep = tokio::time::sleep_until(deadline.instant());
         let mut sleep = std::pin::pin!(sleep);
         loop {
             // One hand-written poll over every source instead of `select!`:
@@ -92,7 +92,7 @@ impl<S: Socket> Conn<S> {
                 // A client that floods keeps the socket readable, which is
                 // polled first: timers are checked here too, or it would
                 // starve them.
-                Wake::Readable(true) => self.read_ready(&mut inbox).and_then(|()| self.timers_due(deadline)),
+                Wake::Readable(true) => self.read_ready().and_then(|()| self.timers_due(deadline)),
                 Wake::Readable(false) => Err(End::Gone),
                 Wake::Writable => Ok(()),
                 Wake::Room(item) => self.on_room(item),
@@ -102,7 +102,7 @@ impl<S: Socket> Conn<S> {
             let step = match step {
                 // Boxed: commands are rare next to deliveries, and their
                 // futures (a bus watch among them) need not widen every task.
-                Ok(()) if !inbox.is_empty() => Box::pin(self.handle(&mut inbox)).await,
+                Ok(()) if !self.inbox.is_empty() => Box::pin(self.handle()).await,
                 other => other,
             };
             if let Err(end) = step {
@@ -134,23 +134,23 @@ impl<S: Socket> Conn<S> {
             let next = self.deadline();
             if next != deadline {
                 deadline = next;
-                sleep.as_mut().reset(deadline);
+                sleep.as_mut().reset(deadline.instant());
             }
         }
     }
 
     /// Reads everything the socket has, into a stack buffer that exists only
     /// for this call: an idle connection holds no read buffer.
-    fn read_ready(&mut self, inbox: &mut Vec<Inbound>) -> Result<(), End> {
+    fn read_ready(&mut self) -> Result<(), End> {
         let mut buf = [0u8; 8192];
         let limit = self.node.ws.read_buffer_size.clamp(512, buf.len());
         loop {
             match self.stream.try_read(&mut buf[..limit]) {
                 Ok(0) => return Err(End::Gone),
                 Ok(n) => {
-                    self.last_heard = Instant::now();
-                    self.ingest(&buf[..n], inbox)?;
-                    if n < limit || inbox.len() > 64 {
+                    self.last_heard = Stamp::now();
+                    self.ingest(&buf[..n])?;
+                    if n < limit || self.inbox.len() > 64 {
                         return Ok(());
                     }
                 }
@@ -160,9 +160,10 @@ impl<S: Socket> Conn<S> {
         }
     }
 
-    pub(super) fn ingest(&mut self, data: &[u8], inbox: &mut Vec<Inbound>) -> Result<(), End> {
+    /// Decodes client bytes into the inbox.
+    pub(super) fn ingest(&mut self, data: &[u8]) -> Result<(), End> {
         self.assembler
-            .ingest(data, self.node.ws.max_message_size, inbox)
+            .ingest(data, self.node.ws.max_message_size, &mut self.inbox)
             .map_err(|e| End::Close(e.close_code()))
     }
 
@@ -270,23 +271,23 @@ impl<S: Socket> Conn<S> {
         }
         let m = &self.node.metrics;
         if written.syscalls > 0 {
-            m.frames_out.fetch_add(written.frames, Ordering::Relaxed);
-            m.bytes_out.fetch_add(written.bytes, Ordering::Relaxed);
-            m.write_syscalls.fetch_add(written.syscalls, Ordering::Relaxed);
+            m.frames_out.add(written.frames as i64);
+            m.bytes_out.add(written.bytes as i64);
+            m.write_syscalls.add(written.syscalls as i64);
         }
         if self.out.is_empty() {
             self.stalled_since = None;
             self.progress = 0;
             self.pong_queued = false;
         } else if self.stalled_since.is_none() {
-            self.stalled_since = Some(Instant::now());
+            self.stalled_since = Some(Stamp::now());
             self.progress = 0;
         } else {
             // The deadline moves on only for real progress: a reader that
             // trickles a few bytes at a time still meets write_wait.
             self.progress += written.bytes;
             if self.progress >= MIN_PROGRESS {
-                self.stalled_since = Some(Instant::now());
+                self.stalled_since = Some(Stamp::now());
                 self.progress = 0;
             }
         }

@@ -4,8 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
-use tokio::time::Instant;
-
+use super::timers::Stamp;
 use super::{Conn, End, Socket};
 use crate::bus::Topic;
 use crate::error::{CloseCode, ErrorCode};
@@ -26,9 +25,9 @@ const ERROR_DECAY_PER_SEC: f32 = 0.1;
 
 impl<S: Socket> Conn<S> {
     /// Answers every complete client message, in order.
-    pub(super) async fn handle(&mut self, inbox: &mut Vec<Inbound>) -> Result<(), End> {
+    pub(super) async fn handle(&mut self) -> Result<(), End> {
         // Taken whole, so an idle connection keeps no inbox buffer.
-        for msg in std::mem::take(inbox) {
+        for msg in std::mem::take(&mut self.inbox) {
             match msg {
                 Inbound::Text(text) => self.command(&text).await?,
                 Inbound::Binary => self.reply_error(
@@ -185,7 +184,7 @@ impl<S: Socket> Conn<S> {
     }
 
     fn take_token(&mut self) -> bool {
-        self.limits.take(Instant::now())
+        self.limits.take(Stamp::now())
     }
 }
 
@@ -195,17 +194,17 @@ impl<S: Socket> Conn<S> {
 pub(super) struct Limits {
     tokens: f32,
     errors: f32,
-    at: Instant,
+    at: Stamp,
 }
 
 impl Limits {
-    pub(super) fn new(now: Instant) -> Limits {
+    pub(super) fn new(now: Stamp) -> Limits {
         Limits { tokens: COMMAND_BURST, errors: 0.0, at: now }
     }
 
     /// Takes one command token; false when the client is over its rate.
-    fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f32();
+    fn take(&mut self, now: Stamp) -> bool {
+        let elapsed = now.since(self.at).as_secs_f32();
         self.tokens = (self.tokens + elapsed * COMMAND_RATE).min(COMMAND_BURST);
         self.errors = (self.errors - elapsed * ERROR_DECAY_PER_SEC).max(0.0);
         self.at = now;
@@ -231,7 +230,7 @@ mod tests {
 
     #[test]
     fn errors_decay_so_only_a_burst_of_abuse_closes() {
-        let start = Instant::now();
+        let start = Stamp::now();
         let mut limits = Limits::new(start);
         // 100 errors a day apart (10,000 minutes) never add up.
         for day in 0..100u64 {
@@ -246,7 +245,7 @@ mod tests {
 
     #[test]
     fn commands_are_limited_to_a_burst_then_a_rate() {
-        let start = Instant::now();
+        let start = Stamp::now();
         let mut limits = Limits::new(start);
         assert_eq!((0..150).filter(|_| limits.take(start)).count(), 100);
         assert_eq!((0..100).filter(|_| limits.take(start + Duration::from_secs(1))).count(), 50);

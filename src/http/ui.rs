@@ -99,7 +99,7 @@ pub(super) fn stats(app: &App) -> Response<Body> {
             "rooms": node.rooms.len(),
             "users": node.users.len(),
             "events_in_total": m.events_in.load(Relaxed),
-            "frames_out_total": m.frames_out.load(Relaxed),
+            "frames_out_total": m.frames_out.get(),
             "slow_consumers_dropped_total": m.slow_consumers.load(Relaxed),
             "bus_up": node.bus.health() == Health::Ok,
         }),
