@@ -1,7 +1,9 @@
 //! Criterion benches of Herald's hot paths, each against the obvious
 //! alternative: encode once vs per recipient, registry fan-out at 1 / 100 /
 //! 10,000 subscribers, subscribe churn from several threads, command parsing
-//! with serde_json vs simd-json, and JWT verification.
+//! with serde_json vs simd-json, JWT verification, the write path's counters
+//! (striped per thread vs one shared atomic) and the admission check a
+//! publish makes.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -164,6 +166,43 @@ fn churn(c: &mut Criterion) {
     group.finish();
 }
 
+fn counters(c: &mut Criterion) {
+    let mut group = c.benchmark_group("write_path_counter");
+    let (threads, per_thread) = (2, 100_000);
+    group.throughput(Throughput::Elements((threads * per_thread) as u64));
+    group.sample_size(20);
+    group.bench_function("striped_2_threads", |b| {
+        let counter = herald::striped::Striped::default();
+        b.iter(|| {
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(|| (0..per_thread).for_each(|_| counter.add(1)));
+                }
+            })
+        })
+    });
+    group.bench_function("one_atomic_2_threads", |b| {
+        let counter = std::sync::atomic::AtomicU64::new(0);
+        b.iter(|| {
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(|| {
+                        (0..per_thread).for_each(|_| {
+                            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        })
+                    });
+                }
+            })
+        })
+    });
+    group.finish();
+    let backlog = herald::backlog::Backlog::for_reach(100);
+    for _ in 0..5_000 {
+        backlog.joined(3);
+    }
+    c.bench_function("admission_check", |b| b.iter(|| black_box(backlog.over())));
+}
+
 fn parse(c: &mut Criterion) {
     let cmd = br#"{"type":"subscribe","chat_id":"7d1b3c2a-0f7e-4a55-9a55-1b2c3d4e5f60","since":41}"#;
     let mut group = c.benchmark_group("parse_subscribe");
@@ -197,5 +236,5 @@ fn jwt(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, encode, fanout, catch_up, churn, parse, jwt);
+criterion_group!(benches, encode, fanout, catch_up, churn, counters, parse, jwt);
 criterion_main!(benches);
