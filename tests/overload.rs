@@ -117,3 +117,28 @@ async fn one_stalled_reader_never_pushes_back_on_publishers() {
     assert_eq!(stalled.read_close().await, Some(4008));
     gw.wait_metric("backlog_frames", 0.0).await;
 }
+
+/// The backlog is an exact count: whatever way a connection ends with room
+/// frames still queued (here the client closes while stalled), they stop
+/// being owed. A drift would leave the node refusing publishers forever.
+#[tokio::test]
+async fn a_connection_closing_with_frames_queued_leaves_nothing_owed() {
+    let gw = start(support::config()).await;
+    let room = ChatId::new_v4();
+    let mut reader = stalled_reader(&gw, room).await;
+    let body = batch(room, 20, 4_000);
+    let mut owed = 0.0;
+    for _ in 0..100 {
+        assert_eq!(gw.publish(&body).await.0, 202);
+        owed = gw.metric("backlog_frames").await;
+        if owed > 0.0 {
+            break;
+        }
+    }
+    assert!(owed > 0.0, "frames queued behind the stalled socket are owed");
+    reader.send_frame(0x88, &1000u16.to_be_bytes()).await;
+    assert_eq!(reader.read_close().await, Some(1000));
+    gw.wait_metric("connections", 0.0).await;
+    gw.wait_metric("backlog_frames", 0.0).await;
+    assert_eq!(gw.metric("subscriptions").await, 0.0);
+}

@@ -409,6 +409,9 @@ pub(crate) struct SoakReport {
     pub(crate) rss_growth: Option<RssGrowth>,
     pub(crate) abuse: Vec<AbuseReport>,
     pub(crate) verdict: Verdict,
+    /// `herald_backlog_frames` once every client closed (0 unless the
+    /// server's accounting drifted); absent for a server without it.
+    pub(crate) backlog_at_end: Option<f64>,
     #[serde(flatten)]
     pub(crate) streams: StreamsSummary,
 }
@@ -577,6 +580,7 @@ impl SoakReport {
                 )
             }),
         );
+        t.opt("server backlog at end", self.backlog_at_end.map(|b| format!("{b} frames")));
         let v = &self.verdict;
         t.row(
             "verdict",

@@ -98,7 +98,9 @@ pub(crate) async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
     }
     let abuse = abuse_ctx.reports();
     let (url, connect) = (common.url.clone(), h.connect.clone());
+    let target = h.target.clone();
     let streams = h.finish(publishing, s.drain, common.server_pid).await;
+    let backlog_at_end = settled_backlog(&target).await;
     let warmup_secs = args.duration.as_secs_f64() * WARMUP_SHARE;
     let rss: Vec<(f64, u64)> = series
         .iter()
@@ -117,10 +119,29 @@ pub(crate) async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
         warmup_secs,
         series,
         rss_growth: rss_growth(&rss),
-        verdict: verdict(&streams.classes, &abuse),
+        verdict: verdict(&streams.classes, &abuse, backlog_at_end),
+        backlog_at_end,
         abuse,
         streams,
     })
+}
+
+/// The server's backlog (frames owed to its readers) once every client has
+/// closed: 0 unless its accounting drifted. Waits up to [`ABUSE_GRACE`] for
+/// the closes to land; None for a server without the gauge.
+async fn settled_backlog(target: &crate::target::Target) -> Option<f64> {
+    let deadline = Instant::now() + ABUSE_GRACE;
+    loop {
+        let owed = scrape::fetch(target, &["herald_backlog_frames"])
+            .await
+            .ok()?
+            .get("herald_backlog_frames")
+            .copied()?;
+        if owed == 0.0 || Instant::now() >= deadline {
+            return Some(owed);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The server now: RSS, the gauges, and the run's counts so far.
@@ -163,8 +184,12 @@ pub(crate) fn rss_growth(samples: &[(f64, u64)]) -> Option<RssGrowth> {
 
 /// Healthy classes lose nothing, see nothing twice, resume within history, and every
 /// server-side end of theirs came with a close code; abusive ones end only as their limits
-/// promise.
-pub(crate) fn verdict(classes: &[ClassReport], abuse: &[AbuseReport]) -> Verdict {
+/// promise; and with every client gone the server owes no frames (its backlog did not drift).
+pub(crate) fn verdict(
+    classes: &[ClassReport],
+    abuse: &[AbuseReport],
+    backlog_at_end: Option<f64>,
+) -> Verdict {
     let healthy_lost = classes.iter().map(|c| c.lost).sum();
     let healthy_duplicated = classes.iter().map(|c| c.duplicated).sum();
     let healthy_unexplained_drops =
@@ -197,6 +222,9 @@ pub(crate) fn verdict(classes: &[ClassReport], abuse: &[AbuseReport]) -> Verdict
             .map(|(o, n)| format!("{n} x {o}"))
             .collect();
         reasons.push(format!("{}: {} (expected {})", a.kind, odd.join(", "), a.expected.join(" or ")));
+    }
+    if let Some(owed) = backlog_at_end.filter(|o| *o != 0.0) {
+        reasons.push(format!("server backlog {owed} frames with every client gone (accounting drift)"));
     }
     Verdict {
         pass: reasons.is_empty(),
@@ -273,17 +301,21 @@ mod tests {
     fn the_verdict_passes_only_with_no_loss_and_every_close_explained() {
         let healthy = [class("steady", 0, &[]), class("stall", 0, &[(4008, 3)])];
         let abusive = [abuse("non_utf8", "1007", &[("1007", 9)])];
-        let v = verdict(&healthy, &abusive);
+        let v = verdict(&healthy, &abusive, Some(0.0));
         assert!(v.pass && v.reasons.is_empty(), "{v:?}");
+        assert!(verdict(&healthy, &abusive, None).pass, "a server without the gauge is not judged on it");
+        let v = verdict(&healthy, &abusive, Some(12.0));
+        assert_eq!(v.reasons, ["server backlog 12 frames with every client gone (accounting drift)"]);
 
         let mut unrecovered = class("switch", 0, &[]);
         unrecovered.not_recovered = 1;
-        let v = verdict(&[class("churn", 2, &[]), class("steady", 0, &[(1006, 1)]), unrecovered], &abusive);
+        let v =
+            verdict(&[class("churn", 2, &[]), class("steady", 0, &[(1006, 1)]), unrecovered], &abusive, None);
         assert!(!v.pass);
         assert_eq!((v.healthy_lost, v.healthy_unexplained_drops), (2, 1));
         assert_eq!(v.reasons.len(), 3, "{v:?}");
 
-        let v = verdict(&healthy, &[abuse("trickle", "4008", &[("4008", 4), ("1006", 1)])]);
+        let v = verdict(&healthy, &[abuse("trickle", "4008", &[("4008", 4), ("1006", 1)])], None);
         assert_eq!((v.pass, v.abusive_unexpected), (false, 1));
         assert_eq!(v.reasons, ["trickle: 1 x 1006 (expected 4008)"]);
     }

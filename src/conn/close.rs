@@ -52,7 +52,7 @@ impl<S: Socket> Conn<S> {
         }
         let deadline = Instant::now() + self.node.ws.write_wait.min(CLOSE_LINGER * 5);
         while !self.out.is_empty() {
-            if self.out.flush(&self.stream).is_err() {
+            if self.out.flush(&self.stream, self.node.rooms.backlog()).is_err() {
                 return;
             }
             if self.out.is_empty() {

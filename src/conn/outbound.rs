@@ -10,6 +10,7 @@ use std::io::{self, IoSlice};
 use bytes::Bytes;
 
 use super::Socket;
+use crate::backlog::Backlog;
 
 /// Most frames gathered into one `writev`.
 const MAX_IOVECS: usize = 64;
@@ -28,7 +29,7 @@ pub(crate) struct Written {
     pub(crate) frames: u64,
     pub(crate) bytes: u64,
     pub(crate) syscalls: u64,
-    /// Room frames no longer owed in the node's backlog.
+    /// Room frames paid for in the node's backlog.
     pub(crate) paid: usize,
 }
 
@@ -87,8 +88,10 @@ impl Outbound {
         self.bytes = self.queue.front().map_or(0, |f| f.len() - self.offset);
     }
 
-    /// Writes as much as the socket takes without blocking.
-    pub(crate) fn flush(&mut self, stream: &impl Socket) -> io::Result<Written> {
+    /// Writes as much as the socket takes without blocking, and pays the
+    /// node's `backlog` for the room frames written (here, so that no
+    /// writer can forget to).
+    pub(crate) fn flush(&mut self, stream: &impl Socket, backlog: &Backlog) -> io::Result<Written> {
         let mut written = Written::default();
         while !self.queue.is_empty() {
             let result = if self.queue.len() == 1 {
@@ -132,6 +135,7 @@ impl Outbound {
         // pay early); an empty queue settles it exactly.
         written.paid = if self.queue.is_empty() { self.owed } else { self.owed.min(written.frames as usize) };
         self.owed -= written.paid;
+        backlog.pay(written.paid);
         if self.queue.is_empty() && self.queue.capacity() > 0 {
             // Idle connections keep no buffer.
             self.queue = VecDeque::new();
@@ -178,7 +182,7 @@ mod tests {
             out.push(Bytes::from(vec![i; 100]));
         }
         server.writable().await?;
-        let w = out.flush(&server)?;
+        let w = out.flush(&server, &Backlog::new(1, 0))?;
         assert_eq!((w.frames, w.bytes, w.syscalls), (10, 1000, 1));
         assert!(out.is_empty());
         let mut got = vec![0u8; 1000];
@@ -199,8 +203,11 @@ mod tests {
         let (server, _) = listener.accept().await?;
         let sizes = [10, GATHER_BYTES + 1, 10, 3 * GATHER_BYTES, 7];
         let mut out = Outbound::default();
+        let backlog = Backlog::new(1, 0);
         for (i, size) in sizes.iter().enumerate() {
-            out.push(Bytes::from(vec![i as u8; *size]));
+            // Room frames, owed until written.
+            out.push_owed(Bytes::from(vec![i as u8; *size]));
+            backlog.add(1);
         }
         let total: usize = sizes.iter().sum();
         let reader = tokio::spawn(async move {
@@ -208,11 +215,13 @@ mod tests {
             client.read_exact(&mut got).await.map(|_| got)
         });
         let mut frames = 0;
+        assert_eq!(backlog.owed(), sizes.len() as i64);
         while !out.is_empty() {
             server.writable().await?;
-            frames += out.flush(&server)?.frames;
+            frames += out.flush(&server, &backlog)?.frames;
         }
         assert_eq!(frames, sizes.len() as u64);
+        assert_eq!((backlog.owed(), out.owed()), (0, 0), "every written room frame is paid for");
         let got = reader.await??;
         let mut at = 0;
         for (i, size) in sizes.iter().enumerate() {

@@ -254,10 +254,7 @@ impl<S: Socket> Conn<S> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let written = self.out.flush(&self.stream).map_err(|_| End::Gone)?;
-        if written.paid > 0 {
-            self.node.rooms.backlog().pay(written.paid);
-        }
+        let written = self.out.flush(&self.stream, self.node.rooms.backlog()).map_err(|_| End::Gone)?;
         // A connection whose queue is full takes nothing more until its
         // socket drains: it stops counting in the node's backlog meanwhile,
         // so one stalled reader never makes the node refuse publishers.
