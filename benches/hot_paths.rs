@@ -53,13 +53,20 @@ fn fanout(c: &mut Criterion) {
     for subscribers in [1usize, 100, 10_000] {
         let rooms = Rooms::new(1024, LIMITS);
         let chat = ChatId::from_u128(1);
-        let mut receivers: Vec<_> =
-            (0..subscribers).map(|_| rooms.join(chat, UserId::from_u128(1)).1).collect();
+        // Each subscriber counted in the node's backlog, as a placed
+        // connection is: every publish charges it (the admission signal).
+        let mut receivers: Vec<_> = (0..subscribers)
+            .map(|_| {
+                let (room, rx) = rooms.join(chat, UserId::from_u128(1));
+                room.count_reader(0);
+                rx
+            })
+            .collect();
         let mut seq = 0;
         let frame = server::room_event("message.new", chat, 1, DATA);
         group.throughput(Throughput::Elements(subscribers as u64));
-        // One publish (history push + ring send), then every subscriber takes
-        // its copy: the whole per-event cost.
+        // One publish (backlog charge + history push + ring send), then every
+        // subscriber takes its copy: the whole per-event cost.
         group.bench_with_input(
             BenchmarkId::new("send_and_receive_all", subscribers),
             &subscribers,
