@@ -259,6 +259,30 @@ mod tests {
         Ok(())
     }
 
+    /// The lag gauge reports the median of the last window's samples (the
+    /// lower bound of its power-of-two bucket), and 0 when too few came.
+    #[tokio::test(start_paused = true)]
+    async fn the_lag_gauge_is_the_median_of_the_last_window() -> TestResult {
+        let node = Arc::new(Node::build(&Config::default()).await?);
+        let stop = CancellationToken::new();
+        let sensor = tokio::spawn(sense_load(node.clone(), stop.clone()));
+        let window = LOAD_SAMPLE * LAG_WINDOW_TICKS as u32;
+        tokio::time::sleep(window).await;
+        for ms in [1, 3, 300, 300, 300] {
+            for _ in 0..10 {
+                node.lag.record(Duration::from_millis(ms));
+            }
+        }
+        tokio::time::sleep(window).await;
+        assert_eq!(node.metrics.lag_median_ms.load(Ordering::Relaxed), 256, "300 ms lies in [256, 512)");
+        node.lag.record(Duration::from_millis(300));
+        tokio::time::sleep(window).await;
+        assert_eq!(node.metrics.lag_median_ms.load(Ordering::Relaxed), 0, "one sample is too few to judge");
+        stop.cancel();
+        sensor.await?;
+        Ok(())
+    }
+
     /// Publishes wait while the node owes its readers more than the limit,
     /// are refused once the wait runs out, and pass again once readers pay.
     #[tokio::test(start_paused = true)]
