@@ -48,8 +48,12 @@ const LAG_BUCKETS: usize = 16;
 const MIN_SAMPLES: u64 = 16;
 /// How long a publish waits for an overloaded node before it gets 429.
 const ADMIT_WAIT: Duration = Duration::from_millis(250);
-/// How often a waiting publish looks again.
-const ADMIT_POLL: Duration = Duration::from_millis(1);
+/// How soon a waiting publish looks again: at first, then at most (the gap
+/// doubles in between), so a publish waits little past the moment it may
+/// go on, and a thousand waiting publishers do not spin the node they wait
+/// for.
+const ADMIT_POLL_FIRST: Duration = Duration::from_millis(1);
+const ADMIT_POLL_MAX: Duration = Duration::from_millis(8);
 
 /// Delivery lag histogram, in log2 milliseconds: cheap enough to feed once
 /// per connection wake (striped, so workers never share a line).
@@ -101,12 +105,15 @@ impl Node {
             return Ok(());
         }
         let deadline = tokio::time::Instant::now() + ADMIT_WAIT;
+        let mut gap = ADMIT_POLL_FIRST;
         while backlog.over() {
-            if tokio::time::Instant::now() >= deadline {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
                 self.metrics.publish_overloaded.fetch_add(1, Ordering::Relaxed);
                 return Err(Overloaded);
             }
-            tokio::time::sleep(ADMIT_POLL).await;
+            tokio::time::sleep_until((now + gap).min(deadline)).await;
+            gap = (gap * 2).min(ADMIT_POLL_MAX);
         }
         Ok(())
     }
@@ -303,7 +310,8 @@ mod tests {
         });
         let started = tokio::time::Instant::now();
         assert!(node.admit().await.is_ok(), "admitted once readers caught up");
-        assert!(started.elapsed() >= ADMIT_WAIT / 2);
+        let waited = started.elapsed();
+        assert!(waited >= ADMIT_WAIT / 2 && waited <= ADMIT_WAIT / 2 + ADMIT_POLL_MAX, "{waited:?}");
         pays.await?;
         assert_eq!(node.metrics.publish_overloaded.load(Ordering::Relaxed), 1);
         Ok(())
