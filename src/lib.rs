@@ -14,17 +14,18 @@
 //! - [`broadcast`]: domain event -> client frame -> registries.
 //! - [`bus`]: how accepted events reach every node (memory, Redis).
 //! - [`conn`]: one task per WebSocket: reads commands, writes frames.
+//! - [`alarms`]: the node's one timer for every connection's deadlines.
 //! - [`node`]: the node's shared state, built once; the load sensor and the
 //!   history sweeper.
 //! - [`http`]: `/ws`, `/api/events`, `/healthz`, `/metrics`.
 //! - [`server`]: accept loop, limits and graceful drain.
 //! - [`metrics`]: counters and their Prometheus rendering; [`striped`]: the
 //!   per-thread counters the delivery path adds to.
-//! - [`trim`]: gives the allocator's free pages back after connection bursts.
 //! - [`cmd`]: the command line and the operator subcommands (token, check-token,
 //!   check-config, init).
 //! - [`demo`]: what the embedded default generates for a run, and its banner.
 
+pub mod alarms;
 pub mod auth;
 pub mod backlog;
 pub mod broadcast;
@@ -42,6 +43,5 @@ pub mod protocol;
 pub mod rooms;
 pub mod server;
 pub mod striped;
-pub mod trim;
 
 pub use config::Config;

@@ -25,6 +25,8 @@ pub struct Gauges {
     /// publishers are pushed back.
     pub backlog: i64,
     pub backlog_limit: i64,
+    /// Connection deadlines armed in the node's alarms.
+    pub alarms: usize,
 }
 
 /// Every counter and gauge Herald exports.
@@ -126,6 +128,12 @@ impl Metrics {
             "gauge",
             "Backlog above which publishes wait, then get 429.",
             gauges.backlog_limit.max(0) as u64,
+        );
+        one(
+            "alarms",
+            "gauge",
+            "Connection deadlines (ping, silence, expiry, stalled write) armed and not yet rung.",
+            gauges.alarms as u64,
         );
         one(
             "catchups_total",

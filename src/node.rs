@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::alarms::Alarms;
 use crate::broadcast::Broadcaster;
 use crate::bus::memory::MemoryBus;
 use crate::bus::redis::{RedisBus, RedisOptions};
@@ -18,7 +19,6 @@ use crate::membership;
 use crate::metrics::Metrics;
 use crate::rooms::{HistoryLimits, Rooms, Users};
 use crate::striped::Striped;
-use crate::trim::Trimmer;
 
 /// Everything a connection and the HTTP routes need from their node.
 pub struct Node {
@@ -40,6 +40,14 @@ pub struct Node {
     /// How far behind connections run: the age of the oldest frame each
     /// took, sampled once per wake (a gauge for operators).
     pub lag: Lag,
+    /// Connection deadlines (pings, silence, expiry, stalled writes).
+    pub alarms: Arc<Alarms>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.alarms.close();
+    }
 }
 
 /// Lag buckets: bucket `b` counts lags of `[2^(b-1), 2^b)` ms (bucket 0: under 1 ms).
@@ -157,6 +165,7 @@ impl Node {
             tasks: TaskTracker::new(),
             busy: AtomicBool::new(false),
             lag: Lag::default(),
+            alarms: Alarms::start(),
         })
     }
 }
@@ -211,13 +220,10 @@ const LAG_WINDOW_TICKS: u64 = 5;
 
 /// Drops history older than `rooms.history_ttl`, keeps the node-wide byte
 /// budget fair across rooms, removes rooms left with neither history nor
-/// subscribers, lets the bus forget its state for them, and gives the
-/// allocator's free pages back once a burst of connections settles, until
-/// `stop`.
+/// subscribers, and lets the bus forget its state for them, until `stop`.
 pub async fn sweep_history(node: Arc<Node>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(HISTORY_SWEEP);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut trimmer = Trimmer::new(tokio::time::Instant::now());
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -227,14 +233,6 @@ pub async fn sweep_history(node: Arc<Node>, stop: CancellationToken) {
         node.rooms.sweep(now);
         let rooms = &node.rooms;
         node.bus.forget_idle(&|chat| rooms.get(chat).is_some());
-        let m = &node.metrics;
-        let churn =
-            m.connections_opened.load(Ordering::Relaxed) + m.connections_closed.load(Ordering::Relaxed);
-        if trimmer.due(churn, now) {
-            let started = std::time::Instant::now();
-            let released = crate::trim::release_free_memory();
-            tracing::debug!(released, took = ?started.elapsed(), "gave free memory back after connection churn");
-        }
     }
 }
 

@@ -505,6 +505,8 @@ pub struct Mailbox {
     overflowed: AtomicBool,
     /// Set when the node shuts down: the connection closes with 1001.
     shutdown: AtomicBool,
+    /// Set when one of the connection's deadlines came (`alarms`).
+    alarm: AtomicBool,
     /// The connection task's waker. Polling registers it in place, so the
     /// task keeps no wait future for its mailbox.
     waker: AtomicWaker,
@@ -537,6 +539,7 @@ impl Mailbox {
             pending: AtomicBool::new(false),
             overflowed: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
+            alarm: AtomicBool::new(false),
             waker: AtomicWaker::new(),
             capacity: capacity.max(1),
         }
@@ -563,6 +566,18 @@ impl Mailbox {
     pub fn shut_down(&self) {
         self.shutdown.store(true, Ordering::Relaxed);
         self.signal();
+    }
+
+    /// Tells the connection that one of its deadlines came.
+    pub fn ring(&self) {
+        self.alarm.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Consumes a ring. Check it after [`Mailbox::poll_pending`], which
+    /// registers the waker a ring wakes.
+    pub fn take_alarm(&self) -> bool {
+        self.alarm.swap(false, Ordering::Acquire)
     }
 
     fn signal(&self) {

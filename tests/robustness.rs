@@ -118,8 +118,11 @@ async fn the_server_pings_and_drops_a_silent_client_after_pong_wait() {
     // A client that answers pings (tungstenite does, while it reads) stays.
     let mut live = gw.connect(UserId::new_v4(), &[]).await;
     let mut raw = RawClient::connect(gw.addr, &support::token(UserId::new_v4(), &[])).await;
-    let (first, _) = raw.read_frame().await.expect("a server ping");
-    assert_eq!(first, 0x89);
+    for _ in 0..2 {
+        // Again and again: each ring re-arms the connection's alarm.
+        let (first, _) = raw.read_frame().await.expect("a server ping");
+        assert_eq!(first, 0x89);
+    }
     // The raw client never answers and never sends: dropped, without waiting for TCP.
     // `live` keeps reading (and so answering pings) until the raw client is gone.
     let dropped = tokio::select! {
@@ -128,6 +131,10 @@ async fn the_server_pings_and_drops_a_silent_client_after_pong_wait() {
     };
     assert!(dropped, "silent client was not dropped");
     assert_eq!(gw.metric("connections").await, 1.0);
+    // Several rounds of pings later, deadlines have not piled up: a few
+    // per connection (the dropped one's last may still wait to ring).
+    let alarms = gw.metric("alarms").await;
+    assert!((1.0..=6.0).contains(&alarms), "{alarms} alarms armed for two connections");
     live.send_json(json!({"type":"ping"})).await;
     assert_eq!(live.recv().await, json!({"type":"pong"}));
 }

@@ -1,7 +1,7 @@
 //! One WebSocket connection, served by one task: it reads and answers client
 //! commands and is the connection's write pump (the only writer of its
-//! socket). It waits on the socket, its rooms, its user mailbox and one timer
-//! at once, and writes every frame that is ready with one syscall.
+//! socket). It waits on the socket, its rooms and its user mailbox (which
+//! the node's alarms also ring) at once, and writes every frame that is ready with one syscall.
 //!
 //! One task rather than a reader and a pump keeps an idle connection to one
 //! small future, with no read buffer and no write buffer while idle. The
@@ -29,6 +29,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::alarms::Stamp;
 use crate::auth::Claims;
 use crate::bus::Topic;
 use crate::error::CloseCode;
@@ -40,7 +41,6 @@ use outbound::Outbound;
 pub(crate) use pump::MAX_QUEUED;
 pub use socket::Socket;
 use subs::Subscriptions;
-use timers::Stamp;
 
 /// Longest token lifetime honoured: about 30 years.
 const MAX_LIFETIME_SECS: u64 = 30 * 365 * 86_400;
@@ -70,6 +70,8 @@ struct Conn<S> {
     assembler: Assembler,
     last_heard: Stamp,
     next_ping: Stamp,
+    /// The deadline the node's alarm is set for, until it rings.
+    armed: Option<Stamp>,
     /// Set while frames wait for a socket that does not take them all.
     stalled_since: Option<Stamp>,
     /// Bytes written since `stalled_since` was last set.
@@ -118,6 +120,7 @@ pub fn serve<S: Socket>(
         assembler: Assembler::default(),
         last_heard: now,
         next_ping: now + node.ws.ping_interval,
+        armed: None,
         stalled_since: None,
         progress: 0,
         pong_queued: false,
@@ -146,16 +149,18 @@ impl<S> Drop for Conn<S> {
 
 impl<S: Socket> Conn<S> {
     /// Registers, runs and unregisters the connection.
+    ///
+    /// Reaches the node through `self` rather than a clone of its `Arc`:
+    /// a local kept across `.await` is a word in every idle connection.
     async fn lifecycle(&mut self) {
-        let node = self.node.clone();
-        node.metrics.connections_opened.fetch_add(1, Ordering::Relaxed);
-        node.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
-        node.users.register(self.user, self.mailbox.clone());
+        self.node.metrics.connections_opened.fetch_add(1, Ordering::Relaxed);
+        self.node.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
+        self.node.users.register(self.user, self.mailbox.clone());
         // Checked after registering: a shutdown signalled earlier missed this mailbox.
-        let watch = if node.shutdown.is_cancelled() {
+        let watch = if self.node.shutdown.is_cancelled() {
             Err(End::Close(CloseCode::GoingAway))
         } else {
-            node.bus.watch(Topic::User(self.user)).await.map_err(|e| {
+            self.node.bus.watch(Topic::User(self.user)).await.map_err(|e| {
                 tracing::warn!(error = %e, "cannot watch the user topic; closing");
                 End::Close(CloseCode::InternalError)
             })
@@ -170,12 +175,12 @@ impl<S: Socket> Conn<S> {
         Box::pin(self.finish(end)).await;
         if watched {
             // Only a watch that succeeded is counted by the bus.
-            node.bus.unwatch(Topic::User(self.user));
+            self.node.bus.unwatch(Topic::User(self.user));
         }
-        node.users.unregister(self.user, &self.mailbox);
+        self.node.users.unregister(self.user, &self.mailbox);
         drop(self.permit.take());
-        node.metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
-        node.metrics.connections_closed.fetch_add(1, Ordering::Relaxed);
+        self.node.metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
+        self.node.metrics.connections_closed.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -275,9 +280,12 @@ mod tests {
         // Dropping the unpolled future must not disturb the node.
         drop(fut);
         assert_eq!(node.users.len(), 0);
-        // tokio's task cell adds ~100 bytes and rounds up to 128: at most
-        // 544 bytes of future keeps each connection's cell at 640.
-        assert!(size <= 544, "connection future grew to {size} bytes");
+        // tokio's task cell adds 96 bytes (and tokio_util's tracker 16) and
+        // rounds up to 128: at most 400 bytes of future keeps each
+        // connection's cell at 512. Debug builds lay futures out a little
+        // less tightly (408 here for 392 in release).
+        let limit = if cfg!(debug_assertions) { 416 } else { 400 };
+        assert!(size <= limit, "connection future grew to {size} bytes (limit {limit})");
         Ok(())
     }
 }

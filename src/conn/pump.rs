@@ -1,9 +1,9 @@
 //! The connection's wait loop and write pump: one hand-written poll over the
-//! socket, the rooms, the mailbox and the timer; reads into a stack buffer;
+//! socket, the rooms and the mailbox (rung by the node's alarms too); reads into a stack buffer;
 //! takes ready frames in bulk (stepping aside to batch while the node is
 //! busy); writes them with as few syscalls as it can.
 
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
@@ -11,8 +11,8 @@ use std::task::Poll;
 use tokio::time::Instant;
 
 use super::subs::{Budget, Stopped, Taken};
-use super::timers::Stamp;
 use super::{Conn, End, Socket};
+use crate::alarms::Stamp;
 use crate::error::CloseCode;
 use crate::protocol::server;
 use crate::rooms::{Drained, UserMsg};
@@ -44,7 +44,8 @@ enum Wake {
     /// Room frames were queued (Err: a room stopped serving us).
     Room(Result<Taken, Stopped>),
     Mailbox,
-    Timer,
+    /// The node's alarm rang for a deadline.
+    Alarm,
 }
 
 impl<S: Socket> Conn<S> {
@@ -57,8 +58,7 @@ impl<S: Socket> Conn<S> {
             }
         }
         let mut deadline = self.deadline();
-        let sleep = tokio::time::sleep_until(deadline.instant());
-        let mut sleep = std::pin::pin!(sleep);
+        self.arm(deadline);
         loop {
             // One hand-written poll over every source instead of `select!`:
             // readiness, rooms and mailbox register their wakers in place,
@@ -82,8 +82,8 @@ impl<S: Socket> Conn<S> {
                 if self.mailbox.poll_pending(cx).is_ready() {
                     return Poll::Ready(Wake::Mailbox);
                 }
-                if sleep.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Wake::Timer);
+                if self.mailbox.take_alarm() {
+                    return Poll::Ready(Wake::Alarm);
                 }
                 Poll::Pending
             })
@@ -97,7 +97,7 @@ impl<S: Socket> Conn<S> {
                 Wake::Writable => Ok(()),
                 Wake::Room(item) => self.on_room(item),
                 Wake::Mailbox => self.on_mailbox(),
-                Wake::Timer => self.on_timer(),
+                Wake::Alarm => self.on_alarm(),
             };
             let step = match step {
                 // Boxed: commands are rare next to deliveries, and their
@@ -131,11 +131,8 @@ impl<S: Socket> Conn<S> {
             if let Err(end) = self.flush() {
                 return end;
             }
-            let next = self.deadline();
-            if next != deadline {
-                deadline = next;
-                sleep.as_mut().reset(deadline.instant());
-            }
+            deadline = self.deadline();
+            self.arm(deadline);
         }
     }
 

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::timers::Stamp;
+use crate::alarms::Stamp;
 use super::{Conn, End, Socket};
 use crate::bus::Topic;
 use crate::error::{CloseCode, ErrorCode};

@@ -49,6 +49,7 @@ pub(super) fn metrics(app: &App) -> Response<Body> {
         members: node.membership.len(),
         backlog: node.rooms.backlog().owed(),
         backlog_limit: node.rooms.backlog().limit(),
+        alarms: node.alarms.pending(),
     };
     let mut text = node.metrics.render(&gauges, node.bus.health() == Health::Ok);
     for (name, help, value) in node.bus.gauges() {
