@@ -14,7 +14,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use herald::auth::{mint_hs256, Verifier};
 use herald::config::AuthConfig;
 use herald::protocol::{client, server, ChatId, UserId};
-use herald::rooms::{HistoryLimits, Rooms};
+use herald::rooms::{HistoryLimits, Joined, Mailbox, Rooms};
 
 const DATA: &str = r#"{"id":"0d6a8c59-3c1e-4b8e-9d3e-5f3b2a1c0e9f","content":"Hello, how is the release going?","sender_id":"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b","created_at":"2026-01-15T10:30:00Z"}"#;
 
@@ -55,14 +55,28 @@ fn fanout(c: &mut Criterion) {
         let chat = ChatId::from_u128(1);
         // Each subscriber counted in the node's backlog, as a placed
         // connection is: every publish charges it (the admission signal).
-        let mut receivers: Vec<_> = (0..subscribers)
+        let mailbox = Arc::new(Mailbox::new(8));
+        let joined: Vec<_> = (0..subscribers)
             .map(|_| {
-                let (room, rx) = rooms.join(chat, UserId::from_u128(1));
+                let (room, joined) = rooms.join(chat, UserId::from_u128(1), &mailbox);
                 room.count_reader(0);
-                rx
+                (room, joined)
             })
             .collect();
-        let mut seq = 0;
+        // The room's first event makes its ring and everyone's receiver.
+        rooms.publish(chat, 1, server::room_event("message.new", chat, 1, DATA));
+        let mut receivers: Vec<_> = joined
+            .into_iter()
+            .filter_map(|(room, joined)| match joined {
+                Joined::Live(rx) => Some(rx),
+                Joined::Waiting(ticket) => room.take_receiver(ticket),
+            })
+            .collect();
+        assert_eq!(receivers.len(), subscribers);
+        for rx in &mut receivers {
+            black_box(rx.try_recv().ok());
+        }
+        let mut seq = 1;
         let frame = server::room_event("message.new", chat, 1, DATA);
         group.throughput(Throughput::Elements(subscribers as u64));
         // One publish (backlog charge + history push + ring send), then every
@@ -131,10 +145,14 @@ fn churn(c: &mut Criterion) {
                 for t in 0..threads {
                     let rooms = &rooms;
                     s.spawn(move || {
+                        let mailbox = Arc::new(Mailbox::new(8));
                         for i in 0..per_thread {
                             let chat = ChatId::from_u128(((t * 7 + i) % 16) as u128);
-                            let rx = rooms.join(chat, UserId::from_u128(1));
-                            drop(rx);
+                            // Joining and leaving as a subscription does (its drop).
+                            match rooms.join(chat, UserId::from_u128(1), &mailbox) {
+                                (room, Joined::Waiting(ticket)) => room.stop_waiting(ticket),
+                                (_, Joined::Live(rx)) => drop(rx),
+                            }
                             rooms.leave(chat);
                         }
                     });

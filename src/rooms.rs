@@ -10,7 +10,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -99,10 +99,14 @@ struct Held {
 /// from the ring; a reader that lags the ring, or recovers after `since`,
 /// reads the history at its own pace.
 pub struct Room {
-    /// The live ring (`rooms.buffer` frames), made when the first
-    /// subscriber joins: a room that only holds history (publishers made
-    /// it) preallocates nothing. Receivers are the room's subscribers here.
+    /// The live ring (`rooms.buffer` frames), made by the first publish
+    /// that has a subscriber to reach: a room that only holds history, or
+    /// whose subscribers have had nothing yet, preallocates nothing (its
+    /// channel and slots are most of a small room's cost). Receivers are
+    /// the room's subscribers here, with those still in `waiting`.
     ring: OnceLock<broadcast::Sender<Frame>>,
+    /// Subscribers that joined before the ring existed.
+    waiting: Mutex<Waiting>,
     /// History and revocations, boxed only while the room has any.
     state: Mutex<Lazy>,
     /// The last `seq` published here.
@@ -113,6 +117,31 @@ pub struct Room {
     /// publish, only under the `state` lock.
     readers: AtomicU32,
     backlog: Arc<Backlog>,
+}
+
+/// How a subscription joined its room.
+pub enum Joined {
+    /// The ring exists: this receiver sees every frame published from now.
+    Live(broadcast::Receiver<Frame>),
+    /// No ring yet: the subscriber waits under this ticket. The publish that
+    /// makes the ring makes its receiver too, before sending its frame, and
+    /// nudges its mailbox; it takes the receiver with
+    /// [`Room::take_receiver`].
+    Waiting(u32),
+}
+
+/// Subscribers of a room that joined before it had a ring, by ticket.
+#[derive(Default)]
+struct Waiting {
+    entries: Vec<(u32, Waiter)>,
+    next_ticket: u32,
+}
+
+enum Waiter {
+    /// No ring yet: whom to nudge when it is made.
+    Asleep(Weak<Mailbox>),
+    /// The ring was made: this subscriber's receiver, until it takes it.
+    Ready(broadcast::Receiver<Frame>),
 }
 
 /// What a room holds besides its ring, allocated only while it holds
@@ -162,6 +191,7 @@ impl Room {
     fn new(backlog: Arc<Backlog>) -> Room {
         Room {
             ring: OnceLock::new(),
+            waiting: Mutex::new(Waiting::default()),
             state: Mutex::new(Lazy::default()),
             head: AtomicU64::new(0),
             any_revoked: AtomicBool::new(false),
@@ -279,7 +309,77 @@ impl Room {
 
     /// Subscribers of this room on this node.
     pub fn subscribers(&self) -> usize {
-        self.ring.get().map_or(0, broadcast::Sender::receiver_count)
+        let waiting = self.waiting();
+        let asleep = waiting.entries.iter().filter(|(_, w)| matches!(w, Waiter::Asleep(_))).count();
+        asleep + self.ring.get().map_or(0, broadcast::Sender::receiver_count)
+    }
+
+    fn waiting(&self) -> MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Joins: a receiver of the ring, or a ticket to wait for it.
+    fn join(&self, mailbox: &Arc<Mailbox>) -> Joined {
+        let mut waiting = self.waiting();
+        if let Some(ring) = self.ring.get() {
+            return Joined::Live(ring.subscribe());
+        }
+        let ticket = waiting.next_ticket;
+        waiting.next_ticket = ticket.wrapping_add(1);
+        waiting.entries.push((ticket, Waiter::Asleep(Arc::downgrade(mailbox))));
+        Joined::Waiting(ticket)
+    }
+
+    /// The ring to send on: made now, with a receiver for every waiting
+    /// subscriber, if there is none yet and anyone waits for it.
+    fn ring_for_send(&self, capacity: usize) -> Option<&broadcast::Sender<Frame>> {
+        if let Some(ring) = self.ring.get() {
+            return Some(ring);
+        }
+        let mut nudge = Vec::new();
+        let ring = {
+            let mut waiting = self.waiting();
+            if waiting.entries.is_empty() {
+                return None;
+            }
+            let ring = self.ring.get_or_init(|| broadcast::channel(capacity).0);
+            for (_, waiter) in &mut waiting.entries {
+                if let Waiter::Asleep(mailbox) = waiter {
+                    nudge.extend(mailbox.upgrade());
+                    *waiter = Waiter::Ready(ring.subscribe());
+                }
+            }
+            ring
+        };
+        for mailbox in nudge {
+            mailbox.nudge();
+        }
+        Some(ring)
+    }
+
+    /// The receiver made for the subscriber waiting under `ticket`, once
+    /// the ring exists.
+    pub fn take_receiver(&self, ticket: u32) -> Option<broadcast::Receiver<Frame>> {
+        self.ring.get()?;
+        let mut waiting = self.waiting();
+        let at = waiting.entries.iter().position(|(t, w)| *t == ticket && matches!(w, Waiter::Ready(_)))?;
+        let (_, waiter) = waiting.entries.swap_remove(at);
+        if waiting.entries.is_empty() {
+            waiting.entries = Vec::new();
+        }
+        match waiter {
+            Waiter::Ready(rx) => Some(rx),
+            Waiter::Asleep(_) => None,
+        }
+    }
+
+    /// The subscriber waiting under `ticket` left.
+    pub fn stop_waiting(&self, ticket: u32) {
+        let mut waiting = self.waiting();
+        waiting.entries.retain(|(t, _)| *t != ticket);
+        if waiting.entries.is_empty() {
+            waiting.entries = Vec::new();
+        }
     }
 }
 
@@ -319,17 +419,19 @@ impl Rooms {
         Arc::new(Room::new(self.backlog.clone()))
     }
 
-    /// Joins a room, creating it on first use; the receiver sees every frame
-    /// published after this call. Done under the map entry's lock, so it
-    /// cannot interleave with [`Rooms::leave`] removing the same room.
-    /// A user joining again (a member re-added) lifts an earlier removal.
-    pub fn join(&self, chat: ChatId, user: UserId) -> (Arc<Room>, broadcast::Receiver<Frame>) {
+    /// Joins a room, creating it on first use; the subscriber receives
+    /// every frame published after this call (through its receiver, or the
+    /// one the first publish makes for it, nudging `mailbox`). Done under
+    /// the map entry's lock, so it cannot interleave with [`Rooms::leave`]
+    /// removing the same room. A user joining again (a member re-added)
+    /// lifts an earlier removal.
+    pub fn join(&self, chat: ChatId, user: UserId, mailbox: &Arc<Mailbox>) -> (Arc<Room>, Joined) {
         let entry = self.rooms.entry(chat).or_insert_with(|| self.new_room());
-        let rx = entry.ring.get_or_init(|| broadcast::channel(self.ring).0).subscribe();
+        let joined = entry.join(mailbox);
         if entry.any_revoked.load(Ordering::Acquire) {
             entry.set_revoked(user, None);
         }
-        (entry.clone(), rx)
+        (entry.clone(), joined)
     }
 
     /// `user` was removed from `chat`: its readers of the room on this node
@@ -384,7 +486,7 @@ impl Rooms {
                 self.keep(&mut held, seq, &bytes, now);
             }
         }
-        match room.ring.get() {
+        match room.ring_for_send(self.ring) {
             Some(ring) if ring.receiver_count() > 0 => ring.send(Frame::new(seq, bytes, now)).unwrap_or(0),
             _ => 0,
         }
@@ -580,6 +682,13 @@ impl Mailbox {
         self.alarm.swap(false, Ordering::Acquire)
     }
 
+    /// A room this connection waits on made its ring: look at the rooms.
+    /// Signalled like a push, so a nudge between the connection's look at
+    /// its rooms and its registering with the mailbox is not lost.
+    pub fn nudge(&self) {
+        self.signal();
+    }
+
     fn signal(&self) {
         self.pending.store(true, Ordering::Release);
         self.waker.wake();
@@ -745,16 +854,31 @@ mod tests {
         Ok(got)
     }
 
+    fn mailbox() -> Arc<Mailbox> {
+        Arc::new(Mailbox::new(8))
+    }
+
+    fn ticket(joined: Joined) -> u32 {
+        match joined {
+            Joined::Waiting(ticket) => ticket,
+            Joined::Live(_) => panic!("joined a ring that should not exist yet"),
+        }
+    }
+
     #[test]
     fn rooms_live_while_they_have_subscribers_or_history() {
         let rooms = Rooms::new(4, LIMITS);
         let chat = ChatId::from_u128(1);
-        let (_, a) = rooms.join(chat, UserId::from_u128(99));
-        let (_, mut b) = rooms.join(chat, UserId::from_u128(99));
+        let mb = mailbox();
+        let (_, a) = rooms.join(chat, UserId::from_u128(99), &mb);
+        let (room, b) = rooms.join(chat, UserId::from_u128(99), &mb);
+        let (a, b) = (ticket(a), ticket(b));
         assert_eq!((rooms.len(), rooms.subscribers(chat)), (1, 2));
         assert_eq!(rooms.publish(chat, 1, frame(1)), 2);
+        let mut b = room.take_receiver(b).expect("the ring's first publish made b's receiver");
         assert_eq!(b.try_recv().unwrap().seq(), 1);
-        drop((a, b));
+        room.stop_waiting(a);
+        drop(b);
         rooms.leave(chat);
         assert_eq!(rooms.len(), 1, "history keeps the room");
         rooms.sweep(Instant::now() + LIMITS.ttl);
@@ -763,16 +887,45 @@ mod tests {
     }
 
     #[test]
+    fn a_room_makes_its_ring_for_the_first_frame_a_subscriber_waits_for() {
+        let rooms = Rooms::new(4, LIMITS);
+        let chat = ChatId::from_u128(9);
+        assert_eq!(rooms.publish(chat, 1, frame(1)), 0);
+        let room = rooms.get(chat).unwrap();
+        assert!(room.ring.get().is_none(), "history alone makes no ring");
+
+        let (waiter, left) = (mailbox(), mailbox());
+        let (_, joined) = rooms.join(chat, UserId::from_u128(1), &waiter);
+        let first = ticket(joined);
+        let (_, joined) = rooms.join(chat, UserId::from_u128(2), &left);
+        room.stop_waiting(ticket(joined));
+        assert!(room.ring.get().is_none(), "joining makes no ring either");
+        assert_eq!((room.subscribers(), room.take_receiver(first).is_none()), (1, true));
+        assert!(!waiter.take_pending());
+
+        assert_eq!(rooms.publish(chat, 2, frame(2)), 1, "sent to the one still waiting");
+        assert!(waiter.take_pending(), "its mailbox was nudged");
+        assert!(!left.take_pending(), "who left is not");
+        let mut rx = room.take_receiver(first).expect("made with the ring");
+        assert_eq!(rx.try_recv().unwrap().seq(), 2);
+        assert!(room.take_receiver(first).is_none(), "taken once");
+        assert_eq!(room.waiting().entries.capacity(), 0, "nothing left waiting, nothing kept");
+
+        let (_, joined) = rooms.join(chat, UserId::from_u128(3), &left);
+        assert!(matches!(joined, Joined::Live(_)), "later subscribers join the ring");
+    }
+
+    #[test]
     fn a_removed_user_is_cut_off_at_the_head_until_it_joins_again() {
         let rooms = Rooms::new(4, LIMITS);
         let (chat, alice, bob) = (ChatId::from_u128(8), UserId::from_u128(1), UserId::from_u128(2));
-        let (room, _rx) = rooms.join(chat, alice);
+        let (room, _joined) = rooms.join(chat, alice, &mailbox());
         rooms.publish(chat, 1, frame(1));
         assert_eq!(room.cutoff(alice), None);
         rooms.revoke(chat, alice);
         rooms.publish(chat, 2, frame(2));
         assert_eq!((room.cutoff(alice), room.cutoff(bob)), (Some(1), None));
-        let (_, _again) = rooms.join(chat, alice);
+        let (_, _again) = rooms.join(chat, alice, &mailbox());
         assert_eq!(room.cutoff(alice), None, "re-added and subscribed again");
     }
 
@@ -853,20 +1006,25 @@ mod tests {
     fn join_racing_the_last_leave_is_never_lost() {
         let rooms = Arc::new(Rooms::new(4, HistoryLimits { size: 0, ..LIMITS }));
         let chat = ChatId::from_u128(7);
+        let mb = mailbox();
         for seq in 0..200u64 {
-            let first = rooms.join(chat, UserId::from_u128(99));
+            let (first_room, first) = rooms.join(chat, UserId::from_u128(99), &mb);
             let barrier = Arc::new(Barrier::new(2));
-            let (r, b) = (rooms.clone(), barrier.clone());
+            let (r, b, m) = (rooms.clone(), barrier.clone(), mb.clone());
             let joiner = std::thread::spawn(move || {
                 b.wait();
-                r.join(chat, UserId::from_u128(99))
+                r.join(chat, UserId::from_u128(99), &m)
             });
             barrier.wait();
-            drop(first);
+            first_room.stop_waiting(ticket(first));
             rooms.leave(chat);
-            let (_, mut second) = joiner.join().unwrap();
+            let (room, second) = joiner.join().unwrap();
             // Whatever the interleaving, the joiner's room is the live one.
             assert_eq!(rooms.publish(chat, seq, frame(seq)), 1);
+            let mut second = match second {
+                Joined::Live(rx) => rx,
+                Joined::Waiting(ticket) => room.take_receiver(ticket).unwrap(),
+            };
             assert_eq!(second.try_recv().unwrap().seq(), seq);
             drop(second);
             rooms.leave(chat);

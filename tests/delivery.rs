@@ -264,3 +264,43 @@ async fn a_user_named_twice_in_user_ids_gets_the_event_once() {
     assert_eq!(c.recv().await, json!({"type":"task.updated","data":{"n":1}}));
     assert_eq!(c.recv().await, json!({"type":"notification.new","data":{"marker":true}}));
 }
+
+/// Rooms make their live ring at their first event, not at the first
+/// subscriber: whoever subscribed before it (and is still there) gets it,
+/// and whoever left first leaves nothing behind.
+#[tokio::test]
+async fn subscribers_who_joined_before_a_room_had_any_event_get_its_first_one() {
+    let gw = start(support::config()).await;
+    let (busy, quiet) = (chat(), chat());
+    let mut stay = Vec::new();
+    for _ in 0..6 {
+        let mut c = gw.connect(user(), &[]).await;
+        c.subscribe(busy).await;
+        stay.push(c);
+    }
+    let mut gone = gw.connect(user(), &[]).await;
+    gone.subscribe(busy).await;
+    gone.subscribe(quiet).await;
+    gone.send_json(json!({"type":"unsubscribe","chat_id":quiet})).await;
+    assert_eq!(gone.recv().await["type"], "unsubscribed");
+    drop(gone);
+    gw.wait_metric("connections", 6.0).await;
+    assert_eq!(gw.metric("rooms").await, 1.0, "the room left before any event is gone");
+    assert_eq!(gw.metric("subscriptions").await, 6.0);
+
+    for n in 1..=3 {
+        let (status, _) = gw.publish(&message_sent(busy, &json!({ "n": n }))).await;
+        assert_eq!(status, 202);
+    }
+    for c in &mut stay {
+        for n in 1..=3 {
+            let msg = c.recv().await;
+            assert_eq!((msg["seq"].as_u64(), &msg["data"]["n"]), (Some(n), &json!(n)), "{msg}");
+        }
+    }
+    // A subscriber joining once the ring exists is live at once too.
+    let mut late = gw.connect(user(), &[]).await;
+    late.subscribe(busy).await;
+    gw.publish(&message_sent(busy, &json!({ "n": 4 }))).await;
+    assert_eq!(late.recv().await["seq"], 4);
+}

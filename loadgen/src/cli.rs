@@ -130,6 +130,12 @@ pub(crate) struct IdleArgs {
     /// (mod --rooms). With --rooms = conns * n every room has one subscriber.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub(crate) subs_per_conn: u32,
+    /// Once every connection is subscribed, publish one message.sent event to every room they
+    /// subscribed to (POST /api/events, needs --api-key) and wait up to 30 s until each
+    /// connection has received one per room, before the "subscribed" RSS sample: the memory
+    /// figures then describe rooms that carry an event. Exits non-zero when some did not arrive.
+    #[arg(long)]
+    pub(crate) warm: bool,
 }
 
 #[derive(Debug, Args)]
@@ -301,6 +307,20 @@ mod tests {
         );
         assert_eq!(f.common.source_addrs.len(), 2);
         assert_eq!(f.common.url, "http://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn parses_an_idle_run_warm_or_not() {
+        let parse = |extra: &[&str]| {
+            let args = ["loadgen", "idle", "--jwt-secret", "s", "--conns", "20", "--rooms", "5"];
+            let cli = Cli::try_parse_from(args.iter().chain(extra)).expect("parses");
+            let Command::Idle(a) = cli.command else { panic!("idle") };
+            a
+        };
+        let cold = parse(&[]);
+        assert_eq!((cold.conns, cold.rooms, cold.warm, cold.ping_check), (20, 5, false, false));
+        let warm = parse(&["--warm", "--ping-check"]);
+        assert!(warm.warm && warm.ping_check);
     }
 
     #[test]

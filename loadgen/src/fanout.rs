@@ -102,6 +102,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
         end,
         run_id,
         content: "x".repeat(args.content_bytes as usize),
+        events: None,
     });
     let pstats = Arc::new(publish::Stats::new(rooms.len()));
     let publisher = publish::spawn_thread(plan, pstats.clone())?;

@@ -1,10 +1,12 @@
-//! `loadgen idle`: open N subscribed connections, hold them answering pings, optionally prove each
-//! is alive with an application ping, and report connect rate and server memory per connection.
+//! `loadgen idle`: open N subscribed connections, optionally warm every room they joined with one
+//! published event (`--warm`), hold them answering pings, optionally prove each is alive with an
+//! application ping, and report connect rate and server memory per connection.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::{bail, Context as _};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -16,9 +18,10 @@ use crate::msg::{self, ServerMsg};
 use crate::pool::{self, Phase, Spec};
 use crate::procfs::{self, CpuMark};
 use crate::progress::Progress;
-use crate::report::{ConnectSummary, IdleReport};
-use crate::stats::Shared;
-use crate::target;
+use crate::publish::{self, Plan};
+use crate::report::{ConnectSummary, IdleReport, PublishSummary};
+use crate::stats::{Local, SeqOutcome, SeqTracker, Shared};
+use crate::target::{self, Target};
 use crate::ws::{Incoming, WsClient};
 
 /// How long connection tasks get to close cleanly before they are aborted.
@@ -27,16 +30,43 @@ const CLOSE_GRACE: Duration = Duration::from_secs(10);
 const PING_CHECK_WAIT: Duration = Duration::from_secs(5);
 /// Pause after the last subscribe before reading the server's RSS, so its allocations settle.
 const RSS_SETTLE: Duration = Duration::from_millis(500);
-/// Small read buffer: idle connections receive only acks and pings.
+/// Small read buffer: idle connections receive only acks, pings and, with `--warm`, one small
+/// event per room.
 const BUF_SIZE: usize = 1024;
+/// How long `--warm` waits for every connection's room events (publishing included).
+const WARM_WAIT: Duration = Duration::from_secs(30);
+/// Events per warm-up POST (a JSON array): ~250 bytes each, so a request stays far below the
+/// server's default 1 MiB `server.max_body_bytes` and within `--batch`'s cap of 10,000.
+const WARM_BATCH: usize = 1000;
+/// Warm-up publish requests outstanding at once (one keep-alive connection each).
+const WARM_IN_FLIGHT: usize = 4;
+
+/// What `--warm` did.
+struct Warm {
+    rooms: u64,
+    publish: PublishSummary,
+    expected: u64,
+    received: u64,
+    secs: f64,
+}
 
 pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<IdleReport> {
     let common = &args.common;
     common.check_durations(&[("--hold", args.hold)])?;
+    let api_key = if args.warm {
+        if args.subs_per_conn > args.rooms {
+            bail!("--warm needs --subs-per-conn <= --rooms (one event per room and connection)");
+        }
+        Some(common.api_key.clone().context("--warm publishes events: give --api-key (or LOADGEN_API_KEY)")?)
+    } else {
+        None
+    };
     let target = target::resolve(&common.url, common.allow_remote).await?;
     let mut notes = Vec::new();
     let conns = pool::cap_conns(args.conns, 0, &mut notes);
     let rooms: Vec<Uuid> = (0..args.rooms).map(|i| room_id(common.room_group, i)).collect();
+    // Stamped into warm events so that other runs' events in the same rooms are told apart.
+    let run_id = Uuid::new_v4().as_u64_pair().0 >> 1;
     let shared = Arc::new(Shared::new());
     let mut progress = Progress::new(common.json);
     let pid = common.server_pid;
@@ -45,7 +75,7 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<IdleReport> {
         notes.push(format!("cannot read /proc/{}/status: no server memory figures", pid.unwrap_or(0)));
     }
 
-    let mut spec = Spec::new(common, vec![target], rooms, BUF_SIZE);
+    let mut spec = Spec::new(common, vec![target.clone()], rooms.clone(), BUF_SIZE);
     spec.subs_per_conn = args.subs_per_conn as usize;
     let spec = Arc::new(spec);
     let conn_shared = shared.clone();
@@ -56,10 +86,24 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<IdleReport> {
         common.connect_deadline,
         CLOSE_GRACE,
         &mut progress,
-        move |client, _opened, phase| connection(client, conn_shared.clone(), phase),
+        move |client, _opened, phase| connection(client, conn_shared.clone(), run_id, phase),
     )
     .await?;
     let subscribed = shared.subscribed.load(Relaxed);
+    let warm = match api_key {
+        Some(api_key) => {
+            // Rooms with a subscriber, and how many: a connection's rooms are distinct
+            // (subs-per-conn <= rooms), so each subscription is one event frame due.
+            let joined: Vec<(Uuid, u64)> = rooms
+                .iter()
+                .zip(pool.per_room.iter())
+                .map(|(room, n)| (*room, n.load(Relaxed)))
+                .filter(|(_, n)| *n > 0)
+                .collect();
+            Some(warm_up(target, api_key, joined, &shared, run_id, &mut progress, &mut notes).await)
+        }
+        None => None,
+    };
     tokio::time::sleep(RSS_SETTLE).await;
     let rss_after = pid.and_then(|p| procfs::rss_bytes(Some(p)).ok());
 
@@ -95,6 +139,13 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<IdleReport> {
     progress.finish();
 
     let cpu = mark1.since(&mark0);
+    let foreign = shared.foreign_deliveries.load(Relaxed);
+    let malformed = shared.malformed.load(Relaxed);
+    if foreign + malformed > 0 {
+        notes.push(format!(
+            "{foreign} room events of other runs and {malformed} unreadable room frames arrived (not counted)"
+        ));
+    }
     let connect_secs = connect_time.as_secs_f64();
     Ok(IdleReport {
         mode: "idle",
@@ -107,6 +158,13 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<IdleReport> {
         server_pings_answered: shared.pings_answered.load(Relaxed),
         ping_check_sent: ping_sent,
         ping_check_pongs: ping_pongs,
+        warm: warm.is_some(),
+        warm_rooms: warm.as_ref().map(|w| w.rooms),
+        warm_events_expected: warm.as_ref().map(|w| w.expected),
+        warm_events_received: warm.as_ref().map(|w| w.received),
+        warm_events_duplicated: warm.as_ref().map(|_| shared.duplicated.load(Relaxed)),
+        warm_secs: warm.as_ref().map(|w| w.secs),
+        warm_publish: warm.map(|w| w.publish),
         server_rss_before_bytes: rss_before,
         server_rss_after_bytes: rss_after,
         server_rss_bytes: rss_end,
@@ -127,9 +185,91 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<IdleReport> {
     })
 }
 
+/// Publishes one event to each `joined` room (given with its subscriber count) and waits until
+/// every connection has received one per room, or [`WARM_WAIT`] passed (the shortfall is
+/// reported).
+async fn warm_up(
+    target: Target,
+    api_key: String,
+    joined: Vec<(Uuid, u64)>,
+    shared: &Shared,
+    run_id: u64,
+    progress: &mut Progress,
+    notes: &mut Vec<String>,
+) -> Warm {
+    let (warm_rooms, subscribers): (Vec<Uuid>, Vec<u64>) = joined.into_iter().unzip();
+    let expected: u64 = subscribers.iter().sum();
+    let count = warm_rooms.len();
+    let start = Instant::now();
+    let deadline = start + WARM_WAIT;
+    let plan = Arc::new(Plan {
+        targets: vec![target],
+        api_key,
+        rooms: warm_rooms,
+        batch: WARM_BATCH,
+        rate: 0,
+        in_flight: WARM_IN_FLIGHT.min(count.div_ceil(WARM_BATCH)),
+        start,
+        end: deadline,
+        run_id,
+        content: "x".to_owned(),
+        events: Some(count as u64),
+    });
+    let stats = Arc::new(publish::Stats::new(count));
+    let publisher = tokio::spawn(publish::run(plan, stats.clone()));
+    let stop_publisher = publisher.abort_handle();
+    progress.phase("warm", expected);
+    let received = loop {
+        let got = shared.own_deliveries.load(Relaxed);
+        progress.set(got, format!("events accepted {} of {count}", stats.events_accepted.load(Relaxed)));
+        if got >= expected || Instant::now() >= deadline {
+            break got;
+        }
+        if publisher.is_finished() && stats.events_uncertain.load(Relaxed) == 0 {
+            // Every publish was answered: only the accepted events' frames can still come.
+            let due: u64 = stats
+                .accepted_per_room
+                .iter()
+                .zip(&subscribers)
+                .map(|(events, n)| events.load(Relaxed) * n)
+                .sum();
+            if got >= due {
+                break got;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let secs = start.elapsed().as_secs_f64();
+    // The publishers stop by themselves at the deadline; a request then outstanding times out.
+    if tokio::time::timeout(Duration::from_secs(15), publisher).await.is_err() {
+        stop_publisher.abort();
+        notes.push("warm-up publishers did not stop in time".to_owned());
+    }
+    if stats.aborted.load(Relaxed) {
+        notes.push("the server refused the API key (401): warm-up publishing stopped".to_owned());
+    }
+    if received < expected {
+        // The wait ends at WARM_WAIT, or earlier once every publish was answered and the
+        // accepted events' frames are all in (nothing more can come).
+        notes.push(format!(
+            "warm: only {received} of {expected} room events arrived; gave up after {secs:.1} s \
+             (at most {} s)",
+            WARM_WAIT.as_secs()
+        ));
+    }
+    Warm { rooms: count as u64, publish: PublishSummary::new(&stats, secs), expected, received, secs }
+}
+
 /// One held connection: answers server pings, sends the application ping when asked, counts
-/// pongs, and records a server close.
-async fn connection(mut client: WsClient, shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+/// pongs and this run's warm events, and records a server close.
+async fn connection(
+    mut client: WsClient,
+    shared: Arc<Shared>,
+    run_id: u64,
+    mut phase: watch::Receiver<Phase>,
+) {
+    let mut local = Local::default();
+    let mut seqs = SeqTracker::default();
     'phases: loop {
         match *phase.borrow_and_update() {
             Phase::Stop => break,
@@ -140,14 +280,9 @@ async fn connection(mut client: WsClient, shared: Arc<Shared>, mut phase: watch:
         tokio::pin!(changed);
         loop {
             let mut close = None;
-            let mut pongs = 0;
             loop {
                 match client.next_incoming() {
-                    Ok(Some(Incoming::Text(p))) => {
-                        if matches!(msg::classify(p), ServerMsg::Pong) {
-                            pongs += 1;
-                        }
-                    }
+                    Ok(Some(Incoming::Text(p))) => on_text(p, run_id, &mut seqs, &mut local),
                     Ok(Some(Incoming::Binary)) => {}
                     Ok(Some(Incoming::Close(code))) => {
                         close = Some(code);
@@ -161,9 +296,7 @@ async fn connection(mut client: WsClient, shared: Arc<Shared>, mut phase: watch:
                     }
                 }
             }
-            if pongs > 0 {
-                shared.pongs.fetch_add(pongs, Relaxed);
-            }
+            shared.flush(&mut local);
             shared.pings_answered.fetch_add(client.take_pings(), Relaxed);
             if let Some(code) = close {
                 shared.closed(code);
@@ -194,4 +327,50 @@ async fn connection(mut client: WsClient, shared: Arc<Shared>, mut phase: watch:
         }
     }
     client.close().await;
+}
+
+/// Accounts one text frame: a pong, or a room event. This run publishes one event per room (with
+/// `--warm`), so the first of a room counts as received and any further one as a duplicate;
+/// events of other runs are foreign.
+fn on_text(p: &[u8], run_id: u64, seqs: &mut SeqTracker, local: &mut Local) {
+    match msg::classify(p) {
+        ServerMsg::Pong => local.pongs += 1,
+        ServerMsg::Delivery(d) if d.run == Some(run_id) => match seqs.observe(d.chat_id, d.seq) {
+            SeqOutcome::First => local.own += 1,
+            SeqOutcome::InOrder | SeqOutcome::Gap(_) | SeqOutcome::Duplicate => local.duplicated += 1,
+        },
+        ServerMsg::Delivery(_) => local.foreign += 1,
+        ServerMsg::Malformed => local.malformed += 1,
+        ServerMsg::Subscribed(_) | ServerMsg::Error(_) | ServerMsg::Other => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(room: u32, seq: u64, run: u64) -> String {
+        format!(
+            r#"{{"type":"message.new","chat_id":"{}","seq":{seq},"data":{{"id":"i","content":"x","ts":1,"run":{run}}}}}"#,
+            room_id(0, room)
+        )
+    }
+
+    #[test]
+    fn counts_one_warm_event_per_room_pongs_duplicates_and_foreign_events() {
+        let mut seqs = SeqTracker::default();
+        let mut local = Local::default();
+        for frame in [
+            event(0, 1, 7),
+            event(1, 4, 7),
+            event(1, 4, 7), // the same event again
+            event(2, 9, 3), // another run's event
+            r#"{"type":"pong"}"#.to_owned(),
+            r#"{"type":"message.new","chat_id":"a","data":{}}"#.to_owned(),
+        ] {
+            on_text(frame.as_bytes(), 7, &mut seqs, &mut local);
+        }
+        assert_eq!((local.own, local.duplicated, local.foreign), (2, 1, 1));
+        assert_eq!((local.pongs, local.malformed), (1, 1));
+    }
 }

@@ -75,7 +75,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Idle(args) => {
                 let json = args.common.json;
                 let report = idle::run(args).await?;
-                print(json, &report, report.human())
+                print(json, &report, report.human())?;
+                if let Some((received, expected)) = report.warm_shortfall() {
+                    anyhow::bail!(
+                        "--warm: only {received} of {expected} room events reached their connections"
+                    );
+                }
+                Ok(())
             }
             Command::Recovery(args) => {
                 let json = args.common.json;

@@ -1,5 +1,6 @@
 //! The publishers: `--in-flight` keep-alive connections POSTing `message.sent` events (one object or
-//! a `--batch` array, rooms round-robin) at `--rate` events/s or as fast as answers come back.
+//! a `--batch` array, rooms round-robin) at `--rate` events/s or as fast as answers come back,
+//! until the end of the run or, with [`Plan::events`], once that many events have been sent.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -34,6 +35,20 @@ pub(crate) struct Plan {
     pub(crate) run_id: u64,
     /// The `content` text of each message.
     pub(crate) content: String,
+    /// Publish exactly this many events (event `n` to room `n % rooms`, the last request holding
+    /// what is left), then stop; `None` publishes until `end`.
+    pub(crate) events: Option<u64>,
+}
+
+impl Plan {
+    /// Events in request `k`: `batch`, fewer for the last request of a bounded plan, 0 past it.
+    pub(crate) fn request_events(&self, k: u64) -> u64 {
+        let batch = self.batch as u64;
+        match self.events {
+            Some(total) => total.saturating_sub(k.saturating_mul(batch)).min(batch),
+            None => batch,
+        }
+    }
 }
 
 /// Publisher outcomes. Shared by the workers and the runner through an `Arc`.
@@ -93,7 +108,7 @@ pub(crate) fn write_body(plan: &Plan, k: u64, ts: u64, out: &mut Vec<u8>) {
         out.push(b'[');
     }
     let sender = Uuid::from_u64_pair(plan.run_id, u64::MAX);
-    for j in 0..plan.batch as u64 {
+    for j in 0..plan.request_events(k) {
         let n = k * plan.batch as u64 + j;
         if j > 0 {
             out.push(b',');
@@ -154,6 +169,10 @@ async fn worker(plan: Arc<Plan>, stats: Arc<Stats>, index: usize) {
             return;
         }
         let k = stats.next_request.fetch_add(1, Relaxed);
+        if plan.request_events(k) == 0 {
+            // A bounded plan handed out its last event.
+            return;
+        }
         let due = plan.start + Duration::from_nanos((k as f64 * interval_ns) as u64);
         if due >= plan.end {
             return;
@@ -202,7 +221,7 @@ async fn publish_one(
     loop {
         write_body(plan, k, unix_nanos(), body);
         stats.requests.fetch_add(1, Relaxed);
-        let batch = plan.batch as u64;
+        let batch = plan.request_events(k);
         // A request still unanswered shortly after the end is given up: the run must stop on time.
         let limit = REQUEST_TIMEOUT.min((plan.end + END_GRACE).saturating_duration_since(Instant::now()));
         let answer = tokio::time::timeout(limit, c.post_json(&target.host, path, &plan.api_key, body)).await;
@@ -226,7 +245,7 @@ async fn publish_one(
                     stats.events_accepted.fetch_add(accepted, Relaxed);
                     if accepted == batch {
                         for j in 0..batch {
-                            let room = ((k * batch + j) % rooms) as usize;
+                            let room = ((k * plan.batch as u64 + j) % rooms) as usize;
                             stats.accepted_per_room[room].fetch_add(1, Relaxed);
                         }
                     } else {
@@ -279,6 +298,7 @@ mod tests {
             end: now,
             run_id: 5,
             content: "x".into(),
+            events: None,
         }
     }
 
@@ -308,5 +328,19 @@ mod tests {
         let mut ids: Vec<&str> = v.iter().map(|e| e["data"]["id"].as_str().unwrap_or("")).collect();
         ids.dedup();
         assert_eq!(ids.len(), 4);
+    }
+
+    #[test]
+    fn bounded_plan_sends_each_event_once_and_stops() {
+        // 7 events in batches of 3: requests of 3, 3 and 1, then nothing.
+        let p = Plan { events: Some(7), ..plan(3) };
+        assert_eq!((0..5).map(|k| p.request_events(k)).collect::<Vec<_>>(), [3, 3, 1, 0, 0]);
+        let mut out = Vec::new();
+        write_body(&p, 2, 9, &mut out);
+        let v: Vec<serde_json::Value> = serde_json::from_slice(&out).expect("valid JSON array");
+        // Event 6 -> room 0, alone in the last request.
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0]["chat_id"], room_id(0, 0).to_string());
+        assert_eq!(plan(3).request_events(1_000), 3);
     }
 }

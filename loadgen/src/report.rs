@@ -204,6 +204,20 @@ pub(crate) struct IdleReport {
     pub(crate) server_pings_answered: u64,
     pub(crate) ping_check_sent: Option<u64>,
     pub(crate) ping_check_pongs: Option<u64>,
+    /// `--warm`: one event was published to every subscribed room before the memory sample.
+    pub(crate) warm: bool,
+    /// With `--warm`: rooms published to (one event each).
+    pub(crate) warm_rooms: Option<u64>,
+    /// With `--warm`: how the warm-up publishes went.
+    pub(crate) warm_publish: Option<PublishSummary>,
+    /// With `--warm`: room event frames due, one per subscribed room per connection.
+    pub(crate) warm_events_expected: Option<u64>,
+    /// With `--warm`: distinct (connection, room) warm events that arrived within the wait.
+    pub(crate) warm_events_received: Option<u64>,
+    /// With `--warm`: warm events a connection received again for the same room.
+    pub(crate) warm_events_duplicated: Option<u64>,
+    /// With `--warm`: from the first publish until every event arrived (or the wait ended).
+    pub(crate) warm_secs: Option<f64>,
     pub(crate) server_rss_before_bytes: Option<u64>,
     pub(crate) server_rss_after_bytes: Option<u64>,
     pub(crate) server_rss_bytes: Option<u64>,
@@ -507,6 +521,7 @@ impl IdleReport {
         if let (Some(sent), Some(pongs)) = (self.ping_check_sent, self.ping_check_pongs) {
             t.row("ping check", format!("{pongs} pongs for {sent} pings"));
         }
+        self.warm_rows(&mut t);
         t.opt("server rss before", self.server_rss_before_bytes.map(mib));
         t.opt("server rss subscribed", self.server_rss_after_bytes.map(mib));
         t.opt("server rss at end", self.server_rss_bytes.map(mib));
@@ -521,6 +536,36 @@ impl IdleReport {
         t.opt("loadgen rss", self.loadgen_rss_bytes.map(mib));
         notes(&mut t, &self.notes);
         t.0
+    }
+}
+
+impl IdleReport {
+    /// With `--warm`, the warm events that did not arrive as "received of expected", if any.
+    pub(crate) fn warm_shortfall(&self) -> Option<(u64, u64)> {
+        let (received, expected) = (self.warm_events_received?, self.warm_events_expected?);
+        (received < expected).then_some((received, expected))
+    }
+
+    fn warm_rows(&self, t: &mut Table) {
+        let (Some(rooms), Some(expected), Some(received)) =
+            (self.warm_rooms, self.warm_events_expected, self.warm_events_received)
+        else {
+            t.row("warm", "no (rooms carry no event)");
+            return;
+        };
+        t.row("warm", format!("yes: one event to each of {rooms} rooms"));
+        if let Some(p) = &self.warm_publish {
+            p.rows(t, format!("{} of {rooms}", p.events_accepted));
+        }
+        let secs = self.warm_secs.unwrap_or(0.0);
+        let verdict = match self.warm_shortfall() {
+            None => format!("all arrived in {secs:.2} s"),
+            Some(_) => format!("FAIL: {} missing after {secs:.1} s", expected - received),
+        };
+        t.row("warm events received", format!("{received} of {expected} expected ({verdict})"));
+        if let Some(dup) = self.warm_events_duplicated.filter(|d| *d > 0) {
+            t.row("warm events duplicated", dup);
+        }
     }
 }
 

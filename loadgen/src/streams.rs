@@ -599,6 +599,7 @@ impl Harness {
             end,
             run_id: self.ctx.run_id,
             content: "x".repeat(s.content_bytes as usize),
+            events: None,
         });
         let done = publish::spawn_thread(plan, self.ctx.published.clone())?;
         Ok(Publishing { start, end, done, mark0: CpuMark::now(server_pid) })

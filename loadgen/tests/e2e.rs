@@ -113,6 +113,27 @@ fn idle_holds_connections_and_every_one_answers_ping() {
     assert_eq!(r["ping_check_pongs"], 100, "{r}");
     assert!(r["bytes_per_conn"].as_f64().is_some(), "{r}");
     assert!(r["bytes_per_conn_held"].as_f64().is_some(), "{r}");
+    // Nothing was published: the rooms stayed cold.
+    assert_eq!(r["warm"], false, "{r}");
+    assert!(r["warm_events_received"].is_null(), "{r}");
+}
+
+#[test]
+fn idle_warm_delivers_one_event_per_room_to_every_connection() {
+    let node = start_node();
+    let r = loadgen(
+        &node,
+        &["idle", "--conns", "50", "--rooms", "40", "--subs-per-conn", "2", "--hold", "200ms", "--warm"],
+    );
+    assert_eq!(r["conns_subscribed"], 50, "{r}");
+    assert_eq!(r["warm"], true, "{r}");
+    // 100 subscriptions cover all 40 rooms: one event each, one frame per subscription.
+    assert_eq!(r["warm_rooms"], 40, "{r}");
+    assert_eq!(r["warm_publish"]["events_accepted"], 40, "{r}");
+    assert_eq!(r["warm_events_expected"], 100, "{r}");
+    assert_eq!(r["warm_events_received"], 100, "{r}");
+    assert_eq!(r["warm_events_duplicated"], 0, "{r}");
+    assert!(r["bytes_per_conn"].as_f64().is_some(), "{r}");
 }
 
 #[test]

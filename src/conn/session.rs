@@ -4,8 +4,8 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::alarms::Stamp;
 use super::{Conn, End, Socket};
+use crate::alarms::Stamp;
 use crate::bus::Topic;
 use crate::error::{CloseCode, ErrorCode};
 use crate::membership;
@@ -99,10 +99,11 @@ impl<S: Socket> Conn<S> {
         }
         // Join the ring first, then watch the bus, then ask the bus for the
         // position: every event after that position is then either in this
-        // receiver or in the room's history, and the ring's copies of
-        // anything at or before it are skipped by seq.
-        let (room, rx) = self.node.rooms.join(chat, self.user);
-        self.subs.insert(chat, room.clone(), rx);
+        // subscription's receiver (or the one the room makes for it with its
+        // ring) or in the room's history, and the ring's copies of anything
+        // at or before it are skipped by seq.
+        let (room, joined) = self.node.rooms.join(chat, self.user, &self.mailbox);
+        self.subs.insert(chat, room.clone(), joined);
         self.node.metrics.subscriptions_active.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.node.bus.watch(Topic::Room(chat)).await {
             tracing::warn!(%chat, error = %e, "cannot watch room on the bus");

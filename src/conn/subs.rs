@@ -17,7 +17,7 @@ use tokio::sync::broadcast::{error::RecvError, Receiver};
 use tokio_util::sync::ReusableBoxFuture;
 
 use crate::protocol::{ChatId, UserId};
-use crate::rooms::{Frame, Room};
+use crate::rooms::{Frame, Joined, Room};
 
 /// What a receive future resolves to: the outcome and the receiver back.
 type Received = (Result<Frame, RecvError>, Receiver<Frame>);
@@ -31,8 +31,9 @@ struct Sub {
     chat: ChatId,
     room: Arc<Room>,
     /// Owns the receiver while it waits. Boxed once per subscription and
-    /// reused for every frame.
-    next: ReusableBoxFuture<'static, Received>,
+    /// reused for every frame; none while the room has no ring yet (the
+    /// subscription waits under `ticket`).
+    next: Option<ReusableBoxFuture<'static, Received>>,
     /// The `seq` of the last frame queued for the client (its position).
     last: u64,
     /// Reading from history: the ring is ahead of `last + 1`.
@@ -41,12 +42,17 @@ struct Sub {
     placed: bool,
     /// Counted in the node's backlog: placed, and the connection not parked.
     counted: bool,
+    /// The room's ticket for this subscription while it has no receiver.
+    ticket: u32,
 }
 
 impl Drop for Sub {
     fn drop(&mut self) {
         if self.counted {
             self.room.uncount_reader(self.last);
+        }
+        if self.next.is_none() {
+            self.room.stop_waiting(self.ticket);
         }
     }
 }
@@ -112,13 +118,17 @@ impl Subscriptions {
 
     /// Adds a room whose position is not known yet: it takes nothing until
     /// [`Subscriptions::set_position`] places it.
-    pub(crate) fn insert(&mut self, chat: ChatId, room: Arc<Room>, rx: Receiver<Frame>) {
+    pub(crate) fn insert(&mut self, chat: ChatId, room: Arc<Room>, joined: Joined) {
         if self.subs.capacity() == 0 {
             // Most connections watch one room: don't reserve four.
             self.subs.reserve_exact(1);
         }
-        let next = ReusableBoxFuture::new(receive(rx));
-        let sub = Sub { chat, room, next, last: u64::MAX, behind: false, placed: false, counted: false };
+        let (next, ticket) = match joined {
+            Joined::Live(rx) => (Some(ReusableBoxFuture::new(receive(rx))), 0),
+            Joined::Waiting(ticket) => (None, ticket),
+        };
+        let sub =
+            Sub { chat, room, next, last: u64::MAX, behind: false, placed: false, counted: false, ticket };
         self.subs.push(sub);
     }
 
@@ -211,10 +221,18 @@ impl Subscriptions {
                     sub.behind = !read.at_head;
                     continue;
                 }
-                match sub.next.poll(cx) {
+                let next = match &mut sub.next {
+                    Some(next) => next,
+                    None => match sub.room.take_receiver(sub.ticket) {
+                        Some(rx) => sub.next.insert(ReusableBoxFuture::new(receive(rx))),
+                        // No ring yet: the publish that makes it nudges our mailbox.
+                        None => break,
+                    },
+                };
+                match next.poll(cx) {
                     Poll::Pending => break,
                     Poll::Ready((Ok(frame), rx)) => {
-                        sub.next.set(receive(rx));
+                        next.set(receive(rx));
                         let seq = frame.seq();
                         if seq <= sub.last || seq > cutoff {
                             // Already queued from history, before our position,
@@ -234,7 +252,7 @@ impl Subscriptions {
                     }
                     Poll::Ready((Err(RecvError::Lagged(_)), rx)) => {
                         // The ring moved past us; history has what it dropped.
-                        sub.next.set(receive(rx));
+                        next.set(receive(rx));
                         sub.behind = true;
                         taken.catchups += 1;
                     }
@@ -281,8 +299,8 @@ mod tests {
     const USER: UserId = UserId::from_u128(77);
 
     fn join(rooms: &Rooms, subs: &mut Subscriptions, chat: ChatId, last: u64, behind: bool) {
-        let (room, rx) = rooms.join(chat, USER);
-        subs.insert(chat, room, rx);
+        let (room, joined) = rooms.join(chat, USER, &Arc::new(crate::rooms::Mailbox::new(8)));
+        subs.insert(chat, room, joined);
         subs.set_position(chat, last, behind);
     }
 
