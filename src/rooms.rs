@@ -130,18 +130,59 @@ pub enum Joined {
     Waiting(u32),
 }
 
-/// Subscribers of a room that joined before it had a ring, by ticket.
+/// Subscribers of a room that joined before it had a ring. A ticket is a
+/// slot's index, so taking a receiver or leaving is O(1) however many wait,
+/// and slots left free are reused first: joining and leaving a room that
+/// never carried an event does not grow the list.
 #[derive(Default)]
 struct Waiting {
-    entries: Vec<(u32, Waiter)>,
-    next_ticket: u32,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// Slots in use, and those of them still without a receiver.
+    live: usize,
+    asleep: usize,
 }
 
-enum Waiter {
+enum Slot {
+    Free,
     /// No ring yet: whom to nudge when it is made.
     Asleep(Weak<Mailbox>),
     /// The ring was made: this subscriber's receiver, until it takes it.
     Ready(broadcast::Receiver<Frame>),
+}
+
+impl Waiting {
+    fn add(&mut self, mailbox: &Arc<Mailbox>) -> u32 {
+        let slot = Slot::Asleep(Arc::downgrade(mailbox));
+        self.live += 1;
+        self.asleep += 1;
+        if let Some(ticket) = self.free.pop() {
+            self.slots[ticket as usize] = slot;
+            return ticket;
+        }
+        self.slots.push(slot);
+        // Slots are bounded by the room's subscribers, far below u32::MAX.
+        u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
+    }
+
+    /// Frees `ticket`'s slot, returning what it held; the lists themselves
+    /// once nothing is left in them.
+    fn take(&mut self, ticket: u32) -> Option<Slot> {
+        let slot = self.slots.get_mut(ticket as usize)?;
+        let taken = std::mem::replace(slot, Slot::Free);
+        match taken {
+            Slot::Free => return None,
+            Slot::Asleep(_) => self.asleep -= 1,
+            Slot::Ready(_) => {}
+        }
+        self.live -= 1;
+        if self.live == 0 {
+            *self = Waiting::default();
+        } else {
+            self.free.push(ticket);
+        }
+        Some(taken)
+    }
 }
 
 /// What a room holds besides its ring, allocated only while it holds
@@ -309,8 +350,7 @@ impl Room {
 
     /// Subscribers of this room on this node.
     pub fn subscribers(&self) -> usize {
-        let waiting = self.waiting();
-        let asleep = waiting.entries.iter().filter(|(_, w)| matches!(w, Waiter::Asleep(_))).count();
+        let asleep = self.waiting().asleep;
         asleep + self.ring.get().map_or(0, broadcast::Sender::receiver_count)
     }
 
@@ -324,10 +364,7 @@ impl Room {
         if let Some(ring) = self.ring.get() {
             return Joined::Live(ring.subscribe());
         }
-        let ticket = waiting.next_ticket;
-        waiting.next_ticket = ticket.wrapping_add(1);
-        waiting.entries.push((ticket, Waiter::Asleep(Arc::downgrade(mailbox))));
-        Joined::Waiting(ticket)
+        Joined::Waiting(waiting.add(mailbox))
     }
 
     /// The ring to send on: made now, with a receiver for every waiting
@@ -339,16 +376,17 @@ impl Room {
         let mut nudge = Vec::new();
         let ring = {
             let mut waiting = self.waiting();
-            if waiting.entries.is_empty() {
+            if waiting.live == 0 {
                 return None;
             }
             let ring = self.ring.get_or_init(|| broadcast::channel(capacity).0);
-            for (_, waiter) in &mut waiting.entries {
-                if let Waiter::Asleep(mailbox) = waiter {
+            for slot in &mut waiting.slots {
+                if let Slot::Asleep(mailbox) = slot {
                     nudge.extend(mailbox.upgrade());
-                    *waiter = Waiter::Ready(ring.subscribe());
+                    *slot = Slot::Ready(ring.subscribe());
                 }
             }
+            waiting.asleep = 0;
             ring
         };
         for mailbox in nudge {
@@ -362,24 +400,18 @@ impl Room {
     pub fn take_receiver(&self, ticket: u32) -> Option<broadcast::Receiver<Frame>> {
         self.ring.get()?;
         let mut waiting = self.waiting();
-        let at = waiting.entries.iter().position(|(t, w)| *t == ticket && matches!(w, Waiter::Ready(_)))?;
-        let (_, waiter) = waiting.entries.swap_remove(at);
-        if waiting.entries.is_empty() {
-            waiting.entries = Vec::new();
+        if !matches!(waiting.slots.get(ticket as usize), Some(Slot::Ready(_))) {
+            return None;
         }
-        match waiter {
-            Waiter::Ready(rx) => Some(rx),
-            Waiter::Asleep(_) => None,
+        match waiting.take(ticket) {
+            Some(Slot::Ready(rx)) => Some(rx),
+            _ => None,
         }
     }
 
     /// The subscriber waiting under `ticket` left.
     pub fn stop_waiting(&self, ticket: u32) {
-        let mut waiting = self.waiting();
-        waiting.entries.retain(|(t, _)| *t != ticket);
-        if waiting.entries.is_empty() {
-            waiting.entries = Vec::new();
-        }
+        self.waiting().take(ticket);
     }
 }
 
@@ -909,10 +941,30 @@ mod tests {
         let mut rx = room.take_receiver(first).expect("made with the ring");
         assert_eq!(rx.try_recv().unwrap().seq(), 2);
         assert!(room.take_receiver(first).is_none(), "taken once");
-        assert_eq!(room.waiting().entries.capacity(), 0, "nothing left waiting, nothing kept");
+        assert_eq!(room.waiting().slots.capacity(), 0, "nothing left waiting, nothing kept");
 
         let (_, joined) = rooms.join(chat, UserId::from_u128(3), &left);
         assert!(matches!(joined, Joined::Live(_)), "later subscribers join the ring");
+    }
+
+    #[test]
+    fn joining_and_leaving_a_room_without_events_reuses_its_tickets() {
+        let rooms = Rooms::new(4, LIMITS);
+        let chat = ChatId::from_u128(10);
+        let mb = mailbox();
+        let (room, stays) = rooms.join(chat, UserId::from_u128(1), &mb);
+        let stays = ticket(stays);
+        for _ in 0..1_000 {
+            let (_, a) = rooms.join(chat, UserId::from_u128(2), &mb);
+            let (_, b) = rooms.join(chat, UserId::from_u128(3), &mb);
+            room.stop_waiting(ticket(b));
+            room.stop_waiting(ticket(a));
+        }
+        assert_eq!(room.subscribers(), 1);
+        assert!(room.waiting().slots.len() <= 3, "churn grew the list to {}", room.waiting().slots.len());
+        room.stop_waiting(stays);
+        assert_eq!(room.subscribers(), 0);
+        assert_eq!(room.waiting().slots.capacity(), 0, "an empty list keeps no memory");
     }
 
     #[test]
