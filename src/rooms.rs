@@ -106,7 +106,7 @@ pub struct Room {
     /// the room's subscribers here, with those still in `waiting`.
     ring: OnceLock<broadcast::Sender<Frame>>,
     /// Subscribers that joined before the ring existed.
-    waiting: Mutex<Waiting>,
+    waiting: Mutex<Option<Box<Waiting>>>,
     /// History and revocations, boxed only while the room has any.
     state: Mutex<Lazy>,
     /// The last `seq` published here.
@@ -132,19 +132,23 @@ pub enum Joined {
 
 /// Subscribers of a room that joined before it had a ring. A ticket is a
 /// slot's index, so taking a receiver or leaving is O(1) however many wait,
-/// and slots left free are reused first: joining and leaving a room that
-/// never carried an event does not grow the list.
-#[derive(Default)]
+/// and slots left free are reused first (a list threaded through them):
+/// joining and leaving a room that never carried an event does not grow it.
+/// Boxed, and only while any slot is in use.
 struct Waiting {
     slots: Vec<Slot>,
-    free: Vec<u32>,
+    /// The first free slot (`NO_SLOT`: none).
+    free: u32,
     /// Slots in use, and those of them still without a receiver.
-    live: usize,
-    asleep: usize,
+    live: u32,
+    asleep: u32,
 }
 
+const NO_SLOT: u32 = u32::MAX;
+
 enum Slot {
-    Free,
+    /// Free: the next free slot.
+    Free(u32),
     /// No ring yet: whom to nudge when it is made.
     Asleep(Weak<Mailbox>),
     /// The ring was made: this subscriber's receiver, until it takes it.
@@ -152,34 +156,40 @@ enum Slot {
 }
 
 impl Waiting {
-    fn add(&mut self, mailbox: &Arc<Mailbox>) -> u32 {
+    fn add(lists: &mut Option<Box<Waiting>>, mailbox: &Arc<Mailbox>) -> u32 {
+        let waiting = lists.get_or_insert_with(|| {
+            Box::new(Waiting { slots: Vec::new(), free: NO_SLOT, live: 0, asleep: 0 })
+        });
         let slot = Slot::Asleep(Arc::downgrade(mailbox));
-        self.live += 1;
-        self.asleep += 1;
-        if let Some(ticket) = self.free.pop() {
-            self.slots[ticket as usize] = slot;
+        waiting.live += 1;
+        waiting.asleep += 1;
+        if let Some(Slot::Free(next)) = waiting.slots.get(waiting.free as usize) {
+            let ticket = waiting.free;
+            waiting.free = *next;
+            waiting.slots[ticket as usize] = slot;
             return ticket;
         }
-        self.slots.push(slot);
+        waiting.slots.push(slot);
         // Slots are bounded by the room's subscribers, far below u32::MAX.
-        u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
+        u32::try_from(waiting.slots.len() - 1).unwrap_or(NO_SLOT)
     }
 
-    /// Frees `ticket`'s slot, returning what it held; the lists themselves
-    /// once nothing is left in them.
-    fn take(&mut self, ticket: u32) -> Option<Slot> {
-        let slot = self.slots.get_mut(ticket as usize)?;
-        let taken = std::mem::replace(slot, Slot::Free);
-        match taken {
-            Slot::Free => return None,
-            Slot::Asleep(_) => self.asleep -= 1,
-            Slot::Ready(_) => {}
+    /// Frees `ticket`'s slot, returning what it held; the whole box once
+    /// nothing is left in it.
+    fn take(lists: &mut Option<Box<Waiting>>, ticket: u32) -> Option<Slot> {
+        let waiting = lists.as_mut()?;
+        let slot = waiting.slots.get_mut(ticket as usize)?;
+        if matches!(slot, Slot::Free(_)) {
+            return None;
         }
-        self.live -= 1;
-        if self.live == 0 {
-            *self = Waiting::default();
-        } else {
-            self.free.push(ticket);
+        let taken = std::mem::replace(slot, Slot::Free(waiting.free));
+        waiting.free = ticket;
+        if matches!(taken, Slot::Asleep(_)) {
+            waiting.asleep -= 1;
+        }
+        waiting.live -= 1;
+        if waiting.live == 0 {
+            *lists = None;
         }
         Some(taken)
     }
@@ -232,7 +242,7 @@ impl Room {
     fn new(backlog: Arc<Backlog>) -> Room {
         Room {
             ring: OnceLock::new(),
-            waiting: Mutex::new(Waiting::default()),
+            waiting: Mutex::new(None),
             state: Mutex::new(Lazy::default()),
             head: AtomicU64::new(0),
             any_revoked: AtomicBool::new(false),
@@ -350,11 +360,11 @@ impl Room {
 
     /// Subscribers of this room on this node.
     pub fn subscribers(&self) -> usize {
-        let asleep = self.waiting().asleep;
+        let asleep = self.waiting().as_ref().map_or(0, |w| w.asleep as usize);
         asleep + self.ring.get().map_or(0, broadcast::Sender::receiver_count)
     }
 
-    fn waiting(&self) -> MutexGuard<'_, Waiting> {
+    fn waiting(&self) -> MutexGuard<'_, Option<Box<Waiting>>> {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -364,7 +374,7 @@ impl Room {
         if let Some(ring) = self.ring.get() {
             return Joined::Live(ring.subscribe());
         }
-        Joined::Waiting(waiting.add(mailbox))
+        Joined::Waiting(Waiting::add(&mut waiting, mailbox))
     }
 
     /// The ring to send on: made now, with a receiver for every waiting
@@ -375,10 +385,8 @@ impl Room {
         }
         let mut nudge = Vec::new();
         let ring = {
-            let mut waiting = self.waiting();
-            if waiting.live == 0 {
-                return None;
-            }
+            let mut lists = self.waiting();
+            let waiting = lists.as_mut()?;
             let ring = self.ring.get_or_init(|| broadcast::channel(capacity).0);
             for slot in &mut waiting.slots {
                 if let Slot::Asleep(mailbox) = slot {
@@ -399,11 +407,12 @@ impl Room {
     /// the ring exists.
     pub fn take_receiver(&self, ticket: u32) -> Option<broadcast::Receiver<Frame>> {
         self.ring.get()?;
-        let mut waiting = self.waiting();
-        if !matches!(waiting.slots.get(ticket as usize), Some(Slot::Ready(_))) {
+        let mut lists = self.waiting();
+        let ready = lists.as_ref().and_then(|w| w.slots.get(ticket as usize));
+        if !matches!(ready, Some(Slot::Ready(_))) {
             return None;
         }
-        match waiting.take(ticket) {
+        match Waiting::take(&mut lists, ticket) {
             Some(Slot::Ready(rx)) => Some(rx),
             _ => None,
         }
@@ -411,7 +420,7 @@ impl Room {
 
     /// The subscriber waiting under `ticket` left.
     pub fn stop_waiting(&self, ticket: u32) {
-        self.waiting().take(ticket);
+        Waiting::take(&mut self.waiting(), ticket);
     }
 }
 
@@ -941,7 +950,7 @@ mod tests {
         let mut rx = room.take_receiver(first).expect("made with the ring");
         assert_eq!(rx.try_recv().unwrap().seq(), 2);
         assert!(room.take_receiver(first).is_none(), "taken once");
-        assert_eq!(room.waiting().slots.capacity(), 0, "nothing left waiting, nothing kept");
+        assert!(room.waiting().is_none(), "nothing left waiting, nothing kept");
 
         let (_, joined) = rooms.join(chat, UserId::from_u128(3), &left);
         assert!(matches!(joined, Joined::Live(_)), "later subscribers join the ring");
@@ -961,10 +970,11 @@ mod tests {
             room.stop_waiting(ticket(a));
         }
         assert_eq!(room.subscribers(), 1);
-        assert!(room.waiting().slots.len() <= 3, "churn grew the list to {}", room.waiting().slots.len());
+        let slots = room.waiting().as_ref().map_or(0, |w| w.slots.len());
+        assert!(slots <= 3, "churn grew the list to {slots}");
         room.stop_waiting(stays);
         assert_eq!(room.subscribers(), 0);
-        assert_eq!(room.waiting().slots.capacity(), 0, "an empty list keeps no memory");
+        assert!(room.waiting().is_none(), "an empty list keeps no memory");
     }
 
     #[test]
