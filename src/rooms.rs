@@ -712,13 +712,13 @@ impl Mailbox {
     }
 
     /// Tells the connection that one of its deadlines came.
-    pub fn ring(&self) {
+    pub fn sound_alarm(&self) {
         self.alarm.store(true, Ordering::Release);
         self.waker.wake();
     }
 
-    /// Consumes a ring. Check it after [`Mailbox::poll_pending`], which
-    /// registers the waker a ring wakes.
+    /// Consumes a sounded alarm. Check it after [`Mailbox::poll_pending`], which
+    /// registers the waker an alarm wakes.
     pub fn take_alarm(&self) -> bool {
         self.alarm.swap(false, Ordering::Acquire)
     }
