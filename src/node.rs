@@ -42,6 +42,24 @@ pub struct Node {
     pub lag: Lag,
     /// Connection deadlines (pings, silence, expiry, stalled writes).
     pub alarms: Arc<Alarms>,
+    /// `auth.leeway`: a connection lives until its token's `exp` plus this,
+    /// the same leeway its upgrade was judged with.
+    pub token_leeway: Duration,
+    /// One recovery from the bus's own history at a time per room (striped):
+    /// recoveries of a room that arrive together wait for the first, find
+    /// its frames in the room's history, and do not read the bus again.
+    pub recovering: Box<[tokio::sync::Mutex<()>]>,
+}
+
+/// Stripes of [`Node::recovering`].
+const RECOVERY_STRIPES: usize = 64;
+
+impl Node {
+    /// The recovery stripe of `chat`, held while its history is read from the bus.
+    pub async fn recovering(&self, chat: crate::protocol::ChatId) -> tokio::sync::MutexGuard<'_, ()> {
+        let index = (chat.as_u64_pair().1 as usize) % self.recovering.len();
+        self.recovering[index].lock().await
+    }
 }
 
 impl Drop for Node {
@@ -166,6 +184,8 @@ impl Node {
             busy: AtomicBool::new(false),
             lag: Lag::default(),
             alarms: Alarms::start(),
+            token_leeway: config.auth.leeway,
+            recovering: (0..RECOVERY_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
         })
     }
 }

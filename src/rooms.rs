@@ -255,6 +255,10 @@ impl Room {
     /// every frame published here is owed to it until it takes it.
     pub fn count_reader(&self, last: u64) {
         let _held = self.held();
+        // A room that has carried nothing on this node takes its first
+        // reader's position as its head: seqs start at a large origin
+        // (`bus::seq_origin`), and a distance from 0 would be that origin.
+        let _ = self.head.compare_exchange(0, last, Ordering::AcqRel, Ordering::Acquire);
         self.readers.fetch_add(1, Ordering::Relaxed);
         self.backlog.joined(self.distance(last));
     }
@@ -314,18 +318,23 @@ impl Room {
         mut push: impl FnMut(Bytes),
     ) -> Result<Read, Evicted> {
         let held = self.held();
-        let Some(front) = held.front() else {
-            return Ok(Read { frames: 0, last: after, at_head: true, oldest: None });
-        };
         let newest = held.back().map_or(0, |h| h.seq);
         if newest <= after {
+            // Nothing newer is held. When the room has published past `after`
+            // all the same, the frames in between were evicted (for bytes, or
+            // too big to keep): the reader learns it now, not at the room's
+            // next event. The head moves under this lock, with the history.
+            if self.head.load(Ordering::Acquire) > after {
+                return Err(Evicted { oldest: held.front().map_or(0, |h| h.seq) });
+            }
             return Ok(Read { frames: 0, last: after, at_head: true, oldest: None });
         }
-        if front.seq > after + 1 {
-            return Err(Evicted { oldest: front.seq });
-        }
+        let front = held.front().map_or(0, |h| h.seq);
+        let Some(start) = after.checked_add(1).filter(|next| *next >= front) else {
+            return Err(Evicted { oldest: front });
+        };
         // Seqs are consecutive within a room's history, so `after` is found by offset.
-        let start = usize::try_from(after + 1 - front.seq).unwrap_or(usize::MAX);
+        let start = usize::try_from(start - front).unwrap_or(usize::MAX);
         let mut read = Read { frames: 0, last: after, at_head: false, oldest: None };
         let mut bytes = 0;
         for h in held.iter().skip(start).take(max) {
@@ -353,7 +362,7 @@ impl Room {
         }
         let held = self.held();
         match (held.front(), held.back()) {
-            (Some(front), Some(back)) => front.seq <= since + 1 && back.seq >= head,
+            (Some(front), Some(back)) => front.seq <= since.saturating_add(1) && back.seq >= head,
             _ => false,
         }
     }
@@ -531,6 +540,63 @@ impl Rooms {
             Some(ring) if ring.receiver_count() > 0 => ring.send(Frame::new(seq, bytes, now)).unwrap_or(0),
             _ => 0,
         }
+    }
+
+    /// Adds frames the bus kept of its own (a room's Redis history, read
+    /// for a recovery this node's history could not serve) to the room's
+    /// history, so the connection replays them at its own pace, like any
+    /// catch-up, instead of queueing them all at once. `frames` are
+    /// `(seq, published at, frame)`, oldest first. What the room holds
+    /// wins where both have a `seq`; the result is the longest run of
+    /// consecutive `seq`s that ends with the newest frame of either,
+    /// bounded like any history. Returns the room's head afterwards.
+    pub fn fill(&self, room: &Room, frames: Vec<(u64, Instant, Bytes)>) -> u64 {
+        let bytes: usize = frames.iter().map(|(_, _, b)| b.len()).sum();
+        if self.held_bytes.load(Ordering::Relaxed) + bytes > self.limits.bytes {
+            self.shed((self.limits.bytes / 10 * 9).saturating_sub(bytes));
+        }
+        let mut lazy = room.held();
+        let mine = lazy.0.as_mut().map(|s| std::mem::take(&mut s.held)).unwrap_or_default();
+        self.held_frames.fetch_sub(mine.len(), Ordering::Relaxed);
+        self.held_bytes.fetch_sub(mine.iter().map(|h| h.bytes.len()).sum::<usize>(), Ordering::Relaxed);
+        let mut merged: Vec<Held> = Vec::with_capacity(mine.len() + frames.len());
+        let mut mine = mine.into_iter().peekable();
+        let mut kept = frames.into_iter().filter(|(_, _, b)| b.len() <= self.limits.bytes).peekable();
+        loop {
+            let take_mine = match (mine.peek(), kept.peek()) {
+                (Some(m), Some(k)) => m.seq <= k.0,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            let next = if take_mine {
+                mine.next()
+            } else {
+                kept.next().map(|(seq, at, bytes)| Held { seq, at, bytes })
+            };
+            let Some(next) = next else { break };
+            match merged.last() {
+                Some(last) if last.seq == next.seq => continue,
+                Some(last) if last.seq + 1 != next.seq => merged.clear(),
+                _ => {}
+            }
+            merged.push(next);
+        }
+        let over = merged.len().saturating_sub(self.limits.size);
+        merged.drain(..over);
+        self.held_frames.fetch_add(merged.len(), Ordering::Relaxed);
+        self.held_bytes.fetch_add(merged.iter().map(|h| h.bytes.len()).sum::<usize>(), Ordering::Relaxed);
+        let newest = merged.last().map_or(0, |h| h.seq);
+        lazy.state().held = merged.into();
+        lazy.trim();
+        let before = room.head.fetch_max(newest, Ordering::AcqRel);
+        let readers = room.readers.load(Ordering::Relaxed);
+        if newest > before && readers > 0 && before > 0 {
+            // As a publish would: every counted reader now owes these too.
+            let owed = (newest - before).saturating_mul(u64::from(readers));
+            room.backlog.add(i64::try_from(owed).unwrap_or(i64::MAX));
+        }
+        room.head.load(Ordering::Acquire)
     }
 
     /// Appends a frame to a room's history (its lock held).

@@ -245,6 +245,28 @@ fn row(seq: u64, content: &str) -> String {
 
 const EVENT_ROWS: &str = "document.querySelectorAll('#events li.event').length";
 
+/// The room's position as a subscriber on the node at `addr` is told it:
+/// a test client subscribes (without `since`) and closes again.
+async fn position(addr: SocketAddr, chat: ChatId) -> u64 {
+    position_from(addr, chat, None).await
+}
+
+/// [`position`], the test client's upgrade carrying `origin` when given
+/// (a node with `allowed_origins` refuses one without).
+async fn position_from(addr: SocketAddr, chat: ChatId, origin: Option<&str>) -> u64 {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!("ws://{addr}/ws?token={}", support::token(UserId::new_v4(), &[chat]));
+    let mut request = url.into_client_request().expect("a valid request");
+    if let Some(origin) = origin {
+        request.headers_mut().insert("Origin", origin.parse().expect("a valid header"));
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("upgrade succeeds");
+    let mut probe = support::Client { ws };
+    let head = probe.subscribe(chat).await;
+    probe.ws.close(None).await.ok();
+    head
+}
+
 #[tokio::test]
 #[ignore = "needs chromium"]
 async fn the_demo_page_shows_published_events_and_live_numbers() {
@@ -253,9 +275,10 @@ async fn the_demo_page_shows_published_events_and_live_numbers() {
     let mut page = Browser::open(&format!("http://{}/", node.addr)).await;
     page.wait_for("the demo chat subscribed", "document.body.dataset.subscribed === '1'").await;
     assert_eq!(page.eval("document.getElementById('state').textContent").await, Some(json!("connected")));
+    let head = position(node.addr, demo.chat).await;
 
     node.publish(demo.chat, "Hello from the API").await;
-    page.wait_for("the published event", &row(1, "Hello from the API")).await;
+    page.wait_for("the published event", &row(head + 1, "Hello from the API")).await;
 
     // The page's own form publishes through the API too.
     page.eval(
@@ -263,9 +286,9 @@ async fn the_demo_page_shows_published_events_and_live_numbers() {
          document.getElementById('publish').requestSubmit(); true",
     )
     .await;
-    page.wait_for("the event from the form", &row(2, "Typed in the page")).await;
+    page.wait_for("the event from the form", &row(head + 2, "Typed in the page")).await;
     node.publish(demo.chat, "Live, encoded once, fanned out").await;
-    page.wait_for("the third event", &row(3, "Live, encoded once")).await;
+    page.wait_for("the third event", &row(head + 3, "Live, encoded once")).await;
 
     // The node's numbers, from /api/stats.
     page.wait_for(
@@ -297,9 +320,10 @@ async fn the_client_reconnects_and_resubscribes_after_a_restart() {
     let addr = node.addr;
     let mut page = Browser::open(&format!("http://{addr}/")).await;
     page.wait_for("the demo chat subscribed", "document.body.dataset.subscribed === '1'").await;
+    let head = position(addr, demo.chat).await;
     node.publish(demo.chat, "before the restart 1").await;
     node.publish(demo.chat, "before the restart 2").await;
-    page.wait_for("the second event", &row(2, "before the restart 2")).await;
+    page.wait_for("the second event", &row(head + 2, "before the restart 2")).await;
 
     node.stop().await;
     page.wait_for("the 1001 close", "document.querySelector('#events li.notice[data-code=\"1001\"]')").await;
@@ -311,8 +335,15 @@ async fn the_client_reconnects_and_resubscribes_after_a_restart() {
     let node = DemoNode::start(config, &demo).await;
     page.wait_for("the resubscription", "document.body.dataset.subscribed === '2'").await;
     page.wait_for("the refetch notice", "document.querySelector('#events li.notice[data-refetch]')").await;
+    // The room starts a new life on the new node, above every seq of its first.
+    let new_head = position(addr, demo.chat).await;
+    assert!(
+        new_head > head + 2,
+        "the new life's position {new_head} is above the first life's last seq {}",
+        head + 2
+    );
     node.publish(demo.chat, "after the restart").await;
-    page.wait_for("the live event after the restart", &row(1, "after the restart")).await;
+    page.wait_for("the live event after the restart", &row(new_head + 1, "after the restart")).await;
     assert_eq!(page.eval(EVENT_ROWS).await, Some(json!(3)), "no event twice, none lost live");
     page.close().await;
     node.stop().await;
@@ -338,9 +369,10 @@ async fn over_redis_a_restart_shows_the_missed_events_with_no_gap() {
     let other = DemoNode::start(redis_config(None), &demo).await;
     let mut page = Browser::open(&format!("http://{addr}/")).await;
     page.wait_for("the demo chat subscribed", "document.body.dataset.subscribed === '1'").await;
+    let head = position(addr, demo.chat).await;
     other.publish(demo.chat, "one").await;
     other.publish(demo.chat, "two").await;
-    page.wait_for("the second event", &row(2, "two")).await;
+    page.wait_for("the second event", &row(head + 2, "two")).await;
 
     node.stop().await;
     page.wait_for("the 1001 close", "document.querySelector('#events li.notice[data-code=\"1001\"]')").await;
@@ -352,12 +384,13 @@ async fn over_redis_a_restart_shows_the_missed_events_with_no_gap() {
     let node = DemoNode::start(redis_config(Some(addr)), &demo).await;
     page.wait_for("the resubscription", "document.body.dataset.subscribed === '2'").await;
     node.publish(demo.chat, "five, live").await;
-    page.wait_for("the live event", &row(5, "five, live")).await;
+    page.wait_for("the live event", &row(head + 5, "five, live")).await;
     let seqs = page
         .eval("[...document.querySelectorAll('#events li.event')].map((li) => Number(li.dataset.seq)).reverse()")
         .await;
     let shown = page.eval("document.getElementById('events').innerText").await;
-    assert_eq!(seqs, Some(json!([1, 2, 3, 4, 5])), "every event once, in order; the page shows:\n{shown:?}");
+    let want: Vec<u64> = (head + 1..=head + 5).collect();
+    assert_eq!(seqs, Some(json!(want)), "every event once, in order; the page shows:\n{shown:?}");
     assert_eq!(
         page.eval("document.querySelector('#events li.notice[data-refetch]')").await,
         Some(Value::Null)
@@ -379,8 +412,9 @@ async fn an_expired_token_is_renewed_through_get_token() {
     page.wait_for("the resubscription", "Number(document.body.dataset.subscribed) >= 2").await;
     let fetches = page.eval("Number(document.getElementById('token-fetches').textContent)").await;
     assert!(fetches.and_then(|v| v.as_u64()).is_some_and(|n| n >= 2), "getToken() was called again");
+    let head = position(node.addr, demo.chat).await;
     node.publish(demo.chat, "with a renewed token").await;
-    page.wait_for("an event on the renewed connection", &row(1, "with a renewed token")).await;
+    page.wait_for("an event on the renewed connection", &row(head + 1, "with a renewed token")).await;
     page.close().await;
     node.stop().await;
 }
@@ -468,7 +502,9 @@ async fn a_browser_websocket_subscribes_and_receives_events_live() {
     tokio::spawn(serve_page(page_listener, raw_page(&ws_url, chat), reports_tx));
     let browser = Browser::open(&format!("{page_origin}/")).await;
 
-    assert_eq!(next_report(&mut reports).await, json!({"type":"subscribed","chat_id":chat,"seq":0}));
+    let subscribed = next_report(&mut reports).await;
+    let head = position_from(gw.addr, chat, Some(&page_origin)).await;
+    assert_eq!(subscribed, json!({"type":"subscribed","chat_id":chat,"seq":head}));
     let data = json!({"content":"Hello from Herald","n":1});
     assert_eq!(gw.publish(&support::message_sent(chat, &data)).await.0, 202);
     let event = next_report(&mut reports).await;

@@ -28,18 +28,18 @@ async fn subscribers_receive_messages_and_unsubscribe_stops_them() {
     let gw = start(support::config()).await;
     let room = chat();
     let mut c = gw.connect(user(), &[]).await;
-    c.subscribe(room).await;
+    let head = c.subscribe(room).await;
     let (status, body) = gw.publish(&message_sent(room, &json!({"content":"Hello!"}))).await;
     assert_eq!((status, body), (202, json!({"accepted":1})));
     assert_eq!(
         c.recv().await,
-        json!({"type":"message.new","chat_id":room,"seq":1,"data":{"content":"Hello!"}})
+        json!({"type":"message.new","chat_id":room,"seq":head + 1,"data":{"content":"Hello!"}})
     );
 
     // Subscribing twice is idempotent: one more `subscribed`, still one delivery.
     c.subscribe(room).await;
     gw.publish(&message_sent(room, &json!({"n":2}))).await;
-    assert_eq!(c.recv().await["seq"], 2);
+    assert_eq!(c.recv().await["seq"], head + 2);
     c.expect_nothing_else(&gw, room).await;
 
     let markers = chat();
@@ -57,8 +57,8 @@ async fn every_subscriber_gets_byte_identical_data_with_consecutive_seq() {
     let mut clients = Vec::new();
     for _ in 0..4 {
         let mut c = gw.connect(user(), &[]).await;
-        c.subscribe(room).await;
-        clients.push(c);
+        let head = c.subscribe(room).await;
+        clients.push((c, head));
     }
     // Odd spacing, key order, number forms and escapes must survive untouched.
     let payloads = [
@@ -74,12 +74,12 @@ async fn every_subscriber_gets_byte_identical_data_with_consecutive_seq() {
         .collect();
     let (status, body) = gw.publish(&format!("[{}]", batch.join(","))).await;
     assert_eq!((status, body), (202, json!({"accepted":5})));
-    for c in &mut clients {
+    for (c, head) in &mut clients {
         for (i, p) in payloads.iter().enumerate() {
             let text = c.recv_text().await;
             assert_eq!(raw_data(&text), *p, "data must arrive byte-for-byte");
             let v: Value = serde_json::from_str(&text).unwrap();
-            assert_eq!(v["seq"], i as u64 + 1);
+            assert_eq!(v["seq"], *head + i as u64 + 1);
             assert_eq!(v["type"], "message.new");
             assert_eq!(v["chat_id"], room.to_string());
         }
@@ -91,17 +91,17 @@ async fn seq_is_per_room_and_chat_updates_share_it() {
     let gw = start(support::config()).await;
     let (a, b) = (chat(), chat());
     let mut c = gw.connect(user(), &[]).await;
-    c.subscribe(a).await;
-    c.subscribe(b).await;
+    let head_a = c.subscribe(a).await;
+    let head_b = c.subscribe(b).await;
     gw.publish(&message_sent(a, &json!({"n":1}))).await;
     gw.publish(&json!({"type":"chat.updated","chat_id":a,"data":{"name":"New Chat Name"}}).to_string()).await;
     gw.publish(&message_sent(b, &json!({"n":1}))).await;
-    assert_eq!(c.recv().await, json!({"type":"message.new","chat_id":a,"seq":1,"data":{"n":1}}));
+    assert_eq!(c.recv().await, json!({"type":"message.new","chat_id":a,"seq":head_a + 1,"data":{"n":1}}));
     assert_eq!(
         c.recv().await,
-        json!({"type":"chat.updated","chat_id":a,"seq":2,"data":{"name":"New Chat Name"}})
+        json!({"type":"chat.updated","chat_id":a,"seq":head_a + 2,"data":{"name":"New Chat Name"}})
     );
-    assert_eq!(c.recv().await, json!({"type":"message.new","chat_id":b,"seq":1,"data":{"n":1}}));
+    assert_eq!(c.recv().await, json!({"type":"message.new","chat_id":b,"seq":head_b + 1,"data":{"n":1}}));
 }
 
 #[tokio::test]
@@ -191,7 +191,7 @@ async fn task_status_changes_go_to_the_room_with_seq_and_to_users_without() {
     let gw = start(support::config()).await;
     let (room, assignee, watcher) = (chat(), user(), user());
     let mut member = gw.connect(watcher, &[]).await;
-    member.subscribe(room).await;
+    let head = member.subscribe(room).await;
     let mut direct = gw.connect(assignee, &[]).await;
     let markers = chat();
     direct.subscribe(markers).await;
@@ -200,7 +200,7 @@ async fn task_status_changes_go_to_the_room_with_seq_and_to_users_without() {
     assert_eq!(gw.publish(&event.to_string()).await.0, 202);
     let in_room = member.recv().await;
     assert_eq!(in_room["type"], "task.updated");
-    assert_eq!(in_room["seq"], 1);
+    assert_eq!(in_room["seq"], head + 1);
     assert_eq!(in_room["data"]["status"], "done");
     let to_user = direct.recv().await;
     assert_eq!(to_user["type"], "task.updated");
@@ -220,11 +220,14 @@ async fn the_in_process_publisher_delivers_like_http() {
     let gw = start(support::config()).await;
     let room = chat();
     let mut c: Client = gw.connect(user(), &[]).await;
-    c.subscribe(room).await;
+    let head = c.subscribe(room).await;
     let events =
         herald::protocol::event::parse_batch(message_sent(room, &json!({"via":"bus"})).as_bytes()).unwrap();
     gw.publisher.publish(events).await.unwrap();
-    assert_eq!(c.recv().await, json!({"type":"message.new","chat_id":room,"seq":1,"data":{"via":"bus"}}));
+    assert_eq!(
+        c.recv().await,
+        json!({"type":"message.new","chat_id":room,"seq":head + 1,"data":{"via":"bus"}})
+    );
 }
 
 #[tokio::test]
@@ -275,8 +278,8 @@ async fn subscribers_who_joined_before_a_room_had_any_event_get_its_first_one() 
     let mut stay = Vec::new();
     for _ in 0..6 {
         let mut c = gw.connect(user(), &[]).await;
-        c.subscribe(busy).await;
-        stay.push(c);
+        let head = c.subscribe(busy).await;
+        stay.push((c, head));
     }
     let mut gone = gw.connect(user(), &[]).await;
     gone.subscribe(busy).await;
@@ -292,15 +295,16 @@ async fn subscribers_who_joined_before_a_room_had_any_event_get_its_first_one() 
         let (status, _) = gw.publish(&message_sent(busy, &json!({ "n": n }))).await;
         assert_eq!(status, 202);
     }
-    for c in &mut stay {
+    for (c, head) in &mut stay {
         for n in 1..=3 {
             let msg = c.recv().await;
-            assert_eq!((msg["seq"].as_u64(), &msg["data"]["n"]), (Some(n), &json!(n)), "{msg}");
+            assert_eq!((msg["seq"].as_u64(), &msg["data"]["n"]), (Some(*head + n), &json!(n)), "{msg}");
         }
     }
     // A subscriber joining once the ring exists is live at once too.
+    let origin = stay[0].1;
     let mut late = gw.connect(user(), &[]).await;
     late.subscribe(busy).await;
     gw.publish(&message_sent(busy, &json!({ "n": 4 }))).await;
-    assert_eq!(late.recv().await["seq"], 4);
+    assert_eq!(late.recv().await["seq"], origin + 4);
 }

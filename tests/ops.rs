@@ -114,7 +114,7 @@ async fn metrics_follow_connections_and_a_graceful_disconnect_cleans_up() {
     let mut a = gw.connect(user(), &[]).await;
     let mut b = gw.connect(user(), &[]).await;
     let mut c = gw.connect(user(), &[]).await;
-    a.subscribe(lobby).await;
+    let head = a.subscribe(lobby).await;
     b.subscribe(lobby).await;
     c.subscribe(side).await;
     assert_eq!(gw.metric("connections").await, 3.0);
@@ -126,8 +126,8 @@ async fn metrics_follow_connections_and_a_graceful_disconnect_cleans_up() {
     // Frames out are counted: two deliveries of one event.
     let before = gw.metric("frames_out_total").await;
     assert_eq!(gw.publish(&message_sent(lobby, &json!({"n":1}))).await.0, 202);
-    assert_eq!(a.recv().await["seq"], 1);
-    assert_eq!(b.recv().await["seq"], 1);
+    assert_eq!(a.recv().await["seq"], head + 1);
+    assert_eq!(b.recv().await["seq"], head + 1);
     assert!(gw.metric("frames_out_total").await >= before + 2.0);
     assert_eq!(gw.metric("events_in_total").await, 1.0);
 
@@ -159,7 +159,7 @@ async fn publish_refuses_bad_keys_and_bodies_with_json_errors() {
     let gw = start(config).await;
     let room = chat();
     let mut c = gw.connect(user(), &[]).await;
-    c.subscribe(room).await;
+    let head = c.subscribe(room).await;
     let markers = chat();
     c.subscribe(markers).await;
     let good = message_sent(room, &json!({"n":1}));
@@ -201,7 +201,7 @@ async fn publish_refuses_bad_keys_and_bodies_with_json_errors() {
     c.expect_nothing_else(&gw, markers).await;
     // A good one under the limit still goes through.
     assert_eq!(gw.publish(&good).await, (202, json!({"accepted":1})));
-    assert_eq!(c.recv().await, json!({"type":"message.new","chat_id":room,"seq":1,"data":{"n":1}}));
+    assert_eq!(c.recv().await, json!({"type":"message.new","chat_id":room,"seq":head + 1,"data":{"n":1}}));
 }
 
 #[tokio::test]
@@ -209,7 +209,7 @@ async fn a_bad_event_rejects_the_whole_batch() {
     let gw = start(support::config()).await;
     let room = chat();
     let mut c = gw.connect(user(), &[]).await;
-    c.subscribe(room).await;
+    let head = c.subscribe(room).await;
     let markers = chat();
     c.subscribe(markers).await;
     let batch = json!([
@@ -227,7 +227,7 @@ async fn a_bad_event_rejects_the_whole_batch() {
 
     // Event 0 was not sequenced either: the next event is the room's first.
     assert_eq!(gw.publish(&message_sent(room, &json!({"n":3}))).await.0, 202);
-    assert_eq!(c.recv().await, json!({"type":"message.new","chat_id":room,"seq":1,"data":{"n":3}}));
+    assert_eq!(c.recv().await, json!({"type":"message.new","chat_id":room,"seq":head + 1,"data":{"n":3}}));
 }
 
 #[tokio::test]
@@ -235,7 +235,7 @@ async fn unknown_event_types_are_counted_and_ignored() {
     let gw = start(support::config()).await;
     let room = chat();
     let mut c = gw.connect(user(), &[]).await;
-    c.subscribe(room).await;
+    let head = c.subscribe(room).await;
     let markers = chat();
     c.subscribe(markers).await;
 
@@ -251,7 +251,7 @@ async fn unknown_event_types_are_counted_and_ignored() {
     ]);
     assert_eq!(gw.publish(&mixed.to_string()).await, (202, json!({"accepted":1,"ignored":2})));
     assert_eq!(gw.metric("events_unknown_total").await, 3.0);
-    assert_eq!(c.recv().await, json!({"type":"message.new","chat_id":room,"seq":1,"data":{"n":1}}));
+    assert_eq!(c.recv().await, json!({"type":"message.new","chat_id":room,"seq":head + 1,"data":{"n":1}}));
     c.expect_nothing_else(&gw, markers).await;
 }
 
@@ -361,12 +361,12 @@ async fn embedded_default_prints_a_working_demo() {
         .await
         .expect("demo token upgrades");
     let mut c = Client { ws };
-    c.subscribe(room).await;
+    let head = c.subscribe(room).await;
     let body = message_sent(room, &json!({"content":"Hello!"}));
     assert_eq!(publish_to(addr, &curl_key, &body).await, (202, json!({"accepted":1})));
     assert_eq!(
         c.recv().await,
-        json!({"type":"message.new","chat_id":room,"seq":1,"data":{"content":"Hello!"}})
+        json!({"type":"message.new","chat_id":room,"seq":head + 1,"data":{"content":"Hello!"}})
     );
     // The keys are this run's: the test suite's are not accepted.
     assert_eq!(publish_to(addr, API_KEY, &body).await.0, 401);

@@ -20,19 +20,21 @@ fn batch(room: ChatId, n: usize, size: usize) -> String {
 }
 
 /// A raw reader subscribed to `room` that reads nothing more until told:
-/// its 4 KB receive buffer fills at once.
-async fn stalled_reader(gw: &Gateway, room: ChatId) -> RawClient {
+/// its 4 KB receive buffer fills at once. Returns it with the room's
+/// position its `subscribed` reply carried.
+async fn stalled_reader(gw: &Gateway, room: ChatId) -> (RawClient, u64) {
     let token = support::token(UserId::new_v4(), &[]);
     let mut reader = RawClient::connect_small(gw.addr, &token, 4096).await;
     reader.send_frame(0x81, json!({"type":"subscribe","chat_id":room}).to_string().as_bytes()).await;
     let reply = reader.read_json().await.expect("subscribed");
     assert_eq!(reply["type"], "subscribed", "{reply}");
-    reader
+    let head = reply["seq"].as_u64().unwrap_or_else(|| panic!("subscribed without seq: {reply}"));
+    (reader, head)
 }
 
-/// Reads `count` room events and checks they are seq 1..=count in order.
-async fn read_events(reader: &mut RawClient, count: u64) {
-    for want in 1..=count {
+/// Reads `count` room events and checks they are seq `head + 1..=head + count` in order.
+async fn read_events(reader: &mut RawClient, head: u64, count: u64) {
+    for want in head + 1..=head + count {
         let event = reader.read_json().await.expect("an event, not a close");
         assert_eq!(event["seq"].as_u64(), Some(want), "{}", event["type"]);
     }
@@ -74,15 +76,15 @@ async fn a_node_whose_readers_all_fall_behind_pushes_back_instead_of_dropping_th
     assert_eq!(gw.metric("slow_consumers_dropped_total").await, 0.0, "nobody was dropped");
 
     // Every reader gets every accepted event, none lost to the overload...
-    for reader in &mut readers {
-        read_events(reader, accepted).await;
+    for (reader, position) in &mut readers {
+        read_events(reader, *position, accepted).await;
     }
     // ...and the node, caught up, admits publishes again at once.
     gw.wait_metric("backlog_frames", 0.0).await;
     assert_eq!(gw.publish(&batch(room, 1, 1_000)).await.0, 202);
-    for reader in &mut readers {
+    for (reader, position) in &mut readers {
         let event = reader.read_json().await.expect("the next event");
-        assert_eq!(event["seq"].as_u64(), Some(accepted + 1));
+        assert_eq!(event["seq"].as_u64(), Some(*position + accepted + 1));
     }
     assert_eq!(gw.metric("slow_consumers_dropped_total").await, 0.0);
 }
@@ -93,11 +95,11 @@ async fn one_stalled_reader_never_pushes_back_on_publishers() {
     config.websocket.write_wait = Duration::from_secs(60);
     let gw = start(config).await;
     let room = ChatId::new_v4();
-    let mut stalled = stalled_reader(&gw, room).await;
+    let (mut stalled, _) = stalled_reader(&gw, room).await;
     let mut healthy = gw.connect(UserId::new_v4(), &[]).await;
-    healthy.subscribe(room).await;
+    let head = healthy.subscribe(room).await;
     let reading = tokio::spawn(async move {
-        for want in 1..=3_000u64 {
+        for want in head + 1..=head + 3_000u64 {
             let event = healthy.recv().await;
             assert_eq!(event["seq"].as_u64(), Some(want));
         }
@@ -125,7 +127,7 @@ async fn one_stalled_reader_never_pushes_back_on_publishers() {
 async fn a_connection_closing_with_frames_queued_leaves_nothing_owed() {
     let gw = start(support::config()).await;
     let room = ChatId::new_v4();
-    let mut reader = stalled_reader(&gw, room).await;
+    let (mut reader, _) = stalled_reader(&gw, room).await;
     let body = batch(room, 20, 4_000);
     let mut owed = 0.0;
     for _ in 0..100 {

@@ -1,11 +1,13 @@
 //! The in-process bus: one node, no network. Assigns room `seq` locally and
 //! delivers synchronously inside `publish`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use dashmap::DashMap;
 
-use super::{BoxFuture, Bus, BusError, Deliver, Health, Recovery, Topic};
+use super::{seq_origin, BoxFuture, Bus, BusError, Deliver, Health, Topic};
 use crate::protocol::event::DomainEvent;
 use crate::protocol::ChatId;
 
@@ -15,10 +17,14 @@ const STRIPES: usize = 64;
 /// The embedded default bus.
 pub struct MemoryBus {
     /// Per-room sequence counters, kept while the node holds the room (it
-    /// has a subscriber or history): a room forgotten after its history
-    /// expired starts again from 0, and a client that still remembers an
-    /// older `seq` is told `recovered:false` with the new position.
+    /// has a subscriber or history). A room forgotten after its history
+    /// expired, or lost with a restart, starts again at a new
+    /// [`seq_origin`], above every `seq` of its earlier life: a client that
+    /// still remembers one is told `recovered:false` with the new position.
     seqs: DashMap<ChatId, u64>,
+    /// The highest counter this bus forgot: a new counter starts above it
+    /// too, so the origin holds even for a room faster than the clock.
+    forgotten: AtomicU64,
     /// Held across assigning a room's `seq` and delivering the event, which
     /// keeps each room's frames in `seq` order when several publishers race.
     /// Striped by room rather than one lock per room: a room then costs its
@@ -29,12 +35,22 @@ pub struct MemoryBus {
 
 impl MemoryBus {
     pub fn new(sink: Arc<dyn Deliver>) -> MemoryBus {
-        MemoryBus { seqs: DashMap::new(), stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(), sink }
+        MemoryBus {
+            seqs: DashMap::new(),
+            forgotten: AtomicU64::new(0),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            sink,
+        }
     }
 
     fn stripe(&self, chat: ChatId) -> MutexGuard<'_, ()> {
         let index = (chat.as_u64_pair().1 as usize) % self.stripes.len();
         self.stripes[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Where a room's new counter starts.
+    fn origin(&self) -> u64 {
+        seq_origin(SystemTime::now(), self.forgotten.load(Ordering::Relaxed).saturating_add(1))
     }
 
     /// Publishes synchronously; the in-process bus cannot fail.
@@ -44,8 +60,8 @@ impl MemoryBus {
                 Some(chat) => {
                     let _ordered = self.stripe(chat);
                     let seq = {
-                        let mut counter = self.seqs.entry(chat).or_insert(0);
-                        *counter += 1;
+                        let mut counter = self.seqs.entry(chat).or_insert_with(|| self.origin());
+                        *counter = counter.saturating_add(1);
                         *counter
                     };
                     self.sink.deliver(event, Some(seq));
@@ -75,7 +91,9 @@ impl Bus for MemoryBus {
             // holds it until its room exists, so its counter is never lost.
             let _ordered = self.stripe(chat);
             if !active(chat) {
-                self.seqs.remove(&chat);
+                if let Some((_, seq)) = self.seqs.remove(&chat) {
+                    self.forgotten.fetch_max(seq, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -84,15 +102,16 @@ impl Bus for MemoryBus {
         vec![("room_counters", "Rooms whose seq counter this node keeps.", self.seqs.len() as u64)]
     }
 
-    fn recover(&self, chat: ChatId, _since: Option<u64>) -> BoxFuture<'_, Result<Recovery, BusError>> {
+    fn head(&self, chat: ChatId) -> BoxFuture<'_, Result<u64, BusError>> {
         // Read under the room's stripe: every event up to the head has then
-        // been delivered (into this node's history) too. This bus keeps no
-        // events of its own: the node's room history is all there is.
+        // been delivered (into this node's history) too. A room without a
+        // counter gets one now, so its first event follows the position
+        // its subscriber is told. This bus keeps no events of its own.
         let head = {
             let _ordered = self.stripe(chat);
-            self.seqs.get(&chat).map_or(0, |seq| *seq)
+            *self.seqs.entry(chat).or_insert_with(|| self.origin())
         };
-        Box::pin(std::future::ready(Ok(Recovery { head, events: None })))
+        Box::pin(std::future::ready(Ok(head)))
     }
 
     fn health(&self) -> Health {

@@ -9,6 +9,7 @@ pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::protocol::event::{DomainEvent, EventKind};
 use crate::protocol::{ChatId, UserId};
@@ -57,14 +58,39 @@ pub enum BusError {
     InvalidUrl { url: String, reason: String },
 }
 
-/// A room's position and the events the bus holds after a `since`.
+/// Room events a bus keeps of its own (Redis's room history), read for a
+/// recovery the node's history cannot serve.
 #[derive(Debug, Default)]
-pub struct Recovery {
-    /// The last `seq` assigned to the room (0: none yet).
+pub struct Kept {
+    /// The room's position when they were read.
     pub head: u64,
-    /// Every event with `seq` in `(since, head]`, in order, with its `seq`;
-    /// `None` when the bus does not hold them all.
-    pub events: Option<Vec<(u64, DomainEvent)>>,
+    /// Events with `seq` in `(since, head]` the bus still holds, oldest
+    /// first; they may start later than `since + 1` or have gaps (the
+    /// caller checks).
+    pub events: Vec<KeptEvent>,
+}
+
+/// One event of [`Kept`].
+#[derive(Debug)]
+pub struct KeptEvent {
+    pub seq: u64,
+    /// How long ago the bus took it.
+    pub age: Duration,
+    pub event: DomainEvent,
+}
+
+/// Where a room's `seq` counter starts when a bus makes it: the current
+/// Unix time in microseconds, never below `floor`. A room forgotten (its
+/// history expired, the node or Redis restarted empty) and made again
+/// therefore never repeats a `seq` of its earlier life, so a client's old
+/// `since` can never be mistaken for a position of the new one (PROTOCOL.md
+/// section 3.1). Microseconds stay below 2^53 (exact in JavaScript) until
+/// the year 2255, and a room would need more than one event per
+/// microsecond for its whole life to run into its next life's origin.
+pub fn seq_origin(now: SystemTime, floor: u64) -> u64 {
+    let micros =
+        now.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    micros.max(floor)
 }
 
 /// The receiving side of the bus: the broadcaster. Called from bus tasks; it
@@ -105,12 +131,19 @@ pub trait Bus: Send + Sync + 'static {
     /// receiving that topic.
     fn unwatch(&self, topic: Topic);
 
-    /// The room's position (the last `seq` assigned, 0 for none) and, when
-    /// `since` is given, the room's events after it that the bus itself keeps
-    /// (`None` when it keeps none of its own, or no longer all of them).
-    /// Called after [`Bus::watch`] resolved, so every event after the
-    /// position reaches this node's broadcaster.
-    fn recover(&self, chat: ChatId, since: Option<u64>) -> BoxFuture<'_, Result<Recovery, BusError>>;
+    /// The room's position: the last `seq` assigned, or for a room without
+    /// a counter yet the [`seq_origin`] its new counter starts from (made
+    /// now, so the room's first event is the position plus one). Called
+    /// after [`Bus::watch`] resolved, so every event after the position
+    /// reaches this node's broadcaster.
+    fn head(&self, chat: ChatId) -> BoxFuture<'_, Result<u64, BusError>>;
+
+    /// The room's events after `since` that the bus keeps of its own
+    /// (`None` when it keeps none: the node's room history is all there
+    /// is). Only the range after `since` is read.
+    fn kept(&self, _chat: ChatId, _since: u64) -> BoxFuture<'_, Result<Option<Kept>, BusError>> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
 
     /// Drops per-room state kept for rooms `active` no longer names (the
     /// node holds a room while it has a subscriber or history), so

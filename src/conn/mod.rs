@@ -107,8 +107,14 @@ pub fn serve<S: Socket>(
     permit: OwnedSemaphorePermit,
 ) -> impl Future<Output = ()> + Send {
     let now = Stamp::now();
-    // Capped so an absurd `exp` cannot overflow the clock.
-    let lifetime = claims.exp.saturating_sub(crate::auth::now_secs()).min(MAX_LIFETIME_SECS);
+    // The upgrade accepted the token up to `exp + leeway`; ending it at
+    // `exp` would close a token accepted inside the leeway with 4001 at
+    // once. Capped so an absurd `exp` cannot overflow the clock.
+    let lifetime = claims
+        .exp
+        .saturating_add(node.token_leeway.as_secs())
+        .saturating_sub(crate::auth::now_secs())
+        .min(MAX_LIFETIME_SECS);
     let mut conn = Conn {
         stream,
         user: claims.sub,
@@ -237,13 +243,15 @@ mod tests {
             .write_all(&masked(0x81, format!(r#"{{"type":"subscribe","chat_id":"{chat}"}}"#).as_bytes()))
             .await?;
         let reply = read_json(&mut client).await?;
-        assert_eq!(reply, serde_json::json!({"type":"subscribed","chat_id":chat,"seq":0}));
+        let head = reply["seq"].as_u64().ok_or("subscribed carries seq")?;
+        assert!(head > 0, "a new room's position is its counter's origin: {reply}");
+        assert_eq!(reply, serde_json::json!({"type":"subscribed","chat_id":chat,"seq":head}));
 
         let body = format!(
             r#"[{{"type":"message.sent","chat_id":"{chat}","data":{{"n":1}}}},{{"type":"chat.updated","chat_id":"{chat}","data":{{"n":2}}}}]"#
         );
         node.bus.publish(crate::protocol::event::parse_batch(body.as_bytes())?).await?;
-        for (seq, ty) in [(1, "message.new"), (2, "chat.updated")] {
+        for (seq, ty) in [(head + 1, "message.new"), (head + 2, "chat.updated")] {
             let event = read_json(&mut client).await?;
             assert_eq!((event["seq"].as_u64(), event["type"].as_str()), (Some(seq), Some(ty)), "{event}");
         }

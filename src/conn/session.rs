@@ -110,50 +110,77 @@ impl<S: Socket> Conn<S> {
             self.leave_unwatched(chat);
             return self.reply_error(ErrorCode::Unavailable, "event bus unavailable; retry", Some(chat));
         }
-        let recovery = match self.node.bus.recover(chat, since).await {
-            Ok(recovery) => recovery,
+        let head = match self.node.bus.head(chat).await {
+            Ok(head) => head,
             Err(e) => {
                 tracing::warn!(%chat, error = %e, "cannot read the room's position");
                 self.leave(chat);
                 return self.reply_error(ErrorCode::Unavailable, "event bus unavailable; retry", Some(chat));
             }
         };
-        let head = recovery.head;
         let Some(since) = since else {
             self.subs.set_position(chat, head, false);
             self.out.push(server::subscribed(chat, head, None));
             return Ok(());
         };
+        let head = if since < head && !room.covers(since, head) {
+            match self.fill_from_bus(&room, chat, since, head).await {
+                Ok(head) => head,
+                Err(e) => {
+                    tracing::warn!(%chat, error = %e, "cannot read the room's history from the bus");
+                    self.leave(chat);
+                    return self.reply_error(
+                        ErrorCode::Unavailable,
+                        "event bus unavailable; retry",
+                        Some(chat),
+                    );
+                }
+            }
+        } else {
+            head
+        };
         let metrics = &self.node.metrics;
         if room.covers(since, head) {
-            // Replayed from this node's history by the pump, at its own pace.
+            // Replayed from the room's history by the pump, at the socket's
+            // pace and within the queue budget, however much it is.
             self.subs.set_position(chat, since, since < head);
             metrics.recovered.fetch_add(1, Ordering::Relaxed);
             self.out.push(server::subscribed(chat, head, Some(true)));
-            return Ok(());
+        } else {
+            metrics.not_recovered.fetch_add(1, Ordering::Relaxed);
+            self.subs.set_position(chat, head, false);
+            self.out.push(server::subscribed(chat, head, Some(false)));
         }
-        let replay = recovery.events.filter(|events| {
-            // The bus's own copy (Redis) must run exactly since+1 ..= head.
-            events.len() as u64 == head.saturating_sub(since)
-                && events.iter().zip(since + 1..).all(|((seq, _), want)| *seq == want)
-        });
-        match replay {
-            Some(events) if since < head => {
-                self.out.push(server::subscribed(chat, head, Some(true)));
-                for (seq, event) in &events {
-                    if let Some(frame) = server::replayed(event, *seq) {
-                        self.out.push(frame);
-                    }
-                }
-                metrics.recovered.fetch_add(1, Ordering::Relaxed);
-            }
-            _ => {
-                metrics.not_recovered.fetch_add(1, Ordering::Relaxed);
-                self.out.push(server::subscribed(chat, head, Some(false)));
-            }
-        }
-        self.subs.set_position(chat, head, false);
         Ok(())
+    }
+
+    /// Brings the events after `since` that the bus keeps of its own (Redis)
+    /// into the room's history, when this node's history does not hold them;
+    /// returns the room's head. One read per room at a time: a recovery that
+    /// waited for another finds the frames already held.
+    async fn fill_from_bus(
+        &self,
+        room: &crate::rooms::Room,
+        chat: ChatId,
+        since: u64,
+        head: u64,
+    ) -> Result<u64, crate::bus::BusError> {
+        let _one_at_a_time = self.node.recovering(chat).await;
+        if room.covers(since, head) {
+            return Ok(head);
+        }
+        let Some(kept) = self.node.bus.kept(chat, since).await? else { return Ok(head) };
+        let now = tokio::time::Instant::now();
+        let frames = kept
+            .events
+            .iter()
+            .filter_map(|e| {
+                let at = now.checked_sub(e.age).unwrap_or(now);
+                Some((e.seq, at, server::replayed(&e.event, e.seq)?))
+            })
+            .collect();
+        self.node.rooms.fill(room, frames);
+        Ok(head.max(kept.head))
     }
 
     /// Drops a subscription, if any; returns whether there was one.

@@ -60,7 +60,7 @@ use redis::{IntoConnectionInfo, ProtocolVersion};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
-use super::{BoxFuture, Bus, BusError, Deliver, Health, Recovery, Topic};
+use super::{BoxFuture, Bus, BusError, Deliver, Health, Kept, KeptEvent, Topic};
 use crate::config::BusConfig;
 use crate::protocol::event::{DomainEvent, EventKind};
 use crate::protocol::ChatId;
@@ -132,6 +132,9 @@ pub struct RedisStats {
     pub seq_regressions: AtomicU64,
     /// Copies of an event received on several channels, dropped (`herald_redis_duplicates_total`).
     pub duplicates_dropped: AtomicU64,
+    /// Reads of a room's Redis history for a recovery this node's history could not serve
+    /// (`herald_redis_history_reads_total`).
+    pub history_reads: AtomicU64,
 }
 
 /// Where the connection stands; `health()` is derived from it.
@@ -385,38 +388,56 @@ impl Bus for RedisBus {
         )]
     }
 
-    fn recover(&self, chat: ChatId, since: Option<u64>) -> BoxFuture<'_, Result<Recovery, BusError>> {
+    fn head(&self, chat: ChatId) -> BoxFuture<'_, Result<u64, BusError>> {
         Box::pin(async move {
             let mut conn = self.shared.current_conn().ok_or(BusError::Unreachable)?;
+            let floor = lock(&self.shared.floors).get(&chat).map_or(0, |f| f.saturating_add(1));
             let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(self.shared.scripts.recover.get_hash())
+            cmd.arg(self.shared.scripts.head.get_hash()).arg(1).arg(scripts::seq_key(chat)).arg(floor);
+            let head: u64 = cmd.query_async(&mut conn).await.map_err(|e| {
+                tracing::warn!(%chat, error = %e, "redis head read failed");
+                classify(&e)
+            })?;
+            Ok(head)
+        })
+    }
+
+    fn kept(&self, chat: ChatId, since: u64) -> BoxFuture<'_, Result<Option<Kept>, BusError>> {
+        Box::pin(async move {
+            let mut conn = self.shared.current_conn().ok_or(BusError::Unreachable)?;
+            self.shared.stats.history_reads.fetch_add(1, Ordering::Relaxed);
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(self.shared.scripts.kept.get_hash())
                 .arg(2)
                 .arg(scripts::seq_key(chat))
                 .arg(scripts::history_key(chat))
                 .arg(self.shared.options.history_ttl.as_millis().to_string())
-                .arg(if since.is_some() { "1" } else { "0" });
+                .arg(since);
             let reply: Vec<Vec<u8>> = cmd.query_async(&mut conn).await.map_err(|e| {
-                tracing::warn!(%chat, error = %e, "redis recover failed");
-                if e.is_timeout() {
-                    BusError::Timeout
-                } else {
-                    BusError::Rejected
-                }
+                tracing::warn!(%chat, error = %e, "redis history read failed");
+                classify(&e)
             })?;
+            let number =
+                |v: Option<Vec<u8>>| v.and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u64>().ok());
             let mut entries = reply.into_iter();
-            let head = entries.next().and_then(|h| std::str::from_utf8(&h).ok()?.parse().ok()).unwrap_or(0);
-            let Some(since) = since else { return Ok(Recovery { head, events: None }) };
+            let head = number(entries.next()).unwrap_or(0);
+            let now_ms = number(entries.next()).unwrap_or(0);
             let mut events = Vec::new();
             for entry in entries {
-                match DomainEvent::from_json(&entry) {
-                    Ok((event, Some(seq))) if seq > since && seq <= head => events.push((seq, event)),
+                let Some(bar) = entry.iter().position(|b| *b == b'|') else { continue };
+                let at_ms = std::str::from_utf8(&entry[..bar]).ok().and_then(|ms| ms.parse::<u64>().ok());
+                match DomainEvent::from_json(&entry[bar + 1..]) {
+                    Ok((event, Some(seq))) if seq > since && seq <= head => {
+                        let age = Duration::from_millis(now_ms.saturating_sub(at_ms.unwrap_or(now_ms)));
+                        events.push(KeptEvent { seq, age, event });
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(%chat, error = %e, "undecodable history entry in redis; skipped")
                     }
                 }
             }
-            Ok(Recovery { head, events: Some(events) })
+            Ok(Some(Kept { head, events }))
         })
     }
 
@@ -449,6 +470,11 @@ impl Bus for RedisBus {
                 "redis_duplicates_total",
                 "Duplicate copies of an event dropped.",
                 get(&stats.duplicates_dropped),
+            ),
+            (
+                "redis_history_reads_total",
+                "Reads of a room's Redis history for recoveries this node's history could not serve.",
+                get(&stats.history_reads),
             ),
         ]
     }

@@ -8,7 +8,7 @@
 //!
 //! | name | kind | what |
 //! |---|---|---|
-//! | `herald:{<chat>}:seq` | string | the room's `seq` counter |
+//! | `herald:{<chat>}:seq` | string | the room's `seq` counter, made at a [`crate::bus::seq_origin`] (Redis's clock) |
 //! | `herald:{<chat>}:room` | channel | the room's events |
 //! | `herald:{<chat>}:members` | set | the room's members (`chat.member_*` events) |
 //! | `herald:{<chat>}:history` | list | the room's recent events, `<ms>\|<event JSON with seq>`, oldest first |
@@ -65,13 +65,17 @@ pub(super) fn members_key_parts() -> [&'static str; 2] {
     [MEMBER_SET_PREFIX, MEMBER_SET_SUFFIX]
 }
 
-/// The three scripts, hashed once; calls go by `EVALSHA` (loaded on every connect).
+/// The scripts, hashed once; calls go by `EVALSHA` (loaded on every connect, from [`ALL`]).
 pub(super) struct Scripts {
     pub(super) publish: redis::Script,
     pub(super) reseed: redis::Script,
     pub(super) snapshot: redis::Script,
-    pub(super) recover: redis::Script,
+    pub(super) head: redis::Script,
+    pub(super) kept: redis::Script,
 }
+
+/// Every script's source, for `SCRIPT LOAD`.
+pub(super) const ALL: [&str; 5] = [PUBLISH_LUA, RESEED_LUA, SNAPSHOT_LUA, HEAD_LUA, KEPT_LUA];
 
 impl Scripts {
     pub(super) fn new() -> Scripts {
@@ -79,7 +83,8 @@ impl Scripts {
             publish: redis::Script::new(PUBLISH_LUA),
             reseed: redis::Script::new(RESEED_LUA),
             snapshot: redis::Script::new(SNAPSHOT_LUA),
-            recover: redis::Script::new(RECOVER_LUA),
+            head: redis::Script::new(HEAD_LUA),
+            kept: redis::Script::new(KEPT_LUA),
         }
     }
 }
@@ -100,6 +105,22 @@ end
     };
 }
 
+/// Lua: `origin(floor)`, a new room counter's first value as a string: Redis's clock in
+/// microseconds ([`crate::bus::seq_origin`]), never below `floor`. Built from `TIME`'s two strings,
+/// so no precision is lost on the way.
+macro_rules! origin_fn {
+    () => {
+        r#"
+local function origin(floor)
+  local c = redis.call('TIME')
+  local micros = c[1] .. string.format('%06d', tonumber(c[2]))
+  if tonumber(micros) < floor then return string.format('%d', floor) end
+  return micros
+end
+"#
+    };
+}
+
 /// Publishes one batch atomically. KEYS: boot, gseq, member index, then per event its key (room
 /// counter, member set, or gseq) and, for a room event, the room's history list. ARGV: settle ms,
 /// has-room flag, history size, history TTL ms, then per event: op, floor, chat, user, payload
@@ -109,6 +130,7 @@ end
 /// publishes it, so history and live delivery can never disagree.
 pub(super) const PUBLISH_LUA: &str = concat!(
     boot_prelude!(),
+    origin_fn!(),
     r#"if ARGV[2] == '1' and now - tonumber(boot) < tonumber(ARGV[1]) then
   return redis.error_reply('SETTLING redis lost its state recently; nodes are re-seeding room seq')
 end
@@ -124,8 +146,12 @@ while k <= #KEYS do
   i = i + 6
   local seq
   if op == 'r' then
-    local cur = tonumber(redis.call('GET', key) or '0')
-    if cur < floor then redis.call('SET', key, floor) end
+    local cur = redis.call('GET', key)
+    if not cur then
+      redis.call('SET', key, origin(floor))
+    elseif tonumber(cur) < floor then
+      redis.call('SET', key, string.format('%d', floor))
+    end
     seq = redis.call('INCR', key)
   else
     if op == 'a' then
@@ -168,18 +194,40 @@ return now - tonumber(boot)
 "#
 );
 
-/// A room's position and history: the counter, then the entries (`<ms>|<json>`) younger than the
-/// TTL, oldest first, or none when ARGV[2] is '0'. KEYS: room counter, room history; ARGV: TTL ms,
-/// whether to read the history.
-pub(super) const RECOVER_LUA: &str = r#"
-local out = { redis.call('GET', KEYS[1]) or '0' }
-if ARGV[2] == '1' then
-  local t = redis.call('TIME')
-  local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1])
-  for _, entry in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
-    local bar = string.find(entry, '|', 1, true)
-    if bar and tonumber(string.sub(entry, 1, bar - 1)) > oldest then
-      out[#out + 1] = string.sub(entry, bar + 1)
+/// A room's position: its counter, made now at [`origin_fn!`] (ARGV[1] the floor this node knows)
+/// when the room has none, so the first event follows the position a subscriber is told.
+/// KEYS: room counter.
+pub(super) const HEAD_LUA: &str = concat!(
+    origin_fn!(),
+    r#"
+local cur = redis.call('GET', KEYS[1])
+if cur then return cur end
+local o = origin(tonumber(ARGV[1]))
+redis.call('SET', KEYS[1], o)
+return o
+"#
+);
+
+/// A room's events after a position: the counter, Redis's clock (ms), then the history entries
+/// (`<ms>|<json>`) with `seq` in `(since, head]` younger than the TTL, oldest first. Entries are
+/// consecutive and end at the counter except after a re-seed, so the range is taken by count from
+/// the end and the caller checks every `seq`. KEYS: room counter, room history; ARGV: TTL ms,
+/// since.
+pub(super) const KEPT_LUA: &str = r#"
+local head = tonumber(redis.call('GET', KEYS[1]) or '0')
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = { string.format('%d', head), string.format('%d', now) }
+local since = tonumber(ARGV[2])
+if since < head then
+  local n = math.min(head - since, redis.call('LLEN', KEYS[2]))
+  local oldest = now - tonumber(ARGV[1])
+  if n > 0 then
+    for _, entry in ipairs(redis.call('LRANGE', KEYS[2], -n, -1)) do
+      local bar = string.find(entry, '|', 1, true)
+      if bar and tonumber(string.sub(entry, 1, bar - 1)) > oldest then
+        out[#out + 1] = entry
+      end
     end
   end
 end

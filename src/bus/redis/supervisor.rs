@@ -14,8 +14,7 @@ use tokio::time::Instant;
 
 use super::delivery::Inbound;
 use super::scripts::{
-    channel, members_key_parts, seq_key, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL, MEMBER_INDEX_KEY, PUBLISH_LUA,
-    RECOVER_LUA, RESEED_LUA, SNAPSHOT_LUA,
+    channel, members_key_parts, seq_key, ALL, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL, MEMBER_INDEX_KEY,
 };
 use super::{lock, Phase, Shared, Sub, Topics};
 use crate::protocol::ChatId;
@@ -114,7 +113,7 @@ async fn open_session(
         .set_push_sender(push_sender);
     let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
 
-    for code in [PUBLISH_LUA, RESEED_LUA, SNAPSHOT_LUA, RECOVER_LUA] {
+    for code in ALL {
         redis::cmd("SCRIPT").arg("LOAD").arg(code).query_async::<String>(&mut conn).await?;
     }
 

@@ -1,0 +1,267 @@
+//! Promises at the edges (PROTOCOL.md sections 1, 3.1 and 6), over real
+//! sockets: a room's position survives its room being forgotten and Redis
+//! losing its state (`recovered:true` only when nothing is missing), a big
+//! recovery on a node that never held the room is paced instead of closed
+//! with 4008, a reader whose history was evicted learns it at once, `since`
+//! at `u64::MAX` is harmless on both buses, and a token accepted inside
+//! `auth.leeway` is not closed with 4001 at once.
+
+mod support;
+
+use std::time::Duration;
+
+use herald::config::{BusConfig, BusKind, Membership};
+use herald::protocol::event::parse_batch;
+use herald::protocol::{ChatId, UserId};
+use serde_json::{json, Value};
+use support::redis::RedisServer;
+use support::{message_sent, start, Client, Gateway, RawClient, PATIENCE};
+use tokio::time::{sleep, timeout, Instant};
+
+fn user() -> UserId {
+    UserId::new_v4()
+}
+
+/// Publishes `n` events to `chat` through the in-process publisher.
+async fn publish(gw: &Gateway, chat: ChatId, n: usize, data: &Value) {
+    for _ in 0..n {
+        let events = parse_batch(message_sent(chat, data).as_bytes()).expect("valid event");
+        gw.publisher.publish(events).await.expect("published");
+    }
+}
+
+/// Publishes over HTTP until the node answers 202 (503 while Redis settles).
+async fn publish_eventually(gw: &Gateway, body: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, reply) = gw.publish(body).await;
+        if status == 202 {
+            return;
+        }
+        assert_eq!(status, 503, "{reply}");
+        assert!(Instant::now() < deadline, "still 503: {reply}");
+        sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads room events until `last`; returns their seqs.
+async fn seqs_until(c: &mut Client, last: u64) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    while seqs.last() != Some(&last) {
+        let v = c.recv().await;
+        seqs.push(v["seq"].as_u64().unwrap_or_else(|| panic!("expected a room event, got {v}")));
+    }
+    seqs
+}
+
+async fn redis_gateway(redis: &RedisServer, history_size: usize) -> Gateway {
+    let mut config = support::config();
+    config.bus = BusConfig { kind: BusKind::Redis, redis_url: redis.url() };
+    config.auth.membership = Membership::Open;
+    config.rooms.history_size = history_size;
+    start(config).await
+}
+
+/// The memory bus forgets a room whose history expired and that nobody
+/// watches; its next event must not reuse the seqs of its earlier life, or a
+/// client coming back with an old `since` is told `recovered:true` while it
+/// missed the new life's first events.
+#[tokio::test]
+async fn a_forgotten_room_made_again_never_claims_an_old_since_is_recovered() {
+    let mut config = support::config();
+    config.rooms.history_ttl = Duration::from_millis(300);
+    let gw = start(config).await;
+    let chat = ChatId::new_v4();
+    let me = user();
+    let mut c = gw.connect(me, &[]).await;
+    let head = c.subscribe(chat).await;
+    publish(&gw, chat, 3, &json!({"life": 1})).await;
+    let seen = seqs_until(&mut c, head + 3).await;
+    let last_seen = *seen.last().expect("three events");
+    drop(c);
+
+    // The room is forgotten once its history expired and nobody is in it.
+    let deadline = Instant::now() + PATIENCE;
+    while gw.metric("rooms").await > 0.0 {
+        assert!(Instant::now() < deadline, "the room was never forgotten");
+        sleep(Duration::from_millis(100)).await;
+    }
+    publish(&gw, chat, 5, &json!({"life": 2})).await;
+
+    let mut c = gw.connect(me, &[]).await;
+    let (new_head, recovered) = c.subscribe_since(chat, last_seen).await;
+    assert!(!recovered, "events of the new life were never sent to this client");
+    assert!(
+        new_head > last_seen + 5,
+        "the new life's seqs are above the old life's: {new_head} vs {last_seen}"
+    );
+    // The new position serves as usual.
+    publish(&gw, chat, 1, &json!({"life": 2})).await;
+    assert_eq!(c.recv().await["seq"], new_head + 1);
+}
+
+/// `since` at the top of the range: not recovered, no overflow, the
+/// connection lives; on the memory bus and on the Redis bus.
+#[tokio::test]
+async fn since_at_u64_max_is_not_recovered_and_the_connection_lives() {
+    let gw = start(support::config()).await;
+    let chat = ChatId::new_v4();
+    publish(&gw, chat, 2, &json!({})).await;
+    let mut c = gw.connect(user(), &[]).await;
+    let (_, recovered) = c.subscribe_since(chat, u64::MAX).await;
+    assert!(!recovered);
+    c.send(r#"{"type":"ping"}"#).await;
+    assert_eq!(c.recv().await, json!({"type":"pong"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn since_at_u64_max_on_redis_is_not_recovered_and_the_connection_lives() {
+    let redis = RedisServer::start();
+    let gw = redis_gateway(&redis, 100).await;
+    let chat = ChatId::new_v4();
+    publish_eventually(&gw, &message_sent(chat, &json!({}))).await;
+    let mut c = gw.connect(user(), &[]).await;
+    for since in [u64::MAX, u64::MAX - 1, 1] {
+        let (_, recovered) = c.subscribe_since(chat, since).await;
+        assert!(!recovered, "since {since}");
+        c.send_json(json!({"type":"unsubscribe","chat_id":chat})).await;
+        assert_eq!(c.recv().await, json!({"type":"unsubscribed","chat_id":chat}));
+    }
+    c.send(r#"{"type":"ping"}"#).await;
+    assert_eq!(c.recv().await, json!({"type":"pong"}));
+}
+
+/// Redis restarted empty while no node that saw the room was running: the
+/// room's counter is made again, and must not repeat the old life's seqs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_room_after_redis_lost_its_state_never_claims_an_old_since_is_recovered() {
+    let mut redis = RedisServer::start();
+    let a = redis_gateway(&redis, 100).await;
+    let chat = ChatId::new_v4();
+    let me = user();
+    let mut c = a.connect(me, &[]).await;
+    let head = c.subscribe(chat).await;
+    for _ in 0..3 {
+        publish_eventually(&a, &message_sent(chat, &json!({"life": 1}))).await;
+    }
+    let last_seen = *seqs_until(&mut c, head + 3).await.last().expect("events");
+    drop(c);
+    a.stop().await;
+
+    redis.restart();
+    let b = redis_gateway(&redis, 100).await;
+    for _ in 0..5 {
+        publish_eventually(&b, &message_sent(chat, &json!({"life": 2}))).await;
+    }
+    let mut c = b.connect(me, &[]).await;
+    let (new_head, recovered) = c.subscribe_since(chat, last_seen).await;
+    assert!(!recovered, "the new life's first events were never sent to this client");
+    assert!(new_head > last_seen + 5, "{new_head} vs {last_seen}");
+}
+
+/// A rolling deploy of a busy room: a node that never held the room gets
+/// clients recovering 100 events of 45 KB (4.5 MB) each. The replay goes
+/// out at the socket's pace, never as one push past the queue budget, so
+/// every client gets every event (no 4008), and the clients recovering
+/// together cost one read of Redis's history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_big_recovery_on_a_node_that_never_held_the_room_is_paced_not_closed() {
+    const EVENTS: u64 = 100;
+    let redis = RedisServer::start();
+    let a = redis_gateway(&redis, 200).await;
+    let chat = ChatId::new_v4();
+    let mut first = a.connect(user(), &[]).await;
+    let since = first.subscribe(chat).await;
+    let blob = "r".repeat(45_000);
+    for _ in 0..EVENTS {
+        publish_eventually(&a, &message_sent(chat, &json!({"blob": blob}))).await;
+    }
+    assert_eq!(seqs_until(&mut first, since + EVENTS).await.len() as u64, EVENTS);
+
+    let b = redis_gateway(&redis, 200).await;
+    assert_eq!(b.metric("redis_history_reads_total").await, 0.0);
+    // Four clients at once, each twice: the second time the node holds it.
+    for round in 0..2 {
+        let mut readers = Vec::new();
+        for _ in 0..4 {
+            let mut c = b.connect(user(), &[]).await;
+            readers.push(tokio::spawn(async move {
+                let (head, recovered) = c.subscribe_since(chat, since).await;
+                let seqs = seqs_until(&mut c, since + EVENTS).await;
+                (head, recovered, seqs)
+            }));
+        }
+        for reader in readers {
+            let (head, recovered, seqs) =
+                timeout(Duration::from_secs(60), reader).await.expect("in time").expect("reader");
+            assert_eq!((head, recovered), (since + EVENTS, true), "round {round}");
+            assert_eq!(seqs, (since + 1..=since + EVENTS).collect::<Vec<_>>(), "round {round}");
+        }
+    }
+    assert_eq!(b.metric("redis_history_reads_total").await, 1.0, "one read served every recovery");
+    assert_eq!(b.labelled("closes_total", "code", "4008").await, 0.0);
+}
+
+/// A reader behind the live ring whose room history was evicted for bytes
+/// (another room's publishes took the node's budget) must be told (4008)
+/// as soon as it reads on, not at its room's next event.
+#[tokio::test]
+async fn a_reader_whose_history_was_evicted_learns_it_at_once() {
+    let mut config = support::config();
+    config.rooms.buffer = 4;
+    config.rooms.history_size = 1_000;
+    config.rooms.history_bytes = 2 << 20;
+    config.websocket.write_wait = Duration::from_secs(60);
+    let gw = start(config).await;
+    let (chat, other) = (ChatId::new_v4(), ChatId::new_v4());
+    let mut slow = RawClient::connect_small(gw.addr, &support::token(user(), &[]), 4096).await;
+    slow.send_frame(0x81, json!({"type":"subscribe","chat_id":chat}).to_string().as_bytes()).await;
+    assert!(slow.read_json().await.is_some(), "subscribed");
+    // 600 events of 2 KB: more than the socket and the connection's queue
+    // (512 frames) hold for a client that does not read, so it falls behind
+    // the ring; the room's history still holds them all.
+    publish(&gw, chat, 600, &json!({"blob": "s".repeat(2_000)})).await;
+    // Another room's events then take the node's whole history budget.
+    publish(&gw, other, 1_200, &json!({"blob": "o".repeat(2_000)})).await;
+
+    // Reading on, the reader gets what was queued and then 4008, with no
+    // further event in its room.
+    let read_all = async {
+        loop {
+            match slow.read_frame().await {
+                Some((0x88, payload)) => return Some(u16::from_be_bytes([payload[0], payload[1]])),
+                Some(_) => continue,
+                None => return None,
+            }
+        }
+    };
+    let code = timeout(PATIENCE, read_all).await.expect("the reader is told without a new event");
+    assert_eq!(code, Some(4008));
+}
+
+/// The upgrade accepts a token up to `exp + auth.leeway`; the connection
+/// must then live until that moment too, not be closed with 4001 at once
+/// (a client whose `getToken()` returns the cached token would loop).
+#[tokio::test]
+async fn a_token_accepted_inside_the_leeway_is_not_closed_at_once() {
+    let mut config = support::config();
+    config.auth.leeway = Duration::from_secs(30);
+    let gw = start(config).await;
+    let me = user();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let claims = json!({"sub": me, "exp": now - 5});
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(support::SECRET.as_bytes()),
+    )
+    .expect("token");
+    let mut c = gw.connect_token(&token).await;
+    // Still open and answering a second later.
+    sleep(Duration::from_millis(1_500)).await;
+    c.send(r#"{"type":"ping"}"#).await;
+    assert_eq!(c.recv().await, json!({"type":"pong"}));
+}
