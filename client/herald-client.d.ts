@@ -51,11 +51,16 @@ export interface UserEvent<Data = unknown> {
 export interface HeraldClientOptions {
   /** A fixed JWT. With only a token, a 4001 (token expired) ends the client. */
   token?: string;
-  /** Called before every connection attempt, including after 4001. */
+  /** Called before every connection attempt, including after 4001. A token
+   * identical to one the server closed with 4001 is never sent again: that
+   * attempt fails (an `error` with code `token`) and the next one, after the
+   * backoff, calls getToken() again. */
   getToken?: () => string | Promise<string>;
   /** WebSocket constructor; defaults to `globalThis.WebSocket`. */
   WebSocket?: typeof WebSocket;
-  /** First reconnect delay ceiling in ms (default 500); doubles per failed attempt, jittered. */
+  /** First reconnect delay ceiling in ms (default 500); doubles per failed attempt, jittered.
+   * After a 4001 the first renewal waits a random 0..backoffInitial ms; a
+   * second 4001 before a connection proved healthy is a failed attempt. */
   backoffInitial?: number;
   /** Largest reconnect delay ceiling in ms (default 30000). */
   backoffMax?: number;
@@ -65,6 +70,13 @@ export interface HeraldClientOptions {
   pingTimeout?: number;
   /** An attempt that has not opened after this many ms is abandoned (default 10000). */
   connectTimeout?: number;
+  /** A connection counts as healthy, and the backoff starts over from
+   * backoffInitial, once it has stayed open this many ms and every room it
+   * subscribed is acknowledged (or it has none) (default 5000). One that
+   * closes sooner is a failed attempt, so a server that accepts and then
+   * closes (1011, 4008, 1008, ...) sees retries grow to backoffMax. Keep it
+   * well below the tokens' lifetime. */
+  healthyAfter?: number;
 }
 
 export type ConnectionState = 'idle' | 'connecting' | 'connected' | 'disconnected' | 'closed';
@@ -101,6 +113,7 @@ export interface Refetch {
 
 export interface HeraldClientEvents {
   state: ConnectionState;
+  /** `attempt`: failed attempts since the last healthy connection. */
   connecting: { attempt: number };
   connected: Record<string, never>;
   disconnected: Disconnected;

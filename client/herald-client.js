@@ -33,6 +33,7 @@ const DEFAULTS = {
   pingInterval: 25000,
   pingTimeout: 10000,
   connectTimeout: 10000,
+  healthyAfter: 5000,
 };
 
 // Errors that may pass if the same command is sent again later.
@@ -61,8 +62,17 @@ export class HeraldClient {
     this._inflight = [];
     this._state = 'idle';
     this._ws = null;
+    /** Failed attempts since the last healthy connection: the backoff exponent. */
     this._attempt = 0;
-    this._timers = { reconnect: null, ping: null, pong: null, open: null };
+    /** Set by a prompt renewal after 4001, cleared by a healthy connection:
+     * a second 4001 before then is a failed attempt, not another free retry. */
+    this._renewing = false;
+    /** The token of the last connection closed with 4001: the server has
+     * said it is expired, so it is never sent again. */
+    this._expiredToken = null;
+    /** Whether the current connection has been open for healthyAfter. */
+    this._aged = false;
+    this._timers = { reconnect: null, ping: null, pong: null, open: null, healthy: null };
     this._stopped = false;
   }
 
@@ -174,6 +184,14 @@ export class HeraldClient {
       return;
     }
     if (this._stopped) return;
+    if (token != null && token === this._expiredToken) {
+      // Most likely a cache handing back what it still believes valid;
+      // connecting would only earn another 4001, so this attempt fails and
+      // the next one (after the backoff) asks getToken() again.
+      this._emit('error', new HeraldError('token', 'getToken() returned the token the server closed with 4001 (expired)'));
+      this._scheduleReconnect({ code: 0, reason: 'getToken() returned an expired token' });
+      return;
+    }
     const sep = this._url.includes('?') ? '&' : '?';
     let ws;
     try {
@@ -188,7 +206,14 @@ export class HeraldClient {
     ws.onopen = () => {
       if (ws !== this._ws) return;
       clearTimeout(this._timers.open);
-      this._attempt = 0;
+      // Opening proves little: a sick server (1011 while its bus is down, a
+      // 4008 or 1008 loop) accepts and then closes at once. The backoff only
+      // starts over once this connection has proved healthy (_checkHealthy).
+      this._aged = false;
+      this._timers.healthy = setTimeout(() => {
+        this._aged = true;
+        this._checkHealthy();
+      }, this._opts.healthyAfter);
       this._inflight = [];
       this._setState('connected');
       this._emit('connected', {});
@@ -206,10 +231,12 @@ export class HeraldClient {
         return;
       }
       this._onMessage(msg);
+      this._checkHealthy();
     };
     ws.onclose = (e) => {
       if (ws !== this._ws) return;
       this._ws = null;
+      if (e.code === CloseCode.TOKEN_EXPIRED) this._expiredToken = token;
       this._scheduleReconnect({ code: e.code, reason: e.reason });
     };
     // An error is always followed by close; close decides what happens next.
@@ -252,9 +279,18 @@ export class HeraldClient {
       this._emit('error', new HeraldError('token_expired', 'token expired and no getToken() to renew it'));
       return;
     }
-    // A fresh token fixes an expiry at once; anything else waits out a
-    // jittered, growing delay so a fleet of clients does not reconnect in step.
-    const delay = expired ? 0 : this._backoff();
+    // A fresh token fixes an expiry, so the first one comes back soon (still
+    // jittered: a fleet's tokens often share an `exp`). A second 4001 before
+    // a connection proved healthy means renewing does not help: back off.
+    // Anything else waits out a jittered, growing delay so a fleet of
+    // clients does not reconnect in step.
+    let delay;
+    if (expired && !this._renewing) {
+      this._renewing = true;
+      delay = Math.round(Math.random() * this._opts.backoffInitial);
+    } else {
+      delay = this._backoff();
+    }
     this._setState('disconnected');
     this._emit('disconnected', { code, reason, willReconnect: true, delay });
     this._timers.reconnect = setTimeout(() => this._open(), delay);
@@ -265,6 +301,18 @@ export class HeraldClient {
     const ceiling = Math.min(backoffMax, backoffInitial * 2 ** this._attempt);
     this._attempt += 1;
     return Math.round(ceiling / 2 + Math.random() * (ceiling / 2));
+  }
+
+  /** Starts the backoff over once the current connection has stayed open for
+   * healthyAfter and every room it holds is acknowledged (or it has none).
+   * Called when that time is up and on every frame after it, since the last
+   * ack (or the error that removes the last pending room) may come later. */
+  _checkHealthy() {
+    if (this._attempt === 0 && !this._renewing) return;
+    if (this._state !== 'connected' || !this._aged) return;
+    for (const room of this._rooms.values()) if (!room.acked) return;
+    this._attempt = 0;
+    this._renewing = false;
   }
 
   /** (Re)arms the app-level ping: silence for pingInterval sends a ping, and

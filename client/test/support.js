@@ -1,10 +1,12 @@
 // Test support for herald-client: starts a real Herald process, mints
 // tokens, publishes over HTTP, and a TCP proxy that can lose or repeat
 // server frames or go silent (a broken network path), so the client's
-// recovery logic is tested against the real server.
+// recovery logic is tested against the real server. A sick node, one that
+// accepts every WebSocket and closes it at once, is played by the proxy
+// (`sicken`) or by a bare server (`closingServer`).
 
 import { spawn, spawnSync } from 'node:child_process';
-import { createHmac, randomUUID } from 'node:crypto';
+import { createHash, createHmac, randomUUID } from 'node:crypto';
 import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -146,8 +148,13 @@ export async function proxy(target) {
   const sockets = new Set();
   let silent = false;
   let refusing = false;
+  let sickCode = 0;
   const server = net.createServer((client) => {
     if (refusing) return client.destroy();
+    if (sickCode) {
+      sockets.add(client);
+      return acceptAndClose(client, sickCode);
+    }
     const upstream = net.connect(Number(port), host);
     sockets.add(client).add(upstream);
     const closeBoth = () => {
@@ -205,8 +212,19 @@ export async function proxy(target) {
       for (const s of sockets) s.destroy();
       sockets.clear();
     },
+    /** Cuts every connection and, until `reopen()`, accepts new ones and
+     * closes them at once with `code`, as a sick node does (1011 while its
+     * Redis is down). Unlike a refusal, which Node 20's WebSocket reports
+     * only through `error` (the client then waits for its connectTimeout),
+     * the client sees each close at once. */
+    sicken(code) {
+      sickCode = code;
+      for (const s of sockets) s.destroy();
+      sockets.clear();
+    },
     reopen() {
       refusing = false;
+      sickCode = 0;
     },
     close() {
       for (const s of sockets) s.destroy();
@@ -232,4 +250,60 @@ function cutFrame(buf) {
   }
   if (buf.length < off + len) return null;
   return { opcode, length: off + len, bytes: buf.subarray(0, off + len), payload: buf.subarray(off, off + len) };
+}
+
+/**
+ * Answers the WebSocket upgrade on `socket` and closes the connection at once
+ * with `code`; the TCP connection goes once the client's close frame
+ * arrives, or after 2 s without it (Herald does the same).
+ */
+function acceptAndClose(socket, code, reason = '') {
+  socket.on('error', () => socket.destroy());
+  let head = '';
+  const onHead = (d) => {
+    head += d.toString('latin1');
+    if (!head.includes('\r\n\r\n')) return;
+    socket.off('data', onHead);
+    const key = head.match(/^sec-websocket-key:\s*(\S+)/im)?.[1] ?? '';
+    const accept = createHash('sha1').update(`${key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64');
+    const why = Buffer.from(reason);
+    const payload = Buffer.alloc(2 + why.length);
+    payload.writeUInt16BE(code);
+    why.copy(payload, 2);
+    socket.write(
+      `HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`,
+    );
+    socket.write(Buffer.concat([Buffer.from([0x88, payload.length]), payload]));
+    socket.once('data', () => socket.end());
+    setTimeout(() => socket.destroy(), 2000).unref();
+  };
+  socket.on('data', onHead);
+}
+
+/**
+ * A WebSocket server on 127.0.0.1 that accepts every upgrade and closes it at
+ * once with `code`: a sick node (1011 while its Redis is down, 4001 for a
+ * token it holds expired). `upgrades` records each one: `at`
+ * (performance.now()) and the request's `url` (which carries the token).
+ */
+export async function closingServer(code, reason = '') {
+  const upgrades = [];
+  const sockets = new Set();
+  const server = net.createServer((socket) => {
+    sockets.add(socket);
+    socket.on('close', () => sockets.delete(socket));
+    socket.once('data', (d) => {
+      upgrades.push({ at: performance.now(), url: d.toString('latin1').split(' ')[1] });
+    });
+    acceptAndClose(socket, code, reason);
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  return {
+    wsUrl: `ws://127.0.0.1:${server.address().port}/ws`,
+    upgrades,
+    close() {
+      for (const s of sockets) s.destroy();
+      return new Promise((r) => server.close(r));
+    },
+  };
 }
