@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
 # Two Herald nodes on one redis-server (all on loopback); loadgen spreads its
-# connections and publishers over both, so events cross nodes through Redis.
-# Usage: scripts/bench-redis.sh <loadgen fanout args...>
+# connections and publishers over both (--also-url), so events cross nodes
+# through Redis. Any mode that takes --also-url: fanout, recovery, soak. In
+# recovery and soak every reconnect resumes on the other node, and with the
+# default --layout by-room a room's connections start on one node, so resumes
+# on the other read the missed range from Redis.
+# Usage: scripts/bench-redis.sh <fanout|recovery|soak> <loadgen args...>
+#   e.g. scripts/bench-redis.sh soak --duration 90s --conns 500 --rooms 10 --rate 100 \
+#          --churn 0.2 --outage 8s --content-bytes 20000
+# Env: SERVER_BIN, LOADGEN_BIN (default target/release/{herald,loadgen}),
+# RPORT (16399), A (18081), B (18082); HERALD_* settings pass through to both nodes.
+# Exits with loadgen's status (a failed soak verdict is non-zero).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SERVER_BIN=${SERVER_BIN:-target/release/herald}
@@ -24,9 +33,18 @@ for port in "$A" "$B"; do
     for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" | grep -q '"ok"' && break; sleep 0.1; done
 done
 cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }
+rss() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 before=($(cpu "${pids[0]}") $(cpu "${pids[1]}") $(cpu "$rpid"))
-"$LOADGEN_BIN" "$@" --url "http://127.0.0.1:$A" --also-url "http://127.0.0.1:$B" --server-pid "${pids[0]}"
+status=0
+"$LOADGEN_BIN" "$@" --url "http://127.0.0.1:$A" --also-url "http://127.0.0.1:$B" --server-pid "${pids[0]}" || status=$?
 after=($(cpu "${pids[0]}") $(cpu "${pids[1]}") $(cpu "$rpid"))
 hz=$(getconf CLK_TCK)
-echo "whole-run CPU seconds: node A $(( (after[0]-before[0]) / hz )).$(( (after[0]-before[0]) % hz )), node B $(( (after[1]-before[1]) / hz )).$(( (after[1]-before[1]) % hz )), redis $(( (after[2]-before[2]) / hz )).$(( (after[2]-before[2]) % hz ))" >&2
-for port in "$A" "$B"; do curl -s "http://127.0.0.1:$port/metrics" | grep -E '^herald_(frames_out|write_syscalls|slow_consumers|redis_inbound_dropped|events_in)_total' | sed "s/^/node $port: /" >&2; done
+secs() { printf '%d.%02d' $(( $1 / hz )) $(( ($1 % hz) * 100 / hz )); }
+echo "whole-run CPU seconds: node A $(secs $((after[0]-before[0]))), node B $(secs $((after[1]-before[1]))), redis $(secs $((after[2]-before[2])))" >&2
+echo "RSS at end (KiB): node A $(rss "${pids[0]}"), node B $(rss "${pids[1]}"), redis $(rss "$rpid")" >&2
+for port in "$A" "$B"; do
+    curl -s "http://127.0.0.1:$port/metrics" \
+        | grep -E '^herald_((frames_out|write_syscalls|slow_consumers_dropped|redis_inbound_dropped|events_in|catchups|recoveries|redis_history_reads|closes)_total|backlog_frames|history_(frames|bytes))' \
+        | sed "s/^/node $port: /" >&2 || true
+done
+exit "$status"

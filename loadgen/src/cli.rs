@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Load generator for a Herald deployment you operate (loopback only unless --allow-remote).
 #[derive(Debug, Parser)]
@@ -170,9 +170,23 @@ pub(crate) struct StreamArgs {
     /// Time after publishing stops for resumed and stalled connections to catch up.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub(crate) drain: Duration,
-    /// Bytes of the `content` field of each message.
+    /// Bytes of the `content` field of each message. A resume replays what it missed, up to the
+    /// server's rooms.history_size events of this size: 20000 makes a 100-event replay ~2 MB (the
+    /// server's server.max_body_bytes, 1 MiB by default, bounds one POST).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub(crate) content_bytes: u32,
+    /// More nodes of the same cluster (repeatable, e.g. two Herald nodes on one Redis): connections
+    /// start on them by --layout, publishers alternate over --url and these, and every reconnect
+    /// (a churner's, or after a server close) resumes on the next node round-robin, so
+    /// recoveries run on a node other than the one the connection dropped from.
+    #[arg(long = "also-url", value_name = "URL")]
+    pub(crate) also_urls: Vec<String>,
+    /// With --also-url, where connections first connect. by-room: every connection of room r
+    /// starts on node r % nodes, so the other nodes hold a room only while a resumed or switching
+    /// connection is there, and a resume there reads the missed range from the bus (Redis);
+    /// spread: each room's connections alternate over the nodes.
+    #[arg(long, value_enum, default_value_t = Layout::ByRoom)]
+    pub(crate) layout: Layout,
     /// Fraction of connections that repeatedly drop their socket and resume with `since`.
     #[arg(long, default_value_t = 0.1, value_parser = fraction)]
     pub(crate) churn: f64,
@@ -180,6 +194,8 @@ pub(crate) struct StreamArgs {
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub(crate) churn_every: Duration,
     /// Longest time a churning connection stays away before reconnecting (uniform in 0 .. this).
+    /// With a room's events/s x this near the server's rooms.history_size, resumes replay up to a
+    /// whole history (e.g. 10 events/s per room and 8s: up to ~80 events).
     #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
     pub(crate) outage: Duration,
     /// Fraction of connections that stop reading for --stall-for, then resume.
@@ -244,6 +260,24 @@ pub(crate) struct SoakArgs {
     /// Pause of an abusive client between being closed and coming back.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub(crate) abuse_pause: Duration,
+}
+
+/// Where connections first connect when there are several nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Layout {
+    /// Room r's connections all start on node r % nodes.
+    ByRoom,
+    /// Each room's connections alternate over the nodes.
+    Spread,
+}
+
+impl Layout {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Layout::ByRoom => "by-room",
+            Layout::Spread => "spread",
+        }
+    }
 }
 
 /// A number in 0..=1.
@@ -375,5 +409,36 @@ mod tests {
             (Duration::from_secs(600), 50, 0.1, 0)
         );
         assert_eq!((a.streams.stall, a.sample_every, a.switch_rooms), (0.02, Duration::from_secs(10), 3));
+        assert!(a.streams.also_urls.is_empty());
+        assert_eq!(a.streams.layout, Layout::ByRoom);
+    }
+
+    #[test]
+    fn parses_a_soak_over_several_nodes_with_big_events() {
+        let cli = Cli::try_parse_from([
+            "loadgen",
+            "soak",
+            "--jwt-secret",
+            "s",
+            "--url",
+            "http://127.0.0.1:18081",
+            "--also-url",
+            "http://127.0.0.1:18082",
+            "--also-url",
+            "http://127.0.0.1:18083",
+            "--layout",
+            "spread",
+            "--content-bytes",
+            "20000",
+            "--outage",
+            "8s",
+        ])
+        .expect("parses");
+        let Command::Soak(a) = cli.command else { panic!("soak") };
+        assert_eq!(a.streams.also_urls, ["http://127.0.0.1:18082", "http://127.0.0.1:18083"]);
+        assert_eq!((a.streams.layout, a.streams.content_bytes), (Layout::Spread, 20_000));
+        assert_eq!(a.streams.outage, Duration::from_secs(8));
+        let too_big = ["loadgen", "soak", "--jwt-secret", "s", "--content-bytes", "1000001"];
+        assert!(Cli::try_parse_from(too_big).is_err());
     }
 }

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::cli::FanoutArgs;
 use crate::ident::room_id;
 use crate::msg::{self, ServerMsg};
-use crate::pool::{self, Phase, Spec};
+use crate::pool::{self, Opened, Phase, Spec};
 use crate::procfs::{self, CpuMark};
 use crate::progress::Progress;
 use crate::publish::{self, unix_nanos, Plan};
@@ -39,6 +39,8 @@ struct Ctx {
     shared: Arc<Shared>,
     window: Window,
     run_id: u64,
+    /// The rooms' ids as the server writes them, to start each room's seq check at its position.
+    room_names: Vec<String>,
 }
 
 pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
@@ -63,7 +65,8 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     let rooms: Vec<Uuid> = (0..args.rooms).map(|i| room_id(common.room_group, i)).collect();
     let run_id = Uuid::new_v4().as_u64_pair().0 >> 1;
     let shared = Arc::new(Shared::new());
-    let ctx = Arc::new(Ctx { shared: shared.clone(), window: Window::default(), run_id });
+    let room_names = rooms.iter().map(Uuid::to_string).collect();
+    let ctx = Arc::new(Ctx { shared: shared.clone(), window: Window::default(), run_id, room_names });
     let mut progress = Progress::new(common.json);
 
     let spec = Arc::new(Spec::new(common, targets.clone(), rooms.clone(), BUF_SIZE));
@@ -75,7 +78,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
         common.connect_deadline,
         CLOSE_GRACE,
         &mut progress,
-        move |client, _opened, phase| connection(client, conn_ctx.clone(), phase),
+        move |client, opened, phase| connection(client, opened, conn_ctx.clone(), phase),
     )
     .await?;
     let subscribed = shared.subscribed.load(Relaxed);
@@ -189,9 +192,13 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
 }
 
 /// One subscribed connection: reads deliveries until told to stop or the server closes.
-async fn connection(mut client: WsClient, ctx: Arc<Ctx>, mut phase: watch::Receiver<Phase>) {
+async fn connection(mut client: WsClient, opened: Opened, ctx: Arc<Ctx>, mut phase: watch::Receiver<Phase>) {
     let mut local = Local::default();
     let mut seqs = SeqTracker::default();
+    if let Some(seq) = opened.seq {
+        // Checked from the position the server told, so a missing first event is a gap too.
+        seqs.start(ctx.room_names[opened.room].as_bytes(), seq);
+    }
     let shared = &ctx.shared;
     'phases: loop {
         if *phase.borrow_and_update() == Phase::Stop {

@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::cli::CommonArgs;
+use crate::cli::{CommonArgs, Layout};
 use crate::ident::Minter;
 use crate::msg::Subscribed;
 use crate::procfs;
@@ -39,8 +39,10 @@ pub(crate) enum Phase {
 
 /// How to open the connections.
 pub(crate) struct Spec {
-    /// Nodes to connect to; each room's connections alternate between them.
+    /// Nodes to connect to, chosen by `layout` (see [`Spec::node`]).
     pub(crate) targets: Vec<Target>,
+    /// Where each connection first connects when there are several nodes.
+    pub(crate) layout: Layout,
     pub(crate) minter: Minter,
     pub(crate) sources: Vec<IpAddr>,
     pub(crate) rooms: Vec<Uuid>,
@@ -73,6 +75,7 @@ impl Spec {
     pub(crate) fn new(common: &CommonArgs, targets: Vec<Target>, rooms: Vec<Uuid>, buf_size: usize) -> Spec {
         Spec {
             targets,
+            layout: Layout::Spread,
             minter: Minter::new(&common.jwt_secret),
             sources: common.source_addrs.clone(),
             rooms,
@@ -82,6 +85,18 @@ impl Spec {
             subs_per_conn: 1,
             recv_buffer: None,
         }
+    }
+
+    /// Index into `targets` of the node connection `index` uses after `hops` reconnects: its
+    /// first node by the layout (spread: a room's connections alternate over the nodes; by-room:
+    /// all of room r's on node r % nodes), then the next nodes round-robin.
+    pub(crate) fn node(&self, index: usize, hops: usize) -> usize {
+        let (rooms, nodes) = (self.rooms.len().max(1), self.targets.len().max(1));
+        let first = match self.layout {
+            Layout::Spread => index / rooms,
+            Layout::ByRoom => index * self.subs_per_conn.max(1) % rooms,
+        };
+        (first % nodes + hops % nodes) % nodes
     }
 }
 
@@ -176,7 +191,7 @@ async fn open(spec: &Spec, index: usize, source: Option<IpAddr>) -> anyhow::Resu
     let chats: Vec<Uuid> = rooms_of(spec, index).map(|r| spec.rooms[r]).collect();
     let token = spec.minter.mint(&chats)?;
     let recv_buffer = spec.recv_buffer.as_ref().and_then(|f| f(index));
-    let target = &spec.targets[(index / spec.rooms.len()) % spec.targets.len()];
+    let target = &spec.targets[spec.node(index, 0)];
     let mut client = WsClient::connect(target, source, &token, spec.buf_size, recv_buffer, None).await?;
     let mut first = None;
     for chat in &chats {
@@ -187,18 +202,20 @@ async fn open(spec: &Spec, index: usize, source: Option<IpAddr>) -> anyhow::Resu
 }
 
 /// Opens connection `opened.index` again after it dropped: a fresh token and socket (same source
-/// and receive buffer), then `subscribe` to room index `room` with `since`. Returns the client
-/// and the server's answer. Single-room connections only (`subs_per_conn` 1).
+/// and receive buffer) to node `node` (an index into `spec.targets`), then `subscribe` to room
+/// index `room` with `since`. Returns the client and the server's answer. Single-room
+/// connections only (`subs_per_conn` 1).
 pub(crate) async fn reopen(
     spec: &Spec,
     opened: &Opened,
+    node: usize,
     room: usize,
     since: Option<u64>,
 ) -> anyhow::Result<(WsClient, Subscribed)> {
     let chat = spec.rooms[room];
     let token = spec.minter.mint(&[chat])?;
     let recv_buffer = spec.recv_buffer.as_ref().and_then(|f| f(opened.index));
-    let target = &spec.targets[(opened.index / spec.rooms.len()) % spec.targets.len()];
+    let target = &spec.targets[node % spec.targets.len()];
     let connect = async {
         let mut client =
             WsClient::connect(target, opened.source, &token, spec.buf_size, recv_buffer, None).await?;
@@ -277,6 +294,39 @@ pub(crate) async fn stop(mut pool: Pool, phase: &watch::Sender<Phase>, grace: Du
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ident::room_id;
+
+    #[test]
+    fn nodes_by_layout_then_round_robin_on_every_reconnect() {
+        let target = |port| Target {
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            host: format!("127.0.0.1:{port}"),
+            prefix: String::new(),
+        };
+        let mut spec = Spec {
+            targets: vec![target(1), target(2)],
+            layout: Layout::Spread,
+            minter: Minter::new("s"),
+            sources: Vec::new(),
+            rooms: (0..3).map(|i| room_id(0, i)).collect(),
+            concurrency: 1,
+            connect_timeout: Duration::from_secs(1),
+            buf_size: 1024,
+            subs_per_conn: 1,
+            recv_buffer: None,
+        };
+        // Spread: connections 0..3 (rooms 0, 1, 2) on node 0, 3..6 on node 1.
+        let first: Vec<usize> = (0..6).map(|i| spec.node(i, 0)).collect();
+        assert_eq!(first, [0, 0, 0, 1, 1, 1]);
+        // By room: room r's connections (i % 3 == r) start on node r % 2.
+        spec.layout = Layout::ByRoom;
+        let first: Vec<usize> = (0..6).map(|i| spec.node(i, 0)).collect();
+        assert_eq!(first, [0, 1, 0, 0, 1, 0]);
+        // Every reconnect moves to the next node.
+        assert_eq!((0..4).map(|h| spec.node(1, h)).collect::<Vec<_>>(), [1, 0, 1, 0]);
+        spec.targets.truncate(1);
+        assert_eq!((0..3).map(|h| spec.node(4, h)).collect::<Vec<_>>(), [0, 0, 0]);
+    }
 
     #[test]
     fn caps_to_the_open_files_limit() {

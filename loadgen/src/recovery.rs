@@ -47,6 +47,8 @@ pub(crate) async fn run(args: RecoveryArgs) -> anyhow::Result<RecoveryReport> {
         head: StreamsHead {
             mode: "recovery",
             url,
+            also_urls: s.also_urls.clone(),
+            layout: (!s.also_urls.is_empty()).then(|| s.layout.name()),
             connect,
             rate_target: s.rate,
             duration_secs: args.duration.as_secs_f64(),

@@ -242,11 +242,13 @@ pub(crate) struct IdleReport {
 pub(crate) struct ClassReport {
     pub(crate) class: &'static str,
     pub(crate) conns: u64,
-    /// Σ over the class's connections of the events accepted for their room.
+    /// Σ over the class's connections of the events of their room after the position each was
+    /// told (its first `subscribed`, or an unrecovered resume's answer), up to the room's last
+    /// event (or, in a room left, where it left; before an unrecovered resume, the last seen).
     pub(crate) expected_deliveries: u64,
     /// Distinct events of this run delivered (replays included, duplicates not).
     pub(crate) deliveries: u64,
-    /// expected - deliveries - events skipped by an unrecovered resume.
+    /// expected - deliveries.
     pub(crate) lost: u64,
     /// Events skipped between two deliveries (a seq gap).
     pub(crate) gap_missing: u64,
@@ -266,13 +268,22 @@ pub(crate) struct ClassReport {
     pub(crate) switches: u64,
     /// Subscribes with `since`: reconnects, and switchers' returns to a room.
     pub(crate) resumes: u64,
+    /// Resumes by a reconnect to another node than the one the connection dropped from
+    /// (several nodes given).
+    pub(crate) resumes_on_other_node: u64,
     pub(crate) recovered: u64,
     /// Events the recovered resumes were behind (replayed).
     pub(crate) recovered_events: u64,
     pub(crate) max_behind_on_resume: u64,
+    /// Frame bytes of the biggest recovered replay that arrived whole.
+    pub(crate) max_replay_bytes: u64,
     /// Resumes answered `recovered:false` (or without `recovered`): unrecoverable.
     pub(crate) not_recovered: u64,
+    /// Events the unrecovered resumes skipped (not expected, not lost).
     pub(crate) not_recovered_skipped: u64,
+    /// Unrecovered resumes whose answer moved the position further than the room had events, or
+    /// backwards: the room was made again at a new seq origin.
+    pub(crate) position_resets: u64,
     pub(crate) not_recovered_reasons: BTreeMap<String, u64>,
     pub(crate) reconnect_errors: u64,
     pub(crate) reconnect_error_kinds: BTreeMap<String, u64>,
@@ -285,6 +296,12 @@ pub(crate) struct ClassReport {
 pub(crate) struct StreamsHead {
     pub(crate) mode: &'static str,
     pub(crate) url: String,
+    /// The other nodes (`--also-url`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) also_urls: Vec<String>,
+    /// Where connections first connected (`--layout`), with several nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) layout: Option<&'static str>,
     #[serde(flatten)]
     pub(crate) connect: ConnectSummary,
     pub(crate) rate_target: u64,
@@ -443,6 +460,10 @@ impl Table {
             self.row(label, v);
         }
     }
+}
+
+fn kib(bytes: u64) -> String {
+    format!("{:.0} KiB", bytes as f64 / 1024.0)
 }
 
 fn mib(bytes: u64) -> String {
@@ -650,6 +671,12 @@ impl StreamsHead {
     /// The title and the connect rows.
     fn table(&self) -> Table {
         let mut t = Table(format!("loadgen {} against {}\n", self.mode, self.url));
+        if !self.also_urls.is_empty() {
+            t.row(
+                "other nodes",
+                format!("{} (layout {})", self.also_urls.join(", "), self.layout.unwrap_or("?")),
+            );
+        }
         self.connect.rows(&mut t, None);
         t
     }
@@ -682,10 +709,17 @@ impl StreamsSummary {
                 t.row(
                     "  resumes",
                     format!(
-                        "{} ({} recovered, {} events replayed, max {} behind)",
-                        c.resumes, c.recovered, c.recovered_events, c.max_behind_on_resume
+                        "{} ({} recovered, {} events replayed, max {} behind, biggest replay {})",
+                        c.resumes,
+                        c.recovered,
+                        c.recovered_events,
+                        c.max_behind_on_resume,
+                        kib(c.max_replay_bytes)
                     ),
                 );
+                if c.resumes_on_other_node > 0 {
+                    t.row("  resumed on another node", c.resumes_on_other_node);
+                }
                 t.row(
                     "  not recovered",
                     format!("{} ({} events skipped)", c.not_recovered, c.not_recovered_skipped),

@@ -40,6 +40,27 @@ pub(crate) async fn fetch(target: &Target, prefixes: &[&str]) -> anyhow::Result<
         .unwrap_or_else(|_| Err(anyhow::anyhow!("/metrics timed out")))
 }
 
+/// [`fetch`] from every node, summed sample by sample (a cluster's counters); fails when any
+/// node does.
+pub(crate) async fn fetch_sum(
+    targets: &[Target],
+    prefixes: &[&str],
+) -> anyhow::Result<BTreeMap<String, f64>> {
+    let mut sum = BTreeMap::new();
+    for target in targets {
+        let one = fetch(target, prefixes).await.map_err(|e| e.context(target.host.clone()))?;
+        add(&mut sum, &one);
+    }
+    Ok(sum)
+}
+
+/// Adds every sample of `more` into `sum`.
+fn add(sum: &mut BTreeMap<String, f64>, more: &BTreeMap<String, f64>) {
+    for (k, v) in more {
+        *sum.entry(k.clone()).or_insert(0.0) += v;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +83,10 @@ mod tests {
         assert_eq!(d["herald_catchups_total"], 4.0);
         assert_eq!(d["herald_recoveries_total{result=\"recovered\"}"], 8.0);
         assert_eq!(d["herald_catchups_new"], 1.0);
+        let mut sum = before.clone();
+        add(&mut sum, &after);
+        assert_eq!(sum["herald_catchups_total"], 14.0);
+        assert_eq!(sum["herald_catchups_new"], 1.0);
+        assert_eq!(sum["herald_recoveries_total{result=\"not_recovered\"}"], 0.0);
     }
 }

@@ -98,9 +98,9 @@ pub(crate) async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
     }
     let abuse = abuse_ctx.reports();
     let (url, connect) = (common.url.clone(), h.connect.clone());
-    let target = h.target.clone();
+    let targets = h.targets.clone();
     let streams = h.finish(publishing, s.drain, common.server_pid).await;
-    let backlog_at_end = settled_backlog(&target).await;
+    let backlog_at_end = settled_backlog(&targets).await;
     let warmup_secs = args.duration.as_secs_f64() * WARMUP_SHARE;
     let rss: Vec<(f64, u64)> = series
         .iter()
@@ -111,6 +111,8 @@ pub(crate) async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
         head: StreamsHead {
             mode: "soak",
             url,
+            also_urls: s.also_urls.clone(),
+            layout: (!s.also_urls.is_empty()).then(|| s.layout.name()),
             connect,
             rate_target: s.rate,
             duration_secs: args.duration.as_secs_f64(),
@@ -126,13 +128,14 @@ pub(crate) async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
     })
 }
 
-/// The server's backlog (frames owed to its readers) once every client has
-/// closed: 0 unless its accounting drifted. Waits up to [`ABUSE_GRACE`] for
-/// the closes to land; None for a server without the gauge.
-async fn settled_backlog(target: &crate::target::Target) -> Option<f64> {
+/// The servers' backlog (frames owed to their readers, summed over the nodes)
+/// once every client has closed: 0 unless their accounting drifted. Waits up
+/// to [`ABUSE_GRACE`] for the closes to land; None for a server without the
+/// gauge.
+async fn settled_backlog(targets: &[crate::target::Target]) -> Option<f64> {
     let deadline = Instant::now() + ABUSE_GRACE;
     loop {
-        let owed = scrape::fetch(target, &["herald_backlog_frames"])
+        let owed = scrape::fetch_sum(targets, &["herald_backlog_frames"])
             .await
             .ok()?
             .get("herald_backlog_frames")
@@ -271,11 +274,14 @@ mod tests {
             stalls: 0,
             switches: 0,
             resumes: 0,
+            resumes_on_other_node: 0,
             recovered: 0,
             recovered_events: 0,
             max_behind_on_resume: 0,
+            max_replay_bytes: 0,
             not_recovered: 0,
             not_recovered_skipped: 0,
+            position_resets: 0,
             not_recovered_reasons: BTreeMap::new(),
             reconnect_errors: 0,
             reconnect_error_kinds: BTreeMap::new(),

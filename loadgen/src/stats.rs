@@ -23,13 +23,24 @@ pub(crate) enum SeqOutcome {
     Duplicate,
 }
 
-/// The last `seq` a connection saw in each of its rooms (usually one room, so a short Vec).
+/// The last `seq` a connection saw in each of its rooms (usually one room, so a short Vec). Seqs
+/// are compared only with each other and with the position the server told, never with a fixed
+/// start: a room's counter may start anywhere (Herald: the Unix time in microseconds; others: 1).
 #[derive(Debug, Default)]
 pub(crate) struct SeqTracker {
     rooms: Vec<(Box<[u8]>, u64)>,
 }
 
 impl SeqTracker {
+    /// Starts room `chat_id` at the position its `subscribed` reported: the next event is
+    /// `seq + 1`, and a first event after that is a gap.
+    pub(crate) fn start(&mut self, chat_id: &[u8], seq: u64) {
+        match self.rooms.iter_mut().find(|(id, _)| &id[..] == chat_id) {
+            Some((_, last)) => *last = seq,
+            None => self.rooms.push((chat_id.into(), seq)),
+        }
+    }
+
     pub(crate) fn observe(&mut self, chat_id: &[u8], seq: u64) -> SeqOutcome {
         let Some((_, last)) = self.rooms.iter_mut().find(|(id, _)| &id[..] == chat_id) else {
             self.rooms.push((chat_id.into(), seq));
@@ -186,6 +197,20 @@ mod tests {
         assert_eq!(t.observe(b"room-a", 12), SeqOutcome::Duplicate);
         // A backwards seq does not move the baseline: the next in-order event is fine.
         assert_eq!(t.observe(b"room-a", 15), SeqOutcome::InOrder);
+    }
+
+    #[test]
+    fn a_told_position_is_the_baseline_however_large() {
+        let origin = 1_765_000_000_000_000;
+        let mut t = SeqTracker::default();
+        t.start(b"a", origin);
+        assert_eq!(t.observe(b"a", origin + 1), SeqOutcome::InOrder);
+        assert_eq!(t.observe(b"a", origin + 3), SeqOutcome::Gap(1));
+        t.start(b"b", origin);
+        assert_eq!(t.observe(b"b", origin + 2), SeqOutcome::Gap(1), "the first event was missed");
+        assert_eq!(t.observe(b"b", origin), SeqOutcome::Duplicate);
+        // Without a position, the first event is the baseline.
+        assert_eq!(t.observe(b"c", 1), SeqOutcome::First);
     }
 
     #[test]

@@ -40,6 +40,7 @@ const METRICS: &[&str] = &[
     "herald_history_frames",
     "herald_history_bytes",
     "herald_closes_total",
+    "herald_redis_history_reads_total",
 ];
 
 /// What a connection does besides reading.
@@ -160,10 +161,24 @@ impl Mix {
     }
 }
 
-/// One connection's position in a room, kept across reconnects: the `since` it resumes with.
+/// One connection's stream in one room, kept across reconnects: the position it was told, the
+/// last seq it saw (the `since` it resumes with), and the stretches an unrecovered resume ended.
+/// Everything is relative to positions the server gave: a room's seqs may start anywhere (Herald
+/// starts a room's counter at the current Unix time in microseconds, other servers at 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Resume {
+    /// The position the current stretch starts after: the first `subscribed`'s `seq`, or an
+    /// unrecovered resume's. `None` while unknown (a `subscribed` without `seq`: the first
+    /// delivery stands for it).
+    base: Option<u64>,
+    /// The last seq seen (the base until a delivery).
     last: u64,
+    /// Events expected in stretches that an unrecovered resume ended.
+    closed: u64,
+    /// A recovered resume's replay under way: the seq it ends at and its bytes so far.
+    replay: Option<(u64, u64)>,
+    /// Bytes of the biggest replay that arrived whole.
+    max_replay_bytes: u64,
 }
 
 /// What a `subscribed` answer to a resume means for the stream.
@@ -171,16 +186,18 @@ pub(crate) struct Resume {
 pub(crate) enum Resumed {
     /// Every missed event follows; `behind` of them.
     Recovered { behind: u64 },
-    /// History did not reach back: `skipped` events will never arrive; live from `seq + 1`.
-    NotRecovered { skipped: u64 },
+    /// History did not reach back: the stream restarts after the answer's `seq`; `last` is the
+    /// last seq seen before. `seq - last` events were skipped, unless the position was reset
+    /// (a room made again starts at a new origin, far above or, elsewhere, below the old seqs).
+    NotRecovered { last: u64, seq: u64 },
     /// The answer had no `recovered` field (a server without recovery); treated as not recovered.
-    Unanswered { skipped: u64 },
+    Unanswered { last: u64, seq: u64 },
 }
 
 impl Resume {
-    /// Starts at the room position the first `subscribed` reported.
-    pub(crate) fn new(seq: u64) -> Self {
-        Resume { last: seq }
+    /// Starts at the room position a `subscribed` reported (`None`: it reported none).
+    pub(crate) fn new(seq: Option<u64>) -> Self {
+        Resume { base: seq, last: seq.unwrap_or(0), closed: 0, replay: None, max_replay_bytes: 0 }
     }
 
     /// The last seq seen: the `since` of the next resume.
@@ -188,12 +205,27 @@ impl Resume {
         self.last
     }
 
-    /// Checks one delivered seq against the last.
-    pub(crate) fn observe(&mut self, seq: u64) -> SeqOutcome {
+    /// Checks one delivered seq (a frame of `bytes`) against the last.
+    pub(crate) fn observe(&mut self, seq: u64, bytes: usize) -> SeqOutcome {
+        if self.base.is_none() {
+            // No position was given: this first event is the stream's start.
+            self.base = Some(seq.saturating_sub(1));
+            self.last = seq;
+            return SeqOutcome::First;
+        }
         if seq <= self.last {
             return SeqOutcome::Duplicate;
         }
         let before = std::mem::replace(&mut self.last, seq);
+        if let Some((until, so_far)) = self.replay.as_mut() {
+            if seq <= *until {
+                *so_far += bytes as u64;
+            }
+            if seq >= *until {
+                self.max_replay_bytes = self.max_replay_bytes.max(*so_far);
+                self.replay = None;
+            }
+        }
         match seq - before {
             1 => SeqOutcome::InOrder,
             n => SeqOutcome::Gap(n - 1),
@@ -201,29 +233,45 @@ impl Resume {
     }
 
     /// Takes the answer to `subscribe` with `since = self.since()`. When recovered, the replay
-    /// is checked like live events; otherwise the stream restarts after the answer's `seq`.
+    /// is checked like live events; otherwise the stream so far is closed where it got to and a
+    /// new stretch starts after the answer's `seq` (whatever its distance from the last one).
     pub(crate) fn resumed(&mut self, answer: Subscribed) -> Resumed {
-        let seq = answer.seq.unwrap_or(self.last);
-        let behind = seq.saturating_sub(self.last);
+        let last = self.last;
+        let seq = answer.seq.unwrap_or(last);
+        // A replay cut short by this resume is not a whole one.
+        self.replay = None;
         match answer.recovered {
-            Some(true) => Resumed::Recovered { behind },
+            Some(true) => {
+                let behind = seq.saturating_sub(last);
+                if behind > 0 {
+                    self.replay = Some((seq, 0));
+                }
+                Resumed::Recovered { behind }
+            }
             other => {
+                self.closed += last - self.base.unwrap_or(last);
+                self.base = Some(seq);
                 self.last = seq;
                 if other.is_some() {
-                    Resumed::NotRecovered { skipped: behind }
+                    Resumed::NotRecovered { last, seq }
                 } else {
-                    Resumed::Unanswered { skipped: behind }
+                    Resumed::Unanswered { last, seq }
                 }
             }
         }
     }
+
+    /// The events this stream should have had if the room's last seq is `end` (at least the last
+    /// one seen): the closed stretches and the current one.
+    fn expected(&self, end: u64) -> u64 {
+        self.closed + self.base.map_or(0, |base| end.max(self.last) - base)
+    }
 }
 
-/// One room a connection has been in: where its stream there started, and how far it got.
+/// One room a connection has been in, as one stream across its visits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Visit {
     room: usize,
-    base: u64,
     resume: Resume,
 }
 
@@ -239,13 +287,9 @@ pub(crate) struct Positions {
 }
 
 impl Positions {
-    /// In room `room` from seq `base` (its first `subscribed`).
-    pub(crate) fn new(room: usize, base: u64) -> Self {
-        Positions {
-            visits: vec![Visit { room, base, resume: Resume::new(base) }],
-            current: Some(0),
-            pending: None,
-        }
+    /// In room `room` from the position its first `subscribed` gave (`None`: none given).
+    pub(crate) fn new(room: usize, base: Option<u64>) -> Self {
+        Positions { visits: vec![Visit { room, resume: Resume::new(base) }], current: Some(0), pending: None }
     }
 
     fn visit(&self, room: usize) -> Option<usize> {
@@ -276,8 +320,7 @@ impl Positions {
                 Some(self.visits[v].resume.resumed(answer))
             }
             None => {
-                let base = answer.seq.unwrap_or(0);
-                self.visits.push(Visit { room, base, resume: Resume::new(base) });
+                self.visits.push(Visit { room, resume: Resume::new(answer.seq) });
                 self.current = Some(self.visits.len() - 1);
                 None
             }
@@ -289,22 +332,31 @@ impl Positions {
         self.pending = None;
     }
 
-    /// Checks one delivery against the stream of its room; `None` for a room never joined.
-    fn observe(&mut self, chat_id: &[u8], seq: u64, names: &[String]) -> Option<SeqOutcome> {
+    /// Checks one delivery (a frame of `bytes`) against the stream of its room; `None` for a
+    /// room never joined.
+    fn observe(&mut self, chat_id: &[u8], seq: u64, bytes: usize, names: &[String]) -> Option<SeqOutcome> {
         let v = self.visits.iter_mut().find(|v| names[v.room].as_bytes() == chat_id)?;
-        Some(v.resume.observe(seq))
+        Some(v.resume.observe(seq, bytes))
+    }
+
+    /// Bytes of the biggest recovered replay that arrived whole, over every room.
+    fn max_replay_bytes(&self) -> u64 {
+        self.visits.iter().map(|v| v.resume.max_replay_bytes).max().unwrap_or(0)
     }
 
     /// The events this connection should have seen, and those after its last one that never came:
     /// in the room it is in, every event up to the room's final `head` (`None`: unknown, no tail
     /// counted); in rooms it left, those up to where it left (the rest come back with `since` on
-    /// a return).
+    /// a return). Stretches an unrecovered resume ended count up to where they got to.
     pub(crate) fn settle(&self, head: impl Fn(usize) -> Option<u64>) -> (u64, u64) {
         let (mut expected, mut tail) = (0, 0);
         for (i, v) in self.visits.iter().enumerate() {
             let last = v.resume.since();
-            let end = if self.current == Some(i) { head(v.room).unwrap_or(last).max(last) } else { last };
-            expected += end - v.base;
+            let end = match (self.current == Some(i), v.resume.base) {
+                (true, Some(_)) => head(v.room).unwrap_or(last).max(last),
+                _ => last,
+            };
+            expected += v.resume.expected(end);
             tail += end - last;
         }
         (expected, tail)
@@ -327,11 +379,15 @@ struct ClassStats {
     stalls: AtomicU64,
     switches: AtomicU64,
     resumes: AtomicU64,
+    /// Resumes by a reconnect to another node than the one the connection was on.
+    node_moves: AtomicU64,
     recovered: AtomicU64,
     recovered_events: AtomicU64,
     max_behind: AtomicU64,
+    max_replay_bytes: AtomicU64,
     not_recovered: AtomicU64,
     not_recovered_skipped: AtomicU64,
+    position_resets: AtomicU64,
     reconnect_errors: AtomicU64,
     not_recovered_reasons: Mutex<BTreeMap<String, u64>>,
     reconnect_error_kinds: Mutex<BTreeMap<String, u64>>,
@@ -372,8 +428,10 @@ impl ClassStats {
         *self.close_codes.lock().unwrap_or_else(|p| p.into_inner()).entry(code).or_insert(0) += 1;
     }
 
-    /// Counts the outcome of a subscribe with `since`.
-    fn resumed(&self, resumed: Resumed, history_size: u64) {
+    /// Counts the outcome of a subscribe with `since`. `most` is the most events the room can
+    /// have had in the run: an unrecovered resume that moves further (or backwards) found the
+    /// room's position reset, not that many events.
+    fn resumed(&self, resumed: Resumed, history_size: u64, most: u64) {
         self.resumes.fetch_add(1, Relaxed);
         match resumed {
             Resumed::Recovered { behind } => {
@@ -381,11 +439,17 @@ impl ClassStats {
                 self.recovered_events.fetch_add(behind, Relaxed);
                 self.max_behind.fetch_max(behind, Relaxed);
             }
-            Resumed::NotRecovered { skipped } | Resumed::Unanswered { skipped } => {
+            Resumed::NotRecovered { last, seq } | Resumed::Unanswered { last, seq } => {
                 self.not_recovered.fetch_add(1, Relaxed);
+                let reset = seq < last || seq - last > most;
+                let skipped = if reset { 0 } else { seq - last };
                 self.not_recovered_skipped.fetch_add(skipped, Relaxed);
                 let reason = if matches!(resumed, Resumed::Unanswered { .. }) {
                     "no recovered field in subscribed (server without recovery)".to_owned()
+                } else if reset {
+                    self.position_resets.fetch_add(1, Relaxed);
+                    "the room's position was reset (a new seq origin: room forgotten or bus restarted)"
+                        .to_owned()
                 } else if skipped > history_size {
                     format!("behind by more than history_size {history_size}")
                 } else {
@@ -400,13 +464,12 @@ impl ClassStats {
         let get = |a: &AtomicU64| a.load(Relaxed);
         let clone = |m: &Mutex<BTreeMap<String, u64>>| m.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let expected = get(&self.expected);
-        let accounted = get(&self.deliveries) + get(&self.not_recovered_skipped);
         ClassReport {
             class: name,
             conns: get(&self.conns),
             expected_deliveries: expected,
             deliveries: get(&self.deliveries),
-            lost: expected.saturating_sub(accounted),
+            lost: expected.saturating_sub(get(&self.deliveries)),
             gap_missing: get(&self.gap_missing),
             tail_missing: get(&self.tail_missing),
             duplicated: get(&self.duplicated),
@@ -417,11 +480,14 @@ impl ClassStats {
             stalls: get(&self.stalls),
             switches: get(&self.switches),
             resumes: get(&self.resumes),
+            resumes_on_other_node: get(&self.node_moves),
             recovered: get(&self.recovered),
             recovered_events: get(&self.recovered_events),
             max_behind_on_resume: get(&self.max_behind),
+            max_replay_bytes: get(&self.max_replay_bytes),
             not_recovered: get(&self.not_recovered),
             not_recovered_skipped: get(&self.not_recovered_skipped),
+            position_resets: get(&self.position_resets),
             not_recovered_reasons: clone(&self.not_recovered_reasons),
             reconnect_errors: get(&self.reconnect_errors),
             reconnect_error_kinds: clone(&self.reconnect_error_kinds),
@@ -447,6 +513,8 @@ pub(crate) struct Ctx {
     disrupt_window: Mutex<Option<(Instant, Instant)>>,
     /// The publishers' counts: the events each room should have delivered.
     published: Arc<publish::Stats>,
+    /// Events the publishers may have sent and not yet had answered (`--in-flight` x `--batch`).
+    in_flight_events: u64,
 }
 
 impl Ctx {
@@ -462,6 +530,13 @@ impl Ctx {
     fn final_head(&self, room: usize) -> Option<u64> {
         let start = self.room_start[room].load(Relaxed);
         (start != u64::MAX).then(|| start + self.published.accepted_per_room[room].load(Relaxed))
+    }
+
+    /// The most events room `room` can have had since the run began (accepted, unknown outcome,
+    /// or still unanswered): a position that moved further was reset.
+    fn most_events(&self, room: usize) -> u64 {
+        let p = &self.published;
+        p.accepted_per_room[room].load(Relaxed) + p.events_uncertain.load(Relaxed) + self.in_flight_events
     }
 
     /// Distinct events delivered to healthy connections so far.
@@ -488,7 +563,10 @@ impl Ctx {
 /// A run of the healthy classes: connections opened, then publishing, then the drain and the
 /// summary. `recovery` and `soak` drive it and add their own parts around it.
 pub(crate) struct Harness {
+    /// The `--url` node (the one `--server-pid` names).
     pub(crate) target: Target,
+    /// Every node: `--url`, then each `--also-url`.
+    pub(crate) targets: Vec<Target>,
     pub(crate) ctx: Arc<Ctx>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) connect: ConnectSummary,
@@ -524,13 +602,18 @@ impl Harness {
             .clone()
             .with_context(|| format!("{mode} publishes events: give --api-key (or LOADGEN_API_KEY)"))?;
         let target = target::resolve(&common.url, common.allow_remote).await?;
+        let mut targets = vec![target.clone()];
+        for url in &s.also_urls {
+            targets.push(target::resolve(url, common.allow_remote).await?);
+        }
         let mut notes = Vec::new();
         let conns = pool::cap_conns(s.conns, u64::from(s.in_flight) + 1 + extra_fds, &mut notes);
         let mix = Mix::new(conns, s, switching)?;
         let rooms: Vec<Uuid> = (0..s.rooms).map(|i| room_id(common.room_group, i)).collect();
         let shared = Arc::new(Shared::new());
         let mut progress = Progress::new(common.json);
-        let mut spec = Spec::new(common, vec![target.clone()], rooms.clone(), BUF_SIZE);
+        let mut spec = Spec::new(common, targets.clone(), rooms.clone(), BUF_SIZE);
+        spec.layout = s.layout;
         let rcvbuf = s.stall_rcvbuf;
         spec.recv_buffer = Some(Arc::new(move |i| (mix.class_of(i) == Class::Stall).then_some(rcvbuf)));
         let spec = Arc::new(spec);
@@ -544,6 +627,7 @@ impl Harness {
             no_position: AtomicU64::new(0),
             disrupt_window: Mutex::new(None),
             published: Arc::new(publish::Stats::new(rooms.len())),
+            in_flight_events: u64::from(s.in_flight) * u64::from(s.batch),
         });
         let conn_ctx = ctx.clone();
         let (pool, phase_tx, connect_time) = pool::open_all(
@@ -560,7 +644,7 @@ impl Harness {
         if subscribed < u64::from(conns) {
             notes.push(format!("only {subscribed} of {conns} connections subscribed; measuring with those"));
         }
-        let metrics_before = match scrape::fetch(&target, METRICS).await {
+        let metrics_before = match scrape::fetch_sum(&targets, METRICS).await {
             Ok(m) => Some(m),
             Err(e) => {
                 notes.push(format!("no server metrics: {e:#}"));
@@ -568,7 +652,19 @@ impl Harness {
             }
         };
         let connect = ConnectSummary::new(s.conns, s.rooms, &shared, connect_time);
-        Ok(Harness { target, ctx, shared, connect, notes, progress, pool, phase_tx, metrics_before, api_key })
+        Ok(Harness {
+            target,
+            targets,
+            ctx,
+            shared,
+            connect,
+            notes,
+            progress,
+            pool,
+            phase_tx,
+            metrics_before,
+            api_key,
+        })
     }
 
     /// The rooms of the run, by index.
@@ -589,7 +685,7 @@ impl Harness {
         // Wake every task so the disrupting classes schedule their first disruption.
         let _ = self.phase_tx.send(Phase::Run);
         let plan = Arc::new(Plan {
-            targets: vec![self.target.clone()],
+            targets: self.targets.clone(),
             api_key: self.api_key.clone(),
             rooms: self.ctx.spec.rooms.clone(),
             batch: s.batch as usize,
@@ -626,7 +722,7 @@ impl Harness {
         pool::stop(self.pool, &self.phase_tx, CLOSE_GRACE).await;
         self.progress.finish();
         let mut notes = self.notes;
-        let metrics_after = match scrape::fetch(&self.target, METRICS).await {
+        let metrics_after = match scrape::fetch_sum(&self.targets, METRICS).await {
             Ok(m) => Some(m),
             Err(e) => {
                 notes.push(format!("no server metrics after the run: {e:#}"));
@@ -644,7 +740,8 @@ impl Harness {
         let no_position = ctx.no_position.load(Relaxed);
         if no_position > 0 {
             notes.push(format!(
-                "{no_position} subscribed answers carried no seq (server without recovery): positions start at 0"
+                "{no_position} subscribed answers carried no seq (server without recovery): those \
+                 streams start at their first delivery"
             ));
         }
         let unknown = ctx.room_start.iter().filter(|s| s.load(Relaxed) == u64::MAX).count();
@@ -722,12 +819,17 @@ async fn connection(client: WsClient, opened: Opened, ctx: Arc<Ctx>, mut phase: 
     let class = ctx.mix.class_of(opened.index);
     let stats = ctx.stats(class);
     stats.conns.fetch_add(1, Relaxed);
-    let base = opened.seq.unwrap_or_else(|| {
-        ctx.no_position.fetch_add(1, Relaxed);
-        0
-    });
-    ctx.room_start[opened.room].fetch_min(base, Relaxed);
-    let mut positions = Positions::new(opened.room, base);
+    match opened.seq {
+        Some(base) => {
+            ctx.room_start[opened.room].fetch_min(base, Relaxed);
+        }
+        None => {
+            ctx.no_position.fetch_add(1, Relaxed);
+        }
+    }
+    let mut positions = Positions::new(opened.room, opened.seq);
+    // Reconnects so far: the next one goes to the node after the current one.
+    let mut hops = 0;
     let mut tally = Tally::default();
     let mut rng = Rng::new(opened.index);
     let mut client = Some(client);
@@ -737,7 +839,7 @@ async fn connection(client: WsClient, opened: Opened, ctx: Arc<Ctx>, mut phase: 
             break;
         }
         let Some(c) = client.as_mut() else {
-            client = reconnect(&ctx, &opened, class, &mut positions).await;
+            client = reconnect(&ctx, &opened, class, &mut positions, &mut hops).await;
             if client.is_none() {
                 let wait = tokio::time::sleep(RECONNECT_BACKOFF);
                 tokio::select! {
@@ -755,7 +857,7 @@ async fn connection(client: WsClient, opened: Opened, ctx: Arc<Ctx>, mut phase: 
                         Reply::Subscribed(answer) => {
                             if let Some(room) = positions.pending {
                                 if let Some(resumed) = positions.joined(room, answer) {
-                                    stats.resumed(resumed, ctx.mix.history_size);
+                                    stats.resumed(resumed, ctx.mix.history_size, ctx.most_events(room));
                                 }
                             }
                         }
@@ -839,6 +941,13 @@ async fn connection(client: WsClient, opened: Opened, ctx: Arc<Ctx>, mut phase: 
                     }
                     Class::Steady => Duration::ZERO,
                 };
+                // Back by the end of publishing, whatever --outage or --stall-for say: a
+                // connection still away when the run stops could not have had the rest, and
+                // the drain is for catching up, not for coming back.
+                let left = ctx
+                    .window()
+                    .map_or(Duration::ZERO, |(_, end)| end.saturating_duration_since(Instant::now()));
+                let pause = pause.min(left);
                 if !pause.is_zero() {
                     // Not reading: a stop during the pause still ends the task.
                     tokio::select! {
@@ -859,20 +968,34 @@ async fn connection(client: WsClient, opened: Opened, ctx: Arc<Ctx>, mut phase: 
     let (expected, tail) = positions.settle(|room| ctx.final_head(room));
     stats.expected.fetch_add(expected, Relaxed);
     stats.tail_missing.fetch_add(tail, Relaxed);
+    stats.max_replay_bytes.fetch_max(positions.max_replay_bytes(), Relaxed);
     if let Some(c) = client {
         c.close().await;
     }
 }
 
-/// Opens the connection again and joins the room it should be in, with `since` where it was
-/// there; counts the outcome. `None` when the attempt failed (the caller backs off and retries).
-async fn reconnect(ctx: &Ctx, opened: &Opened, class: Class, positions: &mut Positions) -> Option<WsClient> {
+/// Opens the connection again, on the node after the one it was on (`hops` reconnects so far),
+/// and joins the room it should be in, with `since` where it was there; counts the outcome.
+/// `None` when the attempt failed (the caller backs off and retries the same node).
+async fn reconnect(
+    ctx: &Ctx,
+    opened: &Opened,
+    class: Class,
+    positions: &mut Positions,
+    hops: &mut usize,
+) -> Option<WsClient> {
     let stats = ctx.stats(class);
     let (room, since) = positions.target(opened.room);
-    match pool::reopen(&ctx.spec, opened, room, since).await {
+    let node = ctx.spec.node(opened.index, *hops + 1);
+    match pool::reopen(&ctx.spec, opened, node, room, since).await {
         Ok((client, answer)) => {
+            let moved = node != ctx.spec.node(opened.index, *hops);
+            *hops += 1;
             if let Some(resumed) = positions.joined(room, answer) {
-                stats.resumed(resumed, ctx.mix.history_size);
+                stats.resumed(resumed, ctx.mix.history_size, ctx.most_events(room));
+                if moved {
+                    stats.node_moves.fetch_add(1, Relaxed);
+                }
             }
             Some(client)
         }
@@ -898,7 +1021,7 @@ enum Reply {
 fn on_text(p: &[u8], run_id: u64, names: &[String], positions: &mut Positions, tally: &mut Tally) -> Reply {
     match msg::classify(p) {
         ServerMsg::Delivery(d) => {
-            match positions.observe(d.chat_id, d.seq, names) {
+            match positions.observe(d.chat_id, d.seq, p.len(), names) {
                 None => {
                     // A room this connection never joined.
                     tally.malformed += 1;
@@ -964,24 +1087,51 @@ mod tests {
         Mix::new(r.streams.conns, &r.streams, switching).expect("fits")
     }
 
+    /// A room position as Herald gives it: its counter starts at the Unix time in microseconds.
+    const ORIGIN: u64 = 1_765_000_000_000_000;
+
     #[test]
     fn a_recovered_resume_continues_the_stream_with_no_gap_and_no_duplicate() {
-        let mut p = Positions::new(0, 10);
+        let o = ORIGIN;
+        let mut p = Positions::new(0, Some(o + 10));
         let mut t = Tally::default();
-        feed(&mut p, &mut t, 0, 11..=14);
+        feed(&mut p, &mut t, 0, o + 11..=o + 14);
         // Dropped after 14; the room moved on to 19 meanwhile.
-        assert_eq!(p.target(0), (0, Some(14)));
-        assert_eq!(p.joined(0, answer(19, Some(true))), Some(Resumed::Recovered { behind: 5 }));
+        assert_eq!(p.target(0), (0, Some(o + 14)));
+        assert_eq!(p.joined(0, answer(o + 19, Some(true))), Some(Resumed::Recovered { behind: 5 }));
         // The replay (15..=19), then live events.
-        feed(&mut p, &mut t, 0, 15..=21);
+        feed(&mut p, &mut t, 0, o + 15..=o + 21);
         assert_eq!((t.deliveries, t.gap_missing, t.duplicated), (11, 0, 0));
-        assert_eq!(p.settle(|_| Some(21)), (11, 0));
-        assert_eq!(p.settle(|_| Some(25)), (15, 4), "events after the last one seen are the tail");
+        assert_eq!(p.settle(|_| Some(o + 21)), (11, 0));
+        assert_eq!(p.settle(|_| Some(o + 25)), (15, 4), "events after the last one seen are the tail");
+        // The replay's five frames arrived whole.
+        assert_eq!(p.max_replay_bytes(), 5 * frame(0, o + 15, 1).len() as u64);
+    }
+
+    #[test]
+    fn a_new_room_at_its_origin_expects_only_what_follows_it() {
+        // Told the origin (no event yet), then the room's first events: nothing before counts.
+        let mut p = Positions::new(2, Some(ORIGIN));
+        let mut t = Tally::default();
+        feed(&mut p, &mut t, 2, ORIGIN + 1..=ORIGIN + 3);
+        assert_eq!((t.deliveries, t.gap_missing), (3, 0));
+        assert_eq!(p.settle(|_| Some(ORIGIN + 3)), (3, 0));
+        // A server that starts at 1 tells 0 for a new room: the same accounting.
+        let mut p = Positions::new(2, Some(0));
+        feed(&mut p, &mut t, 2, 1..=3);
+        assert_eq!((t.deliveries, t.gap_missing), (6, 0));
+        assert_eq!(p.settle(|_| Some(4)), (4, 1));
+        // No position given: the first delivery starts the stream, whatever its seq.
+        let mut p = Positions::new(2, None);
+        assert_eq!(p.settle(|_| Some(ORIGIN + 9)), (0, 0), "nothing known, nothing expected");
+        feed(&mut p, &mut t, 2, ORIGIN + 7..=ORIGIN + 8);
+        assert_eq!((t.deliveries, t.gap_missing), (8, 0));
+        assert_eq!(p.settle(|_| Some(ORIGIN + 9)), (3, 1));
     }
 
     #[test]
     fn a_replay_that_repeats_or_skips_is_counted() {
-        let mut p = Positions::new(0, 0);
+        let mut p = Positions::new(0, Some(0));
         let mut t = Tally::default();
         feed(&mut p, &mut t, 0, 1..=3);
         assert_eq!(p.joined(0, answer(6, Some(true))), Some(Resumed::Recovered { behind: 3 }));
@@ -992,14 +1142,39 @@ mod tests {
 
     #[test]
     fn an_unrecovered_resume_restarts_after_the_answer_and_says_how_much_was_skipped() {
-        let mut r = Resume::new(5);
-        assert_eq!(r.resumed(answer(300, Some(false))), Resumed::NotRecovered { skipped: 295 });
+        let mut r = Resume::new(Some(5));
+        assert_eq!(r.observe(6, 1), SeqOutcome::InOrder);
+        assert_eq!(r.resumed(answer(300, Some(false))), Resumed::NotRecovered { last: 6, seq: 300 });
         assert_eq!(r.since(), 300);
-        assert_eq!(r.observe(301), SeqOutcome::InOrder);
+        assert_eq!(r.observe(301, 1), SeqOutcome::InOrder);
         // A server without recovery answers no `recovered` field.
-        assert_eq!(r.resumed(answer(310, None)), Resumed::Unanswered { skipped: 9 });
-        assert_eq!(r.observe(311), SeqOutcome::InOrder);
-        assert_eq!(r.observe(311), SeqOutcome::Duplicate);
+        assert_eq!(r.resumed(answer(310, None)), Resumed::Unanswered { last: 301, seq: 310 });
+        assert_eq!(r.observe(311, 1), SeqOutcome::InOrder);
+        assert_eq!(r.observe(311, 1), SeqOutcome::Duplicate);
+        // Expected: 6 (one event), 301 (one), then the stretch after 310; the skipped ones not.
+        assert_eq!(r.expected(312), 1 + 1 + 2);
+    }
+
+    #[test]
+    fn a_reset_room_is_a_new_stretch_not_a_flood_of_lost_or_skipped_events() {
+        // Since 14 from the room's first life; it was forgotten and made again at a later origin.
+        let (o, later) = (ORIGIN, ORIGIN + 90_000_000);
+        let mut p = Positions::new(0, Some(o + 10));
+        let mut t = Tally::default();
+        feed(&mut p, &mut t, 0, o + 11..=o + 14);
+        let resumed = p.joined(0, answer(later, Some(false))).expect("a resume");
+        assert_eq!(resumed, Resumed::NotRecovered { last: o + 14, seq: later });
+        feed(&mut p, &mut t, 0, later + 1..=later + 2);
+        assert_eq!((t.deliveries, t.gap_missing, t.duplicated), (6, 0, 0));
+        assert_eq!(p.settle(|_| Some(later + 3)), (4 + 3, 1));
+        // Counted as a reset, not as 90 million events skipped; a real skip is counted.
+        let stats = ClassStats::default();
+        stats.resumed(resumed, 100, 500);
+        stats.resumed(Resumed::NotRecovered { last: 5, seq: 300 }, 100, 500);
+        stats.resumed(Resumed::NotRecovered { last: 300, seq: 1 }, 100, 500);
+        let r = stats.report("churn");
+        assert_eq!((r.not_recovered, r.not_recovered_skipped, r.position_resets), (3, 295, 2));
+        assert_eq!(r.not_recovered_reasons.values().sum::<u64>(), 3);
     }
 
     #[test]
@@ -1013,7 +1188,7 @@ mod tests {
         );
         let classes: Vec<Class> = (2..6).map(|i| m.class_of(i)).collect();
         assert_eq!(classes, [Class::Stall, Class::Switch, Class::Switch, Class::Steady]);
-        let mut p = Positions::new(0, 0);
+        let mut p = Positions::new(0, Some(0));
         let mut t = Tally::default();
         on_text(frame(0, 1, 9).as_bytes(), 1, &names(), &mut p, &mut t);
         on_text(frame(0, 2, 1).as_bytes(), 1, &names(), &mut p, &mut t);
@@ -1050,7 +1225,7 @@ mod tests {
 
     #[test]
     fn a_switcher_accounts_each_room_as_one_stream_across_visits() {
-        let mut p = Positions::new(0, 10);
+        let mut p = Positions::new(0, Some(10));
         let mut t = Tally::default();
         feed(&mut p, &mut t, 0, 11..=12);
         // To room 1 (first visit): no since; the stream there starts at the answer.
