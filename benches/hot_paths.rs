@@ -14,8 +14,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use herald::alarms::{Alarms, Stamp};
 use herald::auth::{mint_hs256, Verifier};
 use herald::config::AuthConfig;
+use herald::mailbox::Mailbox;
 use herald::protocol::{client, server, ChatId, UserId};
-use herald::rooms::{HistoryLimits, Joined, Mailbox, Rooms};
+use herald::rooms::{HistoryLimits, Joined, Rooms};
 
 const DATA: &str = r#"{"id":"0d6a8c59-3c1e-4b8e-9d3e-5f3b2a1c0e9f","content":"Hello, how is the release going?","sender_id":"6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b","created_at":"2026-01-15T10:30:00Z"}"#;
 
@@ -222,7 +223,7 @@ fn counters(c: &mut Criterion) {
         })
     });
     group.finish();
-    let backlog = herald::backlog::Backlog::for_reach(100);
+    let backlog = herald::backlog::Backlog::for_reach(100, 512);
     for _ in 0..5_000 {
         backlog.joined(3);
     }

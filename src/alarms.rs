@@ -16,7 +16,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::rooms::Mailbox;
+use crate::mailbox::Mailbox;
+use crate::sync::lock;
 
 /// A moment to the millisecond, as milliseconds since the process's first
 /// stamp (plus one, so `Option<Stamp>` needs no extra word): 8 bytes where an
@@ -124,7 +125,7 @@ impl Alarms {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     async fn ring_until_closed(self: Arc<Self>) {

@@ -45,10 +45,11 @@ impl Backlog {
     /// (history, or the live ring when there is none) before they are
     /// dropped: overloaded once readers run a quarter of that behind on
     /// average, which leaves them room to catch up, and never for less than
-    /// two readers at the very edge with a full write queue each.
-    pub fn for_reach(reach: usize) -> Backlog {
+    /// two readers at the very edge with a full write queue (`queued`
+    /// frames, the connections' bound) each.
+    pub fn for_reach(reach: usize, queued: usize) -> Backlog {
         let reach = reach as u64;
-        Backlog::new(reach / 4, 2 * (reach + crate::conn::MAX_QUEUED as u64))
+        Backlog::new(reach / 4, 2 * (reach + queued as u64))
     }
 
     /// Adds `frames` owed (negative: paid).

@@ -6,12 +6,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::bus::Deliver;
+use crate::mailbox::UserMsg;
 use crate::membership;
 use crate::metrics::Metrics;
 use crate::protocol::event::{DomainEvent, EventKind};
 use crate::protocol::route::{route, MemberChange};
 use crate::protocol::{server, ChatId, UserId};
-use crate::rooms::{Rooms, UserMsg, Users};
+use crate::rooms::Rooms;
+use crate::users::Users;
 
 /// Implements [`Deliver`] for a node's registries.
 pub struct Broadcaster {

@@ -9,8 +9,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-pub use crate::membership::Source as Membership;
-
 /// A configuration that cannot be used; the message names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -90,6 +88,20 @@ pub struct AuthConfig {
     /// Clock skew tolerated when checking `exp` and `nbf`.
     #[serde(with = "humantime_serde")]
     pub leeway: Duration,
+}
+
+/// Who may subscribe to which chat (`auth.membership`), as
+/// [`crate::membership::allowed`] decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Membership {
+    /// The `chats` claim of the connection's JWT.
+    #[default]
+    Token,
+    /// What `chat.member_added` / `chat.member_removed` events taught us.
+    Events,
+    /// Every authenticated user may subscribe to every chat.
+    Open,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

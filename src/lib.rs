@@ -7,8 +7,11 @@
 //! - [`protocol`]: the wire contract as types and byte encoders; no IO.
 //! - [`auth`]: JWT -> [`auth::Claims`].
 //! - [`membership`]: who may subscribe to which chat.
-//! - [`rooms`]: room registry (live rings and history of pre-encoded frames)
-//!   and user registry.
+//! - [`rooms`]: the room registry: per room a live ring and a history of
+//!   pre-encoded frames, and the subscribers waiting for its ring.
+//! - [`mailbox`]: a connection's signal hub (per-user frames, shutdown,
+//!   alarms, nudges).
+//! - [`users`]: the user registry: user -> mailboxes of its connections.
 //! - [`backlog`]: frames owed to this node's readers, the signal that pushes
 //!   back on publishers under overload.
 //! - [`broadcast`]: domain event -> client frame -> registries.
@@ -17,13 +20,16 @@
 //! - [`alarms`]: the node's one timer for every connection's deadlines.
 //! - [`node`]: the node's shared state, built once; the load sensor and the
 //!   history sweeper.
-//! - [`http`]: `/ws`, `/api/events`, `/healthz`, `/metrics`.
-//! - [`server`]: accept loop, limits and graceful drain.
+//! - [`http`]: `/ws`, `/api/events`, `/healthz`, `/readyz`, `/metrics`, and
+//!   the browser's files and demo page.
+//! - [`server`]: builds the node, runs the accept loop (with the load sensor
+//!   and the history sweeper), limits and graceful drain.
 //! - [`metrics`]: counters and their Prometheus rendering; [`striped`]: the
 //!   per-thread counters the delivery path adds to.
 //! - [`cmd`]: the command line and the operator subcommands (token, check-token,
 //!   check-config, init).
 //! - [`demo`]: what the embedded default generates for a run, and its banner.
+//! - `sync`: the one poison-tolerant way to take a mutex.
 
 pub mod alarms;
 pub mod auth;
@@ -36,6 +42,7 @@ pub mod conn;
 pub mod demo;
 pub mod error;
 pub mod http;
+pub mod mailbox;
 pub mod membership;
 pub mod metrics;
 pub mod node;
@@ -43,5 +50,7 @@ pub mod protocol;
 pub mod rooms;
 pub mod server;
 pub mod striped;
+mod sync;
+pub mod users;
 
 pub use config::Config;

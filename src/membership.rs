@@ -5,22 +5,12 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
-use serde::{Deserialize, Serialize};
 
 use crate::protocol::{ChatId, UserId};
 
-/// The configured membership source (`auth.membership`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Source {
-    /// The `chats` claim of the connection's JWT.
-    #[default]
-    Token,
-    /// What `chat.member_added` / `chat.member_removed` events taught us.
-    Events,
-    /// Every authenticated user may subscribe to every chat.
-    Open,
-}
+/// The configured membership source (`auth.membership`), defined with the
+/// rest of the configuration.
+pub use crate::config::Membership as Source;
 
 /// Membership learned from events: chat -> members.
 #[derive(Default)]

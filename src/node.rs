@@ -10,15 +10,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::alarms::Alarms;
+use crate::backlog::Backlog;
 use crate::broadcast::Broadcaster;
 use crate::bus::memory::MemoryBus;
 use crate::bus::redis::{RedisBus, RedisOptions};
 use crate::bus::{Bus, BusError, Deliver};
 use crate::config::{BusKind, Config, WebSocketConfig};
+use crate::conn::MAX_QUEUED;
 use crate::membership;
 use crate::metrics::Metrics;
-use crate::rooms::{HistoryLimits, Rooms, Users};
+use crate::rooms::{HistoryLimits, Rooms};
 use crate::striped::Striped;
+use crate::users::Users;
 
 /// Everything a connection and the HTTP routes need from their node.
 pub struct Node {
@@ -150,7 +153,12 @@ impl Node {
     /// Connecting to Redis is the only step that can fail.
     pub async fn build(config: &Config) -> Result<Node, BusError> {
         let metrics = Arc::new(Metrics::default());
-        let rooms = Arc::new(Rooms::new(config.rooms.buffer, HistoryLimits::from(&config.rooms)));
+        let limits = HistoryLimits::from(&config.rooms);
+        // The backlog's floor counts the connections' write-queue bound,
+        // which the rooms know nothing of.
+        let reach = Rooms::reach(config.rooms.buffer, limits);
+        let backlog = Arc::new(Backlog::for_reach(reach, MAX_QUEUED));
+        let rooms = Arc::new(Rooms::with_backlog(config.rooms.buffer, limits, backlog));
         let users = Arc::new(Users::new());
         let membership = Arc::new(membership::Table::default());
         let sink: Arc<dyn Deliver> = Arc::new(Broadcaster {

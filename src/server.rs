@@ -1,5 +1,6 @@
 //! The server: builds the node and the HTTP app from a [`Config`], runs the
-//! accept loop, and drains gracefully on shutdown.
+//! accept loop with the node's load sensor and history sweeper beside it,
+//! and drains gracefully on shutdown.
 
 use std::convert::Infallible;
 use std::io;
@@ -38,8 +39,8 @@ pub enum ServerError {
 pub struct Server {
     listener: TcpListener,
     app: Arc<App>,
-    /// Tracks HTTP connection tasks and the load sampler (WebSocket tasks
-    /// are in `app.node.tasks`).
+    /// Tracks HTTP connection tasks, the load sensor and the history sweeper
+    /// (WebSocket tasks are in `app.node.tasks`).
     http_tasks: TaskTracker,
     /// One permit per HTTP connection until it ends or upgrades
     /// (`server.max_http_connections`); each connection task holds its own.
@@ -110,8 +111,9 @@ impl Server {
         Publisher { bus: self.app.node.bus.clone() }
     }
 
-    /// Serves until `shutdown` is cancelled, then drains: stops accepting,
-    /// closes every WebSocket with 1001, and waits up to the grace period.
+    /// Serves until `shutdown` is cancelled (sensing load and sweeping
+    /// history meanwhile), then drains: stops accepting, closes every
+    /// WebSocket with 1001, and waits up to the grace period.
     pub async fn run(self, shutdown: CancellationToken) {
         let Server { listener, app, http_tasks, http_limit, header_timeout, grace } = self;
         http_tasks.spawn(node::sense_load(app.node.clone(), shutdown.clone()));

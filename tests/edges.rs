@@ -265,3 +265,133 @@ async fn a_token_accepted_inside_the_leeway_is_not_closed_at_once() {
     c.send(r#"{"type":"ping"}"#).await;
     assert_eq!(c.recv().await, json!({"type":"pong"}));
 }
+
+/// Marks Redis's state as old, so room events are not refused while it settles.
+async fn mark_settled(redis: &RedisServer) {
+    let mut conn = redis.client().get_multiplexed_async_connection().await.expect("inspect redis");
+    let _: () = redis::cmd("SET").arg("herald:boot").arg(0).query_async(&mut conn).await.expect("SET");
+}
+
+/// Subscribing makes a room's counter in Redis; one that no event used must
+/// not outlive the subscriptions, or a client subscribing to random rooms
+/// grows Redis for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn counters_of_rooms_that_never_carried_an_event_do_not_stay_in_redis() {
+    let redis = RedisServer::start();
+    mark_settled(&redis).await;
+    let mut config = support::config();
+    config.bus = BusConfig { kind: BusKind::Redis, redis_url: redis.url() };
+    config.rooms.history_ttl = Duration::from_secs(1);
+    let gw = start(config).await;
+    let mut c = gw.connect(user(), &[]).await;
+    let watched = ChatId::new_v4();
+    let watched_head = c.subscribe(watched).await;
+    for _ in 0..20 {
+        let chat = ChatId::new_v4();
+        c.subscribe(chat).await;
+        c.send_json(json!({"type":"unsubscribe","chat_id":chat})).await;
+        assert_eq!(c.recv().await["type"], "unsubscribed");
+    }
+    let mut conn = redis.client().get_multiplexed_async_connection().await.expect("inspect redis");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let keys: Vec<String> =
+            redis::cmd("KEYS").arg("herald:*:seq").query_async(&mut conn).await.expect("KEYS");
+        if keys.len() == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} counters stayed in redis", keys.len());
+        sleep(Duration::from_millis(200)).await;
+    }
+    // The room still watched keeps its counter (refreshed), so its first
+    // event follows the position its subscriber was told.
+    sleep(Duration::from_secs(2)).await;
+    publish_eventually(&gw, &message_sent(watched, &json!({"n": 1}))).await;
+    assert_eq!(c.recv().await["seq"], watched_head + 1);
+}
+
+/// Redis loses its state before a watched room's first event: the node
+/// restores that room's position, so its subscriber sees no gap (no 4008).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_room_without_events_keeps_its_position_when_redis_loses_its_state() {
+    let mut redis = RedisServer::start();
+    mark_settled(&redis).await;
+    let gw = redis_gateway(&redis, 100).await;
+    let chat = ChatId::new_v4();
+    let mut c = gw.connect(user(), &[]).await;
+    let head = c.subscribe(chat).await;
+    redis.restart();
+    publish_eventually(&gw, &message_sent(chat, &json!({"n": 1}))).await;
+    assert_eq!(c.recv().await["seq"], head + 1);
+}
+
+/// A recovery whose `since` is ahead of what this node has delivered yet
+/// (it lags Redis during a burst) must not cost the node its own history:
+/// a reader catching up from it gets every event, no 4008.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_recovery_ahead_of_the_node_keeps_the_history_a_reader_catches_up_from() {
+    const N: u64 = 600;
+    let redis = RedisServer::start();
+    mark_settled(&redis).await;
+    let mut config = support::config();
+    config.bus = BusConfig { kind: BusKind::Redis, redis_url: redis.url() };
+    config.rooms.buffer = 4;
+    config.rooms.history_size = 1_000;
+    config.websocket.write_wait = Duration::from_secs(60);
+    let gw = start(config).await;
+    let chat = ChatId::new_v4();
+    let mut slow = RawClient::connect_small(gw.addr, &support::token(user(), &[]), 4096).await;
+    slow.send_frame(0x81, json!({"type":"subscribe","chat_id":chat}).to_string().as_bytes()).await;
+    let head = slow.read_json().await.and_then(|v| v["seq"].as_u64()).expect("subscribed");
+    let mut other = gw.connect(user(), &[]).await;
+    let one = message_sent(chat, &json!({"blob": "s".repeat(2_000)}));
+    let events = parse_batch(format!("[{}]", vec![one; N as usize].join(",")).as_bytes()).expect("valid");
+    gw.publisher.publish(events).await.expect("published");
+    let (_, recovered) = other.subscribe_since(chat, head + N - 1).await;
+    assert!(recovered);
+    let mut last = head;
+    while last < head + N {
+        let (op, payload) = timeout(PATIENCE, slow.read_frame()).await.expect("in time").expect("a frame");
+        assert_ne!(op, 0x88, "closed after {} of {N} events", last - head);
+        let v: Value = serde_json::from_slice(&payload).expect("json");
+        if let Some(seq) = v["seq"].as_u64() {
+            assert_eq!(seq, last + 1, "no gap");
+            last = seq;
+        }
+    }
+}
+
+/// A recovery that reads Redis while this node is still delivering a removal
+/// must not move the point where the removed user is cut off: nothing
+/// published after the removal reaches the removed user. (A race: tried a
+/// few times.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_recovery_racing_a_removal_leaks_nothing_to_the_removed_user() {
+    let redis = RedisServer::start();
+    mark_settled(&redis).await;
+    let gw = redis_gateway(&redis, 100).await;
+    for _ in 0..4 {
+        let (chat, busy) = (ChatId::new_v4(), ChatId::new_v4());
+        let victim_id = user();
+        let mut victim = gw.connect(victim_id, &[]).await;
+        let head = victim.subscribe(chat).await;
+        // A watched busy room loads this node's delivery, widening the race.
+        let mut busy_reader = RawClient::connect_small(gw.addr, &support::token(user(), &[]), 4096).await;
+        busy_reader.send_frame(0x81, json!({"type":"subscribe","chat_id":busy}).to_string().as_bytes()).await;
+        busy_reader.read_json().await.expect("subscribed");
+        let mut recovering = gw.connect(user(), &[]).await;
+        let mut batch: Vec<String> =
+            (0..3_000).map(|_| message_sent(busy, &json!({"blob": "b".repeat(100)}))).collect();
+        batch.push(json!({"type":"chat.member_removed","chat_id":chat,"user_id":victim_id}).to_string());
+        batch.push(message_sent(chat, &json!({"secret": "after removal"})));
+        let events = parse_batch(format!("[{}]", batch.join(",")).as_bytes()).expect("valid");
+        gw.publisher.publish(events).await.expect("published");
+        recovering.subscribe_since(chat, head).await;
+        let first = victim.recv().await;
+        assert_eq!(first["type"], "unsubscribed", "the removed user got: {first}");
+    }
+}

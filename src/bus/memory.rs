@@ -10,6 +10,7 @@ use dashmap::DashMap;
 use super::{seq_origin, BoxFuture, Bus, BusError, Deliver, Health, Topic};
 use crate::protocol::event::DomainEvent;
 use crate::protocol::ChatId;
+use crate::sync::lock;
 
 /// Stripes of the publish lock: rooms sharing one serialize their publishes.
 const STRIPES: usize = 64;
@@ -45,7 +46,7 @@ impl MemoryBus {
 
     fn stripe(&self, chat: ChatId) -> MutexGuard<'_, ()> {
         let index = (chat.as_u64_pair().1 as usize) % self.stripes.len();
-        self.stripes[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.stripes[index])
     }
 
     /// Where a room's new counter starts.

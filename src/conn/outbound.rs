@@ -29,8 +29,6 @@ pub(crate) struct Written {
     pub(crate) frames: u64,
     pub(crate) bytes: u64,
     pub(crate) syscalls: u64,
-    /// Room frames paid for in the node's backlog.
-    pub(crate) paid: usize,
 }
 
 #[derive(Default)]
@@ -133,9 +131,9 @@ impl Outbound {
         }
         // Written frames pay for room frames first (replies among them make it
         // pay early); an empty queue settles it exactly.
-        written.paid = if self.queue.is_empty() { self.owed } else { self.owed.min(written.frames as usize) };
-        self.owed -= written.paid;
-        backlog.pay(written.paid);
+        let paid = if self.queue.is_empty() { self.owed } else { self.owed.min(written.frames as usize) };
+        self.owed -= paid;
+        backlog.pay(paid);
         if self.queue.is_empty() && self.queue.capacity() > 0 {
             // Idle connections keep no buffer.
             self.queue = VecDeque::new();

@@ -14,8 +14,8 @@ use super::subs::{Budget, Stopped, Taken};
 use super::{Conn, End, Socket};
 use crate::alarms::Stamp;
 use crate::error::CloseCode;
+use crate::mailbox::{Drained, UserMsg};
 use crate::protocol::server;
-use crate::rooms::{Drained, UserMsg};
 
 /// Most frames taken from rooms and mailbox in one turn, so one busy
 /// connection cannot starve the others on its worker thread.
@@ -70,8 +70,7 @@ impl<S: Socket> Conn<S> {
                 if !self.out.is_empty() && self.stream.poll_write_ready(cx).is_ready() {
                     return Poll::Ready(Wake::Writable);
                 }
-                let room_budget = self.room_budget();
-                if !self.subs.is_empty() && room_budget.frames > 0 && room_budget.bytes > 0 {
+                if let Some(room_budget) = self.room_budget().filter(|_| !self.subs.is_empty()) {
                     let out = &mut self.out;
                     if let Poll::Ready(taken) =
                         self.subs.poll_take(cx, self.user, room_budget, |f| out.push_owed(f))
@@ -198,10 +197,9 @@ impl<S: Socket> Conn<S> {
     fn drain_ready(&mut self, cx: &mut std::task::Context<'_>) -> Result<(), End> {
         let budget = self.room_budget();
         let out = &mut self.out;
-        let room_taken = if budget.frames > 0 && budget.bytes > 0 {
-            self.subs.poll_take(cx, self.user, budget, |f| out.push_owed(f))
-        } else {
-            Poll::Pending
+        let room_taken = match budget {
+            Some(budget) => self.subs.poll_take(cx, self.user, budget, |f| out.push_owed(f)),
+            None => Poll::Pending,
         };
         match room_taken {
             Poll::Ready(taken) => self.on_room(taken),
@@ -240,11 +238,15 @@ impl<S: Socket> Conn<S> {
         Ok(())
     }
 
-    fn room_budget(&self) -> Budget {
-        Budget {
+    /// What the connection may still take from its rooms this turn; none
+    /// once its queue budget ([`MAX_QUEUED`] frames, [`MAX_QUEUED_BYTES`]) is
+    /// spent. The one place that decides whether the queue is full.
+    fn room_budget(&self) -> Option<Budget> {
+        let budget = Budget {
             frames: MAX_QUEUED.saturating_sub(self.out.len()).min(MAX_TURN_FRAMES),
             bytes: MAX_QUEUED_BYTES.saturating_sub(self.out.bytes()),
-        }
+        };
+        (budget.frames > 0 && budget.bytes > 0).then_some(budget)
     }
 
     pub(super) fn flush(&mut self) -> Result<(), End> {
@@ -255,8 +257,7 @@ impl<S: Socket> Conn<S> {
         // A connection whose queue is full takes nothing more until its
         // socket drains: it stops counting in the node's backlog meanwhile,
         // so one stalled reader never makes the node refuse publishers.
-        let budget = self.room_budget();
-        let full = budget.frames == 0 || budget.bytes == 0;
+        let full = self.room_budget().is_none();
         if full != self.subs.is_parked() {
             if full {
                 self.node.rooms.backlog().pay(self.out.forgive());

@@ -169,7 +169,10 @@ impl<S: Socket> Conn<S> {
         if room.covers(since, head) {
             return Ok(head);
         }
-        let Some(kept) = self.node.bus.kept(chat, since).await? else { return Ok(head) };
+        // From where this node's history ends when the client is ahead of it
+        // (this node lags the bus), so what is read joins what it holds.
+        let from = room.newest().map_or(since, |newest| newest.min(since));
+        let Some(kept) = self.node.bus.kept(chat, from).await? else { return Ok(head) };
         let now = tokio::time::Instant::now();
         let frames = kept
             .events

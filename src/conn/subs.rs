@@ -299,7 +299,7 @@ mod tests {
     const USER: UserId = UserId::from_u128(77);
 
     fn join(rooms: &Rooms, subs: &mut Subscriptions, chat: ChatId, last: u64, behind: bool) {
-        let (room, joined) = rooms.join(chat, USER, &Arc::new(crate::rooms::Mailbox::new(8)));
+        let (room, joined) = rooms.join(chat, USER, &Arc::new(crate::mailbox::Mailbox::new(8)));
         subs.insert(chat, room, joined);
         subs.set_position(chat, last, behind);
     }

@@ -393,11 +393,19 @@ impl Bus for RedisBus {
             let mut conn = self.shared.current_conn().ok_or(BusError::Unreachable)?;
             let floor = lock(&self.shared.floors).get(&chat).map_or(0, |f| f.saturating_add(1));
             let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(self.shared.scripts.head.get_hash()).arg(1).arg(scripts::seq_key(chat)).arg(floor);
+            let ttl = self.shared.options.history_ttl.as_millis().to_string();
+            cmd.arg(self.shared.scripts.head.get_hash())
+                .arg(1)
+                .arg(scripts::seq_key(chat))
+                .arg(floor)
+                .arg(ttl);
             let head: u64 = cmd.query_async(&mut conn).await.map_err(|e| {
                 tracing::warn!(%chat, error = %e, "redis head read failed");
                 classify(&e)
             })?;
+            // Remembered like a delivered seq: if Redis loses its state before the room's first
+            // event, the re-seed restores this position, and its subscribers see no gap.
+            self.shared.note_seq(chat, head);
             Ok(head)
         })
     }

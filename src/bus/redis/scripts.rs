@@ -8,7 +8,7 @@
 //!
 //! | name | kind | what |
 //! |---|---|---|
-//! | `herald:{<chat>}:seq` | string | the room's `seq` counter, made at a [`crate::bus::seq_origin`] (Redis's clock) |
+//! | `herald:{<chat>}:seq` | string | the room's `seq` counter, made at a [`crate::bus::seq_origin`] (Redis's clock); one no event used yet expires `rooms.history_ttl` after the last node watching the room stopped refreshing it |
 //! | `herald:{<chat>}:room` | channel | the room's events |
 //! | `herald:{<chat>}:members` | set | the room's members (`chat.member_*` events) |
 //! | `herald:{<chat>}:history` | list | the room's recent events, `<ms>\|<event JSON with seq>`, oldest first |
@@ -72,10 +72,11 @@ pub(super) struct Scripts {
     pub(super) snapshot: redis::Script,
     pub(super) head: redis::Script,
     pub(super) kept: redis::Script,
+    pub(super) touch: redis::Script,
 }
 
 /// Every script's source, for `SCRIPT LOAD`.
-pub(super) const ALL: [&str; 5] = [PUBLISH_LUA, RESEED_LUA, SNAPSHOT_LUA, HEAD_LUA, KEPT_LUA];
+pub(super) const ALL: [&str; 6] = [PUBLISH_LUA, RESEED_LUA, SNAPSHOT_LUA, HEAD_LUA, KEPT_LUA, TOUCH_LUA];
 
 impl Scripts {
     pub(super) fn new() -> Scripts {
@@ -85,6 +86,7 @@ impl Scripts {
             snapshot: redis::Script::new(SNAPSHOT_LUA),
             head: redis::Script::new(HEAD_LUA),
             kept: redis::Script::new(KEPT_LUA),
+            touch: redis::Script::new(TOUCH_LUA),
         }
     }
 }
@@ -153,6 +155,8 @@ while k <= #KEYS do
       redis.call('SET', key, string.format('%d', floor))
     end
     seq = redis.call('INCR', key)
+    -- A counter made by HEAD_LUA expires unless an event uses it; one that did is kept.
+    redis.call('PERSIST', key)
   else
     if op == 'a' then
       redis.call('SADD', key, user)
@@ -195,18 +199,29 @@ return now - tonumber(boot)
 );
 
 /// A room's position: its counter, made now at [`origin_fn!`] (ARGV[1] the floor this node knows)
-/// when the room has none, so the first event follows the position a subscriber is told.
-/// KEYS: room counter.
+/// when the room has none, so the first event follows the position a subscriber is told. A counter
+/// made here expires after ARGV[2] ms unless an event uses it (the publish script keeps it then)
+/// or a node watching the room refreshes it ([`TOUCH_LUA`]): subscribing to rooms that never
+/// carry an event leaves nothing behind in Redis. KEYS: room counter.
 pub(super) const HEAD_LUA: &str = concat!(
     origin_fn!(),
     r#"
 local cur = redis.call('GET', KEYS[1])
 if cur then return cur end
 local o = origin(tonumber(ARGV[1]))
-redis.call('SET', KEYS[1], o)
+redis.call('SET', KEYS[1], o, 'PX', ARGV[2])
 return o
 "#
 );
+
+/// Refreshes the expiry of the counters (KEYS) that no event has used yet, for the rooms this
+/// node watches; counters without an expiry are left alone. ARGV: the expiry in ms.
+pub(super) const TOUCH_LUA: &str = r#"
+for _, key in ipairs(KEYS) do
+  if redis.call('PTTL', key) > 0 then redis.call('PEXPIRE', key, ARGV[1]) end
+end
+return #KEYS
+"#;
 
 /// A room's events after a position: the counter, Redis's clock (ms), then the history entries
 /// (`<ms>|<json>`) with `seq` in `(since, head]` younger than the TTL, oldest first. Entries are

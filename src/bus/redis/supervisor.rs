@@ -16,7 +16,7 @@ use super::delivery::Inbound;
 use super::scripts::{
     channel, members_key_parts, seq_key, ALL, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL, MEMBER_INDEX_KEY,
 };
-use super::{lock, Phase, Shared, Sub, Topics};
+use super::{lock, Phase, Shared, Sub, Topic, Topics};
 use crate::protocol::ChatId;
 
 /// Channels per `SUBSCRIBE` / `UNSUBSCRIBE` command and rooms per re-seed call.
@@ -193,11 +193,21 @@ async fn run_session(
 ) -> redis::RedisError {
     let mut ping = tokio::time::interval(shared.options.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Counters of watched rooms without events expire after the history TTL: refresh them well
+    // before (see `HEAD_LUA`).
+    let every = (shared.options.history_ttl / 3).clamp(Duration::from_millis(50), Duration::from_secs(60));
+    let mut touch = tokio::time::interval(every);
+    touch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let settle_at = settle_until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             _ = shared.kick.notified() => {
                 if let Err(e) = reconcile(shared, &mut conn).await {
+                    return e;
+                }
+            }
+            _ = touch.tick() => {
+                if let Err(e) = touch_watched(shared, &mut conn).await {
                     return e;
                 }
             }
@@ -223,6 +233,29 @@ async fn run_session(
             }
         }
     }
+}
+
+/// Refreshes the expiry of the counters of every room this node watches (in chunks).
+async fn touch_watched(shared: &Shared, conn: &mut MultiplexedConnection) -> Result<(), redis::RedisError> {
+    let rooms: Vec<ChatId> = lock(&shared.topics)
+        .map
+        .iter()
+        .filter(|(_, state)| state.count > 0)
+        .filter_map(|(topic, _)| match topic {
+            Topic::Room(chat) => Some(*chat),
+            Topic::User(_) => None,
+        })
+        .collect();
+    let ttl = shared.options.history_ttl.as_millis().to_string();
+    for chunk in rooms.chunks(CHUNK) {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(shared.scripts.touch.get_hash()).arg(chunk.len());
+        for chat in chunk {
+            cmd.arg(seq_key(*chat));
+        }
+        cmd.arg(&ttl).query_async::<i64>(conn).await?;
+    }
+    Ok(())
 }
 
 /// Brings Redis subscriptions in line with local interest, and re-seeds regressed rooms. Only the

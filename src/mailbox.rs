@@ -1,0 +1,183 @@
+//! A connection's signal hub: one mailbox per connection, through which
+//! everything but its rooms' frames reaches it (per-user frames and
+//! removals, the node's shutdown, its alarms, and the nudge of a room that
+//! made the ring it waited for), with the waker its task polls.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::task::AtomicWaker;
+
+use crate::protocol::ChatId;
+use crate::sync::lock;
+
+/// A per-user message: a frame, or an instruction about one of its rooms.
+#[derive(Debug, Clone)]
+pub enum UserMsg {
+    Frame(Bytes),
+    /// The user was removed from this chat: drop the subscription.
+    Removed(ChatId),
+}
+
+/// One connection's inbox for per-user traffic and node signals. Held by the
+/// connection task and, while the connection is registered, by
+/// [`Users`](crate::users::Users); the rooms it waits on and its armed
+/// alarms hold it weakly.
+pub struct Mailbox {
+    queue: Mutex<Inbox>,
+    /// Set by every push and signal, cleared when the connection looks.
+    pending: AtomicBool,
+    /// Set when the queue overflowed: the connection is a slow consumer.
+    overflowed: AtomicBool,
+    /// Set when the node shuts down: the connection closes with 1001.
+    shutdown: AtomicBool,
+    /// Set when one of the connection's deadlines came (`alarms`).
+    alarm: AtomicBool,
+    /// The connection task's waker. Polling registers it in place, so the
+    /// task keeps no wait future for its mailbox.
+    waker: AtomicWaker,
+    capacity: usize,
+}
+
+/// Frame bytes a mailbox holds at most (besides its count bound).
+const MAILBOX_BYTES: usize = 1 << 20;
+
+#[derive(Default)]
+struct Inbox {
+    msgs: VecDeque<UserMsg>,
+    bytes: usize,
+}
+
+/// What a connection finds when it looks at its mailbox.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Drained {
+    Messages,
+    /// The queue overflowed: slow consumer.
+    Overflowed,
+    /// The node is shutting down.
+    Shutdown,
+}
+
+impl Mailbox {
+    pub fn new(capacity: usize) -> Mailbox {
+        Mailbox {
+            queue: Mutex::new(Inbox::default()),
+            pending: AtomicBool::new(false),
+            overflowed: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            alarm: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Queues `msg`, or marks the connection a slow consumer when the
+    /// queue is full (in count or bytes); signals the connection either way.
+    pub(crate) fn push(&self, msg: UserMsg) {
+        {
+            let len = match &msg {
+                UserMsg::Frame(frame) => frame.len(),
+                UserMsg::Removed(_) => 0,
+            };
+            let mut q = lock(&self.queue);
+            if q.msgs.len() >= self.capacity || q.bytes + len > MAILBOX_BYTES {
+                self.overflowed.store(true, Ordering::Relaxed);
+            } else {
+                q.bytes += len;
+                q.msgs.push_back(msg);
+            }
+        }
+        self.signal();
+    }
+
+    /// Asks the connection to close with 1001.
+    pub fn shut_down(&self) {
+        self.shutdown.store(true, Ordering::Relaxed);
+        self.signal();
+    }
+
+    /// Tells the connection that one of its deadlines came.
+    pub fn sound_alarm(&self) {
+        self.alarm.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Consumes a sounded alarm. Check it after [`Mailbox::poll_pending`], which
+    /// registers the waker an alarm wakes.
+    pub fn take_alarm(&self) -> bool {
+        self.alarm.swap(false, Ordering::Acquire)
+    }
+
+    /// A room this connection waits on made its ring: look at the rooms.
+    /// Signalled like a push, so a nudge between the connection's look at
+    /// its rooms and its registering with the mailbox is not lost.
+    pub fn nudge(&self) {
+        self.signal();
+    }
+
+    fn signal(&self) {
+        self.pending.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Ready when something was pushed or signalled since the last look.
+    pub fn poll_pending(&self, cx: &mut Context<'_>) -> Poll<()> {
+        // Register before checking, so a push in between still wakes us.
+        self.waker.register(cx.waker());
+        if self.pending.swap(false, Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Consumes the "something arrived" signal without waiting for it.
+    pub fn take_pending(&self) -> bool {
+        self.pending.swap(false, Ordering::Acquire)
+    }
+
+    /// Takes everything queued into `out`, and says what else happened.
+    pub fn drain(&self, out: &mut Vec<UserMsg>) -> Drained {
+        if self.shutdown.load(Ordering::Relaxed) {
+            return Drained::Shutdown;
+        }
+        if self.overflowed.load(Ordering::Relaxed) {
+            return Drained::Overflowed;
+        }
+        let mut q = lock(&self.queue);
+        out.extend(q.msgs.drain(..));
+        q.bytes = 0;
+        if q.msgs.capacity() > 0 {
+            // Idle connections keep no queue buffer.
+            q.msgs = VecDeque::new();
+        }
+        Drained::Messages
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overflowing_mailbox_reports_the_slow_consumer() {
+        let mailbox = Mailbox::new(2);
+        for _ in 0..3 {
+            mailbox.push(UserMsg::Frame(Bytes::new()));
+        }
+        assert_eq!(mailbox.drain(&mut Vec::new()), Drained::Overflowed);
+        // In bytes too: two half-megabyte frames fit, a third does not.
+        let mailbox = Mailbox::new(100);
+        for _ in 0..2 {
+            mailbox.push(UserMsg::Frame(Bytes::from(vec![0; MAILBOX_BYTES / 2])));
+        }
+        assert_eq!(mailbox.drain(&mut Vec::new()), Drained::Messages);
+        for _ in 0..3 {
+            mailbox.push(UserMsg::Frame(Bytes::from(vec![0; MAILBOX_BYTES / 2])));
+        }
+        assert_eq!(mailbox.drain(&mut Vec::new()), Drained::Overflowed);
+    }
+}
