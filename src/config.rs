@@ -216,9 +216,11 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UiConfig {
-    /// The demo page at `/`. Unset: on exactly when Herald runs on the
-    /// embedded default (generated secrets, loopback only); `true` serves the
-    /// page without demo credentials (it asks for a token); `false` never.
+    /// The demo page at `/`. Unset: on exactly when Herald runs on the true
+    /// embedded default (no config file, no JWT key or API key from the
+    /// environment: generated secrets, loopback only); `true` serves the page,
+    /// but with demo credentials only on the embedded default (elsewhere it
+    /// asks for a token); `false` never.
     pub enabled: Option<bool>,
 }
 

@@ -23,7 +23,7 @@
 //!   per-thread counters the delivery path adds to.
 //! - [`cmd`]: the command line and the operator subcommands (token, check-token,
 //!   check-config, init).
-//! - [`demo`]: what the embedded default generates for a run, and its banner.
+//! - [`demo`]: what a run generates for itself, the embedded default's demo, and their banners.
 
 pub mod alarms;
 pub mod auth;
