@@ -228,9 +228,11 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UiConfig {
-    /// The demo page at `/`. Unset: on exactly when Herald runs on the
-    /// embedded default (generated secrets, loopback only); `true` serves the
-    /// page without demo credentials (it asks for a token); `false` never.
+    /// The demo page at `/`. Unset: on exactly when Herald runs on the true
+    /// embedded default (no config file, no JWT key or API key from the
+    /// environment: generated secrets, loopback only); `true` serves the page,
+    /// but with demo credentials only on the embedded default (elsewhere it
+    /// asks for a token); `false` never.
     pub enabled: Option<bool>,
 }
 
@@ -299,7 +301,10 @@ impl Config {
         let mut config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
             let path = e.path().to_string();
             let key = if path == "." { "(root)".to_string() } else { path };
-            key_error(&key, e.into_inner().to_string())
+            match credential_type_error(&key) {
+                Some(message) => key_error(&key, message),
+                None => key_error(&key, e.into_inner().to_string()),
+            }
         })?;
         config.log.level = log_filter(&config.log.level);
         config.validate()?;
@@ -406,6 +411,20 @@ impl Config {
 /// fuzzing).
 pub fn log_filter(level: &str) -> String {
     level.split(',').map(str::trim).filter(|d| !d.is_empty()).collect::<Vec<_>>().join(",")
+}
+
+/// The message for a value of the wrong type at a credential's key, instead
+/// of serde's, which quotes the value it could not read (a secret written
+/// as a bare YAML number): a configured secret or key must not reach stderr
+/// or a log, even mistyped.
+fn credential_type_error(key: &str) -> Option<&'static str> {
+    if key == "auth.jwt_secret" {
+        Some("must be text (quote it in YAML); its value is not repeated here")
+    } else if key == "api.keys" || key.starts_with("api.keys[") {
+        Some("must be a list of text keys or one comma-separated text (quote each key in YAML); its value is not repeated here")
+    } else {
+        None
+    }
 }
 
 /// Only `HERALD_<SECTION>__<KEY>` names are Herald's: an orchestrator injects
@@ -586,6 +605,24 @@ ui:
         assert_eq!(c.auth.jwt_secret.as_deref(), Some("12345678901234567890"));
         assert_eq!(c.api.keys, vec!["12345678901234567890"]);
         Ok(())
+    }
+
+    #[test]
+    fn a_mistyped_credential_is_named_but_not_repeated() {
+        for (yaml, key) in [
+            ("auth:\n  jwt_secret: 1234567890123456789\n", "auth.jwt_secret"),
+            ("auth:\n  jwt_secret: [1234567890123456789]\n", "auth.jwt_secret"),
+            ("api:\n  keys: 1234567890123456789\n", "api.keys"),
+            ("api:\n  keys: [abcdefghijklmnopq, 1234567890123456789]\n", "api.keys"),
+            ("api:\n  keys: {k: 1234567890123456789}\n", "api.keys"),
+        ] {
+            let message = match load_yaml(yaml, &[]) {
+                Ok(_) => panic!("loaded {yaml:?}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(message.contains(key), "{message}");
+            assert!(!message.contains("1234567890123456789"), "the value repeated: {message}");
+        }
     }
 
     #[test]

@@ -28,7 +28,7 @@
 //!   per-thread counters the delivery path adds to.
 //! - [`cmd`]: the command line and the operator subcommands (token, check-token,
 //!   check-config, init).
-//! - [`demo`]: what the embedded default generates for a run, and its banner.
+//! - [`demo`]: what a run generates for itself, the embedded default's demo, and their banners.
 //! - `sync`: the one poison-tolerant way to take a mutex.
 
 pub mod alarms;

@@ -10,8 +10,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use herald::cmd::{self, check_config, init, token, Cli, Command};
 use herald::config::{Config, LogConfig, LogFormat};
-use herald::demo::Demo;
-use herald::http::DemoPage;
+use herald::demo::{self, Prepared};
 use herald::server::Server;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -28,7 +27,7 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve(args) => serve(load(args.config.as_deref())?)?,
+        Command::Serve(args) => serve(load(args.config.as_deref())?, args.config.is_some())?,
         Command::Token(args) => {
             let config = load(args.config.config.as_deref())?;
             println!("{}", token::mint(&config.auth, args.sub, &args.chats, args.ttl)?);
@@ -70,30 +69,39 @@ fn load(path: Option<&Path>) -> anyhow::Result<Config> {
     Ok(Config::load(path, std::env::vars())?)
 }
 
-fn serve(mut config: Config) -> anyhow::Result<()> {
+/// `config_file`: whether `--config` named a file. Without one, and
+/// without credentials from the environment, the node runs the demo.
+fn serve(mut config: Config, config_file: bool) -> anyhow::Result<()> {
     init_tracing(&config.log)?;
-    let demo = Demo::prepare(&mut config)?;
-    if demo.is_some() {
-        tracing::warn!("no auth.jwt_secret / api.keys configured: using random ones for this run only");
+    let prepared = demo::prepare(&mut config, config_file)?;
+    match &prepared {
+        Prepared::Demo(_) => {
+            tracing::warn!(
+                "no config and no credentials: running the demo with random ones for this run only"
+            )
+        }
+        // Names only: a log line never carries a credential.
+        Prepared::Generated(generated) => tracing::warn!(
+            generated = generated.keys(),
+            "not configured: using a random value for this run only (no demo on a configured node)"
+        ),
+        Prepared::Configured => {}
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let mut server = Server::bind(config.clone()).await?;
         let addr = server.local_addr();
         tracing::info!(%addr, bus = ?config.bus.kind, membership = ?config.auth.membership, "herald listening");
-        if let Some(demo) = demo {
-            // The page needs the secret to hand its demo user fresh tokens.
-            if let (Some(secret), false) = (&demo.secret, config.ui.enabled == Some(false)) {
-                println!("\n  Demo page: open http://{addr}/ in a browser");
-                server = server.with_demo_page(DemoPage {
-                    secret: secret.clone(),
-                    user: demo.user,
-                    chat: demo.chat,
-                    api_key: demo.api_key.clone(),
-                    token_ttl: herald::demo::TOKEN_TTL,
-                });
+        match &prepared {
+            Prepared::Demo(demo) => {
+                if config.ui.enabled != Some(false) {
+                    println!("\n  Demo page: open http://{addr}/ in a browser");
+                    server = server.with_demo_page(demo.page());
+                }
+                println!("{}", demo.banner(&config, addr));
             }
-            println!("{}", demo.banner(&config, addr));
+            Prepared::Generated(generated) => println!("{}", generated.banner(addr)),
+            Prepared::Configured => {}
         }
         let shutdown = CancellationToken::new();
         tokio::spawn(signal(shutdown.clone()));

@@ -96,8 +96,11 @@ impl Server {
         self.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
-    /// Gives the page at `/` a demo user to run as (the embedded default;
-    /// `ui.enabled: false` still keeps the page off).
+    /// Gives the page at `/` a demo user to run as (the true embedded
+    /// default; `ui.enabled: false` still keeps the page off). The page and
+    /// `/demo/token` hand `demo`'s key and tokens signed with its secret to
+    /// any request naming a loopback `Host`: give it only credentials made
+    /// for the demo, never configured ones.
     pub fn with_demo_page(mut self, demo: DemoPage) -> Server {
         // ok to skip when shared: nothing clones the app before `run`.
         if let Some(app) = Arc::get_mut(&mut self.app) {

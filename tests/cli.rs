@@ -2,7 +2,9 @@
 //! accepts, `herald check-token` agrees with `/ws` on good and bad tokens,
 //! `herald check-config` names bad keys, masks secrets and (with
 //! `--connect`) reaches Redis, `herald init` writes a config a node serves
-//! from, and logs are plain text or JSON lines when piped.
+//! from, logs are plain text or JSON lines when piped, and the demo runs
+//! only on the true embedded default (no config file, no credentials from
+//! the environment) and never hands out or prints configured credentials.
 
 mod support;
 
@@ -377,4 +379,155 @@ async fn check_config_connect_reaches_a_live_redis() {
         run(herald().arg("check-config").arg("--connect").arg("--config").arg(&up.path)).await;
     assert!(ok, "{err}");
     assert!(out.contains("answers PING"), "{out}");
+}
+
+// ---- the demo: only on the true embedded default (issue 17) ----------------
+
+/// Every `Host` a same-host proxy, `kubectl port-forward` or a tunnel may
+/// send: each names this machine, so each would have been given the demo.
+const LOOPBACK_HOSTS: [&str; 5] = ["127.0.0.1", "localhost", "localhost:8080", "[::1]:8080", "127.0.0.2"];
+
+/// A `herald` process serving on a free loopback port.
+struct NodeProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl NodeProcess {
+    /// Starts `herald [--config FILE]` with `env` and waits until it serves.
+    async fn start(config: Option<&Path>, env: &[(&str, &str)]) -> NodeProcess {
+        let addr = free_addr();
+        let mut cmd = herald();
+        if let Some(path) = config {
+            cmd.arg("--config").arg(path);
+        }
+        cmd.env("HERALD_SERVER__LISTEN", addr.to_string()).envs(env.iter().copied());
+        let mut child = cmd.spawn().expect("spawn herald");
+        wait_healthy(&mut child, addr).await;
+        NodeProcess { child, addr }
+    }
+
+    /// `GET path` naming `host`, with forwarding headers that claim loopback
+    /// too (Herald must not trust them either way); status and body.
+    async fn get(&self, path: &str, host: &str) -> (u16, String) {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nX-Forwarded-For: 127.0.0.1\r\n\
+             X-Forwarded-Host: localhost\r\nX-Forwarded-Proto: http\r\nConnection: close\r\n\r\n"
+        );
+        let mut stream = TcpStream::connect(self.addr).await.expect("connect");
+        stream.write_all(request.as_bytes()).await.expect("write request");
+        let mut raw = Vec::new();
+        tokio::time::timeout(PATIENCE, stream.read_to_end(&mut raw)).await.expect("response in time").ok();
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        (status, text.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_string())
+    }
+
+    /// Stops the node; returns all it wrote: the banner (stdout) and logs (stderr).
+    async fn output(mut self) -> String {
+        self.child.kill().await.expect("kill herald");
+        let mut out = String::new();
+        self.child.stdout.take().expect("stdout").read_to_string(&mut out).await.expect("read stdout");
+        self.child.stderr.take().expect("stderr").read_to_string(&mut out).await.expect("read stderr");
+        out
+    }
+}
+
+/// The value printed after `label` on a banner line, if any.
+fn printed(output: &str, label: &str) -> Option<String> {
+    output.lines().find_map(|l| l.trim_start().strip_prefix(label)).map(|v| v.trim().to_string())
+}
+
+/// A node with configured credentials: `/demo/token` is 404 for every
+/// loopback `Host`, the page (when `page_on`) carries no demo settings, no
+/// key and no token, and nothing it prints holds a configured credential.
+async fn assert_no_demo(config: Option<&Path>, env: &[(&str, &str)], page_on: bool, configured: &[&str]) {
+    let node = NodeProcess::start(config, env).await;
+    let mut pages = Vec::new();
+    for host in LOOPBACK_HOSTS {
+        let (status, body) = node.get("/demo/token", host).await;
+        assert_eq!(status, 404, "/demo/token for Host {host} on a configured node: {body}");
+        let (status, page) = node.get("/", host).await;
+        if page_on {
+            assert_eq!(status, 200, "ui.enabled: true serves the page for Host {host}");
+            assert!(page.contains("const demo = null;"), "demo settings for Host {host}:\n{page}");
+        } else {
+            assert_eq!(status, 404, "the page is off without a demo (Host {host})");
+        }
+        assert!(!page.contains("eyJ"), "a token in the page for Host {host}:\n{page}");
+        pages.push(page);
+    }
+    let output = node.output().await;
+    for secret in configured {
+        assert!(!output.contains(secret), "a configured credential printed:\n{output}");
+    }
+    assert!(!output.contains("demo token") && !output.contains("Demo page"), "{output}");
+    // A key Herald generated may be printed, but no page carries it either.
+    let keys = configured.iter().map(|k| k.to_string()).chain(printed(&output, "API key:"));
+    for key in keys {
+        assert!(pages.iter().all(|page| !page.contains(&key)), "an API key in the page");
+    }
+}
+
+/// Issue 17: a configured `auth.jwt_secret` without `api.keys` used to
+/// start the demo, whose `/demo/token` minted tokens with that secret for
+/// any request naming a loopback `Host`.
+#[tokio::test]
+async fn a_configured_secret_without_api_keys_runs_no_demo() {
+    let file = TempConfig::new(&format!("auth:\n  jwt_secret: \"{SECRET}\"\n  membership: token\n"));
+    assert_no_demo(Some(&file.path), &[], false, &[SECRET]).await;
+    // From the environment alone, without a file: configured all the same.
+    assert_no_demo(None, &[("HERALD_AUTH__JWT_SECRET", SECRET)], false, &[SECRET]).await;
+}
+
+/// `ui.enabled: true` on a configured node serves the page, never a demo.
+#[tokio::test]
+async fn ui_enabled_on_a_configured_node_serves_the_page_without_credentials() {
+    let file = TempConfig::new(&format!("auth:\n  jwt_secret: \"{SECRET}\"\nui:\n  enabled: true\n"));
+    assert_no_demo(Some(&file.path), &[], true, &[SECRET]).await;
+    let env = [("HERALD_AUTH__JWT_SECRET", SECRET), ("HERALD_UI__ENABLED", "true")];
+    assert_no_demo(None, &env, true, &[SECRET]).await;
+    // Only `api.keys` configured: the page used to embed that very key.
+    let file = TempConfig::new(&format!("api:\n  keys: [\"{API_KEY}\"]\nui:\n  enabled: true\n"));
+    assert_no_demo(Some(&file.path), &[], true, &[API_KEY]).await;
+    let env = [("HERALD_API__KEYS", API_KEY), ("HERALD_UI__ENABLED", "true")];
+    assert_no_demo(None, &env, true, &[API_KEY]).await;
+}
+
+/// A config file makes a node configured even without credentials: Herald
+/// generates both for the run and prints them, but runs no demo.
+#[tokio::test]
+async fn a_config_file_without_credentials_runs_no_demo() {
+    let file = TempConfig::new("ui:\n  enabled: true\n");
+    let node = NodeProcess::start(Some(&file.path), &[]).await;
+    assert_eq!(node.get("/demo/token", "127.0.0.1").await.0, 404);
+    assert!(node.get("/", "127.0.0.1").await.1.contains("const demo = null;"));
+    let output = node.output().await;
+    for label in ["JWT secret (HS256):", "API key:"] {
+        assert!(printed(&output, label).is_some_and(|v| v.len() >= 32), "no generated {label}:\n{output}");
+    }
+    assert!(!output.contains("demo token"), "{output}");
+}
+
+/// The true embedded default keeps its demo: the page carries the printed
+/// key and `/demo/token` mints tokens `/ws` accepts, for loopback hosts only.
+#[tokio::test]
+async fn the_embedded_default_serves_the_demo_to_loopback_hosts() {
+    let node = NodeProcess::start(None, &[]).await;
+    let (status, page) = node.get("/", "localhost").await;
+    assert_eq!(status, 200);
+    let (status, body) = node.get("/demo/token", "127.0.0.1").await;
+    assert_eq!(status, 200, "{body}");
+    let token: Value = serde_json::from_str(&body).expect("JSON");
+    let token = token["token"].as_str().expect("a token").to_string();
+    assert_eq!(ws_verdict(node.addr, &token).await, None, "the demo token connects");
+    // Another name (DNS rebinding) gets neither.
+    assert_eq!(node.get("/demo/token", "rebound.example").await.0, 404);
+    assert!(node.get("/", "rebound.example").await.1.contains("const demo = null;"));
+
+    let output = node.output().await;
+    let key = printed(&output, "API key:").expect("the banner prints the API key");
+    assert!(page.contains(&format!("\"apiKey\":\"{key}\"")), "the page publishes with the printed key");
+    assert!(page.contains("\"tokenUrl\":\"/demo/token\""), "{page}");
+    assert!(printed(&output, "JWT secret (HS256):").is_some_and(|s| s.len() == 64), "{output}");
 }

@@ -1,6 +1,7 @@
 //! What a browser loads from Herald: the JavaScript client at `/client.js`,
 //! the node's numbers at `/api/stats`, and the demo page at `/` with the
-//! demo user's token source `/demo/token` (embedded default only).
+//! demo user's token source `/demo/token` (true embedded default only: see
+//! `demo::is_embedded_default`).
 
 use std::time::Duration;
 
@@ -18,8 +19,11 @@ const PAGE: &str = include_str!("demo.html");
 /// Where the page's settings go: a JSON object, or `null` without a demo.
 const PAGE_SLOT: &str = "/*DEMO*/null";
 
-/// The demo the page runs as: only ever built for the embedded default,
-/// which `Config::validate` keeps on loopback.
+/// The demo the page runs as. `main` builds it only on the true embedded
+/// default, from credentials generated for that run (`demo::Demo::page`):
+/// the page hands them to any request that names a loopback `Host`, which a
+/// same-host proxy, a port-forward or a tunnel also sends, so it must never
+/// carry a configured secret or key.
 #[derive(Clone)]
 pub struct DemoPage {
     /// The HS256 secret `/demo/token` signs with.
@@ -32,10 +36,11 @@ pub struct DemoPage {
     pub token_ttl: Duration,
 }
 
-/// The page's switch and, for the embedded default, its demo.
+/// The page's switch and, on the true embedded default, its demo.
 #[derive(Clone, Default)]
 pub struct Ui {
-    /// `ui.enabled`; unset means "only with a demo".
+    /// `ui.enabled`; unset means "only with a demo". `true` without a demo
+    /// serves the page with no settings: it asks for a token, chat and key.
     pub enabled: Option<bool>,
     pub demo: Option<DemoPage>,
 }
