@@ -39,6 +39,8 @@ impl Broadcaster {
 
 impl Deliver for Broadcaster {
     fn membership_snapshot(&self, pairs: Vec<(ChatId, UserId)>) {
+        // Only `events` keeps a table to replace. Under every source the removals a node missed
+        // while cut off from Redis reach `deliver` first, replayed from the bus's member log.
         if self.source != membership::Source::Events {
             return;
         }

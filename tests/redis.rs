@@ -913,3 +913,208 @@ async fn a_flushed_script_cache_is_reloaded_and_each_event_published_once() {
     assert_eq!(got.len(), 3, "{got:#?}");
     assert_eq!(sink_a.seqs(chat), vec![head + 1, head + 2, head + 3]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Membership first after a reconnect (issue 17, item 6): node A is cut off from Redis alone
+// (it connects as its own Redis user, which the test disables), Redis keeps its state, and node B
+// keeps publishing.
+
+const NODE_A_USER: &str = "herald-node-a";
+const NODE_A_PASSWORD: &str = "node-a-password-0123";
+
+/// Runs one command on the test Redis.
+async fn redis_cmd<T: redis::FromRedisValue>(redis: &RedisServer, args: &[&str]) -> T {
+    let mut conn = redis.client().get_multiplexed_async_connection().await.expect("inspect redis");
+    redis::cmd(args[0])
+        .arg(&args[1..])
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+/// Two nodes on a settled Redis; A connects as its own Redis user, so [`cut_off`] can take it
+/// alone off Redis.
+async fn two_nodes_a_separable(redis: &RedisServer, membership: Membership) -> (Gateway, Gateway) {
+    mark_settled(redis).await;
+    let password = format!(">{NODE_A_PASSWORD}");
+    let _: () =
+        redis_cmd(redis, &["ACL", "SETUSER", NODE_A_USER, "on", &password, "~*", "&*", "+@all"]).await;
+    let mut config = support::config();
+    let url = format!("redis://{NODE_A_USER}:{NODE_A_PASSWORD}@127.0.0.1:{}", redis.port());
+    config.bus = BusConfig { kind: BusKind::Redis, redis_url: url };
+    config.auth.membership = membership;
+    (support::start(config).await, gateway(redis, membership).await)
+}
+
+/// Drops A's connection and keeps it from reconnecting (its Redis user is disabled) until
+/// [`let_back`]; Redis and its state stay up for B.
+async fn cut_off(redis: &RedisServer, a: &Gateway) {
+    let _: () = redis_cmd(redis, &["ACL", "SETUSER", NODE_A_USER, "off"]).await;
+    let killed: i64 = redis_cmd(redis, &["CLIENT", "KILL", "USER", NODE_A_USER]).await;
+    assert!(killed >= 1, "node A had a connection");
+    a.wait_metric("bus_up", 0.0).await;
+}
+
+/// Lets A reconnect (it retries by itself).
+async fn let_back(redis: &RedisServer) {
+    let _: () = redis_cmd(redis, &["ACL", "SETUSER", NODE_A_USER, "on"]).await;
+}
+
+/// A client of `user` on `a`, subscribed to `chat`, allowed under `membership` (under `events`,
+/// B publishes the membership first and the client retries until A has learnt it).
+async fn member_on_a(
+    a: &Gateway,
+    b: &Gateway,
+    membership: Membership,
+    user: UserId,
+    chat: ChatId,
+) -> support::Client {
+    let mut client = match membership {
+        Membership::Token => a.connect(user, &[chat]).await,
+        _ => a.connect(user, &[]).await,
+    };
+    if membership == Membership::Events {
+        let added = json!({"type":"chat.member_added","chat_id":chat,"user_id":user}).to_string();
+        assert_eq!(b.publish(&added).await.0, 202);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        client.send_json(json!({"type":"subscribe","chat_id":chat})).await;
+        let reply = client.recv().await;
+        if reply["type"] == "subscribed" {
+            return client;
+        }
+        assert_eq!(reply["code"], "forbidden", "{reply}");
+        assert!(Instant::now() < deadline, "membership never reached node A");
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn removed_body(chat: ChatId, user: UserId) -> String {
+    json!({"type":"chat.member_removed","chat_id":chat,"user_id":user}).to_string()
+}
+
+/// A message to `chat` and then a notification for `user`, in one batch: a client of `user` that
+/// still received the room would get the message before the notification.
+fn message_then_marker(chat: ChatId, user: UserId) -> String {
+    let message = support::message_sent(chat, &json!({"after": "removal"}));
+    let marker = json!({"type":"notification.created","user_id":user,"data":{"marker":1}});
+    format!("[{message},{marker}]")
+}
+
+/// The removal B published while A was cut off is applied on A when it reconnects, before any
+/// room event of the new connection: the client gets one `unsubscribed` and not the message.
+async fn removal_missed_while_cut_off_is_applied_first(membership: Membership) {
+    let redis = RedisServer::start();
+    let (a, b) = two_nodes_a_separable(&redis, membership).await;
+    let (user, chat) = (id(), id());
+    let mut client = member_on_a(&a, &b, membership, user, chat).await;
+
+    cut_off(&redis, &a).await;
+    assert_eq!(b.publish(&removed_body(chat, user)).await.0, 202);
+    let_back(&redis).await;
+    a.wait_metric("bus_up", 1.0).await;
+    assert_eq!(b.publish(&message_then_marker(chat, user)).await.0, 202);
+
+    assert_eq!(client.recv().await, json!({"type":"unsubscribed","chat_id":chat,"reason":"removed"}));
+    assert_eq!(
+        client.recv().await,
+        json!({"type":"notification.new","data":{"marker":1}}),
+        "once, no message"
+    );
+    assert_eq!(a.metric("redis_membership_log_gaps_total").await, 0.0);
+    assert!(a.metric("redis_reconnects_total").await >= 1.0);
+}
+
+/// Issue 17, item 6: under `membership: token` a node ignored the snapshot, so a removal
+/// published while it was cut off from Redis was never applied and the user kept the room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn e2e_token_a_removal_missed_while_cut_off_is_applied_before_room_events() {
+    removal_missed_while_cut_off_is_applied_first(Membership::Token).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn e2e_open_a_removal_missed_while_cut_off_is_applied_before_room_events() {
+    removal_missed_while_cut_off_is_applied_first(Membership::Open).await;
+}
+
+/// Under `events` the snapshot would also drop the pair: the replayed removal and the snapshot
+/// together still make one `unsubscribed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn e2e_events_a_removal_missed_while_cut_off_is_applied_before_room_events_once() {
+    removal_missed_while_cut_off_is_applied_first(Membership::Events).await;
+}
+
+/// Issue 17, item 6: a reconnecting node resubscribed its rooms before it applied the membership
+/// snapshot, so a removal published right after the room came back, and a message after it,
+/// could deliver the message to the removed user. A large membership makes the snapshot slow to
+/// read, which widens that window past the time this test takes to publish into it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn e2e_a_removal_right_after_a_reconnect_comes_before_the_next_message() {
+    let redis = RedisServer::start();
+    let (a, b) = two_nodes_a_separable(&redis, Membership::Events).await;
+    let (user, chat) = (id(), id());
+    let mut client = member_on_a(&a, &b, Membership::Events, user, chat).await;
+    let populate = r#"
+        for i = 1, tonumber(ARGV[1]) do
+          redis.call('SADD', KEYS[1], string.format('00000000-0000-4000-8000-%012d', i))
+        end
+        redis.call('SADD', KEYS[2], ARGV[2])
+    "#;
+    let big = id();
+    let members = format!("herald:{{{big}}}:members");
+    let _: () = redis_cmd(
+        &redis,
+        &["EVAL", populate, "2", &members, "herald:member-chats", "50000", &big.to_string()],
+    )
+    .await;
+
+    cut_off(&redis, &a).await;
+    let_back(&redis).await;
+    // The moment A's room subscription is back, B publishes the removal, the message and a marker.
+    let room = channel(Topic::Room(chat));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let counts: Vec<redis::Value> = redis_cmd(&redis, &["PUBSUB", "NUMSUB", &room]).await;
+        if counts.get(1) == Some(&redis::Value::Int(1)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node A never resubscribed the room");
+    }
+    let batch = format!(
+        "[{},{}]",
+        removed_body(chat, user),
+        message_then_marker(chat, user).trim_matches(['[', ']'])
+    );
+    b.publisher.publish(parse_batch(batch.as_bytes()).expect("valid")).await.expect("published");
+
+    assert_eq!(client.recv().await, json!({"type":"unsubscribed","chat_id":chat,"reason":"removed"}));
+    assert_eq!(client.recv().await, json!({"type":"notification.new","data":{"marker":1}}), "no message");
+}
+
+/// More missed than the member log holds: what it still holds is replayed, and the gap is
+/// counted for operators.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn e2e_a_member_log_that_no_longer_reaches_back_is_counted() {
+    let redis = RedisServer::start();
+    let (a, b) = two_nodes_a_separable(&redis, Membership::Token).await;
+    let (first, second, chat) = (id(), id(), id());
+    let mut client = member_on_a(&a, &b, Membership::Token, second, chat).await;
+
+    cut_off(&redis, &a).await;
+    assert_eq!(b.publish(&removed_body(chat, first)).await.0, 202);
+    assert_eq!(b.publish(&removed_body(chat, second)).await.0, 202);
+    // As if 10,000 more had been logged since the first removal: only the last entry remains.
+    let _: () = redis_cmd(&redis, &["LTRIM", "herald:member-log", "-1", "-1"]).await;
+    let_back(&redis).await;
+    a.wait_metric("bus_up", 1.0).await;
+
+    assert_eq!(client.recv().await, json!({"type":"unsubscribed","chat_id":chat,"reason":"removed"}));
+    assert_eq!(a.metric("redis_membership_log_gaps_total").await, 1.0);
+    assert_eq!(b.metric("redis_membership_log_gaps_total").await, 0.0);
+}

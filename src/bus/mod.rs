@@ -101,6 +101,8 @@ pub trait Deliver: Send + Sync + 'static {
 
     /// The complete membership as the bus holds it (a multi-node bus loads
     /// it on every connect): every pair not in it is no longer a member.
+    /// The Redis bus first delivers, through [`Deliver::deliver`] and in
+    /// order, the membership events the node missed while it was cut off.
     /// The default delivers each pair as an addition.
     fn membership_snapshot(&self, pairs: Vec<(ChatId, UserId)>) {
         for (chat, user) in pairs {

@@ -1,6 +1,8 @@
 //! The delivery task: hands what Redis pushes to the broadcaster. One task, so every event reaches
 //! it once and in Redis's order: room events by `seq`, copies received on several channels
-//! dropped, membership events ordered against the connection's membership snapshot.
+//! dropped, membership events ordered against the connection's membership snapshot. The
+//! supervisor hands it the snapshot (with the membership changes the node missed) before it
+//! subscribes any room or user, so membership is applied before any room event of a connection.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -8,7 +10,7 @@ use std::sync::Arc;
 use redis::{PushInfo, Value};
 use tokio::sync::mpsc;
 
-use super::{lock, Shared};
+use super::{lock, MemberMark, Shared};
 use crate::protocol::event::{DomainEvent, EventKind};
 use crate::protocol::{ChatId, UserId};
 
@@ -21,16 +23,36 @@ pub(super) enum Inbound {
     Reset {
         gen: u64,
     },
-    /// The membership snapshot of generation `gen`, taken at global counter `ver`.
+    /// The membership snapshot of generation `gen`, sent before any room or user is subscribed.
     Snapshot {
         gen: u64,
-        ver: u64,
-        pairs: Vec<(ChatId, UserId)>,
+        snapshot: MemberSnapshot,
     },
     Push {
         gen: u64,
         info: PushInfo,
     },
+}
+
+/// What the snapshot script read, in one atomic step: the membership, and the membership events
+/// the node missed since the last one it applied.
+pub(super) struct MemberSnapshot {
+    /// `herald:boot`: which Redis state `ver` counts in.
+    pub(super) boot: String,
+    /// The global counter the snapshot was taken at.
+    pub(super) ver: u64,
+    pub(super) pairs: Vec<(ChatId, UserId)>,
+    /// `None` on the node's first connect, which starts from the snapshot (nothing to replay).
+    pub(super) missed: Option<Missed>,
+}
+
+/// The member log's entries after the position the supervisor read from [`Shared::member_mark`]
+/// (the delivery task may have applied a few more since: it skips those).
+pub(super) struct Missed {
+    /// The log holds every membership event whose counter is above this.
+    pub(super) reach: u64,
+    /// (global counter, event), oldest first, all at or below the snapshot's `ver`.
+    pub(super) events: Vec<(u64, DomainEvent)>,
 }
 
 /// Per-connection delivery state; reset with each new connection.
@@ -48,14 +70,21 @@ pub(super) async fn deliver_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Inb
     while let Some(msg) = rx.recv().await {
         match msg {
             Inbound::Reset { gen } => state = Receiving { gen, last_gseq: 0, held: Some(Vec::new()) },
-            Inbound::Snapshot { gen, ver, pairs } if gen == state.gen => {
-                // The snapshot is the whole truth as of `ver`: the sink adds
-                // what it lacks and drops what it no longer holds (a removal
-                // this node missed while it was cut off).
-                shared.sink.membership_snapshot(pairs);
+            Inbound::Snapshot { gen, snapshot } if gen == state.gen => {
+                let ver = snapshot.ver;
+                // First what the node missed while it was cut off, in order, as if live (a
+                // removal ends the user's subscriptions here, under every membership source).
+                if let Some(missed) = snapshot.missed {
+                    replay(&shared, snapshot.boot, ver, missed);
+                }
+                // Then the snapshot, the whole truth as of `ver` where the sink keeps membership
+                // (`membership: events`): it adds what it lacks and drops what it no longer holds,
+                // which after the replay is only what the log could not tell.
+                shared.sink.membership_snapshot(snapshot.pairs);
                 for (event, gseq) in state.held.take().unwrap_or_default() {
                     if gseq > ver {
                         shared.sink.deliver(&event, None);
+                        shared.note_member(gseq);
                     }
                 }
             }
@@ -79,6 +108,41 @@ pub(super) async fn deliver_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Inb
             Inbound::Push { .. } => {}
         }
     }
+}
+
+/// Applies the membership events this node missed (those after its mark), and moves the mark to
+/// the snapshot's position. Counts a gap when the log no longer reaches back to the mark.
+fn replay(shared: &Shared, boot: String, ver: u64, missed: Missed) {
+    let after = match &*lock(&shared.member_mark) {
+        Some(mark) if mark.boot == boot => Some(mark.gseq),
+        _ => None,
+    };
+    match after {
+        Some(after) if missed.reach > after => {
+            shared.stats.membership_log_gaps.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                after,
+                reach = missed.reach,
+                "redis member log no longer reaches back to this node's last membership event; \
+                 membership changes older than the log are not applied here"
+            );
+        }
+        Some(_) => {}
+        None => {
+            shared.stats.membership_log_gaps.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                "redis lost its state while this node was cut off; membership changes published \
+                 before that are not applied here"
+            );
+        }
+    }
+    let after = after.unwrap_or(0);
+    for (gseq, event) in missed.events {
+        if gseq > after {
+            shared.sink.deliver(&event, None);
+        }
+    }
+    *lock(&shared.member_mark) = Some(MemberMark { boot, gseq: ver });
 }
 
 fn deliver_one(shared: &Shared, state: &mut Receiving, event: DomainEvent, seq: u64) {
@@ -119,4 +183,7 @@ fn deliver_one(shared: &Shared, state: &mut Receiving, event: DomainEvent, seq: 
         tracing::warn!("membership snapshot is slow; applying live membership events directly");
     }
     shared.sink.deliver(&event, None);
+    if is_member {
+        shared.note_member(seq);
+    }
 }

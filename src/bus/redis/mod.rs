@@ -31,10 +31,19 @@
 //!   node started later knows who may subscribe. Live membership events are held back until the
 //!   snapshot is applied and those already in it are skipped, so a stale snapshot never re-adds a
 //!   member removed after it.
+//! - **Membership first after a reconnect.** The script also appends every membership event to a
+//!   bounded log (`herald:member-log`), and each node remembers the last membership event it
+//!   applied (across reconnects). A reconnecting node subscribes the members channel, then reads
+//!   the snapshot together with the log entries it missed, hands both to the delivery task (which
+//!   replays the missed changes in order, under every membership source, then applies the
+//!   snapshot), and only then resubscribes its rooms and users: no room event of the new connection
+//!   is delivered before the removals published while the node was cut off. A log that no longer
+//!   reaches back that far (or a Redis that lost its state) is logged and counted.
 //! - **Failure**: while Redis is unreachable `publish` and `watch` return
 //!   [`BusError::Unreachable`] and [`Bus::health`] is degraded. Events published during an outage
 //!   are refused, never half-claimed; events another node published while this node was
-//!   reconnecting are lost to it, which its clients see as a `seq` gap.
+//!   reconnecting are lost to it, which its clients see as a `seq` gap, except membership events,
+//!   which it replays from the member log.
 //!
 //! # Layout
 //!
@@ -135,6 +144,19 @@ pub struct RedisStats {
     /// Reads of a room's Redis history for a recovery this node's history could not serve
     /// (`herald_redis_history_reads_total`).
     pub history_reads: AtomicU64,
+    /// Reconnects after which this node could not replay every membership change it missed: the
+    /// member log no longer reached back to its position, or Redis lost its state
+    /// (`herald_redis_membership_log_gaps_total`).
+    pub membership_log_gaps: AtomicU64,
+}
+
+/// Where this node's membership stands in Redis's stream of membership events: the last one it
+/// applied (or the snapshot it started from), within one Redis state (`herald:boot`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MemberMark {
+    /// The `herald:boot` value of the Redis state `gseq` counts in.
+    boot: String,
+    gseq: u64,
 }
 
 /// Where the connection stands; `health()` is derived from it.
@@ -198,6 +220,9 @@ struct Shared {
     /// Highest room `seq` delivered per room, so nothing is delivered twice (survives reconnects).
     /// Only the delivery task and the idle sweep touch it.
     delivered: Mutex<HashMap<ChatId, u64>>,
+    /// The last membership event applied (survives reconnects): on a reconnect the node replays
+    /// the member log after it. Set by the first snapshot, then only raised by the delivery task.
+    member_mark: Mutex<Option<MemberMark>>,
     /// Generation whose connection reported a disconnection, and the wake-up for the supervisor.
     lost_gen: AtomicU64,
     lost: Notify,
@@ -265,6 +290,7 @@ impl RedisBus {
             phase,
             floors: Mutex::default(),
             delivered: Mutex::default(),
+            member_mark: Mutex::default(),
             lost_gen: AtomicU64::new(0),
             lost: Notify::new(),
             stats: Arc::default(),
@@ -484,6 +510,11 @@ impl Bus for RedisBus {
                 "Reads of a room's Redis history for recoveries this node's history could not serve.",
                 get(&stats.history_reads),
             ),
+            (
+                "redis_membership_log_gaps_total",
+                "Reconnects after which missed membership changes could not all be replayed.",
+                get(&stats.membership_log_gaps),
+            ),
         ]
     }
 
@@ -545,6 +576,13 @@ impl Shared {
 
     fn current_conn(&self) -> Option<MultiplexedConnection> {
         lock(&self.conn).clone()
+    }
+
+    /// A membership event with global counter `gseq` was applied.
+    fn note_member(&self, gseq: u64) {
+        if let Some(mark) = lock(&self.member_mark).as_mut() {
+            mark.gseq = mark.gseq.max(gseq);
+        }
     }
 
     /// Raises this node's known floor for a room.

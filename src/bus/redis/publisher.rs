@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::scripts::{
     channel, history_key, members_key, seq_key, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL, MEMBER_INDEX_KEY,
-    PUBLISH_LUA,
+    MEMBER_LOG_KEY, PUBLISH_LUA,
 };
 use super::{classify, lock, Shared};
 use crate::bus::{BusError, Topic};
@@ -196,6 +196,8 @@ fn script_call(shared: &Shared, events: &[DomainEvent]) -> Option<ScriptCall> {
         keys.push(key);
         if let Some(room) = route.room {
             keys.push(history_key(room));
+        } else if route.membership.is_some() {
+            keys.push(MEMBER_LOG_KEY.into());
         }
         rooms.push(route.room);
         args.extend([op.to_string(), floor.to_string(), text(chat), text(user), event.to_json(None)]);

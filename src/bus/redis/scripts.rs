@@ -15,13 +15,14 @@
 //! | `herald:{<user>}:user` | channel | events addressed to one user |
 //! | `herald:members` | channel | membership events, for every node |
 //! | `herald:member-chats` | set | rooms that have a member set |
+//! | `herald:member-log` | list | the last 10,000 membership events, `<gseq>\|<previous entry's gseq>\|<event JSON with seq>`, oldest first |
 //! | `herald:gseq` | string | global counter of non-room events |
 //! | `herald:boot` | string | when Redis's current state began (ms) |
 //!
 //! On one Redis server a publish script call covers a whole batch: many rooms plus the global
 //! keys. Under Redis Cluster that call would span slots; the publisher would have to split a
-//! batch into one call per room (slot), and the global counter, boot mark and member index would
-//! need a per-slot form. The snapshot script builds member set names itself, which Cluster does
+//! batch into one call per room (slot), and the global counter, boot mark, member index and member
+//! log would need a per-slot form. The snapshot script builds member set names itself, which Cluster does
 //! not allow either. Herald supports one Redis server today; the names are ready for the split.
 
 use crate::bus::Topic;
@@ -32,6 +33,9 @@ pub const MEMBERS_CHANNEL: &str = "herald:members";
 pub(super) const BOOT_KEY: &str = "herald:boot";
 pub(super) const GSEQ_KEY: &str = "herald:gseq";
 pub(super) const MEMBER_INDEX_KEY: &str = "herald:member-chats";
+/// The membership log: every `chat.member_*` event, bounded, so a node that was cut off from Redis
+/// replays the changes it missed (the publish script writes it, the snapshot script reads it).
+pub(super) const MEMBER_LOG_KEY: &str = "herald:member-log";
 /// A room's member set is `MEMBER_SET_PREFIX <chat> MEMBER_SET_SUFFIX` (the snapshot script builds
 /// it from these two).
 const MEMBER_SET_PREFIX: &str = "herald:{";
@@ -124,12 +128,16 @@ end
 }
 
 /// Publishes one batch atomically. KEYS: boot, gseq, member index, then per event its key (room
-/// counter, member set, or gseq) and, for a room event, the room's history list. ARGV: settle ms,
+/// counter, member set, or gseq) and, for a room event, the room's history list, for a membership
+/// event the member log. ARGV: settle ms,
 /// has-room flag, history size, history TTL ms, then per event: op, floor, chat, user, payload
 /// (event JSON without seq), channel count, channels. Returns the seqs.
 ///
 /// A room event is appended to its room's history in the same call that assigns its `seq` and
-/// publishes it, so history and live delivery can never disagree.
+/// publishes it, so history and live delivery can never disagree. Likewise a membership event is
+/// appended to the member log (bounded to 10,000 entries) with the global counter it is published
+/// with; each entry also names the previous entry's counter, so a reader can tell whether the log
+/// still reaches back to a given point.
 pub(super) const PUBLISH_LUA: &str = concat!(
     boot_prelude!(),
     origin_fn!(),
@@ -166,6 +174,14 @@ while k <= #KEYS do
       if redis.call('SCARD', key) == 0 then redis.call('SREM', KEYS[3], chat) end
     end
     seq = redis.call('INCR', KEYS[2])
+    if op ~= 'u' then
+      local log = KEYS[k]
+      k = k + 1
+      local last = redis.call('LINDEX', log, -1)
+      redis.call('RPUSH', log, string.format('%d|%s|', seq, last and string.match(last, '^%d+') or '0')
+        .. string.sub(payload, 1, -2) .. ',"seq":' .. string.format('%d', seq) .. '}')
+      redis.call('LTRIM', log, -10000, -1)
+    end
   end
   local msg = string.sub(payload, 1, -2) .. ',"seq":' .. string.format('%d', seq) .. '}'
   if op == 'r' then
@@ -249,11 +265,43 @@ end
 return out
 "#;
 
-/// The membership snapshot: the global counter, then (chat, user) pairs, flattened.
-/// KEYS: member index, gseq; ARGV: member set name prefix and suffix (around the chat id).
+/// The membership snapshot and the membership changes a node missed. KEYS: boot, member index,
+/// gseq, member log; ARGV: member set name prefix and suffix (around the chat id), then the boot
+/// mark and gseq this node's membership is at (an empty boot mark: none yet, the log is not read).
+///
+/// Returns, flattened: the boot mark; the global counter (the snapshot's position); how far back
+/// the log reaches (it holds every membership event after that counter); the number `n` of log
+/// entries after the node's position, then those `n` events (JSON with seq, oldest first); then
+/// the (chat, user) pairs. After a Redis state loss (another boot mark) the node's position means
+/// nothing here, so the whole log is returned. The log is read from its end, so a node that missed
+/// little costs little.
 pub(super) const SNAPSHOT_LUA: &str = r#"
-local out = { redis.call('GET', KEYS[2]) or '0' }
-for _, chat in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+local boot = redis.call('GET', KEYS[1]) or 'none'
+local out = { boot, redis.call('GET', KEYS[3]) or '0', '0', '0' }
+if ARGV[3] ~= '' then
+  local after = ARGV[3] == boot and tonumber(ARGV[4]) or 0
+  local missed, reach, oldest, hi = {}, nil, '0', -1
+  while not reach do
+    local chunk = redis.call('LRANGE', KEYS[4], hi - 255, hi)
+    hi = hi - 256
+    for j = #chunk, 1, -1 do
+      local gseq, prev, event = string.match(chunk[j], '^(%d+)|(%d+)|(.*)$')
+      if tonumber(gseq) <= after then
+        reach = gseq
+        break
+      end
+      missed[#missed + 1] = event
+      oldest = prev
+    end
+    if not reach and #chunk < 256 then reach = oldest end
+  end
+  out[3] = reach
+  out[4] = tostring(#missed)
+  for j = #missed, 1, -1 do
+    out[#out + 1] = missed[j]
+  end
+end
+for _, chat in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   for _, user in ipairs(redis.call('SMEMBERS', ARGV[1] .. chat .. ARGV[2])) do
     out[#out + 1] = chat
     out[#out + 1] = user

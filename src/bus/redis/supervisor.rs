@@ -1,5 +1,6 @@
 //! The supervisor task: owns the node's one Redis connection. It connects, restores what a node
-//! needs (scripts, room counter floors, subscriptions, the membership snapshot), alone issues
+//! needs (scripts, room counter floors, the membership snapshot and the membership changes it
+//! missed, then its subscriptions), alone issues
 //! `SUBSCRIBE` / `UNSUBSCRIBE` to match local interest, detects a lost connection, and reconnects
 //! with capped, jittered backoff.
 
@@ -12,11 +13,13 @@ use redis::{AsyncConnectionConfig, PushInfo, PushKind};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::delivery::Inbound;
+use super::delivery::{Inbound, MemberSnapshot, Missed};
 use super::scripts::{
     channel, members_key_parts, seq_key, ALL, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL, MEMBER_INDEX_KEY,
+    MEMBER_LOG_KEY,
 };
-use super::{lock, Phase, Shared, Sub, Topic, Topics};
+use super::{lock, MemberMark, Phase, Shared, Sub, Topic, Topics};
+use crate::protocol::event::DomainEvent;
 use crate::protocol::ChatId;
 
 /// Channels per `SUBSCRIBE` / `UNSUBSCRIBE` command and rooms per re-seed call.
@@ -75,7 +78,9 @@ pub(super) async fn supervise(
 }
 
 /// Opens a connection and restores everything the node needs before it is used: scripts, room
-/// counter floors, the global and watched subscriptions, the membership snapshot.
+/// counter floors, the membership channel, the membership snapshot with the changes the node
+/// missed, and only then the watched rooms and users (membership first: the delivery task applies
+/// the snapshot before any room event of this connection, which comes after it on `inbound`).
 async fn open_session(
     shared: &Arc<Shared>,
     client: &redis::Client,
@@ -124,7 +129,12 @@ async fn open_session(
     let settle_until =
         (age_ms < settle_ms).then(|| Instant::now() + Duration::from_millis(settle_ms - age_ms));
 
+    // The members channel first, then the snapshot, so no membership event falls between the two.
     conn.subscribe(MEMBERS_CHANNEL).await?;
+    let snapshot = member_snapshot(shared, &mut conn).await?;
+    if inbound.send(Inbound::Snapshot { gen, snapshot }).await.is_err() {
+        return Err(redis::RedisError::from((redis::ErrorKind::Client, "redis bus stopped")));
+    }
     {
         // Everything watched is resubscribed by the first reconcile.
         let mut topics = lock(&shared.topics);
@@ -133,29 +143,54 @@ async fn open_session(
     }
     reconcile(shared, &mut conn).await?;
 
-    // Snapshot after subscribing to the members channel, so nothing falls between the two.
-    let flat: Vec<String> = redis::cmd("EVALSHA")
-        .arg(shared.scripts.snapshot.get_hash())
-        .arg(2)
-        .arg(MEMBER_INDEX_KEY)
-        .arg(GSEQ_KEY)
-        .arg(&members_key_parts()[..])
-        .query_async(&mut conn)
-        .await?;
-    let ver = flat.first().and_then(|v| v.parse().ok()).unwrap_or(0);
-    let pairs = flat
-        .get(1..)
-        .unwrap_or_default()
-        .chunks_exact(2)
-        .filter_map(|p| Some((p[0].parse().ok()?, p[1].parse().ok()?)))
-        .collect();
-    if inbound.send(Inbound::Snapshot { gen, ver, pairs }).await.is_err() {
-        return Err(redis::RedisError::from((redis::ErrorKind::Client, "redis bus stopped")));
-    }
-
     *lock(&shared.conn) = Some(conn.clone());
     shared.phase.send_replace(if settle_until.is_some() { Phase::Settling } else { Phase::Up });
     Ok((conn, settle_until))
+}
+
+/// Reads the membership snapshot and the member log entries after this node's mark in one script
+/// call. On the node's first connect there is no mark: it starts at the snapshot's position.
+async fn member_snapshot(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+) -> Result<MemberSnapshot, redis::RedisError> {
+    let mark = lock(&shared.member_mark).clone();
+    let (known_boot, after) = mark.as_ref().map_or((String::new(), 0), |m| (m.boot.clone(), m.gseq));
+    let flat: Vec<String> = redis::cmd("EVALSHA")
+        .arg(shared.scripts.snapshot.get_hash())
+        .arg(4)
+        .arg(BOOT_KEY)
+        .arg(MEMBER_INDEX_KEY)
+        .arg(GSEQ_KEY)
+        .arg(MEMBER_LOG_KEY)
+        .arg(&members_key_parts()[..])
+        .arg(known_boot)
+        .arg(after)
+        .query_async(conn)
+        .await?;
+    let mut flat = flat.into_iter();
+    let boot = flat.next().unwrap_or_default();
+    let mut number = || flat.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let (ver, reach, logged): (u64, u64, usize) = (number(), number(), number() as usize);
+    let mut events = Vec::with_capacity(logged);
+    for entry in flat.by_ref().take(logged) {
+        match DomainEvent::from_json(entry.as_bytes()) {
+            Ok((event, Some(gseq))) => events.push((gseq, event)),
+            Ok((_, None)) => tracing::warn!("member log entry without seq in redis; skipped"),
+            Err(e) => tracing::warn!(error = %e, "undecodable member log entry in redis; skipped"),
+        }
+    }
+    let rest: Vec<String> = flat.collect();
+    let pairs = rest.chunks_exact(2).filter_map(|p| Some((p[0].parse().ok()?, p[1].parse().ok()?))).collect();
+    let missed = match mark {
+        Some(_) => Some(Missed { reach, events }),
+        None => {
+            // The first connect: the node holds no subscription yet, so it has nothing to replay.
+            lock(&shared.member_mark).get_or_insert(MemberMark { boot: boot.clone(), gseq: ver });
+            None
+        }
+    };
+    Ok(MemberSnapshot { boot, ver, pairs, missed })
 }
 
 /// Raises room counters to the given floors (in chunks); returns ms since Redis's state began.
