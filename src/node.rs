@@ -16,12 +16,18 @@ use crate::bus::memory::MemoryBus;
 use crate::bus::redis::{RedisBus, RedisOptions};
 use crate::bus::{Bus, BusError, Deliver};
 use crate::config::{BusKind, Config, WebSocketConfig};
-use crate::conn::MAX_QUEUED;
 use crate::membership;
 use crate::metrics::Metrics;
 use crate::rooms::{HistoryLimits, Rooms};
 use crate::striped::Striped;
 use crate::users::Users;
+
+/// Room frames one connection holds queued at most: past it, it stops taking
+/// from its rooms until its socket drains, and reads the rest from history
+/// later (rooms never wait for it). The connection's pump budget, and the
+/// floor of the node's backlog limit (one connection's worth owed is never
+/// overload).
+pub(crate) const MAX_QUEUED: usize = 512;
 
 /// Everything a connection and the HTTP routes need from their node.
 pub struct Node {

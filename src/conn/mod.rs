@@ -38,7 +38,6 @@ use crate::node::Node;
 use crate::protocol::assemble::{Assembler, Inbound};
 use crate::protocol::{ChatId, UserId};
 use outbound::Outbound;
-pub(crate) use pump::MAX_QUEUED;
 pub use socket::Socket;
 use subs::Subscriptions;
 

@@ -15,16 +15,15 @@ use super::{Conn, End, Socket};
 use crate::alarms::Stamp;
 use crate::error::CloseCode;
 use crate::mailbox::{Drained, UserMsg};
+use crate::node::MAX_QUEUED;
 use crate::protocol::server;
 
 /// Most frames taken from rooms and mailbox in one turn, so one busy
 /// connection cannot starve the others on its worker thread.
 const MAX_TURN_FRAMES: usize = 256;
-/// Room frames a connection holds queued at most, in count and in bytes:
-/// past either, it stops taking from its rooms until the socket drains, and
-/// reads the rest from history later (rooms never wait for it, and it never
-/// holds more than this).
-pub(crate) const MAX_QUEUED: usize = 512;
+/// Room frame bytes a connection holds queued at most (besides
+/// [`MAX_QUEUED`] frames): past it, it stops taking from its rooms until the
+/// socket drains, and reads the rest from history later.
 const MAX_QUEUED_BYTES: usize = 1 << 20;
 /// Everything a connection may have queued (room frames, per-user frames,
 /// replies) before it counts as not reading: closed with 4008.
