@@ -8,15 +8,11 @@ mod support;
 use std::time::Duration;
 
 use herald::config::Membership;
-use herald::protocol::{ChatId, UserId};
+use herald::protocol::ChatId;
 use serde_json::json;
-use support::{message_sent, start, Gateway, RawClient, API_KEY};
+use support::{message_sent, stalled_reader, start, user, Gateway, RawClient, API_KEY};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn user() -> UserId {
-    UserId::new_v4()
-}
 
 /// A healthy client in its own room still gets its events: the node as a
 /// whole did not notice the abuse.
@@ -60,9 +56,7 @@ async fn a_reader_that_trickles_meets_write_wait() {
     config.rooms.history_size = 5_000;
     let gw = start(config).await;
     let room = ChatId::new_v4();
-    let mut slow = RawClient::connect_small(gw.addr, &support::token(user(), &[]), 4096).await;
-    slow.send_frame(0x81, json!({"type":"subscribe","chat_id":room}).to_string().as_bytes()).await;
-    assert!(slow.read_json().await.is_some());
+    let (mut slow, _) = stalled_reader(&gw, room).await;
     // 8 MB: more than the kernel's socket buffers hold, so Herald's own
     // queue must wait on the trickling reader.
     let blob = "t".repeat(4_000);

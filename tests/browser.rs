@@ -245,28 +245,6 @@ fn row(seq: u64, content: &str) -> String {
 
 const EVENT_ROWS: &str = "document.querySelectorAll('#events li.event').length";
 
-/// The room's position as a subscriber on the node at `addr` is told it:
-/// a test client subscribes (without `since`) and closes again.
-async fn position(addr: SocketAddr, chat: ChatId) -> u64 {
-    position_from(addr, chat, None).await
-}
-
-/// [`position`], the test client's upgrade carrying `origin` when given
-/// (a node with `allowed_origins` refuses one without).
-async fn position_from(addr: SocketAddr, chat: ChatId, origin: Option<&str>) -> u64 {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let url = format!("ws://{addr}/ws?token={}", support::token(UserId::new_v4(), &[chat]));
-    let mut request = url.into_client_request().expect("a valid request");
-    if let Some(origin) = origin {
-        request.headers_mut().insert("Origin", origin.parse().expect("a valid header"));
-    }
-    let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("upgrade succeeds");
-    let mut probe = support::Client { ws };
-    let head = probe.subscribe(chat).await;
-    probe.ws.close(None).await.ok();
-    head
-}
-
 #[tokio::test]
 #[ignore = "needs chromium"]
 async fn the_demo_page_shows_published_events_and_live_numbers() {
@@ -275,7 +253,7 @@ async fn the_demo_page_shows_published_events_and_live_numbers() {
     let mut page = Browser::open(&format!("http://{}/", node.addr)).await;
     page.wait_for("the demo chat subscribed", "document.body.dataset.subscribed === '1'").await;
     assert_eq!(page.eval("document.getElementById('state').textContent").await, Some(json!("connected")));
-    let head = position(node.addr, demo.chat).await;
+    let head = support::position(node.addr, demo.chat).await;
 
     node.publish(demo.chat, "Hello from the API").await;
     page.wait_for("the published event", &row(head + 1, "Hello from the API")).await;
@@ -320,7 +298,7 @@ async fn the_client_reconnects_and_resubscribes_after_a_restart() {
     let addr = node.addr;
     let mut page = Browser::open(&format!("http://{addr}/")).await;
     page.wait_for("the demo chat subscribed", "document.body.dataset.subscribed === '1'").await;
-    let head = position(addr, demo.chat).await;
+    let head = support::position(addr, demo.chat).await;
     node.publish(demo.chat, "before the restart 1").await;
     node.publish(demo.chat, "before the restart 2").await;
     page.wait_for("the second event", &row(head + 2, "before the restart 2")).await;
@@ -336,7 +314,7 @@ async fn the_client_reconnects_and_resubscribes_after_a_restart() {
     page.wait_for("the resubscription", "document.body.dataset.subscribed === '2'").await;
     page.wait_for("the refetch notice", "document.querySelector('#events li.notice[data-refetch]')").await;
     // The room starts a new life on the new node, above every seq of its first.
-    let new_head = position(addr, demo.chat).await;
+    let new_head = support::position(addr, demo.chat).await;
     assert!(
         new_head > head + 2,
         "the new life's position {new_head} is above the first life's last seq {}",
@@ -369,7 +347,7 @@ async fn over_redis_a_restart_shows_the_missed_events_with_no_gap() {
     let other = DemoNode::start(redis_config(None), &demo).await;
     let mut page = Browser::open(&format!("http://{addr}/")).await;
     page.wait_for("the demo chat subscribed", "document.body.dataset.subscribed === '1'").await;
-    let head = position(addr, demo.chat).await;
+    let head = support::position(addr, demo.chat).await;
     other.publish(demo.chat, "one").await;
     other.publish(demo.chat, "two").await;
     page.wait_for("the second event", &row(head + 2, "two")).await;
@@ -412,7 +390,7 @@ async fn an_expired_token_is_renewed_through_get_token() {
     page.wait_for("the resubscription", "Number(document.body.dataset.subscribed) >= 2").await;
     let fetches = page.eval("Number(document.getElementById('token-fetches').textContent)").await;
     assert!(fetches.and_then(|v| v.as_u64()).is_some_and(|n| n >= 2), "getToken() was called again");
-    let head = position(node.addr, demo.chat).await;
+    let head = support::position(node.addr, demo.chat).await;
     node.publish(demo.chat, "with a renewed token").await;
     page.wait_for("an event on the renewed connection", &row(head + 1, "with a renewed token")).await;
     page.close().await;
@@ -503,7 +481,7 @@ async fn a_browser_websocket_subscribes_and_receives_events_live() {
     let browser = Browser::open(&format!("{page_origin}/")).await;
 
     let subscribed = next_report(&mut reports).await;
-    let head = position_from(gw.addr, chat, Some(&page_origin)).await;
+    let head = support::position_from(gw.addr, chat, Some(&page_origin)).await;
     assert_eq!(subscribed, json!({"type":"subscribed","chat_id":chat,"seq":head}));
     let data = json!({"content":"Hello from Herald","n":1});
     assert_eq!(gw.publish(&support::message_sent(chat, &data)).await.0, 202);

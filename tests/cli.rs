@@ -10,7 +10,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use herald::auth::now_secs;
@@ -18,29 +18,15 @@ use herald::config::Config;
 use herald::protocol::{ChatId, UserId};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use support::{message_sent, Client, PATIENCE};
+use support::{
+    exchange, free_addr, herald, message_sent, printed, publish_to, refusal, run, wait_healthy, Client,
+    PATIENCE,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
-use tokio_tungstenite::tungstenite;
+use tokio::process::Child;
 
 const SECRET: &str = "cli-test-secret-0123456789abcdef";
 const API_KEY: &str = "cli-test-api-key-0123456789";
-
-/// The `herald` binary with a clean environment: only what a test sets.
-fn herald() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
-    cmd.env_clear().stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
-    cmd
-}
-
-/// Runs a command to completion: (success, stdout, stderr).
-async fn run(cmd: &mut Command) -> (bool, String, String) {
-    let out: Output =
-        tokio::time::timeout(PATIENCE, cmd.output()).await.expect("exits in time").expect("runs");
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (out.status.success(), text(&out.stdout), text(&out.stderr))
-}
 
 /// A config file in a fresh temporary directory, removed on drop.
 struct TempConfig {
@@ -94,16 +80,9 @@ async fn mint(config: &Path, user: UserId, chats: &[ChatId]) -> String {
 
 /// What `/ws` does with a token: `None` if it upgrades, else the 401 reason.
 async fn ws_verdict(addr: SocketAddr, token: &str) -> Option<String> {
-    match tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={token}")).await {
-        Ok(_) => None,
-        Err(tungstenite::Error::Http(resp)) => {
-            assert_eq!(resp.status().as_u16(), 401);
-            let body: Value =
-                serde_json::from_slice(&resp.body().clone().unwrap_or_default()).expect("JSON body");
-            Some(body["error"].as_str().expect("error reason").to_string())
-        }
-        Err(e) => panic!("unexpected upgrade error {e}"),
-    }
+    let (status, body) = refusal(format!("ws://{addr}/ws?token={token}")).await?;
+    assert_eq!(status, 401);
+    Some(body["error"].as_str().unwrap_or_else(|| panic!("an error reason in {body}")).to_string())
 }
 
 #[tokio::test]
@@ -241,34 +220,6 @@ async fn check_config_masks_secrets_and_names_bad_keys() {
     assert!(!ok && err.contains("log.level"), "{err}");
 }
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr")
-}
-
-/// Waits until a child node answers `/healthz` with 200.
-async fn wait_healthy(child: &mut Child, addr: SocketAddr) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(status) = child.try_wait().expect("child status") {
-            let mut err = String::new();
-            child.stderr.take().expect("stderr").read_to_string(&mut err).await.ok();
-            panic!("herald exited early with {status}: {err}");
-        }
-        if let Ok(mut stream) = TcpStream::connect(addr).await {
-            stream
-                .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-                .await
-                .expect("write");
-            let mut raw = String::new();
-            stream.read_to_string(&mut raw).await.ok();
-            assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "herald did not start serving on {addr}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn init_writes_a_config_a_node_serves_from() {
     let file = TempConfig::new("");
@@ -293,22 +244,12 @@ async fn init_writes_a_config_a_node_serves_from() {
     // subscribes to its chat, and the file's API key publishes to it.
     let (user, room) = (UserId::new_v4(), ChatId::new_v4());
     let token = mint(&file.path, user, &[room]).await;
-    let (ws, _) =
-        tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={token}")).await.expect("upgrade");
-    let mut c = Client { ws };
+    let mut c = Client::connect(addr, &token).await;
     c.subscribe(room).await;
     let key = Config::load(Some(&file.path), []).expect("loads").api.keys[0].clone();
     let body = message_sent(room, &json!({"n":1}));
-    let request = format!(
-        "POST /api/events HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    stream.write_all(request.as_bytes()).await.expect("publish");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok();
-    assert!(response.starts_with("HTTP/1.1 202"), "{response}");
+    let (status, reply) = publish_to(addr, &key, &body).await;
+    assert_eq!(status, 202, "{reply}");
     assert_eq!(c.recv().await["data"], json!({"n":1}));
     node.kill().await.expect("kill herald");
 }
@@ -414,13 +355,8 @@ impl NodeProcess {
             "GET {path} HTTP/1.1\r\nHost: {host}\r\nX-Forwarded-For: 127.0.0.1\r\n\
              X-Forwarded-Host: localhost\r\nX-Forwarded-Proto: http\r\nConnection: close\r\n\r\n"
         );
-        let mut stream = TcpStream::connect(self.addr).await.expect("connect");
-        stream.write_all(request.as_bytes()).await.expect("write request");
-        let mut raw = Vec::new();
-        tokio::time::timeout(PATIENCE, stream.read_to_end(&mut raw)).await.expect("response in time").ok();
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        (status, text.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_string())
+        let (status, _, body) = exchange(self.addr, &request).await;
+        (status, body)
     }
 
     /// Stops the node; returns all it wrote: the banner (stdout) and logs (stderr).
@@ -431,11 +367,6 @@ impl NodeProcess {
         self.child.stderr.take().expect("stderr").read_to_string(&mut out).await.expect("read stderr");
         out
     }
-}
-
-/// The value printed after `label` on a banner line, if any.
-fn printed(output: &str, label: &str) -> Option<String> {
-    output.lines().find_map(|l| l.trim_start().strip_prefix(label)).map(|v| v.trim().to_string())
 }
 
 /// A node with configured credentials: `/demo/token` is 404 for every

@@ -8,21 +8,13 @@ mod support;
 use std::time::Duration;
 
 use herald::auth::now_secs;
-use herald::protocol::{ChatId, UserId};
+use herald::protocol::UserId;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use support::{message_sent, start, Client, Gateway, SECRET};
+use support::{chat, message_sent, refusal, start, user, Client, Gateway, SECRET};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
-
-fn chat() -> ChatId {
-    ChatId::new_v4()
-}
-
-fn user() -> UserId {
-    UserId::new_v4()
-}
 
 fn fixture(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -63,18 +55,6 @@ fn ws_request(gw: &Gateway) -> Request {
 fn with_header(mut req: Request, name: &'static str, value: &str) -> Request {
     req.headers_mut().insert(name, HeaderValue::from_str(value).expect("header value"));
     req
-}
-
-/// Attempts an upgrade: `None` if it succeeded, else the HTTP status and JSON body.
-async fn refusal(req: Request) -> Option<(u16, Value)> {
-    match tokio_tungstenite::connect_async(req).await {
-        Ok(_) => None,
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            let body = resp.body().as_deref().unwrap_or_default();
-            Some((resp.status().as_u16(), serde_json::from_slice(body).unwrap_or(Value::Null)))
-        }
-        Err(e) => panic!("unexpected error {e}"),
-    }
 }
 
 /// A working connection: a subscribe is answered and a published message arrives.

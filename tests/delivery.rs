@@ -5,17 +5,8 @@
 mod support;
 
 use herald::config::Membership;
-use herald::protocol::{ChatId, UserId};
 use serde_json::{json, Value};
-use support::{message_sent, start, Client};
-
-fn chat() -> ChatId {
-    ChatId::new_v4()
-}
-
-fn user() -> UserId {
-    UserId::new_v4()
-}
+use support::{chat, message_sent, start, user, Client};
 
 /// The raw JSON text of the `data` member: everything after `"data":` up to the final `}`.
 fn raw_data(text: &str) -> &str {

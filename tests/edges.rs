@@ -10,57 +10,13 @@ mod support;
 
 use std::time::Duration;
 
-use herald::config::{BusConfig, BusKind, Membership};
+use herald::config::Membership;
 use herald::protocol::event::parse_batch;
-use herald::protocol::{ChatId, UserId};
+use herald::protocol::ChatId;
 use serde_json::{json, Value};
-use support::redis::RedisServer;
-use support::{message_sent, start, Client, Gateway, RawClient, PATIENCE};
+use support::redis::{gateway, http_publish_eventually, mark_settled, redis_cmd, RedisServer};
+use support::{message_sent, publish, seqs_until, stalled_reader, start, user, PATIENCE};
 use tokio::time::{sleep, timeout, Instant};
-
-fn user() -> UserId {
-    UserId::new_v4()
-}
-
-/// Publishes `n` events to `chat` through the in-process publisher.
-async fn publish(gw: &Gateway, chat: ChatId, n: usize, data: &Value) {
-    for _ in 0..n {
-        let events = parse_batch(message_sent(chat, data).as_bytes()).expect("valid event");
-        gw.publisher.publish(events).await.expect("published");
-    }
-}
-
-/// Publishes over HTTP until the node answers 202 (503 while Redis settles).
-async fn publish_eventually(gw: &Gateway, body: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, reply) = gw.publish(body).await;
-        if status == 202 {
-            return;
-        }
-        assert_eq!(status, 503, "{reply}");
-        assert!(Instant::now() < deadline, "still 503: {reply}");
-        sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Reads room events until `last`; returns their seqs.
-async fn seqs_until(c: &mut Client, last: u64) -> Vec<u64> {
-    let mut seqs = Vec::new();
-    while seqs.last() != Some(&last) {
-        let v = c.recv().await;
-        seqs.push(v["seq"].as_u64().unwrap_or_else(|| panic!("expected a room event, got {v}")));
-    }
-    seqs
-}
-
-async fn redis_gateway(redis: &RedisServer, history_size: usize) -> Gateway {
-    let mut config = support::config();
-    config.bus = BusConfig { kind: BusKind::Redis, redis_url: redis.url() };
-    config.auth.membership = Membership::Open;
-    config.rooms.history_size = history_size;
-    start(config).await
-}
 
 /// The memory bus forgets a room whose history expired and that nobody
 /// watches; its next event must not reuse the seqs of its earlier life, or a
@@ -118,9 +74,9 @@ async fn since_at_u64_max_is_not_recovered_and_the_connection_lives() {
 #[ignore = "needs redis-server"]
 async fn since_at_u64_max_on_redis_is_not_recovered_and_the_connection_lives() {
     let redis = RedisServer::start();
-    let gw = redis_gateway(&redis, 100).await;
+    let gw = gateway(&redis, Membership::Open).await;
     let chat = ChatId::new_v4();
-    publish_eventually(&gw, &message_sent(chat, &json!({}))).await;
+    http_publish_eventually(&gw, &message_sent(chat, &json!({}))).await;
     let mut c = gw.connect(user(), &[]).await;
     for since in [u64::MAX, u64::MAX - 1, 1] {
         let (_, recovered) = c.subscribe_since(chat, since).await;
@@ -138,22 +94,22 @@ async fn since_at_u64_max_on_redis_is_not_recovered_and_the_connection_lives() {
 #[ignore = "needs redis-server"]
 async fn a_room_after_redis_lost_its_state_never_claims_an_old_since_is_recovered() {
     let mut redis = RedisServer::start();
-    let a = redis_gateway(&redis, 100).await;
+    let a = gateway(&redis, Membership::Open).await;
     let chat = ChatId::new_v4();
     let me = user();
     let mut c = a.connect(me, &[]).await;
     let head = c.subscribe(chat).await;
     for _ in 0..3 {
-        publish_eventually(&a, &message_sent(chat, &json!({"life": 1}))).await;
+        http_publish_eventually(&a, &message_sent(chat, &json!({"life": 1}))).await;
     }
     let last_seen = *seqs_until(&mut c, head + 3).await.last().expect("events");
     drop(c);
     a.stop().await;
 
     redis.restart();
-    let b = redis_gateway(&redis, 100).await;
+    let b = gateway(&redis, Membership::Open).await;
     for _ in 0..5 {
-        publish_eventually(&b, &message_sent(chat, &json!({"life": 2}))).await;
+        http_publish_eventually(&b, &message_sent(chat, &json!({"life": 2}))).await;
     }
     let mut c = b.connect(me, &[]).await;
     let (new_head, recovered) = c.subscribe_since(chat, last_seen).await;
@@ -171,17 +127,19 @@ async fn a_room_after_redis_lost_its_state_never_claims_an_old_since_is_recovere
 async fn a_big_recovery_on_a_node_that_never_held_the_room_is_paced_not_closed() {
     const EVENTS: u64 = 100;
     let redis = RedisServer::start();
-    let a = redis_gateway(&redis, 200).await;
+    let mut config = support::redis::config(&redis);
+    config.rooms.history_size = 200;
+    let a = start(config.clone()).await;
     let chat = ChatId::new_v4();
     let mut first = a.connect(user(), &[]).await;
     let since = first.subscribe(chat).await;
     let blob = "r".repeat(45_000);
     for _ in 0..EVENTS {
-        publish_eventually(&a, &message_sent(chat, &json!({"blob": blob}))).await;
+        http_publish_eventually(&a, &message_sent(chat, &json!({"blob": blob}))).await;
     }
     assert_eq!(seqs_until(&mut first, since + EVENTS).await.len() as u64, EVENTS);
 
-    let b = redis_gateway(&redis, 200).await;
+    let b = start(config).await;
     assert_eq!(b.metric("redis_history_reads_total").await, 0.0);
     // Four clients at once, each twice: the second time the node holds it.
     for round in 0..2 {
@@ -217,9 +175,7 @@ async fn a_reader_whose_history_was_evicted_learns_it_at_once() {
     config.websocket.write_wait = Duration::from_secs(60);
     let gw = start(config).await;
     let (chat, other) = (ChatId::new_v4(), ChatId::new_v4());
-    let mut slow = RawClient::connect_small(gw.addr, &support::token(user(), &[]), 4096).await;
-    slow.send_frame(0x81, json!({"type":"subscribe","chat_id":chat}).to_string().as_bytes()).await;
-    assert!(slow.read_json().await.is_some(), "subscribed");
+    let (mut slow, _) = stalled_reader(&gw, chat).await;
     // 600 events of 2 KB: more than the socket and the connection's queue
     // (512 frames) hold for a client that does not read, so it falls behind
     // the ring; the room's history still holds them all.
@@ -266,12 +222,6 @@ async fn a_token_accepted_inside_the_leeway_is_not_closed_at_once() {
     assert_eq!(c.recv().await, json!({"type":"pong"}));
 }
 
-/// Marks Redis's state as old, so room events are not refused while it settles.
-async fn mark_settled(redis: &RedisServer) {
-    let mut conn = redis.client().get_multiplexed_async_connection().await.expect("inspect redis");
-    let _: () = redis::cmd("SET").arg("herald:boot").arg(0).query_async(&mut conn).await.expect("SET");
-}
-
 /// Subscribing makes a room's counter in Redis; one that no event used must
 /// not outlive the subscriptions, or a client subscribing to random rooms
 /// grows Redis for ever.
@@ -280,8 +230,7 @@ async fn mark_settled(redis: &RedisServer) {
 async fn counters_of_rooms_that_never_carried_an_event_do_not_stay_in_redis() {
     let redis = RedisServer::start();
     mark_settled(&redis).await;
-    let mut config = support::config();
-    config.bus = BusConfig { kind: BusKind::Redis, redis_url: redis.url() };
+    let mut config = support::redis::config(&redis);
     config.rooms.history_ttl = Duration::from_secs(1);
     let gw = start(config).await;
     let mut c = gw.connect(user(), &[]).await;
@@ -293,11 +242,9 @@ async fn counters_of_rooms_that_never_carried_an_event_do_not_stay_in_redis() {
         c.send_json(json!({"type":"unsubscribe","chat_id":chat})).await;
         assert_eq!(c.recv().await["type"], "unsubscribed");
     }
-    let mut conn = redis.client().get_multiplexed_async_connection().await.expect("inspect redis");
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let keys: Vec<String> =
-            redis::cmd("KEYS").arg("herald:*:seq").query_async(&mut conn).await.expect("KEYS");
+        let keys: Vec<String> = redis_cmd(&redis, &["KEYS", "herald:*:seq"]).await;
         if keys.len() == 1 {
             break;
         }
@@ -307,7 +254,7 @@ async fn counters_of_rooms_that_never_carried_an_event_do_not_stay_in_redis() {
     // The room still watched keeps its counter (refreshed), so its first
     // event follows the position its subscriber was told.
     sleep(Duration::from_secs(2)).await;
-    publish_eventually(&gw, &message_sent(watched, &json!({"n": 1}))).await;
+    http_publish_eventually(&gw, &message_sent(watched, &json!({"n": 1}))).await;
     assert_eq!(c.recv().await["seq"], watched_head + 1);
 }
 
@@ -318,12 +265,12 @@ async fn counters_of_rooms_that_never_carried_an_event_do_not_stay_in_redis() {
 async fn a_room_without_events_keeps_its_position_when_redis_loses_its_state() {
     let mut redis = RedisServer::start();
     mark_settled(&redis).await;
-    let gw = redis_gateway(&redis, 100).await;
+    let gw = gateway(&redis, Membership::Open).await;
     let chat = ChatId::new_v4();
     let mut c = gw.connect(user(), &[]).await;
     let head = c.subscribe(chat).await;
     redis.restart();
-    publish_eventually(&gw, &message_sent(chat, &json!({"n": 1}))).await;
+    http_publish_eventually(&gw, &message_sent(chat, &json!({"n": 1}))).await;
     assert_eq!(c.recv().await["seq"], head + 1);
 }
 
@@ -336,16 +283,13 @@ async fn a_recovery_ahead_of_the_node_keeps_the_history_a_reader_catches_up_from
     const N: u64 = 600;
     let redis = RedisServer::start();
     mark_settled(&redis).await;
-    let mut config = support::config();
-    config.bus = BusConfig { kind: BusKind::Redis, redis_url: redis.url() };
+    let mut config = support::redis::config(&redis);
     config.rooms.buffer = 4;
     config.rooms.history_size = 1_000;
     config.websocket.write_wait = Duration::from_secs(60);
     let gw = start(config).await;
     let chat = ChatId::new_v4();
-    let mut slow = RawClient::connect_small(gw.addr, &support::token(user(), &[]), 4096).await;
-    slow.send_frame(0x81, json!({"type":"subscribe","chat_id":chat}).to_string().as_bytes()).await;
-    let head = slow.read_json().await.and_then(|v| v["seq"].as_u64()).expect("subscribed");
+    let (mut slow, head) = stalled_reader(&gw, chat).await;
     let mut other = gw.connect(user(), &[]).await;
     let one = message_sent(chat, &json!({"blob": "s".repeat(2_000)}));
     let events = parse_batch(format!("[{}]", vec![one; N as usize].join(",")).as_bytes()).expect("valid");
@@ -373,16 +317,14 @@ async fn a_recovery_ahead_of_the_node_keeps_the_history_a_reader_catches_up_from
 async fn a_recovery_racing_a_removal_leaks_nothing_to_the_removed_user() {
     let redis = RedisServer::start();
     mark_settled(&redis).await;
-    let gw = redis_gateway(&redis, 100).await;
+    let gw = gateway(&redis, Membership::Open).await;
     for _ in 0..4 {
         let (chat, busy) = (ChatId::new_v4(), ChatId::new_v4());
         let victim_id = user();
         let mut victim = gw.connect(victim_id, &[]).await;
         let head = victim.subscribe(chat).await;
         // A watched busy room loads this node's delivery, widening the race.
-        let mut busy_reader = RawClient::connect_small(gw.addr, &support::token(user(), &[]), 4096).await;
-        busy_reader.send_frame(0x81, json!({"type":"subscribe","chat_id":busy}).to_string().as_bytes()).await;
-        busy_reader.read_json().await.expect("subscribed");
+        let (_busy_reader, _) = stalled_reader(&gw, busy).await;
         let mut recovering = gw.connect(user(), &[]).await;
         let mut batch: Vec<String> =
             (0..3_000).map(|_| message_sent(busy, &json!({"blob": "b".repeat(100)}))).collect();

@@ -5,48 +5,17 @@
 
 mod support;
 
-use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
-use herald::protocol::{ChatId, UserId};
+use herald::protocol::ChatId;
 use serde_json::{json, Value};
-use support::{message_sent, start, Client, API_KEY, PATIENCE};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use support::{
+    chat, free_addr, message_sent, printed, publish_to, refusal, run, start, user, wait_healthy, Client,
+    API_KEY, PATIENCE,
+};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
-
-fn chat() -> ChatId {
-    ChatId::new_v4()
-}
-
-fn user() -> UserId {
-    UserId::new_v4()
-}
-
-/// Sends a raw HTTP/1.1 request; returns status, head and body.
-async fn http(addr: SocketAddr, request: &[u8]) -> (u16, String, String) {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    stream.write_all(request).await.expect("write request");
-    let mut raw = Vec::new();
-    // An error after the response (a reset) still leaves what was read in `raw`.
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut raw)).await.expect("response in time").ok();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (status, head.to_string(), body.to_string())
-}
-
-/// `POST /api/events` to any address with an API key.
-async fn publish_to(addr: SocketAddr, key: &str, body: &str) -> (u16, Value) {
-    let request = format!(
-        "POST /api/events HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let (status, _, body) = http(addr, request.as_bytes()).await;
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
-}
+use tokio::process::Command;
 
 /// Closes a client the way a well-behaved one does: close frame, wait for
 /// the echo, drop the socket.
@@ -59,13 +28,13 @@ async fn close_properly(mut c: Client) {
 async fn healthz_and_prometheus_metrics_are_served() {
     let gw = start(support::config()).await;
     let (status, head, body) =
-        http(gw.addr, b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await;
+        gw.exchange("GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await;
     assert_eq!(status, 200);
     assert!(head.to_ascii_lowercase().contains("content-type: application/json"), "{head}");
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), json!({"status":"ok"}));
 
     let (status, head, text) =
-        http(gw.addr, b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await;
+        gw.exchange("GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await;
     assert_eq!(status, 200);
     assert!(head.to_ascii_lowercase().contains("content-type: text/plain"), "{head}");
     let types = [
@@ -188,7 +157,7 @@ async fn publish_refuses_bad_keys_and_bodies_with_json_errors() {
          {:x}\r\n{big}\r\n0\r\n\r\n",
         big.len()
     );
-    let (status, _, body) = http(gw.addr, request.as_bytes()).await;
+    let (status, _, body) = gw.exchange(&request).await;
     assert_eq!(status, 413, "{body}");
     assert_eq!(
         serde_json::from_str::<Value>(&body).ok(),
@@ -277,68 +246,32 @@ async fn graceful_shutdown_closes_with_1001_and_drains() {
 
 // ---- the real binary -------------------------------------------------------
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
-/// The `herald` binary with a clean environment: only what a test sets.
+/// The `herald` binary ([`support::herald`]) logging warnings only.
 fn herald() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
-    cmd.env_clear()
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    let mut cmd = support::herald();
+    cmd.env("RUST_LOG", "warn");
     cmd
 }
 
 /// Runs the binary expecting it to refuse to start; returns its stderr.
 async fn refused_start(cmd: &mut Command) -> String {
-    let out = tokio::time::timeout(PATIENCE, cmd.output()).await.expect("exits in time").expect("runs");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "started although the config is bad; stderr:\n{stderr}");
+    let (ok, _, stderr) = run(cmd).await;
+    assert!(!ok, "started although the config is bad; stderr:\n{stderr}");
     stderr
-}
-
-/// Waits until a child node answers `/healthz` with 200.
-async fn wait_healthy(child: &mut Child, addr: SocketAddr) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(status) = child.try_wait().expect("child status") {
-            panic!("herald exited early with {status}");
-        }
-        if TcpStream::connect(addr).await.is_ok() {
-            let (status, _, body) =
-                http(addr, b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await;
-            assert_eq!(
-                (status, serde_json::from_str::<Value>(&body).ok()),
-                (200, Some(json!({"status":"ok"})))
-            );
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "herald did not start serving on {addr}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The value of a demo line such as `  demo chat:          <uuid>`.
-fn demo_value(line: &str, label: &str) -> Option<String> {
-    line.trim_start().strip_prefix(label).map(|v| v.trim().to_string())
 }
 
 #[tokio::test]
 async fn embedded_default_prints_a_working_demo() {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let addr = free_addr();
     let mut child = herald().env("HERALD_SERVER__LISTEN", addr.to_string()).spawn().expect("spawn herald");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let read = async {
         let (mut key, mut chat_id, mut token) = (None, None, None);
         while let Some(line) = lines.next_line().await.expect("read stdout") {
-            key = key.or_else(|| demo_value(&line, "API key:"));
-            chat_id = chat_id.or_else(|| demo_value(&line, "demo chat:"));
-            token = token.or_else(|| demo_value(&line, "demo token (24 h):"));
+            key = key.or_else(|| printed(&line, "API key:"));
+            chat_id = chat_id.or_else(|| printed(&line, "demo chat:"));
+            token = token.or_else(|| printed(&line, "demo token (24 h):"));
             if let Some((_, rest)) = line.split_once("-H 'Authorization: Bearer ") {
                 let curl_key = rest.split_once('\'').map(|(k, _)| k.to_string());
                 return (
@@ -357,10 +290,7 @@ async fn embedded_default_prints_a_working_demo() {
     let room: ChatId = chat_id.parse().expect("demo chat is a UUID");
 
     // The printed token connects and may subscribe to the printed chat.
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={token}"))
-        .await
-        .expect("demo token upgrades");
-    let mut c = Client { ws };
+    let mut c = Client::connect(addr, &token).await;
     let head = c.subscribe(room).await;
     let body = message_sent(room, &json!({"content":"Hello!"}));
     assert_eq!(publish_to(addr, &curl_key, &body).await, (202, json!({"accepted":1})));
@@ -408,7 +338,7 @@ async fn a_taken_port_stops_startup_saying_the_os_error_once() {
 
 #[tokio::test]
 async fn starts_from_a_yaml_config_file() {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let addr = free_addr();
     let secret = "yaml-secret-0123456789abcdef";
     let key = "yaml-api-key-0123456789";
     let path = std::env::temp_dir().join(format!("herald-ops-test-{}.yaml", uuid::Uuid::new_v4()));
@@ -423,9 +353,7 @@ async fn starts_from_a_yaml_config_file() {
 
     // The file's secret, membership and key are the ones in force.
     let token = herald::auth::mint_hs256(secret, user(), &[], Duration::from_secs(600));
-    let (ws, _) =
-        tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={token}")).await.expect("upgrade");
-    let mut c = Client { ws };
+    let mut c = Client::connect(addr, &token).await;
     let room = chat();
     c.subscribe(room).await;
     let body = message_sent(room, &json!({"n":1}));
@@ -433,12 +361,11 @@ async fn starts_from_a_yaml_config_file() {
     assert_eq!(publish_to(addr, key, &body).await, (202, json!({"accepted":1})));
     assert_eq!(c.recv().await["data"], json!({"n":1}));
     let foreign = support::token(user(), &[]);
-    match tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={foreign}")).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            assert_eq!(resp.status().as_u16(), 401, "a token signed with another secret is refused")
-        }
-        other => panic!("expected a 401 refusal, got {:?}", other.map(|(_, resp)| resp.status())),
-    }
+    assert_eq!(
+        refusal(format!("ws://{addr}/ws?token={foreign}")).await.map(|(status, _)| status),
+        Some(401),
+        "a token signed with another secret is refused"
+    );
 
     // Keys were configured, so no demo secrets were printed.
     drop(c);

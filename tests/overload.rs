@@ -7,9 +7,9 @@ mod support;
 
 use std::time::Duration;
 
-use herald::protocol::{ChatId, UserId};
+use herald::protocol::ChatId;
 use serde_json::{json, Value};
-use support::{start, Gateway, RawClient, API_KEY, PATIENCE};
+use support::{stalled_reader, start, user, RawClient, API_KEY, PATIENCE};
 
 /// One publish of `n` events of about `size` bytes each to `room`.
 fn batch(room: ChatId, n: usize, size: usize) -> String {
@@ -17,19 +17,6 @@ fn batch(room: ChatId, n: usize, size: usize) -> String {
     let events: Vec<Value> =
         (0..n).map(|_| json!({"type":"message.sent","chat_id":room,"data":{"blob":blob}})).collect();
     Value::Array(events).to_string()
-}
-
-/// A raw reader subscribed to `room` that reads nothing more until told:
-/// its 4 KB receive buffer fills at once. Returns it with the room's
-/// position its `subscribed` reply carried.
-async fn stalled_reader(gw: &Gateway, room: ChatId) -> (RawClient, u64) {
-    let token = support::token(UserId::new_v4(), &[]);
-    let mut reader = RawClient::connect_small(gw.addr, &token, 4096).await;
-    reader.send_frame(0x81, json!({"type":"subscribe","chat_id":room}).to_string().as_bytes()).await;
-    let reply = reader.read_json().await.expect("subscribed");
-    assert_eq!(reply["type"], "subscribed", "{reply}");
-    let head = reply["seq"].as_u64().unwrap_or_else(|| panic!("subscribed without seq: {reply}"));
-    (reader, head)
 }
 
 /// Reads `count` room events and checks they are seq `head + 1..=head + count` in order.
@@ -96,7 +83,7 @@ async fn one_stalled_reader_never_pushes_back_on_publishers() {
     let gw = start(config).await;
     let room = ChatId::new_v4();
     let (mut stalled, _) = stalled_reader(&gw, room).await;
-    let mut healthy = gw.connect(UserId::new_v4(), &[]).await;
+    let mut healthy = gw.connect(user(), &[]).await;
     let head = healthy.subscribe(room).await;
     let reading = tokio::spawn(async move {
         for want in head + 1..=head + 3_000u64 {

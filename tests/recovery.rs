@@ -8,48 +8,15 @@ mod support;
 use std::time::Duration;
 
 use herald::protocol::event::parse_batch;
-use herald::protocol::{ChatId, UserId};
-use serde_json::{json, Value};
-use support::{message_sent, start, Client, Gateway, RawClient};
-
-fn user() -> UserId {
-    UserId::new_v4()
-}
-
-/// Publishes `n` events to `chat` through the in-process publisher.
-async fn publish(gw: &Gateway, chat: ChatId, n: usize, data: &Value) {
-    for _ in 0..n {
-        let events = parse_batch(message_sent(chat, data).as_bytes()).expect("valid event");
-        gw.publisher.publish(events).await.expect("published");
-    }
-}
-
-/// The room's position, as a subscriber without `since` is told it; the
-/// subscriber leaves again at once, so the room keeps no subscriber of it.
-async fn position(gw: &Gateway, chat: ChatId) -> u64 {
-    let mut probe = gw.connect(user(), &[]).await;
-    let head = probe.subscribe(chat).await;
-    probe.send_json(json!({"type":"unsubscribe","chat_id":chat})).await;
-    assert_eq!(probe.recv().await, json!({"type":"unsubscribed","chat_id":chat}));
-    probe.ws.close(None).await.ok();
-    head
-}
+use herald::protocol::ChatId;
+use serde_json::json;
+use support::{message_sent, position, publish, seqs_until, stalled_reader, start, user};
 
 /// Now in Unix microseconds, the clock a room's `seq` origin is taken from.
 fn micros_now() -> u64 {
     let since_epoch =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970");
     u64::try_from(since_epoch.as_micros()).expect("fits")
-}
-
-/// Reads room events until `last`; returns their seqs.
-async fn seqs_until(c: &mut Client, last: u64) -> Vec<u64> {
-    let mut seqs = Vec::new();
-    while seqs.last() != Some(&last) {
-        let v = c.recv().await;
-        seqs.push(v["seq"].as_u64().unwrap_or_else(|| panic!("expected a room event, got {v}")));
-    }
-    seqs
 }
 
 #[tokio::test]
@@ -92,7 +59,7 @@ async fn recovery_racing_a_stream_of_publishes_has_no_gap_and_no_duplicate() {
     for round in 0..5u64 {
         let chat = ChatId::new_v4();
         publish(&gw, chat, 20, &json!({"round": round})).await;
-        let base = position(&gw, chat).await - 20;
+        let base = position(gw.addr, chat).await - 20;
         let publisher = gw.publisher.clone();
         const TOTAL: u64 = 300;
         let stream = tokio::spawn(async move {
@@ -119,7 +86,7 @@ async fn a_room_that_never_had_a_subscriber_recovers() {
     let chat = ChatId::new_v4();
     publish(&gw, chat, 5, &json!({"early": true})).await;
     // The five events are the room's first: it starts right below them.
-    let base = position(&gw, chat).await - 5;
+    let base = position(gw.addr, chat).await - 5;
     let mut c = gw.connect(user(), &[]).await;
     assert_eq!(c.subscribe_since(chat, base).await, (base + 5, true));
     assert_eq!(seqs_until(&mut c, base + 5).await, (base + 1..=base + 5).collect::<Vec<_>>());
@@ -140,7 +107,7 @@ async fn since_older_than_history_is_not_recovered_and_live_events_follow() {
     let gw = start(config).await;
     let chat = ChatId::new_v4();
     publish(&gw, chat, 20, &json!({})).await;
-    let base = position(&gw, chat).await - 20;
+    let base = position(gw.addr, chat).await - 20;
     let mut c = gw.connect(user(), &[]).await;
     assert_eq!(c.subscribe_since(chat, base + 3).await, (base + 20, false));
     assert_eq!(
@@ -171,7 +138,7 @@ async fn history_expires_with_its_ttl() {
     publish(&gw, chat, 3, &json!({})).await;
     assert_eq!(gw.metric("history_frames").await, 3.0);
     // The last seq of the room's first life.
-    let old_head = position(&gw, chat).await;
+    let old_head = position(gw.addr, chat).await;
     // The sweeper drops what outlived the TTL, and the room with it: the
     // node keeps nothing for it, not even its counter.
     gw.wait_metric("history_frames", 0.0).await;
@@ -200,7 +167,7 @@ async fn history_is_bounded_in_bytes_node_wide() {
     publish(&gw, b, 10, &json!({"blob": blob})).await;
     let held = gw.metric("history_bytes").await;
     assert!(held <= 65_536.0 && held > 0.0, "history holds {held} bytes");
-    let head = position(&gw, b).await;
+    let head = position(gw.addr, b).await;
     let mut c = gw.connect(user(), &[]).await;
     assert_eq!(c.subscribe_since(b, head - 10).await, (head, false), "the oldest frames were evicted");
     let mut d = gw.connect(user(), &[]).await;
@@ -213,7 +180,7 @@ async fn bad_since_values_are_refused_or_not_recovered_and_the_connection_lives(
     let gw = start(support::config()).await;
     let chat = ChatId::new_v4();
     publish(&gw, chat, 2, &json!({})).await;
-    let head = position(&gw, chat).await;
+    let head = position(gw.addr, chat).await;
     let mut c = gw.connect(user(), &[]).await;
     for since in [json!(-1), json!("3"), json!(1.5), json!([1])] {
         c.send_json(json!({"type":"subscribe","chat_id":chat,"since":since})).await;
@@ -240,9 +207,8 @@ async fn a_stalled_reader_catches_up_from_history_with_nothing_missed() {
     let chat = ChatId::new_v4();
     let mut fast = gw.connect(user(), &[]).await;
     let head = fast.subscribe(chat).await;
-    let mut slow = RawClient::connect_small(gw.addr, &support::token(user(), &[]), 4096).await;
-    slow.send_frame(0x81, json!({"type":"subscribe","chat_id":chat}).to_string().as_bytes()).await;
-    assert_eq!(slow.read_json().await.map(|v| v["seq"].clone()), Some(json!(head)));
+    let (mut slow, slow_head) = stalled_reader(&gw, chat).await;
+    assert_eq!(slow_head, head);
 
     // 2,000 events of 2 KB: 4 MB, far more than socket buffers and the
     // connection's own queue hold for a client that does not read.
@@ -272,10 +238,7 @@ async fn a_reader_stalled_past_history_gets_4008() {
     config.websocket.write_wait = Duration::from_secs(60);
     let gw = start(config).await;
     let chat = ChatId::new_v4();
-    let mut slow = RawClient::connect_small(gw.addr, &support::token(user(), &[]), 4096).await;
-    slow.send_frame(0x81, json!({"type":"subscribe","chat_id":chat}).to_string().as_bytes()).await;
-    let subscribed = slow.read_json().await.expect("subscribed");
-    let head = subscribed["seq"].as_u64().unwrap_or_else(|| panic!("subscribed without seq: {subscribed}"));
+    let (mut slow, head) = stalled_reader(&gw, chat).await;
     publish(&gw, chat, 2_000, &json!({"blob": "z".repeat(2_000)})).await;
     let mut last = head;
     while let Some(v) = slow.read_json().await {

@@ -7,13 +7,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald::bus::redis::{channel, RedisBus, RedisOptions};
-use herald::bus::{Bus, BusError, Deliver, Health, Topic};
+use herald::bus::{Bus, Deliver, Health, Topic};
 use herald::config::{BusConfig, BusKind, Membership};
 use herald::protocol::event::{parse_batch, DomainEvent, EventKind};
 use herald::protocol::{ChatId, UserId};
 use serde_json::json;
-use support::redis::RedisServer;
-use support::Gateway;
+use support::redis::{
+    assert_fixed_503, gateway, http_publish_eventually, mark_settled, redis_cmd, two_nodes, RedisServer,
+};
+use support::{seqs_until, Gateway};
 use tokio::sync::Notify;
 use tokio::time::{sleep, timeout, timeout_at, Instant};
 
@@ -114,9 +116,7 @@ fn events(json: &str) -> Vec<DomainEvent> {
 }
 
 async fn redis_channels(redis: &RedisServer, pattern: &str) -> Vec<String> {
-    let mut conn = redis.client().get_multiplexed_async_connection().await.expect("inspect redis");
-    let mut channels: Vec<String> =
-        redis::cmd("PUBSUB").arg("CHANNELS").arg(pattern).query_async(&mut conn).await.expect("PUBSUB");
+    let mut channels: Vec<String> = redis_cmd(redis, &["PUBSUB", "CHANNELS", pattern]).await;
     channels.sort();
     channels
 }
@@ -199,10 +199,7 @@ async fn event_published_on_one_node_reaches_the_other_with_the_same_consecutive
     assert_eq!(data, expected, "order and bytes preserved");
 
     // The counter lives under the room's hash tag, next to its channel.
-    let mut conn = redis.client().get_multiplexed_async_connection().await.expect("inspect redis");
-    let counter: u64 =
-        redis::cmd("GET").arg(format!("herald:{{{chat}}}:seq")).query_async(&mut conn).await.expect("GET");
-    assert_eq!(counter, head + 9);
+    assert_eq!(redis_counter(&redis, chat).await, head + 9);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -515,19 +512,6 @@ async fn unknown_events_stay_local_and_an_unusable_url_names_the_key() {
 // ---------------------------------------------------------------------------------------------
 // End to end: two Herald nodes on one Redis, real WebSocket clients, HTTP publishing.
 
-/// Marks the fresh test Redis as long settled, so nodes start without the post-restart settle
-/// window (which exists for Redis restarts, tested separately).
-async fn mark_settled(redis: &RedisServer) {
-    let mut conn = redis.client().get_multiplexed_async_connection().await.expect("inspect redis");
-    let _: () = redis::cmd("SET").arg("herald:boot").arg(0).query_async(&mut conn).await.expect("SET");
-}
-
-/// Two nodes on a settled Redis, both with `membership`.
-async fn two_nodes(redis: &RedisServer, membership: Membership) -> (Gateway, Gateway) {
-    mark_settled(redis).await;
-    (gateway(redis, membership).await, gateway(redis, membership).await)
-}
-
 /// One client per node, both subscribed to a new chat; each with the position its `subscribed`
 /// reply carried.
 async fn subscribed_on_both(
@@ -544,36 +528,22 @@ async fn subscribed_on_both(
 
 /// The room's counter as Redis holds it: its last `seq` (its origin when nothing was published).
 async fn redis_counter(redis: &RedisServer, chat: ChatId) -> u64 {
-    let mut conn = redis.client().get_multiplexed_async_connection().await.expect("inspect redis");
-    redis::cmd("GET").arg(format!("herald:{{{chat}}}:seq")).query_async(&mut conn).await.expect("GET")
+    redis_cmd(redis, &["GET", &format!("herald:{{{chat}}}:seq")]).await
 }
 
-async fn gateway(redis: &RedisServer, membership: Membership) -> Gateway {
-    let mut config = support::config();
-    config.bus = BusConfig { kind: BusKind::Redis, redis_url: redis.url() };
-    config.auth.membership = membership;
-    support::start(config).await
-}
-
-/// A 503 body carries one of the bus's fixed messages, never Redis's own error text.
-fn assert_fixed_503(reply: &serde_json::Value) {
-    let fixed = [BusError::Unreachable, BusError::Settling, BusError::Timeout, BusError::Rejected]
-        .map(|e| json!({ "error": e.to_string() }));
-    assert!(fixed.contains(reply), "503 body is not a fixed bus message: {reply}");
-}
-
-/// Publishes over HTTP until the node answers 202 (it answers 503 while Redis is down or settling).
-async fn http_publish_eventually(gw: &Gateway, body: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+/// Subscribes `client` to `chat`, retrying while the node answers `forbidden` (it has not learnt
+/// the membership from Redis yet), for up to `within`.
+async fn subscribe_when_allowed(client: &mut support::Client, chat: ChatId, within: Duration) {
+    let deadline = Instant::now() + within;
     loop {
-        let (status, reply) = gw.publish(body).await;
-        if status == 202 {
+        client.send_json(json!({"type":"subscribe","chat_id":chat})).await;
+        let reply = client.recv().await;
+        if reply["type"] == "subscribed" {
             return;
         }
-        assert_eq!(status, 503, "{reply}");
-        assert_fixed_503(&reply);
-        assert!(Instant::now() < deadline, "still 503: {reply}");
-        sleep(Duration::from_millis(100)).await;
+        assert_eq!(reply["code"], "forbidden", "{reply}");
+        assert!(Instant::now() < deadline, "membership never reached node A: {reply}");
+        sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -636,32 +606,14 @@ async fn e2e_membership_removal_on_one_node_unsubscribes_a_client_on_the_other()
     let redis = RedisServer::start();
     let (a, b) = two_nodes(&redis, Membership::Events).await;
     let (user, chat) = (id(), id());
-    let added = json!({"type":"chat.member_added","chat_id":chat,"user_id":user}).to_string();
-    assert_eq!(b.publish(&added).await.0, 202);
+    // Node A learns the membership from Redis; the client retries until it has.
+    let mut client = member_on_a(&a, &b, Membership::Events, user, chat).await;
 
-    // Node A learns the membership from Redis; retry until it has.
-    let mut client = a.connect(user, &[]).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        client.send_json(json!({"type":"subscribe","chat_id":chat})).await;
-        let reply = client.recv().await;
-        if reply["type"] == "subscribed" {
-            break;
-        }
-        assert_eq!(reply["code"], "forbidden", "{reply}");
-        assert!(Instant::now() < deadline, "membership never reached node A");
-        sleep(Duration::from_millis(50)).await;
-    }
-
-    let removed = json!({"type":"chat.member_removed","chat_id":chat,"user_id":user}).to_string();
-    assert_eq!(b.publish(&removed).await.0, 202);
+    assert_eq!(b.publish(&removed_body(chat, user)).await.0, 202);
     assert_eq!(client.recv().await, json!({"type":"unsubscribed","chat_id":chat,"reason":"removed"}));
     // A notification for the same user follows the message: a room frame, had node A still
     // delivered the room to this client, would come first.
-    let message = support::message_sent(chat, &json!({}));
-    let marker = json!({"type":"notification.created","user_id":user,"data":{"marker":1}});
-    let batch = format!("[{message},{marker}]");
-    assert_eq!(b.publish(&batch).await.0, 202);
+    assert_eq!(b.publish(&message_then_marker(chat, user)).await.0, 202);
     assert_eq!(client.recv().await, json!({"type":"notification.new","data":{"marker":1}}));
 }
 
@@ -727,34 +679,14 @@ async fn e2e_a_removal_missed_during_an_outage_is_applied_on_reconnect() {
     let added = json!({"type":"chat.member_added","chat_id":chat,"user_id":member}).to_string();
     assert_eq!(b.publish(&added).await.0, 202);
     let mut on_a = a.connect(member, &[]).await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        // Node A learns the membership from Redis; subscribe once it has.
-        on_a.send_json(json!({"type":"subscribe","chat_id":chat})).await;
-        let reply = on_a.recv().await;
-        if reply["type"] == "subscribed" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "membership never reached node A: {reply}");
-        sleep(Duration::from_millis(20)).await;
-    }
+    // Node A learns the membership from Redis; subscribe once it has.
+    subscribe_when_allowed(&mut on_a, chat, Duration::from_secs(5)).await;
     // The removal A never hears of: gone from Redis's sets, never published.
-    let mut conn = redis.client().get_multiplexed_async_connection().await.expect("inspect redis");
-    let _: () = redis::cmd("SREM")
-        .arg(format!("herald:{{{chat}}}:members"))
-        .arg(member.to_string())
-        .query_async(&mut conn)
-        .await
-        .expect("SREM");
+    let _: () =
+        redis_cmd(&redis, &["SREM", &format!("herald:{{{chat}}}:members"), &member.to_string()]).await;
     // Cut every node off (subscribed RESP3 clients count as pubsub); each reconnects and
     // loads the snapshot.
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
-        .await
-        .expect("KILL");
+    let killed: i64 = redis_cmd(&redis, &["CLIENT", "KILL", "TYPE", "pubsub"]).await;
     assert_eq!(killed, 2, "both nodes were cut off");
     assert_eq!(on_a.recv().await, json!({"type":"unsubscribed","chat_id":chat,"reason":"removed"}));
     on_a.send_json(json!({"type":"subscribe","chat_id":chat})).await;
@@ -791,16 +723,6 @@ async fn a_watch_racing_the_last_unwatch_resolves_only_once_deliveries_flow() {
     }
     let seqs = sink_a.seqs(chat);
     assert_eq!(seqs, (head + 1..=head + 200).collect::<Vec<u64>>(), "every event once, in order");
-}
-
-/// Reads room events until `last`; returns their seqs.
-async fn seqs_until(client: &mut support::Client, last: u64) -> Vec<u64> {
-    let mut seqs = Vec::new();
-    while seqs.last() != Some(&last) {
-        let v = client.recv().await;
-        seqs.push(v["seq"].as_u64().unwrap_or_else(|| panic!("expected a room event, got {v}")));
-    }
-    seqs
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -864,8 +786,7 @@ async fn e2e_a_client_moving_from_a_to_b_recovers_what_it_missed_while_publishes
 async fn e2e_redis_history_is_bounded_by_count() {
     let redis = RedisServer::start();
     mark_settled(&redis).await;
-    let mut config = support::config();
-    config.bus = BusConfig { kind: BusKind::Redis, redis_url: redis.url() };
+    let mut config = support::redis::config(&redis);
     config.rooms.history_size = 3;
     let a = support::start(config.clone()).await;
     let b = support::start(config).await;
@@ -880,18 +801,10 @@ async fn e2e_redis_history_is_bounded_by_count() {
     let mut d = b.connect(id(), &[]).await;
     assert_eq!(d.subscribe_since(chat, base + 7).await, (base + 10, true));
     assert_eq!(seqs_until(&mut d, base + 10).await, vec![base + 8, base + 9, base + 10]);
-    let mut conn = redis.client().get_multiplexed_async_connection().await.expect("inspect redis");
-    let len: usize = redis::cmd("LLEN")
-        .arg(format!("herald:{{{chat}}}:history"))
-        .query_async(&mut conn)
-        .await
-        .expect("LLEN");
+    let history = format!("herald:{{{chat}}}:history");
+    let len: usize = redis_cmd(&redis, &["LLEN", &history]).await;
     assert_eq!(len, 3);
-    let ttl: i64 = redis::cmd("PTTL")
-        .arg(format!("herald:{{{chat}}}:history"))
-        .query_async(&mut conn)
-        .await
-        .expect("PTTL");
+    let ttl: i64 = redis_cmd(&redis, &["PTTL", &history]).await;
     assert!(ttl > 0 && ttl <= 300_000, "the history list expires with rooms.history_ttl: {ttl}");
 }
 
@@ -906,8 +819,7 @@ async fn a_flushed_script_cache_is_reloaded_and_each_event_published_once() {
     let head = a.head(chat).await.unwrap();
     b.publish(vec![message(chat, 0)]).await.unwrap();
 
-    let mut conn = redis.client().get_multiplexed_async_connection().await.expect("inspect redis");
-    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.expect("SCRIPT FLUSH");
+    let _: () = redis_cmd(&redis, &["SCRIPT", "FLUSH"]).await;
     b.publish(vec![message(chat, 1), message(chat, 2)]).await.unwrap();
     let got = delivered_before_marker(&b, &a, &sink_a).await;
     assert_eq!(got.len(), 3, "{got:#?}");
@@ -921,16 +833,6 @@ async fn a_flushed_script_cache_is_reloaded_and_each_event_published_once() {
 
 const NODE_A_USER: &str = "herald-node-a";
 const NODE_A_PASSWORD: &str = "node-a-password-0123";
-
-/// Runs one command on the test Redis.
-async fn redis_cmd<T: redis::FromRedisValue>(redis: &RedisServer, args: &[&str]) -> T {
-    let mut conn = redis.client().get_multiplexed_async_connection().await.expect("inspect redis");
-    redis::cmd(args[0])
-        .arg(&args[1..])
-        .query_async(&mut conn)
-        .await
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
-}
 
 /// Two nodes on a settled Redis; A connects as its own Redis user, so [`cut_off`] can take it
 /// alone off Redis.
@@ -977,17 +879,8 @@ async fn member_on_a(
         let added = json!({"type":"chat.member_added","chat_id":chat,"user_id":user}).to_string();
         assert_eq!(b.publish(&added).await.0, 202);
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        client.send_json(json!({"type":"subscribe","chat_id":chat})).await;
-        let reply = client.recv().await;
-        if reply["type"] == "subscribed" {
-            return client;
-        }
-        assert_eq!(reply["code"], "forbidden", "{reply}");
-        assert!(Instant::now() < deadline, "membership never reached node A");
-        sleep(Duration::from_millis(20)).await;
-    }
+    subscribe_when_allowed(&mut client, chat, Duration::from_secs(10)).await;
+    client
 }
 
 fn removed_body(chat: ChatId, user: UserId) -> String {

@@ -1,20 +1,26 @@
 //! Test support: start a real Herald node on 127.0.0.1:0, real WebSocket
 //! clients (tokio-tungstenite, independent of Herald's own codec), a small
-//! HTTP client, token minting and a metrics reader.
+//! HTTP client, token minting, a metrics reader, the helpers several test
+//! files share (ids, in-process publishing, reading seqs, a room's position,
+//! a stalled reader) and the `herald` binary as a child process.
 #![allow(dead_code, unreachable_pub)]
 
 pub mod redis;
 
 use std::net::SocketAddr;
+use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use herald::config::{Config, Membership};
+use herald::protocol::event::parse_batch;
 use herald::protocol::{ChatId, UserId};
 use herald::server::{Publisher, Server};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -58,6 +64,16 @@ pub fn token(user: UserId, chats: &[ChatId]) -> String {
     herald::auth::mint_hs256(SECRET, user, chats, Duration::from_secs(3600))
 }
 
+/// A fresh random user id.
+pub fn user() -> UserId {
+    UserId::new_v4()
+}
+
+/// A fresh random chat id.
+pub fn chat() -> ChatId {
+    ChatId::new_v4()
+}
+
 impl Gateway {
     pub fn ws_url(&self, token: &str) -> String {
         format!("ws://{}/ws?token={token}", self.addr)
@@ -69,20 +85,12 @@ impl Gateway {
     }
 
     pub async fn connect_token(&self, token: &str) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(self.ws_url(token)).await.expect("upgrade succeeds");
-        Client { ws }
+        Client::connect(self.addr, token).await
     }
 
     /// Attempts an upgrade with a custom request; returns the HTTP refusal.
     pub async fn refused(&self, request: tungstenite::handshake::client::Request) -> (u16, Value) {
-        match tokio_tungstenite::connect_async(request).await {
-            Ok(_) => panic!("upgrade unexpectedly succeeded"),
-            Err(tungstenite::Error::Http(resp)) => {
-                let body = resp.body().clone().unwrap_or_default();
-                (resp.status().as_u16(), serde_json::from_slice(&body).unwrap_or(Value::Null))
-            }
-            Err(e) => panic!("unexpected error {e}"),
-        }
+        refusal(request).await.unwrap_or_else(|| panic!("upgrade unexpectedly succeeded"))
     }
 
     /// POSTs a publish body with the test API key.
@@ -97,13 +105,7 @@ impl Gateway {
 
     /// POSTs a publish body; returns status, response head and body.
     pub async fn post_events(&self, body: &str, key: Option<&str>) -> (u16, String, String) {
-        let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-        self.exchange(&format!(
-            "POST /api/events HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        ))
-        .await
+        post_events(self.addr, body, key).await
     }
 
     pub async fn get(&self, path: &str) -> (u16, String) {
@@ -118,14 +120,7 @@ impl Gateway {
 
     /// Sends a raw HTTP/1.1 request; returns status, response head and body.
     pub async fn exchange(&self, request: &str) -> (u16, String, String) {
-        let mut stream = TcpStream::connect(self.addr).await.expect("connect");
-        stream.write_all(request.as_bytes()).await.expect("write request");
-        let mut raw = Vec::new();
-        tokio::time::timeout(PATIENCE, stream.read_to_end(&mut raw)).await.expect("response in time").ok();
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        (status, head.to_string(), body.to_string())
+        exchange(self.addr, request).await
     }
 
     /// Reads one unlabelled metric (`herald_<name>`) from `/metrics`.
@@ -180,6 +175,14 @@ pub struct Client {
 }
 
 impl Client {
+    /// Connects to the node at `addr` (e.g. one started as a process) with `token`.
+    pub async fn connect(addr: SocketAddr, token: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={token}"))
+            .await
+            .expect("upgrade succeeds");
+        Client { ws }
+    }
+
     pub async fn send(&mut self, text: &str) {
         self.ws.send(Message::text(text)).await.expect("send");
     }
@@ -263,6 +266,108 @@ impl Client {
             }
         }
     }
+}
+
+/// Sends a raw HTTP/1.1 request to `addr`; returns status, response head
+/// and body (an error after the response, a reset, keeps what was read).
+pub async fn exchange(addr: SocketAddr, request: &str) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write request");
+    let mut raw = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut raw)).await.expect("response in time").ok();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_string(), body.to_string())
+}
+
+/// POSTs a publish body to `addr` (with `key` as the API key, if any);
+/// returns status, response head and body.
+pub async fn post_events(addr: SocketAddr, body: &str, key: Option<&str>) -> (u16, String, String) {
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    exchange(
+        addr,
+        &format!(
+            "POST /api/events HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await
+}
+
+/// `POST /api/events` to any address (a node started as a process) with an
+/// API key; status and JSON reply.
+pub async fn publish_to(addr: SocketAddr, key: &str, body: &str) -> (u16, Value) {
+    let (status, _, body) = post_events(addr, body, Some(key)).await;
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// Attempts an upgrade: `None` if it succeeded, else the HTTP status and
+/// JSON body (`Null` if the body is not JSON).
+pub async fn refusal(request: impl IntoClientRequest + Unpin) -> Option<(u16, Value)> {
+    match tokio_tungstenite::connect_async(request).await {
+        Ok(_) => None,
+        Err(tungstenite::Error::Http(resp)) => {
+            let body = resp.body().as_deref().unwrap_or_default();
+            Some((resp.status().as_u16(), serde_json::from_slice(body).unwrap_or(Value::Null)))
+        }
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+/// Publishes `n` events to `chat` through the in-process publisher.
+pub async fn publish(gw: &Gateway, chat: ChatId, n: usize, data: &Value) {
+    for _ in 0..n {
+        let events = parse_batch(message_sent(chat, data).as_bytes()).expect("valid event");
+        gw.publisher.publish(events).await.expect("published");
+    }
+}
+
+/// Reads room events until `last`; returns their seqs.
+pub async fn seqs_until(c: &mut Client, last: u64) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    while seqs.last() != Some(&last) {
+        let v = c.recv().await;
+        seqs.push(v["seq"].as_u64().unwrap_or_else(|| panic!("expected a room event, got {v}")));
+    }
+    seqs
+}
+
+/// The room's position, as a subscriber without `since` on the node at
+/// `addr` is told it; the subscriber leaves again at once, so the room keeps
+/// no subscriber of it. Its token names `chat` (for `membership: token`).
+pub async fn position(addr: SocketAddr, chat: ChatId) -> u64 {
+    position_from(addr, chat, None).await
+}
+
+/// [`position`], the probe's upgrade carrying `origin` when given (a node
+/// with `allowed_origins` refuses one without).
+pub async fn position_from(addr: SocketAddr, chat: ChatId, origin: Option<&str>) -> u64 {
+    let url = format!("ws://{addr}/ws?token={}", token(user(), &[chat]));
+    let mut request = url.into_client_request().expect("a valid request");
+    if let Some(origin) = origin {
+        request.headers_mut().insert("Origin", origin.parse().expect("a valid header"));
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("upgrade succeeds");
+    let mut probe = Client { ws };
+    let head = probe.subscribe(chat).await;
+    probe.send_json(json!({"type":"unsubscribe","chat_id":chat})).await;
+    assert_eq!(probe.recv().await, json!({"type":"unsubscribed","chat_id":chat}));
+    probe.ws.close(None).await.ok();
+    head
+}
+
+/// A raw reader subscribed to `room` that reads nothing more until told:
+/// its 4 KB receive buffer fills at once. Returns it with the room's
+/// position its `subscribed` reply carried.
+pub async fn stalled_reader(gw: &Gateway, room: ChatId) -> (RawClient, u64) {
+    let mut reader = RawClient::connect_small(gw.addr, &token(user(), &[]), 4096).await;
+    reader.send_frame(0x81, json!({"type":"subscribe","chat_id":room}).to_string().as_bytes()).await;
+    let reply = reader.read_json().await.expect("subscribed");
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    let head = reply["seq"].as_u64().unwrap_or_else(|| panic!("subscribed without seq: {reply}"));
+    (reader, head)
 }
 
 /// A close code as tungstenite names it, for messages.
@@ -379,4 +484,54 @@ impl RawClient {
 /// A client frame: masked, as RFC 6455 requires.
 pub fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
     herald::protocol::frame::masked(first, payload, [0x37, 0xfa, 0x21, 0x3d])
+}
+
+// ---- the `herald` binary as a child process ---------------------------------
+
+/// The `herald` binary with a clean environment: only what a test sets.
+pub fn herald() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+    cmd.env_clear().stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    cmd
+}
+
+/// Runs a command to completion: (success, stdout, stderr).
+pub async fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = tokio::time::timeout(PATIENCE, cmd.output()).await.expect("exits in time").expect("runs");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+/// A loopback address nobody listens on (a moment ago).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr")
+}
+
+/// The value printed after `label` on a line of `output` (a banner), if any.
+pub fn printed(output: &str, label: &str) -> Option<String> {
+    output.lines().find_map(|l| l.trim_start().strip_prefix(label)).map(|v| v.trim().to_string())
+}
+
+/// Waits until a child node answers `/healthz` with 200 and `{"status":"ok"}`;
+/// panics with its stderr if it exits first.
+pub async fn wait_healthy(child: &mut Child, addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().expect("child status") {
+            let mut err = String::new();
+            child.stderr.take().expect("stderr").read_to_string(&mut err).await.ok();
+            panic!("herald exited early with {status}: {err}");
+        }
+        if TcpStream::connect(addr).await.is_ok() {
+            let (status, _, body) =
+                exchange(addr, "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await;
+            assert_eq!(
+                (status, serde_json::from_str::<Value>(&body).ok()),
+                (200, Some(json!({"status":"ok"})))
+            );
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "herald did not start serving on {addr}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

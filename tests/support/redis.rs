@@ -1,10 +1,17 @@
 //! Test fixture: a real `redis-server` child process on a free loopback port, with nothing kept on
-//! disk, that a test can kill and restart on the same port.
+//! disk, that a test can kill and restart on the same port; and the helpers the tests share that
+//! start Herald nodes on it, inspect it and publish while it settles.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use herald::bus::BusError;
+use herald::config::{BusConfig, BusKind, Config, Membership};
+use serde_json::json;
+
+use super::Gateway;
 
 /// A running (or killed, until restarted) `redis-server`. Killed on drop.
 pub struct RedisServer {
@@ -24,7 +31,7 @@ impl RedisServer {
         }
         // A free port can be taken by someone else before redis binds it: try a few.
         for _ in 0..5 {
-            let port = free_port();
+            let port = super::free_addr().port();
             let mut server = RedisServer { port, child: None };
             if server.spawn() {
                 return server;
@@ -101,11 +108,6 @@ impl Drop for RedisServer {
     }
 }
 
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local addr").port()
-}
-
 /// True when a server on `port` answers `PING` with `+PONG`.
 fn ping(port: u16) -> bool {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -118,4 +120,64 @@ fn ping(port: u16) -> bool {
     }
     let mut buf = [0u8; 7];
     stream.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// Runs one command on the test Redis.
+pub async fn redis_cmd<T: redis::FromRedisValue>(redis: &RedisServer, args: &[&str]) -> T {
+    let mut conn = redis.client().get_multiplexed_async_connection().await.expect("inspect redis");
+    redis::cmd(args[0])
+        .arg(&args[1..])
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+/// Marks the fresh test Redis's state as long settled, so nodes start without the post-restart
+/// settle window (which exists for Redis restarts, tested separately) and room events are not
+/// refused while it settles.
+pub async fn mark_settled(redis: &RedisServer) {
+    let _: () = redis_cmd(redis, &["SET", "herald:boot", "0"]).await;
+}
+
+/// The test configuration ([`super::config`]) on the Redis bus of `redis`.
+pub fn config(redis: &RedisServer) -> Config {
+    let mut config = super::config();
+    config.bus = BusConfig { kind: BusKind::Redis, redis_url: redis.url() };
+    config
+}
+
+/// A node on `redis` with `membership`.
+pub async fn gateway(redis: &RedisServer, membership: Membership) -> Gateway {
+    let mut config = config(redis);
+    config.auth.membership = membership;
+    super::start(config).await
+}
+
+/// Two nodes on a settled Redis, both with `membership`.
+pub async fn two_nodes(redis: &RedisServer, membership: Membership) -> (Gateway, Gateway) {
+    mark_settled(redis).await;
+    (gateway(redis, membership).await, gateway(redis, membership).await)
+}
+
+/// A 503 body carries one of the bus's fixed messages, never Redis's own error text.
+pub fn assert_fixed_503(reply: &serde_json::Value) {
+    let fixed = [BusError::Unreachable, BusError::Settling, BusError::Timeout, BusError::Rejected]
+        .map(|e| json!({ "error": e.to_string() }));
+    assert!(fixed.contains(reply), "503 body is not a fixed bus message: {reply}");
+}
+
+/// Publishes over HTTP until the node answers 202 (it answers 503, with a fixed bus message,
+/// while Redis is down or settling), for up to 20 s.
+pub async fn http_publish_eventually(gw: &Gateway, body: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, reply) = gw.publish(body).await;
+        if status == 202 {
+            return;
+        }
+        assert_eq!(status, 503, "{reply}");
+        assert_fixed_503(&reply);
+        assert!(tokio::time::Instant::now() < deadline, "still 503: {reply}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
