@@ -1,5 +1,8 @@
 //! Domain events published by backend services (PROTOCOL.md section 5):
 //! parsing, validation and the JSON form the Redis bus carries between nodes.
+//!
+//! Who receives an event is not decided here: `route.rs` builds on this
+//! file (it also gives [`DomainEvent`] its `room()`), never the reverse.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -67,14 +70,6 @@ pub struct DomainEvent {
     pub user_ids: Vec<UserId>,
     /// Opaque payload, byte-for-byte as published; `None` for events without one.
     pub data: Option<Box<RawValue>>,
-}
-
-impl DomainEvent {
-    /// The room this event is broadcast to, if any: the events that carry `seq`
-    /// ([`route`](super::route::route) has the full rule).
-    pub fn room(&self) -> Option<ChatId> {
-        super::route::room(self)
-    }
 }
 
 /// Why an event was refused; the ingress reports it with the event's index.

@@ -4,6 +4,10 @@
 //!
 //! Nothing here does IO, awaits or reads a clock, so codec tests and benches
 //! need no runtime.
+//!
+//! Imports inside point one way: `route` (who receives an event) and
+//! `server` (its frames) build on `event` (what an event is), `assemble` on
+//! `frame`; nothing imports back.
 
 pub mod assemble;
 pub mod client;
