@@ -67,15 +67,19 @@ impl Deliver for Broadcaster {
             }
             Some(MemberChange::Added { .. }) | None => {}
         }
+        match (route.room, seq) {
+            (Some(chat), Some(seq)) => {
+                if let Some(frame) = server::room_frame(event, seq) {
+                    self.rooms.publish(chat, seq, frame);
+                }
+            }
+            (Some(_), None) => {
+                tracing::warn!(kind = ?event.kind, "room event delivered without a seq; dropped")
+            }
+            (None, _) => {}
+        }
         let Some(ty) = event.kind.client_type() else { return };
         let data = event.data.as_ref().map_or("null", |d| d.get());
-        if let Some(chat) = route.room {
-            if let Some(seq) = seq {
-                self.rooms.publish(chat, seq, server::room_event(ty, chat, seq, data));
-            } else {
-                tracing::warn!(kind = ?event.kind, "room event delivered without a seq; dropped");
-            }
-        }
         if !route.users.is_empty() {
             // One frame for every addressed user (each once): per-user events carry no seq.
             // A notification is about no chat; a task event addressed to users names its chat.

@@ -5,9 +5,9 @@
 //! Nothing here does IO, awaits or reads a clock, so codec tests and benches
 //! need no runtime.
 //!
-//! Imports inside point one way: `route` (who receives an event) and
-//! `server` (its frames) build on `event` (what an event is), `assemble` on
-//! `frame`; nothing imports back.
+//! Imports inside point one way: `server` (the frames an event becomes)
+//! builds on `route` (who receives it), which builds on `event` (what it
+//! is); `server` and `assemble` build on `frame`. Nothing imports back.
 
 pub mod assemble;
 pub mod client;
