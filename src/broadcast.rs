@@ -78,13 +78,8 @@ impl Deliver for Broadcaster {
             }
             (None, _) => {}
         }
-        let Some(ty) = event.kind.client_type() else { return };
-        let data = event.data.as_ref().map_or("null", |d| d.get());
-        if !route.users.is_empty() {
-            // One frame for every addressed user (each once): per-user events carry no seq.
-            // A notification is about no chat; a task event addressed to users names its chat.
-            let chat = if event.kind == EventKind::NotificationCreated { None } else { event.chat_id };
-            let frame = server::user_event(ty, chat, data);
+        if let Some(frame) = server::user_frame(event, &route) {
+            // Encoded once, however many users: each gets a reference to the same bytes.
             for user in route.users.iter() {
                 self.users.send(*user, UserMsg::Frame(frame.clone()));
             }

@@ -6,8 +6,9 @@ use bytes::Bytes;
 use std::io::Write;
 
 use super::event::DomainEvent;
+use super::frame;
+use super::route::{self, Route};
 use super::ChatId;
-use super::{frame, route};
 
 /// The frame `event` becomes in its room with `seq`, or `None` when it goes
 /// to no room. The one place an event becomes a room frame: the broadcaster
@@ -16,6 +17,16 @@ use super::{frame, route};
 pub fn room_frame(event: &DomainEvent, seq: u64) -> Option<Bytes> {
     let (ty, chat) = (event.kind.client_type()?, route::room(event)?);
     Some(room_event(ty, chat, seq, data(event)))
+}
+
+/// The one frame every user `route` names receives (each once), or `None`
+/// when it names none. Per-user events carry no `seq`; the chat the frame
+/// names is the route's to decide.
+pub fn user_frame(event: &DomainEvent, route: &Route<'_>) -> Option<Bytes> {
+    if route.users.is_empty() {
+        return None;
+    }
+    Some(user_event(event.kind.client_type()?, route.user_chat, data(event)))
 }
 
 /// `{"type":"<ty>","chat_id":"<id>","seq":<n>,"data":<raw>}` as a frame.
@@ -172,5 +183,25 @@ mod tests {
             r#"{{"type":"notification.created","chat_id":"{id}","user_id":"{id}","data":{{}}}}"#
         ));
         assert_eq!(room_frame(&note, 42), None, "a notification goes to no room, even naming a chat");
+    }
+
+    #[test]
+    fn a_user_frame_names_the_chat_the_route_gives_it() {
+        let id = ChatId::parse_str("7d1b3c2a-0f7e-4a55-9a55-1b2c3d4e5f60").unwrap();
+        let one = |json: String| crate::protocol::event::parse_batch(json.as_bytes()).unwrap().remove(0);
+        let frame = |event: &DomainEvent| user_frame(event, &route::route(event)).map(|f| payload(&f));
+        let task = one(format!(
+            r#"{{"type":"task.status_changed","chat_id":"{id}","user_ids":["{id}"],"data":{{"s":1}}}}"#
+        ));
+        assert_eq!(
+            frame(&task),
+            Some(serde_json::json!({"type":"task.updated","chat_id":id.to_string(),"data":{"s":1}}))
+        );
+        let note = one(format!(
+            r#"{{"type":"notification.created","chat_id":"{id}","user_id":"{id}","data":{{}}}}"#
+        ));
+        assert_eq!(frame(&note), Some(serde_json::json!({"type":"notification.new","data":{}})));
+        let sent = one(format!(r#"{{"type":"message.sent","chat_id":"{id}","data":{{}}}}"#));
+        assert_eq!(frame(&sent), None, "names no user");
     }
 }
