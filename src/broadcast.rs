@@ -20,8 +20,7 @@ pub struct Broadcaster {
     pub rooms: Arc<Rooms>,
     pub users: Arc<Users>,
     pub membership: Arc<membership::Table>,
-    /// The table is kept only under `membership: events`, the one source
-    /// that reads it: under `token` and `open` publishers cannot grow it.
+    /// Decides whether the table is kept ([`membership::keeps_table`]).
     pub source: membership::Source,
     pub metrics: Arc<Metrics>,
 }
@@ -39,9 +38,9 @@ impl Broadcaster {
 
 impl Deliver for Broadcaster {
     fn membership_snapshot(&self, pairs: Vec<(ChatId, UserId)>) {
-        // Only `events` keeps a table to replace. Under every source the removals a node missed
-        // while cut off from Redis reach `deliver` first, replayed from the bus's member log.
-        if self.source != membership::Source::Events {
+        // Only a kept table has anything to replace. Under every source the removals a node
+        // missed while cut off from Redis reach `deliver` first, replayed from the bus's member log.
+        if !membership::keeps_table(self.source) {
             return;
         }
         for (chat, user) in self.membership.replace(&pairs) {
@@ -57,7 +56,7 @@ impl Deliver for Broadcaster {
         }
         let route = route(event);
         match route.membership {
-            Some(MemberChange::Added { chat, user }) if self.source == membership::Source::Events => {
+            Some(MemberChange::Added { chat, user }) if membership::keeps_table(self.source) => {
                 self.membership.add(chat, user);
             }
             Some(MemberChange::Removed { chat, user }) => {
