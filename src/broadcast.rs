@@ -1,6 +1,7 @@
-//! The broadcaster: maps each delivered domain event to its client message
-//! (PROTOCOL.md section 5), encodes it once as a WebSocket frame, and hands
-//! that frame to the recipients [`route`] names in the room and user registries.
+//! The broadcaster: hands each delivered domain event's frames (encoded once,
+//! by `protocol::server`) to the recipients [`route`] names in the room and
+//! user registries, and applies its membership change to the node's table and
+//! to the removed user's connections.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use crate::bus::Deliver;
 use crate::mailbox::UserMsg;
 use crate::membership;
 use crate::metrics::Metrics;
-use crate::protocol::event::{DomainEvent, EventKind};
+use crate::protocol::event::DomainEvent;
 use crate::protocol::route::{route, MemberChange};
 use crate::protocol::{server, ChatId, UserId};
 use crate::rooms::Rooms;
@@ -50,10 +51,8 @@ impl Deliver for Broadcaster {
 
     fn deliver(&self, event: &DomainEvent, seq: Option<u64>) {
         self.metrics.events_in.fetch_add(1, Ordering::Relaxed);
-        if event.kind == EventKind::Unknown {
-            self.metrics.events_unknown.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
+        // Unknown types were set aside at ingress (`event::known`); nothing here checks again.
+        // One put on the bus some other way would route nowhere.
         let route = route(event);
         match route.membership {
             Some(MemberChange::Added { chat, user }) if membership::keeps_table(self.source) => {
