@@ -1,6 +1,7 @@
-//! The broadcaster: maps each delivered domain event to its client message
-//! (PROTOCOL.md section 5), encodes it once as a WebSocket frame, and hands
-//! that frame to the recipients [`route`] names in the room and user registries.
+//! The broadcaster: hands each delivered domain event's frames (encoded once,
+//! by `protocol::server`) to the recipients [`route`] names in the room and
+//! user registries, and applies its membership change to the node's table and
+//! to the removed user's connections.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use crate::bus::Deliver;
 use crate::mailbox::UserMsg;
 use crate::membership;
 use crate::metrics::Metrics;
-use crate::protocol::event::{DomainEvent, EventKind};
+use crate::protocol::event::DomainEvent;
 use crate::protocol::route::{route, MemberChange};
 use crate::protocol::{server, ChatId, UserId};
 use crate::rooms::Rooms;
@@ -20,8 +21,7 @@ pub struct Broadcaster {
     pub rooms: Arc<Rooms>,
     pub users: Arc<Users>,
     pub membership: Arc<membership::Table>,
-    /// The table is kept only under `membership: events`, the one source
-    /// that reads it: under `token` and `open` publishers cannot grow it.
+    /// Decides whether the table is kept ([`membership::keeps_table`]).
     pub source: membership::Source,
     pub metrics: Arc<Metrics>,
 }
@@ -39,9 +39,9 @@ impl Broadcaster {
 
 impl Deliver for Broadcaster {
     fn membership_snapshot(&self, pairs: Vec<(ChatId, UserId)>) {
-        // Only `events` keeps a table to replace. Under every source the removals a node missed
-        // while cut off from Redis reach `deliver` first, replayed from the bus's member log.
-        if self.source != membership::Source::Events {
+        // Only a kept table has anything to replace. Under every source the removals a node
+        // missed while cut off from Redis reach `deliver` first, replayed from the bus's member log.
+        if !membership::keeps_table(self.source) {
             return;
         }
         for (chat, user) in self.membership.replace(&pairs) {
@@ -51,13 +51,11 @@ impl Deliver for Broadcaster {
 
     fn deliver(&self, event: &DomainEvent, seq: Option<u64>) {
         self.metrics.events_in.fetch_add(1, Ordering::Relaxed);
-        if event.kind == EventKind::Unknown {
-            self.metrics.events_unknown.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
+        // Unknown types were set aside at ingress (`event::known`); nothing here checks again.
+        // One put on the bus some other way would route nowhere.
         let route = route(event);
         match route.membership {
-            Some(MemberChange::Added { chat, user }) if self.source == membership::Source::Events => {
+            Some(MemberChange::Added { chat, user }) if membership::keeps_table(self.source) => {
                 self.membership.add(chat, user);
             }
             Some(MemberChange::Removed { chat, user }) => {
@@ -67,20 +65,19 @@ impl Deliver for Broadcaster {
             }
             Some(MemberChange::Added { .. }) | None => {}
         }
-        let Some(ty) = event.kind.client_type() else { return };
-        let data = event.data.as_ref().map_or("null", |d| d.get());
-        if let Some(chat) = route.room {
-            if let Some(seq) = seq {
-                self.rooms.publish(chat, seq, server::room_event(ty, chat, seq, data));
-            } else {
-                tracing::warn!(kind = ?event.kind, "room event delivered without a seq; dropped");
+        match (route.room, seq) {
+            (Some(chat), Some(seq)) => {
+                if let Some(frame) = server::room_frame(event, seq) {
+                    self.rooms.publish(chat, seq, frame);
+                }
             }
+            (Some(_), None) => {
+                tracing::warn!(kind = ?event.kind, "room event delivered without a seq; dropped")
+            }
+            (None, _) => {}
         }
-        if !route.users.is_empty() {
-            // One frame for every addressed user (each once): per-user events carry no seq.
-            // A notification is about no chat; a task event addressed to users names its chat.
-            let chat = if event.kind == EventKind::NotificationCreated { None } else { event.chat_id };
-            let frame = server::user_event(ty, chat, data);
+        if let Some(frame) = server::user_frame(event, &route) {
+            // Encoded once, however many users: each gets a reference to the same bytes.
             for user in route.users.iter() {
                 self.users.send(*user, UserMsg::Frame(frame.clone()));
             }

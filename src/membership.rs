@@ -1,5 +1,6 @@
 //! Who may subscribe to which chat: the `token`, `events` and `open` sources
-//! of PROTOCOL.md section 4.
+//! of PROTOCOL.md section 4, and the table of members the `events` source
+//! reads.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -72,6 +73,12 @@ impl Table {
     }
 }
 
+/// Whether a node keeps the [`Table`]: only under `events`, the one source
+/// [`allowed`] reads it for; under `token` and `open` publishers cannot grow it.
+pub fn keeps_table(source: Source) -> bool {
+    source == Source::Events
+}
+
 /// Decides a `subscribe`: `token_chats` is the connection's `chats` claim.
 pub fn allowed(source: Source, table: &Table, user: UserId, token_chats: &[ChatId], chat: ChatId) -> bool {
     match source {
@@ -97,6 +104,7 @@ mod tests {
         assert!(allowed(Source::Events, &table, user, &[], chat));
         table.remove(chat, user);
         assert!(!allowed(Source::Events, &table, user, &[], chat));
+        assert!(keeps_table(Source::Events) && !keeps_table(Source::Token) && !keeps_table(Source::Open));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The server: builds the node and the HTTP app from a [`Config`], runs the
 //! accept loop with the node's load sensor and history sweeper beside it,
-//! and drains gracefully on shutdown.
+//! and drains gracefully on shutdown. Its [`Publisher`] is the in-process
+//! ingress, beside `POST /api/events`.
 
 use std::convert::Infallible;
 use std::io;
@@ -21,8 +22,9 @@ use crate::auth::{KeyError, Verifier};
 use crate::bus::{Bus, BusError};
 use crate::config::Config;
 use crate::http::{App, DemoPage};
+use crate::metrics::Metrics;
 use crate::node::{self, Node};
-use crate::protocol::event::DomainEvent;
+use crate::protocol::event::{self, DomainEvent, Known};
 
 /// Startup failures, each naming what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -54,11 +56,22 @@ pub struct Server {
 #[derive(Clone)]
 pub struct Publisher {
     bus: Arc<dyn Bus>,
+    /// Counts the unknown types it sets aside, as `POST /api/events` does.
+    metrics: Arc<Metrics>,
 }
 
 impl Publisher {
-    /// Hands events to the bus; `Ok` means every one was accepted.
+    /// Hands the events of known type to the bus; unknown types are counted
+    /// and ignored, like at `POST /api/events` ([`event::known`]). `Ok`
+    /// means every known one was accepted.
     pub async fn publish(&self, events: Vec<DomainEvent>) -> Result<(), BusError> {
+        let Known { events, ignored } = event::known(events);
+        if ignored > 0 {
+            self.metrics.events_unknown.fetch_add(ignored as u64, Ordering::Relaxed);
+        }
+        if events.is_empty() {
+            return Ok(());
+        }
         self.bus.publish(events).await
     }
 }
@@ -111,7 +124,7 @@ impl Server {
 
     /// The in-process publisher of this node.
     pub fn publisher(&self) -> Publisher {
-        Publisher { bus: self.app.node.bus.clone() }
+        Publisher { bus: self.app.node.bus.clone(), metrics: self.app.node.metrics.clone() }
     }
 
     /// Serves until `shutdown` is cancelled (sensing load and sweeping
@@ -209,4 +222,27 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    /// The in-process ingress sets unknown types aside like `POST /api/events`:
+    /// counted, and never handed to the bus (so never delivered).
+    #[tokio::test]
+    async fn the_publisher_counts_unknown_types_and_publishes_the_rest() -> TestResult {
+        let node = Node::build(&Config::default()).await?;
+        let publisher = Publisher { bus: node.bus.clone(), metrics: node.metrics.clone() };
+        let chat = crate::protocol::ChatId::from_u128(1);
+        let body = format!(
+            r#"[{{"type":"future.thing"}},{{"type":"message.sent","chat_id":"{chat}","data":{{}}}},{{"type":"chat.poked"}}]"#
+        );
+        publisher.publish(event::parse_batch(body.as_bytes())?).await?;
+        assert_eq!(node.metrics.events_unknown.load(Ordering::Relaxed), 2);
+        assert_eq!(node.metrics.events_in.load(Ordering::Relaxed), 1, "only the known event was delivered");
+        Ok(())
+    }
 }

@@ -179,7 +179,7 @@ impl<S: Socket> Conn<S> {
             .iter()
             .filter_map(|e| {
                 let at = now.checked_sub(e.age).unwrap_or(now);
-                Some((e.seq, at, server::replayed(&e.event, e.seq)?))
+                Some((e.seq, at, server::room_frame(&e.event, e.seq)?))
             })
             .collect();
         self.node.rooms.fill(room, frames);

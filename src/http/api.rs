@@ -1,5 +1,6 @@
 //! `POST /api/events`: authenticated, size-limited publish of one event or a
-//! batch; all-or-nothing validation, and 202 only for events handed to the bus.
+//! batch; all-or-nothing validation, unknown types set aside (counted, and
+//! named in the answer), and 202 only for events handed to the bus.
 
 use std::sync::atomic::Ordering;
 
@@ -8,7 +9,7 @@ use hyper::body::Incoming;
 use hyper::{header, Request, Response, StatusCode};
 
 use super::{bearer, constant_time_eq, json, App, Body, HttpError};
-use crate::protocol::event::{parse_batch, EventKind};
+use crate::protocol::event::{self, parse_batch, Known};
 
 pub(super) async fn publish(app: &App, req: Request<Incoming>) -> Result<Response<Body>, HttpError> {
     let metrics = &app.node.metrics;
@@ -35,10 +36,8 @@ pub(super) async fn publish(app: &App, req: Request<Incoming>) -> Result<Respons
         }
         Err(_) => return Err(reject(HttpError::BadRequest("could not read the request body".into()))),
     };
-    let mut events = parse_batch(&body).map_err(|e| reject(HttpError::BadRequest(e.to_string())))?;
-    let total = events.len();
-    events.retain(|e| e.kind != EventKind::Unknown);
-    let ignored = total - events.len();
+    let batch = parse_batch(&body).map_err(|e| reject(HttpError::BadRequest(e.to_string())))?;
+    let Known { events, ignored } = event::known(batch);
     if ignored > 0 {
         metrics.events_unknown.fetch_add(ignored as u64, Ordering::Relaxed);
     }

@@ -1,6 +1,7 @@
-//! The HTTP edge: routes `/ws`, `/api/events`, `/healthz`, `/metrics` and the
-//! browser's files (`ui`), and the one mapping from edge errors to status
-//! codes and JSON bodies.
+//! The HTTP edge: routes `/ws` (`ws`), `/api/events` (`api`), the operator
+//! endpoints `/healthz`, `/readyz` and `/metrics` (`ops`) and the browser's
+//! `/`, `/client.js`, `/api/stats` and `/demo/token` (`ui`), and the one
+//! mapping from edge errors to status codes and JSON bodies.
 
 mod api;
 mod ops;

@@ -1,5 +1,9 @@
 //! Domain events published by backend services (PROTOCOL.md section 5):
-//! parsing, validation and the JSON form the Redis bus carries between nodes.
+//! parsing, validation, which types are known ([`known`], the ingress's one
+//! decision) and the JSON form the Redis bus carries between nodes.
+//!
+//! Who receives an event is not decided here: `route.rs` builds on this
+//! file (it also gives [`DomainEvent`] its `room()`), never the reverse.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -67,14 +71,6 @@ pub struct DomainEvent {
     pub user_ids: Vec<UserId>,
     /// Opaque payload, byte-for-byte as published; `None` for events without one.
     pub data: Option<Box<RawValue>>,
-}
-
-impl DomainEvent {
-    /// The room this event is broadcast to, if any: the events that carry `seq`
-    /// ([`route`](super::route::route) has the full rule).
-    pub fn room(&self) -> Option<ChatId> {
-        super::route::room(self)
-    }
 }
 
 /// Why an event was refused; the ingress reports it with the event's index.
@@ -175,6 +171,24 @@ pub enum BatchError {
     Event { index: usize, source: EventError },
 }
 
+/// A publish batch with its unknown types set aside ([`known`]).
+#[derive(Debug)]
+pub struct Known {
+    /// The events of known type, in the order published: what goes on to the bus.
+    pub events: Vec<DomainEvent>,
+    /// How many were of unknown type.
+    pub ignored: usize,
+}
+
+/// Sets aside the events of unknown type, which are counted and ignored,
+/// never fatal (PROTOCOL.md section 5). The one place this is decided: every
+/// ingress calls it before the bus, and nothing after the bus checks again.
+pub fn known(mut events: Vec<DomainEvent>) -> Known {
+    let total = events.len();
+    events.retain(|e| e.kind != EventKind::Unknown);
+    Known { ignored: total - events.len(), events }
+}
+
 /// Parses a `POST /api/events` body: one event object or an array of them.
 /// Publisher-supplied `seq` fields are ignored: sequencing is Herald's.
 pub fn parse_batch(body: &[u8]) -> Result<Vec<DomainEvent>, BatchError> {
@@ -248,6 +262,18 @@ mod tests {
     fn unknown_types_parse_as_unknown() -> TestResult {
         let events = parse_batch(br#"{"type":"invoice.paid","data":{}}"#)?;
         assert_eq!(events[0].kind, EventKind::Unknown);
+        Ok(())
+    }
+
+    #[test]
+    fn known_sets_unknown_types_aside_and_keeps_the_order() -> TestResult {
+        let body = format!(
+            r#"[{{"type":"future.thing"}},{{"type":"message.sent","chat_id":"{CHAT}","data":{{"n":1}}}},{{"type":"chat.poked"}},{{"type":"chat.updated","chat_id":"{CHAT}","data":{{}}}}]"#
+        );
+        let Known { events, ignored } = known(parse_batch(body.as_bytes())?);
+        assert_eq!(ignored, 2);
+        let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [EventKind::MessageSent, EventKind::ChatUpdated]);
         Ok(())
     }
 

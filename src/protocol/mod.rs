@@ -4,6 +4,10 @@
 //!
 //! Nothing here does IO, awaits or reads a clock, so codec tests and benches
 //! need no runtime.
+//!
+//! Imports inside point one way: `server` (the frames an event becomes)
+//! builds on `route` (who receives it), which builds on `event` (what it
+//! is); `server` and `assemble` build on `frame`. Nothing imports back.
 
 pub mod assemble;
 pub mod client;

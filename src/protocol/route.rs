@@ -1,4 +1,5 @@
-//! Who receives a domain event (PROTOCOL.md section 5): the one routing rule, shared by the
+//! Who receives a domain event (PROTOCOL.md section 5): its room, its users and the chat their
+//! frame names, and the membership change every node applies. The one routing rule, shared by the
 //! broadcaster (which hands frames to local rooms and users) and the Redis publisher (which picks
 //! the channels an event is published on), so the two cannot disagree.
 
@@ -15,6 +16,9 @@ pub struct Route<'a> {
     /// Users who receive it directly, each once, in the order first named. Borrowed from the
     /// event unless it named someone twice.
     pub users: Cow<'a, [UserId]>,
+    /// The chat their frame names: the event's, except that a notification is about no chat
+    /// even when it names one.
+    pub user_chat: Option<ChatId>,
     /// A membership change every node applies.
     pub membership: Option<MemberChange>,
 }
@@ -41,12 +45,23 @@ pub fn room(event: &DomainEvent) -> Option<ChatId> {
     }
 }
 
+// Defined here rather than in `event.rs` so that the rule stays in this file and `event.rs` never
+// imports the routing built on it.
+impl DomainEvent {
+    /// The room this event is broadcast to, if any: [`room`], for the buses, which need no more
+    /// of the route to order an event.
+    pub fn room(&self) -> Option<ChatId> {
+        room(self)
+    }
+}
+
 /// Routes one event. Pure: no IO, no allocation unless the event names a user twice.
 pub fn route(event: &DomainEvent) -> Route<'_> {
-    let mut route = Route { room: room(event), users: Cow::Borrowed(&[]), membership: None };
+    let mut route = Route { room: room(event), users: Cow::Borrowed(&[]), user_chat: None, membership: None };
     match event.kind {
         EventKind::MessageSent | EventKind::ChatUpdated | EventKind::TaskStatusChanged => {
             route.users = distinct(&event.user_ids);
+            route.user_chat = event.chat_id;
         }
         EventKind::NotificationCreated => route.users = Cow::Borrowed(event.user_id.as_slice()),
         EventKind::MemberAdded | EventKind::MemberRemoved => {
@@ -93,12 +108,19 @@ mod tests {
     }
 
     /// Parses `json` as a publish body of one event and checks its route.
-    fn check(json: &str, room: Option<&str>, users: &[&str], membership: Option<MemberChange>) {
+    fn check(
+        json: &str,
+        room: Option<&str>,
+        users: &[&str],
+        user_chat: Option<&str>,
+        membership: Option<MemberChange>,
+    ) {
         let events = parse_batch(json.as_bytes()).expect("valid test event");
         let got = route(&events[0]);
         let want = Route {
             room: room.map(id),
             users: Cow::Owned(users.iter().map(|u| id(u)).collect()),
+            user_chat: user_chat.map(id),
             membership,
         };
         assert_eq!(got, want, "route of {json}");
@@ -108,8 +130,10 @@ mod tests {
 
     #[test]
     fn room_events_go_to_their_room() {
-        check(&format!(r#"{{"type":"message.sent","chat_id":"{CHAT}","data":{{}}}}"#), Some(CHAT), &[], None);
-        check(&format!(r#"{{"type":"chat.updated","chat_id":"{CHAT}","data":{{}}}}"#), Some(CHAT), &[], None);
+        let sent = format!(r#"{{"type":"message.sent","chat_id":"{CHAT}","data":{{}}}}"#);
+        check(&sent, Some(CHAT), &[], Some(CHAT), None);
+        let updated = format!(r#"{{"type":"chat.updated","chat_id":"{CHAT}","data":{{}}}}"#);
+        check(&updated, Some(CHAT), &[], Some(CHAT), None);
     }
 
     #[test]
@@ -117,9 +141,9 @@ mod tests {
         let both = format!(
             r#"{{"type":"task.status_changed","chat_id":"{CHAT}","user_ids":["{ANN}","{BOB}"],"data":{{}}}}"#
         );
-        check(&both, Some(CHAT), &[ANN, BOB], None);
+        check(&both, Some(CHAT), &[ANN, BOB], Some(CHAT), None);
         let users_only = format!(r#"{{"type":"task.status_changed","user_ids":["{BOB}"],"data":{{}}}}"#);
-        check(&users_only, None, &[BOB], None);
+        check(&users_only, None, &[BOB], None, None);
     }
 
     #[test]
@@ -127,27 +151,28 @@ mod tests {
         let twice = format!(
             r#"{{"type":"task.status_changed","user_ids":["{ANN}","{BOB}","{ANN}","{BOB}","{ANN}"],"data":{{}}}}"#
         );
-        check(&twice, None, &[ANN, BOB], None);
+        check(&twice, None, &[ANN, BOB], None, None);
     }
 
     #[test]
-    fn notifications_go_to_their_user_only() {
+    fn notifications_go_to_their_user_only_about_no_chat() {
         let json =
             format!(r#"{{"type":"notification.created","chat_id":"{CHAT}","user_id":"{ANN}","data":{{}}}}"#);
-        check(&json, None, &[ANN], None);
+        check(&json, None, &[ANN], None, None);
     }
 
     #[test]
     fn membership_events_change_membership_and_reach_no_client_directly() {
         let (chat, user) = (id(CHAT), id(ANN));
         let added = format!(r#"{{"type":"chat.member_added","chat_id":"{CHAT}","user_id":"{ANN}"}}"#);
-        check(&added, None, &[], Some(MemberChange::Added { chat, user }));
+        check(&added, None, &[], None, Some(MemberChange::Added { chat, user }));
         let removed = format!(r#"{{"type":"chat.member_removed","chat_id":"{CHAT}","user_id":"{ANN}"}}"#);
-        check(&removed, None, &[], Some(MemberChange::Removed { chat, user }));
+        check(&removed, None, &[], None, Some(MemberChange::Removed { chat, user }));
     }
 
     #[test]
     fn unknown_events_go_nowhere() {
-        check(&format!(r#"{{"type":"invoice.paid","chat_id":"{CHAT}","user_id":"{ANN}"}}"#), None, &[], None);
+        let unknown = format!(r#"{{"type":"invoice.paid","chat_id":"{CHAT}","user_id":"{ANN}"}}"#);
+        check(&unknown, None, &[], None, None);
     }
 }

@@ -1,12 +1,33 @@
-//! Server -> client messages (PROTOCOL.md sections 2-4), each encoded straight
-//! into a complete WebSocket text frame so it can be shared by every recipient.
+//! Server -> client messages (PROTOCOL.md sections 2-5), the frames domain
+//! events become among them, each encoded straight into a complete WebSocket
+//! text frame so it can be shared by every recipient.
 
 use bytes::Bytes;
 use std::io::Write;
 
 use super::event::DomainEvent;
 use super::frame;
+use super::route::{self, Route};
 use super::ChatId;
+
+/// The frame `event` becomes in its room with `seq`, or `None` when it goes
+/// to no room. The one place an event becomes a room frame: the broadcaster
+/// sends it live and recovery replays it from the bus's own history, so a
+/// replayed event is the same bytes the live one was.
+pub fn room_frame(event: &DomainEvent, seq: u64) -> Option<Bytes> {
+    let (ty, chat) = (event.kind.client_type()?, route::room(event)?);
+    Some(room_event(ty, chat, seq, data(event)))
+}
+
+/// The one frame every user `route` names receives (each once), or `None`
+/// when it names none. Per-user events carry no `seq`; the chat the frame
+/// names is the route's to decide.
+pub fn user_frame(event: &DomainEvent, route: &Route<'_>) -> Option<Bytes> {
+    if route.users.is_empty() {
+        return None;
+    }
+    Some(user_event(event.kind.client_type()?, route.user_chat, data(event)))
+}
 
 /// `{"type":"<ty>","chat_id":"<id>","seq":<n>,"data":<raw>}` as a frame.
 /// Room events are encoded once per event, whatever the room's size.
@@ -49,13 +70,6 @@ pub fn subscribed(chat_id: ChatId, seq: u64, recovered: Option<bool>) -> Bytes {
         Some(r) => format!(r#","seq":{seq},"recovered":{r}"#),
     };
     with_chat("subscribed", chat_id, &extra)
-}
-
-/// The frame of a room event replayed from the bus's own history: the same
-/// bytes [`room_event`] made when it went out live.
-pub fn replayed(event: &DomainEvent, seq: u64) -> Option<Bytes> {
-    let (ty, chat) = (event.kind.client_type()?, event.chat_id?);
-    Some(room_event(ty, chat, seq, event.data.as_ref().map_or("null", |d| d.get())))
 }
 
 /// `{"type":"unsubscribed","chat_id":"<id>"}`
@@ -101,6 +115,12 @@ fn with_chat(ty: &str, chat_id: ChatId, extra: &str) -> Bytes {
         buf.extend_from_slice(extra.as_bytes());
         buf.push(b'}');
     })
+}
+
+/// The event's `data` as published. Every event that reaches a client has
+/// it (validation requires it), so the `null` is never sent.
+fn data(event: &DomainEvent) -> &str {
+    event.data.as_ref().map_or("null", |d| d.get())
 }
 
 fn push_uuid(buf: &mut Vec<u8>, id: ChatId) {
@@ -151,5 +171,37 @@ mod tests {
             payload(&error("forbidden", "not \"a\" member", Some(id))),
             serde_json::json!({"type":"error","code":"forbidden","message":"not \"a\" member","chat_id":id.to_string()})
         );
+    }
+
+    #[test]
+    fn a_room_frame_is_the_room_event_of_the_events_that_go_to_a_room() {
+        let id = ChatId::parse_str("7d1b3c2a-0f7e-4a55-9a55-1b2c3d4e5f60").unwrap();
+        let one = |json: String| crate::protocol::event::parse_batch(json.as_bytes()).unwrap().remove(0);
+        let sent = one(format!(r#"{{"type":"message.sent","chat_id":"{id}","data":{{"b":1.50}}}}"#));
+        assert_eq!(room_frame(&sent, 42), Some(room_event("message.new", id, 42, r#"{"b":1.50}"#)));
+        let note = one(format!(
+            r#"{{"type":"notification.created","chat_id":"{id}","user_id":"{id}","data":{{}}}}"#
+        ));
+        assert_eq!(room_frame(&note, 42), None, "a notification goes to no room, even naming a chat");
+    }
+
+    #[test]
+    fn a_user_frame_names_the_chat_the_route_gives_it() {
+        let id = ChatId::parse_str("7d1b3c2a-0f7e-4a55-9a55-1b2c3d4e5f60").unwrap();
+        let one = |json: String| crate::protocol::event::parse_batch(json.as_bytes()).unwrap().remove(0);
+        let frame = |event: &DomainEvent| user_frame(event, &route::route(event)).map(|f| payload(&f));
+        let task = one(format!(
+            r#"{{"type":"task.status_changed","chat_id":"{id}","user_ids":["{id}"],"data":{{"s":1}}}}"#
+        ));
+        assert_eq!(
+            frame(&task),
+            Some(serde_json::json!({"type":"task.updated","chat_id":id.to_string(),"data":{"s":1}}))
+        );
+        let note = one(format!(
+            r#"{{"type":"notification.created","chat_id":"{id}","user_id":"{id}","data":{{}}}}"#
+        ));
+        assert_eq!(frame(&note), Some(serde_json::json!({"type":"notification.new","data":{}})));
+        let sent = one(format!(r#"{{"type":"message.sent","chat_id":"{id}","data":{{}}}}"#));
+        assert_eq!(frame(&sent), None, "names no user");
     }
 }
