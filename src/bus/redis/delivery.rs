@@ -10,9 +10,10 @@ use std::sync::Arc;
 use redis::{PushInfo, Value};
 use tokio::sync::mpsc;
 
-use super::{lock, MemberMark, Shared};
+use super::{MemberMark, Shared};
 use crate::protocol::event::{DomainEvent, EventKind};
 use crate::protocol::{ChatId, UserId};
+use crate::sync::lock;
 
 /// Membership events held back while the snapshot loads; beyond it they are applied directly.
 const MAX_HELD_MEMBER_EVENTS: usize = 65_536;

@@ -61,7 +61,7 @@ mod supervisor;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -73,6 +73,7 @@ use super::{BoxFuture, Bus, BusError, Deliver, Health, Kept, KeptEvent, Topic};
 use crate::config::BusConfig;
 use crate::protocol::event::{DomainEvent, EventKind};
 use crate::protocol::ChatId;
+use crate::sync::lock;
 use publisher::PublishReq;
 use scripts::Scripts;
 pub use scripts::{channel, MEMBERS_CHANNEL};
@@ -240,11 +241,6 @@ fn classify(e: &redis::RedisError) -> BusError {
     } else {
         BusError::Rejected
     }
-}
-
-/// Locks a std mutex; a panic elsewhere while holding it leaves plain data we can keep using.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The Redis bus handle. Dropping it stops its tasks and closes the connection.

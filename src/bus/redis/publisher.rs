@@ -11,11 +11,12 @@ use super::scripts::{
     channel, history_key, members_key, seq_key, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL, MEMBER_INDEX_KEY,
     MEMBER_LOG_KEY, PUBLISH_LUA,
 };
-use super::{classify, lock, Shared};
+use super::{classify, Shared};
 use crate::bus::{BusError, Topic};
 use crate::protocol::event::DomainEvent;
 use crate::protocol::route::{route, MemberChange, Route};
 use crate::protocol::ChatId;
+use crate::sync::lock;
 
 /// Events one pipeline carries at most, so one write stays a reasonable size.
 const MAX_BATCH_EVENTS: usize = 4096;

@@ -18,9 +18,10 @@ use super::scripts::{
     channel, members_key_parts, seq_key, ALL, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL, MEMBER_INDEX_KEY,
     MEMBER_LOG_KEY,
 };
-use super::{lock, MemberMark, Phase, Shared, Sub, Topic, Topics};
+use super::{MemberMark, Phase, Shared, Sub, Topic, Topics};
 use crate::protocol::event::DomainEvent;
 use crate::protocol::ChatId;
+use crate::sync::lock;
 
 /// Channels per `SUBSCRIBE` / `UNSUBSCRIBE` command and rooms per re-seed call.
 const CHUNK: usize = 512;
