@@ -156,8 +156,7 @@ fn deliver_one(shared: &Shared, state: &mut Receiving, event: DomainEvent, seq: 
                 // show clients an old seq, and push the counter back above what we delivered.
                 shared.stats.seq_regressions.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(%room, seq, last = *last, "room seq went backwards in redis; event dropped, re-seeding");
-                lock(&shared.topics).reseed.insert(room);
-                shared.kick.notify_one();
+                shared.topics.reseed(room);
             } else {
                 // The same event again on another channel (a room event also addressed to users).
                 shared.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);

@@ -50,6 +50,8 @@
 //! - this file: the [`RedisBus`] handle and its [`Bus`] impl, [`RedisOptions`], [`RedisStats`],
 //!   and the state the handle shares with its three tasks;
 //! - `scripts.rs`: key and channel names, the Lua scripts;
+//! - `topics.rs`: local interest per topic and where its subscription stands (the state machine
+//!   whose commands the supervisor issues);
 //! - `supervisor.rs`: the connection, its subscriptions, reconnects;
 //! - `publisher.rs`: batches publish calls into script calls;
 //! - `delivery.rs`: hands what Redis pushes to the broadcaster, once each and in order.
@@ -58,8 +60,9 @@ mod delivery;
 mod publisher;
 mod scripts;
 mod supervisor;
+mod topics;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -77,6 +80,7 @@ use crate::sync::lock;
 use publisher::PublishReq;
 use scripts::Scripts;
 pub use scripts::{channel, MEMBERS_CHANNEL};
+use topics::{Topics, WatchGuard};
 
 /// Pushes that may wait for the delivery task; beyond it they are dropped and counted (the clients
 /// see a `seq` gap) rather than growing memory without bound.
@@ -171,46 +175,12 @@ enum Phase {
     Up,
 }
 
-/// Local interest in one topic.
-#[derive(Default)]
-struct TopicState {
-    /// Local subscribers (`watch` minus `unwatch`).
-    count: usize,
-    /// Where the current connection's subscription to it stands.
-    sub: Sub,
-    /// `watch` calls waiting for a confirmed `SUBSCRIBE`; the supervisor answers them.
-    waiters: Vec<oneshot::Sender<Result<(), BusError>>>,
-}
-
-/// One topic's subscription on the current connection. Only the supervisor changes it.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum Sub {
-    /// Not subscribed, or a `SUBSCRIBE` is in flight and not yet confirmed.
-    #[default]
-    Off,
-    /// A `SUBSCRIBE` is confirmed: deliveries flow.
-    On,
-    /// An `UNSUBSCRIBE` is in flight: deliveries may stop at any moment, so a `watch` now waits
-    /// for the `SUBSCRIBE` the supervisor issues once the `UNSUBSCRIBE` is confirmed.
-    Leaving,
-}
-
-#[derive(Default)]
-struct Topics {
-    map: HashMap<Topic, TopicState>,
-    /// Topics whose wanted and confirmed state may differ; only the supervisor drains it.
-    dirty: HashSet<Topic>,
-    /// Rooms whose Redis counter must be re-seeded from `floors` (a regression was seen).
-    reseed: HashSet<ChatId>,
-}
-
 /// State shared by the bus handle and its three tasks.
 struct Shared {
     sink: Arc<dyn Deliver>,
     options: RedisOptions,
-    topics: Mutex<Topics>,
-    /// Wakes the supervisor to reconcile `topics.dirty` / `topics.reseed`.
-    kick: Notify,
+    /// Local interest and the subscriptions that serve it.
+    topics: Topics,
     /// The live connection, present only once its subscriptions, re-seed and scripts are in place.
     /// The publisher and `watch` read it; only the supervisor sets it.
     conn: Mutex<Option<MultiplexedConnection>>,
@@ -280,8 +250,7 @@ impl RedisBus {
         let shared = Arc::new(Shared {
             sink,
             options,
-            topics: Mutex::default(),
-            kick: Notify::new(),
+            topics: Topics::default(),
             conn: Mutex::new(None),
             phase,
             floors: Mutex::default(),
@@ -363,22 +332,9 @@ impl Bus for RedisBus {
             if lock(&self.shared.conn).is_none() {
                 return Err(BusError::Unreachable);
             }
-            let rx = {
-                let mut topics = lock(&self.shared.topics);
-                let state = topics.map.entry(topic).or_default();
-                state.count += 1;
-                if state.sub == Sub::On {
-                    return Ok(());
-                }
-                let (tx, rx) = oneshot::channel();
-                state.waiters.push(tx);
-                topics.dirty.insert(topic);
-                rx
-            };
-            self.shared.kick.notify_one();
-            // Until confirmed, this watch is counted only by the guard: an error, a timeout or a
-            // cancelled caller takes the count back, so the caller never calls `unwatch` for it.
-            let guard = WatchGuard { shared: &self.shared, topic: Some(topic) };
+            let Some(rx) = self.shared.topics.watch(topic) else { return Ok(()) };
+            // Until confirmed, this watch is counted only by the guard.
+            let guard = WatchGuard::new(&self.shared.topics, topic);
             match tokio::time::timeout(self.shared.options.watch_timeout, rx).await {
                 Ok(Ok(Ok(()))) => {
                     guard.keep();
@@ -392,7 +348,7 @@ impl Bus for RedisBus {
     }
 
     fn unwatch(&self, topic: Topic) {
-        self.shared.unwatch(topic);
+        self.shared.topics.unwatch(topic);
     }
 
     fn forget_idle(&self, active: &dyn Fn(ChatId) -> bool) {
@@ -535,41 +491,7 @@ impl RedisBus {
     }
 }
 
-/// Takes back an unconfirmed watch's count when dropped.
-struct WatchGuard<'a> {
-    shared: &'a Shared,
-    topic: Option<Topic>,
-}
-
-impl WatchGuard<'_> {
-    fn keep(mut self) {
-        self.topic = None;
-    }
-}
-
-impl Drop for WatchGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(topic) = self.topic {
-            self.shared.unwatch(topic);
-        }
-    }
-}
-
 impl Shared {
-    fn unwatch(&self, topic: Topic) {
-        let mut topics = lock(&self.topics);
-        let Some(state) = topics.map.get_mut(&topic) else {
-            tracing::warn!(?topic, "unwatch without a matching watch; ignored");
-            return;
-        };
-        state.count = state.count.saturating_sub(1);
-        if state.count == 0 {
-            topics.dirty.insert(topic);
-            drop(topics);
-            self.kick.notify_one();
-        }
-    }
-
     fn current_conn(&self) -> Option<MultiplexedConnection> {
         lock(&self.conn).clone()
     }
@@ -592,18 +514,6 @@ impl Shared {
     fn go_down(&self) {
         *lock(&self.conn) = None;
         self.phase.send_replace(Phase::Down);
-        let mut topics = lock(&self.topics);
-        let Topics { map, dirty, .. } = &mut *topics;
-        map.retain(|topic, state| {
-            state.sub = Sub::Off;
-            for waiter in state.waiters.drain(..) {
-                let _ = waiter.send(Err(BusError::Unreachable));
-            }
-            if state.count > 0 {
-                // Resubscribed by the next connection's first reconcile.
-                dirty.insert(*topic);
-            }
-            state.count > 0
-        });
+        self.topics.connection_lost();
     }
 }
