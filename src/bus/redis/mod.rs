@@ -201,10 +201,13 @@ struct Shared {
     scripts: Scripts,
 }
 
-/// The publisher-facing kind of a Redis failure. The caller logs the error itself: its text
-/// never reaches a client.
+/// What a Redis error means to a publisher or a subscriber: the one place a Redis failure becomes
+/// a [`BusError`]. The caller logs the error itself: its text never reaches a client.
 fn classify(e: &redis::RedisError) -> BusError {
-    if e.is_timeout() {
+    if e.code() == Some(scripts::SETTLING) {
+        // The publish script's refusal while Redis's state is new (see `PUBLISH_LUA`).
+        BusError::Settling
+    } else if e.is_timeout() {
         BusError::Timeout
     } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
         BusError::Unreachable
@@ -329,9 +332,7 @@ impl Bus for RedisBus {
 
     fn watch(&self, topic: Topic) -> BoxFuture<'_, Result<(), BusError>> {
         Box::pin(async move {
-            if lock(&self.shared.conn).is_none() {
-                return Err(BusError::Unreachable);
-            }
+            self.shared.connected()?;
             let Some(rx) = self.shared.topics.watch(topic) else { return Ok(()) };
             // Until confirmed, this watch is counted only by the guard.
             let guard = WatchGuard::new(&self.shared.topics, topic);
@@ -368,7 +369,7 @@ impl Bus for RedisBus {
 
     fn head(&self, chat: ChatId) -> BoxFuture<'_, Result<u64, BusError>> {
         Box::pin(async move {
-            let mut conn = self.shared.current_conn().ok_or(BusError::Unreachable)?;
+            let mut conn = self.shared.connection()?;
             let floor = lock(&self.shared.floors).get(&chat).map_or(0, |f| f.saturating_add(1));
             let mut cmd = redis::cmd("EVALSHA");
             let ttl = self.shared.options.history_ttl.as_millis().to_string();
@@ -390,7 +391,7 @@ impl Bus for RedisBus {
 
     fn kept(&self, chat: ChatId, since: u64) -> BoxFuture<'_, Result<Option<Kept>, BusError>> {
         Box::pin(async move {
-            let mut conn = self.shared.current_conn().ok_or(BusError::Unreachable)?;
+            let mut conn = self.shared.connection()?;
             self.shared.stats.history_reads.fetch_add(1, Ordering::Relaxed);
             let mut cmd = redis::cmd("EVALSHA");
             cmd.arg(self.shared.scripts.kept.get_hash())
@@ -482,9 +483,7 @@ impl Bus for RedisBus {
 impl RedisBus {
     async fn send_to_publisher(&self, events: Vec<DomainEvent>) -> Result<(), BusError> {
         // Refuse fast while down instead of queueing behind a dead connection.
-        if lock(&self.shared.conn).is_none() {
-            return Err(BusError::Unreachable);
-        }
+        self.shared.connected()?;
         let (reply, rx) = oneshot::channel();
         self.publish_tx.send(PublishReq { events, reply }).await.map_err(|_| BusError::Stopped)?;
         rx.await.unwrap_or(Err(BusError::Stopped))
@@ -492,8 +491,18 @@ impl RedisBus {
 }
 
 impl Shared {
-    fn current_conn(&self) -> Option<MultiplexedConnection> {
-        lock(&self.conn).clone()
+    /// `Ok` while the live connection is in place, [`BusError::Unreachable`] while the node is
+    /// down or reconnecting.
+    fn connected(&self) -> Result<(), BusError> {
+        match *lock(&self.conn) {
+            Some(_) => Ok(()),
+            None => Err(BusError::Unreachable),
+        }
+    }
+
+    /// The live connection, or what [`Shared::connected`] answers without one.
+    fn connection(&self) -> Result<MultiplexedConnection, BusError> {
+        lock(&self.conn).clone().ok_or(BusError::Unreachable)
     }
 
     /// A membership event with global counter `gseq` was applied.

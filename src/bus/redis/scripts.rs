@@ -127,6 +127,9 @@ end
     };
 }
 
+/// The error code [`PUBLISH_LUA`] refuses room events with while Redis's state is new.
+pub(super) const SETTLING: &str = "SETTLING";
+
 /// Publishes one batch atomically. KEYS: boot, gseq, member index, then per event its key (room
 /// counter, member set, or gseq) and, for a room event, the room's history list, for a membership
 /// event the member log. ARGV: settle ms,
