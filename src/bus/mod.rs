@@ -122,6 +122,8 @@ pub trait Deliver: Send + Sync + 'static {
 pub trait Bus: Send + Sync + 'static {
     /// Hands a batch to the bus. `Ok` means every event was accepted for
     /// delivery; on `Err` the caller must not report the batch as accepted.
+    /// An event of unknown type reaches this node's [`Deliver`] only (which
+    /// counts it), never another node.
     fn publish(&self, events: Vec<DomainEvent>) -> BoxFuture<'_, Result<(), BusError>>;
 
     /// One more local subscriber of `topic` (called per subscription, the

@@ -267,21 +267,7 @@ impl RedisBus {
     ) -> Result<RedisBus, BusError> {
         let client = open_client(&config.redis_url)?;
         let target = redacted(&config.redis_url);
-        let (phase, mut phase_rx) = watch::channel(Phase::Connecting);
-        let shared = Arc::new(Shared {
-            sink,
-            options,
-            topics: Topics::default(),
-            conn: Mutex::new(None),
-            phase,
-            floors: Mutex::default(),
-            delivered: Mutex::default(),
-            member_mark: Mutex::default(),
-            lost_gen: AtomicU64::new(0),
-            lost: Notify::new(),
-            stats: Arc::default(),
-            scripts: Scripts::new(),
-        });
+        let (shared, mut phase_rx) = Shared::new(sink, options);
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
         let tasks = vec![
@@ -330,8 +316,9 @@ fn redacted(url: &str) -> String {
 impl Bus for RedisBus {
     fn publish(&self, events: Vec<DomainEvent>) -> BoxFuture<'_, Result<(), BusError>> {
         Box::pin(async move {
-            // Unknown types are only counted by the broadcaster: keep them local so the count is
-            // per node, not multiplied by the number of nodes.
+            // Unknown types never go to Redis (they have no channel, and every node would count
+            // them): this node's sink counts and ignores them, as under the memory bus.
+            // `POST /api/events` drops them before the bus; the library's `Publisher` does not.
             let (unknown, events): (Vec<_>, Vec<_>) =
                 events.into_iter().partition(|e| e.kind == EventKind::Unknown);
             if !events.is_empty() {
@@ -474,6 +461,26 @@ impl RedisBus {
 }
 
 impl Shared {
+    /// The state of a bus that has no connection yet, and a receiver of its phase.
+    fn new(sink: Arc<dyn Deliver>, options: RedisOptions) -> (Arc<Shared>, watch::Receiver<Phase>) {
+        let (phase, phase_rx) = watch::channel(Phase::Connecting);
+        let shared = Arc::new(Shared {
+            sink,
+            options,
+            topics: Topics::default(),
+            conn: Mutex::new(None),
+            phase,
+            floors: Mutex::default(),
+            delivered: Mutex::default(),
+            member_mark: Mutex::default(),
+            lost_gen: AtomicU64::new(0),
+            lost: Notify::new(),
+            stats: Arc::default(),
+            scripts: Scripts::new(),
+        });
+        (shared, phase_rx)
+    }
+
     /// `Ok` while the live connection is in place, [`BusError::Unreachable`] while the node is
     /// down or reconnecting.
     fn connected(&self) -> Result<(), BusError> {
