@@ -21,18 +21,11 @@ const MAX_HELD_MEMBER_EVENTS: usize = 65_536;
 /// What the connection's push sender and the supervisor hand to the delivery task, in order.
 pub(super) enum Inbound {
     /// A new connection (generation `gen`) is about to be opened: pushes of older ones are stale.
-    Reset {
-        gen: u64,
-    },
+    Reset { gen: u64 },
     /// The membership snapshot of generation `gen`, sent before any room or user is subscribed.
-    Snapshot {
-        gen: u64,
-        snapshot: MemberSnapshot,
-    },
-    Push {
-        gen: u64,
-        info: PushInfo,
-    },
+    Snapshot { gen: u64, snapshot: MemberSnapshot },
+    /// A message on one of generation `gen`'s subscribed channels.
+    Push { gen: u64, info: PushInfo },
 }
 
 /// What the snapshot script read, in one atomic step: the membership, and the membership events
@@ -159,6 +152,9 @@ fn receive(shared: &Shared, state: &mut Receiving, payload: &[u8]) {
     deliver_one(shared, state, event, seq);
 }
 
+/// Delivers one sequenced event of a known type, checked against its room's `seq` or, for any
+/// other event, the global counter: a copy is dropped, a room `seq` that went backwards is
+/// dropped and the room re-seeded. Membership events wait while this connection's snapshot loads.
 fn deliver_one(shared: &Shared, state: &mut Receiving, event: DomainEvent, seq: u64) {
     if let Some(room) = event.room() {
         let mut delivered = lock(&shared.delivered);

@@ -16,8 +16,9 @@
 //! - **Sequencing**: one Lua script call per `publish` batch INCRs each room's counter
 //!   (`herald:{<chat>}:seq`) and PUBLISHes the event with that `seq` in one atomic step, so every node
 //!   sees the same `seq` in the same order. Non-room events get a global counter (`herald:gseq`)
-//!   used only to drop the copies a node receives on several channels (a task event for two local
-//!   users) and to order membership against the membership snapshot.
+//!   used to drop the copies a node receives on several channels (a task event for two local
+//!   users), to order membership against the membership snapshot, and to mark a node's place in
+//!   the member log.
 //! - **Seq never goes back after a Redis restart** (Redis may keep nothing): every node remembers
 //!   the highest `seq` it saw per room (delivered or assigned to its own publishes) and re-seeds the
 //!   counters (`SET max(current, known)`) on every reconnect before it publishes again; the publish
@@ -195,22 +196,28 @@ enum Phase {
 
 /// State shared by the bus handle and its three tasks.
 struct Shared {
+    /// The broadcaster: the delivery task hands it what Redis pushes, `publish` the events of
+    /// unknown type.
     sink: Arc<dyn Deliver>,
     options: RedisOptions,
     /// Local interest and the subscriptions that serve it.
     topics: Topics,
     /// The live connection, present only once its subscriptions, re-seed and scripts are in place.
-    /// The publisher and `watch` read it; only the supervisor sets it.
+    /// The handle and the publisher read it; only the supervisor sets and clears it.
     conn: Mutex<Option<MultiplexedConnection>>,
+    /// Where the connection stands. The supervisor sends; `connect_with` waits on a receiver for
+    /// the first attempt's outcome, and `health` reads it.
     phase: watch::Sender<Phase>,
-    /// Highest room `seq` this node knows (delivered or assigned to its publishes): the floor for
-    /// re-seeding. Kept for every room seen while the process lives (a few dozen bytes each).
+    /// Highest room `seq` this node knows (delivered, assigned to its publishes, or handed out as
+    /// a head): the floor for re-seeding. Kept while the node holds the room
+    /// ([`Bus::forget_idle`]), a few dozen bytes each.
     floors: Mutex<HashMap<ChatId, u64>>,
     /// Highest room `seq` delivered per room, so nothing is delivered twice (survives reconnects).
     /// Only the delivery task and the idle sweep touch it.
     delivered: Mutex<HashMap<ChatId, u64>>,
     /// The last membership event applied (survives reconnects): on a reconnect the node replays
-    /// the member log after it. Set by the first snapshot, then only raised by the delivery task.
+    /// the member log after it. Set by the first snapshot, then moved only by the delivery task:
+    /// past each membership event it applies, and to each reconnect's snapshot.
     member_mark: Mutex<Option<MemberMark>>,
     /// Generation whose connection reported a disconnection, and the wake-up for the supervisor.
     lost_gen: AtomicU64,
@@ -239,6 +246,7 @@ pub struct RedisBus {
     shared: Arc<Shared>,
     /// The publisher task holds the receiver; a closed queue means the task is gone.
     publish_tx: mpsc::Sender<PublishReq>,
+    /// The delivery, publisher and supervisor tasks; aborted when the handle is dropped.
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -257,9 +265,9 @@ impl RedisBus {
     }
 
     /// Starts the bus. Fails only for an unusable `bus.redis_url`. When Redis is unreachable it
-    /// starts degraded (publishes answer [`BusError::Unreachable`], logged as an error) and keeps retrying.
-    /// When Redis is reachable it returns once publishing works, which after a fresh Redis takes
-    /// up to `options.settle`.
+    /// starts degraded (publishes answer [`BusError::Unreachable`], logged as an error) and keeps
+    /// retrying. When Redis is reachable it returns once publishing works, which after a fresh
+    /// Redis takes up to `options.settle`.
     pub async fn connect_with(
         config: &BusConfig,
         sink: Arc<dyn Deliver>,

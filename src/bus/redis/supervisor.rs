@@ -23,7 +23,7 @@ use crate::protocol::event::DomainEvent;
 use crate::protocol::ChatId;
 use crate::sync::lock;
 
-/// Channels per `SUBSCRIBE` / `UNSUBSCRIBE` command and rooms per re-seed call.
+/// Channels per `SUBSCRIBE` / `UNSUBSCRIBE` command, and rooms per re-seed or touch call.
 const CHUNK: usize = 512;
 
 /// One session per connection, backoff between attempts, until the bus handle is dropped (which
@@ -191,7 +191,7 @@ async fn member_snapshot(
 }
 
 /// Raises room counters to the given floors (in chunks); returns ms since Redis's state began.
-pub(super) async fn reseed(
+async fn reseed(
     shared: &Shared,
     conn: &mut MultiplexedConnection,
     floors: &[(ChatId, u64)],
