@@ -93,8 +93,10 @@ pub fn seq_origin(now: SystemTime, floor: u64) -> u64 {
     micros.max(floor)
 }
 
-/// The receiving side of the bus: the broadcaster. Called from bus tasks; it
-/// must not block (it encodes once and hands frames to the registries).
+/// The receiving side of the bus: the broadcaster. The memory bus calls it
+/// inside `publish`, on the publisher's task; the Redis bus from its delivery
+/// task. Either way it must not block (it encodes once and hands frames to
+/// the registries).
 pub trait Deliver: Send + Sync + 'static {
     /// One event, with the room `seq` the bus assigned (room events only).
     fn deliver(&self, event: &DomainEvent, seq: Option<u64>);
@@ -122,6 +124,8 @@ pub trait Deliver: Send + Sync + 'static {
 pub trait Bus: Send + Sync + 'static {
     /// Hands a batch to the bus. `Ok` means every event was accepted for
     /// delivery; on `Err` the caller must not report the batch as accepted.
+    /// An event of unknown type reaches this node's [`Deliver`] only (which
+    /// counts it), never another node.
     fn publish(&self, events: Vec<DomainEvent>) -> BoxFuture<'_, Result<(), BusError>>;
 
     /// One more local subscriber of `topic` (called per subscription, the

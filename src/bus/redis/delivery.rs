@@ -10,9 +10,10 @@ use std::sync::Arc;
 use redis::{PushInfo, Value};
 use tokio::sync::mpsc;
 
-use super::{lock, MemberMark, Shared};
+use super::{MemberMark, Shared};
 use crate::protocol::event::{DomainEvent, EventKind};
 use crate::protocol::{ChatId, UserId};
+use crate::sync::lock;
 
 /// Membership events held back while the snapshot loads; beyond it they are applied directly.
 const MAX_HELD_MEMBER_EVENTS: usize = 65_536;
@@ -20,18 +21,11 @@ const MAX_HELD_MEMBER_EVENTS: usize = 65_536;
 /// What the connection's push sender and the supervisor hand to the delivery task, in order.
 pub(super) enum Inbound {
     /// A new connection (generation `gen`) is about to be opened: pushes of older ones are stale.
-    Reset {
-        gen: u64,
-    },
+    Reset { gen: u64 },
     /// The membership snapshot of generation `gen`, sent before any room or user is subscribed.
-    Snapshot {
-        gen: u64,
-        snapshot: MemberSnapshot,
-    },
-    Push {
-        gen: u64,
-        info: PushInfo,
-    },
+    Snapshot { gen: u64, snapshot: MemberSnapshot },
+    /// A message on one of generation `gen`'s subscribed channels.
+    Push { gen: u64, info: PushInfo },
 }
 
 /// What the snapshot script read, in one atomic step: the membership, and the membership events
@@ -91,18 +85,7 @@ pub(super) async fn deliver_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Inb
             Inbound::Snapshot { .. } => {}
             Inbound::Push { gen, info } if gen == state.gen => {
                 let Some(Value::BulkString(payload)) = info.data.get(1) else { continue };
-                let (event, seq) = match DomainEvent::from_json(payload) {
-                    Ok(parsed) => parsed,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "undecodable event on a redis channel; dropped");
-                        continue;
-                    }
-                };
-                let Some(seq) = seq else {
-                    tracing::warn!("event without seq on a redis channel; dropped");
-                    continue;
-                };
-                deliver_one(&shared, &mut state, event, seq);
+                receive(&shared, &mut state, payload);
             }
             // A push from a connection already replaced: the new one restores what is needed.
             Inbound::Push { .. } => {}
@@ -145,6 +128,33 @@ fn replay(shared: &Shared, boot: String, ver: u64, missed: Missed) {
     *lock(&shared.member_mark) = Some(MemberMark { boot, gseq: ver });
 }
 
+/// One event as a node published it on a channel: this node's only ingress for events from Redis,
+/// where what cannot be delivered is decided.
+fn receive(shared: &Shared, state: &mut Receiving, payload: &[u8]) {
+    let (event, seq) = match DomainEvent::from_json(payload) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            tracing::warn!(error = %e, "undecodable event on a redis channel; dropped");
+            return;
+        }
+    };
+    let Some(seq) = seq else {
+        tracing::warn!("event without seq on a redis channel; dropped");
+        return;
+    };
+    if event.kind == EventKind::Unknown {
+        // A type only the publishing node knows (it runs a newer version). Its `seq` may be a
+        // room's or the global counter's, so it must not move either dedupe mark: it goes
+        // straight to the sink, which counts and ignores unknown types.
+        shared.sink.deliver(&event, None);
+        return;
+    }
+    deliver_one(shared, state, event, seq);
+}
+
+/// Delivers one sequenced event of a known type, checked against its room's `seq` or, for any
+/// other event, the global counter: a copy is dropped, a room `seq` that went backwards is
+/// dropped and the room re-seeded. Membership events wait while this connection's snapshot loads.
 fn deliver_one(shared: &Shared, state: &mut Receiving, event: DomainEvent, seq: u64) {
     if let Some(room) = event.room() {
         let mut delivered = lock(&shared.delivered);
@@ -155,8 +165,7 @@ fn deliver_one(shared: &Shared, state: &mut Receiving, event: DomainEvent, seq: 
                 // show clients an old seq, and push the counter back above what we delivered.
                 shared.stats.seq_regressions.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(%room, seq, last = *last, "room seq went backwards in redis; event dropped, re-seeding");
-                lock(&shared.topics).reseed.insert(room);
-                shared.kick.notify_one();
+                shared.topics.reseed(room);
             } else {
                 // The same event again on another channel (a room event also addressed to users).
                 shared.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
@@ -185,5 +194,40 @@ fn deliver_one(shared: &Shared, state: &mut Receiving, event: DomainEvent, seq: 
     shared.sink.deliver(&event, None);
     if is_member {
         shared.note_member(seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::bus::redis::RedisOptions;
+    use crate::bus::Deliver;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(EventKind, Option<u64>)>>);
+
+    impl Deliver for Recorder {
+        fn deliver(&self, event: &DomainEvent, seq: Option<u64>) {
+            lock(&self.0).push((event.kind, seq));
+        }
+    }
+
+    #[test]
+    fn an_unknown_type_from_a_newer_node_moves_no_dedupe_mark() {
+        let sink = Arc::new(Recorder::default());
+        let (shared, _phase) = Shared::new(sink.clone(), RedisOptions::default());
+        let mut state = Receiving { gen: 1, last_gseq: 0, held: None };
+        let (chat, user) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        // A room event of a type this node does not know, with a room `seq` (microseconds)...
+        let unknown = format!(r#"{{"type":"chat.typing","chat_id":"{chat}","seq":1700000000000000}}"#);
+        receive(&shared, &mut state, unknown.as_bytes());
+        // ...must not make the next global counter look like a copy already delivered.
+        let notification =
+            format!(r#"{{"type":"notification.created","user_id":"{user}","data":{{}},"seq":5}}"#);
+        receive(&shared, &mut state, notification.as_bytes());
+        assert_eq!(*lock(&sink.0), vec![(EventKind::Unknown, None), (EventKind::NotificationCreated, None)]);
+        assert_eq!(shared.stats.duplicates_dropped.load(Ordering::Relaxed), 0);
     }
 }

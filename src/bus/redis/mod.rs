@@ -16,8 +16,9 @@
 //! - **Sequencing**: one Lua script call per `publish` batch INCRs each room's counter
 //!   (`herald:{<chat>}:seq`) and PUBLISHes the event with that `seq` in one atomic step, so every node
 //!   sees the same `seq` in the same order. Non-room events get a global counter (`herald:gseq`)
-//!   used only to drop the copies a node receives on several channels (a task event for two local
-//!   users) and to order membership against the membership snapshot.
+//!   used to drop the copies a node receives on several channels (a task event for two local
+//!   users), to order membership against the membership snapshot, and to mark a node's place in
+//!   the member log.
 //! - **Seq never goes back after a Redis restart** (Redis may keep nothing): every node remembers
 //!   the highest `seq` it saw per room (delivered or assigned to its own publishes) and re-seeds the
 //!   counters (`SET max(current, known)`) on every reconnect before it publishes again; the publish
@@ -50,6 +51,8 @@
 //! - this file: the [`RedisBus`] handle and its [`Bus`] impl, [`RedisOptions`], [`RedisStats`],
 //!   and the state the handle shares with its three tasks;
 //! - `scripts.rs`: key and channel names, the Lua scripts;
+//! - `topics.rs`: local interest per topic and where its subscription stands (the state machine
+//!   whose commands the supervisor issues);
 //! - `supervisor.rs`: the connection, its subscriptions, reconnects;
 //! - `publisher.rs`: batches publish calls into script calls;
 //! - `delivery.rs`: hands what Redis pushes to the broadcaster, once each and in order.
@@ -58,10 +61,11 @@ mod delivery;
 mod publisher;
 mod scripts;
 mod supervisor;
+mod topics;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -73,9 +77,11 @@ use super::{BoxFuture, Bus, BusError, Deliver, Health, Kept, KeptEvent, Topic};
 use crate::config::BusConfig;
 use crate::protocol::event::{DomainEvent, EventKind};
 use crate::protocol::ChatId;
+use crate::sync::lock;
 use publisher::PublishReq;
 use scripts::Scripts;
 pub use scripts::{channel, MEMBERS_CHANNEL};
+use topics::{Topics, WatchGuard};
 
 /// Pushes that may wait for the delivery task; beyond it they are dropped and counted (the clients
 /// see a `seq` gap) rather than growing memory without bound.
@@ -125,7 +131,8 @@ impl Default for RedisOptions {
 }
 
 /// The bus's own counters. `/metrics` exports them through [`Bus::counters`] under the names in
-/// brackets; [`RedisBus::stats`] reads them directly (tests, tools holding the concrete bus).
+/// brackets (the `COUNTERS` table); [`RedisBus::stats`] reads them directly (tests, tools holding
+/// the concrete bus).
 #[derive(Debug, Default)]
 pub struct RedisStats {
     /// Connections re-established after one was lost (`herald_redis_reconnects_total`).
@@ -150,6 +157,23 @@ pub struct RedisStats {
     pub membership_log_gaps: AtomicU64,
 }
 
+/// Picks one counter out of [`RedisStats`].
+type Counter = fn(&RedisStats) -> &AtomicU64;
+
+/// How `/metrics` exports [`RedisStats`]: (name without the `herald_` prefix, help, the counter).
+/// One line per counter; `rustfmt` would spread the longer ones over five.
+#[rustfmt::skip]
+const COUNTERS: &[(&str, &str, Counter)] = &[
+    ("redis_reconnects_total", "Redis connections re-established.", |s| &s.reconnects),
+    ("redis_connect_failures_total", "Redis connect attempts that failed (each followed by a backoff wait).", |s| &s.connect_failures),
+    ("redis_publish_failures_total", "Publishes refused while Redis was unavailable.", |s| &s.publish_failures),
+    ("redis_inbound_dropped_total", "Redis pushes dropped because delivery fell behind.", |s| &s.inbound_dropped),
+    ("redis_seq_regressions_total", "Room events whose seq went backwards, dropped.", |s| &s.seq_regressions),
+    ("redis_duplicates_total", "Duplicate copies of an event dropped.", |s| &s.duplicates_dropped),
+    ("redis_history_reads_total", "Reads of a room's Redis history for recoveries this node's history could not serve.", |s| &s.history_reads),
+    ("redis_membership_log_gaps_total", "Reconnects after which missed membership changes could not all be replayed.", |s| &s.membership_log_gaps),
+];
+
 /// Where this node's membership stands in Redis's stream of membership events: the last one it
 /// applied (or the snapshot it started from), within one Redis state (`herald:boot`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,58 +194,30 @@ enum Phase {
     Up,
 }
 
-/// Local interest in one topic.
-#[derive(Default)]
-struct TopicState {
-    /// Local subscribers (`watch` minus `unwatch`).
-    count: usize,
-    /// Where the current connection's subscription to it stands.
-    sub: Sub,
-    /// `watch` calls waiting for a confirmed `SUBSCRIBE`; the supervisor answers them.
-    waiters: Vec<oneshot::Sender<Result<(), BusError>>>,
-}
-
-/// One topic's subscription on the current connection. Only the supervisor changes it.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum Sub {
-    /// Not subscribed, or a `SUBSCRIBE` is in flight and not yet confirmed.
-    #[default]
-    Off,
-    /// A `SUBSCRIBE` is confirmed: deliveries flow.
-    On,
-    /// An `UNSUBSCRIBE` is in flight: deliveries may stop at any moment, so a `watch` now waits
-    /// for the `SUBSCRIBE` the supervisor issues once the `UNSUBSCRIBE` is confirmed.
-    Leaving,
-}
-
-#[derive(Default)]
-struct Topics {
-    map: HashMap<Topic, TopicState>,
-    /// Topics whose wanted and confirmed state may differ; only the supervisor drains it.
-    dirty: HashSet<Topic>,
-    /// Rooms whose Redis counter must be re-seeded from `floors` (a regression was seen).
-    reseed: HashSet<ChatId>,
-}
-
 /// State shared by the bus handle and its three tasks.
 struct Shared {
+    /// The broadcaster: the delivery task hands it what Redis pushes, `publish` the events of
+    /// unknown type.
     sink: Arc<dyn Deliver>,
     options: RedisOptions,
-    topics: Mutex<Topics>,
-    /// Wakes the supervisor to reconcile `topics.dirty` / `topics.reseed`.
-    kick: Notify,
+    /// Local interest and the subscriptions that serve it.
+    topics: Topics,
     /// The live connection, present only once its subscriptions, re-seed and scripts are in place.
-    /// The publisher and `watch` read it; only the supervisor sets it.
+    /// The handle and the publisher read it; only the supervisor sets and clears it.
     conn: Mutex<Option<MultiplexedConnection>>,
+    /// Where the connection stands. The supervisor sends; `connect_with` waits on a receiver for
+    /// the first attempt's outcome, and `health` reads it.
     phase: watch::Sender<Phase>,
-    /// Highest room `seq` this node knows (delivered or assigned to its publishes): the floor for
-    /// re-seeding. Kept for every room seen while the process lives (a few dozen bytes each).
+    /// Highest room `seq` this node knows (delivered, assigned to its publishes, or handed out as
+    /// a head): the floor for re-seeding. Kept while the node holds the room
+    /// ([`Bus::forget_idle`]), a few dozen bytes each.
     floors: Mutex<HashMap<ChatId, u64>>,
     /// Highest room `seq` delivered per room, so nothing is delivered twice (survives reconnects).
     /// Only the delivery task and the idle sweep touch it.
     delivered: Mutex<HashMap<ChatId, u64>>,
     /// The last membership event applied (survives reconnects): on a reconnect the node replays
-    /// the member log after it. Set by the first snapshot, then only raised by the delivery task.
+    /// the member log after it. Set by the first snapshot, then moved only by the delivery task:
+    /// past each membership event it applies, and to each reconnect's snapshot.
     member_mark: Mutex<Option<MemberMark>>,
     /// Generation whose connection reported a disconnection, and the wake-up for the supervisor.
     lost_gen: AtomicU64,
@@ -230,10 +226,13 @@ struct Shared {
     scripts: Scripts,
 }
 
-/// The publisher-facing kind of a Redis failure. The caller logs the error itself: its text
-/// never reaches a client.
+/// What a Redis error means to a publisher or a subscriber: the one place a Redis failure becomes
+/// a [`BusError`]. The caller logs the error itself: its text never reaches a client.
 fn classify(e: &redis::RedisError) -> BusError {
-    if e.is_timeout() {
+    if e.code() == Some(scripts::SETTLING) {
+        // The publish script's refusal while Redis's state is new (see `PUBLISH_LUA`).
+        BusError::Settling
+    } else if e.is_timeout() {
         BusError::Timeout
     } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
         BusError::Unreachable
@@ -242,16 +241,12 @@ fn classify(e: &redis::RedisError) -> BusError {
     }
 }
 
-/// Locks a std mutex; a panic elsewhere while holding it leaves plain data we can keep using.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// The Redis bus handle. Dropping it stops its tasks and closes the connection.
 pub struct RedisBus {
     shared: Arc<Shared>,
     /// The publisher task holds the receiver; a closed queue means the task is gone.
     publish_tx: mpsc::Sender<PublishReq>,
+    /// The delivery, publisher and supervisor tasks; aborted when the handle is dropped.
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -270,9 +265,9 @@ impl RedisBus {
     }
 
     /// Starts the bus. Fails only for an unusable `bus.redis_url`. When Redis is unreachable it
-    /// starts degraded (publishes answer [`BusError::Unreachable`], logged as an error) and keeps retrying.
-    /// When Redis is reachable it returns once publishing works, which after a fresh Redis takes
-    /// up to `options.settle`.
+    /// starts degraded (publishes answer [`BusError::Unreachable`], logged as an error) and keeps
+    /// retrying. When Redis is reachable it returns once publishing works, which after a fresh
+    /// Redis takes up to `options.settle`.
     pub async fn connect_with(
         config: &BusConfig,
         sink: Arc<dyn Deliver>,
@@ -280,22 +275,7 @@ impl RedisBus {
     ) -> Result<RedisBus, BusError> {
         let client = open_client(&config.redis_url)?;
         let target = redacted(&config.redis_url);
-        let (phase, mut phase_rx) = watch::channel(Phase::Connecting);
-        let shared = Arc::new(Shared {
-            sink,
-            options,
-            topics: Mutex::default(),
-            kick: Notify::new(),
-            conn: Mutex::new(None),
-            phase,
-            floors: Mutex::default(),
-            delivered: Mutex::default(),
-            member_mark: Mutex::default(),
-            lost_gen: AtomicU64::new(0),
-            lost: Notify::new(),
-            stats: Arc::default(),
-            scripts: Scripts::new(),
-        });
+        let (shared, mut phase_rx) = Shared::new(sink, options);
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
         let tasks = vec![
@@ -344,8 +324,9 @@ fn redacted(url: &str) -> String {
 impl Bus for RedisBus {
     fn publish(&self, events: Vec<DomainEvent>) -> BoxFuture<'_, Result<(), BusError>> {
         Box::pin(async move {
-            // Unknown types are only counted by the broadcaster: keep them local so the count is
-            // per node, not multiplied by the number of nodes.
+            // Unknown types never go to Redis (they have no channel, and every node would count
+            // them): this node's sink counts and ignores them, as under the memory bus.
+            // `POST /api/events` drops them before the bus; the library's `Publisher` does not.
             let (unknown, events): (Vec<_>, Vec<_>) =
                 events.into_iter().partition(|e| e.kind == EventKind::Unknown);
             if !events.is_empty() {
@@ -364,25 +345,10 @@ impl Bus for RedisBus {
 
     fn watch(&self, topic: Topic) -> BoxFuture<'_, Result<(), BusError>> {
         Box::pin(async move {
-            if lock(&self.shared.conn).is_none() {
-                return Err(BusError::Unreachable);
-            }
-            let rx = {
-                let mut topics = lock(&self.shared.topics);
-                let state = topics.map.entry(topic).or_default();
-                state.count += 1;
-                if state.sub == Sub::On {
-                    return Ok(());
-                }
-                let (tx, rx) = oneshot::channel();
-                state.waiters.push(tx);
-                topics.dirty.insert(topic);
-                rx
-            };
-            self.shared.kick.notify_one();
-            // Until confirmed, this watch is counted only by the guard: an error, a timeout or a
-            // cancelled caller takes the count back, so the caller never calls `unwatch` for it.
-            let guard = WatchGuard { shared: &self.shared, topic: Some(topic) };
+            self.shared.connected()?;
+            let Some(rx) = self.shared.topics.watch(topic) else { return Ok(()) };
+            // Until confirmed, this watch is counted only by the guard.
+            let guard = WatchGuard::new(&self.shared.topics, topic);
             match tokio::time::timeout(self.shared.options.watch_timeout, rx).await {
                 Ok(Ok(Ok(()))) => {
                     guard.keep();
@@ -396,7 +362,7 @@ impl Bus for RedisBus {
     }
 
     fn unwatch(&self, topic: Topic) {
-        self.shared.unwatch(topic);
+        self.shared.topics.unwatch(topic);
     }
 
     fn forget_idle(&self, active: &dyn Fn(ChatId) -> bool) {
@@ -416,7 +382,7 @@ impl Bus for RedisBus {
 
     fn head(&self, chat: ChatId) -> BoxFuture<'_, Result<u64, BusError>> {
         Box::pin(async move {
-            let mut conn = self.shared.current_conn().ok_or(BusError::Unreachable)?;
+            let mut conn = self.shared.connection()?;
             let floor = lock(&self.shared.floors).get(&chat).map_or(0, |f| f.saturating_add(1));
             let mut cmd = redis::cmd("EVALSHA");
             let ttl = self.shared.options.history_ttl.as_millis().to_string();
@@ -438,7 +404,7 @@ impl Bus for RedisBus {
 
     fn kept(&self, chat: ChatId, since: u64) -> BoxFuture<'_, Result<Option<Kept>, BusError>> {
         Box::pin(async move {
-            let mut conn = self.shared.current_conn().ok_or(BusError::Unreachable)?;
+            let mut conn = self.shared.connection()?;
             self.shared.stats.history_reads.fetch_add(1, Ordering::Relaxed);
             let mut cmd = redis::cmd("EVALSHA");
             cmd.arg(self.shared.scripts.kept.get_hash())
@@ -476,46 +442,11 @@ impl Bus for RedisBus {
     }
 
     fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
-        let stats = &self.shared.stats;
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        vec![
-            ("redis_reconnects_total", "Redis connections re-established.", get(&stats.reconnects)),
-            (
-                "redis_connect_failures_total",
-                "Redis connect attempts that failed (each followed by a backoff wait).",
-                get(&stats.connect_failures),
-            ),
-            (
-                "redis_publish_failures_total",
-                "Publishes refused while Redis was unavailable.",
-                get(&stats.publish_failures),
-            ),
-            (
-                "redis_inbound_dropped_total",
-                "Redis pushes dropped because delivery fell behind.",
-                get(&stats.inbound_dropped),
-            ),
-            (
-                "redis_seq_regressions_total",
-                "Room events whose seq went backwards, dropped.",
-                get(&stats.seq_regressions),
-            ),
-            (
-                "redis_duplicates_total",
-                "Duplicate copies of an event dropped.",
-                get(&stats.duplicates_dropped),
-            ),
-            (
-                "redis_history_reads_total",
-                "Reads of a room's Redis history for recoveries this node's history could not serve.",
-                get(&stats.history_reads),
-            ),
-            (
-                "redis_membership_log_gaps_total",
-                "Reconnects after which missed membership changes could not all be replayed.",
-                get(&stats.membership_log_gaps),
-            ),
-        ]
+        let stats = &*self.shared.stats;
+        COUNTERS
+            .iter()
+            .map(|(name, help, field)| (*name, *help, field(stats).load(Ordering::Relaxed)))
+            .collect()
     }
 
     fn health(&self) -> Health {
@@ -530,52 +461,46 @@ impl Bus for RedisBus {
 impl RedisBus {
     async fn send_to_publisher(&self, events: Vec<DomainEvent>) -> Result<(), BusError> {
         // Refuse fast while down instead of queueing behind a dead connection.
-        if lock(&self.shared.conn).is_none() {
-            return Err(BusError::Unreachable);
-        }
+        self.shared.connected()?;
         let (reply, rx) = oneshot::channel();
         self.publish_tx.send(PublishReq { events, reply }).await.map_err(|_| BusError::Stopped)?;
         rx.await.unwrap_or(Err(BusError::Stopped))
     }
 }
 
-/// Takes back an unconfirmed watch's count when dropped.
-struct WatchGuard<'a> {
-    shared: &'a Shared,
-    topic: Option<Topic>,
-}
-
-impl WatchGuard<'_> {
-    fn keep(mut self) {
-        self.topic = None;
-    }
-}
-
-impl Drop for WatchGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(topic) = self.topic {
-            self.shared.unwatch(topic);
-        }
-    }
-}
-
 impl Shared {
-    fn unwatch(&self, topic: Topic) {
-        let mut topics = lock(&self.topics);
-        let Some(state) = topics.map.get_mut(&topic) else {
-            tracing::warn!(?topic, "unwatch without a matching watch; ignored");
-            return;
-        };
-        state.count = state.count.saturating_sub(1);
-        if state.count == 0 {
-            topics.dirty.insert(topic);
-            drop(topics);
-            self.kick.notify_one();
+    /// The state of a bus that has no connection yet, and a receiver of its phase.
+    fn new(sink: Arc<dyn Deliver>, options: RedisOptions) -> (Arc<Shared>, watch::Receiver<Phase>) {
+        let (phase, phase_rx) = watch::channel(Phase::Connecting);
+        let shared = Arc::new(Shared {
+            sink,
+            options,
+            topics: Topics::default(),
+            conn: Mutex::new(None),
+            phase,
+            floors: Mutex::default(),
+            delivered: Mutex::default(),
+            member_mark: Mutex::default(),
+            lost_gen: AtomicU64::new(0),
+            lost: Notify::new(),
+            stats: Arc::default(),
+            scripts: Scripts::new(),
+        });
+        (shared, phase_rx)
+    }
+
+    /// `Ok` while the live connection is in place, [`BusError::Unreachable`] while the node is
+    /// down or reconnecting.
+    fn connected(&self) -> Result<(), BusError> {
+        match *lock(&self.conn) {
+            Some(_) => Ok(()),
+            None => Err(BusError::Unreachable),
         }
     }
 
-    fn current_conn(&self) -> Option<MultiplexedConnection> {
-        lock(&self.conn).clone()
+    /// The live connection, or what [`Shared::connected`] answers without one.
+    fn connection(&self) -> Result<MultiplexedConnection, BusError> {
+        lock(&self.conn).clone().ok_or(BusError::Unreachable)
     }
 
     /// A membership event with global counter `gseq` was applied.
@@ -596,18 +521,28 @@ impl Shared {
     fn go_down(&self) {
         *lock(&self.conn) = None;
         self.phase.send_replace(Phase::Down);
-        let mut topics = lock(&self.topics);
-        let Topics { map, dirty, .. } = &mut *topics;
-        map.retain(|topic, state| {
-            state.sub = Sub::Off;
-            for waiter in state.waiters.drain(..) {
-                let _ = waiter.send(Err(BusError::Unreachable));
-            }
-            if state.count > 0 {
-                // Resubscribed by the next connection's first reconcile.
-                dirty.insert(*topic);
-            }
-            state.count > 0
-        });
+        self.topics.connection_lost();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_is_exported_once_under_its_own_name() {
+        let stats = RedisStats::default();
+        let mut names: Vec<&str> = COUNTERS.iter().map(|(name, _, _)| *name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), COUNTERS.len(), "a name is listed twice");
+        let mut fields: Vec<*const AtomicU64> =
+            COUNTERS.iter().map(|(_, _, field)| field(&stats) as *const _).collect();
+        fields.sort_unstable();
+        fields.dedup();
+        assert_eq!(fields.len(), COUNTERS.len(), "a counter is listed twice");
+        assert!(COUNTERS.iter().all(|(name, help, _)| name.starts_with("redis_")
+            && name.ends_with("_total")
+            && !help.is_empty()));
     }
 }

@@ -11,11 +11,12 @@ use super::scripts::{
     channel, history_key, members_key, seq_key, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL, MEMBER_INDEX_KEY,
     MEMBER_LOG_KEY, PUBLISH_LUA,
 };
-use super::{classify, lock, Shared};
+use super::{classify, Shared};
 use crate::bus::{BusError, Topic};
 use crate::protocol::event::DomainEvent;
 use crate::protocol::route::{route, MemberChange, Route};
 use crate::protocol::ChatId;
+use crate::sync::lock;
 
 /// Events one pipeline carries at most, so one write stays a reasonable size.
 const MAX_BATCH_EVENTS: usize = 4096;
@@ -42,11 +43,14 @@ pub(super) async fn publisher_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<P
                 Err(_) => break,
             }
         }
-        let Some(mut conn) = shared.current_conn() else {
-            for req in batch {
-                let _ = req.reply.send(Err(BusError::Unreachable));
+        let mut conn = match shared.connection() {
+            Ok(conn) => conn,
+            Err(error) => {
+                for req in batch {
+                    let _ = req.reply.send(Err(error.clone()));
+                }
+                continue;
             }
-            continue;
         };
         let results = publish_batch(&shared, &mut conn, &batch).await;
         for (req, result) in batch.into_iter().zip(results) {
@@ -130,11 +134,14 @@ async fn publish_batch(
                     tracing::error!(reply = ?other, "redis publish script: unexpected reply");
                     Err(BusError::Rejected)
                 }
-                Some(Err(e)) if e.code() == Some("SETTLING") => Err(BusError::Settling),
-                Some(Err(e)) => {
-                    tracing::error!(error = %e, "redis publish script failed");
-                    Err(classify(&e))
-                }
+                Some(Err(e)) => match classify(&e) {
+                    // Expected for a while after Redis lost its state: not an error of this node.
+                    BusError::Settling => Err(BusError::Settling),
+                    error => {
+                        tracing::error!(error = %e, "redis publish script failed");
+                        Err(error)
+                    }
+                },
                 None => {
                     tracing::error!("redis pipeline: fewer replies than calls");
                     Err(BusError::Rejected)

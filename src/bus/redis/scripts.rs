@@ -1,5 +1,5 @@
-//! Redis key and channel names, and the Lua scripts that sequence, re-seed and snapshot: the
-//! whole of what Herald keeps in Redis and how it is laid out.
+//! Redis key and channel names, and the Lua scripts Herald runs there: the whole of what Herald
+//! keeps in Redis and how it is laid out.
 //!
 //! # Names
 //!
@@ -54,7 +54,7 @@ pub(super) fn seq_key(chat: ChatId) -> String {
     format!("herald:{{{chat}}}:seq")
 }
 
-/// The room's history list (written by the publish script, read by the recover script).
+/// The room's history list (written by [`PUBLISH_LUA`], read by [`KEPT_LUA`]).
 pub(super) fn history_key(chat: ChatId) -> String {
     format!("herald:{{{chat}}}:history")
 }
@@ -96,7 +96,7 @@ impl Scripts {
 }
 
 /// Lua shared by the scripts that need Redis's clock and boot mark: sets `now` (ms) and `boot`
-/// (when Redis's state began, recorded under KEYS[1] on first sight).
+/// (when Redis's state began, recorded under `KEYS[1]` on first sight).
 macro_rules! boot_prelude {
     () => {
         r#"
@@ -126,6 +126,9 @@ end
 "#
     };
 }
+
+/// The error code [`PUBLISH_LUA`] refuses room events with while Redis's state is new.
+pub(super) const SETTLING: &str = "SETTLING";
 
 /// Publishes one batch atomically. KEYS: boot, gseq, member index, then per event its key (room
 /// counter, member set, or gseq) and, for a room event, the room's history list, for a membership
@@ -214,9 +217,9 @@ return now - tonumber(boot)
 "#
 );
 
-/// A room's position: its counter, made now at [`origin_fn!`] (ARGV[1] the floor this node knows)
+/// A room's position: its counter, made now at [`origin_fn!`] (`ARGV[1]` the floor this node knows)
 /// when the room has none, so the first event follows the position a subscriber is told. A counter
-/// made here expires after ARGV[2] ms unless an event uses it (the publish script keeps it then)
+/// made here expires after `ARGV[2]` ms unless an event uses it (the publish script keeps it then)
 /// or a node watching the room refreshes it ([`TOUCH_LUA`]): subscribing to rooms that never
 /// carry an event leaves nothing behind in Redis. KEYS: room counter.
 pub(super) const HEAD_LUA: &str = concat!(

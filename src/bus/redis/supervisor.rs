@@ -1,8 +1,8 @@
 //! The supervisor task: owns the node's one Redis connection. It connects, restores what a node
 //! needs (scripts, room counter floors, the membership snapshot and the membership changes it
-//! missed, then its subscriptions), alone issues
-//! `SUBSCRIBE` / `UNSUBSCRIBE` to match local interest, detects a lost connection, and reconnects
-//! with capped, jittered backoff.
+//! missed, then its subscriptions), alone issues the `SUBSCRIBE` / `UNSUBSCRIBE` commands that
+//! `topics.rs` plans to match local interest, detects a lost connection, and reconnects with
+//! capped, jittered backoff.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,11 +18,12 @@ use super::scripts::{
     channel, members_key_parts, seq_key, ALL, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL, MEMBER_INDEX_KEY,
     MEMBER_LOG_KEY,
 };
-use super::{lock, MemberMark, Phase, Shared, Sub, Topic, Topics};
+use super::{MemberMark, Phase, Shared};
 use crate::protocol::event::DomainEvent;
 use crate::protocol::ChatId;
+use crate::sync::lock;
 
-/// Channels per `SUBSCRIBE` / `UNSUBSCRIBE` command and rooms per re-seed call.
+/// Channels per `SUBSCRIBE` / `UNSUBSCRIBE` command, and rooms per re-seed or touch call.
 const CHUNK: usize = 512;
 
 /// One session per connection, backoff between attempts, until the bus handle is dropped (which
@@ -135,12 +136,8 @@ async fn open_session(
     if inbound.send(Inbound::Snapshot { gen, snapshot }).await.is_err() {
         return Err(redis::RedisError::from((redis::ErrorKind::Client, "redis bus stopped")));
     }
-    {
-        // Everything watched is resubscribed by the first reconcile.
-        let mut topics = lock(&shared.topics);
-        let Topics { map, dirty, .. } = &mut *topics;
-        dirty.extend(map.keys().copied());
-    }
+    // Everything watched is resubscribed by the first reconcile.
+    shared.topics.resubscribe_all();
     reconcile(shared, &mut conn).await?;
 
     *lock(&shared.conn) = Some(conn.clone());
@@ -194,7 +191,7 @@ async fn member_snapshot(
 }
 
 /// Raises room counters to the given floors (in chunks); returns ms since Redis's state began.
-pub(super) async fn reseed(
+async fn reseed(
     shared: &Shared,
     conn: &mut MultiplexedConnection,
     floors: &[(ChatId, u64)],
@@ -236,7 +233,7 @@ async fn run_session(
     loop {
         let settle_at = settle_until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
-            _ = shared.kick.notified() => {
+            _ = shared.topics.changed() => {
                 if let Err(e) = reconcile(shared, &mut conn).await {
                     return e;
                 }
@@ -272,15 +269,7 @@ async fn run_session(
 
 /// Refreshes the expiry of the counters of every room this node watches (in chunks).
 async fn touch_watched(shared: &Shared, conn: &mut MultiplexedConnection) -> Result<(), redis::RedisError> {
-    let rooms: Vec<ChatId> = lock(&shared.topics)
-        .map
-        .iter()
-        .filter(|(_, state)| state.count > 0)
-        .filter_map(|(topic, _)| match topic {
-            Topic::Room(chat) => Some(*chat),
-            Topic::User(_) => None,
-        })
-        .collect();
+    let rooms = shared.topics.watched_rooms();
     let ttl = shared.options.history_ttl.as_millis().to_string();
     for chunk in rooms.chunks(CHUNK) {
         let mut cmd = redis::cmd("EVALSHA");
@@ -293,85 +282,31 @@ async fn touch_watched(shared: &Shared, conn: &mut MultiplexedConnection) -> Res
     Ok(())
 }
 
-/// Brings Redis subscriptions in line with local interest, and re-seeds regressed rooms. Only the
-/// supervisor calls it, so SUBSCRIBE/UNSUBSCRIBE for a topic are never in flight twice; watches
-/// and unwatches that happen meanwhile mark the topic dirty again and are handled next round.
+/// Brings Redis subscriptions in line with local interest, and re-seeds regressed rooms: issues
+/// the commands of each [`Topics::plan`](super::topics::Topics::plan) and reports their
+/// confirmations, until a plan needs no subscription change.
 async fn reconcile(shared: &Shared, conn: &mut MultiplexedConnection) -> Result<(), redis::RedisError> {
     loop {
-        let mut subs = Vec::new();
-        let mut unsubs = Vec::new();
-        let reseed_rooms: Vec<ChatId>;
-        {
-            let mut topics = lock(&shared.topics);
-            let Topics { map, dirty, reseed } = &mut *topics;
-            reseed_rooms = reseed.drain().collect();
-            for topic in dirty.drain() {
-                let Some(state) = map.get_mut(&topic) else { continue };
-                match (state.count > 0, state.sub) {
-                    (true, Sub::Off) => subs.push(topic),
-                    (false, Sub::On) => {
-                        // Marked under the lock, so no `watch` trusts this subscription any more.
-                        state.sub = Sub::Leaving;
-                        unsubs.push(topic);
-                    }
-                    (false, Sub::Off) => {
-                        map.remove(&topic);
-                    }
-                    (true, Sub::On) => {
-                        for waiter in state.waiters.drain(..) {
-                            let _ = waiter.send(Ok(()));
-                        }
-                    }
-                    // Only this function sets `Leaving`, and it settles it before draining again.
-                    (_, Sub::Leaving) => {}
-                }
-            }
-        }
-        if !reseed_rooms.is_empty() {
+        let plan = shared.topics.plan();
+        if !plan.reseed.is_empty() {
             let floors: Vec<(ChatId, u64)> = {
                 let known = lock(&shared.floors);
-                reseed_rooms.iter().filter_map(|c| known.get(c).map(|f| (*c, *f))).collect()
+                plan.reseed.iter().filter_map(|c| known.get(c).map(|f| (*c, *f))).collect()
             };
             reseed(shared, conn, &floors).await?;
         }
-        if subs.is_empty() && unsubs.is_empty() {
+        if plan.settled() {
             return Ok(());
         }
-        for chunk in unsubs.chunks(CHUNK) {
+        for chunk in plan.unsubscribe.chunks(CHUNK) {
             let channels: Vec<String> = chunk.iter().map(|t| channel(*t)).collect();
             conn.unsubscribe(&channels).await?;
-            let mut topics = lock(&shared.topics);
-            let Topics { map, dirty, .. } = &mut *topics;
-            for topic in chunk {
-                if let Some(state) = map.get_mut(topic) {
-                    state.sub = Sub::Off;
-                    if state.count == 0 {
-                        map.remove(topic);
-                    } else {
-                        // Watched again while the UNSUBSCRIBE was in flight: those watches wait
-                        // for the SUBSCRIBE of the next round.
-                        dirty.insert(*topic);
-                    }
-                }
-            }
+            shared.topics.unsubscribed(chunk);
         }
-        for chunk in subs.chunks(CHUNK) {
+        for chunk in plan.subscribe.chunks(CHUNK) {
             let channels: Vec<String> = chunk.iter().map(|t| channel(*t)).collect();
             conn.subscribe(&channels).await?;
-            let mut topics = lock(&shared.topics);
-            let Topics { map, dirty, .. } = &mut *topics;
-            for topic in chunk {
-                if let Some(state) = map.get_mut(topic) {
-                    state.sub = Sub::On;
-                    for waiter in state.waiters.drain(..) {
-                        let _ = waiter.send(Ok(()));
-                    }
-                    if state.count == 0 {
-                        // Unwatched while the SUBSCRIBE was in flight.
-                        dirty.insert(*topic);
-                    }
-                }
-            }
+            shared.topics.subscribed(chunk);
         }
     }
 }
