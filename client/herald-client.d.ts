@@ -1,4 +1,12 @@
-// Type declarations for herald-client.js (the Herald browser client).
+/**
+ * Type declarations for herald-client.js, the Herald browser client, whose
+ * npm package name is `herald-gateway-client`
+ * (`import { HeraldClient } from 'herald-gateway-client'`; the npm name
+ * `herald-client` belongs to an unrelated package). Herald also serves the
+ * same module at `/client.js`.
+ *
+ * @module herald-gateway-client
+ */
 
 /** Close codes the server uses (docs/PROTOCOL.md section 6). */
 export declare const CloseCode: Readonly<{
@@ -7,6 +15,8 @@ export declare const CloseCode: Readonly<{
   POLICY: 1008;
   TOO_BIG: 1009;
   TOKEN_EXPIRED: 4001;
+  /** Disconnected by the server (its API's disconnect or revoke): the client stops. */
+  DISCONNECTED: 4003;
   SLOW_CONSUMER: 4008;
 }>;
 
@@ -22,6 +32,9 @@ export type HeraldErrorCode =
   | 'closed'
   /** the server removed the user from the chat */
   | 'removed'
+  /** the server closed with 4003 (disconnected by the server): the client
+   * stopped; pending subscribes reject with it too */
+  | 'disconnected'
   | 'token'
   | 'token_expired'
   | 'connect'
@@ -49,7 +62,8 @@ export interface UserEvent<Data = unknown> {
 }
 
 export interface HeraldClientOptions {
-  /** A fixed JWT. With only a token, a 4001 (token expired) ends the client. */
+  /** A fixed JWT. With only a token, a 4001 (token expired) ends the client.
+   * A 4003 (disconnected by the server) ends it either way. */
   token?: string;
   /** Called before every connection attempt, including after 4001. A token
    * identical to one the server closed with 4001 is never sent again: that
@@ -68,7 +82,9 @@ export interface HeraldClientOptions {
   pingInterval?: number;
   /** No frame within this many ms after a ping: the path is dead, reconnect (default 10000). */
   pingTimeout?: number;
-  /** An attempt that has not opened after this many ms is abandoned (default 10000). */
+  /** An attempt that has not opened after this many ms is abandoned (default 10000).
+   * A refused or failed attempt (a WebSocket `error` before open) fails at
+   * once, with code 1006, and is retried after the backoff. */
   connectTimeout?: number;
   /** A connection counts as healthy, and the backoff starts over from
    * backoffInitial, once it has stayed open this many ms and every room it
@@ -90,7 +106,9 @@ export interface Subscribed {
 }
 
 export interface Disconnected {
-  /** The WebSocket close code; 0 when the client gave up on the socket itself. */
+  /** The WebSocket close code; 1006 when the connection failed before it
+   * opened; 0 when the client gave up on the socket itself (connect or ping
+   * timeout). After 4003, and after 4001 without getToken(), willReconnect is false. */
   code: number;
   reason: string;
   willReconnect: boolean;
@@ -130,7 +148,8 @@ export declare class HeraldClient {
   readonly state: ConnectionState;
   /** Starts connecting; resolves once connected. */
   connect(): Promise<void>;
-  /** Closes for good with 1000. */
+  /** Closes for good with 1000. After close(), or after the server closed with
+   * 4003, connect() starts again and resubscribes the rooms. */
   close(): void;
   /** Resolves on `subscribed`, rejects with a HeraldError on `error`; survives reconnects. */
   subscribe<Data = unknown>(chatId: string, handler: (event: RoomEvent<Data>) => void): Promise<Subscribed>;

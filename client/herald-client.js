@@ -1,4 +1,5 @@
-// herald-client: a dependency-free browser (and Node >= 22) client for Herald.
+// herald-client.js (npm: herald-gateway-client): a dependency-free browser
+// (and Node >= 22, or 20 with --experimental-websocket) client for Herald.
 //
 // One job: keep an application subscribed to its Herald rooms across
 // reconnects, and tell it exactly when it may have missed events. It speaks
@@ -12,6 +13,8 @@ export const CloseCode = Object.freeze({
   POLICY: 1008,
   TOO_BIG: 1009,
   TOKEN_EXPIRED: 4001,
+  /** Disconnected by the server (a disconnect or revoke through its API): the client stops. */
+  DISCONNECTED: 4003,
   SLOW_CONSUMER: 4008,
 });
 
@@ -21,7 +24,8 @@ export class HeraldError extends Error {
     super(message || code);
     this.name = 'HeraldError';
     /** `bad_request`, `unknown_type`, `forbidden`, `too_many_subscriptions`,
-     * `rate_limited`, `unavailable`, or the client's own `closed`. */
+     * `rate_limited`, `unavailable`, or the client's own: `closed`, `removed`,
+     * `disconnected` (closed with 4003), `token`, `token_expired`, `connect`. */
     this.code = code;
     this.chatId = chatId;
   }
@@ -202,9 +206,11 @@ export class HeraldClient {
       return;
     }
     this._ws = ws;
+    let opened = false;
     this._timers.open = setTimeout(() => this._drop(ws, 0, 'connect timeout'), this._opts.connectTimeout);
     ws.onopen = () => {
       if (ws !== this._ws) return;
+      opened = true;
       clearTimeout(this._timers.open);
       // Opening proves little: a sick server (1011 while its bus is down, a
       // 4008 or 1008 loop) accepts and then closes at once. The backoff only
@@ -234,13 +240,22 @@ export class HeraldClient {
       this._checkHealthy();
     };
     ws.onclose = (e) => {
+      // A socket already given up on (timeout, or an error before open) is
+      // not this._ws any more: its late close schedules nothing.
       if (ws !== this._ws) return;
       this._ws = null;
       if (e.code === CloseCode.TOKEN_EXPIRED) this._expiredToken = token;
       this._scheduleReconnect({ code: e.code, reason: e.reason });
     };
-    // An error is always followed by close; close decides what happens next.
-    ws.onerror = () => {};
+    // Browsers follow every error with a close, which decides what happens
+    // next. Node's WebSocket (20, 22) reports a refused or failed connection
+    // with an error and no close, leaving the socket "connecting" until the
+    // connectTimeout: so an error before open is a failed attempt at once
+    // (1006, as the browser's close would say). After open, close follows.
+    ws.onerror = () => {
+      if (ws !== this._ws || opened) return;
+      this._drop(ws, 1006, 'connection failed');
+    };
   }
 
   async _token() {
@@ -272,12 +287,14 @@ export class HeraldClient {
       room.recovering = false;
     }
     if (this._stopped) return;
+    if (code === CloseCode.DISCONNECTED) {
+      // The server's API disconnected this user (or revoked the token):
+      // reconnecting would defy it. The app decides (e.g. connect() after a new login).
+      return this._stop(code, reason, new HeraldError('disconnected', reason || 'disconnected by the server'));
+    }
     const expired = code === CloseCode.TOKEN_EXPIRED;
     if (expired && typeof this._opts.getToken !== 'function') {
-      this._setState('closed');
-      this._emit('disconnected', { code, reason, willReconnect: false });
-      this._emit('error', new HeraldError('token_expired', 'token expired and no getToken() to renew it'));
-      return;
+      return this._stop(code, reason, new HeraldError('token_expired', 'token expired and no getToken() to renew it'));
     }
     // A fresh token fixes an expiry, so the first one comes back soon (still
     // jittered: a fleet's tokens often share an `exp`). A second 4001 before
@@ -294,6 +311,17 @@ export class HeraldClient {
     this._setState('disconnected');
     this._emit('disconnected', { code, reason, willReconnect: true, delay });
     this._timers.reconnect = setTimeout(() => this._open(), delay);
+  }
+
+  /** Stops after a close that reconnecting cannot fix: state `closed`,
+   * pending subscribes reject with `err`, which is also emitted. The rooms
+   * stay, so a later connect() resubscribes them. */
+  _stop(code, reason, err) {
+    this._stopped = true;
+    this._setState('closed');
+    this._emit('disconnected', { code, reason, willReconnect: false });
+    for (const room of this._rooms.values()) settle(room, new HeraldError(err.code, err.message, room.chatId));
+    this._emit('error', err);
   }
 
   _backoff() {

@@ -1,12 +1,15 @@
 // herald-client against a real Herald process: acks and typed errors,
-// reconnect and resubscribe across a restart, token renewal on 4001,
-// deduplication and gap reports by seq, and dead-path detection by ping.
+// reconnect and resubscribe across a restart (rejoined within the backoff
+// although Node reports a refused connection without a close), token
+// renewal on 4001, a stop on 4003, deduplication and gap reports by seq,
+// and dead-path detection by ping.
 
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 
-import { HeraldClient, HeraldError } from '../herald-client.js';
-import { inbox, message, next, proxy, startHerald, token, uuid } from './support.js';
+import { CloseCode, HeraldClient, HeraldError } from '../herald-client.js';
+import { closingServer, inbox, message, next, proxy, startHerald, token, uuid } from './support.js';
 
 let herald;
 before(async () => {
@@ -215,4 +218,124 @@ test('a dead network path is detected by the app-level ping', async (t) => {
   const gone = await next(c, 'disconnected');
   assert.equal(gone.reason, 'ping timeout');
   assert.equal(gone.willReconnect, true);
+});
+
+test('a restarted node is rejoined within the backoff, not the connect timeout', async (t) => {
+  // Node's WebSocket reports a refused connection with an error and no close:
+  // unless the client treats that error as a failed attempt, the first
+  // attempt after the stop hangs until connectTimeout (10 s here).
+  const node = await startHerald();
+  t.after(() => node.stop());
+  const chat = uuid();
+  const c = client(t, node.wsUrl, {
+    token: token(uuid(), [chat]),
+    connectTimeout: 10000,
+    backoffInitial: 100,
+    backoffMax: 300,
+  });
+  await c.connect();
+  await c.subscribe(chat, () => {});
+  const refused = [];
+  c.on('disconnected', (d) => refused.push(d));
+
+  await node.stop();
+  // Down for a second: several attempts, each refused at once.
+  await sleep(1000);
+  const resubscribed = next(c, 'subscribed', (s) => s.chatId === chat, 8000);
+  const restarted = await startHerald({ port: node.port });
+  t.after(() => restarted.stop());
+  const back = performance.now();
+  await resubscribed;
+  const took = performance.now() - back;
+  assert.ok(took < 2500, `rejoined ${Math.round(took)} ms after the restart (backoffMax 300, connectTimeout 10000)`);
+  assert.equal(refused[0].code, 1001, 'the stop closed with 1001');
+  const failed = refused.slice(1);
+  assert.ok(failed.length >= 2, `${failed.length} refused attempts while the node was down`);
+  for (const d of failed) {
+    assert.equal(d.code, 1006);
+    assert.equal(d.willReconnect, true);
+    assert.ok(d.delay <= 300, `delay ${d.delay} above backoffMax`);
+  }
+});
+
+test('an error before open is one failed attempt, with or without the close after it', async (t) => {
+  // A stand-in WebSocket that never opens, to play both orders: Node's
+  // (error only) and the browser's (error, then close).
+  const sockets = [];
+  class FakeSocket {
+    constructor(url) {
+      this.url = url;
+      this.readyState = 0;
+      sockets.push(this);
+    }
+    send() {}
+    close() {
+      this.readyState = 3;
+    }
+  }
+  const c = client(t, 'ws://herald.invalid/ws', {
+    token: 'any',
+    WebSocket: FakeSocket,
+    connectTimeout: 10000,
+    backoffInitial: 50,
+    backoffMax: 100,
+  });
+  const attempts = [];
+  const gone = [];
+  c.on('connecting', ({ attempt }) => attempts.push(attempt));
+  c.on('disconnected', (d) => gone.push(d));
+  c.connect();
+  await sleep(10);
+
+  // The browser's order: the close that follows the error changes nothing more.
+  const first = sockets[0];
+  const { onerror, onclose } = first;
+  onerror({ type: 'error' });
+  onclose({ code: 1006, reason: '' });
+  assert.equal(c.state, 'disconnected');
+  assert.deepEqual(gone.map((d) => d.code), [1006], 'one failed attempt, not two');
+
+  // Node's order: an error alone fails the attempt at once.
+  const second = await waitFor(() => sockets[1], 1000);
+  second.onerror({ type: 'error' });
+  assert.equal(c.state, 'disconnected');
+  assert.deepEqual(gone.map((d) => d.code), [1006, 1006]);
+  await waitFor(() => sockets[2], 1000);
+  assert.deepEqual(attempts, [0, 1, 2], 'each failure counted once');
+  assert.ok(first.readyState === 3 && second.readyState === 3, 'failed sockets are closed');
+});
+
+/** Polls `get` until it returns something truthy. */
+async function waitFor(get, ms) {
+  const end = performance.now() + ms;
+  for (;;) {
+    const v = get();
+    if (v) return v;
+    if (performance.now() > end) assert.fail(`nothing within ${ms} ms`);
+    await sleep(5);
+  }
+}
+
+test('4003 (disconnected by the server) stops the client for good', async (t) => {
+  const server = await closingServer(CloseCode.DISCONNECTED, 'disconnected by the server');
+  t.after(() => server.close());
+  let calls = 0;
+  // getToken(): a 4001 would be renewed, so only the code can stop it.
+  const c = client(t, server.wsUrl, { getToken: () => `token-${++calls}` });
+  assert.equal(CloseCode.DISCONNECTED, 4003);
+  const chat = uuid();
+  const pending = c.subscribe(chat, () => {});
+  const errors = [];
+  c.on('error', (e) => errors.push(e));
+  const gone = next(c, 'disconnected');
+  c.connect();
+  assert.deepEqual(await gone, { code: 4003, reason: 'disconnected by the server', willReconnect: false });
+  await assert.rejects(pending, (e) => e instanceof HeraldError && e.code === 'disconnected' && e.chatId === chat);
+  assert.equal(errors.length, 1);
+  assert.ok(errors[0] instanceof HeraldError);
+  assert.equal(errors[0].code, 'disconnected');
+  assert.equal(c.state, 'closed');
+  await sleep(600);
+  assert.equal(server.upgrades.length, 1, 'no reconnect after 4003');
+  assert.equal(c.state, 'closed');
 });
