@@ -44,6 +44,10 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address to listen on. Without a configured secret only loopback is allowed.
     pub listen: SocketAddr,
+    /// The operator's port: when set, `/api/*`, `/metrics`, `/healthz` and
+    /// `/readyz` are served here only, and `listen` keeps the browser's
+    /// routes (`/ws`, `/client.js`, `/`, `/demo/token`). Unset: one port.
+    pub internal_listen: Option<SocketAddr>,
     /// Connections held at once; upgrades beyond it get 503.
     pub max_connections: usize,
     /// How long shutdown waits for connections to drain after sending 1001.
@@ -63,6 +67,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            internal_listen: None,
             max_connections: 19_500,
             shutdown_grace: Duration::from_secs(10),
             max_body_bytes: 1 << 20,
@@ -390,6 +395,24 @@ impl Config {
                 ),
             ));
         }
+        if let Some(internal) = self.server.internal_listen {
+            // Port 0 twice is two different ports; any other equal pair is one.
+            if internal == self.server.listen && internal.port() != 0 {
+                return Err(key_error(
+                    "server.internal_listen",
+                    format!("{internal} is server.listen too: give the internal listener its own port"),
+                ));
+            }
+            if !internal.ip().is_loopback() && (!has_secret || self.api.keys.is_empty()) {
+                return Err(key_error(
+                    "server.internal_listen",
+                    format!(
+                        "{internal} is not a loopback address: configure auth.jwt_secret (or \
+                         auth.jwt_public_key_file) and api.keys first"
+                    ),
+                ));
+            }
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(log_filter(&self.log.level)) {
             return Err(key_error(
                 "log.level",
@@ -441,8 +464,9 @@ fn is_override(var: &str) -> bool {
 
 /// Keys whose values are text even when they look like numbers (a numeric
 /// secret from the environment must stay a string).
-const TEXT_KEYS: [&str; 9] = [
+const TEXT_KEYS: [&str; 10] = [
     "server.listen",
+    "server.internal_listen",
     "auth.jwt_secret",
     "auth.jwt_public_key_file",
     "auth.issuer",

@@ -110,8 +110,9 @@ impl Demo {
         }
     }
 
-    /// The text printed once the node listens on `addr`.
-    pub fn banner(&self, config: &Config, addr: SocketAddr) -> String {
+    /// The text printed once the node listens on `addr`, with its server
+    /// API on `api` (the internal listener when there is one, else `addr`).
+    pub fn banner(&self, config: &Config, addr: SocketAddr, api: SocketAddr) -> String {
         let Demo { secret, api_key: key, user, chat, token } = self;
         let membership_note = match config.auth.membership {
             Membership::Token => "the token's `chats` claim lets it subscribe to the demo chat",
@@ -139,7 +140,7 @@ Or in a browser console:
   ws.onopen = () => ws.send(JSON.stringify({{type: 'subscribe', chat_id: '{chat}'}}));
 
 Publish a message:
-  curl -sS -X POST http://{addr}/api/events \
+  curl -sS -X POST http://{api}/api/events \
     -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \
     -d '{{"type":"message.sent","chat_id":"{chat}","data":{{"id":"{msg}","content":"Hello!","sender_id":"{user}","created_at":"2026-01-15T10:30:00Z"}}}}'
 "#,
@@ -159,7 +160,7 @@ impl Generated {
         }
     }
 
-    /// The text printed once the node listens on `addr`. It shows only what
+    /// The text printed once the node serves its API on `addr`. It shows only what
     /// was generated: nobody else knows those values and they guard only this
     /// run, while without them the node could not be connected to or
     /// published to. What was configured is never printed.
@@ -236,7 +237,7 @@ mod tests {
         let page = demo.page();
         assert_eq!((page.secret, page.api_key), (demo.secret.clone(), demo.api_key.clone()));
 
-        let banner = demo.banner(&config, ADDR);
+        let banner = demo.banner(&config, ADDR, ADDR);
         for needle in [
             &demo.secret,
             &demo.api_key,

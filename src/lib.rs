@@ -20,12 +20,15 @@
 //! - [`alarms`]: the node's one timer for every connection's deadlines.
 //! - [`node`]: the node's shared state, built once; the load sensor and the
 //!   history sweeper.
-//! - [`http`]: `/ws`, `/api/events`, `/healthz`, `/readyz`, `/metrics`, and
-//!   the browser's files and demo page.
+//! - [`http`]: `/ws`, `/api/events`, `/api/info`, `/healthz`, `/readyz`,
+//!   `/metrics`, and the browser's files and demo page; which listener
+//!   serves which route.
 //! - [`server`]: builds the node, runs the accept loop (with the load sensor
 //!   and the history sweeper), limits and graceful drain.
 //! - [`metrics`]: counters and their Prometheus rendering; [`striped`]: the
 //!   per-thread counters the delivery path adds to.
+//! - [`process`]: this process's memory, CPU, file descriptors and start
+//!   time from `/proc`, for `/metrics`.
 //! - [`cmd`]: the command line and the operator subcommands (token, check-token,
 //!   check-config, init).
 //! - [`demo`]: what a run generates for itself, the embedded default's demo, and their banners.
@@ -46,6 +49,7 @@ pub mod mailbox;
 pub mod membership;
 pub mod metrics;
 pub mod node;
+pub mod process;
 pub mod protocol;
 pub mod rooms;
 pub mod server;

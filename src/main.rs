@@ -90,17 +90,20 @@ fn serve(mut config: Config, config_file: bool) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let mut server = Server::bind(config.clone()).await?;
-        let addr = server.local_addr();
+        let (addr, api) = (server.local_addr(), server.api_addr());
         tracing::info!(%addr, bus = ?config.bus.kind, membership = ?config.auth.membership, "herald listening");
+        if let Some(internal) = server.internal_addr() {
+            tracing::info!(%internal, "internal listener: /api/*, /metrics, /healthz and /readyz are served here only");
+        }
         match &prepared {
             Prepared::Demo(demo) => {
                 if config.ui.enabled != Some(false) {
                     println!("\n  Demo page: open http://{addr}/ in a browser");
                     server = server.with_demo_page(demo.page());
                 }
-                println!("{}", demo.banner(&config, addr));
+                println!("{}", demo.banner(&config, addr, api));
             }
-            Prepared::Generated(generated) => println!("{}", generated.banner(addr)),
+            Prepared::Generated(generated) => println!("{}", generated.banner(api)),
             Prepared::Configured => {}
         }
         let shutdown = CancellationToken::new();

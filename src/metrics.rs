@@ -8,6 +8,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Ended, ErrorCode};
+use crate::process::Process;
 use crate::striped::Striped;
 
 /// Gauges read from the registries at scrape time.
@@ -27,6 +28,8 @@ pub struct Gauges {
     pub backlog_limit: i64,
     /// Connection deadlines armed in the node's alarms.
     pub alarms: usize,
+    /// This process's facts (`None` where `/proc` is not available).
+    pub process: Option<Process>,
 }
 
 /// Every counter and gauge Herald exports.
@@ -232,6 +235,31 @@ impl Metrics {
         for (code, c) in Ended::LABELS.iter().zip(&self.close_codes) {
             let _ = writeln!(out, "herald_closes_total{{code=\"{code}\"}} {}", get(c));
         }
+        let _ = writeln!(out, "# HELP herald_build_info The running Herald's version; always 1.");
+        let _ = writeln!(out, "# TYPE herald_build_info gauge");
+        let _ = writeln!(out, "herald_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+        if let Some(p) = &gauges.process {
+            render_process(&mut out, p);
+        }
         out
+    }
+}
+
+/// The standard process metrics, under their usual names (no `herald_`
+/// prefix), so stock dashboards and alerts find them.
+fn render_process(out: &mut String, p: &Process) {
+    let samples: [(&str, &str, &str, f64); 4] = [
+        ("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", p.resident_bytes as f64),
+        ("process_cpu_seconds_total", "counter", "User and system CPU time spent in seconds.", p.cpu_seconds),
+        ("process_open_fds", "gauge", "Number of open file descriptors.", p.open_fds as f64),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since the Unix epoch in seconds.",
+            p.start_time_seconds,
+        ),
+    ];
+    for (name, kind, help, value) in samples {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     }
 }

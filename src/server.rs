@@ -1,14 +1,15 @@
 //! The server: builds the node and the HTTP app from a [`Config`], runs the
-//! accept loop with the node's load sensor and history sweeper beside it,
-//! and drains gracefully on shutdown. Its [`Publisher`] is the in-process
-//! ingress, beside `POST /api/events`.
+//! accept loop of each listener (the public one, and the internal one when
+//! `server.internal_listen` is set) with the node's load sensor and history
+//! sweeper beside them, and drains gracefully on shutdown. Its
+//! [`Publisher`] is the in-process ingress, beside `POST /api/events`.
 
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -21,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{KeyError, Verifier};
 use crate::bus::{Bus, BusError};
 use crate::config::Config;
-use crate::http::{App, DemoPage};
+use crate::http::{App, DemoPage, Surface};
 use crate::metrics::Metrics;
 use crate::node::{self, Node};
 use crate::protocol::event::{self, DomainEvent, Known};
@@ -31,6 +32,8 @@ use crate::protocol::event::{self, DomainEvent, Known};
 pub enum ServerError {
     #[error("cannot listen on {addr} (server.listen): {source}")]
     Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot listen on {addr} (server.internal_listen): {source}")]
+    BindInternal { addr: SocketAddr, source: io::Error },
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
@@ -40,6 +43,9 @@ pub enum ServerError {
 /// A bound, ready-to-run Herald node.
 pub struct Server {
     listener: TcpListener,
+    /// `server.internal_listen`'s listener, when set: the operator's routes
+    /// move here (see [`Surface`]).
+    internal: Option<TcpListener>,
     app: Arc<App>,
     /// Tracks HTTP connection tasks, the load sensor and the history sweeper
     /// (WebSocket tasks are in `app.node.tasks`).
@@ -47,6 +53,9 @@ pub struct Server {
     /// One permit per HTTP connection until it ends or upgrades
     /// (`server.max_http_connections`); each connection task holds its own.
     http_limit: Arc<Semaphore>,
+    /// The same for the internal listener, apart so that a flood on the
+    /// public port cannot lock monitoring and the server API out.
+    internal_limit: Arc<Semaphore>,
     /// How long a client may take to send its request headers.
     header_timeout: Duration,
     grace: Duration,
@@ -84,6 +93,10 @@ impl Server {
         let node = Arc::new(Node::build(&config).await?);
         let addr = config.server.listen;
         let listener = listen(addr).map_err(|source| ServerError::Bind { addr, source })?;
+        let internal = match config.server.internal_listen {
+            Some(addr) => Some(listen(addr).map_err(|source| ServerError::BindInternal { addr, source })?),
+            None => None,
+        };
         let app = Arc::new(App {
             node,
             verifier,
@@ -92,12 +105,16 @@ impl Server {
             max_body_bytes: config.server.max_body_bytes,
             conn_limit: Arc::new(Semaphore::new(config.server.max_connections)),
             ui: crate::http::Ui { enabled: config.ui.enabled, demo: None },
+            started: Instant::now(),
+            bus_kind: config.bus.kind,
         });
         Ok(Server {
             listener,
+            internal,
             app,
             http_tasks: TaskTracker::new(),
             http_limit: Arc::new(Semaphore::new(config.server.max_http_connections)),
+            internal_limit: Arc::new(Semaphore::new(config.server.max_http_connections)),
             header_timeout: config.server.header_read_timeout,
             grace: config.server.shutdown_grace,
         })
@@ -107,6 +124,18 @@ impl Server {
     pub fn local_addr(&self) -> SocketAddr {
         // ok: a bound listener always has a local address.
         self.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// The internal listener's address actually bound, when
+    /// `server.internal_listen` is set.
+    pub fn internal_addr(&self) -> Option<SocketAddr> {
+        self.internal.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Where the server API (`/api/*`) is served: the internal listener
+    /// when there is one, else the public one.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.internal_addr().unwrap_or_else(|| self.local_addr())
     }
 
     /// Gives the page at `/` a demo user to run as (the true embedded
@@ -128,12 +157,69 @@ impl Server {
     }
 
     /// Serves until `shutdown` is cancelled (sensing load and sweeping
-    /// history meanwhile), then drains: stops accepting, closes every
-    /// WebSocket with 1001, and waits up to the grace period.
+    /// history meanwhile), then drains: stops accepting on every listener,
+    /// closes every WebSocket with 1001, and waits up to the grace period.
     pub async fn run(self, shutdown: CancellationToken) {
-        let Server { listener, app, http_tasks, http_limit, header_timeout, grace } = self;
+        let Server { listener, internal, app, http_tasks, http_limit, internal_limit, header_timeout, grace } =
+            self;
         http_tasks.spawn(node::sense_load(app.node.clone(), shutdown.clone()));
         http_tasks.spawn(node::sweep_history(app.node.clone(), shutdown.clone()));
+        let public = if internal.is_some() { Surface::Public } else { Surface::All };
+        let serve = |listener, surface, limit| Accept {
+            listener,
+            surface,
+            app: app.clone(),
+            tasks: http_tasks.clone(),
+            limit,
+            header_timeout,
+            shutdown: shutdown.clone(),
+        };
+        // Both loops end at the same signal, each dropping its listener.
+        let public = serve(listener, public, http_limit).run();
+        let internal = async {
+            if let Some(listener) = internal {
+                serve(listener, Surface::Internal, internal_limit).run().await;
+            }
+        };
+        tokio::join!(public, internal);
+        tracing::info!("shutting down: closing connections with 1001");
+        app.node.shutdown.cancel();
+        app.node.users.shut_down_all();
+        app.node.tasks.close();
+        http_tasks.close();
+        let drained = tokio::time::timeout(grace, async {
+            app.node.tasks.wait().await;
+            http_tasks.wait().await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                remaining = app.node.tasks.len(),
+                "shutdown grace period (server.shutdown_grace) ended with connections still open"
+            );
+        }
+    }
+}
+
+/// One listener's accept loop and what its connections need.
+struct Accept {
+    listener: TcpListener,
+    /// The routes this listener serves.
+    surface: Surface,
+    app: Arc<App>,
+    /// Where its connection tasks are tracked (the server's HTTP tasks).
+    tasks: TaskTracker,
+    /// One permit per open HTTP connection of this listener; each
+    /// connection task holds its own until it ends or upgrades.
+    limit: Arc<Semaphore>,
+    header_timeout: Duration,
+    shutdown: CancellationToken,
+}
+
+impl Accept {
+    /// Accepts until `shutdown`, then drops the listener (stops accepting).
+    async fn run(self) {
+        let Accept { listener, surface, app, tasks, limit, header_timeout, shutdown } = self;
         let mut backoff = Duration::from_millis(5);
         loop {
             let accepted = tokio::select! {
@@ -156,7 +242,7 @@ impl Server {
             // Bounded like WebSockets: a flood of connections that never
             // finish a request is shed at accept, not queued.
             let metrics = app.node.metrics.clone();
-            let Ok(permit) = http_limit.clone().try_acquire_owned() else {
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
                 metrics.http_rejected.fetch_add(1, Ordering::Relaxed);
                 drop(stream);
                 continue;
@@ -164,13 +250,13 @@ impl Server {
             let _ = stream.set_nodelay(true);
             let app = app.clone();
             let shutdown = shutdown.clone();
-            http_tasks.spawn(async move {
+            tasks.spawn(async move {
                 let _permit = permit;
                 metrics.http_connections.fetch_add(1, Ordering::Relaxed);
                 let _gauge = Decrement(&metrics.http_connections);
                 let service = service_fn(move |req| {
                     let app = app.clone();
-                    async move { Ok::<_, Infallible>(app.handle(req).await) }
+                    async move { Ok::<_, Infallible>(app.handle(surface, req).await) }
                 });
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -186,23 +272,6 @@ impl Server {
                     }
                 }
             });
-        }
-        drop(listener);
-        tracing::info!("shutting down: closing connections with 1001");
-        app.node.shutdown.cancel();
-        app.node.users.shut_down_all();
-        app.node.tasks.close();
-        http_tasks.close();
-        let drained = tokio::time::timeout(grace, async {
-            app.node.tasks.wait().await;
-            http_tasks.wait().await;
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(
-                remaining = app.node.tasks.len(),
-                "shutdown grace period (server.shutdown_grace) ended with connections still open"
-            );
         }
     }
 }

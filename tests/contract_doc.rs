@@ -14,6 +14,7 @@ use std::path::Path;
 use herald::config::Config;
 use herald::error::{CloseCode, Ended, ErrorCode};
 use herald::metrics::{Gauges, Metrics};
+use herald::process::Process;
 use serde_json::Value;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -195,11 +196,20 @@ fn has_row(doc: &str, name: &str) -> bool {
 #[test]
 fn every_metric_is_documented_in_section_7() -> TestResult {
     let doc = section("7")?;
-    let text = Metrics::default().render(&Gauges::default(), true);
+    // With process facts, as on Linux, so their rows are required everywhere.
+    let gauges = Gauges { process: Some(Process::default()), ..Gauges::default() };
+    let text = Metrics::default().render(&gauges, true);
     let names: Vec<&str> =
         text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
     assert!(names.len() > 10, "{text}");
+    // Herald's own are prefixed; the standard process metrics keep their names.
+    let process: Vec<&&str> = names.iter().filter(|n| n.starts_with("process_")).collect();
+    assert_eq!(process.len(), 4, "{text}");
     for name in names {
+        assert!(
+            name.starts_with("herald_") || name.starts_with("process_"),
+            "metric {name} is neither herald_ nor a standard process_ metric"
+        );
         assert!(has_row(doc, name), "metric {name} has no row in PROTOCOL.md section 7");
     }
     Ok(())

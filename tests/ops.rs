@@ -61,10 +61,11 @@ async fn healthz_and_prometheus_metrics_are_served() {
         assert!(text.contains(&format!("# TYPE herald_{name} {kind}\n")), "no {kind} {name} in:\n{text}");
         assert!(text.contains(&format!("# HELP herald_{name} ")), "no help for {name}");
     }
-    // Every sample line is `name[{labels}] number`.
+    // Every sample line is `name[{labels}] number`, Herald's own or the
+    // standard process metrics.
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample {line:?}"));
-        assert!(name.starts_with("herald_"), "{line}");
+        assert!(name.starts_with("herald_") || name.starts_with("process_"), "{line}");
         value.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {line:?}"));
     }
     assert_eq!(gw.metric("bus_up").await, 1.0);

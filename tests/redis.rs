@@ -1011,3 +1011,33 @@ async fn e2e_a_member_log_that_no_longer_reaches_back_is_counted() {
     assert_eq!(a.metric("redis_membership_log_gaps_total").await, 1.0);
     assert_eq!(b.metric("redis_membership_log_gaps_total").await, 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn api_info_names_the_redis_bus_and_its_state() {
+    let mut redis = RedisServer::start();
+    let gw = gateway(&redis, Membership::Open).await;
+    let info = || async {
+        let request = format!(
+            "GET /api/info HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            support::API_KEY
+        );
+        let (status, body) = gw.http(&request).await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).expect("JSON")
+    };
+    assert_eq!(info().await["bus"], json!({"kind": "redis", "state": "ok", "reason": null}));
+
+    redis.kill();
+    let deadline = Instant::now() + support::PATIENCE;
+    loop {
+        let bus = info().await["bus"].clone();
+        if bus["state"] == "degraded" {
+            assert_eq!(bus["kind"], "redis");
+            assert!(bus["reason"].as_str().is_some_and(|r| !r.is_empty()), "{bus}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {bus} with Redis down");
+        sleep(Duration::from_millis(50)).await;
+    }
+}

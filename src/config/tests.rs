@@ -168,8 +168,19 @@ fn bad_input_names_the_key() {
     assert!(err("", &[("HERALD_A__B__C", "x")]).contains("HERALD_A__B__C"));
     assert!(err("auth:\n  membership: everyone\n", &[]).contains("auth.membership"));
     assert!(err("server:\n  listen: 0.0.0.0:8080\n", &[]).contains("server.listen"));
+    assert!(err("server:\n  internal_listen: 127.0.0.1:8080\n", &[]).contains("server.internal_listen"));
+    assert!(err("server:\n  internal_listen: 0.0.0.0:9090\n", &[]).contains("server.internal_listen"));
+    assert!(err("server:\n  internal_listen: nine\n", &[]).contains("server.internal_listen"));
     assert!(err(": : :\n", &[]).contains("YAML"));
     assert!(err("log:\n  format: xml\n", &[]).contains("log.format"));
     assert!(err("log:\n  level: \"herald=loud\"\n", &[]).contains("log.level"));
     assert!(err("", &[("HERALD_LOG__LEVEL", "=")]).contains("log.level"));
+}
+
+#[test]
+fn the_internal_listener_is_optional_and_read_from_the_environment() -> TestResult {
+    assert_eq!(Config::load(None, [])?.server.internal_listen, None);
+    let c = load_yaml("", &[("HERALD_SERVER__INTERNAL_LISTEN", "127.0.0.1:9090")])?;
+    assert_eq!(c.server.internal_listen, Some("127.0.0.1:9090".parse()?));
+    Ok(())
 }

@@ -1,6 +1,8 @@
-//! `POST /api/events`: authenticated, size-limited publish of one event or a
-//! batch; all-or-nothing validation, unknown types set aside (counted, and
-//! named in the answer), and 202 only for events handed to the bus.
+//! The server API, behind the API key: `POST /api/events`, authenticated,
+//! size-limited publish of one event or a batch (all-or-nothing validation,
+//! unknown types set aside, counted and named in the answer, and 202 only
+//! for events handed to the bus); `GET /api/info`, what the node is and how
+//! it is doing.
 
 use std::sync::atomic::Ordering;
 
@@ -9,7 +11,44 @@ use hyper::body::Incoming;
 use hyper::{header, Request, Response, StatusCode};
 
 use super::{bearer, constant_time_eq, json, App, Body, HttpError};
+use crate::bus::Health;
+use crate::config::BusKind;
 use crate::protocol::event::{self, parse_batch, Known};
+
+/// Checks the request's `Authorization: Bearer` against `api.keys`: the one
+/// gate of every server API route.
+fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), HttpError> {
+    let key = bearer(req).ok_or(HttpError::Unauthorized("missing API key"))?;
+    if !app.api_keys.iter().any(|k| constant_time_eq(k.as_bytes(), key.as_bytes())) {
+        return Err(HttpError::Unauthorized("invalid API key"));
+    }
+    Ok(())
+}
+
+/// `GET /api/info`: version, uptime, this node's connections and rooms, and
+/// the bus's kind and state (`reason` is null while it is ok).
+pub(super) fn info(app: &App, req: &Request<Incoming>) -> Result<Response<Body>, HttpError> {
+    authorize(app, req)?;
+    let node = &app.node;
+    let (state, reason) = match node.bus.health() {
+        Health::Ok => ("ok", None),
+        Health::Degraded(reason) => ("degraded", Some(reason)),
+    };
+    let kind = match app.bus_kind {
+        BusKind::Memory => "memory",
+        BusKind::Redis => "redis",
+    };
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": app.started.elapsed().as_secs(),
+            "connections": node.metrics.connections_active.load(Ordering::Relaxed),
+            "rooms": node.rooms.len(),
+            "bus": {"kind": kind, "state": state, "reason": reason},
+        }),
+    ))
+}
 
 pub(super) async fn publish(app: &App, req: Request<Incoming>) -> Result<Response<Body>, HttpError> {
     let metrics = &app.node.metrics;
@@ -17,10 +56,7 @@ pub(super) async fn publish(app: &App, req: Request<Incoming>) -> Result<Respons
         metrics.publish_rejected.fetch_add(1, Ordering::Relaxed);
         e
     };
-    let key = bearer(&req).ok_or_else(|| reject(HttpError::Unauthorized("missing API key")))?;
-    if !app.api_keys.iter().any(|k| constant_time_eq(k.as_bytes(), key.as_bytes())) {
-        return Err(reject(HttpError::Unauthorized("invalid API key")));
-    }
+    authorize(app, &req).map_err(reject)?;
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)

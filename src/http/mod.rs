@@ -1,7 +1,9 @@
-//! The HTTP edge: routes `/ws` (`ws`), `/api/events` (`api`), the operator
-//! endpoints `/healthz`, `/readyz` and `/metrics` (`ops`) and the browser's
-//! `/`, `/client.js`, `/api/stats` and `/demo/token` (`ui`), and the one
-//! mapping from edge errors to status codes and JSON bodies.
+//! The HTTP edge: routes `/ws` (`ws`), `/api/events` and `/api/info`
+//! (`api`), the operator endpoints `/healthz`, `/readyz` and `/metrics`
+//! (`ops`) and the browser's `/`, `/client.js`, `/api/stats` and
+//! `/demo/token` (`ui`); decides which listener serves which route
+//! ([`Surface`]); and holds the one mapping from edge errors to status codes
+//! and JSON bodies.
 
 mod api;
 mod ops;
@@ -11,6 +13,7 @@ mod ws;
 pub use ui::{DemoPage, Ui};
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -19,6 +22,7 @@ use hyper::{header, Method, Request, Response, StatusCode};
 use tokio::sync::Semaphore;
 
 use crate::auth::Verifier;
+use crate::config::BusKind;
 use crate::node::Node;
 
 /// Response body type of every route.
@@ -36,6 +40,41 @@ pub struct App {
     pub conn_limit: Arc<Semaphore>,
     /// The demo page's switch and demo (`ui.enabled`).
     pub ui: Ui,
+    /// When the node started serving, for `/api/info`'s uptime.
+    pub started: Instant,
+    /// `bus.kind`, for `/api/info`.
+    pub bus_kind: BusKind,
+}
+
+/// The routes one listener serves: the one place that decides what
+/// `server.internal_listen` moves off the public port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// The only listener (no `server.internal_listen`): every route.
+    All,
+    /// `server.listen` beside an internal listener: the browser's routes
+    /// (`/ws`, `/client.js`, `/`, `/demo/token`); the operator's are 404.
+    Public,
+    /// `server.internal_listen`: the operator's routes (`/api/*`,
+    /// `/metrics`, `/healthz`, `/readyz`); the browser's are 404.
+    Internal,
+}
+
+impl Surface {
+    /// Whether this listener serves `path` at all (else 404, whatever the method).
+    pub fn serves(self, path: &str) -> bool {
+        match self {
+            Surface::All => true,
+            Surface::Public => !Surface::is_operators(path),
+            Surface::Internal => Surface::is_operators(path),
+        }
+    }
+
+    /// The operator's routes: the server API (everything under `/api/`,
+    /// routes added later included), metrics and health.
+    fn is_operators(path: &str) -> bool {
+        path.starts_with("/api/") || matches!(path, "/metrics" | "/healthz" | "/readyz")
+    }
 }
 
 /// An error answered at the edge; never leaks internals.
@@ -93,11 +132,15 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
 }
 
 impl App {
-    /// Routes one request.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    /// Routes one request that arrived on a listener serving `surface`.
+    pub async fn handle(self: Arc<Self>, surface: Surface, req: Request<Incoming>) -> Response<Body> {
+        if !surface.serves(req.uri().path()) {
+            return HttpError::NotFound.into_response();
+        }
         let result = match (req.method(), req.uri().path()) {
             (&Method::GET, "/ws") => ws::upgrade(&self, req),
             (&Method::POST, "/api/events") => api::publish(&self, req).await,
+            (&Method::GET, "/api/info") => api::info(&self, &req),
             (&Method::GET, "/healthz") => Ok(ops::healthz(&self)),
             (&Method::GET, "/readyz") => Ok(ops::readyz(&self)),
             (&Method::GET, "/metrics") => Ok(ops::metrics(&self)),
@@ -107,7 +150,8 @@ impl App {
             (&Method::GET, "/demo/token") => ui::demo_token(&self, &req),
             (
                 _,
-                "/ws" | "/api/events" | "/healthz" | "/readyz" | "/metrics" | "/client.js" | "/api/stats",
+                "/ws" | "/api/events" | "/api/info" | "/healthz" | "/readyz" | "/metrics" | "/client.js"
+                | "/api/stats",
             ) => Err(HttpError::MethodNotAllowed),
             _ => Err(HttpError::NotFound),
         };
@@ -138,5 +182,19 @@ mod tests {
         assert_eq!(resp.headers().get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()), Some("1"));
         let other = HttpError::Unauthorized("x").into_response();
         assert!(other.headers().get(header::RETRY_AFTER).is_none());
+    }
+
+    #[test]
+    fn each_route_is_served_by_one_listener_of_two_and_every_route_by_one_alone() {
+        let operators =
+            ["/api/events", "/api/info", "/api/stats", "/api/later", "/metrics", "/healthz", "/readyz"];
+        let browsers = ["/ws", "/client.js", "/", "/demo/token", "/api", "/metricsx"];
+        for path in operators {
+            assert!(Surface::Internal.serves(path) && !Surface::Public.serves(path), "{path}");
+        }
+        for path in browsers {
+            assert!(Surface::Public.serves(path) && !Surface::Internal.serves(path), "{path}");
+        }
+        assert!(operators.iter().chain(&browsers).all(|p| Surface::All.serves(p)));
     }
 }

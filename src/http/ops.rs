@@ -50,6 +50,7 @@ pub(super) fn metrics(app: &App) -> Response<Body> {
         backlog: node.rooms.backlog().owed(),
         backlog_limit: node.rooms.backlog().limit(),
         alarms: node.alarms.pending(),
+        process: crate::process::read(),
     };
     let mut text = node.metrics.render(&gauges, node.bus.health() == Health::Ok);
     for (name, help, value) in node.bus.gauges() {

@@ -45,6 +45,8 @@ pub fn config() -> Config {
 /// A running node.
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// The internal listener (`server.internal_listen`), when configured.
+    pub internal: Option<SocketAddr>,
     pub publisher: Publisher,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -53,11 +55,11 @@ pub struct Gateway {
 pub async fn start(config: Config) -> Gateway {
     config.validate().expect("test config is valid");
     let server = Server::bind(config).await.expect("server binds");
-    let addr = server.local_addr();
+    let (addr, internal) = (server.local_addr(), server.internal_addr());
     let publisher = server.publisher();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(server.run(shutdown.clone()));
-    Gateway { addr, publisher, shutdown, task: Some(task) }
+    Gateway { addr, internal, publisher, shutdown, task: Some(task) }
 }
 
 pub fn token(user: UserId, chats: &[ChatId]) -> String {
