@@ -32,6 +32,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub auth: AuthConfig,
     pub api: ApiConfig,
+    pub events: EventsConfig,
     pub websocket: WebSocketConfig,
     pub rooms: RoomsConfig,
     pub bus: BusConfig,
@@ -115,6 +116,19 @@ pub struct ApiConfig {
     /// Bearer keys accepted by `POST /api/events`.
     #[serde(deserialize_with = "string_or_list")]
     pub keys: Vec<String>,
+    /// `true`: a batch with an event of unknown type (neither known nor
+    /// passed through) is refused with 400 naming it, and none of it is
+    /// accepted; `false`: such events are counted and ignored.
+    pub reject_unknown: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Globs on `type` (`*`: any run of characters) of custom events
+    /// delivered as published (`protocol::event::Passthrough`).
+    #[serde(deserialize_with = "string_or_list")]
+    pub passthrough: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -381,6 +395,9 @@ impl Config {
         if self.auth.jwt_secret.as_deref().is_some_and(|s| s.len() < 16) {
             return Err(key_error("auth.jwt_secret", "must be at least 16 bytes"));
         }
+        if let Err(e) = crate::protocol::event::Passthrough::compile(&self.events.passthrough) {
+            return Err(key_error("events.passthrough", e.to_string()));
+        }
         if self.api.keys.iter().any(|k| k.len() < 16) {
             return Err(key_error("api.keys", "every key must be at least 16 bytes"));
         }
@@ -464,7 +481,7 @@ fn is_override(var: &str) -> bool {
 
 /// Keys whose values are text even when they look like numbers (a numeric
 /// secret from the environment must stay a string).
-const TEXT_KEYS: [&str; 10] = [
+const TEXT_KEYS: &[&str] = &[
     "server.listen",
     "server.internal_listen",
     "auth.jwt_secret",
@@ -473,6 +490,7 @@ const TEXT_KEYS: [&str; 10] = [
     "auth.audience",
     "auth.allowed_origins",
     "api.keys",
+    "events.passthrough",
     "bus.redis_url",
     "log.level",
 ];

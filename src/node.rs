@@ -18,7 +18,9 @@ use crate::bus::{Bus, BusError, Deliver};
 use crate::config::{BusKind, Config, WebSocketConfig};
 use crate::membership;
 use crate::metrics::Metrics;
-use crate::rooms::{HistoryLimits, Rooms};
+use crate::protocol::event::Passthrough;
+use crate::protocol::{server, ChatId};
+use crate::rooms::{HistoryLimits, Room, Rooms};
 use crate::striped::Striped;
 use crate::users::Users;
 
@@ -58,6 +60,11 @@ pub struct Node {
     /// recoveries of a room that arrive together wait for the first, find
     /// its frames in the room's history, and do not read the bus again.
     pub recovering: Box<[tokio::sync::Mutex<()>]>,
+    /// `events.passthrough`, compiled once: what every ingress of this node
+    /// passes through (`protocol::event::known`).
+    pub passthrough: Arc<Passthrough>,
+    /// `api.reject_unknown`.
+    pub reject_unknown: bool,
 }
 
 /// Stripes of [`Node::recovering`].
@@ -68,6 +75,39 @@ impl Node {
     pub async fn recovering(&self, chat: crate::protocol::ChatId) -> tokio::sync::MutexGuard<'_, ()> {
         let index = (chat.as_u64_pair().1 as usize) % self.recovering.len();
         self.recovering[index].lock().await
+    }
+
+    /// Brings the events after `since` that the bus keeps of its own (Redis)
+    /// into the room's history, when this node's history does not hold them;
+    /// returns the room's head. One read per room at a time: a reader that
+    /// waited for another finds the frames already held. Used by recovery
+    /// (`subscribe` with `since`) and by `GET /api/rooms/{id}/history`.
+    pub async fn fill_from_bus(
+        &self,
+        room: &Room,
+        chat: ChatId,
+        since: u64,
+        head: u64,
+    ) -> Result<u64, BusError> {
+        let _one_at_a_time = self.recovering(chat).await;
+        if room.covers(since, head) {
+            return Ok(head);
+        }
+        // From where this node's history ends when the reader is ahead of it
+        // (this node lags the bus), so what is read joins what it holds.
+        let from = room.newest().map_or(since, |newest| newest.min(since));
+        let Some(kept) = self.bus.kept(chat, from).await? else { return Ok(head) };
+        let now = tokio::time::Instant::now();
+        let frames = kept
+            .events
+            .iter()
+            .filter_map(|e| {
+                let at = now.checked_sub(e.age).unwrap_or(now);
+                Some((e.seq, at, server::room_frame(&e.event, e.seq)?))
+            })
+            .collect();
+        self.rooms.fill(room, frames);
+        Ok(head.max(kept.head))
     }
 }
 
@@ -200,6 +240,13 @@ impl Node {
             alarms: Alarms::start(),
             token_leeway: config.auth.leeway,
             recovering: (0..RECOVERY_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            // A config that passed `Config::validate` compiles; one built by hand that does not
+            // passes nothing through.
+            passthrough: Arc::new(Passthrough::compile(&config.events.passthrough).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "events.passthrough refused; no type is passed through");
+                Passthrough::default()
+            })),
+            reject_unknown: config.api.reject_unknown,
         })
     }
 }

@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::http::{App, DemoPage, Surface};
 use crate::metrics::Metrics;
 use crate::node::{self, Node};
-use crate::protocol::event::{self, DomainEvent, Known};
+use crate::protocol::event::{self, BatchError, DomainEvent, Known, Passthrough};
 
 /// Startup failures, each naming what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,16 @@ pub enum ServerError {
     BindInternal { addr: SocketAddr, source: io::Error },
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// Why [`Publisher::publish`] took none of a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// A passthrough event of the batch is malformed ([`event::known`]).
+    #[error(transparent)]
+    Invalid(#[from] BatchError),
     #[error(transparent)]
     Bus(#[from] BusError),
 }
@@ -67,21 +77,24 @@ pub struct Publisher {
     bus: Arc<dyn Bus>,
     /// Counts the unknown types it sets aside, as `POST /api/events` does.
     metrics: Arc<Metrics>,
+    /// The node's `events.passthrough`.
+    passthrough: Arc<Passthrough>,
 }
 
 impl Publisher {
-    /// Hands the events of known type to the bus; unknown types are counted
-    /// and ignored, like at `POST /api/events` ([`event::known`]). `Ok`
-    /// means every known one was accepted.
-    pub async fn publish(&self, events: Vec<DomainEvent>) -> Result<(), BusError> {
-        let Known { events, ignored } = event::known(events);
+    /// Hands the events of known and passthrough type to the bus; unknown
+    /// types are counted and ignored, like at `POST /api/events` (whatever
+    /// `api.reject_unknown` says: that is the HTTP API's switch) and decided
+    /// by the same [`event::known`]. `Ok` means every one kept was accepted.
+    pub async fn publish(&self, events: Vec<DomainEvent>) -> Result<(), PublishError> {
+        let Known { events, ignored, .. } = event::known(events, &self.passthrough)?;
         if ignored > 0 {
             self.metrics.events_unknown.fetch_add(ignored as u64, Ordering::Relaxed);
         }
         if events.is_empty() {
             return Ok(());
         }
-        self.bus.publish(events).await
+        Ok(self.bus.publish(events).await?)
     }
 }
 
@@ -153,7 +166,12 @@ impl Server {
 
     /// The in-process publisher of this node.
     pub fn publisher(&self) -> Publisher {
-        Publisher { bus: self.app.node.bus.clone(), metrics: self.app.node.metrics.clone() }
+        let node = &self.app.node;
+        Publisher {
+            bus: node.bus.clone(),
+            metrics: node.metrics.clone(),
+            passthrough: node.passthrough.clone(),
+        }
     }
 
     /// Serves until `shutdown` is cancelled (sensing load and sweeping
@@ -304,7 +322,11 @@ mod tests {
     #[tokio::test]
     async fn the_publisher_counts_unknown_types_and_publishes_the_rest() -> TestResult {
         let node = Node::build(&Config::default()).await?;
-        let publisher = Publisher { bus: node.bus.clone(), metrics: node.metrics.clone() };
+        let publisher = Publisher {
+            bus: node.bus.clone(),
+            metrics: node.metrics.clone(),
+            passthrough: node.passthrough.clone(),
+        };
         let chat = crate::protocol::ChatId::from_u128(1);
         let body = format!(
             r#"[{{"type":"future.thing"}},{{"type":"message.sent","chat_id":"{chat}","data":{{}}}},{{"type":"chat.poked"}}]"#

@@ -1041,3 +1041,54 @@ async fn api_info_names_the_redis_bus_and_its_state() {
         sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Issue 21: a custom (`events.passthrough`) room event crosses Redis with its `seq` and its bytes,
+/// is recovered on another node from Redis's history, and the history route of a node that never
+/// watched the room reads it the same way; a custom user event crosses too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn e2e_passthrough_events_cross_nodes_and_history_is_read_through_the_bus() {
+    let redis = RedisServer::start();
+    mark_settled(&redis).await;
+    let start = |redis: &RedisServer| {
+        let mut config = support::redis::config(redis);
+        config.events.passthrough = vec!["reaction.*".into()];
+        support::start(config)
+    };
+    let (a, b) = (start(&redis).await, start(&redis).await);
+    let (room, ann) = (id(), id());
+    let raw = r#"{ "emoji" : "\u2764", "n": 1.50e3 }"#;
+
+    let mut on_b = b.connect(id(), &[]).await;
+    let head = on_b.subscribe(room).await;
+    let mut ann_on_b = b.connect(ann, &[]).await;
+    ann_on_b.subscribe(room).await;
+    let body = format!(
+        r#"[{{"type":"reaction.added","chat_id":"{room}","data":{raw}}},{{"type":"reaction.seen","user_id":"{ann}","data":{raw}}}]"#
+    );
+    http_publish_eventually(&a, &body).await;
+    let want = format!(r#"{{"type":"reaction.added","chat_id":"{room}","seq":{},"data":{raw}}}"#, head + 1);
+    assert_eq!(on_b.recv_text().await, want, "the room event crossed with its seq, byte for byte");
+    let user_frame = format!(r#"{{"type":"reaction.seen","data":{raw}}}"#);
+    let mut got = vec![ann_on_b.recv_text().await, ann_on_b.recv_text().await];
+    got.sort();
+    let mut expected = vec![want.clone(), user_frame];
+    expected.sort();
+    assert_eq!(got, expected, "the user event crossed too");
+
+    // Node A never watched the room: its history is Redis's, read like a recovery.
+    let (status, body) = a
+        .http(&format!(
+            "GET /api/rooms/{room}/history?since={head} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            support::API_KEY
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        format!(r#"{{"chat_id":"{room}","seq":{},"recovered":true,"events":[{want}]}}"#, head + 1)
+    );
+    let mut on_a = a.connect(id(), &[]).await;
+    assert_eq!(on_a.subscribe_since(room, head).await, (head + 1, true));
+    assert_eq!(on_a.recv_text().await, want, "recovered on the other node, byte for byte");
+}

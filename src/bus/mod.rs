@@ -114,6 +114,7 @@ pub trait Deliver: Send + Sync + 'static {
                 user_id: Some(user),
                 user_ids: Vec::new(),
                 data: None,
+                name: None,
             };
             self.deliver(&event, None);
         }

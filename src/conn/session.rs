@@ -124,7 +124,7 @@ impl<S: Socket> Conn<S> {
             return Ok(());
         };
         let head = if since < head && !room.covers(since, head) {
-            match self.fill_from_bus(&room, chat, since, head).await {
+            match self.node.fill_from_bus(&room, chat, since, head).await {
                 Ok(head) => head,
                 Err(e) => {
                     tracing::warn!(%chat, error = %e, "cannot read the room's history from the bus");
@@ -152,38 +152,6 @@ impl<S: Socket> Conn<S> {
             self.out.push(server::subscribed(chat, head, Some(false)));
         }
         Ok(())
-    }
-
-    /// Brings the events after `since` that the bus keeps of its own (Redis)
-    /// into the room's history, when this node's history does not hold them;
-    /// returns the room's head. One read per room at a time: a recovery that
-    /// waited for another finds the frames already held.
-    async fn fill_from_bus(
-        &self,
-        room: &crate::rooms::Room,
-        chat: ChatId,
-        since: u64,
-        head: u64,
-    ) -> Result<u64, crate::bus::BusError> {
-        let _one_at_a_time = self.node.recovering(chat).await;
-        if room.covers(since, head) {
-            return Ok(head);
-        }
-        // From where this node's history ends when the client is ahead of it
-        // (this node lags the bus), so what is read joins what it holds.
-        let from = room.newest().map_or(since, |newest| newest.min(since));
-        let Some(kept) = self.node.bus.kept(chat, from).await? else { return Ok(head) };
-        let now = tokio::time::Instant::now();
-        let frames = kept
-            .events
-            .iter()
-            .filter_map(|e| {
-                let at = now.checked_sub(e.age).unwrap_or(now);
-                Some((e.seq, at, server::room_frame(&e.event, e.seq)?))
-            })
-            .collect();
-        self.node.rooms.fill(room, frames);
-        Ok(head.max(kept.head))
     }
 
     /// Drops a subscription, if any; returns whether there was one.

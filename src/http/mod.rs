@@ -1,9 +1,9 @@
-//! The HTTP edge: routes `/ws` (`ws`), `/api/events` and `/api/info`
-//! (`api`), the operator endpoints `/healthz`, `/readyz` and `/metrics`
-//! (`ops`) and the browser's `/`, `/client.js`, `/api/stats` and
-//! `/demo/token` (`ui`); decides which listener serves which route
-//! ([`Surface`]); and holds the one mapping from edge errors to status codes
-//! and JSON bodies.
+//! The HTTP edge: routes `/ws` (`ws`), `/api/events`, `/api/info` and
+//! `/api/rooms/{chat_id}/history` (`api`), the operator endpoints
+//! `/healthz`, `/readyz` and `/metrics` (`ops`) and the browser's `/`,
+//! `/client.js`, `/api/stats` and `/demo/token` (`ui`); decides which
+//! listener serves which route ([`Surface`]); and holds the one mapping from
+//! edge errors to status codes and JSON bodies.
 
 mod api;
 mod ops;
@@ -148,6 +148,10 @@ impl App {
             (&Method::GET, "/api/stats") => Ok(ui::stats(&self)),
             (&Method::GET, "/") => ui::page(&self, &req),
             (&Method::GET, "/demo/token") => ui::demo_token(&self, &req),
+            (method, path) if api::history_path(path).is_some() => match api::history_path(path) {
+                Some(chat) if method == Method::GET => api::history(&self, &req, chat).await,
+                _ => Err(HttpError::MethodNotAllowed),
+            },
             (
                 _,
                 "/ws" | "/api/events" | "/api/info" | "/healthz" | "/readyz" | "/metrics" | "/client.js"

@@ -114,6 +114,18 @@ pub fn text_with(capacity: usize, write: impl FnOnce(&mut Vec<u8>)) -> Bytes {
     Bytes::from(buf).slice(start..)
 }
 
+/// The payload of a complete server frame (as [`encode`] and [`text_with`]
+/// build them: unmasked, header and payload whole), e.g. a room frame's JSON.
+pub fn payload(frame: &[u8]) -> &[u8] {
+    let start = match frame.get(1).map(|b| b & 0x7F) {
+        None => return &[],
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+    };
+    frame.get(start..).unwrap_or_default()
+}
+
 /// A close frame with a status code and a short reason.
 pub fn close(code: u16, reason: &str) -> Bytes {
     let mut payload = Vec::with_capacity(2 + reason.len());
@@ -236,6 +248,10 @@ mod tests {
             assert_eq!(a, b, "len {len}");
         }
         assert_eq!(&close(4008, "slow")[..], b"\x88\x06\x0f\xa8slow");
+        for len in [0usize, 125, 126, 65535, 65536] {
+            let payload = vec![b'x'; len];
+            assert_eq!(super::payload(&encode(OpCode::Text, &payload)), &payload[..], "len {len}");
+        }
     }
 
     #[test]

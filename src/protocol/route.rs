@@ -40,7 +40,10 @@ impl Route<'_> {
 /// The room an event is broadcast to, if any: the events that carry `seq`.
 pub fn room(event: &DomainEvent) -> Option<ChatId> {
     match event.kind {
-        EventKind::MessageSent | EventKind::ChatUpdated | EventKind::TaskStatusChanged => event.chat_id,
+        EventKind::MessageSent
+        | EventKind::ChatUpdated
+        | EventKind::TaskStatusChanged
+        | EventKind::Passthrough => event.chat_id,
         _ => None,
     }
 }
@@ -73,7 +76,11 @@ pub fn route(event: &DomainEvent) -> Route<'_> {
                 });
             }
         }
-        EventKind::Unknown => {}
+        // Exactly one of the two (checked by `event::known`): a room event, or one user's.
+        EventKind::Passthrough if event.chat_id.is_none() => {
+            route.users = Cow::Borrowed(event.user_id.as_slice());
+        }
+        EventKind::Passthrough | EventKind::Unknown => {}
     }
     route
 }
@@ -168,6 +175,21 @@ mod tests {
         check(&added, None, &[], None, Some(MemberChange::Added { chat, user }));
         let removed = format!(r#"{{"type":"chat.member_removed","chat_id":"{CHAT}","user_id":"{ANN}"}}"#);
         check(&removed, None, &[], None, Some(MemberChange::Removed { chat, user }));
+    }
+
+    #[test]
+    fn passthrough_events_go_to_their_room_or_their_user() {
+        let pass = crate::protocol::event::Passthrough::compile(&["reaction.*".into()]).expect("valid glob");
+        let one = |json: String| {
+            let events = parse_batch(json.as_bytes()).expect("valid test event");
+            crate::protocol::event::known(events, &pass).expect("valid passthrough").events.remove(0)
+        };
+        let in_room = one(format!(r#"{{"type":"reaction.added","chat_id":"{CHAT}","data":{{}}}}"#));
+        let got = route(&in_room);
+        assert_eq!((got.room, got.users.len(), got.user_chat), (Some(id(CHAT)), 0, None));
+        let to_user = one(format!(r#"{{"type":"reaction.added","user_id":"{ANN}","data":{{}}}}"#));
+        let got = route(&to_user);
+        assert_eq!((got.room, got.users.to_vec(), got.user_chat), (None, vec![id(ANN)], None));
     }
 
     #[test]

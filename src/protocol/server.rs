@@ -15,7 +15,7 @@ use super::ChatId;
 /// sends it live and recovery replays it from the bus's own history, so a
 /// replayed event is the same bytes the live one was.
 pub fn room_frame(event: &DomainEvent, seq: u64) -> Option<Bytes> {
-    let (ty, chat) = (event.kind.client_type()?, route::room(event)?);
+    let (ty, chat) = (event.client_type()?, route::room(event)?);
     Some(room_event(ty, chat, seq, data(event)))
 }
 
@@ -26,7 +26,7 @@ pub fn user_frame(event: &DomainEvent, route: &Route<'_>) -> Option<Bytes> {
     if route.users.is_empty() {
         return None;
     }
-    Some(user_event(event.kind.client_type()?, route.user_chat, data(event)))
+    Some(user_event(event.client_type()?, route.user_chat, data(event)))
 }
 
 /// `{"type":"<ty>","chat_id":"<id>","seq":<n>,"data":<raw>}` as a frame.

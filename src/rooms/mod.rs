@@ -98,6 +98,18 @@ impl Rooms {
         (entry.clone(), joined)
     }
 
+    /// The room of `chat`, made now (empty) if the node holds none: a reader
+    /// of its history (`GET /api/rooms/{id}/history`) that may fill it from
+    /// the bus. An empty room is dropped by [`Rooms::leave`] or the sweep.
+    pub fn holder(&self, chat: ChatId) -> Arc<Room> {
+        self.rooms.entry(chat).or_insert_with(|| self.new_room()).clone()
+    }
+
+    /// Events each room's history keeps at most (`rooms.history_size`).
+    pub fn history_size(&self) -> usize {
+        self.limits.size
+    }
+
     /// `user` was removed from `chat`: its readers of the room on this node
     /// take nothing published after this moment. Call it before later
     /// frames of the room are published.
