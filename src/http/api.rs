@@ -8,7 +8,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{header, Request, Response, StatusCode};
 
-use super::{bearer, constant_time_eq, json, App, Body, HttpError};
+use super::{authorized, json, App, Body, HttpError};
 use crate::protocol::event::{self, parse_batch, Known};
 
 pub(super) async fn publish(app: &App, req: Request<Incoming>) -> Result<Response<Body>, HttpError> {
@@ -17,10 +17,7 @@ pub(super) async fn publish(app: &App, req: Request<Incoming>) -> Result<Respons
         metrics.publish_rejected.fetch_add(1, Ordering::Relaxed);
         e
     };
-    let key = bearer(&req).ok_or_else(|| reject(HttpError::Unauthorized("missing API key")))?;
-    if !app.api_keys.iter().any(|k| constant_time_eq(k.as_bytes(), key.as_bytes())) {
-        return Err(reject(HttpError::Unauthorized("invalid API key")));
-    }
+    authorized(app, &req).map_err(reject)?;
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)

@@ -1,8 +1,10 @@
-//! The HTTP edge: routes `/ws` (`ws`), `/api/events` (`api`), the operator
+//! The HTTP edge: routes `/ws` (`ws`), `/api/events` (`api`),
+//! `/api/users/{id}/disconnect` and `/api/users/{id}/revoke` (`act`), the operator
 //! endpoints `/healthz`, `/readyz` and `/metrics` (`ops`) and the browser's
 //! `/`, `/client.js`, `/api/stats` and `/demo/token` (`ui`), and the one
 //! mapping from edge errors to status codes and JSON bodies.
 
+mod act;
 mod api;
 mod ops;
 mod ui;
@@ -96,7 +98,7 @@ impl App {
     /// Routes one request.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let result = match (req.method(), req.uri().path()) {
-            (&Method::GET, "/ws") => ws::upgrade(&self, req),
+            (&Method::GET, "/ws") => ws::upgrade(&self, req).await,
             (&Method::POST, "/api/events") => api::publish(&self, req).await,
             (&Method::GET, "/healthz") => Ok(ops::healthz(&self)),
             (&Method::GET, "/readyz") => Ok(ops::readyz(&self)),
@@ -105,6 +107,8 @@ impl App {
             (&Method::GET, "/api/stats") => Ok(ui::stats(&self)),
             (&Method::GET, "/") => ui::page(&self, &req),
             (&Method::GET, "/demo/token") => ui::demo_token(&self, &req),
+            (&Method::POST, path) if act::route(path).is_some() => act::handle(&self, req).await,
+            (_, path) if act::route(path).is_some() => Err(HttpError::MethodNotAllowed),
             (
                 _,
                 "/ws" | "/api/events" | "/healthz" | "/readyz" | "/metrics" | "/client.js" | "/api/stats",
@@ -113,6 +117,15 @@ impl App {
         };
         result.unwrap_or_else(HttpError::into_response)
     }
+}
+
+/// Checks the request's `Authorization: Bearer <api key>` against `api.keys`.
+fn authorized(app: &App, req: &Request<Incoming>) -> Result<(), HttpError> {
+    let key = bearer(req).ok_or(HttpError::Unauthorized("missing API key"))?;
+    if !app.api_keys.iter().any(|k| constant_time_eq(k.as_bytes(), key.as_bytes())) {
+        return Err(HttpError::Unauthorized("invalid API key"));
+    }
+    Ok(())
 }
 
 /// Compares secrets in time independent of where they differ.
