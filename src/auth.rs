@@ -19,6 +19,10 @@ pub struct Claims {
     /// Chats the user may subscribe to (`membership: token`).
     #[serde(default)]
     pub chats: Vec<ChatId>,
+    /// Issued at, seconds since the Unix epoch: judged against revocations
+    /// and removals (a token without it counts as issued before any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
 }
 
 /// Why a token was refused; `reason()` is the JSON `error` of the 401.
@@ -40,6 +44,9 @@ pub enum AuthError {
     WrongAudience,
     #[error("token is malformed or lacks the required claims (sub as UUID, exp)")]
     Malformed,
+    /// Issued before a revocation of its user (`POST /api/users/{id}/revoke`).
+    #[error("token was revoked")]
+    Revoked,
 }
 
 impl AuthError {
@@ -53,6 +60,7 @@ impl AuthError {
             AuthError::Algorithm => "algorithm_not_allowed",
             AuthError::WrongIssuer | AuthError::WrongAudience => "invalid_issuer_or_audience",
             AuthError::Malformed => "malformed_token",
+            AuthError::Revoked => "token_revoked",
         }
     }
 }
@@ -144,7 +152,8 @@ pub fn now_secs() -> u64 {
 
 /// Mints an HS256 token: for the embedded default's demo token, tests and tools.
 pub fn mint_hs256(secret: &str, user: UserId, chats: &[ChatId], ttl: Duration) -> String {
-    let claims = Claims { sub: user, exp: now_secs() + ttl.as_secs(), chats: chats.to_vec() };
+    let now = now_secs();
+    let claims = Claims { sub: user, exp: now + ttl.as_secs(), chats: chats.to_vec(), iat: Some(now) };
     // ok: HS256 signing of plain claims cannot fail with the rust_crypto backend.
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -230,7 +239,7 @@ mod tests {
         assert_eq!(v.verify(&forged), Err(AuthError::BadSignature));
         assert_eq!(v.verify("abc.def.ghi"), Err(AuthError::Malformed));
         assert_eq!(v.verify(""), Err(AuthError::Missing));
-        let expired = Claims { sub: user, exp: now_secs() - 5, chats: vec![] };
+        let expired = Claims { sub: user, exp: now_secs() - 5, chats: vec![], iat: None };
         let key = EncodingKey::from_secret(SECRET.as_bytes());
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &key)?;
         assert_eq!(v.verify(&token), Err(AuthError::Expired));

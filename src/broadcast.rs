@@ -1,12 +1,14 @@
 //! The broadcaster: hands each delivered domain event's frames (encoded once,
 //! by `protocol::server`) to the recipients [`route`] names in the room and
 //! user registries, and applies its membership change to the node's table and
-//! to the removed user's connections.
+//! to the removed user's connections, and an operator's [`Control`] to the
+//! node's bans and the user's connections.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::bus::Deliver;
+use crate::bans::Bans;
+use crate::bus::{Control, Deliver};
 use crate::mailbox::UserMsg;
 use crate::membership;
 use crate::metrics::Metrics;
@@ -21,6 +23,8 @@ pub struct Broadcaster {
     pub rooms: Arc<Rooms>,
     pub users: Arc<Users>,
     pub membership: Arc<membership::Table>,
+    /// Revocations and removals, remembered for `auth.max_token_ttl`.
+    pub bans: Arc<Bans>,
     /// Decides whether the table is kept ([`membership::keeps_table`]).
     pub source: membership::Source,
     pub metrics: Arc<Metrics>,
@@ -37,7 +41,34 @@ impl Broadcaster {
     }
 }
 
+/// Applies an operator's instruction on this node: a revocation is
+/// remembered, then every connection of the user it concerns is told (a
+/// connection registering meanwhile checks the bans itself). Returns the
+/// connections told. The API calls it before answering; the broadcaster for
+/// what other nodes sent.
+pub fn act(users: &Users, bans: &Bans, msg: Control, now: u64) -> usize {
+    match msg {
+        Control::Disconnect(user) => users.send(user, UserMsg::Disconnect),
+        Control::Revoke { user, before } => {
+            if bans.revoke(user, before, now).is_err() {
+                // Only a Redis node gets here (the API refuses a revocation it cannot hold):
+                // Redis keeps it, and this node asks Redis about users it holds nothing for.
+                bans.count_dropped();
+            }
+            users.send(user, UserMsg::Revoke(before))
+        }
+    }
+}
+
 impl Deliver for Broadcaster {
+    fn control(&self, msg: Control) {
+        act(&self.users, &self.bans, msg, crate::auth::now_secs());
+    }
+
+    fn removals_snapshot(&self, removals: Vec<(ChatId, UserId, u64)>) {
+        self.bans.replace_removals(&removals, crate::auth::now_secs());
+    }
+
     fn membership_snapshot(&self, pairs: Vec<(ChatId, UserId)>) {
         // Only a kept table has anything to replace. Under every source the removals a node
         // missed while cut off from Redis reach `deliver` first, replayed from the bus's member log.
@@ -60,15 +91,24 @@ impl Deliver for Broadcaster {
         self.metrics.events_in.fetch_add(1, Ordering::Relaxed);
         let route = route(event);
         match route.membership {
-            Some(MemberChange::Added { chat, user }) if membership::keeps_table(self.source) => {
-                self.membership.add(chat, user);
+            Some(MemberChange::Added { chat, user }) => {
+                // A re-add lifts a removal under every source.
+                self.bans.readd(chat, user);
+                if membership::keeps_table(self.source) {
+                    self.membership.add(chat, user);
+                }
             }
             Some(MemberChange::Removed { chat, user }) => {
                 self.membership.remove(chat, user);
+                // Remembered so the user's older tokens cannot subscribe again.
+                let now = crate::auth::now_secs();
+                if self.bans.remove(chat, user, now, now).is_err() {
+                    self.bans.count_dropped();
+                }
                 // Under every source: a removed user's subscription ends.
                 self.removed(chat, user);
             }
-            Some(MemberChange::Added { .. }) | None => {}
+            None => {}
         }
         match (route.room, seq) {
             (Some(chat), Some(seq)) => {

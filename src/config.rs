@@ -78,7 +78,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// HS256 shared secret.
@@ -94,6 +94,26 @@ pub struct AuthConfig {
     /// Clock skew tolerated when checking `exp` and `nbf`.
     #[serde(with = "humantime_serde")]
     pub leeway: Duration,
+    /// How long revocations (`POST /api/users/{id}/revoke`) and removals
+    /// (`chat.member_removed`, for tokens issued before it) are remembered:
+    /// set it to the longest lifetime of a token the issuer hands out.
+    #[serde(with = "humantime_serde")]
+    pub max_token_ttl: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_secret: None,
+            jwt_public_key_file: None,
+            issuer: None,
+            audience: None,
+            membership: Membership::default(),
+            allowed_origins: Vec::new(),
+            leeway: Duration::ZERO,
+            max_token_ttl: Duration::from_secs(86_400),
+        }
+    }
 }
 
 /// Who may subscribe to which chat (`auth.membership`), as
@@ -368,6 +388,9 @@ impl Config {
         }
         if self.auth.leeway > DAY {
             return Err(key_error("auth.leeway", "must be at most 1 day"));
+        }
+        if self.auth.max_token_ttl < Duration::from_secs(60) || self.auth.max_token_ttl > 30 * DAY {
+            return Err(key_error("auth.max_token_ttl", "must be between 1m and 30 days"));
         }
         let rooms = &self.rooms;
         for (key, value, max) in

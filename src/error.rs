@@ -70,13 +70,17 @@ pub enum CloseCode {
     InternalError,
     /// 4001: the token expired.
     TokenExpired,
+    /// 4003: an operator disconnected the user or revoked its token
+    /// (`POST /api/users/{id}/disconnect` or `/revoke`); do not reconnect
+    /// with the same token.
+    Disconnected,
     /// 4008: the client fell further behind than its rooms' history reaches.
     SlowConsumer,
 }
 
 impl CloseCode {
     /// Every code Herald sends, in the order of the metrics' counters.
-    pub const ALL: [CloseCode; 9] = [
+    pub const ALL: [CloseCode; 10] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::ProtocolError,
@@ -85,6 +89,7 @@ impl CloseCode {
         CloseCode::TooBig,
         CloseCode::InternalError,
         CloseCode::TokenExpired,
+        CloseCode::Disconnected,
         CloseCode::SlowConsumer,
     ];
 
@@ -99,6 +104,7 @@ impl CloseCode {
             CloseCode::TooBig => 1009,
             CloseCode::InternalError => 1011,
             CloseCode::TokenExpired => 4001,
+            CloseCode::Disconnected => 4003,
             CloseCode::SlowConsumer => 4008,
         }
     }
@@ -114,6 +120,7 @@ impl CloseCode {
             CloseCode::TooBig => "message too big",
             CloseCode::InternalError => "event bus unavailable",
             CloseCode::TokenExpired => "token expired",
+            CloseCode::Disconnected => "disconnected by the server",
             CloseCode::SlowConsumer => "slow consumer",
         }
     }
@@ -139,7 +146,7 @@ pub enum Ended {
 impl Ended {
     /// The metric labels in counter order: Herald's codes, then `other` and `none`.
     pub const LABELS: [&'static str; CloseCode::ALL.len() + 2] =
-        ["1000", "1001", "1002", "1007", "1008", "1009", "1011", "4001", "4008", "other", "none"];
+        ["1000", "1001", "1002", "1007", "1008", "1009", "1011", "4001", "4003", "4008", "other", "none"];
 
     /// Index into [`Ended::LABELS`].
     pub fn index(self) -> usize {

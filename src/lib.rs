@@ -7,6 +7,7 @@
 //! - [`protocol`]: the wire contract as types and byte encoders; no IO.
 //! - [`auth`]: JWT -> [`auth::Claims`].
 //! - [`membership`]: who may subscribe to which chat.
+//! - [`bans`]: revocations and removals, remembered for `auth.max_token_ttl`.
 //! - [`rooms`]: the room registry: per room a live ring and a history of
 //!   pre-encoded frames, and the subscribers waiting for its ring.
 //! - [`mailbox`]: a connection's signal hub (per-user frames, shutdown,
@@ -37,6 +38,7 @@
 pub mod alarms;
 pub mod auth;
 pub mod backlog;
+pub mod bans;
 pub mod broadcast;
 pub mod bus;
 pub mod cmd;

@@ -20,6 +20,11 @@ pub enum UserMsg {
     Frame(Bytes),
     /// The user was removed from this chat: drop the subscription.
     Removed(ChatId),
+    /// An operator disconnected the user: close with 4003.
+    Disconnect,
+    /// The user's tokens issued before this (Unix seconds) were revoked:
+    /// a connection holding one closes with 4003.
+    Revoke(u64),
 }
 
 /// One connection's inbox for per-user traffic and node signals. Held by the
@@ -80,7 +85,7 @@ impl Mailbox {
         {
             let len = match &msg {
                 UserMsg::Frame(frame) => frame.len(),
-                UserMsg::Removed(_) => 0,
+                UserMsg::Removed(_) | UserMsg::Disconnect | UserMsg::Revoke(_) => 0,
             };
             let mut q = lock(&self.queue);
             if q.msgs.len() >= self.capacity || q.bytes + len > MAILBOX_BYTES {

@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::alarms::Alarms;
 use crate::backlog::Backlog;
+use crate::bans::Bans;
 use crate::broadcast::Broadcaster;
 use crate::bus::memory::MemoryBus;
 use crate::bus::redis::{RedisBus, RedisOptions};
@@ -37,6 +38,8 @@ pub struct Node {
     pub users: Arc<Users>,
     pub membership: Arc<membership::Table>,
     pub source: membership::Source,
+    /// Revocations and removals (`auth.max_token_ttl`), shared with the broadcaster.
+    pub bans: Arc<Bans>,
     pub bus: Arc<dyn Bus>,
     pub metrics: Arc<Metrics>,
     pub ws: WebSocketConfig,
@@ -207,10 +210,12 @@ impl Node {
         let rooms = Arc::new(Rooms::with_backlog(config.rooms.buffer, limits, backlog));
         let users = Arc::new(Users::new());
         let membership = Arc::new(membership::Table::default());
+        let bans = Arc::new(Bans::new(config.auth.max_token_ttl.as_secs()));
         let sink: Arc<dyn Deliver> = Arc::new(Broadcaster {
             rooms: rooms.clone(),
             users: users.clone(),
             membership: membership.clone(),
+            bans: bans.clone(),
             source: config.auth.membership,
             metrics: metrics.clone(),
         });
@@ -220,6 +225,7 @@ impl Node {
                 let options = RedisOptions {
                     history_size: config.rooms.history_size,
                     history_ttl: config.rooms.history_ttl,
+                    token_ttl: config.auth.max_token_ttl,
                     ..RedisOptions::default()
                 };
                 Arc::new(RedisBus::connect_with(&config.bus, sink, options).await?)
@@ -229,6 +235,7 @@ impl Node {
             rooms,
             users,
             membership,
+            bans,
             source: config.auth.membership,
             bus,
             metrics,
@@ -256,6 +263,8 @@ pub const BUSY_FRAMES_PER_SEC: u64 = 100_000;
 const LOAD_SAMPLE: Duration = Duration::from_millis(10);
 /// How often expired history is swept and the node-wide byte budget rebalanced.
 const HISTORY_SWEEP: Duration = Duration::from_millis(500);
+/// History sweeps per sweep of expired revocations and removals (a minute).
+const BANS_SWEEP_TICKS: u64 = 120;
 
 /// Keeps `node.busy` current from the frames-written counter and the lag
 /// gauge from the connections' samples, and logs when the node becomes
@@ -305,13 +314,17 @@ const LAG_WINDOW_TICKS: u64 = 5;
 pub async fn sweep_history(node: Arc<Node>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(HISTORY_SWEEP);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    for n in 0u64.. {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
         let now = tokio::time::Instant::now();
         node.rooms.sweep(now);
+        if n % BANS_SWEEP_TICKS == 0 {
+            // Entries live for hours: a sweep a minute keeps the tables near their live size.
+            node.bans.sweep(crate::auth::now_secs());
+        }
         let rooms = &node.rooms;
         node.bus.forget_idle(&|chat| rooms.get(chat).is_some());
     }

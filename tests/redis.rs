@@ -1092,3 +1092,113 @@ async fn e2e_passthrough_events_cross_nodes_and_history_is_read_through_the_bus(
     assert_eq!(on_a.subscribe_since(room, head).await, (head + 1, true));
     assert_eq!(on_a.recv_text().await, want, "recovered on the other node, byte for byte");
 }
+
+/// `POST <path>` on `gw` with the test API key.
+async fn act_on(gw: &Gateway, path: String, body: &str) -> (u16, serde_json::Value) {
+    support::api_post(gw.addr, &path, body, Some(support::API_KEY)).await
+}
+
+/// A client answers a ping: its connection is open.
+async fn alive(client: &mut support::Client) {
+    client.send_json(json!({"type":"ping"})).await;
+    assert_eq!(client.recv().await, json!({"type":"pong"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn e2e_disconnect_on_one_node_closes_the_users_connections_on_every_node() {
+    let redis = RedisServer::start();
+    let (a, b) = two_nodes(&redis, Membership::Open).await;
+    let (alice, bob) = (id(), id());
+    let mut alice_a = a.connect(alice, &[]).await;
+    let mut alice_b = b.connect(alice, &[]).await;
+    let mut bob_b = b.connect(bob, &[]).await;
+    alive(&mut alice_a).await;
+    alive(&mut alice_b).await;
+    alive(&mut bob_b).await;
+
+    let (status, reply) = act_on(&a, format!("/api/users/{alice}/disconnect"), "").await;
+    // The count is this node's connections; the other node's close too.
+    assert_eq!((status, reply), (200, json!({"disconnected": 1})));
+    assert_eq!(alice_a.closed().await.0, Some(4003));
+    assert_eq!(alice_b.closed().await.0, Some(4003));
+    alive(&mut bob_b).await;
+    b.wait_metric("users", 1.0).await;
+    assert_eq!(b.labelled("closes_total", "code", "4003").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn e2e_revoke_on_one_node_refuses_old_tokens_on_every_node_and_a_later_one() {
+    let redis = RedisServer::start();
+    let (a, b) = two_nodes(&redis, Membership::Open).await;
+    let (alice, bob) = (id(), id());
+    let now = herald::auth::now_secs();
+    let old = support::token_at(alice, &[], Some(now - 100));
+    let fresh = support::token_at(alice, &[], Some(now));
+    let mut old_on_b = b.connect_token(&old).await;
+    let mut fresh_on_b = b.connect_token(&fresh).await;
+    let mut bob_on_b = b.connect_token(&support::token_at(bob, &[], Some(now - 100))).await;
+    alive(&mut old_on_b).await;
+    // B has checked alice with Redis (no revocation) and may cache that answer.
+    let mut probe = b.connect_token(&old).await;
+    alive(&mut probe).await;
+
+    let body = json!({"before": now - 50}).to_string();
+    let (status, reply) = act_on(&a, format!("/api/users/{alice}/revoke"), &body).await;
+    assert_eq!((status, reply), (200, json!({"revoked_before": now - 50})));
+    assert_eq!(old_on_b.closed().await.0, Some(4003));
+    assert_eq!(probe.closed().await.0, Some(4003));
+    alive(&mut fresh_on_b).await;
+    alive(&mut bob_on_b).await;
+
+    // Refused at upgrade on both nodes, and on a node started after the revocation (which
+    // learns it from Redis); a token issued after the cut-off is accepted everywhere.
+    let c = gateway(&redis, Membership::Open).await;
+    for node in [&a, &b, &c] {
+        assert_eq!(
+            support::refusal(node.ws_url(&old)).await,
+            Some((401, json!({"error": "token_revoked"}))),
+            "node {}",
+            node.addr
+        );
+        let mut accepted = node.connect_token(&fresh).await;
+        alive(&mut accepted).await;
+    }
+    let ttl: i64 = redis_cmd(&redis, &["PTTL", &format!("herald:{{{alice}}}:revoked")]).await;
+    assert!(ttl > 86_000_000 && ttl <= 86_400_000, "kept in Redis for auth.max_token_ttl: {ttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn e2e_a_removal_sticks_under_token_membership_on_every_node_until_a_readd() {
+    let redis = RedisServer::start();
+    let (a, b) = two_nodes(&redis, Membership::Token).await;
+    let (alice, room) = (id(), id());
+    let old = support::token_at(alice, &[room], Some(herald::auth::now_secs() - 100));
+    let mut client = b.connect_token(&old).await;
+    client.subscribe(room).await;
+
+    assert_eq!(a.publish(&removed_body(room, alice)).await.0, 202);
+    assert_eq!(client.recv().await, json!({"type":"unsubscribed","chat_id":room,"reason":"removed"}));
+    client.send_json(json!({"type":"subscribe","chat_id":room})).await;
+    let reply = client.recv().await;
+    assert_eq!(reply["code"], "forbidden", "the same token cannot subscribe again: {reply}");
+
+    // A node started after the removal knows it from Redis.
+    let c = gateway(&redis, Membership::Token).await;
+    let mut on_c = c.connect_token(&old).await;
+    on_c.send_json(json!({"type":"subscribe","chat_id":room})).await;
+    assert_eq!(on_c.recv().await["code"], "forbidden");
+    // A token issued after the removal is let in.
+    let mut newer = c.connect_token(&support::token_at(alice, &[room], Some(herald::auth::now_secs()))).await;
+    newer.subscribe(room).await;
+
+    // A re-add published on A lifts it on B and C.
+    let added = json!({"type":"chat.member_added","chat_id":room,"user_id":alice}).to_string();
+    assert_eq!(a.publish(&added).await.0, 202);
+    subscribe_when_allowed(&mut client, room, Duration::from_secs(10)).await;
+    subscribe_when_allowed(&mut on_c, room, Duration::from_secs(10)).await;
+    let left: i64 = redis_cmd(&redis, &["HLEN", &format!("herald:{{{room}}}:removed")]).await;
+    assert_eq!(left, 0, "the re-add cleared the removal in Redis");
+}

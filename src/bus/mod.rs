@@ -58,6 +58,72 @@ pub enum BusError {
     InvalidUrl { url: String, reason: String },
 }
 
+/// An operator's instruction about one user (`POST /api/users/{id}/...`),
+/// carried to the nodes that must act on it. Not a domain event: it has no
+/// `seq`, no history, and never reaches a client as a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Close every connection of the user with 4003.
+    Disconnect(UserId),
+    /// Refuse the user's tokens issued before `before` (Unix seconds), and
+    /// close the connections holding one with 4003.
+    Revoke { user: UserId, before: u64 },
+}
+
+/// The JSON form of a [`Control`] on the Redis bus. Its first key is
+/// `control`, which no domain event has, so a receiver tells the two apart
+/// by the prefix alone.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlWire {
+    control: String,
+    user_id: UserId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    before: Option<u64>,
+}
+
+/// What every control message on a channel starts with.
+const CONTROL_PREFIX: &[u8] = br#"{"control":"#;
+
+impl Control {
+    /// The user it is about.
+    pub fn user(&self) -> UserId {
+        match *self {
+            Control::Disconnect(user) | Control::Revoke { user, .. } => user,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        let wire = match *self {
+            Control::Disconnect(user) => {
+                ControlWire { control: "disconnect".into(), user_id: user, before: None }
+            }
+            Control::Revoke { user, before } => {
+                ControlWire { control: "revoke".into(), user_id: user, before: Some(before) }
+            }
+        };
+        // ok: plain data with string keys cannot fail to serialize.
+        serde_json::to_string(&wire).unwrap_or_default()
+    }
+
+    /// `None` when `bytes` is not a control message; `Some(Err)` when it
+    /// is one this node cannot read (a newer node's kind).
+    pub fn from_json(bytes: &[u8]) -> Option<Result<Control, String>> {
+        if !bytes.starts_with(CONTROL_PREFIX) {
+            return None;
+        }
+        let wire: ControlWire = match serde_json::from_slice(bytes) {
+            Ok(wire) => wire,
+            Err(e) => return Some(Err(e.to_string())),
+        };
+        Some(match (wire.control.as_str(), wire.before) {
+            ("disconnect", None) => Ok(Control::Disconnect(wire.user_id)),
+            ("revoke", Some(before)) => Ok(Control::Revoke { user: wire.user_id, before }),
+            (other, _) => Err(format!("unknown control `{other}`")),
+        })
+    }
+}
+
 /// Room events a bus keeps of its own (Redis's room history), read for a
 /// recovery the node's history cannot serve.
 #[derive(Debug, Default)]
@@ -106,6 +172,14 @@ pub trait Deliver: Send + Sync + 'static {
     /// The Redis bus first delivers, through [`Deliver::deliver`] and in
     /// order, the membership events the node missed while it was cut off.
     /// The default delivers each pair as an addition.
+    /// An operator's instruction about a user, applied on this node.
+    fn control(&self, _msg: Control) {}
+
+    /// Every removal the bus remembers, (chat, user, removed at in Unix
+    /// seconds), loaded on every connect of a multi-node bus after
+    /// [`Deliver::membership_snapshot`]: the node's removals become exactly these.
+    fn removals_snapshot(&self, _removals: Vec<(ChatId, UserId, u64)>) {}
+
     fn membership_snapshot(&self, pairs: Vec<(ChatId, UserId)>) {
         for (chat, user) in pairs {
             let event = DomainEvent {
@@ -145,6 +219,22 @@ pub trait Bus: Send + Sync + 'static {
     /// reaches this node's broadcaster.
     fn head(&self, chat: ChatId) -> BoxFuture<'_, Result<u64, BusError>>;
 
+    /// Carries an operator's instruction to the other nodes that must act on
+    /// it (the caller applies it on this node itself): a disconnect to the
+    /// nodes where the user is connected, a revocation to every node, and
+    /// a revocation kept for `auth.max_token_ttl` where the bus keeps state.
+    /// The memory bus has no other node.
+    fn control(&self, _msg: Control) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// The revocation the bus keeps for `user` (the `before` of
+    /// [`Control::Revoke`]), for an upgrade this node knows none for. `None`
+    /// where the node's own [`crate::bans::Bans`] is all there is (memory).
+    fn revoked(&self, _user: UserId) -> BoxFuture<'_, Result<Option<u64>, BusError>> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
+
     /// The room's events after `since` that the bus keeps of its own
     /// (`None` when it keeps none: the node's room history is all there
     /// is). Only the range after `since` is read.
@@ -168,5 +258,21 @@ pub trait Bus: Send + Sync + 'static {
     /// Backend counters for `/metrics`: (name without the `herald_` prefix, help, value).
     fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
         Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_messages_round_trip_and_are_told_from_events() {
+        let user = UserId::from_u128(5);
+        for msg in [Control::Disconnect(user), Control::Revoke { user, before: 1_700_000_000 }] {
+            assert_eq!(Control::from_json(msg.to_json().as_bytes()), Some(Ok(msg)));
+        }
+        assert!(Control::from_json(br#"{"type":"chat.updated"}"#).is_none());
+        let newer = format!(r#"{{"control":"mute","user_id":"{user}"}}"#);
+        assert!(matches!(Control::from_json(newer.as_bytes()), Some(Err(_))));
     }
 }

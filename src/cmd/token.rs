@@ -133,6 +133,8 @@ fn explain(error: &AuthError, auth: &AuthConfig, accepted: Algorithm, token: &st
             auth.audience.as_deref().unwrap_or_default()
         )),
         AuthError::Malformed => Some(malformed(token, payload.as_ref())),
+        // Only the running node knows its revocations; the signature check never says this.
+        AuthError::Revoked => None,
     }
 }
 

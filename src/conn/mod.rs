@@ -60,6 +60,9 @@ struct Conn<S> {
     node: Arc<Node>,
     user: UserId,
     token_chats: Box<[ChatId]>,
+    /// The token's `iat` (0 without one: issued before any revocation or
+    /// removal), judged against revocations and removals.
+    issued_at: u64,
     expires_at: Stamp,
     subs: Subscriptions,
     /// This connection's inbox for per-user frames; `Users` holds the other
@@ -118,6 +121,7 @@ pub fn serve<S: Socket>(
         stream,
         user: claims.sub,
         token_chats: claims.chats.into_boxed_slice(),
+        issued_at: claims.iat.unwrap_or(0),
         expires_at: now + Duration::from_secs(lifetime),
         subs: Subscriptions::default(),
         mailbox: Arc::new(Mailbox::new(node.ws.user_queue)),
@@ -161,9 +165,12 @@ impl<S: Socket> Conn<S> {
         self.node.metrics.connections_opened.fetch_add(1, Ordering::Relaxed);
         self.node.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
         self.node.users.register(self.user, self.mailbox.clone());
-        // Checked after registering: a shutdown signalled earlier missed this mailbox.
+        // Checked after registering: a shutdown signalled earlier missed this mailbox, and so
+        // did a revocation applied here between the upgrade's check and now.
         let watch = if self.node.shutdown.is_cancelled() {
             Err(End::Close(CloseCode::GoingAway))
+        } else if self.node.bans.is_revoked(self.user, Some(self.issued_at), crate::auth::now_secs()) {
+            Err(End::Close(CloseCode::Disconnected))
         } else {
             self.node.bus.watch(Topic::User(self.user)).await.map_err(|e| {
                 tracing::warn!(error = %e, "cannot watch the user topic; closing");
@@ -234,7 +241,7 @@ mod tests {
         let node = Arc::new(Node::build(&config).await?);
         let (server, mut client) = UnixStream::pair()?;
         let permit = Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned()?;
-        let claims = Claims { sub: UserId::from_u128(7), exp: u64::MAX / 2, chats: vec![] };
+        let claims = Claims { sub: UserId::from_u128(7), exp: u64::MAX / 2, chats: vec![], iat: None };
         let task = tokio::spawn(serve(server, Bytes::new(), claims, node.clone(), permit));
 
         let chat = ChatId::from_u128(42);
@@ -280,7 +287,7 @@ mod tests {
         let stream = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
         let node = Arc::new(Node::build(&Config::default()).await?);
         let permit = Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned()?;
-        let claims = Claims { sub: UserId::from_u128(1), exp: u64::MAX / 2, chats: vec![] };
+        let claims = Claims { sub: UserId::from_u128(1), exp: u64::MAX / 2, chats: vec![], iat: None };
         let fut = serve(stream, Bytes::new(), claims, node.clone(), permit);
         let size = std::mem::size_of_val(&fut);
         eprintln!("connection future: {size} bytes");

@@ -223,6 +223,11 @@ impl<S: Socket> Conn<S> {
                         self.out.push(server::removed(chat));
                     }
                 }
+                UserMsg::Disconnect => return Err(End::Close(CloseCode::Disconnected)),
+                UserMsg::Revoke(before) if crate::bans::issued_before(Some(self.issued_at), before) => {
+                    return Err(End::Close(CloseCode::Disconnected))
+                }
+                UserMsg::Revoke(_) => {}
             }
         }
         self.check_queued()

@@ -97,6 +97,11 @@ impl<S: Socket> Conn<S> {
         if !membership::allowed(self.node.source, &self.node.membership, self.user, &self.token_chats, chat) {
             return self.reply_error(ErrorCode::Forbidden, "not a member of this chat", Some(chat));
         }
+        // A removal sticks for the tokens issued before it, whatever the source says.
+        let now = crate::auth::now_secs();
+        if self.node.bans.is_removed(chat, self.user, Some(self.issued_at), now) {
+            return self.reply_error(ErrorCode::Forbidden, "removed from this chat", Some(chat));
+        }
         // Join the ring first, then watch the bus, then ask the bus for the
         // position: every event after that position is then either in this
         // subscription's receiver (or the one the room makes for it with its

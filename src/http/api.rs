@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{header, Request, Response, StatusCode};
 
-use super::{bearer, constant_time_eq, json, App, Body, HttpError};
+use super::{authorized, json, App, Body, HttpError};
 use crate::bus::Health;
 use crate::config::BusKind;
 use crate::protocol::event::{self, parse_batch, Known};
@@ -24,20 +24,10 @@ const HISTORY_DEFAULT_LIMIT: usize = 100;
 /// caller reads on with `since` set to the last `seq` it got.
 const HISTORY_MAX_BYTES: usize = 1 << 20;
 
-/// Checks the request's `Authorization: Bearer` against `api.keys`: the one
-/// gate of every server API route.
-fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), HttpError> {
-    let key = bearer(req).ok_or(HttpError::Unauthorized("missing API key"))?;
-    if !app.api_keys.iter().any(|k| constant_time_eq(k.as_bytes(), key.as_bytes())) {
-        return Err(HttpError::Unauthorized("invalid API key"));
-    }
-    Ok(())
-}
-
 /// `GET /api/info`: version, uptime, this node's connections and rooms, and
 /// the bus's kind and state (`reason` is null while it is ok).
 pub(super) fn info(app: &App, req: &Request<Incoming>) -> Result<Response<Body>, HttpError> {
-    authorize(app, req)?;
+    authorized(app, req)?;
     let node = &app.node;
     let (state, reason) = match node.bus.health() {
         Health::Ok => ("ok", None),
@@ -65,7 +55,7 @@ pub(super) async fn publish(app: &App, req: Request<Incoming>) -> Result<Respons
         metrics.publish_rejected.fetch_add(1, Ordering::Relaxed);
         e
     };
-    authorize(app, &req).map_err(reject)?;
+    authorized(app, &req).map_err(reject)?;
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -133,7 +123,7 @@ pub(super) async fn history(
     req: &Request<Incoming>,
     chat: &str,
 ) -> Result<Response<Body>, HttpError> {
-    authorize(app, req)?;
+    authorized(app, req)?;
     let chat = ChatId::try_parse(chat)
         .map_err(|_| HttpError::BadRequest("chat_id in the path must be a UUID".into()))?;
     let max_limit = app.node.rooms.history_size();

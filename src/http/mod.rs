@@ -1,10 +1,12 @@
 //! The HTTP edge: routes `/ws` (`ws`), `/api/events`, `/api/info` and
-//! `/api/rooms/{chat_id}/history` (`api`), the operator endpoints
-//! `/healthz`, `/readyz` and `/metrics` (`ops`) and the browser's `/`,
-//! `/client.js`, `/api/stats` and `/demo/token` (`ui`); decides which
-//! listener serves which route ([`Surface`]); and holds the one mapping from
-//! edge errors to status codes and JSON bodies.
+//! `/api/rooms/{chat_id}/history` (`api`), `/api/users/{id}/disconnect` and
+//! `/api/users/{id}/revoke` (`act`), the operator endpoints `/healthz`,
+//! `/readyz` and `/metrics` (`ops`) and the browser's `/`, `/client.js`,
+//! `/api/stats` and `/demo/token` (`ui`); decides which listener serves
+//! which route ([`Surface`]); and holds the one API key gate and the one
+//! mapping from edge errors to status codes and JSON bodies.
 
+mod act;
 mod api;
 mod ops;
 mod ui;
@@ -138,7 +140,7 @@ impl App {
             return HttpError::NotFound.into_response();
         }
         let result = match (req.method(), req.uri().path()) {
-            (&Method::GET, "/ws") => ws::upgrade(&self, req),
+            (&Method::GET, "/ws") => ws::upgrade(&self, req).await,
             (&Method::POST, "/api/events") => api::publish(&self, req).await,
             (&Method::GET, "/api/info") => api::info(&self, &req),
             (&Method::GET, "/healthz") => Ok(ops::healthz(&self)),
@@ -152,6 +154,8 @@ impl App {
                 Some(chat) if method == Method::GET => api::history(&self, &req, chat).await,
                 _ => Err(HttpError::MethodNotAllowed),
             },
+            (&Method::POST, path) if act::route(path).is_some() => act::handle(&self, req).await,
+            (_, path) if act::route(path).is_some() => Err(HttpError::MethodNotAllowed),
             (
                 _,
                 "/ws" | "/api/events" | "/api/info" | "/healthz" | "/readyz" | "/metrics" | "/client.js"
@@ -161,6 +165,15 @@ impl App {
         };
         result.unwrap_or_else(HttpError::into_response)
     }
+}
+
+/// Checks the request's `Authorization: Bearer <api key>` against `api.keys`.
+fn authorized(app: &App, req: &Request<Incoming>) -> Result<(), HttpError> {
+    let key = bearer(req).ok_or(HttpError::Unauthorized("missing API key"))?;
+    if !app.api_keys.iter().any(|k| constant_time_eq(k.as_bytes(), key.as_bytes())) {
+        return Err(HttpError::Unauthorized("invalid API key"));
+    }
+    Ok(())
 }
 
 /// Compares secrets in time independent of where they differ.

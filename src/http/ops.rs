@@ -57,6 +57,10 @@ pub(super) fn metrics(app: &App) -> Response<Body> {
         let _ =
             writeln!(text, "# HELP herald_{name} {help}\n# TYPE herald_{name} gauge\nherald_{name} {value}");
     }
+    for (name, kind, help, value) in node.bans.metrics() {
+        let _ =
+            writeln!(text, "# HELP herald_{name} {help}\n# TYPE herald_{name} {kind}\nherald_{name} {value}");
+    }
     for (name, help, value) in node.bus.counters() {
         let _ = writeln!(
             text,

@@ -11,9 +11,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::{bearer, App, Body, HttpError};
+use crate::auth::{AuthError, Claims};
+use crate::bans::issued_before;
 use crate::conn;
 
-pub(super) fn upgrade(app: &Arc<App>, mut req: Request<Incoming>) -> Result<Response<Body>, HttpError> {
+pub(super) async fn upgrade(app: &Arc<App>, mut req: Request<Incoming>) -> Result<Response<Body>, HttpError> {
     let metrics = &app.node.metrics;
     if !app.allowed_origins.is_empty() {
         let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok());
@@ -27,6 +29,7 @@ pub(super) fn upgrade(app: &Arc<App>, mut req: Request<Incoming>) -> Result<Resp
         metrics.upgrades_rejected_auth.fetch_add(1, Ordering::Relaxed);
         HttpError::Unauthorized(e.reason())
     })?;
+    check_revoked(app, &claims).await?;
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return Err(HttpError::BadRequest("expected a WebSocket upgrade request".into()));
     }
@@ -56,6 +59,34 @@ pub(super) fn upgrade(app: &Arc<App>, mut req: Request<Incoming>) -> Result<Resp
     });
     let (parts, _) = response.into_parts();
     Ok(Response::from_parts(parts, Body::default()))
+}
+
+/// Refuses a token issued before a revocation of its user: the node's own
+/// bans first, then (for a user it holds none for) the bus's, which the
+/// node then holds too.
+async fn check_revoked(app: &App, claims: &Claims) -> Result<(), HttpError> {
+    let node = &app.node;
+    let now = crate::auth::now_secs();
+    let before = match node.bans.revoked_before(claims.sub, now) {
+        Some(before) => Some(before),
+        None => {
+            // Unknown is not "not revoked": without the bus the upgrade is refused (503), as the
+            // connection would be right after it (1011).
+            let kept =
+                node.bus.revoked(claims.sub).await.map_err(|e| HttpError::Unavailable(e.to_string()))?;
+            if let Some(before) = kept {
+                if node.bans.revoke(claims.sub, before, now).is_err() {
+                    node.bans.count_dropped();
+                }
+            }
+            kept
+        }
+    };
+    if before.is_some_and(|before| issued_before(claims.iat, before)) {
+        node.metrics.upgrades_rejected_auth.fetch_add(1, Ordering::Relaxed);
+        return Err(HttpError::Unauthorized(AuthError::Revoked.reason()));
+    }
+    Ok(())
 }
 
 /// Takes the TCP socket back from hyper, with any bytes it read past the handshake.

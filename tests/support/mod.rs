@@ -66,6 +66,30 @@ pub fn token(user: UserId, chats: &[ChatId]) -> String {
     herald::auth::mint_hs256(SECRET, user, chats, Duration::from_secs(3600))
 }
 
+/// A token with an explicit `iat` (`None`: without the claim), valid for an hour.
+pub fn token_at(user: UserId, chats: &[ChatId], iat: Option<u64>) -> String {
+    let claims =
+        herald::auth::Claims { sub: user, exp: herald::auth::now_secs() + 3600, chats: chats.to_vec(), iat };
+    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).expect("HS256 signs")
+}
+
+/// `POST <path>` to `addr` with `body` and `key` as the API key (if any);
+/// status and JSON reply (`Null` when not JSON).
+pub async fn api_post(addr: SocketAddr, path: &str, body: &str, key: Option<&str>) -> (u16, Value) {
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let (status, _, body) = exchange(
+        addr,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
 /// A fresh random user id.
 pub fn user() -> UserId {
     UserId::new_v4()

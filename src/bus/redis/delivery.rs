@@ -11,6 +11,7 @@ use redis::{PushInfo, Value};
 use tokio::sync::mpsc;
 
 use super::{MemberMark, Shared};
+use crate::bus::Control;
 use crate::protocol::event::{DomainEvent, EventKind};
 use crate::protocol::{ChatId, UserId};
 use crate::sync::lock;
@@ -36,6 +37,8 @@ pub(super) struct MemberSnapshot {
     /// The global counter the snapshot was taken at.
     pub(super) ver: u64,
     pub(super) pairs: Vec<(ChatId, UserId)>,
+    /// Every removal Redis remembers: (chat, user, Unix seconds).
+    pub(super) removals: Vec<(ChatId, UserId, u64)>,
     /// `None` on the node's first connect, which starts from the snapshot (nothing to replay).
     pub(super) missed: Option<Missed>,
 }
@@ -75,6 +78,9 @@ pub(super) async fn deliver_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Inb
                 // (`membership: events`): it adds what it lacks and drops what it no longer holds,
                 // which after the replay is only what the log could not tell.
                 shared.sink.membership_snapshot(snapshot.pairs);
+                // And the removals as Redis holds them, with Redis's times (a replayed removal
+                // was stamped with this node's clock at replay).
+                shared.sink.removals_snapshot(snapshot.removals);
                 for (event, gseq) in state.held.take().unwrap_or_default() {
                     if gseq > ver {
                         shared.sink.deliver(&event, None);
@@ -131,6 +137,20 @@ fn replay(shared: &Shared, boot: String, ver: u64, missed: Missed) {
 /// One event as a node published it on a channel: this node's only ingress for events from Redis,
 /// where what cannot be delivered is decided.
 fn receive(shared: &Shared, state: &mut Receiving, payload: &[u8]) {
+    if let Some(control) = Control::from_json(payload) {
+        match control {
+            Ok(msg) => {
+                if let Control::Revoke { user, .. } = msg {
+                    // Before the sink learns it: an upgrade asking Redis meanwhile must not
+                    // cache the answer it had before this.
+                    shared.forget_checked(Some(user));
+                }
+                shared.sink.control(msg);
+            }
+            Err(e) => tracing::warn!(error = %e, "unreadable control message on a redis channel; dropped"),
+        }
+        return;
+    }
     let (event, seq) = match DomainEvent::from_json(payload) {
         Ok(parsed) => parsed,
         Err(e) => {

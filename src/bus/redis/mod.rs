@@ -73,14 +73,15 @@ use redis::{IntoConnectionInfo, ProtocolVersion};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
-use super::{BoxFuture, Bus, BusError, Deliver, Health, Kept, KeptEvent, Topic};
+use super::{BoxFuture, Bus, BusError, Control, Deliver, Health, Kept, KeptEvent, Topic};
 use crate::config::BusConfig;
 use crate::protocol::event::{DomainEvent, EventKind};
-use crate::protocol::ChatId;
+use crate::protocol::{ChatId, UserId};
 use crate::sync::lock;
 use publisher::PublishReq;
 use scripts::Scripts;
 pub use scripts::{channel, MEMBERS_CHANNEL};
+use std::time::Instant;
 use topics::{Topics, WatchGuard};
 
 /// Pushes that may wait for the delivery task; beyond it they are dropped and counted (the clients
@@ -112,6 +113,8 @@ pub struct RedisOptions {
     pub history_size: usize,
     /// How long they are kept (`rooms.history_ttl`).
     pub history_ttl: Duration,
+    /// How long revocations and removals are kept (`auth.max_token_ttl`).
+    pub token_ttl: Duration,
 }
 
 impl Default for RedisOptions {
@@ -126,6 +129,7 @@ impl Default for RedisOptions {
             watch_timeout: Duration::from_secs(5),
             history_size: 100,
             history_ttl: Duration::from_secs(300),
+            token_ttl: Duration::from_secs(86_400),
         }
     }
 }
@@ -224,6 +228,24 @@ struct Shared {
     lost: Notify,
     stats: Arc<RedisStats>,
     scripts: Scripts,
+    /// Users Redis recently said it holds no revocation for, so an upgrade storm is not a Redis
+    /// storm. Trusted only while every revocation reaches this node on the members channel: a
+    /// revocation received forgets its user, a lost connection or a dropped push forgets all.
+    checked: Mutex<Checked>,
+}
+
+/// How long a "no revocation" answer from Redis is trusted (revocations published meanwhile
+/// arrive on the members channel and forget it at once).
+const CHECKED_FOR: Duration = Duration::from_secs(60);
+/// Users whose "no revocation" answer is held at most; a full table starts over.
+const CHECKED_MAX: usize = 65_536;
+
+/// See [`Shared::checked`].
+#[derive(Default)]
+struct Checked {
+    /// Moved by every forget: an answer read before it is not cached.
+    epoch: u64,
+    users: HashMap<UserId, Instant>,
 }
 
 /// What a Redis error means to a publisher or a subscriber: the one place a Redis failure becomes
@@ -441,6 +463,57 @@ impl Bus for RedisBus {
         })
     }
 
+    fn control(&self, msg: Control) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(async move {
+            let mut conn = self.shared.connection()?;
+            let reply = match msg {
+                // Only the nodes where the user is connected subscribe its channel.
+                Control::Disconnect(user) => {
+                    redis::cmd("PUBLISH")
+                        .arg(channel(Topic::User(user)))
+                        .arg(msg.to_json())
+                        .query_async::<i64>(&mut conn)
+                        .await
+                }
+                // Every node subscribes the members channel for life.
+                Control::Revoke { user, before } => {
+                    redis::cmd("EVALSHA")
+                        .arg(self.shared.scripts.revoke.get_hash())
+                        .arg(1)
+                        .arg(scripts::revoked_key(user))
+                        .arg(before)
+                        .arg(self.shared.options.token_ttl.as_millis().to_string())
+                        .arg(MEMBERS_CHANNEL)
+                        .arg(user.to_string())
+                        .query_async::<i64>(&mut conn)
+                        .await
+                }
+            };
+            reply.map(|_| ()).map_err(|e| {
+                tracing::warn!(user = %msg.user(), error = %e, "redis control message failed");
+                classify(&e)
+            })
+        })
+    }
+
+    fn revoked(&self, user: UserId) -> BoxFuture<'_, Result<Option<u64>, BusError>> {
+        Box::pin(async move {
+            let Err(epoch) = self.shared.checked_recently(user) else { return Ok(None) };
+            let mut conn = self.shared.connection()?;
+            let before: Option<u64> =
+                redis::cmd("GET").arg(scripts::revoked_key(user)).query_async(&mut conn).await.map_err(
+                    |e| {
+                        tracing::warn!(%user, error = %e, "redis revocation read failed");
+                        classify(&e)
+                    },
+                )?;
+            if before.is_none() {
+                self.shared.checked_none(user, epoch);
+            }
+            Ok(before)
+        })
+    }
+
     fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
         let stats = &*self.shared.stats;
         COUNTERS
@@ -485,6 +558,7 @@ impl Shared {
             lost: Notify::new(),
             stats: Arc::default(),
             scripts: Scripts::new(),
+            checked: Mutex::default(),
         });
         (shared, phase_rx)
     }
@@ -517,8 +591,45 @@ impl Shared {
         *floor = (*floor).max(seq);
     }
 
+    /// `Ok` when Redis said recently that it holds no revocation for `user`; otherwise the epoch
+    /// to hand [`Shared::checked_none`] with Redis's answer.
+    fn checked_recently(&self, user: UserId) -> Result<(), u64> {
+        let checked = lock(&self.checked);
+        match checked.users.get(&user) {
+            Some(at) if at.elapsed() < CHECKED_FOR => Ok(()),
+            _ => Err(checked.epoch),
+        }
+    }
+
+    /// Redis said it holds no revocation for `user`, in an answer asked for at `epoch`: cached
+    /// unless a revocation or a loss came in between.
+    fn checked_none(&self, user: UserId, epoch: u64) {
+        let mut checked = lock(&self.checked);
+        if checked.epoch != epoch {
+            return;
+        }
+        if checked.users.len() >= CHECKED_MAX {
+            checked.users.clear();
+        }
+        checked.users.insert(user, Instant::now());
+    }
+
+    /// Forgets the cached answers for `user` (all of them for `None`).
+    fn forget_checked(&self, user: Option<UserId>) {
+        let mut checked = lock(&self.checked);
+        checked.epoch += 1;
+        match user {
+            Some(user) => {
+                checked.users.remove(&user);
+            }
+            None => checked.users = HashMap::new(),
+        }
+    }
+
     /// The connection is gone: refuse publishes and watches, forget confirmations, fail waiters.
     fn go_down(&self) {
+        // Revocations published while this node is cut off do not reach it.
+        self.forget_checked(None);
         *lock(&self.conn) = None;
         self.phase.send_replace(Phase::Down);
         self.topics.connection_lost();

@@ -8,8 +8,8 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use super::scripts::{
-    channel, history_key, members_key, seq_key, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL, MEMBER_INDEX_KEY,
-    MEMBER_LOG_KEY, PUBLISH_LUA,
+    channel, history_key, members_key, removed_key, seq_key, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL,
+    MEMBER_INDEX_KEY, MEMBER_LOG_KEY, PUBLISH_LUA, REMOVED_INDEX_KEY,
 };
 use super::{classify, Shared};
 use crate::bus::{BusError, Topic};
@@ -170,7 +170,8 @@ struct ScriptCall {
 
 /// Builds the publish script call for one batch; `None` when no event needs Redis.
 fn script_call(shared: &Shared, events: &[DomainEvent]) -> Option<ScriptCall> {
-    let mut keys: Vec<String> = vec![BOOT_KEY.into(), GSEQ_KEY.into(), MEMBER_INDEX_KEY.into()];
+    let mut keys: Vec<String> =
+        vec![BOOT_KEY.into(), GSEQ_KEY.into(), MEMBER_INDEX_KEY.into(), REMOVED_INDEX_KEY.into()];
     let mut rooms = Vec::with_capacity(events.len());
     let mut args: Vec<String> = Vec::new();
     let mut has_room = false;
@@ -203,15 +204,18 @@ fn script_call(shared: &Shared, events: &[DomainEvent]) -> Option<ScriptCall> {
         keys.push(key);
         if let Some(room) = route.room {
             keys.push(history_key(room));
-        } else if route.membership.is_some() {
+        } else if let Some(MemberChange::Added { chat, .. } | MemberChange::Removed { chat, .. }) =
+            route.membership
+        {
             keys.push(MEMBER_LOG_KEY.into());
+            keys.push(removed_key(chat));
         }
         rooms.push(route.room);
         args.extend([op.to_string(), floor.to_string(), text(chat), text(user), event.to_json(None)]);
         args.push(channels.len().to_string());
         args.extend(channels);
     }
-    if keys.len() == 3 {
+    if keys.len() == 4 {
         return None;
     }
     let settle_ms = shared.options.settle.as_millis().to_string();
@@ -223,6 +227,7 @@ fn script_call(shared: &Shared, events: &[DomainEvent]) -> Option<ScriptCall> {
         .arg(if has_room { "1" } else { "0" })
         .arg(shared.options.history_size)
         .arg(shared.options.history_ttl.as_millis().to_string())
+        .arg(shared.options.token_ttl.as_millis().to_string())
         .arg(&args);
     Some(ScriptCall { cmd, rooms })
 }

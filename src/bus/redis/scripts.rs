@@ -12,8 +12,11 @@
 //! | `herald:{<chat>}:room` | channel | the room's events |
 //! | `herald:{<chat>}:members` | set | the room's members (`chat.member_*` events) |
 //! | `herald:{<chat>}:history` | list | the room's recent events, `<ms>\|<event JSON with seq>`, oldest first |
-//! | `herald:{<user>}:user` | channel | events addressed to one user |
-//! | `herald:members` | channel | membership events, for every node |
+//! | `herald:{<chat>}:removed` | hash | user -> when it was removed from the room (Unix seconds, Redis's clock): its older tokens may not subscribe; a re-add deletes the field; expires `auth.max_token_ttl` after the room's last removal |
+//! | `herald:{<user>}:user` | channel | events addressed to one user, and operator disconnects (`{"control":"disconnect",...}`) |
+//! | `herald:{<user>}:revoked` | string | the user's revocation: tokens issued before these Unix seconds are refused; expires after `auth.max_token_ttl` |
+//! | `herald:members` | channel | membership events and revocations (`{"control":"revoke",...}`), for every node |
+//! | `herald:removed-chats` | set | rooms that may have a removed hash (pruned by the snapshot script) |
 //! | `herald:member-chats` | set | rooms that have a member set |
 //! | `herald:member-log` | list | the last 10,000 membership events, `<gseq>\|<previous entry's gseq>\|<event JSON with seq>`, oldest first |
 //! | `herald:gseq` | string | global counter of non-room events |
@@ -26,13 +29,17 @@
 //! not allow either. Herald supports one Redis server today; the names are ready for the split.
 
 use crate::bus::Topic;
-use crate::protocol::ChatId;
+use crate::protocol::{ChatId, UserId};
 
 /// The channel every node subscribes to for its whole life: membership events.
 pub const MEMBERS_CHANNEL: &str = "herald:members";
 pub(super) const BOOT_KEY: &str = "herald:boot";
 pub(super) const GSEQ_KEY: &str = "herald:gseq";
 pub(super) const MEMBER_INDEX_KEY: &str = "herald:member-chats";
+/// Rooms with a removed hash (the publish script adds, the snapshot script prunes).
+pub(super) const REMOVED_INDEX_KEY: &str = "herald:removed-chats";
+/// A room's removed hash is `MEMBER_SET_PREFIX <chat> REMOVED_SUFFIX`.
+const REMOVED_SUFFIX: &str = "}:removed";
 /// The membership log: every `chat.member_*` event, bounded, so a node that was cut off from Redis
 /// replays the changes it missed (the publish script writes it, the snapshot script reads it).
 pub(super) const MEMBER_LOG_KEY: &str = "herald:member-log";
@@ -59,6 +66,21 @@ pub(super) fn history_key(chat: ChatId) -> String {
     format!("herald:{{{chat}}}:history")
 }
 
+/// The room's removals: user -> Unix seconds.
+pub(super) fn removed_key(chat: ChatId) -> String {
+    format!("{MEMBER_SET_PREFIX}{chat}{REMOVED_SUFFIX}")
+}
+
+/// The snapshot script's ARGV: how to name a room's removed hash (after the member set prefix).
+pub(super) fn removed_key_suffix() -> &'static str {
+    REMOVED_SUFFIX
+}
+
+/// A user's revocation.
+pub(super) fn revoked_key(user: UserId) -> String {
+    format!("herald:{{{user}}}:revoked")
+}
+
 /// The room's member set.
 pub(super) fn members_key(chat: ChatId) -> String {
     format!("{MEMBER_SET_PREFIX}{chat}{MEMBER_SET_SUFFIX}")
@@ -77,10 +99,12 @@ pub(super) struct Scripts {
     pub(super) head: redis::Script,
     pub(super) kept: redis::Script,
     pub(super) touch: redis::Script,
+    pub(super) revoke: redis::Script,
 }
 
 /// Every script's source, for `SCRIPT LOAD`.
-pub(super) const ALL: [&str; 6] = [PUBLISH_LUA, RESEED_LUA, SNAPSHOT_LUA, HEAD_LUA, KEPT_LUA, TOUCH_LUA];
+pub(super) const ALL: [&str; 7] =
+    [PUBLISH_LUA, RESEED_LUA, SNAPSHOT_LUA, HEAD_LUA, KEPT_LUA, TOUCH_LUA, REVOKE_LUA];
 
 impl Scripts {
     pub(super) fn new() -> Scripts {
@@ -91,6 +115,7 @@ impl Scripts {
             head: redis::Script::new(HEAD_LUA),
             kept: redis::Script::new(KEPT_LUA),
             touch: redis::Script::new(TOUCH_LUA),
+            revoke: redis::Script::new(REVOKE_LUA),
         }
     }
 }
@@ -130,11 +155,15 @@ end
 /// The error code [`PUBLISH_LUA`] refuses room events with while Redis's state is new.
 pub(super) const SETTLING: &str = "SETTLING";
 
-/// Publishes one batch atomically. KEYS: boot, gseq, member index, then per event its key (room
-/// counter, member set, or gseq) and, for a room event, the room's history list, for a membership
-/// event the member log. ARGV: settle ms,
-/// has-room flag, history size, history TTL ms, then per event: op, floor, chat, user, payload
-/// (event JSON without seq), channel count, channels. Returns the seqs.
+/// Publishes one batch atomically. KEYS: boot, gseq, member index, removed index, then per event
+/// its key (room counter, member set, or gseq) and, for a room event, the room's history list, for
+/// a membership event the member log and the room's removed hash. ARGV: settle ms,
+/// has-room flag, history size, history TTL ms, removal TTL ms (`auth.max_token_ttl`), then per
+/// event: op, floor, chat, user, payload (event JSON without seq), channel count, channels.
+/// Returns the seqs.
+///
+/// A removal is also recorded in the room's removed hash (Redis's clock, seconds), which a re-add
+/// clears, so every node, also one started later, refuses the user's older tokens.
 ///
 /// A room event is appended to its room's history in the same call that assigns its `seq` and
 /// publishes it, so history and live delivery can never disagree. Likewise a membership event is
@@ -148,9 +177,9 @@ pub(super) const PUBLISH_LUA: &str = concat!(
   return redis.error_reply('SETTLING redis lost its state recently; nodes are re-seeding room seq')
 end
 local seqs = {}
-local hsize, httl = tonumber(ARGV[3]), tonumber(ARGV[4])
-local i = 5
-local k = 4
+local hsize, httl, rttl = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local i = 6
+local k = 5
 while k <= #KEYS do
   local key = KEYS[k]
   k = k + 1
@@ -184,6 +213,15 @@ while k <= #KEYS do
       redis.call('RPUSH', log, string.format('%d|%s|', seq, last and string.match(last, '^%d+') or '0')
         .. string.sub(payload, 1, -2) .. ',"seq":' .. string.format('%d', seq) .. '}')
       redis.call('LTRIM', log, -10000, -1)
+      local removed = KEYS[k]
+      k = k + 1
+      if op == 'x' then
+        redis.call('HSET', removed, user, string.format('%d', math.floor(now / 1000)))
+        redis.call('PEXPIRE', removed, rttl)
+        redis.call('SADD', KEYS[4], chat)
+      else
+        redis.call('HDEL', removed, user)
+      end
     end
   end
   local msg = string.sub(payload, 1, -2) .. ',"seq":' .. string.format('%d', seq) .. '}'
@@ -269,13 +307,16 @@ return out
 "#;
 
 /// The membership snapshot and the membership changes a node missed. KEYS: boot, member index,
-/// gseq, member log; ARGV: member set name prefix and suffix (around the chat id), then the boot
-/// mark and gseq this node's membership is at (an empty boot mark: none yet, the log is not read).
+/// gseq, member log, removed index; ARGV: member set name prefix and suffix (around the chat id),
+/// then the boot mark and gseq this node's membership is at (an empty boot mark: none yet, the log
+/// is not read), the removed hash's suffix and the removal TTL ms.
 ///
 /// Returns, flattened: the boot mark; the global counter (the snapshot's position); how far back
 /// the log reaches (it holds every membership event after that counter); the number `n` of log
-/// entries after the node's position, then those `n` events (JSON with seq, oldest first); then
-/// the (chat, user) pairs. After a Redis state loss (another boot mark) the node's position means
+/// entries after the node's position, then those `n` events (JSON with seq, oldest first); the
+/// number `m` of removals younger than the TTL, then `m` (chat, user, Unix seconds) triples
+/// (older ones are deleted on the way, and rooms left without any leave the index); then the
+/// (chat, user) pairs. After a Redis state loss (another boot mark) the node's position means
 /// nothing here, so the whole log is returned. The log is read from its end, so a node that missed
 /// little costs little.
 pub(super) const SNAPSHOT_LUA: &str = r#"
@@ -304,6 +345,27 @@ if ARGV[3] ~= '' then
     out[#out + 1] = missed[j]
   end
 end
+local t = redis.call('TIME')
+local cutoff = tonumber(t[1]) - math.floor(tonumber(ARGV[6]) / 1000)
+local removals = {}
+for _, chat in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+  local key = ARGV[1] .. chat .. ARGV[5]
+  local flat = redis.call('HGETALL', key)
+  if #flat == 0 then redis.call('SREM', KEYS[5], chat) end
+  for j = 1, #flat, 2 do
+    if tonumber(flat[j + 1]) > cutoff then
+      removals[#removals + 1] = chat
+      removals[#removals + 1] = flat[j]
+      removals[#removals + 1] = flat[j + 1]
+    else
+      redis.call('HDEL', key, flat[j])
+    end
+  end
+end
+out[#out + 1] = tostring(#removals / 3)
+for _, v in ipairs(removals) do
+  out[#out + 1] = v
+end
 for _, chat in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   for _, user in ipairs(redis.call('SMEMBERS', ARGV[1] .. chat .. ARGV[2])) do
     out[#out + 1] = chat
@@ -311,4 +373,17 @@ for _, chat in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   end
 end
 return out
+"#;
+
+/// Records a revocation and tells every node. KEYS: the user's revoked key; ARGV: before (Unix
+/// seconds), TTL ms, the members channel, the user id. Keeps the later of the held and the new
+/// cut-off (with a fresh TTL) and publishes that one, so no node learns an earlier one than Redis
+/// holds. Returns the cut-off kept.
+pub(super) const REVOKE_LUA: &str = r#"
+local before = tonumber(ARGV[1])
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if cur > before then before = cur end
+redis.call('SET', KEYS[1], string.format('%d', before), 'PX', ARGV[2])
+redis.call('PUBLISH', ARGV[3], string.format('{"control":"revoke","user_id":"%s","before":%d}', ARGV[4], before))
+return before
 "#;

@@ -15,8 +15,8 @@ use tokio::time::Instant;
 
 use super::delivery::{Inbound, MemberSnapshot, Missed};
 use super::scripts::{
-    channel, members_key_parts, seq_key, ALL, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL, MEMBER_INDEX_KEY,
-    MEMBER_LOG_KEY,
+    channel, members_key_parts, removed_key_suffix, seq_key, ALL, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL,
+    MEMBER_INDEX_KEY, MEMBER_LOG_KEY, REMOVED_INDEX_KEY,
 };
 use super::{MemberMark, Phase, Shared};
 use crate::protocol::event::DomainEvent;
@@ -102,6 +102,8 @@ async fn open_session(
             PushKind::Message => match push_tx.try_send(Inbound::Push { gen, info }) {
                 Ok(()) => Ok(()),
                 Err(mpsc::error::TrySendError::Full(_)) => {
+                    // A revocation may be among what is dropped: ask Redis again.
+                    shared.forget_checked(None);
                     if shared.stats.inbound_dropped.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
                         tracing::error!("redis bus delivery task is behind; dropping events (seq gaps)");
                     }
@@ -155,21 +157,26 @@ async fn member_snapshot(
     let (known_boot, after) = mark.as_ref().map_or((String::new(), 0), |m| (m.boot.clone(), m.gseq));
     let flat: Vec<String> = redis::cmd("EVALSHA")
         .arg(shared.scripts.snapshot.get_hash())
-        .arg(4)
+        .arg(5)
         .arg(BOOT_KEY)
         .arg(MEMBER_INDEX_KEY)
         .arg(GSEQ_KEY)
         .arg(MEMBER_LOG_KEY)
+        .arg(REMOVED_INDEX_KEY)
         .arg(&members_key_parts()[..])
         .arg(known_boot)
         .arg(after)
+        .arg(removed_key_suffix())
+        .arg(shared.options.token_ttl.as_millis().to_string())
         .query_async(conn)
         .await?;
     let mut flat = flat.into_iter();
     let boot = flat.next().unwrap_or_default();
-    let mut number = || flat.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-    let (ver, reach, logged): (u64, u64, usize) = (number(), number(), number() as usize);
-    let mut events = Vec::with_capacity(logged);
+    let number =
+        |flat: &mut std::vec::IntoIter<String>| flat.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let (ver, reach, logged): (u64, u64, usize) =
+        (number(&mut flat), number(&mut flat), number(&mut flat) as usize);
+    let mut events = Vec::with_capacity(logged.min(10_000));
     for entry in flat.by_ref().take(logged) {
         match DomainEvent::from_json(entry.as_bytes()) {
             Ok((event, Some(gseq))) => events.push((gseq, event)),
@@ -177,6 +184,12 @@ async fn member_snapshot(
             Err(e) => tracing::warn!(error = %e, "undecodable member log entry in redis; skipped"),
         }
     }
+    let removed = number(&mut flat) as usize;
+    let triples: Vec<String> = flat.by_ref().take(removed.saturating_mul(3)).collect();
+    let removals = triples
+        .chunks_exact(3)
+        .filter_map(|t| Some((t[0].parse().ok()?, t[1].parse().ok()?, t[2].parse().ok()?)))
+        .collect();
     let rest: Vec<String> = flat.collect();
     let pairs = rest.chunks_exact(2).filter_map(|p| Some((p[0].parse().ok()?, p[1].parse().ok()?))).collect();
     let missed = match mark {
@@ -187,7 +200,7 @@ async fn member_snapshot(
             None
         }
     };
-    Ok(MemberSnapshot { boot, ver, pairs, missed })
+    Ok(MemberSnapshot { boot, ver, pairs, removals, missed })
 }
 
 /// Raises room counters to the given floors (in chunks); returns ms since Redis's state began.
