@@ -1,0 +1,69 @@
+//! The Redis bus's own counters and how `/metrics` names them: one table, one line per counter.
+
+use std::sync::atomic::AtomicU64;
+
+/// The bus's own counters. `/metrics` exports them through [`crate::bus::Bus::counters`] under the names in
+/// brackets (the `COUNTERS` table); [`super::RedisBus::stats`] reads them directly (tests, tools holding
+/// the concrete bus).
+#[derive(Debug, Default)]
+pub struct RedisStats {
+    /// Connections re-established after one was lost (`herald_redis_reconnects_total`).
+    pub reconnects: AtomicU64,
+    /// Connect attempts that failed; each is followed by a backoff wait
+    /// (`herald_redis_connect_failures_total`).
+    pub connect_failures: AtomicU64,
+    /// Publish calls refused with a [`crate::bus::BusError`] (`herald_redis_publish_failures_total`).
+    pub publish_failures: AtomicU64,
+    /// Pushes dropped because the delivery task fell behind (`herald_redis_inbound_dropped_total`).
+    pub inbound_dropped: AtomicU64,
+    /// Room events whose `seq` went backwards, dropped (`herald_redis_seq_regressions_total`).
+    pub seq_regressions: AtomicU64,
+    /// Copies of an event received on several channels, dropped (`herald_redis_duplicates_total`).
+    pub duplicates_dropped: AtomicU64,
+    /// Reads of a room's Redis history for a recovery this node's history could not serve
+    /// (`herald_redis_history_reads_total`).
+    pub history_reads: AtomicU64,
+    /// Reconnects after which this node could not replay every membership change it missed: the
+    /// member log no longer reached back to its position, or Redis lost its state
+    /// (`herald_redis_membership_log_gaps_total`).
+    pub membership_log_gaps: AtomicU64,
+}
+
+/// Picks one counter out of [`RedisStats`].
+pub(super) type Counter = fn(&RedisStats) -> &AtomicU64;
+
+/// How `/metrics` exports [`RedisStats`]: (name without the `herald_` prefix, help, the counter).
+/// One line per counter; `rustfmt` would spread the longer ones over five.
+#[rustfmt::skip]
+pub(super) const COUNTERS: &[(&str, &str, Counter)] = &[
+    ("redis_reconnects_total", "Redis connections re-established.", |s| &s.reconnects),
+    ("redis_connect_failures_total", "Redis connect attempts that failed (each followed by a backoff wait).", |s| &s.connect_failures),
+    ("redis_publish_failures_total", "Publishes refused while Redis was unavailable.", |s| &s.publish_failures),
+    ("redis_inbound_dropped_total", "Redis pushes dropped because delivery fell behind.", |s| &s.inbound_dropped),
+    ("redis_seq_regressions_total", "Room events whose seq went backwards, dropped.", |s| &s.seq_regressions),
+    ("redis_duplicates_total", "Duplicate copies of an event dropped.", |s| &s.duplicates_dropped),
+    ("redis_history_reads_total", "Reads of a room's Redis history for recoveries this node's history could not serve.", |s| &s.history_reads),
+    ("redis_membership_log_gaps_total", "Reconnects after which missed membership changes could not all be replayed.", |s| &s.membership_log_gaps),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_is_exported_once_under_its_own_name() {
+        let stats = RedisStats::default();
+        let mut names: Vec<&str> = COUNTERS.iter().map(|(name, _, _)| *name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), COUNTERS.len(), "a name is listed twice");
+        let mut fields: Vec<*const AtomicU64> =
+            COUNTERS.iter().map(|(_, _, field)| field(&stats) as *const _).collect();
+        fields.sort_unstable();
+        fields.dedup();
+        assert_eq!(fields.len(), COUNTERS.len(), "a counter is listed twice");
+        assert!(COUNTERS.iter().all(|(name, help, _)| name.starts_with("redis_")
+            && name.ends_with("_total")
+            && !help.is_empty()));
+    }
+}
