@@ -131,8 +131,9 @@ impl Verifier {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
-        jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map(|data| data.claims).map_err(
-            |e| match e.kind() {
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map(|data| data.claims)
+            .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 ErrorKind::InvalidSignature => AuthError::BadSignature,
@@ -140,8 +141,14 @@ impl Verifier {
                 ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
                 ErrorKind::InvalidAudience => AuthError::WrongAudience,
                 _ => AuthError::Malformed,
-            },
-        )
+            })?;
+        // A token claiming to be issued in the future would outlive every revocation and
+        // removal (they refuse tokens issued before a moment): it is not valid yet, like one
+        // before its `nbf`.
+        if claims.iat.is_some_and(|iat| iat > now_secs().saturating_add(self.validation.leeway)) {
+            return Err(AuthError::NotYetValid);
+        }
+        Ok(claims)
     }
 }
 

@@ -161,3 +161,17 @@ async fn bad_requests_to_the_user_routes_are_refused_with_a_clear_4xx() {
     assert_eq!(gw.metric("revocations").await, 0.0);
     gw.stop().await;
 }
+
+/// A token claiming to be issued in the future would outlive every
+/// revocation and removal (they refuse tokens issued before a moment): it is
+/// refused as not valid yet, like one before its `nbf`.
+#[tokio::test]
+async fn a_token_issued_in_the_future_is_not_valid_yet() {
+    let gw = start(config()).await;
+    let later = token_at(user(), &[], Some(now_secs() + 10 * 86_400));
+    let refused = support::refusal(format!("ws://{}/ws?token={later}", gw.addr)).await;
+    assert_eq!(refused, Some((401, json!({"error":"token_not_yet_valid"}))));
+    // Inside auth.leeway (default 0) the present is fine.
+    let now = token_at(user(), &[], Some(now_secs()));
+    assert_eq!(support::refusal(format!("ws://{}/ws?token={now}", gw.addr)).await, None);
+}

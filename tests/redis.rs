@@ -1202,3 +1202,45 @@ async fn e2e_a_removal_sticks_under_token_membership_on_every_node_until_a_readd
     let left: i64 = redis_cmd(&redis, &["HLEN", &format!("herald:{{{room}}}:removed")]).await;
     assert_eq!(left, 0, "the re-add cleared the removal in Redis");
 }
+
+/// A revocation answered by another node while this one was cut off from Redis still closes this
+/// node's connections holding an older token once it is back (it reads the revocations of its
+/// connected users on reconnect), and a token between an older cut-off this node held and the
+/// newer one it missed is refused at upgrade here too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_revocation_missed_while_cut_off_applies_once_the_node_is_back() {
+    let redis = RedisServer::start();
+    let (a, b) = two_nodes_a_separable(&redis, Membership::Open).await;
+    let (alice, bob) = (support::user(), support::user());
+    let now = herald::auth::now_secs();
+    // Bob: A learns an old cut-off first.
+    let old = json!({"before": now - 1000}).to_string();
+    assert_eq!(
+        support::api_post(b.addr, &format!("/api/users/{bob}/revoke"), &old, Some(support::API_KEY)).await.0,
+        200
+    );
+    let deadline = Instant::now() + support::PATIENCE;
+    while a.metric("revocations").await < 1.0 {
+        assert!(Instant::now() < deadline, "A never heard the first revocation");
+        sleep(Duration::from_millis(50)).await;
+    }
+    let mut alice_on_a = a.connect_token(&support::token_at(alice, &[], Some(now - 100))).await;
+    alice_on_a.send_json(json!({"type":"ping"})).await;
+    assert_eq!(alice_on_a.recv().await, json!({"type":"pong"}));
+
+    cut_off(&redis, &a).await;
+    for who in [alice, bob] {
+        let (status, reply) =
+            support::api_post(b.addr, &format!("/api/users/{who}/revoke"), "", Some(support::API_KEY)).await;
+        assert_eq!(status, 200, "{reply}");
+    }
+    let_back(&redis).await;
+    a.wait_metric("bus_up", 1.0).await;
+
+    let (code, _) = timeout(support::PATIENCE, alice_on_a.closed()).await.expect("closed in time");
+    assert_eq!(code, Some(4003), "the old-token connection on A closes once A is back");
+    let between = support::token_at(bob, &[], Some(now - 100));
+    let refused = support::refusal(format!("ws://{}/ws?token={between}", a.addr)).await;
+    assert_eq!(refused.map(|(status, _)| status), Some(401), "A refuses a token B's newer cut-off refuses");
+}

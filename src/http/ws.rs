@@ -68,10 +68,13 @@ async fn check_revoked(app: &App, claims: &Claims) -> Result<(), HttpError> {
     let node = &app.node;
     let now = crate::auth::now_secs();
     let before = match node.bans.revoked_before(claims.sub, now) {
-        Some(before) => Some(before),
-        None => {
-            // Unknown is not "not revoked": without the bus the upgrade is refused (503), as the
-            // connection would be right after it (1011).
+        // Refused already by what this node holds: no need to ask.
+        Some(before) if issued_before(claims.iat, before) => Some(before),
+        local => {
+            // Unknown is not "not revoked", and a cut-off this node holds may be older than one
+            // it missed while cut off from the bus: ask (the bus caches "none" answers and
+            // forgets them on every revocation it hears and every lost connection). Without the
+            // bus the upgrade is refused (503), as the connection would be right after it (1011).
             let kept =
                 node.bus.revoked(claims.sub).await.map_err(|e| HttpError::Unavailable(e.to_string()))?;
             if let Some(before) = kept {
@@ -79,7 +82,7 @@ async fn check_revoked(app: &App, claims: &Claims) -> Result<(), HttpError> {
                     node.bans.count_dropped();
                 }
             }
-            kept
+            local.max(kept)
         }
     };
     if before.is_some_and(|before| issued_before(claims.iat, before)) {

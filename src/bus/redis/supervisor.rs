@@ -15,10 +15,11 @@ use tokio::time::Instant;
 
 use super::delivery::{Inbound, MemberSnapshot, Missed};
 use super::scripts::{
-    channel, members_key_parts, removed_key_suffix, seq_key, ALL, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL,
-    MEMBER_INDEX_KEY, MEMBER_LOG_KEY, REMOVED_INDEX_KEY,
+    channel, members_key_parts, removed_key_suffix, revoked_key, seq_key, ALL, BOOT_KEY, GSEQ_KEY,
+    MEMBERS_CHANNEL, MEMBER_INDEX_KEY, MEMBER_LOG_KEY, REMOVED_INDEX_KEY,
 };
 use super::{MemberMark, Phase, Shared};
+use crate::bus::Control;
 use crate::protocol::event::DomainEvent;
 use crate::protocol::ChatId;
 use crate::sync::lock;
@@ -138,6 +139,9 @@ async fn open_session(
     if inbound.send(Inbound::Snapshot { gen, snapshot }).await.is_err() {
         return Err(redis::RedisError::from((redis::ErrorKind::Client, "redis bus stopped")));
     }
+    // Revocations published while this node was cut off reached nobody here: read those of
+    // the users connected here before serving again, so their old-token connections close too.
+    catch_up_revocations(shared, &mut conn).await?;
     // Everything watched is resubscribed by the first reconcile.
     shared.topics.resubscribe_all();
     reconcile(shared, &mut conn).await?;
@@ -145,6 +149,25 @@ async fn open_session(
     *lock(&shared.conn) = Some(conn.clone());
     shared.phase.send_replace(if settle_until.is_some() { Phase::Settling } else { Phase::Up });
     Ok((conn, settle_until))
+}
+
+/// Applies the revocations Redis keeps for every user connected to this node (in chunks), as if
+/// they had just been heard: each connection compares its own token.
+async fn catch_up_revocations(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+) -> Result<(), redis::RedisError> {
+    let users = shared.topics.watched_users();
+    for chunk in users.chunks(CHUNK) {
+        let keys: Vec<String> = chunk.iter().map(|u| revoked_key(*u)).collect();
+        let kept: Vec<Option<u64>> = redis::cmd("MGET").arg(&keys).query_async(conn).await?;
+        for (user, before) in chunk.iter().zip(kept) {
+            if let Some(before) = before {
+                shared.sink.control(Control::Revoke { user: *user, before });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads the membership snapshot and the member log entries after this node's mark in one script

@@ -16,7 +16,7 @@ use tokio::sync::futures::Notified;
 use tokio::sync::{oneshot, Notify};
 
 use crate::bus::{BusError, Topic};
-use crate::protocol::ChatId;
+use crate::protocol::{ChatId, UserId};
 use crate::sync::lock;
 
 /// The answer a waiting `watch` gets from the supervisor.
@@ -227,6 +227,19 @@ impl Topics {
                 }
             }
         }
+    }
+
+    /// The users connected to this node now (their user topics are watched).
+    pub(super) fn watched_users(&self) -> Vec<UserId> {
+        lock(&self.state)
+            .map
+            .iter()
+            .filter(|(_, entry)| entry.count > 0)
+            .filter_map(|(topic, _)| match topic {
+                Topic::User(user) => Some(*user),
+                Topic::Room(_) => None,
+            })
+            .collect()
     }
 
     /// The rooms this node watches now.
