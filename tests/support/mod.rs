@@ -548,16 +548,19 @@ pub async fn wait_healthy(child: &mut Child, addr: SocketAddr) {
             child.stderr.take().expect("stderr").read_to_string(&mut err).await.ok();
             panic!("herald exited early with {status}: {err}");
         }
+        // A port can answer before the node serves it (or another process can hold it a
+        // moment): keep asking until the answer is right or the patience runs out.
+        let mut last = None;
         if TcpStream::connect(addr).await.is_ok() {
             let (status, _, body) =
                 exchange(addr, "GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await;
-            assert_eq!(
-                (status, serde_json::from_str::<Value>(&body).ok()),
-                (200, Some(json!({"status":"ok"})))
-            );
-            return;
+            let got = (status, serde_json::from_str::<Value>(&body).ok());
+            if got == (200, Some(json!({"status":"ok"}))) {
+                return;
+            }
+            last = Some(got);
         }
-        assert!(tokio::time::Instant::now() < deadline, "herald did not start serving on {addr}");
+        assert!(tokio::time::Instant::now() < deadline, "herald did not start serving on {addr}: {last:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
