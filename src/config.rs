@@ -9,6 +9,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use bus::{mask_url_password, BusConfig, BusKind};
+
 /// A configuration that cannot be used; the message names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -213,27 +215,6 @@ impl Default for RoomsConfig {
             history_ttl: Duration::from_secs(300),
             history_bytes: 64 << 20,
         }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BusKind {
-    #[default]
-    Memory,
-    Redis,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BusConfig {
-    pub kind: BusKind,
-    pub redis_url: String,
-}
-
-impl Default for BusConfig {
-    fn default() -> Self {
-        BusConfig { kind: BusKind::Memory, redis_url: "redis://127.0.0.1:6379".into() }
     }
 }
 
@@ -459,10 +440,7 @@ impl Config {
                 format!("not a log filter such as `info` or `info,herald=debug`: {e}"),
             ));
         }
-        if self.bus.kind == BusKind::Redis && !self.bus.redis_url.starts_with("redis://") {
-            return Err(key_error("bus.redis_url", "must be a redis:// URL"));
-        }
-        Ok(())
+        self.bus.validate()
     }
 }
 
@@ -515,6 +493,10 @@ const TEXT_KEYS: &[&str] = &[
     "api.keys",
     "events.passthrough",
     "bus.redis_url",
+    "bus.redis_cluster_urls",
+    "bus.redis_sentinel_urls",
+    "bus.redis_sentinel_master",
+    "bus.redis_tls_ca_file",
     "log.level",
 ];
 
@@ -545,5 +527,6 @@ fn apply_env(tree: &mut Value, var: &str, raw: &str) -> Result<(), ConfigError> 
     }
 }
 
+mod bus;
 #[cfg(test)]
 mod tests;

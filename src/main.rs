@@ -52,7 +52,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             print!("{}", check_config::check(&config)?);
             if args.connect {
                 let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-                println!("# {}", runtime.block_on(check_config::connect(&config))?);
+                for line in runtime.block_on(check_config::connect(&config))?.lines() {
+                    println!("# {line}");
+                }
             }
         }
         Command::Init(args) => {

@@ -221,7 +221,7 @@ impl Node {
         });
         let bus: Arc<dyn Bus> = match config.bus.kind {
             BusKind::Memory => Arc::new(MemoryBus::new(sink)),
-            BusKind::Redis => {
+            BusKind::Redis | BusKind::RedisSentinel | BusKind::RedisCluster => {
                 let options = RedisOptions {
                     history_size: config.rooms.history_size,
                     history_ttl: config.rooms.history_ttl,

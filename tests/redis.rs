@@ -98,7 +98,7 @@ async fn node(redis: &RedisServer) -> (RedisBus, Arc<Recorder>) {
 
 async fn node_with(redis: &RedisServer, options: RedisOptions) -> (RedisBus, Arc<Recorder>) {
     let sink = Arc::new(Recorder::default());
-    let config = BusConfig { kind: BusKind::Redis, redis_url: redis.url() };
+    let config = BusConfig { kind: BusKind::Redis, redis_url: redis.url(), ..BusConfig::default() };
     let bus = RedisBus::connect_with(&config, sink.clone(), options).await.expect("connect");
     (bus, sink)
 }
@@ -502,7 +502,7 @@ async fn unknown_events_stay_local_and_an_unusable_url_names_the_key() {
     assert_eq!(sink_a.all().len(), 1, "counted by this node's broadcaster");
     assert!(delivered_before_marker(&a, &b, &sink_b).await.is_empty(), "not counted again on every node");
 
-    let config = BusConfig { kind: BusKind::Redis, redis_url: "redis://[::1".into() };
+    let config = BusConfig { kind: BusKind::Redis, redis_url: "redis://[::1".into(), ..BusConfig::default() };
     match RedisBus::connect(&config, sink_a).await {
         Err(e) => assert!(e.to_string().contains("bus.redis_url"), "{e}"),
         Ok(_) => panic!("accepted an unusable URL"),
@@ -843,7 +843,7 @@ async fn two_nodes_a_separable(redis: &RedisServer, membership: Membership) -> (
         redis_cmd(redis, &["ACL", "SETUSER", NODE_A_USER, "on", &password, "~*", "&*", "+@all"]).await;
     let mut config = support::config();
     let url = format!("redis://{NODE_A_USER}:{NODE_A_PASSWORD}@127.0.0.1:{}", redis.port());
-    config.bus = BusConfig { kind: BusKind::Redis, redis_url: url };
+    config.bus = BusConfig { kind: BusKind::Redis, redis_url: url, ..BusConfig::default() };
     config.auth.membership = membership;
     (support::start(config).await, gateway(redis, membership).await)
 }

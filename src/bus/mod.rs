@@ -53,9 +53,11 @@ pub enum BusError {
     /// The bus's tasks are gone (the node is stopping).
     #[error("bus unavailable: the bus has stopped")]
     Stopped,
-    /// `bus.redis_url` cannot be used; only [`redis::RedisBus::connect`] returns it, at startup.
-    #[error("bus.redis_url `{url}` is not a usable Redis URL: {reason}")]
-    InvalidUrl { url: String, reason: String },
+    /// The `bus` configuration cannot be used (an unusable URL or CA file, a password Redis
+    /// refused, a certificate not trusted); only [`redis::RedisBus::connect`] returns it, at
+    /// startup. `reason` never holds a password.
+    #[error("config key `{key}`: {reason}")]
+    Config { key: &'static str, reason: String },
 }
 
 /// An operator's instruction about one user (`POST /api/users/{id}/...`),

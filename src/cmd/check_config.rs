@@ -1,12 +1,14 @@
 //! `herald check-config`: checks what `Config::load` cannot (the public key
 //! file parses) and renders the effective config as YAML with every secret
 //! masked, so it can be pasted into a bug report. With `--connect` it also
-//! asks the configured Redis for a PING.
+//! reaches every configured Redis server (each sentinel and the master it
+//! names) and reports each.
 
 use std::time::Duration;
 
 use crate::auth::{KeyError, Verifier};
-use crate::config::{BusKind, Config};
+use crate::bus::redis::endpoint::Endpoint;
+use crate::config::{mask_url_password, BusKind, Config};
 
 /// How long `--connect` waits for Redis to answer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -18,8 +20,8 @@ pub enum CheckError {
     Key(#[from] KeyError),
     #[error("cannot render the effective config: {0}")]
     Render(String),
-    #[error("bus.redis_url {url}: {message}")]
-    Redis { url: String, message: String },
+    #[error("{what}: {message}")]
+    Redis { what: String, message: String },
 }
 
 /// Checks `config` beyond `Config::load` without binding or connecting, and
@@ -40,45 +42,54 @@ pub fn check(config: &Config) -> Result<String, CheckError> {
     Ok(format!("# effective config (file + HERALD_* environment + defaults); secrets masked\n{notes}{yaml}"))
 }
 
-/// `--connect`: PINGs the configured Redis (password masked in any error);
+/// `--connect`: reaches every configured Redis server (the one server; or each sentinel, and
+/// the master they name) and says, per server, that it answered or why not (passwords masked);
 /// says so when the bus is in memory and there is nothing to reach.
 pub async fn connect(config: &Config) -> Result<String, CheckError> {
-    if config.bus.kind != BusKind::Redis {
+    if config.bus.kind == BusKind::Memory {
         return Ok("bus.kind is memory: nothing to connect to".into());
     }
-    let url = mask_url_password(&config.bus.redis_url);
-    let fail = |message: String| CheckError::Redis { url: url.clone(), message };
-    let ping = async {
-        let client = redis::Client::open(config.bus.redis_url.as_str())?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        redis::cmd("PING").query_async::<String>(&mut conn).await
-    };
-    match tokio::time::timeout(CONNECT_TIMEOUT, ping).await {
-        Ok(Ok(_)) => Ok(format!("redis at {url} answers PING")),
-        Ok(Err(e)) => Err(fail(e.to_string())),
-        Err(_) => Err(fail(format!("no answer within {}", humantime::format_duration(CONNECT_TIMEOUT)))),
+    let endpoint = Endpoint::from_config(&config.bus)
+        .map_err(|e| CheckError::Redis { what: "bus".into(), message: e.to_string() })?;
+    let checked = tokio::time::timeout(CONNECT_TIMEOUT * 4, endpoint.check_all(CONNECT_TIMEOUT))
+        .await
+        .map_err(|_| CheckError::Redis {
+            what: endpoint.describe(),
+            message: format!("no answer within {}", humantime::format_duration(CONNECT_TIMEOUT * 4)),
+        })?;
+    let mut report = String::new();
+    let mut failed = 0;
+    for (what, result) in checked {
+        match result {
+            Ok(said) => report.push_str(&format!("ok     {what}: {said}\n")),
+            Err(failure) => {
+                failed += 1;
+                report.push_str(&format!("FAILED {failure}\n"));
+            }
+        }
     }
+    if failed > 0 {
+        return Err(CheckError::Redis {
+            what: format!("{failed} of the configured Redis servers"),
+            message: format!("not reachable as configured:\n{}", report.trim_end()),
+        });
+    }
+    Ok(report.trim_end().to_string())
 }
 
-/// A copy with the JWT secret, every API key and a Redis password masked.
+/// A copy with the JWT secret, every API key and every Redis password masked.
 fn masked(config: &Config) -> Config {
     let mask = |s: &String| format!("<masked, {} bytes>", s.len());
     let mut copy = config.clone();
     copy.auth.jwt_secret = config.auth.jwt_secret.as_ref().map(mask);
     copy.api.keys = config.api.keys.iter().map(mask).collect();
     copy.bus.redis_url = mask_url_password(&config.bus.redis_url);
-    copy
-}
-
-/// `redis://user:pass@host/0` -> `redis://user:***@host/0`.
-fn mask_url_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_string() };
-    match rest[..at].split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
-        None => url.to_string(),
+    for urls in [&mut copy.bus.redis_cluster_urls, &mut copy.bus.redis_sentinel_urls] {
+        for url in urls.iter_mut() {
+            *url = mask_url_password(url);
+        }
     }
+    copy
 }
 
 #[cfg(test)]
@@ -93,15 +104,21 @@ mod tests {
         config.auth.jwt_secret = Some("very-secret-0123456789".into());
         config.api.keys = vec!["publisher-key-0123456789".into(), "second-key-0123456789".into()];
         config.bus.redis_url = "redis://herald:hunter2hunter2@10.0.0.5:6379/0".into();
+        config.bus.redis_sentinel_urls = vec!["rediss://herald:hunter3hunter3@10.0.0.6:26379".into()];
         let text = check(&config)?;
-        for secret in
-            ["very-secret-0123456789", "publisher-key-0123456789", "second-key-0123456789", "hunter2"]
-        {
+        for secret in [
+            "very-secret-0123456789",
+            "publisher-key-0123456789",
+            "second-key-0123456789",
+            "hunter2",
+            "hunter3",
+        ] {
             assert!(!text.contains(secret), "{secret} leaked:\n{text}");
         }
         for shown in [
             "<masked, 22 bytes>",
             "redis://herald:***@10.0.0.5:6379/0",
+            "rediss://herald:***@10.0.0.6:26379",
             "127.0.0.1:8080",
             "ping_interval",
             "30s",
@@ -113,10 +130,12 @@ mod tests {
 
     #[test]
     fn urls_without_a_password_are_unchanged() {
-        for url in ["redis://127.0.0.1:6379", "redis://user@host", "redis://h/0?x=a@b"] {
+        for url in ["redis://127.0.0.1:6379", "redis://h/0?x=a@b"] {
             assert_eq!(mask_url_password(url), url);
         }
         assert_eq!(mask_url_password("redis://:pw@h:1"), "redis://:***@h:1");
+        // A lone userinfo is taken as a password by some clients: masked too.
+        assert_eq!(mask_url_password("rediss://pw@h:1/0"), "rediss://***@h:1/0");
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub(super) fn info(app: &App, req: &Request<Incoming>) -> Result<Response<Body>,
     let kind = match app.bus_kind {
         BusKind::Memory => "memory",
         BusKind::Redis => "redis",
+        BusKind::RedisSentinel => "redis_sentinel",
+        BusKind::RedisCluster => "redis_cluster",
     };
     Ok(json(
         StatusCode::OK,

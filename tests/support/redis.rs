@@ -142,7 +142,7 @@ pub async fn mark_settled(redis: &RedisServer) {
 /// The test configuration ([`super::config`]) on the Redis bus of `redis`.
 pub fn config(redis: &RedisServer) -> Config {
     let mut config = super::config();
-    config.bus = BusConfig { kind: BusKind::Redis, redis_url: redis.url() };
+    config.bus = BusConfig { kind: BusKind::Redis, redis_url: redis.url(), ..BusConfig::default() };
     config
 }
 

@@ -3,6 +3,10 @@
 //!
 //! # Design
 //!
+//! - **Where Redis is** (`endpoint.rs`): one server (`bus.redis_url`) or the master Redis Sentinel
+//!   names, resolved again on every connect (that is how a failover is followed), over
+//!   `rediss://` with certificate verification and as an ACL user. A wrong password or an
+//!   untrusted certificate stops startup naming the key; an unreachable server does not.
 //! - **One connection per node**, RESP3, owned by a supervisor task. It carries publishes (Lua
 //!   script calls) and the node's subscriptions (pushes). The supervisor alone issues `SUBSCRIBE` /
 //!   `UNSUBSCRIBE`, so subscription changes never race each other; it reconnects with capped
@@ -50,6 +54,8 @@
 //!
 //! - this file: the [`RedisBus`] handle and its [`Bus`] impl, [`RedisOptions`], [`RedisStats`],
 //!   and the state the handle shares with its three tasks;
+//! - `endpoint.rs`: where the node's Redis is (one server or Sentinel's master), TLS roots, what
+//!   a failed connect means;
 //! - `scripts.rs`: key and channel names, the Lua scripts;
 //! - `topics.rs`: local interest per topic and where its subscription stands (the state machine
 //!   whose commands the supervisor issues);
@@ -58,6 +64,7 @@
 //! - `delivery.rs`: hands what Redis pushes to the broadcaster, once each and in order.
 
 mod delivery;
+pub(crate) mod endpoint;
 mod publisher;
 mod scripts;
 mod stats;
@@ -70,7 +77,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{IntoConnectionInfo, ProtocolVersion};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
@@ -79,6 +85,7 @@ use crate::config::BusConfig;
 use crate::protocol::event::{DomainEvent, EventKind};
 use crate::protocol::{ChatId, UserId};
 use crate::sync::lock;
+use endpoint::Endpoint;
 use publisher::PublishReq;
 use scripts::Scripts;
 pub use scripts::{channel, MEMBERS_CHANNEL};
@@ -254,15 +261,16 @@ impl RedisBus {
         sink: Arc<dyn Deliver>,
         options: RedisOptions,
     ) -> Result<RedisBus, BusError> {
-        let client = open_client(&config.redis_url)?;
-        let target = redacted(&config.redis_url);
+        let endpoint = Endpoint::from_config(config)?;
+        let target = endpoint.describe();
+        refuse_misconfigured(&endpoint, options.connect_timeout).await?;
         let (shared, mut phase_rx) = Shared::new(sink, options);
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
         let tasks = vec![
             tokio::spawn(delivery::deliver_task(shared.clone(), inbound_rx)),
             tokio::spawn(publisher::publisher_task(shared.clone(), publish_rx)),
-            tokio::spawn(supervisor::supervise(shared.clone(), client, inbound_tx, target.clone())),
+            tokio::spawn(supervisor::supervise(shared.clone(), endpoint, inbound_tx)),
         ];
         let bus = RedisBus { shared, publish_tx, tasks };
 
@@ -286,19 +294,17 @@ impl RedisBus {
     }
 }
 
-/// Builds a RESP3 client (pushes need it) from `bus.redis_url`.
-fn open_client(url: &str) -> Result<redis::Client, BusError> {
-    let bad = |e: redis::RedisError| BusError::InvalidUrl { url: redacted(url), reason: e.to_string() };
-    let info = url.into_connection_info().map_err(bad)?;
-    let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
-    redis::Client::open(info.set_redis_settings(settings)).map_err(bad)
-}
-
-/// The URL without its password, for logs.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
-        _ => url.to_string(),
+/// Stops startup when the configured servers answer but refuse this node: a wrong password or an
+/// untrusted certificate is a configuration error no retry cures, named by its key. A server that
+/// does not answer is an outage: the node starts degraded and keeps trying.
+async fn refuse_misconfigured(endpoint: &Endpoint, timeout: Duration) -> Result<(), BusError> {
+    let checked = match endpoint.resolve(timeout).await {
+        Ok(master) => endpoint.check_master(&master, timeout).await.map(|_| ()),
+        Err(failure) => Err(failure),
+    };
+    match checked {
+        Err(failure) if failure.fault.is_config() => Err(failure.into_bus_error()),
+        _ => Ok(()),
     }
 }
 

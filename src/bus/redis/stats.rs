@@ -27,6 +27,9 @@ pub struct RedisStats {
     /// member log no longer reached back to its position, or Redis lost its state
     /// (`herald_redis_membership_log_gaps_total`).
     pub membership_log_gaps: AtomicU64,
+    /// Sessions opened on another master than the previous one: Sentinel failovers followed
+    /// (`herald_redis_failovers_total`).
+    pub failovers: AtomicU64,
 }
 
 /// Picks one counter out of [`RedisStats`].
@@ -44,6 +47,7 @@ pub(super) const COUNTERS: &[(&str, &str, Counter)] = &[
     ("redis_duplicates_total", "Duplicate copies of an event dropped.", |s| &s.duplicates_dropped),
     ("redis_history_reads_total", "Reads of a room's Redis history for recoveries this node's history could not serve.", |s| &s.history_reads),
     ("redis_membership_log_gaps_total", "Reconnects after which missed membership changes could not all be replayed.", |s| &s.membership_log_gaps),
+    ("redis_failovers_total", "Reconnects that followed a failover to another master (Sentinel).", |s| &s.failovers),
 ];
 
 #[cfg(test)]

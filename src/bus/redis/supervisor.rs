@@ -1,8 +1,8 @@
 //! The supervisor task: owns the node's one Redis connection. It connects, restores what a node
 //! needs (scripts, room counter floors, the membership snapshot and the membership changes it
 //! missed, then its subscriptions), alone issues the `SUBSCRIBE` / `UNSUBSCRIBE` commands that
-//! `topics.rs` plans to match local interest, detects a lost connection, and reconnects with
-//! capped, jittered backoff.
+//! `topics.rs` plans to match local interest, detects a lost connection (or, under Sentinel, a
+//! demoted master), and reconnects with capped, jittered backoff to the server the endpoint names.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::delivery::{Inbound, MemberSnapshot, Missed};
+use super::endpoint::{self, Endpoint, Master};
 use super::scripts::{
     channel, members_key_parts, removed_key_suffix, revoked_key, seq_key, ALL, BOOT_KEY, GSEQ_KEY,
     MEMBERS_CHANNEL, MEMBER_INDEX_KEY, MEMBER_LOG_KEY, REMOVED_INDEX_KEY,
@@ -28,48 +29,58 @@ use crate::sync::lock;
 const CHUNK: usize = 512;
 
 /// One session per connection, backoff between attempts, until the bus handle is dropped (which
-/// aborts this task).
-pub(super) async fn supervise(
-    shared: Arc<Shared>,
-    client: redis::Client,
-    inbound: mpsc::Sender<Inbound>,
-    target: String,
-) {
+/// aborts this task). Each attempt resolves the endpoint again: under Sentinel that is how a
+/// failover is followed (the sentinels name the promoted replica).
+pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: mpsc::Sender<Inbound>) {
     let mut gen = 0u64;
     let mut delay = Duration::from_millis(50);
     let mut was_up = false;
     let mut failures = 0u64;
+    // The master of the last session, so a move to another server is counted as a failover.
+    let mut last_addr: Option<String> = None;
     loop {
         gen += 1;
         // Sent before the connection exists, so it precedes every push of that connection.
         if inbound.send(Inbound::Reset { gen }).await.is_err() {
             return;
         }
-        match open_session(&shared, &client, &inbound, gen).await {
-            Ok((conn, settle_until)) => {
+        let attempt = match endpoint.resolve(shared.options.connect_timeout).await {
+            Ok(master) => match open_session(&shared, &master, &inbound, gen).await {
+                Ok(session) => Ok((session, master)),
+                Err(e) => Err(endpoint.failure(master.key, &master.shown, &e)),
+            },
+            Err(failure) => Err(failure),
+        };
+        match attempt {
+            Ok(((conn, settle_until), master)) => {
                 if was_up {
                     shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
+                if last_addr.as_ref().is_some_and(|last| *last != master.addr) {
+                    shared.stats.failovers.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(redis = %master.shown, "redis bus followed a failover to a new master");
+                }
+                last_addr = Some(master.addr.clone());
                 if was_up || failures > 0 {
-                    tracing::warn!(redis = %target, "redis bus reconnected; subscriptions restored");
+                    tracing::warn!(redis = %master.shown, "redis bus reconnected; subscriptions restored");
                 }
                 was_up = true;
                 failures = 0;
                 delay = Duration::from_millis(50);
-                let err = run_session(&shared, conn, gen, settle_until).await;
+                let err = run_session(&shared, conn, gen, settle_until, master.check_role).await;
                 shared.go_down();
                 tracing::error!(
-                    redis = %target, error = %err,
+                    redis = %master.shown, error = %err,
                     "redis bus lost its connection; publishes answer 503 until it is back"
                 );
             }
-            Err(e) => {
+            Err(failure) => {
                 shared.go_down();
                 shared.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                 failures += 1;
                 // Loud on the first failure and then every ~30 attempts, not on every retry.
                 if failures == 1 || failures % 30 == 0 {
-                    tracing::error!(redis = %target, error = %e, attempts = failures, "redis bus cannot connect; retrying");
+                    tracing::error!(error = %failure, attempts = failures, "redis bus cannot connect; retrying");
                 }
             }
         }
@@ -79,13 +90,23 @@ pub(super) async fn supervise(
     }
 }
 
+/// The error a session ends with when the server it is on is no longer the master (a failover
+/// demoted it): the next attempt asks the sentinels again.
+fn not_master(role: &str) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Io,
+        "the server is no longer the master; asking the sentinels again",
+        role.to_string(),
+    ))
+}
+
 /// Opens a connection and restores everything the node needs before it is used: scripts, room
 /// counter floors, the membership channel, the membership snapshot with the changes the node
 /// missed, and only then the watched rooms and users (membership first: the delivery task applies
 /// the snapshot before any room event of this connection, which comes after it on `inbound`).
 async fn open_session(
     shared: &Arc<Shared>,
-    client: &redis::Client,
+    master: &Master,
     inbound: &mpsc::Sender<Inbound>,
     gen: u64,
 ) -> Result<(MultiplexedConnection, Option<Instant>), redis::RedisError> {
@@ -120,7 +141,15 @@ async fn open_session(
         .set_connection_timeout(Some(shared.options.connect_timeout))
         .set_response_timeout(Some(shared.options.response_timeout))
         .set_push_sender(push_sender);
-    let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
+    let mut conn = master.client.get_multiplexed_async_connection_with_config(&config).await?;
+    // A sentinel may still name a master that a failover demoted, or one that came back as a
+    // replica: only a master takes writes.
+    if master.check_role {
+        let role = endpoint::role(&mut conn).await?;
+        if role != "master" {
+            return Err(not_master(&role));
+        }
+    }
 
     for code in ALL {
         redis::cmd("SCRIPT").arg("LOAD").arg(code).query_async::<String>(&mut conn).await?;
@@ -258,6 +287,7 @@ async fn run_session(
     mut conn: MultiplexedConnection,
     gen: u64,
     mut settle_until: Option<Instant>,
+    check_role: bool,
 ) -> redis::RedisError {
     let mut ping = tokio::time::interval(shared.options.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -280,12 +310,20 @@ async fn run_session(
                 }
             }
             _ = ping.tick() => {
-                let pong = tokio::time::timeout(
-                    shared.options.ping_timeout,
-                    redis::cmd("PING").query_async::<String>(&mut conn),
-                ).await;
+                // Under Sentinel the liveness check also asks the role, so a master demoted
+                // while this connection stayed up (`+switch-master` without a crash) is left
+                // within a ping interval.
+                let pong = tokio::time::timeout(shared.options.ping_timeout, async {
+                    if check_role {
+                        endpoint::role(&mut conn).await
+                    } else {
+                        redis::cmd("PING").query_async::<String>(&mut conn).await.map(|_| "master".into())
+                    }
+                })
+                .await;
                 match pong {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(role)) if role == "master" => {}
+                    Ok(Ok(role)) => return not_master(&role),
                     Ok(Err(e)) => return e,
                     Err(_) => return redis::RedisError::from((redis::ErrorKind::Io, "PING timed out")),
                 }

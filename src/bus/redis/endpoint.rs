@@ -1,0 +1,420 @@
+//! Where this node's Redis is and how to reach it: one server (`bus.redis_url`) or the master
+//! Redis Sentinel names (`bus.redis_sentinel_urls`), over `rediss://` with the CA of
+//! `bus.redis_tls_ca_file`, as an ACL user; and what a failed connect means. A wrong password or
+//! an untrusted certificate is a configuration error (it stops startup naming the key); an
+//! unreachable server is an outage (the node starts degraded and retries).
+//!
+//! Every address shown (logs, errors, `check-config`) goes through
+//! [`crate::config::mask_url_password`]: no password leaves this module.
+
+use std::time::Duration;
+
+use redis::{AsyncConnectionConfig, IntoConnectionInfo, ProtocolVersion, TlsCertificates};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+use crate::bus::BusError;
+use crate::config::{mask_url_password, BusConfig, BusKind};
+
+/// How one connect failed, as far as the operator is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// The server refused the user or password (`WRONGPASS`, `NOAUTH`, `NOPERM`).
+    Auth,
+    /// The server's certificate is not trusted (or TLS failed for another certificate reason).
+    Certificate,
+    /// Down, refused, timed out, or not (yet) the master: worth retrying.
+    Unreachable,
+}
+
+impl Fault {
+    /// True for a fault no retry cures: the configuration is wrong.
+    pub(crate) fn is_config(self) -> bool {
+        matches!(self, Fault::Auth | Fault::Certificate)
+    }
+}
+
+/// One failed step against one server, with the key that configures it.
+#[derive(Debug, thiserror::Error)]
+#[error("{key} {shown}: {reason}")]
+pub(crate) struct Failure {
+    /// The config key the operator fixes (`bus.redis_url`, `bus.redis_sentinel_urls`,
+    /// `bus.redis_tls_ca_file`).
+    pub(crate) key: &'static str,
+    /// The server, password masked.
+    pub(crate) shown: String,
+    /// What went wrong, in words; never holds a password.
+    pub(crate) reason: String,
+    pub(crate) fault: Fault,
+}
+
+impl Failure {
+    /// The startup error for a configuration fault.
+    pub(crate) fn into_bus_error(self) -> BusError {
+        BusError::Config { key: self.key, reason: format!("{}: {}", self.shown, self.reason) }
+    }
+}
+
+/// The node's Redis, as configured. Cheap to clone (clients are addresses and settings).
+#[derive(Clone)]
+pub(crate) struct Endpoint {
+    target: Target,
+    /// Whether `bus.redis_tls_ca_file` is set: an untrusted certificate is then its fault.
+    has_ca: bool,
+    /// PEM of `bus.redis_tls_ca_file`, for the master clients made after each resolution.
+    roots: Option<Vec<u8>>,
+}
+
+#[derive(Clone)]
+enum Target {
+    Single { client: Box<redis::Client>, shown: String },
+    Sentinel { sentinels: Vec<Sentinel>, master: String },
+}
+
+#[derive(Clone)]
+struct Sentinel {
+    client: redis::Client,
+    /// The configured URL (with its password): the master is reached with its scheme and user.
+    url: String,
+    shown: String,
+}
+
+/// The server to open the bus's connection to, and how to name it.
+pub(crate) struct Master {
+    pub(crate) client: redis::Client,
+    /// `host:port` (no credentials): compared across resolutions to count failovers.
+    pub(crate) addr: String,
+    pub(crate) shown: String,
+    /// Whether the bus must check, once connected, that the server is still the master.
+    pub(crate) check_role: bool,
+    /// The key that configures it.
+    pub(crate) key: &'static str,
+}
+
+impl Endpoint {
+    /// Reads the bus config: parses every URL and the CA file. Errors name the key.
+    pub(crate) fn from_config(config: &BusConfig) -> Result<Endpoint, BusError> {
+        let roots = match &config.redis_tls_ca_file {
+            None => None,
+            Some(path) => Some(read_roots(path)?),
+        };
+        let target = match config.kind {
+            BusKind::RedisSentinel => {
+                let sentinels = config
+                    .redis_sentinel_urls
+                    .iter()
+                    .map(|url| {
+                        // Sentinels answer plain commands; RESP2 is enough.
+                        let client = client(url, roots.as_deref(), false, "bus.redis_sentinel_urls")?;
+                        Ok(Sentinel { client, url: url.clone(), shown: mask_url_password(url) })
+                    })
+                    .collect::<Result<Vec<_>, BusError>>()?;
+                Target::Sentinel { sentinels, master: config.redis_sentinel_master.clone() }
+            }
+            _ => Target::Single {
+                client: Box::new(client(&config.redis_url, roots.as_deref(), true, "bus.redis_url")?),
+                shown: mask_url_password(&config.redis_url),
+            },
+        };
+        Ok(Endpoint { target, has_ca: roots.is_some(), roots })
+    }
+
+    /// What this endpoint is, for logs: the URL or the sentinels and master name, masked.
+    pub(crate) fn describe(&self) -> String {
+        match &self.target {
+            Target::Single { shown, .. } => shown.clone(),
+            Target::Sentinel { sentinels, master } => {
+                let list: Vec<&str> = sentinels.iter().map(|s| s.shown.as_str()).collect();
+                format!("master `{master}` via sentinels {}", list.join(", "))
+            }
+        }
+    }
+
+    /// The server to connect to now: the configured one, or the master the first sentinel
+    /// that knows it names (each asked in order, every time: after a failover they name the
+    /// promoted replica).
+    pub(crate) async fn resolve(&self, timeout: Duration) -> Result<Master, Failure> {
+        match &self.target {
+            Target::Single { client, shown } => Ok(Master {
+                client: (**client).clone(),
+                addr: client.get_connection_info().addr().to_string(),
+                shown: shown.clone(),
+                check_role: false,
+                key: "bus.redis_url",
+            }),
+            Target::Sentinel { sentinels, master } => {
+                let mut last = None;
+                for sentinel in sentinels {
+                    match self.ask(sentinel, master, timeout).await {
+                        Ok(found) => return Ok(found),
+                        Err(failure) => {
+                            tracing::debug!(error = %failure, "sentinel could not name the master");
+                            // A configuration fault is reported over a mere outage.
+                            if last.as_ref().is_none_or(|l: &Failure| !l.fault.is_config()) {
+                                last = Some(failure);
+                            }
+                        }
+                    }
+                }
+                Err(last.unwrap_or_else(|| Failure {
+                    key: "bus.redis_sentinel_urls",
+                    shown: String::new(),
+                    reason: "no sentinel configured".into(),
+                    fault: Fault::Unreachable,
+                }))
+            }
+        }
+    }
+
+    /// Asks one sentinel for the master's address, and makes a client for it.
+    async fn ask(&self, sentinel: &Sentinel, master: &str, timeout: Duration) -> Result<Master, Failure> {
+        let key = "bus.redis_sentinel_urls";
+        let fail = |e: &redis::RedisError| self.failure(key, &sentinel.shown, e);
+        let mut conn = sentinel
+            .client
+            .get_multiplexed_async_connection_with_config(&connection_config(timeout))
+            .await
+            .map_err(|e| fail(&e))?;
+        let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(master)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| fail(&e))?;
+        let Some((host, port)) = addr else {
+            return Err(Failure {
+                key: "bus.redis_sentinel_master",
+                shown: sentinel.shown.clone(),
+                reason: format!("the sentinel monitors no master named `{master}`"),
+                fault: Fault::Unreachable,
+            });
+        };
+        let url = master_url(&sentinel.url, &host, port);
+        let client = client(&url, self.roots.as_deref(), true, key).map_err(|e| Failure {
+            key,
+            shown: sentinel.shown.clone(),
+            reason: e.to_string(),
+            fault: Fault::Unreachable,
+        })?;
+        Ok(Master {
+            client,
+            addr: format!("{host}:{port}"),
+            shown: format!("master `{master}` at {}", mask_url_password(&url)),
+            check_role: true,
+            key,
+        })
+    }
+
+    /// Names what `e` means for a server configured under `key`.
+    pub(crate) fn failure(&self, key: &'static str, shown: &str, e: &redis::RedisError) -> Failure {
+        let fault = fault(e);
+        let (key, reason) = match fault {
+            Fault::Auth => (key, format!("Redis refused the user or password ({})", e.code().unwrap_or(e.category()))),
+            Fault::Certificate if self.has_ca => {
+                ("bus.redis_tls_ca_file", format!("the server's certificate is not trusted: {e}"))
+            }
+            Fault::Certificate => (
+                key,
+                format!("the server's certificate is not trusted by the system roots (set bus.redis_tls_ca_file): {e}"),
+            ),
+            Fault::Unreachable => (key, e.to_string()),
+        };
+        Failure { key, shown: shown.to_string(), reason, fault }
+    }
+
+    /// Every server `herald check-config --connect` should reach, and whether each did: the
+    /// one server, or each sentinel and the master it names (PING; a master also `ROLE`).
+    pub(crate) async fn check_all(&self, timeout: Duration) -> Vec<(String, Result<String, Failure>)> {
+        let mut out = Vec::new();
+        match &self.target {
+            Target::Single { .. } => {
+                let result = match self.resolve(timeout).await {
+                    Ok(master) => self.check_master(&master, timeout).await,
+                    Err(f) => Err(f),
+                };
+                out.push((self.describe(), result));
+            }
+            Target::Sentinel { sentinels, master } => {
+                let mut masters: Vec<Master> = Vec::new();
+                for sentinel in sentinels {
+                    let result = self.ask(sentinel, master, timeout).await.map(|m| {
+                        let said = format!("names {}", m.addr);
+                        if !masters.iter().any(|known| known.addr == m.addr) {
+                            masters.push(m);
+                        }
+                        said
+                    });
+                    out.push((format!("sentinel {}", sentinel.shown), result));
+                }
+                for m in masters {
+                    let result = self.check_master(&m, timeout).await;
+                    out.push((m.shown.clone(), result));
+                }
+            }
+        }
+        out
+    }
+
+    /// PINGs a server (and checks it is the master where that matters).
+    pub(crate) async fn check_master(&self, master: &Master, timeout: Duration) -> Result<String, Failure> {
+        let fail = |e: &redis::RedisError| self.failure(master.key, &master.shown, e);
+        let mut conn = master
+            .client
+            .get_multiplexed_async_connection_with_config(&connection_config(timeout))
+            .await
+            .map_err(|e| fail(&e))?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await.map_err(|e| fail(&e))?;
+        if master.check_role {
+            let role = role(&mut conn).await.map_err(|e| fail(&e))?;
+            if role != "master" {
+                return Err(Failure {
+                    key: master.key,
+                    shown: master.shown.clone(),
+                    reason: format!("the server named as master is a {role}"),
+                    fault: Fault::Unreachable,
+                });
+            }
+        }
+        Ok("answers PING".into())
+    }
+}
+
+/// The server's replication role (`master`, `slave`, `sentinel`), from `ROLE`.
+pub(crate) async fn role(conn: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<String> {
+    let reply: redis::Value = redis::cmd("ROLE").query_async(conn).await?;
+    let first = match reply {
+        redis::Value::Array(items) => items.into_iter().next(),
+        _ => None,
+    };
+    Ok(match first {
+        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+        Some(redis::Value::SimpleString(s)) => s,
+        _ => "unknown".into(),
+    })
+}
+
+/// The connect and reply deadlines of short-lived check connections.
+fn connection_config(timeout: Duration) -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new().set_connection_timeout(Some(timeout)).set_response_timeout(Some(timeout))
+}
+
+/// Reads `bus.redis_tls_ca_file`: it must hold at least one PEM certificate.
+fn read_roots(path: &std::path::Path) -> Result<Vec<u8>, BusError> {
+    let key = "bus.redis_tls_ca_file";
+    let pem = std::fs::read(path)
+        .map_err(|e| BusError::Config { key, reason: format!("cannot read {}: {e}", path.display()) })?;
+    let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| {
+        BusError::Config { key, reason: format!("{} is not PEM certificates: {e}", path.display()) }
+    })?;
+    if certs.is_empty() {
+        return Err(BusError::Config { key, reason: format!("{} holds no PEM certificate", path.display()) });
+    }
+    Ok(pem)
+}
+
+/// A client for `url` under `key`; RESP3 when the connection carries pushes; TLS roots from the
+/// CA file when one is configured (else the system's).
+fn client(
+    url: &str,
+    roots: Option<&[u8]>,
+    resp3: bool,
+    key: &'static str,
+) -> Result<redis::Client, BusError> {
+    let bad = |e: redis::RedisError| BusError::Config {
+        key,
+        reason: format!("`{}` is not a usable Redis URL: {e}", mask_url_password(url)),
+    };
+    let info = url.into_connection_info().map_err(bad)?;
+    let info = if resp3 {
+        let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
+        info.set_redis_settings(settings)
+    } else {
+        info
+    };
+    let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+    match roots {
+        Some(pem) if tls => {
+            let certs = TlsCertificates { client_tls: None, root_cert: Some(pem.to_vec()) };
+            redis::Client::build_with_tls(info, certs).map_err(bad)
+        }
+        _ => redis::Client::open(info).map_err(bad),
+    }
+}
+
+/// The master's URL: the sentinel's scheme and `user:password@`, the master's host and port.
+fn master_url(sentinel_url: &str, host: &str, port: u16) -> String {
+    let (scheme, rest) = sentinel_url.split_once("://").unwrap_or(("redis", sentinel_url));
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    let user = authority.rfind('@').map_or("", |at| &authority[..=at]);
+    let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+    format!("{scheme}://{user}{host}:{port}")
+}
+
+/// What a connect or command error means: the one place that reads TLS and ACL failures out of
+/// the redis crate's errors.
+pub(crate) fn fault(e: &redis::RedisError) -> Fault {
+    if e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+    {
+        return Fault::Auth;
+    }
+    // TLS failures arrive as an io::Error wrapping rustls's error.
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if let Some(tls) = io.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+                return match tls {
+                    rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::AlertReceived(_) => Fault::Certificate,
+                    _ => Fault::Unreachable,
+                };
+            }
+        }
+        source = err.source();
+    }
+    let text = e.to_string();
+    if text.contains("WRONGPASS") || text.contains("NOAUTH") {
+        Fault::Auth
+    } else if text.contains("certificate") {
+        Fault::Certificate
+    } else {
+        Fault::Unreachable
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_master_is_reached_with_the_sentinels_scheme_and_user() {
+        assert_eq!(
+            master_url("rediss://herald:pw@10.0.0.1:26379", "10.0.0.9", 6380),
+            "rediss://herald:pw@10.0.0.9:6380"
+        );
+        assert_eq!(master_url("redis://s:26379/0", "::1", 7000), "redis://[::1]:7000");
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused_naming_the_key() {
+        let path = std::env::temp_dir().join(format!("herald-ca-{}.pem", uuid::Uuid::new_v4()));
+        std::fs::write(&path, "not a certificate").expect("write");
+        let err = read_roots(&path).map(|_| ()).expect_err("refused").to_string();
+        let _ = std::fs::remove_file(&path);
+        assert!(err.contains("bus.redis_tls_ca_file"), "{err}");
+    }
+
+    #[test]
+    fn descriptions_never_hold_the_password() {
+        let config = BusConfig {
+            kind: BusKind::RedisSentinel,
+            redis_sentinel_urls: vec!["redis://u:hunter2hunter2@127.0.0.1:26379".into()],
+            redis_sentinel_master: "herald".into(),
+            ..BusConfig::default()
+        };
+        let endpoint = Endpoint::from_config(&config).map_err(|e| e.to_string()).expect("usable");
+        let text = endpoint.describe();
+        assert!(!text.contains("hunter2") && text.contains("u:***@127.0.0.1:26379"), "{text}");
+    }
+}

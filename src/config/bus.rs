@@ -1,0 +1,202 @@
+//! The `bus` section: which bus, where its Redis servers are and how to reach them (TLS roots,
+//! ACL users), validated naming the key; and the one way a Redis URL is shown (password masked).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{key_error, string_or_list, ConfigError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BusKind {
+    #[default]
+    Memory,
+    /// One Redis server, `bus.redis_url`.
+    Redis,
+    /// Redis Cluster, `bus.redis_cluster_urls` (refused at startup: not supported yet).
+    RedisCluster,
+    /// A master found through Redis Sentinel, `bus.redis_sentinel_urls`.
+    RedisSentinel,
+}
+
+impl BusKind {
+    /// True for every kind that runs on Redis.
+    pub fn is_redis(self) -> bool {
+        self != BusKind::Memory
+    }
+}
+
+/// Where the bus is. `Debug` masks every password (URLs carry them).
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    pub kind: BusKind,
+    /// `kind: redis`: `redis://` or `rediss://` (TLS), with `user:password@` for an ACL user.
+    pub redis_url: String,
+    /// `kind: redis_cluster`: seed nodes.
+    #[serde(deserialize_with = "string_or_list")]
+    pub redis_cluster_urls: Vec<String>,
+    /// `kind: redis_sentinel`: the sentinels, asked in order for the master; their
+    /// scheme and `user:password@` are used for the master too.
+    #[serde(deserialize_with = "string_or_list")]
+    pub redis_sentinel_urls: Vec<String>,
+    /// `kind: redis_sentinel`: the monitored master's name.
+    pub redis_sentinel_master: String,
+    /// CA certificates (PEM) that `rediss://` servers must chain to; unset: the system roots.
+    pub redis_tls_ca_file: Option<PathBuf>,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig {
+            kind: BusKind::Memory,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_cluster_urls: Vec::new(),
+            redis_sentinel_urls: Vec::new(),
+            redis_sentinel_master: String::new(),
+            redis_tls_ca_file: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for BusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let masked = |urls: &[String]| urls.iter().map(|u| mask_url_password(u)).collect::<Vec<_>>();
+        f.debug_struct("BusConfig")
+            .field("kind", &self.kind)
+            .field("redis_url", &mask_url_password(&self.redis_url))
+            .field("redis_cluster_urls", &masked(&self.redis_cluster_urls))
+            .field("redis_sentinel_urls", &masked(&self.redis_sentinel_urls))
+            .field("redis_sentinel_master", &self.redis_sentinel_master)
+            .field("redis_tls_ca_file", &self.redis_tls_ca_file)
+            .finish()
+    }
+}
+
+/// `redis://user:pass@host/0` -> `redis://user:***@host/0`: the one way a Redis URL is shown
+/// (logs, errors, `check-config`, `Debug`).
+pub fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_string() };
+    match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+        // `redis://password@host` is read as a password by some clients: mask it too.
+        None => format!("{scheme}://***{}", &rest[at..]),
+    }
+}
+
+/// Checks one Redis URL of `key`: `redis://` or `rediss://`, a host, and no `#` fragment (the
+/// redis crate's `#insecure` would turn off certificate checks; Herald never does).
+fn check_redis_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    let shown = mask_url_password(url);
+    let Some(rest) = url.strip_prefix("redis://").or_else(|| url.strip_prefix("rediss://")) else {
+        return Err(key_error(key, format!("`{shown}` must be a redis:// or rediss:// (TLS) URL")));
+    };
+    if url.contains('#') {
+        return Err(key_error(
+            key,
+            format!("`{shown}`: no #fragment allowed (TLS certificate checks cannot be turned off)"),
+        ));
+    }
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    if host.is_empty() || host.starts_with(['/', ':', '?']) {
+        return Err(key_error(key, format!("`{shown}` names no host")));
+    }
+    Ok(())
+}
+
+impl BusConfig {
+    /// The checks each kind needs; files are read when the bus starts (`herald check-config`
+    /// reads them too).
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        match self.kind {
+            BusKind::Memory => {}
+            BusKind::Redis => check_redis_url("bus.redis_url", &self.redis_url)?,
+            BusKind::RedisCluster => {
+                return Err(key_error(
+                    "bus.kind",
+                    "redis_cluster is not supported by this version of Herald yet: use redis or \
+                     redis_sentinel (README.md, \"Redis in production\")",
+                ))
+            }
+            BusKind::RedisSentinel => {
+                if self.redis_sentinel_urls.is_empty() {
+                    return Err(key_error("bus.redis_sentinel_urls", "list at least one sentinel"));
+                }
+                for url in &self.redis_sentinel_urls {
+                    check_redis_url("bus.redis_sentinel_urls", url)?;
+                }
+                if self.redis_sentinel_master.trim().is_empty() {
+                    return Err(key_error(
+                        "bus.redis_sentinel_master",
+                        "name the master the sentinels monitor",
+                    ));
+                }
+            }
+        }
+        if self.redis_tls_ca_file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err(key_error("bus.redis_tls_ca_file", "is empty: name a PEM file or leave it unset"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::Config;
+
+    /// The config from YAML text and `HERALD_*` pairs, or the error's text.
+    fn parse(yaml: &str, env: &[(&str, &str)]) -> Result<Config, String> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::parse(yaml, Path::new("test.yaml"), env).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tls_and_acl_urls_are_taken_and_the_tls_off_switch_is_refused() {
+        let ok = parse("bus:\n  kind: redis\n  redis_url: rediss://herald:pw@redis.internal:6380/0\n", &[]);
+        assert!(ok.is_ok(), "{ok:?}");
+        for (url, says) in [
+            ("rediss://h:6380/#insecure", "no #fragment"),
+            ("http://h:6379", "redis:// or rediss://"),
+            ("redis://", "names no host"),
+        ] {
+            let err = parse(&format!("bus:\n  kind: redis\n  redis_url: {url}\n"), &[]).unwrap_err();
+            assert!(err.contains("bus.redis_url") && err.contains(says), "{url}: {err}");
+        }
+        let err =
+            parse("bus:\n  kind: redis\n  redis_url: redis://u:hunter2hunter2@h/#x\n", &[]).unwrap_err();
+        assert!(!err.contains("hunter2"), "password in the error: {err}");
+    }
+
+    #[test]
+    fn sentinel_needs_its_sentinels_and_master_and_takes_them_from_the_environment() {
+        let err = parse("bus:\n  kind: redis_sentinel\n", &[]).unwrap_err();
+        assert!(err.contains("bus.redis_sentinel_urls"), "{err}");
+        let err = parse("bus:\n  kind: redis_sentinel\n  redis_sentinel_urls: [redis://a:26379]\n", &[])
+            .unwrap_err();
+        assert!(err.contains("bus.redis_sentinel_master"), "{err}");
+        let env = [
+            ("HERALD_BUS__KIND", "redis_sentinel"),
+            ("HERALD_BUS__REDIS_SENTINEL_URLS", "redis://a:26379, rediss://u:pw@b:26379"),
+            ("HERALD_BUS__REDIS_SENTINEL_MASTER", "herald"),
+            ("HERALD_BUS__REDIS_TLS_CA_FILE", "/etc/herald/ca.pem"),
+        ];
+        let config = parse("", &env).expect("valid");
+        assert_eq!(config.bus.redis_sentinel_urls, ["redis://a:26379", "rediss://u:pw@b:26379"]);
+        assert_eq!(config.bus.redis_sentinel_master, "herald");
+        assert_eq!(config.bus.redis_tls_ca_file.as_deref(), Some(Path::new("/etc/herald/ca.pem")));
+        let shown = format!("{config:?}");
+        assert!(shown.contains("rediss://u:***@b:26379") && !shown.contains(":pw@"), "{shown}");
+    }
+
+    #[test]
+    fn cluster_is_refused_naming_the_kind() {
+        let err =
+            parse("bus:\n  kind: redis_cluster\n  redis_cluster_urls: [redis://a:7000]\n", &[]).unwrap_err();
+        assert!(err.contains("bus.kind") && err.contains("redis_cluster"), "{err}");
+    }
+}

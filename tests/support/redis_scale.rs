@@ -1,0 +1,333 @@
+//! Test fixtures for Redis beyond one plain server: a TLS-only `redis-server` with an ACL user and
+//! a certificate made here with `openssl`, and a Sentinel group (one master, one replica, three
+//! `redis-server --sentinel`). Every process is a child of the test, on free loopback ports, with
+//! its files in a temporary directory; all are killed and removed on drop.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The ACL user the fixtures create, and its password.
+pub const USER: &str = "herald";
+pub const PASSWORD: &str = "s3cret-pa55word-for-tests";
+
+/// A temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(what: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("herald-{what}-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("make a temporary directory");
+        TempDir(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Panics with a clear message when a program the test needs is missing.
+fn need(program: &str, package: &str) {
+    let found = Command::new(program).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status();
+    assert!(found.is_ok(), "{program} is not on PATH: install the Debian package `{package}`");
+}
+
+/// Runs `openssl` with `args` in `dir`; panics with its stderr on failure.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("run openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Makes a CA (`<name>-ca.pem`) in `dir`; with `server`, also a server key and certificate
+/// (`server.key`, `server.pem`) it signed, valid for IP 127.0.0.1.
+pub fn make_ca(dir: &Path, name: &str, server: bool) -> PathBuf {
+    need("openssl", "openssl");
+    let (key, ca) = (format!("{name}-ca.key"), format!("{name}-ca.pem"));
+    openssl(dir, &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &key]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            &key,
+            "-sha256",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name} test CA"),
+            "-out",
+            &ca,
+        ],
+    );
+    if server {
+        openssl(dir, &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "server.key"]);
+        openssl(dir, &["req", "-new", "-key", "server.key", "-subj", "/CN=127.0.0.1", "-out", "server.csr"]);
+        std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").expect("write ext.cnf");
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                &ca,
+                "-CAkey",
+                &key,
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-sha256",
+                "-extfile",
+                "ext.cnf",
+                "-out",
+                "server.pem",
+            ],
+        );
+    }
+    dir.join(ca)
+}
+
+/// A free loopback port; with `bus`, one whose +10000 is free too (not needed here).
+pub fn free_port() -> u16 {
+    crate::support::free_addr().port()
+}
+
+/// True once something accepts TCP connections on `port`.
+fn listening(port: u16) -> bool {
+    TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_millis(200)).is_ok()
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Proc {
+    /// Spawns `redis-server` with `args` and waits until it listens on `port`.
+    pub fn redis(port: u16, args: &[String]) -> Proc {
+        need("redis-server", "redis-server");
+        let child = Command::new("redis-server")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        let mut proc = Proc { port, child: Some(child) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !listening(port) {
+            if let Some(Ok(Some(status))) = proc.child.as_mut().map(Child::try_wait) {
+                panic!("redis-server {args:?} exited: {status}");
+            }
+            assert!(Instant::now() < deadline, "redis-server {args:?} never listened on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        proc
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `redis-server` listening on a TLS port only, with the default user off and one ACL user.
+pub struct TlsRedis {
+    pub server: Proc,
+    /// The CA that signed the server's certificate.
+    pub ca: PathBuf,
+    /// Another CA, which did not.
+    pub other_ca: PathBuf,
+    pub dir: TempDir,
+}
+
+impl TlsRedis {
+    pub fn start() -> TlsRedis {
+        let dir = TempDir::new("tls-redis");
+        let ca = make_ca(&dir.0, "herald", true);
+        let other_ca = make_ca(&dir.0, "other", false);
+        let port = free_port();
+        let path = |name: &str| dir.path(name).to_string_lossy().into_owned();
+        let args: Vec<String> = [
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            &path("server.pem"),
+            "--tls-key-file",
+            &path("server.key"),
+            "--tls-ca-cert-file",
+            &ca.to_string_lossy(),
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &dir.0.to_string_lossy(),
+            "--user",
+            "default",
+            "off",
+            "--user",
+            USER,
+            "on",
+            &format!(">{PASSWORD}"),
+            "~*",
+            "&*",
+            "+@all",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let server = Proc::redis(port, &args);
+        TlsRedis { server, ca, other_ca, dir }
+    }
+
+    /// `rediss://<user>:<password>@127.0.0.1:<port>`.
+    pub fn url(&self, password: &str) -> String {
+        format!("rediss://{USER}:{password}@127.0.0.1:{}", self.server.port)
+    }
+
+    /// A client that trusts the test CA, as the ACL user.
+    pub fn client(&self) -> redis::Client {
+        let certs = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(std::fs::read(&self.ca).expect("read the CA")),
+        };
+        redis::Client::build_with_tls(self.url(PASSWORD), certs).expect("a TLS client")
+    }
+}
+
+/// Runs one command with `client`, panicking with the command on error.
+pub async fn query<T: redis::FromRedisValue>(client: &redis::Client, args: &[&str]) -> T {
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connect to redis");
+    redis::cmd(args[0])
+        .arg(&args[1..])
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+/// The name the sentinels monitor.
+pub const MASTER_NAME: &str = "herald";
+
+/// A master, its replica and three sentinels that fail over within a few seconds.
+pub struct SentinelGroup {
+    pub master: Proc,
+    pub replica: Proc,
+    pub sentinels: Vec<Proc>,
+    pub dir: TempDir,
+}
+
+impl SentinelGroup {
+    pub fn start() -> SentinelGroup {
+        let dir = TempDir::new("sentinel");
+        let d = dir.0.to_string_lossy().into_owned();
+        let common = |port: u16| -> Vec<String> {
+            [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &d,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+        };
+        let (m, r) = (free_port(), free_port());
+        let master = Proc::redis(m, &common(m));
+        let mut replica_args = common(r);
+        replica_args.extend(["--replicaof".into(), "127.0.0.1".into(), m.to_string()]);
+        let replica = Proc::redis(r, &replica_args);
+        let mut sentinels = Vec::new();
+        for n in 0..3 {
+            let port = free_port();
+            // Sentinels rewrite their config file: each gets its own, writable.
+            let conf = dir.path(&format!("sentinel-{n}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {d}\n\
+                     sentinel monitor {MASTER_NAME} 127.0.0.1 {m} 2\n\
+                     sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                     sentinel failover-timeout {MASTER_NAME} 4000\n\
+                     sentinel parallel-syncs {MASTER_NAME} 1\n"
+                ),
+            )
+            .expect("write sentinel.conf");
+            sentinels.push(Proc::redis(port, &[conf.to_string_lossy().into_owned(), "--sentinel".into()]));
+        }
+        SentinelGroup { master, replica, sentinels, dir }
+    }
+
+    /// `redis://127.0.0.1:<port>` of each sentinel.
+    pub fn sentinel_urls(&self) -> Vec<String> {
+        self.sentinels.iter().map(|s| format!("redis://127.0.0.1:{}", s.port)).collect()
+    }
+
+    pub fn client(port: u16) -> redis::Client {
+        redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("a redis URL")
+    }
+
+    /// Waits until the replica is in sync and every sentinel knows the replica and the other
+    /// two sentinels, so a failover can be agreed on.
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let info: String = query(&Self::client(self.replica.port), &["INFO", "replication"]).await;
+            let mut ready = info.contains("master_link_status:up");
+            for s in &self.sentinels {
+                let client = Self::client(s.port);
+                let replicas: Vec<redis::Value> =
+                    query(&client, &["SENTINEL", "REPLICAS", MASTER_NAME]).await;
+                let others: Vec<redis::Value> = query(&client, &["SENTINEL", "SENTINELS", MASTER_NAME]).await;
+                ready &= replicas.len() == 1 && others.len() == 2;
+            }
+            if ready {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the sentinel group never became ready");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The master's port as the first sentinel answers.
+    pub async fn master_port(&self) -> u16 {
+        let addr: (String, u16) = query(
+            &Self::client(self.sentinels[0].port),
+            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME],
+        )
+        .await;
+        addr.1
+    }
+}
