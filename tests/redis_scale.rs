@@ -68,6 +68,9 @@ async fn nodes_on_tls_redis_as_an_acl_user_carry_events_and_never_show_the_passw
     }
     assert!(shown.contains(&format!("rediss://herald:***@127.0.0.1:{}", tls.server.port)), "{shown}");
     assert!(reached.starts_with("ok") && reached.contains("answers PING"), "{reached}");
+    // Counted per endpoint, by address: no URL, no user.
+    let at = format!("127.0.0.1:{}", tls.server.port);
+    assert_eq!(a.labelled("redis_endpoint_sessions_total", "endpoint", &at).await, 1.0, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,6 +155,11 @@ async fn sentinel_failover_mid_stream_is_followed_with_every_event_or_recovered_
         redis_sentinel_master: MASTER_NAME.into(),
         ..BusConfig::default()
     };
+    // A master name the sentinels do not know is a configuration error, named.
+    let mut unknown = config.clone();
+    unknown.bus.redis_sentinel_master = "not-monitored".into();
+    let err = startup_error(unknown).await;
+    assert!(err.contains("bus.redis_sentinel_master") && err.contains("not-monitored"), "{err}");
     let reached = check_config::connect(&config).await.expect("reaches every server");
     assert_eq!(
         reached.lines().filter(|l| l.starts_with("ok")).count(),
@@ -215,6 +223,8 @@ async fn sentinel_failover_mid_stream_is_followed_with_every_event_or_recovered_
             }
         }
         assert!(gw.metric("redis_failovers_total").await >= 1.0, "the node followed the failover");
+        let promoted = format!("127.0.0.1:{}", group.replica.port);
+        assert_eq!(gw.labelled("redis_endpoint_failovers_total", "endpoint", &promoted).await, 1.0);
         assert_eq!(gw.metric("bus_up").await, 1.0);
     }
 }

@@ -60,6 +60,9 @@ pub enum BusError {
     Config { key: &'static str, reason: String },
 }
 
+/// One labelled counter family: (name, help, label name, (label value, value) per sample).
+pub type LabelledCounter = (&'static str, &'static str, &'static str, Vec<(String, u64)>);
+
 /// An operator's instruction about one user (`POST /api/users/{id}/...`),
 /// carried to the nodes that must act on it. Not a domain event: it has no
 /// `seq`, no history, and never reaches a client as a frame.
@@ -259,6 +262,13 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Backend counters for `/metrics`: (name without the `herald_` prefix, help, value).
     fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        Vec::new()
+    }
+
+    /// Backend counters with one label for `/metrics`: (name without the `herald_` prefix,
+    /// help, the label's name, (label value, value) per sample). The Redis bus counts per
+    /// endpoint (`host:port`, never a URL or password); the values are bounded in number.
+    fn labelled_counters(&self) -> Vec<LabelledCounter> {
         Vec::new()
     }
 }

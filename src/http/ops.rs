@@ -67,6 +67,14 @@ pub(super) fn metrics(app: &App) -> Response<Body> {
             "# HELP herald_{name} {help}\n# TYPE herald_{name} counter\nherald_{name} {value}"
         );
     }
+    for (name, help, label, samples) in node.bus.labelled_counters() {
+        let _ = writeln!(text, "# HELP herald_{name} {help}\n# TYPE herald_{name} counter");
+        for (at, value) in samples {
+            // Label values are escaped as the text format asks (an address holds none of these).
+            let at = at.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+            let _ = writeln!(text, "herald_{name}{{{label}=\"{at}\"}} {value}");
+        }
+    }
     let mut resp = Response::new(Body::from(text));
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));

@@ -23,6 +23,8 @@ pub(crate) enum Fault {
     Auth,
     /// The server's certificate is not trusted (or TLS failed for another certificate reason).
     Certificate,
+    /// A sentinel answered that it monitors no master of the configured name.
+    NoSuchMaster,
     /// Down, refused, timed out, or not (yet) the master: worth retrying.
     Unreachable,
 }
@@ -30,7 +32,7 @@ pub(crate) enum Fault {
 impl Fault {
     /// True for a fault no retry cures: the configuration is wrong.
     pub(crate) fn is_config(self) -> bool {
-        matches!(self, Fault::Auth | Fault::Certificate)
+        matches!(self, Fault::Auth | Fault::Certificate | Fault::NoSuchMaster)
     }
 }
 
@@ -43,6 +45,8 @@ pub(crate) struct Failure {
     pub(crate) key: &'static str,
     /// The server, password masked.
     pub(crate) shown: String,
+    /// Its `host:port` (the per-endpoint metrics' label; empty when no server was named).
+    pub(crate) addr: String,
     /// What went wrong, in words; never holds a password.
     pub(crate) reason: String,
     pub(crate) fault: Fault,
@@ -119,6 +123,21 @@ impl Endpoint {
         Ok(Endpoint { target, has_ca: roots.is_some(), roots })
     }
 
+    /// Stops startup when the configured servers answer but refuse this node: a wrong password,
+    /// an untrusted certificate or an unknown master name is a configuration error no retry
+    /// cures, named by its key. A server that does not answer is an outage: the node starts
+    /// degraded and keeps trying.
+    pub(crate) async fn refuse_misconfigured(&self, timeout: Duration) -> Result<(), BusError> {
+        let checked = match self.resolve(timeout).await {
+            Ok(master) => self.check_master(&master, timeout).await.map(|_| ()),
+            Err(failure) => Err(failure),
+        };
+        match checked {
+            Err(failure) if failure.fault.is_config() => Err(failure.into_bus_error()),
+            _ => Ok(()),
+        }
+    }
+
     /// What this endpoint is, for logs: the URL or the sentinels and master name, masked.
     pub(crate) fn describe(&self) -> String {
         match &self.target {
@@ -159,6 +178,7 @@ impl Endpoint {
                 Err(last.unwrap_or_else(|| Failure {
                     key: "bus.redis_sentinel_urls",
                     shown: String::new(),
+                    addr: String::new(),
                     reason: "no sentinel configured".into(),
                     fault: Fault::Unreachable,
                 }))
@@ -169,7 +189,8 @@ impl Endpoint {
     /// Asks one sentinel for the master's address, and makes a client for it.
     async fn ask(&self, sentinel: &Sentinel, master: &str, timeout: Duration) -> Result<Master, Failure> {
         let key = "bus.redis_sentinel_urls";
-        let fail = |e: &redis::RedisError| self.failure(key, &sentinel.shown, e);
+        let at = sentinel.client.get_connection_info().addr().to_string();
+        let fail = |e: &redis::RedisError| self.failure(key, &sentinel.shown, &at, e);
         let mut conn = sentinel
             .client
             .get_multiplexed_async_connection_with_config(&connection_config(timeout))
@@ -185,14 +206,16 @@ impl Endpoint {
             return Err(Failure {
                 key: "bus.redis_sentinel_master",
                 shown: sentinel.shown.clone(),
+                addr: at,
                 reason: format!("the sentinel monitors no master named `{master}`"),
-                fault: Fault::Unreachable,
+                fault: Fault::NoSuchMaster,
             });
         };
         let url = master_url(&sentinel.url, &host, port);
         let client = client(&url, self.roots.as_deref(), true, key).map_err(|e| Failure {
             key,
             shown: sentinel.shown.clone(),
+            addr: at.clone(),
             reason: e.to_string(),
             fault: Fault::Unreachable,
         })?;
@@ -206,7 +229,13 @@ impl Endpoint {
     }
 
     /// Names what `e` means for a server configured under `key`.
-    pub(crate) fn failure(&self, key: &'static str, shown: &str, e: &redis::RedisError) -> Failure {
+    pub(crate) fn failure(
+        &self,
+        key: &'static str,
+        shown: &str,
+        addr: &str,
+        e: &redis::RedisError,
+    ) -> Failure {
         let fault = fault(e);
         let (key, reason) = match fault {
             Fault::Auth => (key, format!("Redis refused the user or password ({})", e.code().unwrap_or(e.category()))),
@@ -217,9 +246,9 @@ impl Endpoint {
                 key,
                 format!("the server's certificate is not trusted by the system roots (set bus.redis_tls_ca_file): {e}"),
             ),
-            Fault::Unreachable => (key, e.to_string()),
+            Fault::Unreachable | Fault::NoSuchMaster => (key, e.to_string()),
         };
-        Failure { key, shown: shown.to_string(), reason, fault }
+        Failure { key, shown: shown.to_string(), addr: addr.to_string(), reason, fault }
     }
 
     /// Every server `herald check-config --connect` should reach, and whether each did: the
@@ -257,7 +286,7 @@ impl Endpoint {
 
     /// PINGs a server (and checks it is the master where that matters).
     pub(crate) async fn check_master(&self, master: &Master, timeout: Duration) -> Result<String, Failure> {
-        let fail = |e: &redis::RedisError| self.failure(master.key, &master.shown, e);
+        let fail = |e: &redis::RedisError| self.failure(master.key, &master.shown, &master.addr, e);
         let mut conn = master
             .client
             .get_multiplexed_async_connection_with_config(&connection_config(timeout))
@@ -270,6 +299,7 @@ impl Endpoint {
                 return Err(Failure {
                     key: master.key,
                     shown: master.shown.clone(),
+                    addr: master.addr.clone(),
                     reason: format!("the server named as master is a {role}"),
                     fault: Fault::Unreachable,
                 });

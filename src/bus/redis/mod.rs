@@ -80,7 +80,7 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
-use super::{BoxFuture, Bus, BusError, Control, Deliver, Health, Kept, KeptEvent, Topic};
+use super::{BoxFuture, Bus, BusError, Control, Deliver, Health, Kept, KeptEvent, LabelledCounter, Topic};
 use crate::config::BusConfig;
 use crate::protocol::event::{DomainEvent, EventKind};
 use crate::protocol::{ChatId, UserId};
@@ -263,7 +263,7 @@ impl RedisBus {
     ) -> Result<RedisBus, BusError> {
         let endpoint = Endpoint::from_config(config)?;
         let target = endpoint.describe();
-        refuse_misconfigured(&endpoint, options.connect_timeout).await?;
+        endpoint.refuse_misconfigured(options.connect_timeout * 3).await?;
         let (shared, mut phase_rx) = Shared::new(sink, options);
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
@@ -291,20 +291,6 @@ impl RedisBus {
     /// The bus's counters, live. `/metrics` reads the same values through [`Bus::counters`].
     pub fn stats(&self) -> Arc<RedisStats> {
         self.shared.stats.clone()
-    }
-}
-
-/// Stops startup when the configured servers answer but refuse this node: a wrong password or an
-/// untrusted certificate is a configuration error no retry cures, named by its key. A server that
-/// does not answer is an outage: the node starts degraded and keeps trying.
-async fn refuse_misconfigured(endpoint: &Endpoint, timeout: Duration) -> Result<(), BusError> {
-    let checked = match endpoint.resolve(timeout).await {
-        Ok(master) => endpoint.check_master(&master, timeout).await.map(|_| ()),
-        Err(failure) => Err(failure),
-    };
-    match checked {
-        Err(failure) if failure.fault.is_config() => Err(failure.into_bus_error()),
-        _ => Ok(()),
     }
 }
 
@@ -485,6 +471,10 @@ impl Bus for RedisBus {
             .iter()
             .map(|(name, help, field)| (*name, *help, field(stats).load(Ordering::Relaxed)))
             .collect()
+    }
+
+    fn labelled_counters(&self) -> Vec<LabelledCounter> {
+        self.shared.stats.labelled()
     }
 
     fn health(&self) -> Health {

@@ -1,6 +1,29 @@
 //! The Redis bus's own counters and how `/metrics` names them: one table, one line per counter.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+
+use crate::sync::lock;
+
+/// Endpoints counted one by one; beyond it (a sentinel naming ever new masters) they are
+/// counted together under [`OTHER_ENDPOINT`], so the label's values stay bounded.
+const MAX_ENDPOINTS: usize = 32;
+/// The label value of endpoints beyond [`MAX_ENDPOINTS`] (and of failures before any server
+/// was named).
+const OTHER_ENDPOINT: &str = "other";
+
+/// One Redis endpoint's counters (`host:port`: never a URL, so never a password).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EndpointCounts {
+    /// Bus connections opened on it (`herald_redis_endpoint_sessions_total`).
+    pub sessions: u64,
+    /// Connect attempts to it that failed (`herald_redis_endpoint_connect_failures_total`).
+    pub connect_failures: u64,
+    /// Sessions opened on it after one on another master: failovers followed to it
+    /// (`herald_redis_endpoint_failovers_total`).
+    pub failovers_to: u64,
+}
 
 /// The bus's own counters. `/metrics` exports them through [`crate::bus::Bus::counters`] under the names in
 /// brackets (the `COUNTERS` table); [`super::RedisBus::stats`] reads them directly (tests, tools holding
@@ -30,7 +53,51 @@ pub struct RedisStats {
     /// Sessions opened on another master than the previous one: Sentinel failovers followed
     /// (`herald_redis_failovers_total`).
     pub failovers: AtomicU64,
+    /// Per endpoint (`host:port`), at most [`MAX_ENDPOINTS`] of them; only the supervisor writes.
+    pub(super) endpoints: Mutex<BTreeMap<String, EndpointCounts>>,
 }
+
+impl RedisStats {
+    /// Counts something about the endpoint `addr` (empty: none was named).
+    pub(super) fn note_endpoint(&self, addr: &str, count: impl FnOnce(&mut EndpointCounts)) {
+        let mut endpoints = lock(&self.endpoints);
+        let key = if addr.is_empty() || (endpoints.len() >= MAX_ENDPOINTS && !endpoints.contains_key(addr)) {
+            OTHER_ENDPOINT
+        } else {
+            addr
+        };
+        count(endpoints.entry(key.to_string()).or_default());
+    }
+
+    /// The per-endpoint counters as `/metrics` exports them ([`ENDPOINT_COUNTERS`]).
+    pub(super) fn labelled(&self) -> Vec<crate::bus::LabelledCounter> {
+        let endpoints = self.endpoints();
+        ENDPOINT_COUNTERS
+            .iter()
+            .map(|(name, help, field)| {
+                let samples = endpoints.iter().map(|(addr, counts)| (addr.clone(), field(counts))).collect();
+                (*name, *help, "endpoint", samples)
+            })
+            .collect()
+    }
+
+    /// The per-endpoint counters, by endpoint.
+    pub fn endpoints(&self) -> Vec<(String, EndpointCounts)> {
+        lock(&self.endpoints).iter().map(|(addr, counts)| (addr.clone(), *counts)).collect()
+    }
+}
+
+/// Picks one per-endpoint counter out of [`EndpointCounts`].
+pub(super) type EndpointCounter = fn(&EndpointCounts) -> u64;
+
+/// How `/metrics` exports the per-endpoint counters: (name without the `herald_` prefix, help,
+/// the counter), each with the label `endpoint="host:port"`.
+#[rustfmt::skip]
+pub(super) const ENDPOINT_COUNTERS: &[(&str, &str, EndpointCounter)] = &[
+    ("redis_endpoint_sessions_total", "Redis bus connections opened, per Redis endpoint.", |c| c.sessions),
+    ("redis_endpoint_connect_failures_total", "Redis connect attempts that failed, per Redis endpoint (a sentinel or server).", |c| c.connect_failures),
+    ("redis_endpoint_failovers_total", "Failovers followed to this Redis endpoint (the new master).", |c| c.failovers_to),
+];
 
 /// Picks one counter out of [`RedisStats`].
 pub(super) type Counter = fn(&RedisStats) -> &AtomicU64;
@@ -69,5 +136,23 @@ mod tests {
         assert!(COUNTERS.iter().all(|(name, help, _)| name.starts_with("redis_")
             && name.ends_with("_total")
             && !help.is_empty()));
+    }
+
+    #[test]
+    fn endpoints_are_counted_apart_up_to_a_bound() {
+        let stats = RedisStats::default();
+        for n in 0..100 {
+            stats.note_endpoint(&format!("10.0.0.{n}:6379"), |e| e.sessions += 1);
+        }
+        stats.note_endpoint("10.0.0.1:6379", |e| e.connect_failures += 1);
+        let endpoints = stats.endpoints();
+        assert_eq!(endpoints.len(), MAX_ENDPOINTS + 1, "bounded, plus `other`");
+        let other = endpoints.iter().find(|(a, _)| a == OTHER_ENDPOINT).map(|(_, c)| c.sessions);
+        assert_eq!(other, Some(100 - MAX_ENDPOINTS as u64));
+        let one = endpoints
+            .iter()
+            .find(|(a, _)| a == "10.0.0.1:6379")
+            .map(|(_, c)| (c.sessions, c.connect_failures));
+        assert_eq!(one, Some((1, 1)));
     }
 }

@@ -47,7 +47,7 @@ pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: 
         let attempt = match endpoint.resolve(shared.options.connect_timeout).await {
             Ok(master) => match open_session(&shared, &master, &inbound, gen).await {
                 Ok(session) => Ok((session, master)),
-                Err(e) => Err(endpoint.failure(master.key, &master.shown, &e)),
+                Err(e) => Err(endpoint.failure(master.key, &master.shown, &master.addr, &e)),
             },
             Err(failure) => Err(failure),
         };
@@ -56,7 +56,12 @@ pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: 
                 if was_up {
                     shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
-                if last_addr.as_ref().is_some_and(|last| *last != master.addr) {
+                let failover = last_addr.as_ref().is_some_and(|last| *last != master.addr);
+                shared.stats.note_endpoint(&master.addr, |e| {
+                    e.sessions += 1;
+                    e.failovers_to += u64::from(failover);
+                });
+                if failover {
                     shared.stats.failovers.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(redis = %master.shown, "redis bus followed a failover to a new master");
                 }
@@ -77,6 +82,7 @@ pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: 
             Err(failure) => {
                 shared.go_down();
                 shared.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                shared.stats.note_endpoint(&failure.addr, |e| e.connect_failures += 1);
                 failures += 1;
                 // Loud on the first failure and then every ~30 attempts, not on every retry.
                 if failures == 1 || failures % 30 == 0 {
