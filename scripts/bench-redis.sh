@@ -5,6 +5,10 @@
 # recovery and soak every reconnect resumes on the other node, and with the
 # default --layout by-room a room's connections start on one node, so resumes
 # on the other read the missed range from Redis.
+# REDIS_TLS=1: Redis listens on a TLS port only, with the default user off and
+# an ACL user; the nodes connect with rediss://herald:<password>@ and
+# bus.redis_tls_ca_file (a CA and server certificate made here with openssl),
+# to measure what TLS + ACL cost against the same run in plain text.
 # Usage: scripts/bench-redis.sh <fanout|recovery|soak> <loadgen args...>
 #   e.g. scripts/bench-redis.sh soak --duration 90s --conns 500 --rooms 10 --rate 100 \
 #          --churn 0.2 --outage 8s --content-bytes 20000
@@ -17,15 +21,41 @@ SERVER_BIN=${SERVER_BIN:-target/release/herald}
 LOADGEN_BIN=${LOADGEN_BIN:-target/release/loadgen}
 RPORT=${RPORT:-16399} A=${A:-18081} B=${B:-18082}
 export LOADGEN_JWT_SECRET=bench-secret-0123456789abcdef LOADGEN_API_KEY=bench-key-0123456789abcdef
-redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize no >/tmp/bench-redis.log 2>&1 &
+tmp=$(mktemp -d)
+redis_args=(--bind 127.0.0.1 --save '' --appendonly no --daemonize no)
+url=redis://127.0.0.1:$RPORT
+cli=(redis-cli -p "$RPORT")
+tls_env=()
+if [ "${REDIS_TLS:-0}" = 1 ]; then
+    pass=bench-redis-password-0123456789
+    (
+        cd "$tmp"
+        openssl ecparam -name prime256v1 -genkey -noout -out ca.key
+        openssl req -x509 -new -key ca.key -sha256 -days 2 -subj '/CN=bench CA' -out ca.pem
+        openssl ecparam -name prime256v1 -genkey -noout -out server.key
+        openssl req -new -key server.key -subj /CN=127.0.0.1 -out server.csr
+        echo subjectAltName=IP:127.0.0.1 >ext.cnf
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -sha256 \
+            -extfile ext.cnf -out server.pem
+    ) >/dev/null 2>&1
+    redis_args+=(--port 0 --tls-port "$RPORT" --tls-cert-file "$tmp/server.pem" --tls-key-file "$tmp/server.key"
+        --tls-ca-cert-file "$tmp/ca.pem" --tls-auth-clients no
+        --user default off --user herald on ">$pass" '~*' '&*' '+@all')
+    url=rediss://herald:$pass@127.0.0.1:$RPORT
+    cli+=(--tls --cacert "$tmp/ca.pem" --user herald --pass "$pass" --no-auth-warning)
+    tls_env=(HERALD_BUS__REDIS_TLS_CA_FILE="$tmp/ca.pem")
+else
+    redis_args+=(--port "$RPORT")
+fi
+redis-server "${redis_args[@]}" >/tmp/bench-redis.log 2>&1 &
 rpid=$!
 pids=()
-cleanup() { kill "${pids[@]}" "$rpid" 2>/dev/null || true; wait 2>/dev/null || true; }
+cleanup() { kill "${pids[@]}" "$rpid" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
-for _ in $(seq 50); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+for _ in $(seq 50); do "${cli[@]}" ping >/dev/null 2>&1 && break; sleep 0.1; done
 for port in "$A" "$B"; do
-    HERALD_AUTH__JWT_SECRET=$LOADGEN_JWT_SECRET HERALD_API__KEYS=$LOADGEN_API_KEY HERALD_AUTH__MEMBERSHIP=open \
-        HERALD_BUS__KIND=redis HERALD_BUS__REDIS_URL=redis://127.0.0.1:$RPORT \
+    env HERALD_AUTH__JWT_SECRET=$LOADGEN_JWT_SECRET HERALD_API__KEYS=$LOADGEN_API_KEY HERALD_AUTH__MEMBERSHIP=open \
+        HERALD_BUS__KIND=redis HERALD_BUS__REDIS_URL="$url" "${tls_env[@]}" \
         HERALD_SERVER__LISTEN=127.0.0.1:$port RUST_LOG=warn "$SERVER_BIN" &
     pids+=($!)
 done

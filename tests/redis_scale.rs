@@ -147,7 +147,7 @@ async fn follow(gw: &Gateway, client: &mut Client, room: uuid::Uuid, head: u64, 
 async fn sentinel_failover_mid_stream_is_followed_with_every_event_or_recovered_false() {
     let mut group = SentinelGroup::start();
     group.wait_ready().await;
-    let _: () = query(&SentinelGroup::client(group.master.port), &["SET", "herald:boot", "0"]).await;
+    let _: () = query(&group.client_of(group.master.port), &["SET", "herald:boot", "0"]).await;
     let mut config = support::config();
     config.bus = BusConfig {
         kind: BusKind::RedisSentinel,
@@ -227,4 +227,46 @@ async fn sentinel_failover_mid_stream_is_followed_with_every_event_or_recovered_
         assert_eq!(gw.labelled("redis_endpoint_failovers_total", "endpoint", &promoted).await, 1.0);
         assert_eq!(gw.metric("bus_up").await, 1.0);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn sentinels_over_tls_as_an_acl_user_name_the_master_and_nodes_carry_events() {
+    let group = SentinelGroup::start_with(true);
+    group.wait_ready().await;
+    let _: () = query(&group.client_of(group.master.port), &["SET", "herald:boot", "0"]).await;
+    let mut config = support::config();
+    config.bus = BusConfig {
+        kind: BusKind::RedisSentinel,
+        redis_sentinel_urls: group.sentinel_urls(),
+        redis_sentinel_master: MASTER_NAME.into(),
+        redis_tls_ca_file: group.ca.clone(),
+        ..BusConfig::default()
+    };
+    let reached = check_config::connect(&config).await.expect("reaches every server");
+    assert_eq!(
+        reached.lines().filter(|l| l.starts_with("ok")).count(),
+        4,
+        "3 sentinels + the master:\n{reached}"
+    );
+    assert!(!reached.contains(PASSWORD) && reached.contains("rediss://herald:***@"), "{reached}");
+
+    // The sentinels' password is the master's too: a wrong one is named at the sentinels' key.
+    let wrong = "not-the-sentinel-password";
+    let mut refused = config.clone();
+    refused.bus.redis_sentinel_urls = group.sentinel_urls_with(wrong);
+    let err = startup_error(refused).await;
+    assert!(err.contains("bus.redis_sentinel_urls") && err.contains("refused the user or password"), "{err}");
+    assert!(!err.contains(wrong), "{err}");
+
+    let (a, b) = (support::start(config.clone()).await, support::start(config.clone()).await);
+    let room = chat();
+    let mut on_b = b.connect(user(), &[]).await;
+    let head = on_b.subscribe(room).await;
+    assert_eq!(a.publish(&message_sent(room, &json!({"n": 1}))).await.0, 202);
+    assert_eq!(on_b.recv().await["seq"], head + 1);
+    let at = format!("127.0.0.1:{}", group.master.port);
+    assert_eq!(a.labelled("redis_endpoint_sessions_total", "endpoint", &at).await, 1.0);
+    let (_, metrics) = a.get("/metrics").await;
+    assert!(!metrics.contains(PASSWORD));
 }

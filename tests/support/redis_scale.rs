@@ -235,64 +235,120 @@ pub async fn query<T: redis::FromRedisValue>(client: &redis::Client, args: &[&st
 /// The name the sentinels monitor.
 pub const MASTER_NAME: &str = "herald";
 
-/// A master, its replica and three sentinels that fail over within a few seconds.
+/// A master, its replica and three sentinels that fail over within a few seconds; with `tls`,
+/// every one of them on a TLS port only (replication and sentinel links too), the default user
+/// off and the ACL user the only way in (sentinels log in to the servers and each other as it).
 pub struct SentinelGroup {
     pub master: Proc,
     pub replica: Proc,
     pub sentinels: Vec<Proc>,
+    /// The CA of the servers' certificate, when on TLS.
+    pub ca: Option<PathBuf>,
     pub dir: TempDir,
 }
 
 impl SentinelGroup {
     pub fn start() -> SentinelGroup {
+        SentinelGroup::start_with(false)
+    }
+
+    pub fn start_with(tls: bool) -> SentinelGroup {
         let dir = TempDir::new("sentinel");
         let d = dir.0.to_string_lossy().into_owned();
-        let common = |port: u16| -> Vec<String> {
-            [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                &d,
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        let ca = tls.then(|| make_ca(&dir.0, "herald", true));
+        let path = |name: &str| dir.path(name).to_string_lossy().into_owned();
+        // The settings servers and sentinels share, as `name value...` lines.
+        let mut shared: Vec<String> = vec!["bind 127.0.0.1".into(), format!("dir {d}")];
+        if let Some(ca) = &ca {
+            shared.extend([
+                format!("tls-cert-file {}", path("server.pem")),
+                format!("tls-key-file {}", path("server.key")),
+                format!("tls-ca-cert-file {}", ca.display()),
+                "tls-auth-clients no".into(),
+                "tls-replication yes".into(),
+                "user default off".into(),
+                format!("user {USER} on >{PASSWORD} ~* &* +@all"),
+            ]);
+        }
+        let listen = |port: u16| -> Vec<String> {
+            if tls {
+                vec!["port 0".into(), format!("tls-port {port}")]
+            } else {
+                vec![format!("port {port}")]
+            }
+        };
+        let server = |port: u16, extra: &[String]| -> Proc {
+            let mut lines = listen(port);
+            lines.extend(shared.iter().cloned());
+            lines.extend(["save \"\"".into(), "appendonly no".into()]);
+            if tls {
+                lines.extend([format!("masteruser {USER}"), format!("masterauth {PASSWORD}")]);
+            }
+            lines.extend(extra.iter().cloned());
+            let conf = dir.path(&format!("redis-{port}.conf"));
+            std::fs::write(&conf, lines.join("\n") + "\n").expect("write redis.conf");
+            Proc::redis(port, &[conf.to_string_lossy().into_owned()])
         };
         let (m, r) = (free_port(), free_port());
-        let master = Proc::redis(m, &common(m));
-        let mut replica_args = common(r);
-        replica_args.extend(["--replicaof".into(), "127.0.0.1".into(), m.to_string()]);
-        let replica = Proc::redis(r, &replica_args);
+        let master = server(m, &[]);
+        let replica = server(r, &[format!("replicaof 127.0.0.1 {m}")]);
         let mut sentinels = Vec::new();
         for n in 0..3 {
             let port = free_port();
+            let mut lines = listen(port);
+            lines.extend(shared.iter().cloned());
+            lines.extend([
+                format!("sentinel monitor {MASTER_NAME} 127.0.0.1 {m} 2"),
+                format!("sentinel down-after-milliseconds {MASTER_NAME} 1000"),
+                format!("sentinel failover-timeout {MASTER_NAME} 4000"),
+                format!("sentinel parallel-syncs {MASTER_NAME} 1"),
+            ]);
+            if tls {
+                lines.extend([
+                    format!("sentinel auth-user {MASTER_NAME} {USER}"),
+                    format!("sentinel auth-pass {MASTER_NAME} {PASSWORD}"),
+                    format!("sentinel sentinel-user {USER}"),
+                    format!("sentinel sentinel-pass {PASSWORD}"),
+                ]);
+            }
             // Sentinels rewrite their config file: each gets its own, writable.
             let conf = dir.path(&format!("sentinel-{n}.conf"));
-            std::fs::write(
-                &conf,
-                format!(
-                    "port {port}\nbind 127.0.0.1\ndir {d}\n\
-                     sentinel monitor {MASTER_NAME} 127.0.0.1 {m} 2\n\
-                     sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
-                     sentinel failover-timeout {MASTER_NAME} 4000\n\
-                     sentinel parallel-syncs {MASTER_NAME} 1\n"
-                ),
-            )
-            .expect("write sentinel.conf");
+            std::fs::write(&conf, lines.join("\n") + "\n").expect("write sentinel.conf");
             sentinels.push(Proc::redis(port, &[conf.to_string_lossy().into_owned(), "--sentinel".into()]));
         }
-        SentinelGroup { master, replica, sentinels, dir }
+        SentinelGroup { master, replica, sentinels, ca, dir }
+    }
+
+    /// Each sentinel's URL as a node is configured with it (`rediss://` and the ACL user on
+    /// TLS, with `password`).
+    pub fn sentinel_urls_with(&self, password: &str) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|s| match self.ca {
+                Some(_) => format!("rediss://{USER}:{password}@127.0.0.1:{}", s.port),
+                None => format!("redis://127.0.0.1:{}", s.port),
+            })
+            .collect()
     }
 
     /// `redis://127.0.0.1:<port>` of each sentinel.
     pub fn sentinel_urls(&self) -> Vec<String> {
-        self.sentinels.iter().map(|s| format!("redis://127.0.0.1:{}", s.port)).collect()
+        self.sentinel_urls_with(PASSWORD)
+    }
+
+    /// A client for a server or sentinel of this group.
+    pub fn client_of(&self, port: u16) -> redis::Client {
+        match &self.ca {
+            Some(ca) => {
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(ca).expect("read the CA")),
+                };
+                let url = format!("rediss://{USER}:{PASSWORD}@127.0.0.1:{port}");
+                redis::Client::build_with_tls(url, certs).expect("a TLS client")
+            }
+            None => Self::client(port),
+        }
     }
 
     pub fn client(port: u16) -> redis::Client {
@@ -304,10 +360,10 @@ impl SentinelGroup {
     pub async fn wait_ready(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let info: String = query(&Self::client(self.replica.port), &["INFO", "replication"]).await;
+            let info: String = query(&self.client_of(self.replica.port), &["INFO", "replication"]).await;
             let mut ready = info.contains("master_link_status:up");
             for s in &self.sentinels {
-                let client = Self::client(s.port);
+                let client = self.client_of(s.port);
                 let replicas: Vec<redis::Value> =
                     query(&client, &["SENTINEL", "REPLICAS", MASTER_NAME]).await;
                 let others: Vec<redis::Value> = query(&client, &["SENTINEL", "SENTINELS", MASTER_NAME]).await;
@@ -323,11 +379,8 @@ impl SentinelGroup {
 
     /// The master's port as the first sentinel answers.
     pub async fn master_port(&self) -> u16 {
-        let addr: (String, u16) = query(
-            &Self::client(self.sentinels[0].port),
-            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME],
-        )
-        .await;
+        let first = self.client_of(self.sentinels[0].port);
+        let addr: (String, u16) = query(&first, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME]).await;
         addr.1
     }
 }
