@@ -22,11 +22,18 @@
 //! | `herald:gseq` | string | global counter of non-room events |
 //! | `herald:boot` | string | when Redis's current state began (ms) |
 //!
-//! On one Redis server a publish script call covers a whole batch: many rooms plus the global
-//! keys. Under Redis Cluster that call would span slots; the publisher would have to split a
-//! batch into one call per room (slot), and the global counter, boot mark, member index and member
-//! log would need a per-slot form. The snapshot script builds member set names itself, which Cluster does
-//! not allow either. Herald supports one Redis server today; the names are ready for the split.
+//! On one Redis server (also the master Sentinel names) a publish script call covers a whole
+//! batch: many rooms plus the global keys. Redis Cluster (`bus.kind: redis_cluster`, reserved and
+//! refused today) needs more than the room hash tags: the global keys (`herald:boot`,
+//! `herald:gseq`, the indexes, the member log), the member sets, removed hashes and revocations
+//! read by the snapshot script, and the members channel must share one slot of their own (a
+//! `{herald}` tag) under cluster-only names, so upgrades of one-server deployments keep their
+//! keys; room events need a room-only publish script (no boot key, `SPUBLISH`) per room, their
+//! user-channel copies separate `SPUBLISH`es that the delivery task drops while the room is
+//! watched (copies from two shards may arrive out of order), and user events a gseq dedupe that
+//! tolerates reordering across shards. Re-seeding and touching go per room, `SSUBSCRIBE` per
+//! slot, and a shard's lost connection or an unrequested `SUNSUBSCRIBE` (a resharded slot) must
+//! end the session like a lost connection does here, so gaps stay visible.
 
 use crate::bus::Topic;
 use crate::protocol::{ChatId, UserId};
