@@ -138,6 +138,14 @@ impl Endpoint {
         }
     }
 
+    /// The config key that says where Redis is.
+    pub(crate) fn key(&self) -> &'static str {
+        match self.target {
+            Target::Single { .. } => "bus.redis_url",
+            Target::Sentinel { .. } => "bus.redis_sentinel_urls",
+        }
+    }
+
     /// What this endpoint is, for logs: the URL or the sentinels and master name, masked.
     pub(crate) fn describe(&self) -> String {
         match &self.target {

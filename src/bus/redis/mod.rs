@@ -262,7 +262,7 @@ impl RedisBus {
         options: RedisOptions,
     ) -> Result<RedisBus, BusError> {
         let endpoint = Endpoint::from_config(config)?;
-        let target = endpoint.describe();
+        let (target, key) = (endpoint.describe(), endpoint.key());
         endpoint.refuse_misconfigured(options.connect_timeout * 3).await?;
         let (shared, mut phase_rx) = Shared::new(sink, options);
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
@@ -281,8 +281,8 @@ impl RedisBus {
         match settled.ok().and_then(Result::ok).map(|p| *p) {
             Some(Phase::Up) => tracing::info!(redis = %target, "redis bus connected"),
             _ => tracing::error!(
-                redis = %target,
-                "bus.redis_url: Redis is unreachable; starting degraded (publishes answer 503) and retrying"
+                redis = %target, key = key,
+                "Redis is unreachable; starting degraded (publishes answer 503) and retrying"
             ),
         }
         Ok(bus)
