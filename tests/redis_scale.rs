@@ -270,3 +270,91 @@ async fn sentinels_over_tls_as_an_acl_user_name_the_master_and_nodes_carry_event
     let (_, metrics) = a.get("/metrics").await;
     assert!(!metrics.contains(PASSWORD));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_failover_without_a_crash_moves_the_nodes_off_the_demoted_master() {
+    let group = SentinelGroup::start();
+    group.wait_ready().await;
+    let _: () = query(&group.client_of(group.master.port), &["SET", "herald:boot", "0"]).await;
+    let mut config = support::config();
+    config.bus = BusConfig {
+        kind: BusKind::RedisSentinel,
+        redis_sentinel_urls: group.sentinel_urls(),
+        redis_sentinel_master: MASTER_NAME.into(),
+        ..BusConfig::default()
+    };
+    let (a, b) = (support::start(config.clone()).await, support::start(config.clone()).await);
+    let room = chat();
+    let mut on_b = b.connect(user(), &[]).await;
+    let head = on_b.subscribe(room).await;
+    assert_eq!(a.publish(&message_sent(room, &json!({"n": 1}))).await.0, 202);
+    assert_eq!(on_b.recv().await["seq"], head + 1);
+
+    // The old master stays up and becomes a replica (the sentinels also close its clients'
+    // connections: the next test covers a node whose connection stays open).
+    let _: () =
+        query(&group.client_of(group.sentinels[0].port), &["SENTINEL", "FAILOVER", MASTER_NAME]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while group.master_port().await != group.replica.port {
+        assert!(Instant::now() < deadline, "the sentinels never promoted the replica");
+        sleep(Duration::from_millis(100)).await;
+    }
+    let promoted = format!("127.0.0.1:{}", group.replica.port);
+    for gw in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while endpoint_failovers(gw, &promoted).await < 1.0 {
+            assert!(Instant::now() < deadline, "a node stayed on the demoted master");
+            sleep(Duration::from_millis(100)).await;
+        }
+    }
+    support::redis::http_publish_eventually(&a, &message_sent(room, &json!({"n": 2}))).await;
+    let mut seen = Seen::default();
+    follow(&b, &mut on_b, room, head + 1, &mut seen, 2).await;
+    assert_eq!(seen.ns, [2], "the event after the failover, once");
+    let role: Vec<redis::Value> = query(&group.client_of(group.master.port), &["ROLE"]).await;
+    assert_eq!(
+        role.first(),
+        Some(&redis::Value::BulkString(b"slave".to_vec())),
+        "the old master was demoted, not killed"
+    );
+}
+
+/// `herald_redis_endpoint_failovers_total` of `endpoint`; 0 while the node has not counted it.
+async fn endpoint_failovers(gw: &Gateway, endpoint: &str) -> f64 {
+    let (_, text) = gw.get("/metrics").await;
+    let prefix = format!("herald_redis_endpoint_failovers_total{{endpoint=\"{endpoint}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok()).unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_master_demoted_under_an_open_connection_is_left_at_the_next_role_check() {
+    let group = SentinelGroup::start();
+    group.wait_ready().await;
+    let master = group.client_of(group.master.port);
+    let _: () = query(&master, &["SET", "herald:boot", "0"]).await;
+    let mut config = support::config();
+    config.bus = BusConfig {
+        kind: BusKind::RedisSentinel,
+        redis_sentinel_urls: group.sentinel_urls(),
+        redis_sentinel_master: MASTER_NAME.into(),
+        ..BusConfig::default()
+    };
+    let a = support::start(config).await;
+    let room = chat();
+    assert_eq!(a.publish(&message_sent(room, &json!({"n": 1}))).await.0, 202);
+
+    // Demoted behind the sentinels' back: nobody closes the node's connection, and the
+    // sentinels keep naming this server for a while. Only its role says it takes no writes.
+    let _: () = query(&master, &["REPLICAOF", "127.0.0.1", &group.replica.port.to_string()]).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.get("/readyz").await.0 != 503 {
+        assert!(Instant::now() < deadline, "the node kept serving on a server that is no longer master");
+        sleep(Duration::from_millis(50)).await;
+    }
+    let (status, reply) = a.publish(&message_sent(room, &json!({"n": 2}))).await;
+    assert_eq!(status, 503, "{reply}");
+    assert_fixed_503(&reply);
+    assert_eq!(a.metric("redis_reconnects_total").await, 0.0, "no reconnect to the demoted server");
+}
