@@ -358,3 +358,118 @@ async fn a_master_demoted_under_an_open_connection_is_left_at_the_next_role_chec
     assert_fixed_503(&reply);
     assert_eq!(a.metric("redis_reconnects_total").await, 0.0, "no reconnect to the demoted server");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_sentinel_naming_a_replica_does_not_keep_the_node_off_the_master() {
+    let group = SentinelGroup::start();
+    group.wait_ready().await;
+    let _: () = query(&group.client_of(group.master.port), &["SET", "herald:boot", "0"]).await;
+    // Listed first: a node that always believes the first sentinel that answers stays on the
+    // replica for as long as that sentinel is wrong.
+    let stale = group.stale_sentinel();
+    let named: (String, u16) =
+        query(&SentinelGroup::client(stale.port), &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME])
+            .await;
+    assert_eq!(named.1, group.replica.port, "the stale sentinel names the replica");
+    let mut urls = vec![format!("redis://127.0.0.1:{}", stale.port)];
+    urls.extend(group.sentinel_urls());
+    let mut config = support::config();
+    config.bus = BusConfig {
+        kind: BusKind::RedisSentinel,
+        redis_sentinel_urls: urls,
+        redis_sentinel_master: MASTER_NAME.into(),
+        ..BusConfig::default()
+    };
+    // `--connect` says which answer is wrong.
+    let err = check_config::connect(&config).await.map(|_| ()).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("127.0.0.1:{}", group.replica.port)) && err.contains("is a slave"),
+        "{err}"
+    );
+
+    let a = support::start(config).await;
+    let deadline = Instant::now() + PATIENCE * 2;
+    while a.get("/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "the node stayed on the replica a stale sentinel named");
+        sleep(Duration::from_millis(50)).await;
+    }
+    let room = chat();
+    let mut on_a = a.connect(user(), &[]).await;
+    let head = on_a.subscribe(room).await;
+    assert_eq!(a.publish(&message_sent(room, &json!({"n": 1}))).await.0, 202);
+    assert_eq!(on_a.recv().await["seq"], head + 1);
+    let at = format!("127.0.0.1:{}", group.master.port);
+    assert_eq!(a.labelled("redis_endpoint_sessions_total", "endpoint", &at).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_password_with_url_characters_is_never_shown_even_unencoded() {
+    let tls = TlsRedis::start();
+    // An ACL user whose password holds `#`, `/` and `?`, as generated passwords do.
+    let secret = "pa#ss/wo?rd-0123456789";
+    let _: () =
+        query(&tls.client(), &["ACL", "SETUSER", "odd", "on", &format!(">{secret}"), "~*", "&*", "+@all"])
+            .await;
+    let _: () = query(&tls.client(), &["SET", "herald:boot", "0"]).await;
+    let port = tls.server.port;
+    let ca = tls.ca.to_string_lossy().into_owned();
+    let pieces = ["ss/wo", "wo?rd", "rd-0123456789"];
+    let leaked = |text: &str| pieces.iter().any(|p| text.contains(p));
+    let env = |url: String| {
+        [
+            ("HERALD_BUS__KIND", "redis".to_string()),
+            ("HERALD_BUS__REDIS_URL", url),
+            ("HERALD_BUS__REDIS_TLS_CA_FILE", ca.clone()),
+        ]
+        .map(|(k, v)| (k.to_string(), v))
+    };
+    let parse = |url: String| Config::parse("", std::path::Path::new("herald.yaml"), env(url));
+
+    // Written as is (`#` included), the URL is refused, and the refusal does not show it.
+    let err = parse(format!("rediss://odd:{secret}@127.0.0.1:{port}")).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("bus.redis_url") && err.contains("%23") && !leaked(&err), "{err}");
+
+    // Without the `#`, the config loads but the URL cannot be used: no place shows the rest.
+    let bare = "pass/wo?rd-0123456789";
+    let mut config = support::config();
+    config.bus = parse(format!("rediss://odd:{bare}@127.0.0.1:{port}")).expect("loads").bus;
+    let shown = check_config::check(&config).expect("renders");
+    assert!(!leaked(&shown) && shown.contains("rediss://odd:***@127.0.0.1"), "{shown}");
+    assert!(!leaked(&format!("{config:?}")), "{config:?}");
+    let err = startup_error(config.clone()).await;
+    assert!(err.contains("bus.redis_url") && !leaked(&err), "{err}");
+    let err = check_config::connect(&config).await.map(|_| ()).unwrap_err().to_string();
+    assert!(!leaked(&err), "{err}");
+
+    // Percent-encoded, it is the password Redis knows.
+    let encoded = secret.replace('#', "%23").replace('/', "%2F").replace('?', "%3F");
+    let config = parse(format!("rediss://odd:{encoded}@127.0.0.1:{port}")).expect("loads");
+    let reached = check_config::connect(&config).await.expect("the encoded password logs in");
+    assert!(reached.contains("answers PING") && !leaked(&reached), "{reached}");
+    let mut node = support::config();
+    node.bus = config.bus;
+    let a = support::start(node).await;
+    let room = chat();
+    let mut on_a = a.connect(user(), &[]).await;
+    let head = on_a.subscribe(room).await;
+    assert_eq!(a.publish(&message_sent(room, &json!({"n": 1}))).await.0, 202);
+    assert_eq!(on_a.recv().await["seq"], head + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_ca_file_with_a_broken_certificate_is_named_by_its_key() {
+    let tls = TlsRedis::start();
+    // PEM framing around bytes that are no certificate: the file is read, the trust anchor is not.
+    let broken = tls.dir.path("broken-ca.pem");
+    std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\nAAAAAAAA\n-----END CERTIFICATE-----\n")
+        .expect("write the CA file");
+    let err = startup_error(tls_config(&tls, PASSWORD, Some(&broken))).await;
+    assert!(err.contains("bus.redis_tls_ca_file") && err.contains("broken-ca.pem"), "{err}");
+    assert!(!err.contains(PASSWORD), "{err}");
+    let err =
+        check_config::connect(&tls_config(&tls, PASSWORD, Some(&broken))).await.map(|_| ()).unwrap_err();
+    assert!(err.to_string().contains("bus.redis_tls_ca_file"), "{err}");
+}

@@ -76,10 +76,13 @@ impl std::fmt::Debug for BusConfig {
 
 /// `redis://user:pass@host/0` -> `redis://user:***@host/0`: the one way a Redis URL is shown
 /// (logs, errors, `check-config`, `Debug`).
+///
+/// Everything up to the last `@` counts as user and password, even past a `/`, `?` or `#`: a
+/// password written without percent-encoding may hold those, and where the URL's authority ends
+/// is then anyone's guess. Masking too much is harmless; showing such a password is not.
 pub fn mask_url_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else { return url.to_string() };
+    let Some(at) = rest.rfind('@') else { return url.to_string() };
     match rest[..at].split_once(':') {
         Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
         // `redis://password@host` is read as a password by some clients: mask it too.
@@ -97,7 +100,10 @@ fn check_redis_url(key: &str, url: &str) -> Result<(), ConfigError> {
     if url.contains('#') {
         return Err(key_error(
             key,
-            format!("`{shown}`: no #fragment allowed (TLS certificate checks cannot be turned off)"),
+            format!(
+                "`{shown}`: no #fragment allowed (TLS certificate checks cannot be turned off; write \
+                 a `#` in a password as %23)"
+            ),
         ));
     }
     let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);

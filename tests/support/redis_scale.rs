@@ -377,6 +377,25 @@ impl SentinelGroup {
         }
     }
 
+    /// A fourth sentinel (plain text only) with a stale view: it monitors the group's master
+    /// name at the replica's address, as one cut off during a failover would (the group's
+    /// sentinels do not correct it: no failover has raised the config epoch). It waits a
+    /// minute before it calls that "master" down, so it keeps naming the replica.
+    pub fn stale_sentinel(&self) -> Proc {
+        assert!(self.ca.is_none(), "a plain-text group only");
+        let port = free_port();
+        let lines = [
+            format!("port {port}"),
+            "bind 127.0.0.1".into(),
+            format!("dir {}", self.dir.0.display()),
+            format!("sentinel monitor {MASTER_NAME} 127.0.0.1 {} 2", self.replica.port),
+            format!("sentinel down-after-milliseconds {MASTER_NAME} 60000"),
+        ];
+        let conf = self.dir.path("sentinel-stale.conf");
+        std::fs::write(&conf, lines.join("\n") + "\n").expect("write sentinel.conf");
+        Proc::redis(port, &[conf.to_string_lossy().into_owned(), "--sentinel".into()])
+    }
+
     /// The master's port as the first sentinel answers.
     pub async fn master_port(&self) -> u16 {
         let first = self.client_of(self.sentinels[0].port);

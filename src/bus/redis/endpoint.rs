@@ -7,6 +7,8 @@
 //! Every address shown (logs, errors, `check-config`) goes through
 //! [`crate::config::mask_url_password`]: no password leaves this module.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::{AsyncConnectionConfig, IntoConnectionInfo, ProtocolVersion, TlsCertificates};
@@ -71,8 +73,17 @@ pub(crate) struct Endpoint {
 
 #[derive(Clone)]
 enum Target {
-    Single { client: Box<redis::Client>, shown: String },
-    Sentinel { sentinels: Vec<Sentinel>, master: String },
+    Single {
+        client: Box<redis::Client>,
+        shown: String,
+    },
+    Sentinel {
+        sentinels: Vec<Sentinel>,
+        master: String,
+        /// The sentinel asked first: the last one whose answer was not found wrong (a sentinel
+        /// cut off during a failover keeps naming the demoted master; the next one is asked).
+        first: Arc<AtomicUsize>,
+    },
 }
 
 #[derive(Clone)]
@@ -93,6 +104,8 @@ pub(crate) struct Master {
     pub(crate) check_role: bool,
     /// The key that configures it.
     pub(crate) key: &'static str,
+    /// Which of the configured sentinels named it (its index), under Sentinel.
+    sentinel: Option<usize>,
 }
 
 impl Endpoint {
@@ -113,7 +126,11 @@ impl Endpoint {
                         Ok(Sentinel { client, url: url.clone(), shown: mask_url_password(url) })
                     })
                     .collect::<Result<Vec<_>, BusError>>()?;
-                Target::Sentinel { sentinels, master: config.redis_sentinel_master.clone() }
+                Target::Sentinel {
+                    sentinels,
+                    master: config.redis_sentinel_master.clone(),
+                    first: Arc::new(AtomicUsize::new(0)),
+                }
             }
             _ => Target::Single {
                 client: Box::new(client(&config.redis_url, roots.as_deref(), true, "bus.redis_url")?),
@@ -150,7 +167,7 @@ impl Endpoint {
     pub(crate) fn describe(&self) -> String {
         match &self.target {
             Target::Single { shown, .. } => shown.clone(),
-            Target::Sentinel { sentinels, master } => {
+            Target::Sentinel { sentinels, master, .. } => {
                 let list: Vec<&str> = sentinels.iter().map(|s| s.shown.as_str()).collect();
                 format!("master `{master}` via sentinels {}", list.join(", "))
             }
@@ -158,8 +175,8 @@ impl Endpoint {
     }
 
     /// The server to connect to now: the configured one, or the master the first sentinel
-    /// that knows it names (each asked in order, every time: after a failover they name the
-    /// promoted replica).
+    /// that knows it names (each asked in turn, every time: after a failover they name the
+    /// promoted replica), starting with the last one not [passed over](Self::pass_over).
     pub(crate) async fn resolve(&self, timeout: Duration) -> Result<Master, Failure> {
         match &self.target {
             Target::Single { client, shown } => Ok(Master {
@@ -168,12 +185,14 @@ impl Endpoint {
                 shown: shown.clone(),
                 check_role: false,
                 key: "bus.redis_url",
+                sentinel: None,
             }),
-            Target::Sentinel { sentinels, master } => {
+            Target::Sentinel { sentinels, master, first } => {
                 let mut last = None;
-                for sentinel in sentinels {
-                    match self.ask(sentinel, master, timeout).await {
-                        Ok(found) => return Ok(found),
+                let start = first.load(Ordering::Relaxed);
+                for index in (0..sentinels.len()).map(|i| (start + i) % sentinels.len()) {
+                    match self.ask(&sentinels[index], master, timeout).await {
+                        Ok(found) => return Ok(Master { sentinel: Some(index), ..found }),
                         Err(failure) => {
                             tracing::debug!(error = %failure, "sentinel could not name the master");
                             // A configuration fault is reported over a mere outage.
@@ -191,6 +210,15 @@ impl Endpoint {
                     fault: Fault::Unreachable,
                 }))
             }
+        }
+    }
+
+    /// The server `master` could not be used as the master (down, or not a master at all):
+    /// the next resolution asks the sentinel after the one that named it first, so one sentinel
+    /// with a stale or wrong answer cannot keep the node off the real master.
+    pub(crate) fn pass_over(&self, master: &Master) {
+        if let (Target::Sentinel { sentinels, first, .. }, Some(index)) = (&self.target, master.sentinel) {
+            first.store((index + 1) % sentinels.len(), Ordering::Relaxed);
         }
     }
 
@@ -233,6 +261,7 @@ impl Endpoint {
             shown: format!("master `{master}` at {}", mask_url_password(&url)),
             check_role: true,
             key,
+            sentinel: None,
         })
     }
 
@@ -271,7 +300,7 @@ impl Endpoint {
                 };
                 out.push((self.describe(), result));
             }
-            Target::Sentinel { sentinels, master } => {
+            Target::Sentinel { sentinels, master, .. } => {
                 let mut masters: Vec<Master> = Vec::new();
                 for sentinel in sentinels {
                     let result = self.ask(sentinel, master, timeout).await.map(|m| {
@@ -346,6 +375,14 @@ fn read_roots(path: &std::path::Path) -> Result<Vec<u8>, BusError> {
     })?;
     if certs.is_empty() {
         return Err(BusError::Config { key, reason: format!("{} holds no PEM certificate", path.display()) });
+    }
+    // The redis crate reads them again for each TLS client and would blame the URL's key.
+    let mut store = rustls::RootCertStore::empty();
+    for cert in certs {
+        store.add(cert).map_err(|e| BusError::Config {
+            key,
+            reason: format!("{} holds a certificate that cannot be a trust anchor: {e}", path.display()),
+        })?;
     }
     Ok(pem)
 }

@@ -47,7 +47,10 @@ pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: 
         let attempt = match endpoint.resolve(shared.options.connect_timeout).await {
             Ok(master) => match open_session(&shared, &master, &inbound, gen).await {
                 Ok(session) => Ok((session, master)),
-                Err(e) => Err(endpoint.failure(master.key, &master.shown, &master.addr, &e)),
+                Err(e) => {
+                    endpoint.pass_over(&master);
+                    Err(endpoint.failure(master.key, &master.shown, &master.addr, &e))
+                }
             },
             Err(failure) => Err(failure),
         };
