@@ -473,3 +473,18 @@ async fn a_ca_file_with_a_broken_certificate_is_named_by_its_key() {
         check_config::connect(&tls_config(&tls, PASSWORD, Some(&broken))).await.map(|_| ()).unwrap_err();
     assert!(err.to_string().contains("bus.redis_tls_ca_file"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn check_config_refuses_the_ca_file_startup_refuses() {
+    let tls = TlsRedis::start();
+    let missing = tls.dir.path("no-such-ca.pem");
+    let config = tls_config(&tls, PASSWORD, Some(&missing));
+    let err = startup_error(config.clone()).await;
+    assert!(err.contains("bus.redis_tls_ca_file") && err.contains("no-such-ca.pem"), "{err}");
+    // `check-config` without `--connect` promises the same refusals as startup.
+    let err = check_config::check(&config).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("bus.redis_tls_ca_file") && err.contains("no-such-ca.pem"), "{err}");
+    assert!(!err.contains(PASSWORD), "{err}");
+    assert!(check_config::check(&tls_config(&tls, PASSWORD, Some(&tls.ca))).is_ok());
+}

@@ -1,5 +1,6 @@
 //! `herald check-config`: checks what `Config::load` cannot (the public key
-//! file parses) and renders the effective config as YAML with every secret
+//! file parses; the Redis URLs and the CA file are usable, as startup reads
+//! them) and renders the effective config as YAML with every secret
 //! masked, so it can be pasted into a bug report. With `--connect` it also
 //! reaches every configured Redis server (each sentinel and the master it
 //! names) and reports each.
@@ -29,6 +30,11 @@ pub enum CheckError {
 pub fn check(config: &Config) -> Result<String, CheckError> {
     if config.auth.jwt_public_key_file.is_some() {
         Verifier::from_config(&config.auth)?;
+    }
+    // What startup reads before it connects: every URL parses, the CA file holds trust anchors.
+    if config.bus.kind.is_redis() {
+        Endpoint::from_config(&config.bus)
+            .map_err(|e| CheckError::Redis { what: "bus".into(), message: e.to_string() })?;
     }
     // Rendered from the struct, not a map, so the keys keep the documented order.
     let yaml = serde_saphyr::to_string(&masked(config)).map_err(|e| CheckError::Render(e.to_string()))?;

@@ -25,6 +25,16 @@ impl BusKind {
     pub fn is_redis(self) -> bool {
         self != BusKind::Memory
     }
+
+    /// The kind as written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            BusKind::Memory => "memory",
+            BusKind::Redis => "redis",
+            BusKind::RedisCluster => "redis_cluster",
+            BusKind::RedisSentinel => "redis_sentinel",
+        }
+    }
 }
 
 /// Where the bus is. `Debug` masks every password (URLs carry them).
@@ -142,8 +152,44 @@ impl BusConfig {
                 }
             }
         }
-        if self.redis_tls_ca_file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
-            return Err(key_error("bus.redis_tls_ca_file", "is empty: name a PEM file or leave it unset"));
+        // Keys of another kind would be ignored: a node meant for Sentinel would run alone on
+        // the memory bus, or on whatever `bus.redis_url` says.
+        let sentinel_keys = !self.redis_sentinel_urls.is_empty() || !self.redis_sentinel_master.is_empty();
+        if self.kind != BusKind::RedisSentinel && sentinel_keys {
+            return Err(key_error(
+                "bus.kind",
+                format!(
+                    "is {} but bus.redis_sentinel_urls or bus.redis_sentinel_master is set: use kind \
+                     redis_sentinel or remove them",
+                    self.kind.name()
+                ),
+            ));
+        }
+        if let Some(path) = &self.redis_tls_ca_file {
+            if path.as_os_str().is_empty() {
+                return Err(key_error(
+                    "bus.redis_tls_ca_file",
+                    "is empty: name a PEM file or leave it unset",
+                ));
+            }
+            // A CA file next to a plain-text URL is ignored for it: the operator who set it
+            // expects TLS, and Redis (under Sentinel: a master named by that sentinel) would be
+            // reached in plain text.
+            let (key, urls): (&str, &[String]) = match self.kind {
+                BusKind::Redis => ("bus.redis_url", std::slice::from_ref(&self.redis_url)),
+                BusKind::RedisSentinel => ("bus.redis_sentinel_urls", &self.redis_sentinel_urls),
+                BusKind::Memory | BusKind::RedisCluster => ("", &[]),
+            };
+            if let Some(plain) = urls.iter().find(|u| !u.starts_with("rediss://")) {
+                return Err(key_error(
+                    "bus.redis_tls_ca_file",
+                    format!(
+                        "is set but {key} has `{}`, not rediss:// (TLS): the CA file would be ignored \
+                         and Redis reached in plain text",
+                        mask_url_password(plain)
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -187,16 +233,44 @@ mod tests {
         assert!(err.contains("bus.redis_sentinel_master"), "{err}");
         let env = [
             ("HERALD_BUS__KIND", "redis_sentinel"),
-            ("HERALD_BUS__REDIS_SENTINEL_URLS", "redis://a:26379, rediss://u:pw@b:26379"),
+            ("HERALD_BUS__REDIS_SENTINEL_URLS", "rediss://a:26379, rediss://u:pw@b:26379"),
             ("HERALD_BUS__REDIS_SENTINEL_MASTER", "herald"),
             ("HERALD_BUS__REDIS_TLS_CA_FILE", "/etc/herald/ca.pem"),
         ];
         let config = parse("", &env).expect("valid");
-        assert_eq!(config.bus.redis_sentinel_urls, ["redis://a:26379", "rediss://u:pw@b:26379"]);
+        assert_eq!(config.bus.redis_sentinel_urls, ["rediss://a:26379", "rediss://u:pw@b:26379"]);
         assert_eq!(config.bus.redis_sentinel_master, "herald");
         assert_eq!(config.bus.redis_tls_ca_file.as_deref(), Some(Path::new("/etc/herald/ca.pem")));
         let shown = format!("{config:?}");
         assert!(shown.contains("rediss://u:***@b:26379") && !shown.contains(":pw@"), "{shown}");
+    }
+
+    #[test]
+    fn keys_the_kind_would_ignore_are_refused() {
+        // A node meant for Sentinel whose kind was forgotten would run alone on the memory bus.
+        for kind in ["memory", "redis"] {
+            let env = [("HERALD_BUS__KIND", kind), ("HERALD_BUS__REDIS_SENTINEL_URLS", "redis://a:26379")];
+            let err = parse("", &env).unwrap_err();
+            assert!(err.contains("bus.kind") && err.contains("redis_sentinel"), "{kind}: {err}");
+        }
+        let err = parse("bus:\n  kind: redis\n  redis_sentinel_master: herald\n", &[]).unwrap_err();
+        assert!(err.contains("bus.kind"), "{err}");
+        // A CA file with a plain-text URL: no TLS, although the operator asked for it.
+        let err = parse(
+            "bus:\n  kind: redis\n  redis_url: redis://u:hunter2hunter2@h:6379\n  redis_tls_ca_file: ca.pem\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.contains("bus.redis_tls_ca_file") && err.contains("plain text"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let env = [
+            ("HERALD_BUS__KIND", "redis_sentinel"),
+            ("HERALD_BUS__REDIS_SENTINEL_URLS", "rediss://a:26379,redis://b:26379"),
+            ("HERALD_BUS__REDIS_SENTINEL_MASTER", "herald"),
+            ("HERALD_BUS__REDIS_TLS_CA_FILE", "ca.pem"),
+        ];
+        let err = parse("", &env).unwrap_err();
+        assert!(err.contains("bus.redis_tls_ca_file") && err.contains("redis://b:26379"), "{err}");
     }
 
     #[test]
