@@ -136,6 +136,13 @@ impl Proc {
         proc
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to the process: a server that hangs, then resumes.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().map(Child::id).expect("the process runs");
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{signal} {pid}");
+    }
+
     /// SIGKILL: a crash.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

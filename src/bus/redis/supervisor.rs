@@ -45,7 +45,7 @@ pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: 
             return;
         }
         let attempt = match endpoint.resolve(shared.options.connect_timeout).await {
-            Ok(master) => match open_session(&shared, &master, &inbound, gen).await {
+            Ok(master) => match open_session(&shared, &master, &inbound, gen, last_addr.as_deref()).await {
                 Ok(session) => Ok((session, master)),
                 Err(e) => {
                     endpoint.pass_over(&master);
@@ -118,6 +118,7 @@ async fn open_session(
     master: &Master,
     inbound: &mpsc::Sender<Inbound>,
     gen: u64,
+    last_addr: Option<&str>,
 ) -> Result<(MultiplexedConnection, Option<Instant>), redis::RedisError> {
     let push_tx = inbound.clone();
     let weak = Arc::downgrade(shared);
@@ -162,6 +163,15 @@ async fn open_session(
 
     for code in ALL {
         redis::cmd("SCRIPT").arg("LOAD").arg(code).query_async::<String>(&mut conn).await?;
+    }
+
+    // A promoted replica may lack the last writes of the master it replaces (replication is
+    // asynchronous): room counters behind seqs that clients already hold. A node that watched
+    // none of those rooms would publish under them again, and its events would reach the
+    // clients that hold those seqs as regressions, dropped. So a failover opens the settle
+    // window as a Redis restart does: no room event until every node had time to re-seed.
+    if master.check_role && last_addr.is_some_and(|last| last != master.addr) {
+        redis::cmd("DEL").arg(BOOT_KEY).query_async::<()>(&mut conn).await?;
     }
 
     // Re-seed every room this node knows before it publishes again (a restarted Redis starts empty).
