@@ -572,3 +572,31 @@ async fn endpoint_sessions(gw: &Gateway, endpoint: &str) -> f64 {
     let prefix = format!("herald_redis_endpoint_sessions_total{{endpoint=\"{endpoint}\"}} ");
     text.lines().find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok()).unwrap_or(0.0)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn check_config_connect_names_every_sentinel_that_never_answers() {
+    let group = SentinelGroup::start();
+    let stale = group.stale_sentinel();
+    let mut config = support::config();
+    let mut urls = group.sentinel_urls();
+    urls.push(format!("redis://127.0.0.1:{}", stale.port));
+    config.bus = BusConfig {
+        kind: BusKind::RedisSentinel,
+        redis_sentinel_urls: urls.clone(),
+        redis_sentinel_master: MASTER_NAME.into(),
+        ..BusConfig::default()
+    };
+    // Four sentinels that accept connections and never reply (hung, or a zone cut off behind
+    // a proxy): asked one after the other they outlast `--connect`'s deadline.
+    for s in group.sentinels.iter().chain([&stale]) {
+        s.signal("STOP");
+    }
+    let err = check_config::connect(&config).await.map(|_| ()).unwrap_err().to_string();
+    for url in &urls {
+        assert!(err.contains(&format!("FAILED bus.redis_sentinel_urls {url}")), "{url} not named:\n{err}");
+    }
+    for s in group.sentinels.iter().chain([&stale]) {
+        s.signal("CONT");
+    }
+}

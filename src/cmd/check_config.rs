@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use crate::auth::{KeyError, Verifier};
-use crate::bus::redis::endpoint::Endpoint;
+use crate::bus::redis::endpoint::{Endpoint, CHECK_ALL_STEPS};
 use crate::config::{mask_url_password, BusKind, Config};
 
 /// How long `--connect` waits for Redis to answer.
@@ -57,12 +57,14 @@ pub async fn connect(config: &Config) -> Result<String, CheckError> {
     }
     let endpoint = Endpoint::from_config(&config.bus)
         .map_err(|e| CheckError::Redis { what: "bus".into(), message: e.to_string() })?;
-    let checked = tokio::time::timeout(CONNECT_TIMEOUT * 4, endpoint.check_all(CONNECT_TIMEOUT))
-        .await
-        .map_err(|_| CheckError::Redis {
+    // A safety net: every step of `check_all` has its own deadline.
+    let limit = CONNECT_TIMEOUT * (CHECK_ALL_STEPS + 1);
+    let checked = tokio::time::timeout(limit, endpoint.check_all(CONNECT_TIMEOUT)).await.map_err(|_| {
+        CheckError::Redis {
             what: endpoint.describe(),
-            message: format!("no answer within {}", humantime::format_duration(CONNECT_TIMEOUT * 4)),
-        })?;
+            message: format!("no answer within {}", humantime::format_duration(limit)),
+        }
+    })?;
     let mut report = String::new();
     let mut failed = 0;
     for (what, result) in checked {

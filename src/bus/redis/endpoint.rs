@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use redis::{AsyncConnectionConfig, IntoConnectionInfo, ProtocolVersion, TlsCertificates};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -289,7 +290,8 @@ impl Endpoint {
     }
 
     /// Every server `herald check-config --connect` should reach, and whether each did: the
-    /// one server, or each sentinel and the master it names (PING; a master also `ROLE`).
+    /// one server, or each sentinel and the master it names (PING; a master also `ROLE`). Takes
+    /// at most [`CHECK_ALL_STEPS`] times `timeout`, however many servers there are.
     pub(crate) async fn check_all(&self, timeout: Duration) -> Vec<(String, Result<String, Failure>)> {
         let mut out = Vec::new();
         match &self.target {
@@ -301,9 +303,12 @@ impl Endpoint {
                 out.push((self.describe(), result));
             }
             Target::Sentinel { sentinels, master, .. } => {
+                // All at once: one by one, a few sentinels that never answer would outlast the
+                // caller's deadline and the report would name none of them.
+                let asked = join_all(sentinels.iter().map(|s| self.ask(s, master, timeout))).await;
                 let mut masters: Vec<Master> = Vec::new();
-                for sentinel in sentinels {
-                    let result = self.ask(sentinel, master, timeout).await.map(|m| {
+                for (sentinel, result) in sentinels.iter().zip(asked) {
+                    let result = result.map(|m| {
                         let said = format!("names {}", m.addr);
                         if !masters.iter().any(|known| known.addr == m.addr) {
                             masters.push(m);
@@ -312,8 +317,8 @@ impl Endpoint {
                     });
                     out.push((format!("sentinel {}", sentinel.shown), result));
                 }
-                for m in masters {
-                    let result = self.check_master(&m, timeout).await;
+                let checked = join_all(masters.iter().map(|m| self.check_master(m, timeout))).await;
+                for (m, result) in masters.iter().zip(checked) {
                     out.push((m.shown.clone(), result));
                 }
             }
@@ -345,6 +350,10 @@ impl Endpoint {
         Ok("answers PING".into())
     }
 }
+
+/// How many `timeout`s [`Endpoint::check_all`] may take: asking the sentinels (connect, reply),
+/// then checking the masters (connect, `PING`, `ROLE`), each step on every server at once.
+pub(crate) const CHECK_ALL_STEPS: u32 = 5;
 
 /// The server's replication role (`master`, `slave`, `sentinel`), from `ROLE`.
 pub(crate) async fn role(conn: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<String> {
