@@ -91,7 +91,14 @@ impl std::fmt::Debug for BusConfig {
 /// password written without percent-encoding may hold those, and where the URL's authority ends
 /// is then anyone's guess. Masking too much is harmless; showing such a password is not.
 pub fn mask_url_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        // No scheme: maybe the tail of a URL a comma in its password split (`HERALD_*` lists
+        // are comma-separated): `b@host` still ends with a password.
+        return match url.rfind('@') {
+            Some(at) => format!("***{}", &url[at..]),
+            None => url.to_string(),
+        };
+    };
     let Some(at) = rest.rfind('@') else { return url.to_string() };
     match rest[..at].split_once(':') {
         Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
@@ -105,7 +112,13 @@ pub fn mask_url_password(url: &str) -> String {
 fn check_redis_url(key: &str, url: &str) -> Result<(), ConfigError> {
     let shown = mask_url_password(url);
     let Some(rest) = url.strip_prefix("redis://").or_else(|| url.strip_prefix("rediss://")) else {
-        return Err(key_error(key, format!("`{shown}` must be a redis:// or rediss:// (TLS) URL")));
+        return Err(key_error(
+            key,
+            format!(
+                "`{shown}` must be a redis:// or rediss:// (TLS) URL (a `,` in a password splits a \
+                 list: write it %2C)"
+            ),
+        ));
     };
     if url.contains('#') {
         return Err(key_error(
@@ -271,6 +284,18 @@ mod tests {
         ];
         let err = parse("", &env).unwrap_err();
         assert!(err.contains("bus.redis_tls_ca_file") && err.contains("redis://b:26379"), "{err}");
+    }
+
+    #[test]
+    fn a_password_a_comma_splits_is_not_shown() {
+        let env = [
+            ("HERALD_BUS__KIND", "redis_sentinel"),
+            ("HERALD_BUS__REDIS_SENTINEL_URLS", "redis://herald:hunter2,hunter3hunter3@s1:26379"),
+            ("HERALD_BUS__REDIS_SENTINEL_MASTER", "herald"),
+        ];
+        let err = parse("", &env).unwrap_err();
+        assert!(err.contains("bus.redis_sentinel_urls") && err.contains("%2C"), "{err}");
+        assert!(!err.contains("hunter3") && !err.contains("hunter2"), "password in the error: {err}");
     }
 
     #[test]
