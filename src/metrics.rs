@@ -66,6 +66,8 @@ pub struct Metrics {
     pub pongs_dropped: AtomicU64,
     /// Publishes refused with 429 because the node was overloaded.
     pub publish_overloaded: AtomicU64,
+    /// Of those, the ones refused for another node's readers (shared pressure).
+    pub publish_overloaded_remote: AtomicU64,
     /// The median delivery lag of the last window (ms, lower bound of its bucket).
     pub lag_median_ms: AtomicU64,
     pub client_errors: [AtomicU64; ErrorCode::ALL.len()],
@@ -200,6 +202,12 @@ impl Metrics {
             "counter",
             "Publish requests answered 429: the node could not fan out as fast as events arrived.",
             get(&self.publish_overloaded),
+        );
+        one(
+            "publish_overloaded_remote_total",
+            "counter",
+            "Of the publishes answered 429, those refused for rooms another node reported overloaded.",
+            get(&self.publish_overloaded_remote),
         );
         one(
             "delivery_lag_median_ms",

@@ -15,11 +15,11 @@ use crate::bans::Bans;
 use crate::broadcast::Broadcaster;
 use crate::bus::memory::MemoryBus;
 use crate::bus::redis::{RedisBus, RedisOptions};
-use crate::bus::{Bus, BusError, Deliver};
+use crate::bus::{Bus, BusError, Deliver, Hot};
 use crate::config::{BusKind, Config, WebSocketConfig};
 use crate::membership;
 use crate::metrics::Metrics;
-use crate::protocol::event::Passthrough;
+use crate::protocol::event::{DomainEvent, Passthrough};
 use crate::protocol::{server, ChatId};
 use crate::rooms::{HistoryLimits, Room, Rooms};
 use crate::striped::Striped;
@@ -174,26 +174,38 @@ pub struct Overloaded;
 impl Node {
     /// Admission control for publishers: while the node owes its readers
     /// more frames than they can catch up with (the backlog, checked on every
-    /// publish), a publish waits a moment for it to shrink, then is refused.
-    /// One slow reader never triggers it (it is one reader among many, and
-    /// the backlog has a floor); the whole node running behind does.
-    pub async fn admit(&self) -> Result<(), Overloaded> {
+    /// publish), or another node reports one of the batch's rooms overloaded
+    /// (its readers, fed through the bus, would fall behind the same way), a
+    /// publish waits a moment for that to pass, then is refused. One slow
+    /// reader never triggers it (it is one reader among many, and the backlog
+    /// has a floor); the whole node running behind does.
+    pub async fn admit(&self, events: &[DomainEvent]) -> Result<(), Overloaded> {
         let backlog = self.rooms.backlog();
-        if !backlog.over() {
+        let pressed = || {
+            let Some(pressure) = self.bus.pressure() else { return false };
+            events.iter().any(|e| e.chat_id.is_some_and(|chat| pressure.pressed(chat)))
+        };
+        if !backlog.over() && !pressed() {
             return Ok(());
         }
         let deadline = tokio::time::Instant::now() + ADMIT_WAIT;
         let mut gap = ADMIT_POLL_FIRST;
-        while backlog.over() {
+        loop {
+            let local = backlog.over();
+            if !local && !pressed() {
+                return Ok(());
+            }
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 self.metrics.publish_overloaded.fetch_add(1, Ordering::Relaxed);
+                if !local {
+                    self.metrics.publish_overloaded_remote.fetch_add(1, Ordering::Relaxed);
+                }
                 return Err(Overloaded);
             }
             tokio::time::sleep_until((now + gap).min(deadline)).await;
             gap = (gap * 2).min(ADMIT_POLL_MAX);
         }
-        Ok(())
     }
 }
 
@@ -276,6 +288,7 @@ pub async fn sense_load(node: Arc<Node>, stop: CancellationToken) {
     let mut last = node.metrics.frames_out.get();
     let mut lag_before = node.lag.snapshot();
     let mut overloaded = false;
+    let mut reported = false;
     let mut tick = tokio::time::interval(LOAD_SAMPLE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for n in 0u64.. {
@@ -296,6 +309,17 @@ pub async fn sense_load(node: Arc<Node>, stop: CancellationToken) {
                 "delivery load changed"
             );
         }
+        if let Some(pressure) = node.bus.pressure() {
+            // The other nodes hear of it a few dozen ms later (`bus::redis::pressure`).
+            if overloaded && n % PRESSURE_TICKS == 0 {
+                let hot = node.rooms.hot(Hot::MAX_ROOMS);
+                pressure.report(Hot { all: hot.is_none(), rooms: hot.unwrap_or_default() });
+                reported = true;
+            } else if !overloaded && reported {
+                pressure.report(Hot::default());
+                reported = false;
+            }
+        }
         if n % LAG_WINDOW_TICKS == 0 {
             let lag_now = node.lag.snapshot();
             let median = median_bucket(&lag_before, &lag_now);
@@ -304,6 +328,9 @@ pub async fn sense_load(node: Arc<Node>, stop: CancellationToken) {
         }
     }
 }
+
+/// Load-sensor ticks between reports of an overloaded node's hot rooms to the bus (20 ms).
+const PRESSURE_TICKS: u64 = 2;
 
 /// Load-sensor ticks per lag window (50 ms).
 const LAG_WINDOW_TICKS: u64 = 5;
@@ -391,9 +418,9 @@ mod tests {
         for _ in 0..1_000 {
             backlog.joined(0);
         }
-        assert!(node.admit().await.is_ok());
+        assert!(node.admit(&[]).await.is_ok());
         backlog.add(backlog.limit() + 1);
-        assert!(node.admit().await.is_err(), "over the limit for the whole wait");
+        assert!(node.admit(&[]).await.is_err(), "over the limit for the whole wait");
         assert_eq!(node.metrics.publish_overloaded.load(Ordering::Relaxed), 1);
         let payer = node.clone();
         let pays = tokio::spawn(async move {
@@ -401,7 +428,7 @@ mod tests {
             payer.rooms.backlog().pay(2);
         });
         let started = tokio::time::Instant::now();
-        assert!(node.admit().await.is_ok(), "admitted once readers caught up");
+        assert!(node.admit(&[]).await.is_ok(), "admitted once readers caught up");
         let waited = started.elapsed();
         assert!(waited >= ADMIT_WAIT / 2 && waited <= ADMIT_WAIT / 2 + ADMIT_POLL_MAX, "{waited:?}");
         pays.await?;

@@ -87,7 +87,7 @@ pub(super) async fn publish(app: &App, req: Request<Incoming>) -> Result<Respons
     if accepted > 0 {
         // Push back before accepting: none of the batch is taken (contract
         // section 5), so the publisher retries it whole.
-        app.node.admit().await.map_err(|_| HttpError::Overloaded)?;
+        app.node.admit(&events).await.map_err(|_| HttpError::Overloaded)?;
         if let Err(e) = app.node.bus.publish(events).await {
             metrics.publish_unavailable.fetch_add(1, Ordering::Relaxed);
             return Err(HttpError::Unavailable(e.to_string()));

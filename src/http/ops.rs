@@ -61,6 +61,10 @@ pub(super) fn metrics(app: &App) -> Response<Body> {
         let _ =
             writeln!(text, "# HELP herald_{name} {help}\n# TYPE herald_{name} {kind}\nherald_{name} {value}");
     }
+    for (name, kind, help, value) in node.bus.pressure().map(|p| p.metrics()).unwrap_or_default() {
+        let _ =
+            writeln!(text, "# HELP herald_{name} {help}\n# TYPE herald_{name} {kind}\nherald_{name} {value}");
+    }
     for (name, help, value) in node.bus.counters() {
         let _ = writeln!(
             text,
