@@ -228,6 +228,24 @@ fn counters(c: &mut Criterion) {
         backlog.joined(3);
     }
     c.bench_function("admission_check", |b| b.iter(|| black_box(backlog.over())));
+    // What each connection wake pays for the latency figures: the lag sample
+    // (load sensor) and `herald_delivery_latency_seconds`; then the histogram alone.
+    let lag = herald::node::Lag::default();
+    let ages = [Duration::from_micros(300), Duration::from_millis(7), Duration::from_millis(180)];
+    let mut i = 0;
+    c.bench_function("lag_record_with_histogram", |b| {
+        b.iter(|| {
+            i = (i + 1) % ages.len();
+            lag.record(black_box(ages[i]))
+        })
+    });
+    let histogram = herald::striped::Histogram::default();
+    c.bench_function("histogram_observe", |b| {
+        b.iter(|| {
+            i = (i + 1) % ages.len();
+            histogram.observe(black_box(ages[i]))
+        })
+    });
 }
 
 fn parse(c: &mut Criterion) {

@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::protocol::event::{DomainEvent, Passthrough};
 use crate::protocol::{server, ChatId};
 use crate::rooms::{HistoryLimits, Room, Rooms};
-use crate::striped::Striped;
+use crate::striped::{Histogram, Striped};
 use crate::users::Users;
 
 /// Room frames one connection holds queued at most: past it, it stops taking
@@ -133,11 +133,16 @@ const ADMIT_WAIT: Duration = Duration::from_millis(250);
 const ADMIT_POLL_FIRST: Duration = Duration::from_millis(1);
 const ADMIT_POLL_MAX: Duration = Duration::from_millis(8);
 
-/// Delivery lag histogram, in log2 milliseconds: cheap enough to feed once
-/// per connection wake (striped, so workers never share a line).
+/// Delivery lag, fed once per connection wake with the age of the oldest
+/// frame it took for its socket (from the event reaching this node's rooms
+/// to its connection writing it): log2 milliseconds for the load sensor's
+/// median, and the operators' histogram. Cheap enough for every wake
+/// (striped, so workers never share a line).
 #[derive(Default)]
 pub struct Lag {
     buckets: [Striped; LAG_BUCKETS],
+    /// `herald_delivery_latency_seconds`, shared with [`Metrics`] (which renders it).
+    latency: Arc<Histogram>,
 }
 
 impl Lag {
@@ -145,6 +150,7 @@ impl Lag {
         let ms = u64::try_from(lag.as_millis()).unwrap_or(u64::MAX);
         let bucket = (u64::BITS - ms.leading_zeros()) as usize;
         self.buckets[bucket.min(LAG_BUCKETS - 1)].add(1);
+        self.latency.observe(lag);
     }
 
     fn snapshot(&self) -> [u64; LAG_BUCKETS] {
@@ -214,6 +220,7 @@ impl Node {
     /// Connecting to Redis is the only step that can fail.
     pub async fn build(config: &Config) -> Result<Node, BusError> {
         let metrics = Arc::new(Metrics::default());
+        let lag = Lag { latency: metrics.delivery_latency.clone(), ..Lag::default() };
         let limits = HistoryLimits::from(&config.rooms);
         // The backlog's floor counts the connections' write-queue bound,
         // which the rooms know nothing of.
@@ -255,7 +262,7 @@ impl Node {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             busy: AtomicBool::new(false),
-            lag: Lag::default(),
+            lag,
             alarms: Alarms::start(),
             token_leeway: config.auth.leeway,
             recovering: (0..RECOVERY_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),

@@ -49,7 +49,15 @@ pub(super) fn info(app: &App, req: &Request<Incoming>) -> Result<Response<Body>,
     ))
 }
 
+/// `POST /api/events`, timed into `herald_publish_duration_seconds` whatever its answer.
 pub(super) async fn publish(app: &App, req: Request<Incoming>) -> Result<Response<Body>, HttpError> {
+    let started = std::time::Instant::now();
+    let answer = publish_events(app, req).await;
+    app.node.metrics.publish_duration.observe(started.elapsed());
+    answer
+}
+
+async fn publish_events(app: &App, req: Request<Incoming>) -> Result<Response<Body>, HttpError> {
     let metrics = &app.node.metrics;
     let reject = |e: HttpError| {
         metrics.publish_rejected.fetch_add(1, Ordering::Relaxed);
