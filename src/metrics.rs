@@ -27,6 +27,8 @@ pub struct Gauges {
     /// publishers are pushed back.
     pub backlog: i64,
     pub backlog_limit: i64,
+    /// Publishes pushed back for delivery latency (`api.overload_latency`).
+    pub late: bool,
     /// Connection deadlines armed in the node's alarms.
     pub alarms: usize,
     /// This process's facts (`None` where `/proc` is not available).
@@ -139,6 +141,12 @@ impl Metrics {
             "gauge",
             "Backlog above which publishes wait, then get 429.",
             gauges.backlog_limit.max(0) as u64,
+        );
+        one(
+            "delivery_late",
+            "gauge",
+            "1 while most connections take frames older than api.overload_latency (publishes wait, then get 429).",
+            u64::from(gauges.late),
         );
         one(
             "alarms",

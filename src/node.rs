@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::protocol::event::{DomainEvent, Passthrough};
 use crate::protocol::{server, ChatId};
 use crate::rooms::{HistoryLimits, Room, Rooms};
-use crate::striped::{Histogram, Striped};
+use crate::striped::{Buckets, Histogram, Striped};
 use crate::users::Users;
 
 /// Room frames one connection holds queued at most: past it, it stops taking
@@ -54,6 +54,12 @@ pub struct Node {
     /// How far behind connections run: the age of the oldest frame each
     /// took, sampled once per wake (a gauge for operators).
     pub lag: Lag,
+    /// Set by [`sense_load`] while most connections have taken frames older
+    /// than `api.overload_latency` for a whole [`LATE_INTERVAL`]: publishes
+    /// are then pushed back as under a backlog overload.
+    pub late: AtomicBool,
+    /// `api.overload_latency`.
+    pub overload_latency: Duration,
     /// Connection deadlines (pings, silence, expiry, stalled writes).
     pub alarms: Arc<Alarms>,
     /// `auth.leeway`: a connection lives until its token's `exp` plus this,
@@ -180,7 +186,10 @@ pub struct Overloaded;
 impl Node {
     /// Admission control for publishers: while the node owes its readers
     /// more frames than they can catch up with (the backlog, checked on every
-    /// publish), or another node reports one of the batch's rooms overloaded
+    /// publish), or delivers late (most wakes took frames older than
+    /// `api.overload_latency` for a whole interval: a standing queue, in
+    /// CoDel's terms, bounds the time an event waits, not only the frames),
+    /// or another node reports one of the batch's rooms overloaded
     /// (its readers, fed through the bus, would fall behind the same way), a
     /// publish waits a moment for that to pass, then is refused. One slow
     /// reader never triggers it (it is one reader among many, and the backlog
@@ -191,13 +200,14 @@ impl Node {
             let Some(pressure) = self.bus.pressure() else { return false };
             events.iter().any(|e| e.chat_id.is_some_and(|chat| pressure.pressed(chat)))
         };
-        if !backlog.over() && !pressed() {
+        let over = || backlog.over() || self.late.load(Ordering::Relaxed);
+        if !over() && !pressed() {
             return Ok(());
         }
         let deadline = tokio::time::Instant::now() + ADMIT_WAIT;
         let mut gap = ADMIT_POLL_FIRST;
         loop {
-            let local = backlog.over();
+            let local = over();
             if !local && !pressed() {
                 return Ok(());
             }
@@ -263,6 +273,8 @@ impl Node {
             tasks: TaskTracker::new(),
             busy: AtomicBool::new(false),
             lag,
+            late: AtomicBool::new(false),
+            overload_latency: config.api.overload_latency,
             alarms: Alarms::start(),
             token_leeway: config.auth.leeway,
             recovering: (0..RECOVERY_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
@@ -296,6 +308,8 @@ pub async fn sense_load(node: Arc<Node>, stop: CancellationToken) {
     let mut lag_before = node.lag.snapshot();
     let mut overloaded = false;
     let mut reported = false;
+    let mut latency_before: Buckets = node.lag.latency.counts();
+    let mut late_windows = 0u32;
     let mut tick = tokio::time::interval(LOAD_SAMPLE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for n in 0u64.. {
@@ -306,11 +320,23 @@ pub async fn sense_load(node: Arc<Node>, stop: CancellationToken) {
         let now = node.metrics.frames_out.get();
         node.busy.store(now.wrapping_sub(last) > threshold, Ordering::Relaxed);
         last = now;
+        if n % LAG_WINDOW_TICKS == 0 {
+            // CoDel-style: late once most wakes of every window for a whole
+            // interval took frames older than the target; on time again as
+            // soon as one window is (or too few wakes to judge: little load).
+            let now = node.lag.latency.counts();
+            let (all, within) = Histogram::within(&latency_before, &now, node.overload_latency);
+            latency_before = now;
+            late_windows = if all >= MIN_SAMPLES && within * 2 < all { late_windows + 1 } else { 0 };
+            node.late.store(late_windows >= LATE_WINDOWS, Ordering::Relaxed);
+        }
         let backlog = node.rooms.backlog();
-        if backlog.over() != overloaded {
+        let late = node.late.load(Ordering::Relaxed);
+        if (backlog.over() || late) != overloaded {
             overloaded = !overloaded;
             tracing::info!(
                 overloaded,
+                late,
                 backlog = backlog.owed(),
                 limit = backlog.limit(),
                 "delivery load changed"
@@ -341,6 +367,11 @@ const PRESSURE_TICKS: u64 = 2;
 
 /// Load-sensor ticks per lag window (50 ms).
 const LAG_WINDOW_TICKS: u64 = 5;
+/// How long most wakes must take late frames before publishes are pushed
+/// back (CoDel's interval), and the same in lag windows.
+pub const LATE_INTERVAL: Duration = Duration::from_millis(100);
+const LATE_WINDOWS: u32 =
+    (LATE_INTERVAL.as_millis() / (LOAD_SAMPLE.as_millis() * LAG_WINDOW_TICKS as u128)) as u32;
 
 /// Drops history older than `rooms.history_ttl`, keeps the node-wide byte
 /// budget fair across rooms, removes rooms left with neither history nor
@@ -387,6 +418,56 @@ mod tests {
             tokio::time::sleep(LOAD_SAMPLE).await;
         }
         assert!(!node.busy.load(Ordering::Relaxed), "slow writing clears it");
+        stop.cancel();
+        sensor.await?;
+        Ok(())
+    }
+
+    /// CoDel-style admission: publishes are pushed back once most wakes took
+    /// frames older than `api.overload_latency` for a whole interval, not for
+    /// one late window, and admitted again once a window is on time.
+    #[tokio::test(start_paused = true)]
+    async fn a_node_delivering_late_for_a_whole_interval_pushes_back() -> TestResult {
+        let mut config = Config::default();
+        config.api.overload_latency = Duration::from_millis(50);
+        let node = Arc::new(Node::build(&config).await?);
+        let stop = CancellationToken::new();
+        let sensor = tokio::spawn(sense_load(node.clone(), stop.clone()));
+        let window = LOAD_SAMPLE * LAG_WINDOW_TICKS as u32;
+        let feed = |ms: u64, n: usize| (0..n).for_each(|_| node.lag.record(Duration::from_millis(ms)));
+        tokio::time::sleep(window / 2).await;
+        // One late window, then one on time: a burst, not a standing queue.
+        feed(80, 40);
+        tokio::time::sleep(window).await;
+        feed(80, 10);
+        feed(20, 30);
+        tokio::time::sleep(window).await;
+        assert!(!node.late.load(Ordering::Relaxed));
+        assert!(node.admit(&[]).await.is_ok());
+        // Late for a whole interval (a minority on time does not help).
+        for _ in 0..LATE_WINDOWS {
+            feed(80, 30);
+            feed(20, 10);
+            tokio::time::sleep(window).await;
+        }
+        assert!(node.late.load(Ordering::Relaxed), "standing late for {LATE_INTERVAL:?}");
+        let (late, stay) = (node.clone(), CancellationToken::new());
+        let staying = stay.clone();
+        let feeder = tokio::spawn(async move {
+            while !staying.is_cancelled() {
+                (0..40).for_each(|_| late.lag.record(Duration::from_millis(80)));
+                tokio::time::sleep(window).await;
+            }
+        });
+        assert!(node.admit(&[]).await.is_err(), "pushed back while it stays late");
+        assert_eq!(node.metrics.publish_overloaded.load(Ordering::Relaxed), 1);
+        stay.cancel();
+        feeder.await?;
+        // On time again: admitted within a window.
+        feed(20, 40);
+        tokio::time::sleep(window).await;
+        assert!(!node.late.load(Ordering::Relaxed));
+        assert!(node.admit(&[]).await.is_ok());
         stop.cancel();
         sensor.await?;
         Ok(())

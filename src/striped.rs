@@ -63,6 +63,9 @@ struct Shard {
     sum_us: AtomicU64,
 }
 
+/// A histogram's per-bucket counts (the last is `+Inf`).
+pub type Buckets = [u64; BOUNDS_US.len() + 1];
+
 /// A Prometheus histogram of durations, striped per thread like [`Striped`]:
 /// an observation is two relaxed adds to the observing thread's own line.
 #[derive(Default)]
@@ -78,9 +81,32 @@ impl Histogram {
         shard.sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
+    /// Per-bucket counts now (not cumulative; the last is `+Inf`).
+    pub fn counts(&self) -> Buckets {
+        self.totals().0
+    }
+
+    /// Of the observations between two [`Histogram::counts`], how many
+    /// there were and how many were at most `limit` (in buckets whose upper
+    /// bound is at most `limit`: one inside a bucket that straddles it
+    /// counts as over).
+    pub fn within(before: &Buckets, now: &Buckets, limit: Duration) -> (u64, u64) {
+        let limit_us = u64::try_from(limit.as_micros()).unwrap_or(u64::MAX);
+        let mut all = 0u64;
+        let mut within = 0u64;
+        for (i, (n, b)) in now.iter().zip(before).enumerate() {
+            let count = n.wrapping_sub(*b);
+            all = all.wrapping_add(count);
+            if BOUNDS_US.get(i).is_some_and(|bound| *bound <= limit_us) {
+                within = within.wrapping_add(count);
+            }
+        }
+        (all, within)
+    }
+
     /// Per-bucket counts (not cumulative; the last is `+Inf`) and the sum in
     /// microseconds, summed over the stripes.
-    fn totals(&self) -> ([u64; BOUNDS_US.len() + 1], u64) {
+    fn totals(&self) -> (Buckets, u64) {
         let mut buckets = [0u64; BOUNDS_US.len() + 1];
         let mut sum = 0u64;
         for shard in &self.0 {
@@ -168,5 +194,15 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} not in:\n{text}");
         }
+        let before = h.counts();
+        for ms in [1, 5, 9, 11, 200] {
+            h.observe(Duration::from_millis(ms));
+        }
+        assert_eq!(Histogram::within(&before, &h.counts(), Duration::from_millis(10)), (5, 3));
+        assert_eq!(
+            Histogram::within(&before, &h.counts(), Duration::from_millis(7)),
+            (5, 2),
+            "5..10 ms is over 7"
+        );
     }
 }

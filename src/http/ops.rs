@@ -49,6 +49,7 @@ pub(super) fn metrics(app: &App) -> Response<Body> {
         members: node.membership.len(),
         backlog: node.rooms.backlog().owed(),
         backlog_limit: node.rooms.backlog().limit(),
+        late: node.late.load(std::sync::atomic::Ordering::Relaxed),
         alarms: node.alarms.pending(),
         process: crate::process::read(),
     };
