@@ -269,6 +269,32 @@ fn parse(c: &mut Criterion) {
         })
     });
     group.finish();
+
+    // A large publish batch (100 events of ~200 bytes, ~24 KB): the full
+    // ingress parse (serde_json: validation and `data` kept as raw JSON)
+    // against simd-json's best case, a bare DOM of the same body with no
+    // validation and no event built (it cannot keep `data` as serde_json's
+    // `RawValue`, so using it would add a re-serialization on top).
+    let events: Vec<serde_json::Value> = (0..100)
+        .map(|i| {
+            serde_json::json!({"type":"message.sent","chat_id":ChatId::from_u128(i % 10),
+                "data":{"id":i,"author":"user-1234","content":"x".repeat(120),"tags":["a","b"]}})
+        })
+        .collect();
+    let body = serde_json::to_vec(&events).unwrap();
+    let mut group = c.benchmark_group("parse_batch_100");
+    group.throughput(Throughput::Bytes(body.len() as u64));
+    group.bench_function("serde_json_parse_batch", |b| {
+        b.iter(|| black_box(herald::protocol::event::parse_batch(black_box(&body))).map(|v| v.len()))
+    });
+    group.bench_function("simd_json_dom_only", |b| {
+        let mut scratch = body.clone();
+        b.iter(|| {
+            scratch.copy_from_slice(&body);
+            black_box(simd_json::to_borrowed_value(&mut scratch).is_ok())
+        })
+    });
+    group.finish();
 }
 
 fn jwt(c: &mut Criterion) {

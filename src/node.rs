@@ -57,7 +57,7 @@ pub struct Node {
     /// Set by [`sense_load`] while most connections have taken frames older
     /// than `api.overload_latency` for a whole [`LATE_INTERVAL`]: publishes
     /// are then pushed back as under a backlog overload.
-    pub late: AtomicBool,
+    pub late: Arc<AtomicBool>,
     /// `api.overload_latency`.
     pub overload_latency: Duration,
     /// Connection deadlines (pings, silence, expiry, stalled writes).
@@ -231,6 +231,7 @@ impl Node {
     pub async fn build(config: &Config) -> Result<Node, BusError> {
         let metrics = Arc::new(Metrics::default());
         let lag = Lag { latency: metrics.delivery_latency.clone(), ..Lag::default() };
+        let late = Arc::new(AtomicBool::new(false));
         let limits = HistoryLimits::from(&config.rooms);
         // The backlog's floor counts the connections' write-queue bound,
         // which the rooms know nothing of.
@@ -260,6 +261,10 @@ impl Node {
                 Arc::new(RedisBus::connect_with(&config.bus, sink, options).await?)
             }
         };
+        if let Some(pressure) = bus.pressure() {
+            let (rooms, late, warned) = (rooms.clone(), late.clone(), AtomicBool::new(false));
+            pressure.source(Box::new(move || hot(&rooms, &late, &warned)));
+        }
         Ok(Node {
             rooms,
             users,
@@ -273,7 +278,7 @@ impl Node {
             tasks: TaskTracker::new(),
             busy: AtomicBool::new(false),
             lag,
-            late: AtomicBool::new(false),
+            late,
             overload_latency: config.api.overload_latency,
             alarms: Alarms::start(),
             token_leeway: config.auth.leeway,
@@ -287,6 +292,23 @@ impl Node {
             reject_unknown: config.api.reject_unknown,
         })
     }
+}
+
+/// This node's overload as the other nodes hear of it (Redis bus): the rooms
+/// whose readers it owes frames, from half its backlog limit (they hear tens
+/// of ms late) down to a quarter (`warned` holds which side it is on: a word
+/// that flickers lets a flood through each time it lapses), or while it
+/// delivers late.
+fn hot(rooms: &Rooms, late: &AtomicBool, warned: &AtomicBool) -> Hot {
+    let backlog = rooms.backlog();
+    let owed = backlog.owed();
+    let warn = if warned.load(Ordering::Relaxed) { owed > backlog.limit() / 4 } else { backlog.near() };
+    warned.store(warn, Ordering::Relaxed);
+    if !warn && !late.load(Ordering::Relaxed) {
+        return Hot::default();
+    }
+    let hot = rooms.hot(Hot::MAX_ROOMS);
+    Hot { all: hot.is_none(), rooms: hot.unwrap_or_default() }
 }
 
 /// Frames written per second above which the node counts as busy.
@@ -307,7 +329,6 @@ pub async fn sense_load(node: Arc<Node>, stop: CancellationToken) {
     let mut last = node.metrics.frames_out.get();
     let mut lag_before = node.lag.snapshot();
     let mut overloaded = false;
-    let mut reported = false;
     let mut latency_before: Buckets = node.lag.latency.counts();
     let mut late_windows = 0u32;
     let mut tick = tokio::time::interval(LOAD_SAMPLE);
@@ -342,17 +363,6 @@ pub async fn sense_load(node: Arc<Node>, stop: CancellationToken) {
                 "delivery load changed"
             );
         }
-        if let Some(pressure) = node.bus.pressure() {
-            // The other nodes hear of it a few dozen ms later (`bus::redis::pressure`).
-            if overloaded && n % PRESSURE_TICKS == 0 {
-                let hot = node.rooms.hot(Hot::MAX_ROOMS);
-                pressure.report(Hot { all: hot.is_none(), rooms: hot.unwrap_or_default() });
-                reported = true;
-            } else if !overloaded && reported {
-                pressure.report(Hot::default());
-                reported = false;
-            }
-        }
         if n % LAG_WINDOW_TICKS == 0 {
             let lag_now = node.lag.snapshot();
             let median = median_bucket(&lag_before, &lag_now);
@@ -361,9 +371,6 @@ pub async fn sense_load(node: Arc<Node>, stop: CancellationToken) {
         }
     }
 }
-
-/// Load-sensor ticks between reports of an overloaded node's hot rooms to the bus (20 ms).
-const PRESSURE_TICKS: u64 = 2;
 
 /// Load-sensor ticks per lag window (50 ms).
 const LAG_WINDOW_TICKS: u64 = 5;

@@ -220,8 +220,10 @@ impl Hot {
 /// bus cannot push back on publishers connected to another node, so it
 /// reports its hot rooms here and every ingress asks before it accepts.
 pub trait Pressure: Send + Sync {
-    /// This node's overload now (the latest report wins; an empty one ends it).
-    fn report(&self, hot: Hot);
+    /// How to read this node's overload: the bus calls `hot` every few ms on
+    /// a thread of its own, so a node too busy to run its own tasks on time
+    /// still warns the others on time. Cheap while the node is not overloaded.
+    fn source(&self, hot: Box<dyn Fn() -> Hot + Send + Sync>);
 
     /// True while another node reports `chat` hot: its publishers are pushed
     /// back here as if this node were overloaded. Lapses on its own within a

@@ -226,8 +226,8 @@ pub struct RedisBus {
     shared: Arc<Shared>,
     /// The publisher task holds the receiver; a closed queue means the task is gone.
     publish_tx: mpsc::Sender<PublishReq>,
-    /// The delivery, publisher, supervisor and pressure tasks (aborted when the handle is dropped),
-    /// and the overload shared with other nodes that the pressure task syncs with Redis.
+    /// The delivery, publisher and supervisor tasks (aborted when the handle is dropped), and the
+    /// overload shared with other nodes, synced by a thread that ends when this is dropped.
     tasks: Vec<JoinHandle<()>>,
     pressure: Arc<pressure::Signals>,
 }
@@ -258,9 +258,8 @@ impl RedisBus {
         let (shared, mut phase_rx) = Shared::new(sink, options);
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
-        let pressure = pressure::Signals::new();
+        let pressure = pressure::start(&client, inbound_tx.downgrade());
         let tasks = vec![
-            tokio::spawn(pressure::sync_task(shared.clone(), pressure.clone(), inbound_tx.downgrade())),
             tokio::spawn(delivery::deliver_task(shared.clone(), inbound_rx)),
             tokio::spawn(publisher::publisher_task(shared.clone(), publish_rx)),
             tokio::spawn(supervisor::supervise(shared.clone(), client, inbound_tx, target.clone())),

@@ -11,6 +11,11 @@
 //! node is not overloaded) and returns the other nodes' fields that are still live by Redis's own
 //! clock, so the nodes' clocks need not agree.
 //!
+//! The sync runs on a thread of its own with its own (blocking) connection, not as a task: an
+//! overloaded node's runtime runs its tasks late, exactly when the word must go out at once
+//! (measured: a task-driven sync let two nodes' readers all fall past history before the word
+//! crossed). The thread ends with the bus (it holds only a weak pointer to the signals).
+//!
 //! # Bounds (a remote signal is external data)
 //!
 //! - The script deletes a field that expired, that claims to live longer than [`MAX_TTL`], that
@@ -27,13 +32,13 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use super::delivery::Inbound;
-use super::{Shared, INBOUND_CAPACITY};
+use super::INBOUND_CAPACITY;
 use crate::bus::{Hot, Pressure};
 use crate::protocol::ChatId;
 use crate::sync::lock;
@@ -42,7 +47,9 @@ use crate::sync::lock;
 pub(super) const PRESSURE_KEY: &str = "herald:{pressure}";
 /// How often a node writes its word and reads the others': the delay a remote overload takes to
 /// reach publishers, about twice this (one write, one read).
-const SYNC_EVERY: Duration = Duration::from_millis(20);
+const SYNC_EVERY: Duration = Duration::from_millis(10);
+/// How long the sync waits before connecting again after a failure.
+const RECONNECT_AFTER: Duration = Duration::from_millis(500);
 /// How long a node's word lives in Redis unless refreshed (many syncs, so a busy node that misses
 /// a few still counts as overloaded).
 const TTL: Duration = Duration::from_millis(500);
@@ -56,8 +63,9 @@ const MAX_ROOMS: usize = Hot::MAX_ROOMS;
 const MAX_FIELD: usize = 16 * 1024;
 /// Other nodes' fields read at most.
 const MAX_NODES: usize = 64;
-/// Pushes waiting for this node's delivery task above which it names every room.
-const INBOUND_HOT: usize = INBOUND_CAPACITY / 8;
+/// Pushes waiting for this node's delivery task above which it names every room: events already
+/// accepted that its backlog does not count yet (a few hundred ms of a busy room's events).
+const INBOUND_HOT: usize = INBOUND_CAPACITY / 128;
 
 /// Writes this node's word (ARGV[6], empty: none) and returns the other nodes' live payloads.
 /// ARGV: node id, ttl ms, max ttl ms, max field bytes, max fields returned, payload.
@@ -99,13 +107,13 @@ struct Others {
     until: Option<Instant>,
 }
 
-/// This node's side of the shared pressure: what it reports, what the others ask. Shared by the
-/// bus handle (the node reports and asks through [`Pressure`]) and the sync task.
+/// This node's side of the shared pressure: how to read its own, what the others ask. Held by the
+/// bus handle (the node asks through [`Pressure`]); the sync thread holds a weak pointer.
 pub(super) struct Signals {
     /// This node's field in the hash.
     node: String,
-    /// The node's latest report (the load sensor writes, the sync task reads).
-    mine: Mutex<Hot>,
+    /// How to read the node's overload ([`Pressure::source`]), called by the sync thread.
+    source: Mutex<Option<Box<dyn Fn() -> Hot + Send + Sync>>>,
     others: Mutex<Others>,
     /// False while no other node asks anything: the check every publish makes costs a load.
     any: AtomicBool,
@@ -125,7 +133,7 @@ impl Signals {
         }
         Arc::new(Signals {
             node: format!("{:016x}", u64::from_le_bytes(id)),
-            mine: Mutex::default(),
+            source: Mutex::new(None),
             others: Mutex::default(),
             any: AtomicBool::new(false),
             reporting: AtomicBool::new(false),
@@ -166,8 +174,8 @@ fn payload(hot: &Hot, waiting: usize) -> String {
 }
 
 impl Pressure for Signals {
-    fn report(&self, hot: Hot) {
-        *lock(&self.mine) = hot;
+    fn source(&self, hot: Box<dyn Fn() -> Hot + Send + Sync>) {
+        *lock(&self.source) = Some(hot);
     }
 
     fn pressed(&self, chat: ChatId) -> bool {
@@ -224,22 +232,39 @@ impl Pressure for Signals {
     }
 }
 
-/// Writes this node's word and reads the others' every [`SYNC_EVERY`], while the bus lives.
-/// `inbound` is the delivery task's queue, watched for how far delivery runs behind Redis.
-pub(super) async fn sync_task(
-    shared: Arc<Shared>,
-    signals: Arc<Signals>,
-    inbound: mpsc::WeakSender<Inbound>,
-) {
+/// Starts the sync thread for a bus on `client`; `inbound` is the delivery task's queue, watched
+/// for how far delivery runs behind Redis. The thread ends once the returned signals are dropped.
+pub(super) fn start(client: &redis::Client, inbound: mpsc::WeakSender<Inbound>) -> Arc<Signals> {
+    let signals = Signals::new();
+    let weak = Arc::downgrade(&signals);
+    let client = client.clone();
+    let spawned = std::thread::Builder::new()
+        .name("herald-pressure".into())
+        .spawn(move || sync(&client, &weak, &inbound));
+    if let Err(e) = spawned {
+        // The node still admits on its own backlog; only the sharing is missing.
+        tracing::error!(error = %e, "could not start the pressure thread; overload is not shared");
+    }
+    signals
+}
+
+/// The sync thread: writes this node's word and reads the others' every [`SYNC_EVERY`].
+fn sync(client: &redis::Client, weak: &Weak<Signals>, inbound: &mpsc::WeakSender<Inbound>) {
     let script = redis::Script::new(SCRIPT);
-    let mut tick = tokio::time::interval(SYNC_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut conn: Option<redis::Connection> = None;
+    let mut connect_at = Instant::now();
     loop {
-        tick.tick().await;
+        std::thread::sleep(SYNC_EVERY);
+        let Some(signals) = weak.upgrade() else { return };
         let waiting = inbound.upgrade().map_or(0, |tx| tx.max_capacity() - tx.capacity());
-        let payload = payload(&lock(&signals.mine), waiting);
-        // Down: nothing to write or read; the others' word lapses after `TRUST`.
-        let Ok(mut conn) = shared.connection() else { continue };
+        let hot = lock(&signals.source).as_ref().map(|hot| hot()).unwrap_or_default();
+        let payload = payload(&hot, waiting);
+        if conn.is_none() && Instant::now() >= connect_at {
+            conn = connect(client);
+            connect_at = Instant::now() + RECONNECT_AFTER;
+        }
+        // No connection: nothing to write or read; the others' word lapses after `TRUST`.
+        let Some(c) = conn.as_mut() else { continue };
         let mut call = script.key(PRESSURE_KEY);
         call.arg(&signals.node)
             .arg(TTL.as_millis() as u64)
@@ -247,20 +272,26 @@ pub(super) async fn sync_task(
             .arg(MAX_FIELD)
             .arg(MAX_NODES)
             .arg(&payload);
-        match tokio::time::timeout(TRUST, call.invoke_async::<Vec<Vec<u8>>>(&mut conn)).await {
-            Ok(Ok(payloads)) => {
+        match call.invoke::<Vec<Vec<u8>>>(c) {
+            Ok(payloads) => {
                 signals.reporting.store(!payload.is_empty(), Ordering::Relaxed);
                 signals.heard(&payloads, Instant::now());
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 signals.sync_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, "redis pressure sync failed");
-            }
-            Err(_) => {
-                signals.sync_failures.fetch_add(1, Ordering::Relaxed);
+                conn = None;
             }
         }
     }
+}
+
+/// A blocking connection whose every command gives up after [`TRUST`].
+fn connect(client: &redis::Client) -> Option<redis::Connection> {
+    let conn = client.get_connection_with_timeout(TRUST).ok()?;
+    conn.set_read_timeout(Some(TRUST)).ok()?;
+    conn.set_write_timeout(Some(TRUST)).ok()?;
+    Some(conn)
 }
 
 #[cfg(test)]
