@@ -145,7 +145,7 @@ impl Metrics {
         one(
             "delivery_late",
             "gauge",
-            "1 while most connections take frames older than api.overload_latency (publishes wait, then get 429).",
+            "1 while most connections take frames older than api.overload_latency (publishes get 429).",
             u64::from(gauges.late),
         );
         one(

@@ -186,12 +186,12 @@ pub struct Overloaded;
 impl Node {
     /// Admission control for publishers: while the node owes its readers
     /// more frames than they can catch up with (the backlog, checked on every
-    /// publish), or delivers late (most wakes took frames older than
-    /// `api.overload_latency` for a whole interval: a standing queue, in
-    /// CoDel's terms, bounds the time an event waits, not only the frames),
-    /// or another node reports one of the batch's rooms overloaded
+    /// publish), or another node reports one of the batch's rooms overloaded
     /// (its readers, fed through the bus, would fall behind the same way), a
-    /// publish waits a moment for that to pass, then is refused. One slow
+    /// publish waits a moment for that to pass, then is refused. While the
+    /// node delivers late (most wakes took frames older than
+    /// `api.overload_latency`, when set, for a whole interval: a standing
+    /// queue in CoDel's terms) it is refused at once. One slow
     /// reader never triggers it (it is one reader among many, and the backlog
     /// has a floor); the whole node running behind does.
     pub async fn admit(&self, events: &[DomainEvent]) -> Result<(), Overloaded> {
@@ -203,6 +203,12 @@ impl Node {
         let over = || backlog.over() || self.late.load(Ordering::Relaxed);
         if !over() && !pressed() {
             return Ok(());
+        }
+        if self.late.load(Ordering::Relaxed) {
+            // Waiting would only add to the time an event waits: CoDel
+            // refuses (its drop) rather than queue more.
+            self.metrics.publish_overloaded.fetch_add(1, Ordering::Relaxed);
+            return Err(Overloaded);
         }
         let deadline = tokio::time::Instant::now() + ADMIT_WAIT;
         let mut gap = ADMIT_POLL_FIRST;
@@ -348,7 +354,8 @@ pub async fn sense_load(node: Arc<Node>, stop: CancellationToken) {
             let now = node.lag.latency.counts();
             let (all, within) = Histogram::within(&latency_before, &now, node.overload_latency);
             latency_before = now;
-            late_windows = if all >= MIN_SAMPLES && within * 2 < all { late_windows + 1 } else { 0 };
+            let judged = !node.overload_latency.is_zero() && all >= MIN_SAMPLES;
+            late_windows = if judged && within * 2 < all { late_windows + 1 } else { 0 };
             node.late.store(late_windows >= LATE_WINDOWS, Ordering::Relaxed);
         }
         let backlog = node.rooms.backlog();
@@ -473,6 +480,23 @@ mod tests {
         // On time again: admitted within a window.
         feed(20, 40);
         tokio::time::sleep(window).await;
+        assert!(!node.late.load(Ordering::Relaxed));
+        assert!(node.admit(&[]).await.is_ok());
+        stop.cancel();
+        sensor.await?;
+        Ok(())
+    }
+
+    /// Off by default: late deliveries alone never push back.
+    #[tokio::test(start_paused = true)]
+    async fn latency_admission_is_off_by_default() -> TestResult {
+        let node = Arc::new(Node::build(&Config::default()).await?);
+        let stop = CancellationToken::new();
+        let sensor = tokio::spawn(sense_load(node.clone(), stop.clone()));
+        for _ in 0..2 * LATE_WINDOWS {
+            (0..40).for_each(|_| node.lag.record(Duration::from_secs(5)));
+            tokio::time::sleep(LOAD_SAMPLE * LAG_WINDOW_TICKS as u32).await;
+        }
         assert!(!node.late.load(Ordering::Relaxed));
         assert!(node.admit(&[]).await.is_ok());
         stop.cancel();
