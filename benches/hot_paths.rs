@@ -228,6 +228,24 @@ fn counters(c: &mut Criterion) {
         backlog.joined(3);
     }
     c.bench_function("admission_check", |b| b.iter(|| black_box(backlog.over())));
+    // What each connection wake pays for the latency figures: the lag sample
+    // (load sensor) and `herald_delivery_latency_seconds`; then the histogram alone.
+    let lag = herald::node::Lag::default();
+    let ages = [Duration::from_micros(300), Duration::from_millis(7), Duration::from_millis(180)];
+    let mut i = 0;
+    c.bench_function("lag_record_with_histogram", |b| {
+        b.iter(|| {
+            i = (i + 1) % ages.len();
+            lag.record(black_box(ages[i]))
+        })
+    });
+    let histogram = herald::striped::Histogram::default();
+    c.bench_function("histogram_observe", |b| {
+        b.iter(|| {
+            i = (i + 1) % ages.len();
+            histogram.observe(black_box(ages[i]))
+        })
+    });
 }
 
 fn parse(c: &mut Criterion) {
@@ -248,6 +266,32 @@ fn parse(c: &mut Criterion) {
             scratch.copy_from_slice(cmd);
             let loose: Loose<'_> = simd_json::serde::from_slice(&mut scratch).unwrap();
             black_box(loose.chat_id.map(ChatId::try_parse))
+        })
+    });
+    group.finish();
+
+    // A large publish batch (100 events of ~200 bytes, ~24 KB): the full
+    // ingress parse (serde_json: validation and `data` kept as raw JSON)
+    // against simd-json's best case, a bare DOM of the same body with no
+    // validation and no event built (it cannot keep `data` as serde_json's
+    // `RawValue`, so using it would add a re-serialization on top).
+    let events: Vec<serde_json::Value> = (0..100)
+        .map(|i| {
+            serde_json::json!({"type":"message.sent","chat_id":ChatId::from_u128(i % 10),
+                "data":{"id":i,"author":"user-1234","content":"x".repeat(120),"tags":["a","b"]}})
+        })
+        .collect();
+    let body = serde_json::to_vec(&events).unwrap();
+    let mut group = c.benchmark_group("parse_batch_100");
+    group.throughput(Throughput::Bytes(body.len() as u64));
+    group.bench_function("serde_json_parse_batch", |b| {
+        b.iter(|| black_box(herald::protocol::event::parse_batch(black_box(&body))).map(|v| v.len()))
+    });
+    group.bench_function("simd_json_dom_only", |b| {
+        let mut scratch = body.clone();
+        b.iter(|| {
+            scratch.copy_from_slice(&body);
+            black_box(simd_json::to_borrowed_value(&mut scratch).is_ok())
         })
     });
     group.finish();

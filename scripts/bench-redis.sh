@@ -9,11 +9,14 @@
 # an ACL user; the nodes connect with rediss://herald:<password>@ and
 # bus.redis_tls_ca_file (a CA and server certificate made here with openssl),
 # to measure what TLS + ACL cost against the same run in plain text.
+# SPLIT=1 (fanout only): every connection on node A, every publisher on node B
+# (--publish-url), so all of A's load arrives through Redis and A's overload must
+# push back B's publishers (shared pressure, PROTOCOL.md section 5).
 # Usage: scripts/bench-redis.sh <fanout|recovery|soak> <loadgen args...>
 #   e.g. scripts/bench-redis.sh soak --duration 90s --conns 500 --rooms 10 --rate 100 \
 #          --churn 0.2 --outage 8s --content-bytes 20000
 # Env: SERVER_BIN, LOADGEN_BIN (default target/release/{herald,loadgen}),
-# RPORT (16399), A (18081), B (18082); HERALD_* settings pass through to both nodes.
+# RPORT (16399), A (18081), B (18082), SPLIT; HERALD_* settings pass through to both nodes.
 # Exits with loadgen's status (a failed soak verdict is non-zero).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,7 +69,9 @@ cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }
 rss() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 before=($(cpu "${pids[0]}") $(cpu "${pids[1]}") $(cpu "$rpid"))
 status=0
-"$LOADGEN_BIN" "$@" --url "http://127.0.0.1:$A" --also-url "http://127.0.0.1:$B" --server-pid "${pids[0]}" || status=$?
+nodes=(--also-url "http://127.0.0.1:$B")
+[ "${SPLIT:-0}" = 1 ] && nodes=(--publish-url "http://127.0.0.1:$B")
+"$LOADGEN_BIN" "$@" --url "http://127.0.0.1:$A" "${nodes[@]}" --server-pid "${pids[0]}" || status=$?
 after=($(cpu "${pids[0]}") $(cpu "${pids[1]}") $(cpu "$rpid"))
 hz=$(getconf CLK_TCK)
 secs() { printf '%d.%02d' $(( $1 / hz )) $(( ($1 % hz) * 100 / hz )); }
@@ -74,7 +79,7 @@ echo "whole-run CPU seconds: node A $(secs $((after[0]-before[0]))), node B $(se
 echo "RSS at end (KiB): node A $(rss "${pids[0]}"), node B $(rss "${pids[1]}"), redis $(rss "$rpid")" >&2
 for port in "$A" "$B"; do
     curl -s "http://127.0.0.1:$port/metrics" \
-        | grep -E '^herald_((frames_out|write_syscalls|slow_consumers_dropped|redis_inbound_dropped|events_in|catchups|recoveries|redis_history_reads|closes)_total|backlog_frames|history_(frames|bytes))' \
+        | grep -E '^herald_((frames_out|write_syscalls|slow_consumers_dropped|redis_inbound_dropped|events_in|catchups|recoveries|redis_history_reads|closes|publish_overloaded|publish_overloaded_remote)_total|backlog_frames|history_(frames|bytes))' \
         | sed "s/^/node $port: /" >&2 || true
 done
 exit "$status"

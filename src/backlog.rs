@@ -98,6 +98,14 @@ impl Backlog {
     pub fn over(&self) -> bool {
         self.owed() > self.limit()
     }
+
+    /// True past half the limit: where a node warns the other nodes (Redis
+    /// bus), whose publishers' events are tens of ms on their way when the
+    /// word reaches them, so readers must absorb more than a local
+    /// publisher's.
+    pub fn near(&self) -> bool {
+        self.owed() > self.limit() / 2
+    }
 }
 
 #[cfg(test)]

@@ -132,7 +132,7 @@ pub enum Membership {
     Open,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
     /// Bearer keys accepted by `POST /api/events`.
@@ -142,6 +142,19 @@ pub struct ApiConfig {
     /// passed through) is refused with 400 naming it, and none of it is
     /// accepted; `false`: such events are counted and ignored.
     pub reject_unknown: bool,
+    /// Admission by delivery latency (CoDel's sojourn idea): while most of
+    /// the node's connections take frames older than this, for a whole
+    /// interval (100 ms), publishes get 429 at once ([`crate::node::Node::admit`]).
+    /// 0: off, the default (measured in BENCHMARKS.md: at 100 ms it refused
+    /// publishes at saturation and bought no clear p99 under overload).
+    #[serde(with = "humantime_serde")]
+    pub overload_latency: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { keys: Vec::new(), reject_unknown: false, overload_latency: Duration::ZERO }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -372,6 +385,10 @@ impl Config {
         }
         if self.auth.max_token_ttl < Duration::from_secs(60) || self.auth.max_token_ttl > 30 * DAY {
             return Err(key_error("auth.max_token_ttl", "must be between 1m and 30 days"));
+        }
+        let latency = self.api.overload_latency;
+        if !latency.is_zero() && (latency < Duration::from_millis(1) || latency > Duration::from_secs(10)) {
+            return Err(key_error("api.overload_latency", "must be 0s (off) or between 1ms and 10s"));
         }
         let rooms = &self.rooms;
         for (key, value, max) in

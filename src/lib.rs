@@ -27,7 +27,7 @@
 //! - [`server`]: builds the node, runs the accept loop (with the load sensor
 //!   and the history sweeper), limits and graceful drain.
 //! - [`metrics`]: counters and their Prometheus rendering; [`striped`]: the
-//!   per-thread counters the delivery path adds to.
+//!   per-thread counters and latency histograms the delivery path adds to.
 //! - [`process`]: this process's memory, CPU, file descriptors and start
 //!   time from `/proc`, for `/metrics`.
 //! - [`cmd`]: the command line and the operator subcommands (token, check-token,

@@ -6,10 +6,11 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::error::{Ended, ErrorCode};
 use crate::process::Process;
-use crate::striped::Striped;
+use crate::striped::{Histogram, Striped};
 
 /// Gauges read from the registries at scrape time.
 #[derive(Debug, Default, Clone, Copy)]
@@ -26,6 +27,8 @@ pub struct Gauges {
     /// publishers are pushed back.
     pub backlog: i64,
     pub backlog_limit: i64,
+    /// Publishes pushed back for delivery latency (`api.overload_latency`).
+    pub late: bool,
     /// Connection deadlines armed in the node's alarms.
     pub alarms: usize,
     /// This process's facts (`None` where `/proc` is not available).
@@ -66,6 +69,13 @@ pub struct Metrics {
     pub pongs_dropped: AtomicU64,
     /// Publishes refused with 429 because the node was overloaded.
     pub publish_overloaded: AtomicU64,
+    /// Of those, the ones refused for another node's readers (shared pressure).
+    pub publish_overloaded_remote: AtomicU64,
+    /// Delivery latency, fed by the connections through the node's lag
+    /// sensor ([`crate::node::Lag`]), which holds the other end.
+    pub delivery_latency: Arc<Histogram>,
+    /// How long `POST /api/events` took, from its request to its answer.
+    pub publish_duration: Histogram,
     /// The median delivery lag of the last window (ms, lower bound of its bucket).
     pub lag_median_ms: AtomicU64,
     pub client_errors: [AtomicU64; ErrorCode::ALL.len()],
@@ -131,6 +141,12 @@ impl Metrics {
             "gauge",
             "Backlog above which publishes wait, then get 429.",
             gauges.backlog_limit.max(0) as u64,
+        );
+        one(
+            "delivery_late",
+            "gauge",
+            "1 while most connections take frames older than api.overload_latency (publishes get 429).",
+            u64::from(gauges.late),
         );
         one(
             "alarms",
@@ -202,6 +218,12 @@ impl Metrics {
             get(&self.publish_overloaded),
         );
         one(
+            "publish_overloaded_remote_total",
+            "counter",
+            "Of the publishes answered 429, those refused for rooms another node reported overloaded.",
+            get(&self.publish_overloaded_remote),
+        );
+        one(
             "delivery_lag_median_ms",
             "gauge",
             "Median age of the oldest frame a connection took, over the last 50 ms.",
@@ -235,6 +257,16 @@ impl Metrics {
         for (code, c) in Ended::LABELS.iter().zip(&self.close_codes) {
             let _ = writeln!(out, "herald_closes_total{{code=\"{code}\"}} {}", get(c));
         }
+        self.delivery_latency.render(
+            &mut out,
+            "delivery_latency_seconds",
+            "Age of the oldest frame a connection takes for its socket, once per wake: from the event reaching this node to its write.",
+        );
+        self.publish_duration.render(
+            &mut out,
+            "publish_duration_seconds",
+            "Time to answer POST /api/events (admission wait and bus handoff included), any status.",
+        );
         let _ = writeln!(out, "# HELP herald_build_info The running Herald's version; always 1.");
         let _ = writeln!(out, "# TYPE herald_build_info gauge");
         let _ = writeln!(out, "herald_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));

@@ -15,14 +15,14 @@ use crate::bans::Bans;
 use crate::broadcast::Broadcaster;
 use crate::bus::memory::MemoryBus;
 use crate::bus::redis::{RedisBus, RedisOptions};
-use crate::bus::{Bus, BusError, Deliver};
+use crate::bus::{Bus, BusError, Deliver, Hot};
 use crate::config::{BusKind, Config, WebSocketConfig};
 use crate::membership;
 use crate::metrics::Metrics;
-use crate::protocol::event::Passthrough;
+use crate::protocol::event::{DomainEvent, Passthrough};
 use crate::protocol::{server, ChatId};
 use crate::rooms::{HistoryLimits, Room, Rooms};
-use crate::striped::Striped;
+use crate::striped::{Buckets, Histogram, Striped};
 use crate::users::Users;
 
 /// Room frames one connection holds queued at most: past it, it stops taking
@@ -54,6 +54,12 @@ pub struct Node {
     /// How far behind connections run: the age of the oldest frame each
     /// took, sampled once per wake (a gauge for operators).
     pub lag: Lag,
+    /// Set by [`sense_load`] while most connections have taken frames older
+    /// than `api.overload_latency` for a whole [`LATE_INTERVAL`]: publishes
+    /// are then pushed back as under a backlog overload.
+    pub late: Arc<AtomicBool>,
+    /// `api.overload_latency`.
+    pub overload_latency: Duration,
     /// Connection deadlines (pings, silence, expiry, stalled writes).
     pub alarms: Arc<Alarms>,
     /// `auth.leeway`: a connection lives until its token's `exp` plus this,
@@ -133,11 +139,16 @@ const ADMIT_WAIT: Duration = Duration::from_millis(250);
 const ADMIT_POLL_FIRST: Duration = Duration::from_millis(1);
 const ADMIT_POLL_MAX: Duration = Duration::from_millis(8);
 
-/// Delivery lag histogram, in log2 milliseconds: cheap enough to feed once
-/// per connection wake (striped, so workers never share a line).
+/// Delivery lag, fed once per connection wake with the age of the oldest
+/// frame it took for its socket (from the event reaching this node's rooms
+/// to its connection writing it): log2 milliseconds for the load sensor's
+/// median, and the operators' histogram. Cheap enough for every wake
+/// (striped, so workers never share a line).
 #[derive(Default)]
 pub struct Lag {
     buckets: [Striped; LAG_BUCKETS],
+    /// `herald_delivery_latency_seconds`, shared with [`Metrics`] (which renders it).
+    latency: Arc<Histogram>,
 }
 
 impl Lag {
@@ -145,6 +156,7 @@ impl Lag {
         let ms = u64::try_from(lag.as_millis()).unwrap_or(u64::MAX);
         let bucket = (u64::BITS - ms.leading_zeros()) as usize;
         self.buckets[bucket.min(LAG_BUCKETS - 1)].add(1);
+        self.latency.observe(lag);
     }
 
     fn snapshot(&self) -> [u64; LAG_BUCKETS] {
@@ -174,26 +186,48 @@ pub struct Overloaded;
 impl Node {
     /// Admission control for publishers: while the node owes its readers
     /// more frames than they can catch up with (the backlog, checked on every
-    /// publish), a publish waits a moment for it to shrink, then is refused.
-    /// One slow reader never triggers it (it is one reader among many, and
-    /// the backlog has a floor); the whole node running behind does.
-    pub async fn admit(&self) -> Result<(), Overloaded> {
+    /// publish), or another node reports one of the batch's rooms overloaded
+    /// (its readers, fed through the bus, would fall behind the same way), a
+    /// publish waits a moment for that to pass, then is refused. While the
+    /// node delivers late (most wakes took frames older than
+    /// `api.overload_latency`, when set, for a whole interval: a standing
+    /// queue in CoDel's terms) it is refused at once. One slow
+    /// reader never triggers it (it is one reader among many, and the backlog
+    /// has a floor); the whole node running behind does.
+    pub async fn admit(&self, events: &[DomainEvent]) -> Result<(), Overloaded> {
         let backlog = self.rooms.backlog();
-        if !backlog.over() {
+        let pressed = || {
+            let Some(pressure) = self.bus.pressure() else { return false };
+            events.iter().any(|e| e.chat_id.is_some_and(|chat| pressure.pressed(chat)))
+        };
+        let over = || backlog.over() || self.late.load(Ordering::Relaxed);
+        if !over() && !pressed() {
             return Ok(());
+        }
+        if self.late.load(Ordering::Relaxed) {
+            // Waiting would only add to the time an event waits: CoDel
+            // refuses (its drop) rather than queue more.
+            self.metrics.publish_overloaded.fetch_add(1, Ordering::Relaxed);
+            return Err(Overloaded);
         }
         let deadline = tokio::time::Instant::now() + ADMIT_WAIT;
         let mut gap = ADMIT_POLL_FIRST;
-        while backlog.over() {
+        loop {
+            let local = over();
+            if !local && !pressed() {
+                return Ok(());
+            }
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 self.metrics.publish_overloaded.fetch_add(1, Ordering::Relaxed);
+                if !local {
+                    self.metrics.publish_overloaded_remote.fetch_add(1, Ordering::Relaxed);
+                }
                 return Err(Overloaded);
             }
             tokio::time::sleep_until((now + gap).min(deadline)).await;
             gap = (gap * 2).min(ADMIT_POLL_MAX);
         }
-        Ok(())
     }
 }
 
@@ -202,6 +236,8 @@ impl Node {
     /// Connecting to Redis is the only step that can fail.
     pub async fn build(config: &Config) -> Result<Node, BusError> {
         let metrics = Arc::new(Metrics::default());
+        let lag = Lag { latency: metrics.delivery_latency.clone(), ..Lag::default() };
+        let late = Arc::new(AtomicBool::new(false));
         let limits = HistoryLimits::from(&config.rooms);
         // The backlog's floor counts the connections' write-queue bound,
         // which the rooms know nothing of.
@@ -231,6 +267,10 @@ impl Node {
                 Arc::new(RedisBus::connect_with(&config.bus, sink, options).await?)
             }
         };
+        if let Some(pressure) = bus.pressure() {
+            let (rooms, late, warned) = (rooms.clone(), late.clone(), AtomicBool::new(false));
+            pressure.source(Box::new(move || hot(&rooms, &late, &warned)));
+        }
         Ok(Node {
             rooms,
             users,
@@ -243,7 +283,9 @@ impl Node {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             busy: AtomicBool::new(false),
-            lag: Lag::default(),
+            lag,
+            late,
+            overload_latency: config.api.overload_latency,
             alarms: Alarms::start(),
             token_leeway: config.auth.leeway,
             recovering: (0..RECOVERY_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
@@ -256,6 +298,23 @@ impl Node {
             reject_unknown: config.api.reject_unknown,
         })
     }
+}
+
+/// This node's overload as the other nodes hear of it (Redis bus): the rooms
+/// whose readers it owes frames, from half its backlog limit (they hear tens
+/// of ms late) down to a quarter (`warned` holds which side it is on: a word
+/// that flickers lets a flood through each time it lapses), or while it
+/// delivers late.
+fn hot(rooms: &Rooms, late: &AtomicBool, warned: &AtomicBool) -> Hot {
+    let backlog = rooms.backlog();
+    let owed = backlog.owed();
+    let warn = if warned.load(Ordering::Relaxed) { owed > backlog.limit() / 4 } else { backlog.near() };
+    warned.store(warn, Ordering::Relaxed);
+    if !warn && !late.load(Ordering::Relaxed) {
+        return Hot::default();
+    }
+    let hot = rooms.hot(Hot::MAX_ROOMS);
+    Hot { all: hot.is_none(), rooms: hot.unwrap_or_default() }
 }
 
 /// Frames written per second above which the node counts as busy.
@@ -276,6 +335,8 @@ pub async fn sense_load(node: Arc<Node>, stop: CancellationToken) {
     let mut last = node.metrics.frames_out.get();
     let mut lag_before = node.lag.snapshot();
     let mut overloaded = false;
+    let mut latency_before: Buckets = node.lag.latency.counts();
+    let mut late_windows = 0u32;
     let mut tick = tokio::time::interval(LOAD_SAMPLE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for n in 0u64.. {
@@ -286,11 +347,24 @@ pub async fn sense_load(node: Arc<Node>, stop: CancellationToken) {
         let now = node.metrics.frames_out.get();
         node.busy.store(now.wrapping_sub(last) > threshold, Ordering::Relaxed);
         last = now;
+        if n % LAG_WINDOW_TICKS == 0 {
+            // CoDel-style: late once most wakes of every window for a whole
+            // interval took frames older than the target; on time again as
+            // soon as one window is (or too few wakes to judge: little load).
+            let now = node.lag.latency.counts();
+            let (all, within) = Histogram::within(&latency_before, &now, node.overload_latency);
+            latency_before = now;
+            let judged = !node.overload_latency.is_zero() && all >= MIN_SAMPLES;
+            late_windows = if judged && within * 2 < all { late_windows + 1 } else { 0 };
+            node.late.store(late_windows >= LATE_WINDOWS, Ordering::Relaxed);
+        }
         let backlog = node.rooms.backlog();
-        if backlog.over() != overloaded {
+        let late = node.late.load(Ordering::Relaxed);
+        if (backlog.over() || late) != overloaded {
             overloaded = !overloaded;
             tracing::info!(
                 overloaded,
+                late,
                 backlog = backlog.owed(),
                 limit = backlog.limit(),
                 "delivery load changed"
@@ -307,6 +381,11 @@ pub async fn sense_load(node: Arc<Node>, stop: CancellationToken) {
 
 /// Load-sensor ticks per lag window (50 ms).
 const LAG_WINDOW_TICKS: u64 = 5;
+/// How long most wakes must take late frames before publishes are pushed
+/// back (CoDel's interval), and the same in lag windows.
+pub const LATE_INTERVAL: Duration = Duration::from_millis(100);
+const LATE_WINDOWS: u32 =
+    (LATE_INTERVAL.as_millis() / (LOAD_SAMPLE.as_millis() * LAG_WINDOW_TICKS as u128)) as u32;
 
 /// Drops history older than `rooms.history_ttl`, keeps the node-wide byte
 /// budget fair across rooms, removes rooms left with neither history nor
@@ -358,6 +437,73 @@ mod tests {
         Ok(())
     }
 
+    /// CoDel-style admission: publishes are pushed back once most wakes took
+    /// frames older than `api.overload_latency` for a whole interval, not for
+    /// one late window, and admitted again once a window is on time.
+    #[tokio::test(start_paused = true)]
+    async fn a_node_delivering_late_for_a_whole_interval_pushes_back() -> TestResult {
+        let mut config = Config::default();
+        config.api.overload_latency = Duration::from_millis(50);
+        let node = Arc::new(Node::build(&config).await?);
+        let stop = CancellationToken::new();
+        let sensor = tokio::spawn(sense_load(node.clone(), stop.clone()));
+        let window = LOAD_SAMPLE * LAG_WINDOW_TICKS as u32;
+        let feed = |ms: u64, n: usize| (0..n).for_each(|_| node.lag.record(Duration::from_millis(ms)));
+        tokio::time::sleep(window / 2).await;
+        // One late window, then one on time: a burst, not a standing queue.
+        feed(80, 40);
+        tokio::time::sleep(window).await;
+        feed(80, 10);
+        feed(20, 30);
+        tokio::time::sleep(window).await;
+        assert!(!node.late.load(Ordering::Relaxed));
+        assert!(node.admit(&[]).await.is_ok());
+        // Late for a whole interval (a minority on time does not help).
+        for _ in 0..LATE_WINDOWS {
+            feed(80, 30);
+            feed(20, 10);
+            tokio::time::sleep(window).await;
+        }
+        assert!(node.late.load(Ordering::Relaxed), "standing late for {LATE_INTERVAL:?}");
+        let (late, stay) = (node.clone(), CancellationToken::new());
+        let staying = stay.clone();
+        let feeder = tokio::spawn(async move {
+            while !staying.is_cancelled() {
+                (0..40).for_each(|_| late.lag.record(Duration::from_millis(80)));
+                tokio::time::sleep(window).await;
+            }
+        });
+        assert!(node.admit(&[]).await.is_err(), "pushed back while it stays late");
+        assert_eq!(node.metrics.publish_overloaded.load(Ordering::Relaxed), 1);
+        stay.cancel();
+        feeder.await?;
+        // On time again: admitted within a window.
+        feed(20, 40);
+        tokio::time::sleep(window).await;
+        assert!(!node.late.load(Ordering::Relaxed));
+        assert!(node.admit(&[]).await.is_ok());
+        stop.cancel();
+        sensor.await?;
+        Ok(())
+    }
+
+    /// Off by default: late deliveries alone never push back.
+    #[tokio::test(start_paused = true)]
+    async fn latency_admission_is_off_by_default() -> TestResult {
+        let node = Arc::new(Node::build(&Config::default()).await?);
+        let stop = CancellationToken::new();
+        let sensor = tokio::spawn(sense_load(node.clone(), stop.clone()));
+        for _ in 0..2 * LATE_WINDOWS {
+            (0..40).for_each(|_| node.lag.record(Duration::from_secs(5)));
+            tokio::time::sleep(LOAD_SAMPLE * LAG_WINDOW_TICKS as u32).await;
+        }
+        assert!(!node.late.load(Ordering::Relaxed));
+        assert!(node.admit(&[]).await.is_ok());
+        stop.cancel();
+        sensor.await?;
+        Ok(())
+    }
+
     /// The lag gauge reports the median of the last window's samples (the
     /// lower bound of its power-of-two bucket), and 0 when too few came.
     #[tokio::test(start_paused = true)]
@@ -391,9 +537,9 @@ mod tests {
         for _ in 0..1_000 {
             backlog.joined(0);
         }
-        assert!(node.admit().await.is_ok());
+        assert!(node.admit(&[]).await.is_ok());
         backlog.add(backlog.limit() + 1);
-        assert!(node.admit().await.is_err(), "over the limit for the whole wait");
+        assert!(node.admit(&[]).await.is_err(), "over the limit for the whole wait");
         assert_eq!(node.metrics.publish_overloaded.load(Ordering::Relaxed), 1);
         let payer = node.clone();
         let pays = tokio::spawn(async move {
@@ -401,7 +547,7 @@ mod tests {
             payer.rooms.backlog().pay(2);
         });
         let started = tokio::time::Instant::now();
-        assert!(node.admit().await.is_ok(), "admitted once readers caught up");
+        assert!(node.admit(&[]).await.is_ok(), "admitted once readers caught up");
         let waited = started.elapsed();
         assert!(waited >= ADMIT_WAIT / 2 && waited <= ADMIT_WAIT / 2 + ADMIT_POLL_MAX, "{waited:?}");
         pays.await?;

@@ -122,6 +122,31 @@ async fn metrics_follow_connections_and_a_graceful_disconnect_cleans_up() {
     assert_eq!(gw.labelled("closes_total", "code", "1000").await, 3.0);
 }
 
+/// The latency histograms count what happened: every publish answered, and
+/// the delivery of each event to a subscriber, with consistent buckets.
+#[tokio::test]
+async fn latency_histograms_count_publishes_and_deliveries() {
+    let gw = start(support::config()).await;
+    let room = chat();
+    let mut reader = gw.connect(user(), &[]).await;
+    reader.subscribe(room).await;
+    assert_eq!(gw.metric("delivery_latency_seconds_count").await, 0.0);
+    for i in 0..3 {
+        let (status, _) = gw.publish(&message_sent(room, &json!({"n": i}))).await;
+        assert_eq!(status, 202);
+        assert_eq!(reader.recv().await["data"]["n"], i);
+    }
+    assert_eq!(gw.publish("not json").await.0, 400);
+    assert_eq!(gw.metric("publish_duration_seconds_count").await, 4.0, "every answer, any status");
+    // Each wake that took a frame counts once: three events, one to three wakes.
+    let deliveries = gw.metric("delivery_latency_seconds_count").await;
+    assert!((1.0..=3.0).contains(&deliveries), "{deliveries}");
+    let (_, text) = gw.get("/metrics").await;
+    let inf = format!("herald_delivery_latency_seconds_bucket{{le=\"+Inf\"}} {deliveries}");
+    assert!(text.lines().any(|l| l == inf), "{text}");
+    assert!(text.contains("# TYPE herald_publish_duration_seconds histogram"));
+}
+
 #[tokio::test]
 async fn publish_refuses_bad_keys_and_bodies_with_json_errors() {
     let mut config = support::config();

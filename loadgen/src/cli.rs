@@ -87,6 +87,12 @@ pub(crate) struct FanoutArgs {
     /// round-robin over --url and these, so events cross nodes (multi-node runs).
     #[arg(long = "also-url", value_name = "URL")]
     pub(crate) also_urls: Vec<String>,
+    /// Nodes the publishers post to (repeatable), round-robin; the connections stay on --url and
+    /// --also-url. E.g. readers on node A, publishers on node B: the overload of A's readers
+    /// must push back publishers connected to B (shared through Redis). Default: the connections'
+    /// nodes.
+    #[arg(long = "publish-url", value_name = "URL")]
+    pub(crate) publish_urls: Vec<String>,
     /// Events per second over all publishers; 0 = as fast as the server answers.
     #[arg(long, default_value_t = 0)]
     pub(crate) rate: u64,

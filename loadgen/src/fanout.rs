@@ -94,8 +94,18 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     let start_ns = unix_nanos() + args.warmup.as_nanos() as u64;
     ctx.window.start.store(start_ns, Relaxed);
     ctx.window.end.store(start_ns + args.duration.as_nanos() as u64, Relaxed);
+    let publish_targets = if args.publish_urls.is_empty() {
+        targets
+    } else {
+        let mut publish_targets = Vec::new();
+        for url in &args.publish_urls {
+            publish_targets.push(target::resolve(url, common.allow_remote).await?);
+        }
+        notes.push(format!("publishers post to {} only", args.publish_urls.join(", ")));
+        publish_targets
+    };
     let plan = Arc::new(Plan {
-        targets,
+        targets: publish_targets,
         api_key,
         rooms: rooms.clone(),
         batch: args.batch as usize,

@@ -200,8 +200,53 @@ pub trait Deliver: Send + Sync + 'static {
     }
 }
 
+/// This node's overload as it shares it with the other nodes: the rooms
+/// whose readers it cannot keep up with (its admission signal,
+/// [`crate::node::Node::admit`]). Empty: not overloaded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hot {
+    /// Every room: the node is overloaded by more rooms than it names.
+    pub all: bool,
+    /// The rooms with readers here that carry events, at most a few hundred.
+    pub rooms: Vec<ChatId>,
+}
+
+impl Hot {
+    /// Rooms a report names at most: a node hot in more names every room.
+    pub const MAX_ROOMS: usize = 256;
+
+    /// Not overloaded.
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.rooms.is_empty()
+    }
+}
+
+/// Overload shared across nodes (a multi-node bus): a node fed through the
+/// bus cannot push back on publishers connected to another node, so it
+/// reports its hot rooms here and every ingress asks before it accepts.
+pub trait Pressure: Send + Sync {
+    /// How to read this node's overload: the bus calls `hot` every few ms on
+    /// a thread of its own, so a node too busy to run its own tasks on time
+    /// still warns the others on time. Cheap while the node is not overloaded.
+    fn source(&self, hot: Box<dyn Fn() -> Hot + Send + Sync>);
+
+    /// True while another node reports `chat` hot: its publishers are pushed
+    /// back here as if this node were overloaded. Lapses on its own within a
+    /// second of the last word from the bus, so a stale or lying signal never
+    /// holds publishing back for longer.
+    fn pressed(&self, chat: ChatId) -> bool;
+
+    /// Gauges and counters for `/metrics`: (name without `herald_`, type, help, value).
+    fn metrics(&self) -> Vec<(&'static str, &'static str, &'static str, u64)>;
+}
+
 /// An event bus backend.
 pub trait Bus: Send + Sync + 'static {
+    /// Where overload is shared with the other nodes (`None`: one node, the memory bus).
+    fn pressure(&self) -> Option<&dyn Pressure> {
+        None
+    }
+
     /// Hands a batch to the bus. `Ok` means every event was accepted for
     /// delivery; on `Err` the caller must not report the batch as accepted.
     /// An event of unknown type reaches this node's [`Deliver`] only (which

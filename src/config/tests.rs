@@ -157,6 +157,8 @@ fn bad_input_names_the_key() {
     assert!(err("rooms:\n  buffer: -3\n", &[]).contains("rooms.buffer"));
     assert!(err("rooms:\n  buffer: 0\n", &[]).contains("rooms.buffer"));
     assert!(err("rooms:\n  history_size: 1000000\n", &[]).contains("rooms.history_size"));
+    assert!(err("api:\n  overload_latency: 500us\n", &[]).contains("api.overload_latency"));
+    assert!(err("", &[("HERALD_API__OVERLOAD_LATENCY", "1h")]).contains("api.overload_latency"));
     assert!(err("websocket:\n  ping_interval: 1000years\n", &[]).contains("websocket.ping_interval"));
     assert!(err("server:\n  shutdown_grace: 400days\n", &[]).contains("server.shutdown_grace"));
     assert!(err("auth:\n  leeway: 2days\n", &[]).contains("auth.leeway"));

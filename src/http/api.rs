@@ -51,7 +51,15 @@ pub(super) fn info(app: &App, req: &Request<Incoming>) -> Result<Response<Body>,
     ))
 }
 
+/// `POST /api/events`, timed into `herald_publish_duration_seconds` whatever its answer.
 pub(super) async fn publish(app: &App, req: Request<Incoming>) -> Result<Response<Body>, HttpError> {
+    let started = std::time::Instant::now();
+    let answer = publish_events(app, req).await;
+    app.node.metrics.publish_duration.observe(started.elapsed());
+    answer
+}
+
+async fn publish_events(app: &App, req: Request<Incoming>) -> Result<Response<Body>, HttpError> {
     let metrics = &app.node.metrics;
     let reject = |e: HttpError| {
         metrics.publish_rejected.fetch_add(1, Ordering::Relaxed);
@@ -89,7 +97,7 @@ pub(super) async fn publish(app: &App, req: Request<Incoming>) -> Result<Respons
     if accepted > 0 {
         // Push back before accepting: none of the batch is taken (contract
         // section 5), so the publisher retries it whole.
-        app.node.admit().await.map_err(|_| HttpError::Overloaded)?;
+        app.node.admit(&events).await.map_err(|_| HttpError::Overloaded)?;
         if let Err(e) = app.node.bus.publish(events).await {
             metrics.publish_unavailable.fetch_add(1, Ordering::Relaxed);
             return Err(HttpError::Unavailable(e.to_string()));

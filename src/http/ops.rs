@@ -49,6 +49,7 @@ pub(super) fn metrics(app: &App) -> Response<Body> {
         members: node.membership.len(),
         backlog: node.rooms.backlog().owed(),
         backlog_limit: node.rooms.backlog().limit(),
+        late: node.late.load(std::sync::atomic::Ordering::Relaxed),
         alarms: node.alarms.pending(),
         process: crate::process::read(),
     };
@@ -58,6 +59,10 @@ pub(super) fn metrics(app: &App) -> Response<Body> {
             writeln!(text, "# HELP herald_{name} {help}\n# TYPE herald_{name} gauge\nherald_{name} {value}");
     }
     for (name, kind, help, value) in node.bans.metrics() {
+        let _ =
+            writeln!(text, "# HELP herald_{name} {help}\n# TYPE herald_{name} {kind}\nherald_{name} {value}");
+    }
+    for (name, kind, help, value) in node.bus.pressure().map(|p| p.metrics()).unwrap_or_default() {
         let _ =
             writeln!(text, "# HELP herald_{name} {help}\n# TYPE herald_{name} {kind}\nherald_{name} {value}");
     }

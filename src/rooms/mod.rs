@@ -305,6 +305,26 @@ impl Rooms {
         self.rooms.is_empty()
     }
 
+    /// The rooms that owe this node's readers frames, for an overloaded node
+    /// to name to the others (their publishers then hold back too): rooms
+    /// with readers counted in the backlog whose live ring is made (they
+    /// carried an event to a reader here). `None` when there are more than
+    /// `max`: the node then names every room. Scans every room: called only
+    /// while the node is overloaded, a few dozen times a second.
+    pub fn hot(&self, max: usize) -> Option<Vec<ChatId>> {
+        let mut hot = Vec::new();
+        for entry in self.rooms.iter() {
+            let room = entry.value();
+            if room.readers.load(Ordering::Relaxed) > 0 && room.ring.get().is_some() {
+                if hot.len() == max {
+                    return None;
+                }
+                hot.push(*entry.key());
+            }
+        }
+        Some(hot)
+    }
+
     /// Subscribers of one room on this node.
     pub fn subscribers(&self, chat: ChatId) -> usize {
         self.rooms.get(&chat).map_or(0, |room| room.subscribers())
@@ -371,6 +391,27 @@ mod tests {
         rooms.sweep(Instant::now() + LIMITS.ttl);
         assert!(rooms.is_empty(), "expired history and no subscriber: gone");
         assert_eq!(rooms.held_frames(), 0);
+    }
+
+    /// An overloaded node names the rooms whose readers it owes frames, or
+    /// every room when there are too many to name.
+    #[test]
+    fn hot_rooms_are_those_carrying_events_to_counted_readers() {
+        let rooms = Rooms::new(4, LIMITS);
+        let mb = mailbox();
+        let (quiet, busy, unread) = (ChatId::from_u128(1), ChatId::from_u128(2), ChatId::from_u128(3));
+        for chat in [quiet, busy] {
+            let (room, _) = rooms.join(chat, UserId::from_u128(1), &mb);
+            room.count_reader(0);
+        }
+        rooms.publish(busy, 1, frame(1));
+        rooms.publish(unread, 1, frame(1));
+        assert_eq!(rooms.hot(8), Some(vec![busy]), "no event yet, or no reader here: not hot");
+        rooms.publish(quiet, 1, frame(1));
+        assert_eq!(rooms.hot(8).map(|h| h.len()), Some(2));
+        assert_eq!(rooms.hot(1), None, "more than named: every room");
+        rooms.get(busy).unwrap().uncount_reader(1);
+        assert_eq!(rooms.hot(1), Some(vec![quiet]));
     }
 
     #[test]

@@ -53,8 +53,7 @@
 //!
 //! # Layout
 //!
-//! - this file: the [`RedisBus`] handle and its [`Bus`] impl, [`RedisOptions`], [`RedisStats`],
-//!   and the state the handle shares with its three tasks;
+//! - this file: the [`RedisBus`] handle, its [`Bus`] impl, [`RedisOptions`], the state its tasks share;
 //! - `endpoint.rs`: where the node's Redis is (one server or Sentinel's master), TLS roots, what
 //!   a failed connect means;
 //! - `scripts.rs`: key and channel names, the Lua scripts;
@@ -62,10 +61,12 @@
 //!   whose commands the supervisor issues);
 //! - `supervisor.rs`: the connection, its subscriptions, reconnects;
 //! - `publisher.rs`: batches publish calls into script calls;
-//! - `delivery.rs`: hands what Redis pushes to the broadcaster, once each and in order.
+//! - `delivery.rs`: hands what Redis pushes to the broadcaster, once each and in order;
+//! - `pressure.rs`: overload shared across nodes; `stats.rs`: the bus's counters.
 
 mod delivery;
 pub(crate) mod endpoint;
+mod pressure;
 mod publisher;
 mod scripts;
 mod stats;
@@ -75,13 +76,15 @@ mod topics;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
-use super::{BoxFuture, Bus, BusError, Control, Deliver, Health, Kept, KeptEvent, LabelledCounter, Topic};
+use super::{
+    BoxFuture, Bus, BusError, Control, Deliver, Health, Kept, KeptEvent, LabelledCounter, Pressure, Topic,
+};
 use crate::config::BusConfig;
 use crate::protocol::event::{DomainEvent, EventKind};
 use crate::protocol::{ChatId, UserId};
@@ -92,7 +95,6 @@ use scripts::Scripts;
 pub use scripts::{channel, MEMBERS_CHANNEL};
 pub use stats::RedisStats;
 use stats::COUNTERS;
-use std::time::Instant;
 use topics::{Topics, WatchGuard};
 
 /// Pushes that may wait for the delivery task; beyond it they are dropped and counted (the clients
@@ -167,8 +169,7 @@ enum Phase {
 
 /// State shared by the bus handle and its three tasks.
 struct Shared {
-    /// The broadcaster: the delivery task hands it what Redis pushes, `publish` the events of
-    /// unknown type.
+    /// The broadcaster: the delivery task hands it what Redis pushes, `publish` unknown types.
     sink: Arc<dyn Deliver>,
     options: RedisOptions,
     /// Local interest and the subscriptions that serve it.
@@ -235,15 +236,15 @@ pub struct RedisBus {
     shared: Arc<Shared>,
     /// The publisher task holds the receiver; a closed queue means the task is gone.
     publish_tx: mpsc::Sender<PublishReq>,
-    /// The delivery, publisher and supervisor tasks; aborted when the handle is dropped.
+    /// The delivery, publisher and supervisor tasks (aborted when the handle is dropped), and the
+    /// overload shared with other nodes, synced by a thread that ends when this is dropped.
     tasks: Vec<JoinHandle<()>>,
+    pressure: Arc<pressure::Signals>,
 }
 
 impl Drop for RedisBus {
     fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
+        self.tasks.iter().for_each(JoinHandle::abort);
     }
 }
 
@@ -268,13 +269,13 @@ impl RedisBus {
         let (shared, mut phase_rx) = Shared::new(sink, options);
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
+        let pressure = pressure::start(endpoint.clone(), inbound_tx.downgrade());
         let tasks = vec![
             tokio::spawn(delivery::deliver_task(shared.clone(), inbound_rx)),
             tokio::spawn(publisher::publisher_task(shared.clone(), publish_rx)),
             tokio::spawn(supervisor::supervise(shared.clone(), endpoint, inbound_tx)),
         ];
-        let bus = RedisBus { shared, publish_tx, tasks };
-
+        let bus = RedisBus { shared, publish_tx, tasks, pressure };
         // Wait for the first attempt's outcome; once connected, also for a fresh Redis to settle.
         let wait = bus.shared.options.settle + bus.shared.options.connect_timeout * 2;
         let settled =
@@ -296,6 +297,10 @@ impl RedisBus {
 }
 
 impl Bus for RedisBus {
+    fn pressure(&self) -> Option<&dyn Pressure> {
+        Some(&*self.pressure)
+    }
+
     fn publish(&self, events: Vec<DomainEvent>) -> BoxFuture<'_, Result<(), BusError>> {
         Box::pin(async move {
             // Unknown types never go to Redis (they have no channel, and every node would count

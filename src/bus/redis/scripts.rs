@@ -21,6 +21,7 @@
 //! | `herald:member-log` | list | the last 10,000 membership events, `<gseq>\|<previous entry's gseq>\|<event JSON with seq>`, oldest first |
 //! | `herald:gseq` | string | global counter of non-room events |
 //! | `herald:boot` | string | when Redis's current state began (ms) |
+//! | `herald:{pressure}` | hash | node id -> `<expires ms>\|<rooms or *>`: the rooms each overloaded node asks every node's publishers to hold back (`pressure.rs`, which owns the name and its script) |
 //!
 //! On one Redis server (also the master Sentinel names) a publish script call covers a whole
 //! batch: many rooms plus the global keys. Redis Cluster (`bus.kind: redis_cluster`, reserved and
