@@ -38,6 +38,7 @@ pub struct Config {
     pub bus: BusConfig,
     pub log: LogConfig,
     pub ui: UiConfig,
+    pub presence: PresenceConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -212,6 +213,40 @@ impl Default for RoomsConfig {
             history_size: 100,
             history_ttl: Duration::from_secs(300),
             history_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Presence and typing (PROTOCOL.md sections 2 and 4).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// `false`: the `presence` and `typing` commands get `unknown_type`, and
+    /// nothing is kept.
+    pub enabled: bool,
+    /// Grace before `presence.leave`: a user back within it (a reconnect, a
+    /// deploy) produces neither a leave nor a join.
+    #[serde(with = "humantime_serde")]
+    pub leave_delay: Duration,
+    /// At most one typing event per user per room per interval is delivered.
+    #[serde(with = "humantime_serde")]
+    pub typing_interval: Duration,
+    /// Users in one `presence` reply.
+    pub max_list: usize,
+    /// Redis bus: a node that stopped refreshing its users (it died) loses
+    /// them after this.
+    #[serde(with = "humantime_serde")]
+    pub node_ttl: Duration,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            enabled: true,
+            leave_delay: Duration::from_secs(5),
+            typing_interval: Duration::from_secs(2),
+            max_list: 1000,
+            node_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -405,6 +440,19 @@ impl Config {
         }
         if rooms.history_bytes < 1 << 16 {
             return Err(key_error("rooms.history_bytes", "must be at least 65536"));
+        }
+        let presence = &self.presence;
+        if presence.leave_delay > Duration::from_secs(3600) {
+            return Err(key_error("presence.leave_delay", "must be at most 1h"));
+        }
+        if presence.typing_interval.is_zero() || presence.typing_interval > Duration::from_secs(3600) {
+            return Err(key_error("presence.typing_interval", "must be longer than 0s and at most 1h"));
+        }
+        if presence.max_list == 0 || presence.max_list > 100_000 {
+            return Err(key_error("presence.max_list", "must be between 1 and 100000"));
+        }
+        if presence.node_ttl < Duration::from_secs(1) || presence.node_ttl > DAY {
+            return Err(key_error("presence.node_ttl", "must be between 1s and 1 day"));
         }
         if ws.pong_wait <= ws.ping_interval {
             return Err(key_error("websocket.pong_wait", "must be longer than websocket.ping_interval"));

@@ -18,6 +18,16 @@ use crate::sync::lock;
 #[derive(Debug, Clone)]
 pub enum UserMsg {
     Frame(Bytes),
+    /// An ephemeral room frame (presence or typing): queued by the
+    /// connection only while it is subscribed to `chat` (and, for
+    /// `listeners_only`, asked for presence events), and not by the
+    /// connection whose [`Mailbox::token`] is `skip` (a typing's sender).
+    Ephemeral {
+        chat: ChatId,
+        listeners_only: bool,
+        skip: u64,
+        frame: Bytes,
+    },
     /// The user was removed from this chat: drop the subscription.
     Removed(ChatId),
     /// An operator disconnected the user: close with 4003.
@@ -84,7 +94,7 @@ impl Mailbox {
     pub(crate) fn push(&self, msg: UserMsg) {
         {
             let len = match &msg {
-                UserMsg::Frame(frame) => frame.len(),
+                UserMsg::Frame(frame) | UserMsg::Ephemeral { frame, .. } => frame.len(),
                 UserMsg::Removed(_) | UserMsg::Disconnect | UserMsg::Revoke(_) => 0,
             };
             let mut q = lock(&self.queue);
@@ -96,6 +106,32 @@ impl Mailbox {
             }
         }
         self.signal();
+    }
+
+    /// Queues an ephemeral message (presence, typing) unless the queue is
+    /// full: those are dropped (false), never a reason to close the
+    /// connection as a slow consumer.
+    pub(crate) fn push_ephemeral(&self, msg: UserMsg) -> bool {
+        {
+            let len = match &msg {
+                UserMsg::Ephemeral { frame, .. } | UserMsg::Frame(frame) => frame.len(),
+                _ => 0,
+            };
+            let mut q = lock(&self.queue);
+            if q.msgs.len() >= self.capacity || q.bytes + len > MAILBOX_BYTES {
+                return false;
+            }
+            q.bytes += len;
+            q.msgs.push_back(msg);
+        }
+        self.signal();
+        true
+    }
+
+    /// This connection's token: its address, unique while it lives (a
+    /// typing's sender is told apart by it).
+    pub fn token(self: &std::sync::Arc<Self>) -> u64 {
+        std::sync::Arc::as_ptr(self) as usize as u64
     }
 
     /// Asks the connection to close with 1001.

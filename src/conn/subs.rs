@@ -44,6 +44,10 @@ struct Sub {
     counted: bool,
     /// The room's ticket for this subscription while it has no receiver.
     ticket: u32,
+    /// Entered the room's presence (`presence.enabled`), and asked for its
+    /// presence events (`"presence":true`).
+    present: bool,
+    listening: bool,
 }
 
 impl Drop for Sub {
@@ -112,6 +116,29 @@ impl Subscriptions {
         self.subs.iter().find(|s| s.chat == chat).map(|s| s.last)
     }
 
+    /// (entered the room's presence, listening for its presence events), if subscribed.
+    pub(crate) fn presence(&self, chat: ChatId) -> Option<(bool, bool)> {
+        self.subs.iter().find(|s| s.chat == chat).map(|s| (s.present, s.listening))
+    }
+
+    /// Marks the subscription present in its room, listening or not.
+    pub(crate) fn set_presence(&mut self, chat: ChatId, listening: bool) {
+        if let Some(sub) = self.subs.iter_mut().find(|s| s.chat == chat) {
+            sub.present = true;
+            sub.listening = listening;
+        }
+    }
+
+    /// Whether a presence (`listeners_only`) or typing frame of `chat` is for this connection.
+    pub(crate) fn wants(&self, chat: ChatId, listeners_only: bool) -> bool {
+        self.subs.iter().any(|s| s.chat == chat && s.present && (s.listening || !listeners_only))
+    }
+
+    /// The rooms whose presence the connection is in, and whether it listens there.
+    pub(crate) fn present(&self) -> Vec<(ChatId, bool)> {
+        self.subs.iter().filter(|s| s.present).map(|s| (s.chat, s.listening)).collect()
+    }
+
     pub(crate) fn chats(&self) -> Vec<ChatId> {
         self.subs.iter().map(|s| s.chat).collect()
     }
@@ -127,8 +154,18 @@ impl Subscriptions {
             Joined::Live(rx) => (Some(ReusableBoxFuture::new(receive(rx))), 0),
             Joined::Waiting(ticket) => (None, ticket),
         };
-        let sub =
-            Sub { chat, room, next, last: u64::MAX, behind: false, placed: false, counted: false, ticket };
+        let sub = Sub {
+            chat,
+            room,
+            next,
+            last: u64::MAX,
+            behind: false,
+            placed: false,
+            counted: false,
+            ticket,
+            present: false,
+            listening: false,
+        };
         self.subs.push(sub);
     }
 

@@ -50,6 +50,7 @@ pub(super) fn metrics(app: &App) -> Response<Body> {
         backlog: node.rooms.backlog().owed(),
         backlog_limit: node.rooms.backlog().limit(),
         alarms: node.alarms.pending(),
+        presence_users: node.presence.as_ref().map_or(0, |p| p.len()),
         process: crate::process::read(),
     };
     let mut text = node.metrics.render(&gauges, node.bus.health() == Health::Ok);

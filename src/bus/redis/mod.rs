@@ -74,7 +74,7 @@ use redis::{IntoConnectionInfo, ProtocolVersion};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
-use super::{BoxFuture, Bus, BusError, Control, Deliver, Health, Kept, KeptEvent, Topic};
+use super::{BoxFuture, Bus, BusError, Control, Deliver, Ephemeral, Health, Kept, KeptEvent, Topic};
 use crate::config::BusConfig;
 use crate::protocol::event::{DomainEvent, EventKind};
 use crate::protocol::{ChatId, UserId};
@@ -90,6 +90,8 @@ use topics::{Topics, WatchGuard};
 /// Pushes that may wait for the delivery task; beyond it they are dropped and counted (the clients
 /// see a `seq` gap) rather than growing memory without bound.
 const INBOUND_CAPACITY: usize = 65_536;
+/// Rooms per pipeline of a presence refresh.
+const REFRESH_ROOMS: usize = 256;
 /// Publish calls that may wait for the publisher task; callers beyond it wait (backpressure).
 const PUBLISH_QUEUE: usize = 1024;
 
@@ -118,6 +120,10 @@ pub struct RedisOptions {
     pub history_ttl: Duration,
     /// How long revocations and removals are kept (`auth.max_token_ttl`).
     pub token_ttl: Duration,
+    /// How long Redis trusts a node's presence without a refresh (`presence.node_ttl`).
+    pub presence_ttl: Duration,
+    /// One typing event per user per room per this (`presence.typing_interval`).
+    pub typing_interval: Duration,
 }
 
 impl Default for RedisOptions {
@@ -133,6 +139,8 @@ impl Default for RedisOptions {
             history_size: 100,
             history_ttl: Duration::from_secs(300),
             token_ttl: Duration::from_secs(86_400),
+            presence_ttl: Duration::from_secs(30),
+            typing_interval: Duration::from_secs(2),
         }
     }
 }
@@ -191,6 +199,8 @@ struct Shared {
     /// storm. Trusted only while every revocation reaches this node on the members channel: a
     /// revocation received forgets its user, a lost connection or a dropped push forgets all.
     checked: Mutex<Checked>,
+    /// This node's name in presence members and typing messages: random per process.
+    node_id: u64,
 }
 
 /// How long a "no revocation" answer from Redis is trusted (revocations published meanwhile
@@ -285,6 +295,34 @@ impl RedisBus {
         self.shared.stats.clone()
     }
 }
+
+/// A random non-zero id for this node.
+fn random_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        // Unique enough among nodes for presence names: the clock and the process.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        return (nanos.as_nanos() as u64) ^ u64::from(std::process::id()) | 1;
+    }
+    u64::from_le_bytes(bytes) | 1
+}
+
+/// The JSON form of a typing event on a room channel (join and leave are written by the Lua
+/// scripts in the same shape, without `node` and `conn`). Its first key is `presence`, which no
+/// domain event or control message has.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct PresenceWire {
+    pub(super) presence: String,
+    pub(super) chat_id: ChatId,
+    pub(super) user_id: UserId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) node: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) conn: Option<u64>,
+}
+
+/// What every presence message on a room channel starts with.
+pub(super) const PRESENCE_PREFIX: &[u8] = br#"{"presence":"#;
 
 /// Builds a RESP3 client (pushes need it) from `bus.redis_url`.
 fn open_client(url: &str) -> Result<redis::Client, BusError> {
@@ -455,6 +493,108 @@ impl Bus for RedisBus {
         })
     }
 
+    fn presence(&self, event: Ephemeral) -> BoxFuture<'_, Result<bool, BusError>> {
+        Box::pin(async move {
+            let mut conn = self.shared.connection()?;
+            let chat = event.chat();
+            let room = channel(Topic::Room(chat));
+            let scripts = &self.shared.scripts;
+            let mut cmd = redis::cmd("EVALSHA");
+            match event {
+                Ephemeral::Join { user, .. } | Ephemeral::Leave { user, .. } => {
+                    let join = matches!(event, Ephemeral::Join { .. });
+                    let script = if join { &scripts.presence_join } else { &scripts.presence_leave };
+                    cmd.arg(script.get_hash())
+                        .arg(2)
+                        .arg(scripts::presence_key(chat))
+                        .arg(scripts::presence_users_key(chat))
+                        .arg(&room)
+                        .arg(chat.to_string())
+                        .arg(self.shared.node_id);
+                    if join {
+                        cmd.arg(self.shared.options.presence_ttl.as_millis().to_string());
+                    }
+                    cmd.arg(user.to_string());
+                }
+                Ephemeral::Typing { user, from, .. } => {
+                    let wire = PresenceWire {
+                        presence: "typing".into(),
+                        chat_id: chat,
+                        user_id: user,
+                        node: Some(self.shared.node_id),
+                        conn: Some(from),
+                    };
+                    // ok: plain data with string keys cannot fail to serialize.
+                    let message = serde_json::to_string(&wire).unwrap_or_default();
+                    cmd.arg(scripts.typing.get_hash())
+                        .arg(1)
+                        .arg(scripts::typing_key(chat, user))
+                        .arg(self.shared.options.typing_interval.as_millis().max(1).to_string())
+                        .arg(&room)
+                        .arg(message);
+                }
+            }
+            let sent: i64 = cmd.query_async(&mut conn).await.map_err(|e| {
+                tracing::warn!(%chat, error = %e, "redis presence call failed");
+                classify(&e)
+            })?;
+            Ok(!matches!(event, Ephemeral::Typing { .. }) || sent == 1)
+        })
+    }
+
+    fn present(&self, chat: ChatId) -> BoxFuture<'_, Result<Option<Vec<UserId>>, BusError>> {
+        Box::pin(async move {
+            let mut conn = self.shared.connection()?;
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(self.shared.scripts.presence_list.get_hash())
+                .arg(2)
+                .arg(scripts::presence_key(chat))
+                .arg(scripts::presence_users_key(chat))
+                .arg(channel(Topic::Room(chat)))
+                .arg(chat.to_string());
+            let users: Vec<String> = cmd.query_async(&mut conn).await.map_err(|e| {
+                tracing::warn!(%chat, error = %e, "redis presence read failed");
+                classify(&e)
+            })?;
+            let mut users: Vec<UserId> = users.iter().filter_map(|u| UserId::try_parse(u).ok()).collect();
+            users.sort_unstable();
+            users.dedup();
+            Ok(Some(users))
+        })
+    }
+
+    fn refresh_presence(&self, rooms: Vec<(ChatId, Vec<UserId>)>) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(async move {
+            let mut conn = self.shared.connection()?;
+            let ttl = self.shared.options.presence_ttl.as_millis().to_string();
+            // One call per room (one slot under Cluster), pipelined a chunk at a time.
+            for chunk in rooms.chunks(REFRESH_ROOMS) {
+                let mut pipe = redis::pipe();
+                for (chat, users) in chunk {
+                    let cmd = pipe
+                        .cmd("EVALSHA")
+                        .arg(self.shared.scripts.presence_join.get_hash())
+                        .arg(2)
+                        .arg(scripts::presence_key(*chat))
+                        .arg(scripts::presence_users_key(*chat))
+                        .arg(channel(Topic::Room(*chat)))
+                        .arg(chat.to_string())
+                        .arg(self.shared.node_id)
+                        .arg(&ttl);
+                    for user in users {
+                        cmd.arg(user.to_string());
+                    }
+                    cmd.ignore();
+                }
+                pipe.query_async::<()>(&mut conn).await.map_err(|e| {
+                    tracing::warn!(error = %e, "redis presence refresh failed");
+                    classify(&e)
+                })?;
+            }
+            Ok(())
+        })
+    }
+
     fn revoked(&self, user: UserId) -> BoxFuture<'_, Result<Option<u64>, BusError>> {
         Box::pin(async move {
             let Err(epoch) = self.shared.checked_recently(user) else { return Ok(None) };
@@ -518,6 +658,7 @@ impl Shared {
             stats: Arc::default(),
             scripts: Scripts::new(),
             checked: Mutex::default(),
+            node_id: random_id(),
         });
         (shared, phase_rx)
     }
