@@ -221,7 +221,9 @@ const LEAVES_AT_ONCE: usize = 64;
 
 /// Announces due leaves, refreshes this node's presence in the bus (every
 /// third of `node_ttl`; the Redis bus also reaps there the users of nodes
-/// that stopped refreshing) and prunes the typing slots, until `stop`.
+/// that stopped refreshing) and prunes the typing slots, until `stop`; then
+/// hands its users over ([`crate::bus::Bus::depart_presence`]): they leave
+/// `leave_delay` later unless back on another node.
 pub async fn run(node: Arc<Node>, stop: CancellationToken) {
     let Some(registry) = node.presence.clone() else { return };
     let tick_every = (registry.leave_delay / 5).clamp(TICK_MIN, TICK_MAX);
@@ -231,7 +233,7 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
     let mut refreshed = Stamp::now();
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
         let now = Stamp::now();
@@ -255,7 +257,21 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
             }
         }
     }
+    // Stopping: this node's users leave after the delay, unless back on another node by then.
+    let local = registry.local();
+    match tokio::time::timeout(DEPART_WAIT, node.bus.depart_presence(local, registry.leave_delay)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot hand this node's presence over; it expires after presence.node_ttl")
+        }
+        Err(_) => tracing::warn!(
+            "handing this node's presence over took too long; it expires after presence.node_ttl"
+        ),
+    }
 }
+
+/// How long a stopping node tries to hand its presence over.
+const DEPART_WAIT: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {

@@ -344,3 +344,86 @@ async fn the_users_of_a_node_killed_with_sigkill_leave_after_node_ttl() {
     drop(b);
     one.stop().await;
 }
+
+/// A deploy: node one stops (gracefully) and every one of its clients comes
+/// back on node two within `presence.leave_delay`. The listeners on node two
+/// see neither a leave nor a join, and every user is still listed.
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn a_mass_move_between_nodes_within_the_delay_produces_no_leave_or_join() {
+    const ROOMS: usize = 3;
+    const PER_ROOM: usize = 100;
+    let redis = RedisServer::start();
+    mark_settled(&redis).await;
+    let config = || {
+        let mut c = presence_config(support::redis::config(&redis));
+        c.presence.leave_delay = Duration::from_secs(4);
+        c
+    };
+    let one = support::start(config()).await;
+    let two = support::start(config()).await;
+    let rooms: Vec<ChatId> = (0..ROOMS).map(|_| chat()).collect();
+    let mut listeners = Vec::new();
+    for &room in &rooms {
+        let watcher = user();
+        let mut l = two.connect(watcher, &[]).await;
+        subscribe_listening(&mut l, room).await;
+        assert_eq!(l.recv().await, join(room, watcher));
+        listeners.push((l, watcher));
+    }
+    let mut users = Vec::new();
+    let mut clients = Vec::new();
+    for &room in &rooms {
+        for _ in 0..PER_ROOM {
+            let u = user();
+            let mut c = one.connect(u, &[]).await;
+            c.subscribe(room).await;
+            clients.push(c);
+            users.push((room, u));
+        }
+    }
+    // One user who does not come back: its leave comes after the delay, not after node_ttl.
+    let gone = user();
+    let mut gone_client = one.connect(gone, &[]).await;
+    gone_client.subscribe(rooms[0]).await;
+    for (i, (l, _)) in listeners.iter_mut().enumerate() {
+        for _ in 0..PER_ROOM + usize::from(i == 0) {
+            let got = l.recv().await;
+            assert_eq!(
+                (got["type"].as_str(), got["chat_id"].as_str()),
+                (Some("presence.join"), Some(&*rooms[i].to_string()))
+            );
+        }
+    }
+
+    // The deploy: node one stops, its clients are closed with 1001 and come back on node two.
+    let stopped = Instant::now();
+    one.stop().await;
+    drop(clients);
+    drop(gone_client);
+    let moved = Instant::now();
+    let mut clients = Vec::new();
+    for &(room, u) in &users {
+        let mut c = two.connect(u, &[]).await;
+        c.subscribe(room).await;
+        clients.push(c);
+    }
+    assert!(moved.elapsed() < Duration::from_secs(4), "moved within the delay: {:?}", moved.elapsed());
+    // Past the delay, node two's refresh reaps what node one handed over: only the user who
+    // stayed away leaves.
+    assert_eq!(listeners[0].0.recv().await, leave(rooms[0], gone));
+    let after = stopped.elapsed();
+    assert!(after >= Duration::from_millis(3500), "left {after:?} after the stop: sooner than the delay");
+    sleep(Duration::from_secs(2)).await;
+    let mut all: Vec<&mut Client> = listeners.iter_mut().map(|(l, _)| l).collect();
+    for (i, l) in all.iter_mut().enumerate() {
+        quiet(&two, rooms[i], &mut [&mut **l]).await;
+    }
+    for (i, (l, watcher)) in listeners.iter_mut().enumerate() {
+        let mut want: Vec<UserId> = users.iter().filter(|(r, _)| *r == rooms[i]).map(|(_, u)| *u).collect();
+        want.push(*watcher);
+        let list = presence_list(l, rooms[i]).await;
+        assert_eq!(list["users"], json!(sorted(want)), "room {i}");
+    }
+    two.stop().await;
+}

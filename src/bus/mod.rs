@@ -290,6 +290,18 @@ pub trait Bus: Send + Sync + 'static {
         Box::pin(std::future::ready(Ok(())))
     }
 
+    /// This node is stopping (gracefully): its users in `rooms` leave `within`
+    /// from now unless they are back on another node by then (a deploy moving
+    /// clients produces neither leaves nor joins). Without it a stopped node's
+    /// users would linger for `presence.node_ttl`.
+    fn depart_presence(
+        &self,
+        _rooms: Vec<(ChatId, Vec<UserId>)>,
+        _within: Duration,
+    ) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     /// Drops per-room state kept for rooms `active` no longer names (the
     /// node holds a room while it has a subscriber or history), so
     /// publishers cannot grow it without bound. Called by the node's sweeper.

@@ -595,6 +595,39 @@ impl Bus for RedisBus {
         })
     }
 
+    fn depart_presence(
+        &self,
+        rooms: Vec<(ChatId, Vec<UserId>)>,
+        within: Duration,
+    ) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(async move {
+            let mut conn = self.shared.connection()?;
+            let within = within.as_millis().to_string();
+            for chunk in rooms.chunks(REFRESH_ROOMS) {
+                let mut pipe = redis::pipe();
+                for (chat, users) in chunk {
+                    let cmd = pipe
+                        .cmd("EVALSHA")
+                        .arg(self.shared.scripts.presence_depart.get_hash())
+                        .arg(2)
+                        .arg(scripts::presence_key(*chat))
+                        .arg(scripts::presence_users_key(*chat))
+                        .arg(self.shared.node_id)
+                        .arg(&within);
+                    for user in users {
+                        cmd.arg(user.to_string());
+                    }
+                    cmd.ignore();
+                }
+                pipe.query_async::<()>(&mut conn).await.map_err(|e| {
+                    tracing::warn!(error = %e, "redis presence departure failed");
+                    classify(&e)
+                })?;
+            }
+            Ok(())
+        })
+    }
+
     fn revoked(&self, user: UserId) -> BoxFuture<'_, Result<Option<u64>, BusError>> {
         Box::pin(async move {
             let Err(epoch) = self.shared.checked_recently(user) else { return Ok(None) };

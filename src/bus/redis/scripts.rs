@@ -122,10 +122,11 @@ pub(super) struct Scripts {
     pub(super) presence_leave: redis::Script,
     pub(super) presence_list: redis::Script,
     pub(super) typing: redis::Script,
+    pub(super) presence_depart: redis::Script,
 }
 
 /// Every script's source, for `SCRIPT LOAD`.
-pub(super) const ALL: [&str; 11] = [
+pub(super) const ALL: [&str; 12] = [
     PUBLISH_LUA,
     RESEED_LUA,
     SNAPSHOT_LUA,
@@ -137,6 +138,7 @@ pub(super) const ALL: [&str; 11] = [
     PRESENCE_LEAVE_LUA,
     PRESENCE_LIST_LUA,
     TYPING_LUA,
+    PRESENCE_DEPART_LUA,
 ];
 
 impl Scripts {
@@ -153,6 +155,7 @@ impl Scripts {
             presence_leave: redis::Script::new(PRESENCE_LEAVE_LUA),
             presence_list: redis::Script::new(PRESENCE_LIST_LUA),
             typing: redis::Script::new(TYPING_LUA),
+            presence_depart: redis::Script::new(PRESENCE_DEPART_LUA),
         }
     }
 }
@@ -510,6 +513,24 @@ pub(super) const TYPING_LUA: &str = r#"
 if redis.call('SET', KEYS[1], '1', 'PX', ARGV[1], 'NX') then
   redis.call('PUBLISH', ARGV[2], ARGV[3])
   return 1
+end
+return 0
+"#;
+
+/// A node that stops gracefully: its members of these users in a room run out `within` ms from
+/// now (then whichever node refreshes or reads the room next reaps them, announcing a leave for a
+/// user no other node holds by then); the keys are kept at least that long. KEYS: as
+/// [`PRESENCE_JOIN_LUA`]. ARGV: node, within ms, users.
+pub(super) const PRESENCE_DEPART_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local within = tonumber(ARGV[2])
+for i = 3, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', now + within, ARGV[i] .. '|' .. ARGV[1])
+end
+for _, key in ipairs(KEYS) do
+  local ttl = redis.call('PTTL', key)
+  if ttl >= 0 and ttl < within + 1000 then redis.call('PEXPIRE', key, within + 1000) end
 end
 return 0
 "#;
