@@ -20,7 +20,7 @@
 //! padding.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,14 +34,17 @@ use crate::node::Node;
 use crate::protocol::{ChatId, UserId};
 use crate::sync::lock;
 
-/// One user in one room on this node. `conns == 0`: its last subscription
-/// ended; it leaves once the leave queued with generation `left` comes due.
+/// One user in one room on this node, in 24 bytes. `conns == 0`: its last
+/// subscription ended; it leaves once the leave queued with generation
+/// `left` comes due (a leave queued before it came back and left again is
+/// void). `listeners` saturates: it only says whether any listens, and one
+/// user holds fewer connections on one node than it counts.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     user: UserId,
     conns: u32,
-    listeners: u32,
-    left: u32,
+    listeners: u16,
+    left: u16,
 }
 
 /// The node's presence registry. Exists only under `presence.enabled`.
@@ -51,8 +54,8 @@ pub struct Registry {
     rooms: DashMap<ChatId, Vec<Entry>>,
     /// Leaves waiting for `leave_delay`: (due, chat, user, generation), in
     /// the order they come due (the delay is one for the node).
-    leaving: Mutex<VecDeque<(Stamp, ChatId, UserId, u32)>>,
-    generation: AtomicU32,
+    leaving: Mutex<VecDeque<(Stamp, ChatId, UserId, u16)>>,
+    generation: AtomicU16,
     /// When each (room, user) last had a typing event sent on; pruned once older than the interval.
     typed: Mutex<HashMap<(ChatId, UserId), Stamp>>,
     pub leave_delay: Duration,
@@ -66,7 +69,7 @@ impl Registry {
         Registry {
             rooms: DashMap::new(),
             leaving: Mutex::default(),
-            generation: AtomicU32::new(0),
+            generation: AtomicU16::new(0),
             typed: Mutex::default(),
             leave_delay: config.leave_delay,
             typing_interval: config.typing_interval,
@@ -84,15 +87,16 @@ impl Registry {
             Ok(i) => {
                 let entry = &mut users[i];
                 entry.conns += 1;
-                entry.listeners += u32::from(listening);
+                entry.listeners = entry.listeners.saturating_add(u16::from(listening));
                 false
             }
             Err(i) => {
-                if users.capacity() == 0 {
-                    // Two-person rooms are the common shape: don't reserve four.
+                if users.len() == users.capacity() && users.len() < SMALL_ROOM {
+                    // Two-person rooms are the common shape: a small room grows
+                    // one entry at a time instead of doubling (to four at once).
                     users.reserve_exact(1);
                 }
-                users.insert(i, Entry { user, conns: 1, listeners: u32::from(listening), left: 0 });
+                users.insert(i, Entry { user, conns: 1, listeners: u16::from(listening), left: 0 });
                 true
             }
         }
@@ -102,7 +106,7 @@ impl Registry {
     pub fn listen(&self, chat: ChatId, user: UserId) {
         if let Some(mut users) = self.rooms.get_mut(&chat) {
             if let Ok(i) = users.binary_search_by(|e| e.user.cmp(&user)) {
-                users[i].listeners += 1;
+                users[i].listeners = users[i].listeners.saturating_add(1);
             }
         }
     }
@@ -114,7 +118,7 @@ impl Registry {
         let Ok(i) = users.binary_search_by(|e| e.user.cmp(&user)) else { return };
         let entry = &mut users[i];
         entry.conns = entry.conns.saturating_sub(1);
-        entry.listeners = entry.listeners.saturating_sub(u32::from(listening));
+        entry.listeners = entry.listeners.saturating_sub(u16::from(listening));
         if entry.conns == 0 {
             let generation = self.generation.fetch_add(1, Ordering::Relaxed);
             entry.left = generation;
@@ -213,6 +217,9 @@ impl Registry {
     }
 }
 
+/// Rooms with fewer users than this grow their list one entry at a time.
+const SMALL_ROOM: usize = 8;
+
 /// How often due leaves are looked for at most (and at least).
 const TICK_MIN: Duration = Duration::from_millis(20);
 const TICK_MAX: Duration = Duration::from_millis(250);
@@ -307,6 +314,17 @@ mod tests {
         r.exit(chat, bob, false, t1);
         assert_eq!(r.due(t1 + Duration::from_secs(5)), vec![(chat, bob)]);
         assert!(r.is_empty(), "an empty room is forgotten");
+    }
+
+    #[test]
+    fn a_room_costs_its_entries_alone() {
+        assert_eq!(std::mem::size_of::<Entry>(), 24);
+        let r = registry(Duration::from_secs(5));
+        let chat = ChatId::from_u128(1);
+        for n in 1..=3u128 {
+            r.enter(chat, UserId::from_u128(n), false);
+            assert_eq!(r.rooms.get(&chat).map(|u| u.capacity()), Some(n as usize));
+        }
     }
 
     #[test]

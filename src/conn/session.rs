@@ -69,8 +69,9 @@ impl<S: Socket> Conn<S> {
         match client::parse(text) {
             Ok(Command::Ping) => self.out.push(server::pong()),
             Ok(Command::Subscribe { chat_id, since, presence }) => {
+                let fresh = self.subs.position(chat_id).is_none();
                 self.subscribe(chat_id, since).await?;
-                self.enter_presence(chat_id, presence).await;
+                self.enter_presence(chat_id, presence, fresh).await;
             }
             Ok(Command::Presence { chat_id }) if self.node.presence.is_some() => {
                 self.presence(chat_id).await?
@@ -183,17 +184,21 @@ impl<S: Socket> Conn<S> {
     /// After a subscribe: a new subscription enters the room's presence
     /// (the user's first here announces a join), and one that was there
     /// without `"presence":true` starts listening when asked again with it.
-    async fn enter_presence(&mut self, chat: ChatId, listen: bool) {
+    ///
+    /// Runs right after `subscribe` placed the subscription, before anything
+    /// else can end it: a placed subscription is in the room's presence.
+    async fn enter_presence(&mut self, chat: ChatId, listen: bool, fresh: bool) {
         let Some(registry) = self.node.presence.clone() else { return };
-        let Some((present, listening)) = self.subs.presence(chat) else { return };
-        if present {
+        // Not placed: the subscribe failed.
+        let Some((true, listening)) = self.subs.presence(chat) else { return };
+        if !fresh {
             if listen && !listening {
-                self.subs.set_presence(chat, true);
+                self.subs.set_listening(chat, true);
                 registry.listen(chat, self.user);
             }
             return;
         }
-        self.subs.set_presence(chat, listen);
+        self.subs.set_listening(chat, listen);
         if registry.enter(chat, self.user, listen) {
             let node = self.node.clone();
             if let Err(e) = node.bus.presence(Ephemeral::Join { chat, user: self.user }).await {
