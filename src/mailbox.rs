@@ -66,6 +66,20 @@ struct Inbox {
     bytes: usize,
 }
 
+impl Inbox {
+    /// Drops the oldest ephemeral message (presence, typing) to make room;
+    /// false when there is none.
+    fn evict_ephemeral(&mut self) -> bool {
+        let Some(i) = self.msgs.iter().position(|m| matches!(m, UserMsg::Ephemeral { .. })) else {
+            return false;
+        };
+        if let Some(UserMsg::Ephemeral { frame, .. }) = self.msgs.remove(i) {
+            self.bytes -= frame.len();
+        }
+        true
+    }
+}
+
 /// What a connection finds when it looks at its mailbox.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Drained {
@@ -98,6 +112,8 @@ impl Mailbox {
                 UserMsg::Removed(_) | UserMsg::Disconnect | UserMsg::Revoke(_) => 0,
             };
             let mut q = lock(&self.queue);
+            // Presence and typing frames give way: they never make a connection a slow consumer.
+            while (q.msgs.len() >= self.capacity || q.bytes + len > MAILBOX_BYTES) && q.evict_ephemeral() {}
             if q.msgs.len() >= self.capacity || q.bytes + len > MAILBOX_BYTES {
                 self.overflowed.store(true, Ordering::Relaxed);
             } else {
@@ -202,6 +218,25 @@ impl Mailbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn presence_frames_give_way_and_never_overflow_a_mailbox() {
+        let mailbox = Mailbox::new(2);
+        let ephemeral = || UserMsg::Ephemeral {
+            chat: ChatId::from_u128(1),
+            listeners_only: false,
+            skip: 0,
+            frame: Bytes::from_static(b"t"),
+        };
+        assert!(mailbox.push_ephemeral(ephemeral()) && mailbox.push_ephemeral(ephemeral()));
+        assert!(!mailbox.push_ephemeral(ephemeral()), "a full queue drops them");
+        // A user frame takes an ephemeral's place instead of overflowing.
+        mailbox.push(UserMsg::Frame(Bytes::from_static(b"n")));
+        mailbox.push(UserMsg::Frame(Bytes::from_static(b"m")));
+        let mut got = Vec::new();
+        assert_eq!(mailbox.drain(&mut got), Drained::Messages);
+        assert!(got.iter().all(|m| matches!(m, UserMsg::Frame(_))) && got.len() == 2);
+    }
 
     #[test]
     fn an_overflowing_mailbox_reports_the_slow_consumer() {
