@@ -28,6 +28,7 @@ export type HeraldErrorCode =
   | 'too_many_subscriptions'
   | 'rate_limited'
   | 'unavailable'
+  | 'not_subscribed'
   /** client closed, or unsubscribed before the server answered */
   | 'closed'
   /** the server removed the user from the chat */
@@ -129,6 +130,24 @@ export interface Refetch {
   seq: number | null;
 }
 
+export interface SubscribeOptions {
+  /** Also receive the room's `join` and `leave` events, and its fresh
+   * `presence` list after every reconnect (default false). */
+  presence?: boolean;
+}
+
+/** A user joined or left a room, or is typing in it (no `seq`, not replayed). */
+export interface PresenceChange {
+  chatId: string;
+  userId: string;
+}
+
+/** A room's present users after a reconnect (joins and leaves are not replayed). */
+export interface PresenceList {
+  chatId: string;
+  users: string[];
+}
+
 export interface HeraldClientEvents {
   state: ConnectionState;
   /** `attempt`: failed attempts since the last healthy connection. */
@@ -140,6 +159,14 @@ export interface HeraldClientEvents {
   refetch: Refetch;
   event: UserEvent;
   unsubscribed: { chatId: string; reason: string };
+  /** A user's first connection subscribed to a room this client subscribed with `{presence: true}`. */
+  join: PresenceChange;
+  /** A user's last subscription to such a room ended (after the server's leave delay). */
+  leave: PresenceChange;
+  /** Another connection's user is typing in a subscribed room. */
+  typing: PresenceChange;
+  /** A `{presence: true}` room's users, fetched again after a reconnect. */
+  presence: PresenceList;
   error: Error;
 }
 
@@ -152,7 +179,17 @@ export declare class HeraldClient {
    * 4003, connect() starts again and resubscribes the rooms. */
   close(): void;
   /** Resolves on `subscribed`, rejects with a HeraldError on `error`; survives reconnects. */
-  subscribe<Data = unknown>(chatId: string, handler: (event: RoomEvent<Data>) => void): Promise<Subscribed>;
+  subscribe<Data = unknown>(
+    chatId: string,
+    handler: (event: RoomEvent<Data>) => void,
+    options?: SubscribeOptions,
+  ): Promise<Subscribed>;
+  /** The room's present users on every node, sorted; rejects with a HeraldError
+   * (`forbidden`, `unknown_type` when the server has presence off, `closed`). */
+  presence(chatId: string): Promise<string[]>;
+  /** Tells the room's other subscribers this user is typing (rate-limited by
+   * the server); false when not connected or not subscribed. */
+  typing(chatId: string): boolean;
   /** Stops delivery at once; resolves on `unsubscribed`. */
   unsubscribe(chatId: string): Promise<void>;
   on<K extends keyof HeraldClientEvents>(name: K, fn: (value: HeraldClientEvents[K]) => void): () => void;

@@ -24,7 +24,7 @@ export class HeraldError extends Error {
     super(message || code);
     this.name = 'HeraldError';
     /** `bad_request`, `unknown_type`, `forbidden`, `too_many_subscriptions`,
-     * `rate_limited`, `unavailable`, or the client's own: `closed`, `removed`,
+     * `rate_limited`, `unavailable`, `not_subscribed`, or the client's own: `closed`, `removed`,
      * `disconnected` (closed with 4003), `token`, `token_expired`, `connect`. */
     this.code = code;
     this.chatId = chatId;
@@ -115,6 +115,7 @@ export class HeraldClient {
       }
     }
     for (const room of this._rooms.values()) settle(room, new HeraldError('closed', 'client closed', room.chatId));
+    for (const op of this._inflight) if (op.type === 'presence') op.reject(new HeraldError('closed', 'client closed', op.chatId));
     this._inflight = [];
     const was = this._state;
     this._setState('closed');
@@ -124,18 +125,31 @@ export class HeraldClient {
   /**
    * Subscribes to a room. Resolves with `{chatId, seq, recovered}` on the
    * server's `subscribed`, rejects with a HeraldError on its `error`. The
-   * subscription survives reconnects until `unsubscribe`.
+   * subscription survives reconnects until `unsubscribe`. With
+   * `{presence: true}` the connection also receives the room's joins and
+   * leaves (`join` and `leave` events), and after every reconnect the room's
+   * fresh presence list (a `presence` event) instead of a replay of joins.
    */
-  subscribe(chatId, handler) {
+  subscribe(chatId, handler, options = {}) {
     if (typeof handler !== 'function') throw new TypeError('subscribe(chatId, handler): handler must be a function');
+    const presence = options.presence === true;
     let room = this._rooms.get(chatId);
     if (room) {
       room.handler = handler;
+      if (presence && !room.presence) {
+        room.presence = true;
+        // Asking again with presence turns the events on for the subscription.
+        if (room.acked) {
+          room.acked = false;
+          this._sendSubscribe(room);
+        }
+      }
       if (room.acked) return Promise.resolve({ chatId, seq: room.lastSeq, recovered: undefined });
     } else {
       room = {
         chatId,
         handler,
+        presence,
         lastSeq: null,
         since: null,
         acked: false,
@@ -162,9 +176,36 @@ export class HeraldClient {
   }
 
   /**
+   * Who is in the room, on every node: resolves with the user ids (sorted),
+   * rejects with a HeraldError (`forbidden`, `unknown_type` when the server
+   * has presence off, `closed` when the connection ends first).
+   */
+  presence(chatId) {
+    return new Promise((resolve, reject) => {
+      const op = { chatId, resolve: (msg) => resolve(msg.users), reject };
+      if (!this._send({ type: 'presence', chat_id: chatId }, op)) {
+        reject(new HeraldError('closed', 'not connected', chatId));
+      }
+    });
+  }
+
+  /**
+   * Tells the room's other subscribers that this user is typing. Needs a
+   * subscription to the room; the server passes on at most one per user per
+   * room per interval, so calling it on every keystroke is fine. Returns
+   * whether it was sent (false while not connected or not subscribed).
+   */
+  typing(chatId) {
+    const room = this._rooms.get(chatId);
+    if (!room || !room.acked) return false;
+    return this._send({ type: 'typing', chat_id: chatId }, null);
+  }
+
+  /**
    * Listens to `state`, `connecting`, `connected`, `disconnected`,
    * `subscribed` (every ack, resubscribes included), `refetch`, `event`
-   * (per-user events), `unsubscribed` (removed by the server) or `error`. Returns a function that removes the listener.
+   * (per-user events), `unsubscribed` (removed by the server), `join`,
+   * `leave`, `typing`, `presence` (a room's list after a reconnect) or `error`. Returns a function that removes the listener.
    */
   on(name, fn) {
     if (!this._listeners.has(name)) this._listeners.set(name, new Set());
@@ -281,6 +322,9 @@ export class HeraldClient {
     this._clearTimers();
     // Unanswered unsubscribes are moot: the next connection will not subscribe those rooms.
     for (const op of this._inflight) if (op.type === 'unsubscribe') op.resolve();
+    for (const op of this._inflight) {
+      if (op.type === 'presence') op.reject(new HeraldError('closed', 'connection lost', op.chatId));
+    }
     this._inflight = [];
     for (const room of this._rooms.values()) {
       room.acked = false;
@@ -376,6 +420,7 @@ export class HeraldClient {
   _sendSubscribe(room) {
     const cmd = { type: 'subscribe', chat_id: room.chatId };
     if (room.lastSeq !== null) cmd.since = room.lastSeq;
+    if (room.presence) cmd.presence = true;
     room.since = room.lastSeq;
     this._send(cmd, { chatId: room.chatId });
   }
@@ -401,6 +446,15 @@ export class HeraldClient {
         return;
       case 'error':
         return this._onError(msg);
+      case 'presence':
+        this._takeInflight('presence', msg.chat_id)?.resolve(msg);
+        return;
+      case 'presence.join':
+        return this._emit('join', { chatId: msg.chat_id, userId: msg.user_id });
+      case 'presence.leave':
+        return this._emit('leave', { chatId: msg.chat_id, userId: msg.user_id });
+      case 'typing':
+        return this._emit('typing', { chatId: msg.chat_id, userId: msg.user_id });
       default:
         return this._onEvent(msg);
     }
@@ -421,11 +475,21 @@ export class HeraldClient {
     } else if (room.lastSeq === null) {
       room.lastSeq = seq;
     }
+    const again = room.everAcked;
     room.acked = true;
     room.everAcked = true;
     const result = { chatId: room.chatId, seq, recovered: msg.recovered };
     for (const w of room.waiters.splice(0)) w.resolve(result);
     this._emit('subscribed', result);
+    if (again && room.presence) {
+      // Joins and leaves missed while disconnected are not replayed: the
+      // room's list as it is now takes their place.
+      const chatId = room.chatId;
+      this.presence(chatId).then(
+        (users) => this._emit('presence', { chatId, users }),
+        (err) => this._emit('error', err),
+      );
+    }
   }
 
   _onRemoved(msg) {
@@ -437,9 +501,13 @@ export class HeraldClient {
   }
 
   _onError(msg) {
+    if (msg.code === 'not_subscribed') {
+      // A typing, which has no reply to wait for.
+      return this._emit('error', new HeraldError(msg.code, msg.message, msg.chat_id));
+    }
     const op = this._takeInflight(undefined, msg.chat_id) || this._takeInflight();
     const err = new HeraldError(msg.code, msg.message, msg.chat_id || op?.chatId);
-    if (op?.type === 'unsubscribe') return op.reject(err);
+    if (op?.type === 'unsubscribe' || op?.type === 'presence') return op.reject(err);
     const room = op?.type === 'subscribe' ? this._rooms.get(op.chatId) : undefined;
     if (!room) return this._emit('error', err);
     if (room.waiters.length === 0 && TRANSIENT.has(msg.code)) {

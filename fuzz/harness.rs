@@ -168,9 +168,11 @@ pub(crate) fn client_command(data: &[u8]) {
     let Ok(command) = client::parse(data) else { return };
     assert!(is_json_text(data), "accepted invalid JSON");
     let canonical = match command {
-        Command::Subscribe { chat_id, since } => {
-            serde_json::json!({ "type": "subscribe", "chat_id": chat_id, "since": since })
+        Command::Subscribe { chat_id, since, presence } => {
+            serde_json::json!({ "type": "subscribe", "chat_id": chat_id, "since": since, "presence": presence })
         }
+        Command::Presence { chat_id } => serde_json::json!({ "type": "presence", "chat_id": chat_id }),
+        Command::Typing { chat_id } => serde_json::json!({ "type": "typing", "chat_id": chat_id }),
         Command::Unsubscribe { chat_id } => serde_json::json!({ "type": "unsubscribe", "chat_id": chat_id }),
         Command::Ping => serde_json::json!({ "type": "ping" }),
     };

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::bans::Bans;
-use crate::bus::{Control, Deliver};
+use crate::bus::{Control, Deliver, Ephemeral};
 use crate::mailbox::UserMsg;
 use crate::membership;
 use crate::metrics::Metrics;
@@ -28,6 +28,8 @@ pub struct Broadcaster {
     /// Decides whether the table is kept ([`membership::keeps_table`]).
     pub source: membership::Source,
     pub metrics: Arc<Metrics>,
+    /// Who is in which room here (`presence.enabled`).
+    pub presence: Option<Arc<crate::presence::Registry>>,
 }
 
 impl Broadcaster {
@@ -63,6 +65,29 @@ pub fn act(users: &Users, bans: &Bans, msg: Control, now: u64) -> usize {
 impl Deliver for Broadcaster {
     fn control(&self, msg: Control) {
         act(&self.users, &self.bans, msg, crate::auth::now_secs());
+    }
+
+    fn ephemeral(&self, event: Ephemeral, skip: u64) {
+        let Some(presence) = &self.presence else { return };
+        let (ty, chat, user, listeners_only) = match event {
+            Ephemeral::Join { chat, user } => ("presence.join", chat, user, true),
+            Ephemeral::Leave { chat, user } => ("presence.leave", chat, user, true),
+            Ephemeral::Typing { chat, user, .. } => ("typing", chat, user, false),
+        };
+        let recipients = presence.recipients(chat, listeners_only);
+        if recipients.is_empty() {
+            return;
+        }
+        // Encoded once; each connection keeps it only while subscribed (and listening).
+        let frame = server::ephemeral(ty, chat, user);
+        let msg = UserMsg::Ephemeral { chat, listeners_only, skip, frame };
+        let mut dropped = 0;
+        for user in recipients {
+            dropped += self.users.send_ephemeral(user, &msg).1;
+        }
+        if dropped > 0 {
+            self.metrics.ephemeral_dropped.fetch_add(dropped as u64, Ordering::Relaxed);
+        }
     }
 
     fn removals_snapshot(&self, removals: Vec<(ChatId, UserId, u64)>) {

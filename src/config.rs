@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use bus::{mask_url_password, BusConfig, BusKind};
+pub use presence::PresenceConfig;
 
 /// A configuration that cannot be used; the message names the key.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,7 @@ pub struct Config {
     pub bus: BusConfig,
     pub log: LogConfig,
     pub ui: UiConfig,
+    pub presence: PresenceConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -404,6 +406,19 @@ impl Config {
         if rooms.history_bytes < 1 << 16 {
             return Err(key_error("rooms.history_bytes", "must be at least 65536"));
         }
+        let presence = &self.presence;
+        if presence.leave_delay > Duration::from_secs(3600) {
+            return Err(key_error("presence.leave_delay", "must be at most 1h"));
+        }
+        if presence.typing_interval.is_zero() || presence.typing_interval > Duration::from_secs(3600) {
+            return Err(key_error("presence.typing_interval", "must be longer than 0s and at most 1h"));
+        }
+        if presence.max_list == 0 || presence.max_list > 100_000 {
+            return Err(key_error("presence.max_list", "must be between 1 and 100000"));
+        }
+        if presence.node_ttl < Duration::from_secs(1) || presence.node_ttl > DAY {
+            return Err(key_error("presence.node_ttl", "must be between 1s and 1 day"));
+        }
         if ws.pong_wait <= ws.ping_interval {
             return Err(key_error("websocket.pong_wait", "must be longer than websocket.ping_interval"));
         }
@@ -545,5 +560,6 @@ fn apply_env(tree: &mut Value, var: &str, raw: &str) -> Result<(), ConfigError> 
 }
 
 mod bus;
+mod presence;
 #[cfg(test)]
 mod tests;

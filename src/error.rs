@@ -19,17 +19,20 @@ pub enum ErrorCode {
     RateLimited,
     /// The event bus cannot serve the command right now (extension).
     Unavailable,
+    /// `typing` in a room the connection is not subscribed to.
+    NotSubscribed,
 }
 
 impl ErrorCode {
     /// Every code, in the order of the metrics' counters.
-    pub const ALL: [ErrorCode; 6] = [
+    pub const ALL: [ErrorCode; 7] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownType,
         ErrorCode::Forbidden,
         ErrorCode::TooManySubscriptions,
         ErrorCode::RateLimited,
         ErrorCode::Unavailable,
+        ErrorCode::NotSubscribed,
     ];
 
     /// The wire value, which is also the metric label.
@@ -41,6 +44,7 @@ impl ErrorCode {
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::NotSubscribed => "not_subscribed",
         }
     }
 

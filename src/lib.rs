@@ -51,6 +51,7 @@ pub mod mailbox;
 pub mod membership;
 pub mod metrics;
 pub mod node;
+pub mod presence;
 pub mod process;
 pub mod protocol;
 pub mod rooms;

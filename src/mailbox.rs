@@ -18,6 +18,16 @@ use crate::sync::lock;
 #[derive(Debug, Clone)]
 pub enum UserMsg {
     Frame(Bytes),
+    /// An ephemeral room frame (presence or typing): queued by the
+    /// connection only while it is subscribed to `chat` (and, for
+    /// `listeners_only`, asked for presence events), and not by the
+    /// connection whose [`Mailbox::token`] is `skip` (a typing's sender).
+    Ephemeral {
+        chat: ChatId,
+        listeners_only: bool,
+        skip: u64,
+        frame: Bytes,
+    },
     /// The user was removed from this chat: drop the subscription.
     Removed(ChatId),
     /// An operator disconnected the user: close with 4003.
@@ -56,6 +66,20 @@ struct Inbox {
     bytes: usize,
 }
 
+impl Inbox {
+    /// Drops the oldest ephemeral message (presence, typing) to make room;
+    /// false when there is none.
+    fn evict_ephemeral(&mut self) -> bool {
+        let Some(i) = self.msgs.iter().position(|m| matches!(m, UserMsg::Ephemeral { .. })) else {
+            return false;
+        };
+        if let Some(UserMsg::Ephemeral { frame, .. }) = self.msgs.remove(i) {
+            self.bytes -= frame.len();
+        }
+        true
+    }
+}
+
 /// What a connection finds when it looks at its mailbox.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Drained {
@@ -84,10 +108,12 @@ impl Mailbox {
     pub(crate) fn push(&self, msg: UserMsg) {
         {
             let len = match &msg {
-                UserMsg::Frame(frame) => frame.len(),
+                UserMsg::Frame(frame) | UserMsg::Ephemeral { frame, .. } => frame.len(),
                 UserMsg::Removed(_) | UserMsg::Disconnect | UserMsg::Revoke(_) => 0,
             };
             let mut q = lock(&self.queue);
+            // Presence and typing frames give way: they never make a connection a slow consumer.
+            while (q.msgs.len() >= self.capacity || q.bytes + len > MAILBOX_BYTES) && q.evict_ephemeral() {}
             if q.msgs.len() >= self.capacity || q.bytes + len > MAILBOX_BYTES {
                 self.overflowed.store(true, Ordering::Relaxed);
             } else {
@@ -96,6 +122,32 @@ impl Mailbox {
             }
         }
         self.signal();
+    }
+
+    /// Queues an ephemeral message (presence, typing) unless the queue is
+    /// full: those are dropped (false), never a reason to close the
+    /// connection as a slow consumer.
+    pub(crate) fn push_ephemeral(&self, msg: UserMsg) -> bool {
+        {
+            let len = match &msg {
+                UserMsg::Ephemeral { frame, .. } | UserMsg::Frame(frame) => frame.len(),
+                _ => 0,
+            };
+            let mut q = lock(&self.queue);
+            if q.msgs.len() >= self.capacity || q.bytes + len > MAILBOX_BYTES {
+                return false;
+            }
+            q.bytes += len;
+            q.msgs.push_back(msg);
+        }
+        self.signal();
+        true
+    }
+
+    /// This connection's token: its address, unique while it lives (a
+    /// typing's sender is told apart by it).
+    pub fn token(self: &std::sync::Arc<Self>) -> u64 {
+        std::sync::Arc::as_ptr(self) as usize as u64
     }
 
     /// Asks the connection to close with 1001.
@@ -166,6 +218,25 @@ impl Mailbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn presence_frames_give_way_and_never_overflow_a_mailbox() {
+        let mailbox = Mailbox::new(2);
+        let ephemeral = || UserMsg::Ephemeral {
+            chat: ChatId::from_u128(1),
+            listeners_only: false,
+            skip: 0,
+            frame: Bytes::from_static(b"t"),
+        };
+        assert!(mailbox.push_ephemeral(ephemeral()) && mailbox.push_ephemeral(ephemeral()));
+        assert!(!mailbox.push_ephemeral(ephemeral()), "a full queue drops them");
+        // A user frame takes an ephemeral's place instead of overflowing.
+        mailbox.push(UserMsg::Frame(Bytes::from_static(b"n")));
+        mailbox.push(UserMsg::Frame(Bytes::from_static(b"m")));
+        let mut got = Vec::new();
+        assert_eq!(mailbox.drain(&mut got), Drained::Messages);
+        assert!(got.iter().all(|m| matches!(m, UserMsg::Frame(_))) && got.len() == 2);
+    }
 
     #[test]
     fn an_overflowing_mailbox_reports_the_slow_consumer() {

@@ -31,6 +31,8 @@ pub struct Gauges {
     pub late: bool,
     /// Connection deadlines armed in the node's alarms.
     pub alarms: usize,
+    /// (room, user) pairs present on this node (leaving ones included).
+    pub presence_users: usize,
     /// This process's facts (`None` where `/proc` is not available).
     pub process: Option<Process>,
 }
@@ -78,6 +80,11 @@ pub struct Metrics {
     pub publish_duration: Histogram,
     /// The median delivery lag of the last window (ms, lower bound of its bucket).
     pub lag_median_ms: AtomicU64,
+    /// Typing events sent on to a room, and dropped by the rate limit.
+    pub typing_delivered: AtomicU64,
+    pub typing_dropped: AtomicU64,
+    /// Presence and typing frames not queued because a mailbox was full.
+    pub ephemeral_dropped: AtomicU64,
     pub client_errors: [AtomicU64; ErrorCode::ALL.len()],
     pub close_codes: [AtomicU64; Ended::LABELS.len()],
 }
@@ -228,6 +235,30 @@ impl Metrics {
             "gauge",
             "Median age of the oldest frame a connection took, over the last 50 ms.",
             get(&self.lag_median_ms),
+        );
+        one(
+            "presence_users",
+            "gauge",
+            "(room, user) pairs present on this node, those within presence.leave_delay included.",
+            gauges.presence_users as u64,
+        );
+        one(
+            "typing_delivered_total",
+            "counter",
+            "Typing events sent on to a room's subscribers.",
+            get(&self.typing_delivered),
+        );
+        one(
+            "typing_dropped_total",
+            "counter",
+            "Typing events dropped: more than one per user per room per presence.typing_interval.",
+            get(&self.typing_dropped),
+        );
+        one(
+            "ephemeral_dropped_total",
+            "counter",
+            "Presence and typing frames not queued for a connection whose mailbox was full.",
+            get(&self.ephemeral_dropped),
         );
         one("bus_up", "gauge", "1 when the event bus accepts publishes.", u64::from(bus_healthy));
         let _ = writeln!(out, "# HELP herald_recoveries_total Subscriptions with since, by outcome.");

@@ -74,6 +74,8 @@ pub struct Node {
     pub passthrough: Arc<Passthrough>,
     /// `api.reject_unknown`.
     pub reject_unknown: bool,
+    /// Presence and typing; `None` when `presence.enabled` is false.
+    pub presence: Option<Arc<crate::presence::Registry>>,
 }
 
 /// Stripes of [`Node::recovering`].
@@ -247,7 +249,10 @@ impl Node {
         let users = Arc::new(Users::new());
         let membership = Arc::new(membership::Table::default());
         let bans = Arc::new(Bans::new(config.auth.max_token_ttl.as_secs()));
+        let presence =
+            config.presence.enabled.then(|| Arc::new(crate::presence::Registry::new(&config.presence)));
         let sink: Arc<dyn Deliver> = Arc::new(Broadcaster {
+            presence: presence.clone(),
             rooms: rooms.clone(),
             users: users.clone(),
             membership: membership.clone(),
@@ -262,6 +267,8 @@ impl Node {
                     history_size: config.rooms.history_size,
                     history_ttl: config.rooms.history_ttl,
                     token_ttl: config.auth.max_token_ttl,
+                    presence_ttl: config.presence.node_ttl,
+                    typing_interval: config.presence.typing_interval,
                     ..RedisOptions::default()
                 };
                 Arc::new(RedisBus::connect_with(&config.bus, sink, options).await?)
@@ -296,6 +303,7 @@ impl Node {
                 Passthrough::default()
             })),
             reject_unknown: config.api.reject_unknown,
+            presence,
         })
     }
 }

@@ -182,6 +182,7 @@ impl Server {
             self;
         http_tasks.spawn(node::sense_load(app.node.clone(), shutdown.clone()));
         http_tasks.spawn(node::sweep_history(app.node.clone(), shutdown.clone()));
+        http_tasks.spawn(crate::presence::run(app.node.clone(), shutdown.clone()));
         let public = if internal.is_some() { Surface::Public } else { Surface::All };
         let serve = |listener, surface, limit| Accept {
             listener,

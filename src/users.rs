@@ -94,6 +94,17 @@ impl Users {
         boxes.as_slice().len()
     }
 
+    /// Offers an ephemeral message to every connection of `user` (each
+    /// decides whether it wants it); returns (queued, dropped as full).
+    pub fn send_ephemeral(&self, user: UserId, msg: &UserMsg) -> (usize, usize) {
+        let Some(boxes) = self.users.get(&user) else { return (0, 0) };
+        let mut queued = 0;
+        for mailbox in boxes.as_slice() {
+            queued += usize::from(mailbox.push_ephemeral(msg.clone()));
+        }
+        (queued, boxes.as_slice().len() - queued)
+    }
+
     /// Tells every registered connection to close with 1001.
     pub fn shut_down_all(&self) {
         for entry in self.users.iter() {

@@ -1,7 +1,8 @@
 //! A real browser as the client: headless Chromium, driven over the DevTools
 //! protocol, loads Herald's own demo page (and pages served by this test
 //! that import `/client.js`), and the tests read what the page shows.
-//! Covered: the demo page shows published events and live numbers; the
+//! Covered: the demo page shows published events and live numbers (plotted),
+//! who is online in its chat and who is typing; the
 //! client survives a node restart (with the Redis bus, the missed events are
 //! replayed from the room's history) and a token expiry (4001, renewed through
 //! `getToken()`); `allowed_origins` holds for the browser's `Origin`.
@@ -286,6 +287,56 @@ async fn the_demo_page_shows_published_events_and_live_numbers() {
         std::fs::write(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/demo.png"), &png)
             .expect("save docs/demo.png");
     }
+    page.close().await;
+    node.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "needs chromium"]
+async fn the_demo_page_shows_who_is_online_and_who_is_typing() {
+    let demo = demo(Duration::from_secs(3600));
+    let node = DemoNode::start(demo_config(), &demo).await;
+    let mut page = Browser::open(&format!("http://{}/", node.addr)).await;
+    page.wait_for("the demo chat subscribed", "document.body.dataset.subscribed === '1'").await;
+    page.wait_for("the demo user online", "document.body.dataset.online === '1'").await;
+
+    // A second user joins the chat from outside the page.
+    let other = UserId::new_v4();
+    let mut client = support::Client::connect(node.addr, &support::token(other, &[demo.chat])).await;
+    client.subscribe(demo.chat).await;
+    let short = &other.to_string()[..8];
+    page.wait_for(
+        "two users online",
+        &format!(
+            "document.body.dataset.online === '2' &&              document.querySelector('#online li[data-user=\"{other}\"]')?.textContent === '{short}' &&              document.querySelector('#online li.me')?.dataset.user === '{}'",
+            demo.user
+        ),
+    )
+    .await;
+
+    // It types: the page says so.
+    client.send_json(json!({"type":"typing","chat_id":demo.chat})).await;
+    page.wait_for(
+        "the typing indicator",
+        &format!("document.getElementById('typing').textContent === '{short} is typing\u{2026}'"),
+    )
+    .await;
+    // Typing in the page reaches the other user.
+    page.eval(
+        "const m = document.getElementById('message'); m.value = 'h';          m.dispatchEvent(new Event('input')); true",
+    )
+    .await;
+    assert_eq!(client.recv().await, json!({"type":"typing","chat_id":demo.chat,"user_id":demo.user}));
+    // And the node's numbers are plotted.
+    page.wait_for(
+        "the charts",
+        "Number(document.getElementById('chart-frames').dataset.samples) >= 2 &&          Number(document.getElementById('chart-connections').dataset.samples) >= 2",
+    )
+    .await;
+    let png = page.screenshot().await;
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    std::fs::write(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("demo-presence.png"), &png)
+        .expect("save screenshot");
     page.close().await;
     node.stop().await;
 }

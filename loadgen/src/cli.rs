@@ -71,6 +71,21 @@ pub(crate) struct CommonArgs {
     /// share rooms.
     #[arg(long, default_value_t = 0)]
     pub(crate) room_group: u32,
+    /// Subscribe with "presence":true, so every connection receives its room's presence.join and
+    /// presence.leave; in fanout and soak each connection also sends {"type":"typing"} in its room
+    /// every --typing-every (the server's presence section must be enabled, as it is by default).
+    #[arg(long)]
+    pub(crate) presence: bool,
+    /// With --presence, how often each connection sends typing (fanout, recovery, soak).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub(crate) typing_every: Duration,
+}
+
+impl CommonArgs {
+    /// How often each connection sends typing, when it does.
+    pub(crate) fn typing(&self) -> Option<Duration> {
+        (self.presence && !self.typing_every.is_zero()).then_some(self.typing_every)
+    }
 }
 
 #[derive(Debug, Args)]

@@ -41,6 +41,8 @@ struct Ctx {
     run_id: u64,
     /// The rooms' ids as the server writes them, to start each room's seq check at its position.
     room_names: Vec<String>,
+    /// `--presence`: each connection sends typing in its room this often.
+    typing: Option<Duration>,
 }
 
 pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
@@ -66,7 +68,13 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     let run_id = Uuid::new_v4().as_u64_pair().0 >> 1;
     let shared = Arc::new(Shared::new());
     let room_names = rooms.iter().map(Uuid::to_string).collect();
-    let ctx = Arc::new(Ctx { shared: shared.clone(), window: Window::default(), run_id, room_names });
+    let ctx = Arc::new(Ctx {
+        shared: shared.clone(),
+        window: Window::default(),
+        run_id,
+        room_names,
+        typing: common.typing(),
+    });
     let mut progress = Progress::new(common.json);
 
     let spec = Arc::new(Spec::new(common, targets.clone(), rooms.clone(), BUF_SIZE));
@@ -197,6 +205,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
             .server_secs
             .filter(|_| deliveries > 0)
             .map(|s| s * 1e6 / deliveries as f64),
+        presence: crate::report::PresenceSummary::read(common),
         notes,
     })
 }
@@ -210,6 +219,8 @@ async fn connection(mut client: WsClient, opened: Opened, ctx: Arc<Ctx>, mut pha
         seqs.start(ctx.room_names[opened.room].as_bytes(), seq);
     }
     let shared = &ctx.shared;
+    // Typing starts spread over the first interval, so connections do not send in step.
+    let mut next_typing = ctx.typing.map(|every| Instant::now() + first_typing(every, opened.index));
     'phases: loop {
         if *phase.borrow_and_update() == Phase::Stop {
             break;
@@ -258,6 +269,10 @@ async fn connection(mut client: WsClient, opened: Opened, ctx: Arc<Ctx>, mut pha
                     }
                     continue 'phases;
                 }
+                () = tokio::time::sleep_until(next_typing.unwrap_or_else(Instant::now)), if next_typing.is_some() => {
+                    client.queue_typing(&ctx.room_names[opened.room]);
+                    next_typing = next_typing.zip(ctx.typing).map(|(at, every)| at + every);
+                }
                 read = client.fill() => {
                     if !matches!(read, Ok(n) if n > 0) {
                         shared.closed(crate::frame::CLOSE_ABNORMAL);
@@ -268,6 +283,11 @@ async fn connection(mut client: WsClient, opened: Opened, ctx: Arc<Ctx>, mut pha
         }
     }
     client.close().await;
+}
+
+/// When connection `index` first sends typing: spread over one interval.
+pub(crate) fn first_typing(every: Duration, index: usize) -> Duration {
+    every.mul_f64((index % 101) as f64 / 101.0)
 }
 
 /// Accounts one text frame: seq check, ownership, window and latency.

@@ -2,6 +2,7 @@
 //! and the loadgen stamp (`ts`, `run`) inside `data`, and for `subscribed` the room position and
 //! the recovery answer, without a JSON parser on the hot path.
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::LazyLock;
 
 use memchr::memmem::Finder;
@@ -14,6 +15,13 @@ static TS: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"ts\":"))
 static RUN: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"run\":"));
 static CODE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"code\":\""));
 static RECOVERED: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"recovered\":"));
+
+/// `presence.join` / `presence.leave` frames this process read (any connection, any mode).
+pub(crate) static PRESENCE_RECEIVED: AtomicU64 = AtomicU64::new(0);
+/// `typing` frames this process read.
+pub(crate) static TYPING_RECEIVED: AtomicU64 = AtomicU64::new(0);
+/// `typing` commands this process sent (`--presence` in fanout and soak).
+pub(crate) static TYPING_SENT: AtomicU64 = AtomicU64::new(0);
 
 /// A `message.new` delivery as far as the load generator cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +83,14 @@ pub(crate) fn classify(payload: &[u8]) -> ServerMsg<'_> {
             recovered: bool_after(&RECOVERED, head),
         }),
         b"pong" => ServerMsg::Pong,
+        b"presence.join" | b"presence.leave" => {
+            PRESENCE_RECEIVED.fetch_add(1, Relaxed);
+            ServerMsg::Other
+        }
+        b"typing" => {
+            TYPING_RECEIVED.fetch_add(1, Relaxed);
+            ServerMsg::Other
+        }
         b"error" => ServerMsg::Error(string_after(&CODE, payload).unwrap_or(b"?")),
         _ => ServerMsg::Other,
     }

@@ -54,6 +54,8 @@ pub(crate) struct Spec {
     pub(crate) subs_per_conn: usize,
     /// SO_RCVBUF for connection `i`, when it should have a small one (stalled readers).
     pub(crate) recv_buffer: Option<RecvBufferFor>,
+    /// Subscribe with `"presence":true` (`--presence`).
+    pub(crate) presence: bool,
 }
 
 /// Chooses SO_RCVBUF by connection index; `None` leaves the kernel default.
@@ -84,6 +86,7 @@ impl Spec {
             buf_size,
             subs_per_conn: 1,
             recv_buffer: None,
+            presence: common.presence,
         }
     }
 
@@ -193,6 +196,7 @@ async fn open(spec: &Spec, index: usize, source: Option<IpAddr>) -> anyhow::Resu
     let recv_buffer = spec.recv_buffer.as_ref().and_then(|f| f(index));
     let target = &spec.targets[spec.node(index, 0)];
     let mut client = WsClient::connect(target, source, &token, spec.buf_size, recv_buffer, None).await?;
+    client.presence = spec.presence;
     let mut first = None;
     for chat in &chats {
         let answer = client.subscribe(chat, None).await.context("subscribe")?;
@@ -219,6 +223,7 @@ pub(crate) async fn reopen(
     let connect = async {
         let mut client =
             WsClient::connect(target, opened.source, &token, spec.buf_size, recv_buffer, None).await?;
+        client.presence = spec.presence;
         let answer = client.subscribe(&chat, since).await.context("subscribe")?;
         anyhow::Ok((client, answer))
     };
@@ -314,6 +319,7 @@ mod tests {
             buf_size: 1024,
             subs_per_conn: 1,
             recv_buffer: None,
+            presence: false,
         };
         // Spread: connections 0..3 (rooms 0, 1, 2) on node 0, 3..6 on node 1.
         let first: Vec<usize> = (0..6).map(|i| spec.node(i, 0)).collect();

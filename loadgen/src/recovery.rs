@@ -53,6 +53,7 @@ pub(crate) async fn run(args: RecoveryArgs) -> anyhow::Result<RecoveryReport> {
             rate_target: s.rate,
             duration_secs: args.duration.as_secs_f64(),
             drain_secs: s.drain.as_secs_f64(),
+            presence: crate::report::PresenceSummary::read(common),
         },
         churn_conns: mix.churn as u64,
         stall_conns: mix.stall as u64,

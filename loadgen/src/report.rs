@@ -187,6 +187,9 @@ pub(crate) struct FanoutReport {
     #[serde(flatten)]
     pub(crate) usage: Usage,
     pub(crate) server_cpu_us_per_delivery: Option<f64>,
+    /// With `--presence`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) presence: Option<PresenceSummary>,
     pub(crate) notes: Vec<String>,
 }
 
@@ -291,6 +294,39 @@ pub(crate) struct ClassReport {
     pub(crate) close_codes: BTreeMap<u16, u64>,
 }
 
+/// Presence and typing traffic of a `--presence` run (this process's counts).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct PresenceSummary {
+    pub(crate) typing_every_ms: u64,
+    pub(crate) typing_sent: u64,
+    pub(crate) typing_received: u64,
+    /// `presence.join` and `presence.leave` frames received.
+    pub(crate) presence_events_received: u64,
+}
+
+impl PresenceSummary {
+    /// The counts so far, when the run has `--presence`.
+    pub(crate) fn read(common: &crate::cli::CommonArgs) -> Option<PresenceSummary> {
+        use std::sync::atomic::Ordering::Relaxed;
+        common.presence.then(|| PresenceSummary {
+            typing_every_ms: common.typing().map_or(0, |d| d.as_millis() as u64),
+            typing_sent: crate::msg::TYPING_SENT.load(Relaxed),
+            typing_received: crate::msg::TYPING_RECEIVED.load(Relaxed),
+            presence_events_received: crate::msg::PRESENCE_RECEIVED.load(Relaxed),
+        })
+    }
+
+    fn rows(&self, t: &mut Table) {
+        t.row(
+            "presence / typing",
+            format!(
+                "{} joins+leaves received; typing {} sent (every {} ms), {} received",
+                self.presence_events_received, self.typing_sent, self.typing_every_ms, self.typing_received
+            ),
+        );
+    }
+}
+
 /// The opening figures of a run of the healthy classes (recovery, soak).
 #[derive(Debug, Serialize)]
 pub(crate) struct StreamsHead {
@@ -307,6 +343,9 @@ pub(crate) struct StreamsHead {
     pub(crate) rate_target: u64,
     pub(crate) duration_secs: f64,
     pub(crate) drain_secs: f64,
+    /// With `--presence`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) presence: Option<PresenceSummary>,
 }
 
 #[derive(Debug, Serialize)]
@@ -519,6 +558,9 @@ impl FanoutReport {
         if self.foreign_deliveries > 0 {
             t.row("deliveries of other runs", self.foreign_deliveries);
         }
+        if let Some(p) = &self.presence {
+            p.rows(&mut t);
+        }
         if self.malformed_frames + self.protocol_errors > 0 {
             t.row(
                 "malformed / protocol errors",
@@ -678,6 +720,9 @@ impl StreamsHead {
             );
         }
         self.connect.rows(&mut t, None);
+        if let Some(p) = &self.presence {
+            p.rows(&mut t);
+        }
         t
     }
 }

@@ -117,6 +117,7 @@ pub(crate) async fn run(args: SoakArgs) -> anyhow::Result<SoakReport> {
             rate_target: s.rate,
             duration_secs: args.duration.as_secs_f64(),
             drain_secs: s.drain.as_secs_f64(),
+            presence: crate::report::PresenceSummary::read(common),
         },
         warmup_secs,
         series,

@@ -292,6 +292,14 @@ impl Positions {
         Positions { visits: vec![Visit { room, resume: Resume::new(base) }], current: Some(0), pending: None }
     }
 
+    /// The room it is subscribed to, with no other subscribe in flight.
+    fn settled_room(&self) -> Option<usize> {
+        match (self.current, self.pending) {
+            (Some(i), None) => Some(self.visits[i].room),
+            _ => None,
+        }
+    }
+
     fn visit(&self, room: usize) -> Option<usize> {
         self.visits.iter().position(|v| v.room == room)
     }
@@ -515,6 +523,8 @@ pub(crate) struct Ctx {
     published: Arc<publish::Stats>,
     /// Events the publishers may have sent and not yet had answered (`--in-flight` x `--batch`).
     in_flight_events: u64,
+    /// `--presence`: each connection sends typing in its room this often.
+    typing: Option<Duration>,
 }
 
 impl Ctx {
@@ -628,6 +638,7 @@ impl Harness {
             disrupt_window: Mutex::new(None),
             published: Arc::new(publish::Stats::new(rooms.len())),
             in_flight_events: u64::from(s.in_flight) * u64::from(s.batch),
+            typing: common.typing(),
         });
         let conn_ctx = ctx.clone();
         let (pool, phase_tx, connect_time) = pool::open_all(
@@ -809,6 +820,7 @@ enum Wake {
     Phase,
     PhaseGone,
     Disrupt,
+    Typing,
     Read(std::io::Result<usize>),
 }
 
@@ -834,6 +846,8 @@ async fn connection(client: WsClient, opened: Opened, ctx: Arc<Ctx>, mut phase: 
     let mut rng = Rng::new(opened.index);
     let mut client = Some(client);
     let mut next_disrupt: Option<Instant> = None;
+    let mut next_typing =
+        ctx.typing.map(|every| Instant::now() + crate::fanout::first_typing(every, opened.index));
     loop {
         if *phase.borrow_and_update() == Phase::Stop {
             break;
@@ -906,6 +920,7 @@ async fn connection(client: WsClient, opened: Opened, ctx: Arc<Ctx>, mut phase: 
             biased;
             changed = phase.changed() => if changed.is_ok() { Wake::Phase } else { Wake::PhaseGone },
             () = tokio::time::sleep_until(next_disrupt.unwrap_or(now)), if next_disrupt.is_some() => Wake::Disrupt,
+            () = tokio::time::sleep_until(next_typing.unwrap_or(now)), if next_typing.is_some() => Wake::Typing,
             read = c.fill() => Wake::Read(read),
         };
         match wake {
@@ -954,6 +969,14 @@ async fn connection(client: WsClient, opened: Opened, ctx: Arc<Ctx>, mut phase: 
                         _ = phase.changed() => {}
                         () = tokio::time::sleep(pause) => {}
                     }
+                }
+            }
+            Wake::Typing => {
+                next_typing = next_typing.zip(ctx.typing).map(|(at, every)| at + every);
+                // Only in a room it is settled in: a typing the server refuses would read as a
+                // refused subscribe.
+                if let (Some(room), Some(c)) = (positions.settled_room(), client.as_mut()) {
+                    c.queue_typing(&ctx.room_names[room]);
                 }
             }
             Wake::Read(Ok(n)) if n > 0 => {}

@@ -45,6 +45,8 @@ pub(crate) struct WsClient {
     out: Vec<u8>,
     /// Server pings answered since the last [`WsClient::take_pings`].
     pings: u64,
+    /// Every `subscribe` asks for presence events (`--presence`).
+    pub(crate) presence: bool,
 }
 
 impl WsClient {
@@ -121,6 +123,7 @@ impl WsClient {
             frag_active: false,
             out: Vec::new(),
             pings: 0,
+            presence: false,
         })
     }
 
@@ -131,11 +134,18 @@ impl WsClient {
 
     /// Queues `subscribe` to `chat` (resuming after `since` when given); the answer comes later.
     pub(crate) fn queue_subscribe(&mut self, chat: &Uuid, since: Option<u64>) {
+        let presence = if self.presence { r#","presence":true"# } else { "" };
         let text = match since {
-            Some(n) => format!(r#"{{"type":"subscribe","chat_id":"{chat}","since":{n}}}"#),
-            None => format!(r#"{{"type":"subscribe","chat_id":"{chat}"}}"#),
+            Some(n) => format!(r#"{{"type":"subscribe","chat_id":"{chat}","since":{n}{presence}}}"#),
+            None => format!(r#"{{"type":"subscribe","chat_id":"{chat}"{presence}}}"#),
         };
         self.queue_text(text.as_bytes());
+    }
+
+    /// Queues `typing` in `chat` (the room's id as the server writes it), and counts it.
+    pub(crate) fn queue_typing(&mut self, chat: &str) {
+        self.queue_text(format!(r#"{{"type":"typing","chat_id":"{chat}"}}"#).as_bytes());
+        crate::msg::TYPING_SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Queues `unsubscribe` from `chat`.

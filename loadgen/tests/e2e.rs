@@ -290,3 +290,84 @@ fn soak_loses_nothing_for_healthy_clients_and_closes_abusers_with_the_promised_c
     );
     assert!(r["rss_growth"]["slope_kb_per_min"].as_f64().is_some(), "{r}");
 }
+
+#[test]
+fn fanout_with_presence_and_typing_still_counts_every_delivery() {
+    let node = start_node_with(&[("HERALD_PRESENCE__TYPING_INTERVAL", "100ms")]);
+    let r = loadgen(
+        &node,
+        &[
+            "fanout",
+            "--conns",
+            "30",
+            "--rooms",
+            "3",
+            "--rate",
+            "200",
+            "--warmup",
+            "300ms",
+            "--duration",
+            "1s",
+            "--presence",
+            "--typing-every",
+            "200ms",
+        ],
+    );
+    assert_eq!(r["conns_subscribed"], 30, "{r}");
+    assert_eq!((r["lost"].as_u64(), r["duplicated"].as_u64()), (Some(0), Some(0)), "{r}");
+    assert_eq!(r["deliveries_total"], r["expected_deliveries"], "{r}");
+    let p = &r["presence"];
+    // Each room's 10 listeners hear the joins of those who came after them: 45 per room at least.
+    assert!(p["presence_events_received"].as_u64().is_some_and(|n| n >= 3 * 45), "{r}");
+    assert!(p["typing_sent"].as_u64().is_some_and(|n| n >= 30), "{r}");
+    assert!(p["typing_received"].as_u64().is_some_and(|n| n > 0), "{r}");
+}
+
+#[test]
+fn soak_with_presence_and_typing_loses_nothing() {
+    let node = start_node_with(&[("HERALD_PRESENCE__LEAVE_DELAY", "200ms")]);
+    let r = loadgen(
+        &node,
+        &[
+            "soak",
+            "--duration",
+            "6s",
+            "--conns",
+            "40",
+            "--rooms",
+            "2",
+            "--rate",
+            "100",
+            "--churn",
+            "0.2",
+            "--churn-every",
+            "500ms",
+            "--outage",
+            "100ms",
+            "--stall",
+            "0.1",
+            "--stall-for",
+            "500ms",
+            "--stall-every",
+            "500ms",
+            "--switch",
+            "0.2",
+            "--switch-every",
+            "500ms",
+            "--sample-every",
+            "2s",
+            "--drain",
+            "2s",
+            "--presence",
+            "--typing-every",
+            "300ms",
+        ],
+    );
+    assert_eq!(r["conns_subscribed"], 40, "{r}");
+    assert_eq!(r["verdict"]["pass"], true, "{r}");
+    assert_eq!((r["lost"].as_u64(), r["duplicated"].as_u64()), (Some(0), Some(0)), "{r}");
+    let p = &r["presence"];
+    assert!(p["typing_sent"].as_u64().is_some_and(|n| n > 0), "{r}");
+    assert!(p["typing_received"].as_u64().is_some_and(|n| n > 0), "{r}");
+    assert!(p["presence_events_received"].as_u64().is_some_and(|n| n > 0), "{r}");
+}

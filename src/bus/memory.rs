@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use dashmap::DashMap;
 
-use super::{seq_origin, BoxFuture, Bus, BusError, Deliver, Health, Topic};
+use super::{seq_origin, BoxFuture, Bus, BusError, Deliver, Ephemeral, Health, Topic};
 use crate::protocol::event::DomainEvent;
 use crate::protocol::ChatId;
 use crate::sync::lock;
@@ -77,6 +77,16 @@ impl Bus for MemoryBus {
     fn publish(&self, events: Vec<DomainEvent>) -> BoxFuture<'_, Result<(), BusError>> {
         self.publish_now(&events);
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn presence(&self, event: Ephemeral) -> BoxFuture<'_, Result<bool, BusError>> {
+        // One node: the registry decided already; every subscriber is here.
+        let skip = match event {
+            Ephemeral::Typing { from, .. } => from,
+            _ => 0,
+        };
+        self.sink.ephemeral(event, skip);
+        Box::pin(std::future::ready(Ok(true)))
     }
 
     fn watch(&self, _topic: Topic) -> BoxFuture<'_, Result<(), BusError>> {

@@ -129,6 +129,29 @@ impl Control {
     }
 }
 
+/// A presence or typing announcement (PROTOCOL.md section 4): no `seq`, no
+/// history, delivered to the room's subscribers on every node that has any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ephemeral {
+    /// The user's first subscription to the room in the deployment.
+    Join { chat: ChatId, user: UserId },
+    /// The user's last subscription to the room ended (after `presence.leave_delay`).
+    Leave { chat: ChatId, user: UserId },
+    /// The user is typing; `from` is the sending connection's
+    /// [`crate::mailbox::Mailbox::token`], which does not receive it.
+    Typing { chat: ChatId, user: UserId, from: u64 },
+}
+
+impl Ephemeral {
+    pub fn chat(&self) -> ChatId {
+        match *self {
+            Ephemeral::Join { chat, .. } | Ephemeral::Leave { chat, .. } | Ephemeral::Typing { chat, .. } => {
+                chat
+            }
+        }
+    }
+}
+
 /// Room events a bus keeps of its own (Redis's room history), read for a
 /// recovery the node's history cannot serve.
 #[derive(Debug, Default)]
@@ -179,6 +202,11 @@ pub trait Deliver: Send + Sync + 'static {
     /// The default delivers each pair as an addition.
     /// An operator's instruction about a user, applied on this node.
     fn control(&self, _msg: Control) {}
+
+    /// A presence or typing announcement for this node's subscribers of its
+    /// room; `skip` is the token of a local connection that must not
+    /// receive it (a typing's sender), 0 for none.
+    fn ephemeral(&self, _event: Ephemeral, _skip: u64) {}
 
     /// Every removal the bus remembers, (chat, user, removed at in Unix
     /// seconds), loaded on every connect of a multi-node bus after
@@ -290,6 +318,38 @@ pub trait Bus: Send + Sync + 'static {
     /// is). Only the range after `since` is read.
     fn kept(&self, _chat: ChatId, _since: u64) -> BoxFuture<'_, Result<Option<Kept>, BusError>> {
         Box::pin(std::future::ready(Ok(None)))
+    }
+
+    /// Announces a presence change or a typing event to every node's
+    /// subscribers of its room. A join or leave the bus decides on for the
+    /// deployment (Redis: only when no other node holds the user) may come
+    /// to nothing. For a typing event: `Ok(false)` when the bus dropped it
+    /// (another node sent one for the user within `presence.typing_interval`).
+    fn presence(&self, event: Ephemeral) -> BoxFuture<'_, Result<bool, BusError>>;
+
+    /// The room's present users on every node, sorted, each once; `None`
+    /// where this node's registry is all there is (memory).
+    fn present(&self, _chat: ChatId) -> BoxFuture<'_, Result<Option<Vec<UserId>>, BusError>> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
+
+    /// Confirms this node's present users (per room) to the bus, which
+    /// forgets a node's users once it stopped confirming them for
+    /// `presence.node_ttl` (and announces their leaves). Called every third of it.
+    fn refresh_presence(&self, _rooms: Vec<(ChatId, Vec<UserId>)>) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// This node is stopping (gracefully): its users in `rooms` leave `within`
+    /// from now unless they are back on another node by then (a deploy moving
+    /// clients produces neither leaves nor joins). Without it a stopped node's
+    /// users would linger for `presence.node_ttl`.
+    fn depart_presence(
+        &self,
+        _rooms: Vec<(ChatId, Vec<UserId>)>,
+        _within: Duration,
+    ) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(std::future::ready(Ok(())))
     }
 
     /// Drops per-room state kept for rooms `active` no longer names (the

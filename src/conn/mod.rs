@@ -153,6 +153,13 @@ impl<S> Drop for Conn<S> {
     fn drop(&mut self) {
         // Frames it took and never wrote are no longer owed to anyone.
         self.node.rooms.backlog().pay(self.out.owed());
+        // A task that ends without closing (dropped at shutdown) leaves presence too.
+        if let Some(registry) = &self.node.presence {
+            let now = Stamp::now();
+            for (chat, listening) in self.subs.present() {
+                registry.exit(chat, self.user, listening, now);
+            }
+        }
     }
 }
 

@@ -218,6 +218,11 @@ impl<S: Socket> Conn<S> {
         for msg in msgs {
             match msg {
                 UserMsg::Frame(frame) => self.out.push(frame),
+                UserMsg::Ephemeral { chat, listeners_only, skip, frame } => {
+                    if skip != self.mailbox.token() && self.subs.wants(chat, listeners_only) {
+                        self.out.push(frame);
+                    }
+                }
                 UserMsg::Removed(chat) => {
                     if self.leave(chat) {
                         self.out.push(server::removed(chat));

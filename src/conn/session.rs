@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use super::{Conn, End, Socket};
 use crate::alarms::Stamp;
-use crate::bus::Topic;
+use crate::bus::{Ephemeral, Topic};
 use crate::error::{CloseCode, ErrorCode};
 use crate::membership;
 use crate::protocol::assemble::Inbound;
@@ -68,7 +68,20 @@ impl<S: Socket> Conn<S> {
         }
         match client::parse(text) {
             Ok(Command::Ping) => self.out.push(server::pong()),
-            Ok(Command::Subscribe { chat_id, since }) => self.subscribe(chat_id, since).await?,
+            Ok(Command::Subscribe { chat_id, since, presence }) => {
+                let fresh = self.subs.position(chat_id).is_none();
+                self.subscribe(chat_id, since).await?;
+                self.enter_presence(chat_id, presence, fresh).await;
+            }
+            Ok(Command::Presence { chat_id }) if self.node.presence.is_some() => {
+                self.presence(chat_id).await?
+            }
+            Ok(Command::Typing { chat_id }) if self.node.presence.is_some() => self.typing(chat_id).await?,
+            Ok(Command::Presence { .. } | Command::Typing { .. }) => {
+                // `presence.enabled: false`: as if the commands did not exist.
+                let e = client::CommandError::UnknownType;
+                self.reply_error(e.code(), &e.to_string(), None)?
+            }
             Ok(Command::Unsubscribe { chat_id }) => {
                 self.leave(chat_id);
                 self.out.push(server::unsubscribed(chat_id));
@@ -94,13 +107,8 @@ impl<S: Socket> Conn<S> {
                 Some(chat),
             );
         }
-        if !membership::allowed(self.node.source, &self.node.membership, self.user, &self.token_chats, chat) {
-            return self.reply_error(ErrorCode::Forbidden, "not a member of this chat", Some(chat));
-        }
-        // A removal sticks for the tokens issued before it, whatever the source says.
-        let now = crate::auth::now_secs();
-        if self.node.bans.is_removed(chat, self.user, Some(self.issued_at), now) {
-            return self.reply_error(ErrorCode::Forbidden, "removed from this chat", Some(chat));
+        if let Err(why) = self.may_subscribe(chat) {
+            return self.reply_error(ErrorCode::Forbidden, why, Some(chat));
         }
         // Join the ring first, then watch the bus, then ask the bus for the
         // position: every event after that position is then either in this
@@ -159,6 +167,98 @@ impl<S: Socket> Conn<S> {
         Ok(())
     }
 
+    /// Whether this connection may subscribe to `chat` (and so see who is
+    /// in it): the membership source, then the removals that stick.
+    fn may_subscribe(&self, chat: ChatId) -> Result<(), &'static str> {
+        if !membership::allowed(self.node.source, &self.node.membership, self.user, &self.token_chats, chat) {
+            return Err("not a member of this chat");
+        }
+        // A removal sticks for the tokens issued before it, whatever the source says.
+        let now = crate::auth::now_secs();
+        if self.node.bans.is_removed(chat, self.user, Some(self.issued_at), now) {
+            return Err("removed from this chat");
+        }
+        Ok(())
+    }
+
+    /// After a subscribe: a new subscription enters the room's presence
+    /// (the user's first here announces a join), and one that was there
+    /// without `"presence":true` starts listening when asked again with it.
+    ///
+    /// Runs right after `subscribe` placed the subscription, before anything
+    /// else can end it: a placed subscription is in the room's presence.
+    async fn enter_presence(&mut self, chat: ChatId, listen: bool, fresh: bool) {
+        let Some(registry) = self.node.presence.clone() else { return };
+        // Not placed: the subscribe failed.
+        let Some((true, listening)) = self.subs.presence(chat) else { return };
+        if !fresh {
+            if listen && !listening {
+                self.subs.set_listening(chat, true);
+                registry.listen(chat, self.user);
+            }
+            return;
+        }
+        self.subs.set_listening(chat, listen);
+        if registry.enter(chat, self.user, listen) {
+            let node = self.node.clone();
+            if let Err(e) = node.bus.presence(Ephemeral::Join { chat, user: self.user }).await {
+                // The next refresh (a third of `presence.node_ttl`) announces it.
+                tracing::warn!(%chat, error = %e, "cannot announce a presence join");
+            }
+        }
+    }
+
+    /// `presence`: the room's users on every node, sorted, at most `presence.max_list`.
+    async fn presence(&mut self, chat: ChatId) -> Result<(), End> {
+        let Some(registry) = self.node.presence.clone() else { return Ok(()) };
+        if let Err(why) = self.may_subscribe(chat) {
+            return self.reply_error(ErrorCode::Forbidden, why, Some(chat));
+        }
+        let node = self.node.clone();
+        let mut users = match node.bus.present(chat).await {
+            Ok(Some(users)) => users,
+            Ok(None) => registry.users(chat),
+            Err(e) => {
+                tracing::warn!(%chat, error = %e, "cannot read the room's presence");
+                return self.reply_error(ErrorCode::Unavailable, "event bus unavailable; retry", Some(chat));
+            }
+        };
+        let truncated = users.len() > registry.max_list;
+        users.truncate(registry.max_list);
+        self.out.push(server::presence(chat, &users, truncated));
+        Ok(())
+    }
+
+    /// `typing`: sent on to the room's other subscribers, at most one per
+    /// user per room per `presence.typing_interval` (the rest are dropped
+    /// silently and counted).
+    async fn typing(&mut self, chat: ChatId) -> Result<(), End> {
+        let Some(registry) = self.node.presence.clone() else { return Ok(()) };
+        if self.subs.position(chat).is_none() {
+            return self.reply_error(
+                ErrorCode::NotSubscribed,
+                "subscribe to the chat before sending typing",
+                Some(chat),
+            );
+        }
+        let metrics = &self.node.metrics;
+        if !registry.typing(chat, self.user, Stamp::now()) {
+            metrics.typing_dropped.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let node = self.node.clone();
+        let from = self.mailbox.token();
+        match node.bus.presence(Ephemeral::Typing { chat, user: self.user, from }).await {
+            Ok(true) => node.metrics.typing_delivered.fetch_add(1, Ordering::Relaxed),
+            Ok(false) => node.metrics.typing_dropped.fetch_add(1, Ordering::Relaxed),
+            Err(e) => {
+                tracing::debug!(%chat, error = %e, "typing not sent: bus unavailable");
+                node.metrics.typing_dropped.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+        Ok(())
+    }
+
     /// Drops a subscription, if any; returns whether there was one.
     pub(super) fn leave(&mut self, chat: ChatId) -> bool {
         let had = self.leave_unwatched(chat);
@@ -170,10 +270,14 @@ impl<S: Socket> Conn<S> {
 
     fn leave_unwatched(&mut self, chat: ChatId) -> bool {
         // Dropping the subscription drops its receiver before the room checks emptiness.
+        let presence = self.subs.presence(chat);
         let had = self.subs.remove(chat);
         if had {
             self.node.rooms.leave(chat);
             self.node.metrics.subscriptions_active.fetch_sub(1, Ordering::Relaxed);
+            if let (Some((true, listening)), Some(registry)) = (presence, &self.node.presence) {
+                registry.exit(chat, self.user, listening, Stamp::now());
+            }
         }
         had
     }

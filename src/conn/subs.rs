@@ -44,6 +44,11 @@ struct Sub {
     counted: bool,
     /// The room's ticket for this subscription while it has no receiver.
     ticket: u32,
+    /// Asked for the room's presence events (`"presence":true`). Under
+    /// `presence.enabled` a placed subscription is in the room's presence
+    /// (the command that placed it entered it), so this is all it adds: a
+    /// byte of what was padding.
+    listening: bool,
 }
 
 impl Drop for Sub {
@@ -112,6 +117,28 @@ impl Subscriptions {
         self.subs.iter().find(|s| s.chat == chat).map(|s| s.last)
     }
 
+    /// (placed, so in the room's presence; listening for its presence events), if subscribed.
+    pub(crate) fn presence(&self, chat: ChatId) -> Option<(bool, bool)> {
+        self.subs.iter().find(|s| s.chat == chat).map(|s| (s.placed, s.listening))
+    }
+
+    /// Whether the subscription listens for the room's presence events.
+    pub(crate) fn set_listening(&mut self, chat: ChatId, listening: bool) {
+        if let Some(sub) = self.subs.iter_mut().find(|s| s.chat == chat) {
+            sub.listening = listening;
+        }
+    }
+
+    /// Whether a presence (`listeners_only`) or typing frame of `chat` is for this connection.
+    pub(crate) fn wants(&self, chat: ChatId, listeners_only: bool) -> bool {
+        self.subs.iter().any(|s| s.chat == chat && s.placed && (s.listening || !listeners_only))
+    }
+
+    /// The rooms whose presence the connection is in, and whether it listens there.
+    pub(crate) fn present(&self) -> Vec<(ChatId, bool)> {
+        self.subs.iter().filter(|s| s.placed).map(|s| (s.chat, s.listening)).collect()
+    }
+
     pub(crate) fn chats(&self) -> Vec<ChatId> {
         self.subs.iter().map(|s| s.chat).collect()
     }
@@ -127,8 +154,17 @@ impl Subscriptions {
             Joined::Live(rx) => (Some(ReusableBoxFuture::new(receive(rx))), 0),
             Joined::Waiting(ticket) => (None, ticket),
         };
-        let sub =
-            Sub { chat, room, next, last: u64::MAX, behind: false, placed: false, counted: false, ticket };
+        let sub = Sub {
+            chat,
+            room,
+            next,
+            last: u64::MAX,
+            behind: false,
+            placed: false,
+            counted: false,
+            ticket,
+            listening: false,
+        };
         self.subs.push(sub);
     }
 
@@ -308,6 +344,12 @@ mod tests {
         for seq in seqs {
             rooms.publish(chat, u64::from(seq), Bytes::from(vec![seq]));
         }
+    }
+
+    #[test]
+    fn a_subscription_stays_56_bytes() {
+        // Presence added one flag, in what was padding.
+        assert!(std::mem::size_of::<Sub>() <= 56, "{}", std::mem::size_of::<Sub>());
     }
 
     #[test]

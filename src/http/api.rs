@@ -185,6 +185,33 @@ pub(super) async fn history(
     Ok(resp)
 }
 
+/// The chat id of `/api/rooms/{chat_id}/presence`.
+pub(super) fn presence_path(path: &str) -> Option<&str> {
+    path.strip_prefix("/api/rooms/")?.strip_suffix("/presence").filter(|id| !id.contains('/'))
+}
+
+/// `GET /api/rooms/{chat_id}/presence`: the room's present users on every
+/// node, sorted (404 under `presence.enabled: false`).
+pub(super) async fn presence(
+    app: &App,
+    req: &Request<Incoming>,
+    chat: &str,
+) -> Result<Response<Body>, HttpError> {
+    authorized(app, req)?;
+    let Some(registry) = app.node.presence.as_ref() else { return Err(HttpError::NotFound) };
+    let chat = ChatId::try_parse(chat)
+        .map_err(|_| HttpError::BadRequest("chat_id in the path must be a UUID".into()))?;
+    let users = match app.node.bus.present(chat).await {
+        Ok(Some(users)) => users,
+        Ok(None) => registry.users(chat),
+        Err(e) => return Err(HttpError::Unavailable(e.to_string())),
+    };
+    let body = serde_json::json!({ "chat_id": chat, "users": users });
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    Ok(resp)
+}
+
 /// `since` (default 0) and `limit` (default 100, 1 to `max_limit`) of a
 /// history query; anything else in it is refused.
 fn history_query(query: &str, max_limit: usize) -> Result<(u64, usize), HttpError> {

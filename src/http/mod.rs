@@ -154,6 +154,10 @@ impl App {
                 Some(chat) if method == Method::GET => api::history(&self, &req, chat).await,
                 _ => Err(HttpError::MethodNotAllowed),
             },
+            (method, path) if api::presence_path(path).is_some() => match api::presence_path(path) {
+                Some(chat) if method == Method::GET => api::presence(&self, &req, chat).await,
+                _ => Err(HttpError::MethodNotAllowed),
+            },
             (&Method::POST, path) if act::route(path).is_some() => act::handle(&self, req).await,
             (_, path) if act::route(path).is_some() => Err(HttpError::MethodNotAllowed),
             (

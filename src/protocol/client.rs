@@ -10,8 +10,13 @@ use crate::error::ErrorCode;
 /// One parsed client command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    /// Join a room; `since` is the last `seq` the client saw.
-    Subscribe { chat_id: ChatId, since: Option<u64> },
+    /// Join a room; `since` is the last `seq` the client saw; `presence`:
+    /// also receive the room's `presence.join` / `presence.leave`.
+    Subscribe { chat_id: ChatId, since: Option<u64>, presence: bool },
+    /// Who is in a room (users with a connection subscribed to it).
+    Presence { chat_id: ChatId },
+    /// The user is typing in a room it is subscribed to.
+    Typing { chat_id: ChatId },
     /// Leave a room.
     Unsubscribe { chat_id: ChatId },
     /// Application-level keepalive, answered with `pong`.
@@ -47,6 +52,7 @@ struct Loose<'a> {
     #[serde(borrow)]
     chat_id: Option<Cow<'a, str>>,
     since: Option<u64>,
+    presence: Option<bool>,
 }
 
 /// Parses one text frame into a command.
@@ -67,7 +73,13 @@ pub fn parse(text: &[u8]) -> Result<Command, CommandError> {
         ChatId::try_parse(raw).map_err(|_| CommandError::BadRequest("`chat_id` is not a UUID"))
     };
     match ty {
-        "subscribe" => Ok(Command::Subscribe { chat_id: chat_id()?, since: loose.since }),
+        "subscribe" => Ok(Command::Subscribe {
+            chat_id: chat_id()?,
+            since: loose.since,
+            presence: loose.presence.unwrap_or(false),
+        }),
+        "presence" => Ok(Command::Presence { chat_id: chat_id()? }),
+        "typing" => Ok(Command::Typing { chat_id: chat_id()? }),
         "unsubscribe" => Ok(Command::Unsubscribe { chat_id: chat_id()? }),
         "ping" => Ok(Command::Ping),
         _ => Err(CommandError::UnknownType),
@@ -90,12 +102,20 @@ mod tests {
         let id = ChatId::parse_str(ID).unwrap();
         check(
             &format!(r#"{{"type":"subscribe","chat_id":"{ID}"}}"#),
-            Ok(Command::Subscribe { chat_id: id, since: None }),
+            Ok(Command::Subscribe { chat_id: id, since: None, presence: false }),
         );
         check(
             &format!(r#"{{"type":"subscribe","chat_id":"{ID}","since":41}}"#),
-            Ok(Command::Subscribe { chat_id: id, since: Some(41) }),
+            Ok(Command::Subscribe { chat_id: id, since: Some(41), presence: false }),
         );
+        check(
+            &format!(r#"{{"type":"subscribe","chat_id":"{ID}","presence":true}}"#),
+            Ok(Command::Subscribe { chat_id: id, since: None, presence: true }),
+        );
+        check(&format!(r#"{{"type":"presence","chat_id":"{ID}"}}"#), Ok(Command::Presence { chat_id: id }));
+        check(&format!(r#"{{"type":"typing","chat_id":"{ID}"}}"#), Ok(Command::Typing { chat_id: id }));
+        check(r#"{"type":"typing"}"#, Err("bad_request"));
+        check(&format!(r#"{{"type":"subscribe","chat_id":"{ID}","presence":"yes"}}"#), Err("bad_request"));
         check(
             &format!(r#"{{"chat_id":"{ID}","type":"unsubscribe"}}"#),
             Ok(Command::Unsubscribe { chat_id: id }),

@@ -75,7 +75,7 @@ impl EventKind {
 /// takes one of these names, so a published event cannot pass for a Herald
 /// reply such as `subscribed` or `error`: [`Passthrough::compile`] refuses a
 /// glob that matches one, and [`known`] never passes one through.
-pub const RESERVED_TYPES: [&str; 14] = [
+pub const RESERVED_TYPES: [&str; 18] = [
     "subscribed",
     "unsubscribed",
     "error",
@@ -90,6 +90,10 @@ pub const RESERVED_TYPES: [&str; 14] = [
     "chat.member_added",
     "chat.member_removed",
     "ping",
+    "presence",
+    "presence.join",
+    "presence.leave",
+    "typing",
 ];
 
 /// Longest custom `type` passed through, in bytes.

@@ -82,6 +82,42 @@ pub fn removed(chat_id: ChatId) -> Bytes {
     with_chat("unsubscribed", chat_id, r#","reason":"removed""#)
 }
 
+/// `{"type":"presence.join"|"presence.leave"|"typing","chat_id":"<id>","user_id":"<id>"}`:
+/// an ephemeral room event (no `seq`, no history), encoded once per event.
+pub fn ephemeral(ty: &str, chat_id: ChatId, user_id: super::UserId) -> Bytes {
+    frame::text_with(128, |buf| {
+        buf.extend_from_slice(br#"{"type":""#);
+        buf.extend_from_slice(ty.as_bytes());
+        buf.extend_from_slice(br#"","chat_id":""#);
+        push_uuid(buf, chat_id);
+        buf.extend_from_slice(br#"","user_id":""#);
+        push_uuid(buf, user_id);
+        buf.extend_from_slice(br#""}"#);
+    })
+}
+
+/// `{"type":"presence","chat_id":"<id>","users":[...][,"truncated":true]}`
+pub fn presence(chat_id: ChatId, users: &[super::UserId], truncated: bool) -> Bytes {
+    frame::text_with(96 + users.len() * 39, |buf| {
+        buf.extend_from_slice(br#"{"type":"presence","chat_id":""#);
+        push_uuid(buf, chat_id);
+        buf.extend_from_slice(br#"","users":["#);
+        for (i, user) in users.iter().enumerate() {
+            if i > 0 {
+                buf.push(b',');
+            }
+            buf.push(b'"');
+            push_uuid(buf, *user);
+            buf.push(b'"');
+        }
+        buf.push(b']');
+        if truncated {
+            buf.extend_from_slice(br#","truncated":true"#);
+        }
+        buf.push(b'}');
+    })
+}
+
 /// `{"type":"pong"}`
 pub fn pong() -> Bytes {
     frame::encode(frame::OpCode::Text, br#"{"type":"pong"}"#)

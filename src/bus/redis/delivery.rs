@@ -11,7 +11,7 @@ use redis::{PushInfo, Value};
 use tokio::sync::mpsc;
 
 use super::{MemberMark, Shared};
-use crate::bus::Control;
+use crate::bus::{Control, Ephemeral};
 use crate::protocol::event::{DomainEvent, EventKind};
 use crate::protocol::{ChatId, UserId};
 use crate::sync::lock;
@@ -134,9 +134,41 @@ fn replay(shared: &Shared, boot: String, ver: u64, missed: Missed) {
     *lock(&shared.member_mark) = Some(MemberMark { boot, gseq: ver });
 }
 
+/// A presence message on a room channel (a join or leave a script announced, or a node's
+/// typing event): ephemeral, never ordered against the room's events or deduplicated.
+fn presence(shared: &Shared, payload: &[u8]) {
+    let wire: super::presence::PresenceWire = match serde_json::from_slice(payload) {
+        Ok(wire) => wire,
+        Err(e) => {
+            tracing::warn!(error = %e, "unreadable presence message on a redis channel; dropped");
+            return;
+        }
+    };
+    let (chat, user) = (wire.chat_id, wire.user_id);
+    let (event, skip) = match wire.presence.as_str() {
+        "join" => (Ephemeral::Join { chat, user }, 0),
+        "leave" => (Ephemeral::Leave { chat, user }, 0),
+        "typing" => {
+            let from = wire.conn.unwrap_or(0);
+            // The sender's own connection is skipped only on the node that holds it.
+            let skip = if wire.node == Some(shared.node_id) { from } else { 0 };
+            (Ephemeral::Typing { chat, user, from }, skip)
+        }
+        other => {
+            tracing::debug!(kind = other, "presence message of a newer kind; dropped");
+            return;
+        }
+    };
+    shared.sink.ephemeral(event, skip);
+}
+
 /// One event as a node published it on a channel: this node's only ingress for events from Redis,
 /// where what cannot be delivered is decided.
 fn receive(shared: &Shared, state: &mut Receiving, payload: &[u8]) {
+    if payload.starts_with(super::presence::PRESENCE_PREFIX) {
+        presence(shared, payload);
+        return;
+    }
     if let Some(control) = Control::from_json(payload) {
         match control {
             Ok(msg) => {

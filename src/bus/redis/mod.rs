@@ -53,7 +53,8 @@
 //!
 //! # Layout
 //!
-//! - this file: the [`RedisBus`] handle, its [`Bus`] impl, [`RedisOptions`], the state its tasks share;
+//! - this file: the [`RedisBus`] handle, its [`Bus`] impl, the state its tasks share;
+//! - `options.rs`: [`RedisOptions`]; `presence.rs`: presence calls and their wire form;
 //! - `endpoint.rs`: where the node's Redis is (one server or Sentinel's master), TLS roots, what
 //!   a failed connect means;
 //! - `scripts.rs`: key and channel names, the Lua scripts;
@@ -66,6 +67,8 @@
 
 mod delivery;
 pub(crate) mod endpoint;
+mod options;
+mod presence;
 mod pressure;
 mod publisher;
 mod scripts;
@@ -83,7 +86,8 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::{
-    BoxFuture, Bus, BusError, Control, Deliver, Health, Kept, KeptEvent, LabelledCounter, Pressure, Topic,
+    BoxFuture, Bus, BusError, Control, Deliver, Ephemeral, Health, Kept, KeptEvent, LabelledCounter, Pressure,
+    Topic,
 };
 use crate::config::BusConfig;
 use crate::protocol::event::{DomainEvent, EventKind};
@@ -91,6 +95,7 @@ use crate::protocol::{ChatId, UserId};
 use crate::sync::lock;
 use endpoint::Endpoint;
 use publisher::PublishReq;
+pub use options::RedisOptions;
 use scripts::Scripts;
 pub use scripts::{channel, MEMBERS_CHANNEL};
 pub use stats::RedisStats;
@@ -102,50 +107,6 @@ use topics::{Topics, WatchGuard};
 const INBOUND_CAPACITY: usize = 65_536;
 /// Publish calls that may wait for the publisher task; callers beyond it wait (backpressure).
 const PUBLISH_QUEUE: usize = 1024;
-
-/// Timing knobs. [`RedisBus::connect`] uses the defaults; tests shorten them.
-#[derive(Debug, Clone)]
-pub struct RedisOptions {
-    /// How long after Redis lost its state room events are refused, so every node can reconnect
-    /// and re-seed the room counters first. Must exceed the longest reconnect wait
-    /// (`backoff_max` plus up to 50% jitter) plus a connect.
-    pub settle: Duration,
-    /// Longest wait between reconnect attempts.
-    pub backoff_max: Duration,
-    /// How often the supervisor PINGs.
-    pub ping_interval: Duration,
-    /// A PING slower than this counts as a lost connection.
-    pub ping_timeout: Duration,
-    /// How long one connect attempt may take.
-    pub connect_timeout: Duration,
-    /// How long any command may wait for its reply.
-    pub response_timeout: Duration,
-    /// How long `watch` waits for its `SUBSCRIBE` to be confirmed.
-    pub watch_timeout: Duration,
-    /// Events each room's Redis history keeps (`rooms.history_size`).
-    pub history_size: usize,
-    /// How long they are kept (`rooms.history_ttl`).
-    pub history_ttl: Duration,
-    /// How long revocations and removals are kept (`auth.max_token_ttl`).
-    pub token_ttl: Duration,
-}
-
-impl Default for RedisOptions {
-    fn default() -> Self {
-        RedisOptions {
-            settle: Duration::from_secs(3),
-            backoff_max: Duration::from_secs(1),
-            ping_interval: Duration::from_millis(500),
-            ping_timeout: Duration::from_secs(1),
-            connect_timeout: Duration::from_secs(1),
-            response_timeout: Duration::from_secs(5),
-            watch_timeout: Duration::from_secs(5),
-            history_size: 100,
-            history_ttl: Duration::from_secs(300),
-            token_ttl: Duration::from_secs(86_400),
-        }
-    }
-}
 
 /// Where this node's membership stands in Redis's stream of membership events: the last one it
 /// applied (or the snapshot it started from), within one Redis state (`herald:boot`).
@@ -200,6 +161,8 @@ struct Shared {
     /// storm. Trusted only while every revocation reaches this node on the members channel: a
     /// revocation received forgets its user, a lost connection or a dropped push forgets all.
     checked: Mutex<Checked>,
+    /// This node's name in presence members and typing messages: random per process.
+    node_id: u64,
 }
 
 /// How long a "no revocation" answer from Redis is trusted (revocations published meanwhile
@@ -453,6 +416,26 @@ impl Bus for RedisBus {
         })
     }
 
+    fn presence(&self, event: Ephemeral) -> BoxFuture<'_, Result<bool, BusError>> {
+        Box::pin(self.presence_call(event))
+    }
+
+    fn present(&self, chat: ChatId) -> BoxFuture<'_, Result<Option<Vec<UserId>>, BusError>> {
+        Box::pin(self.present_users(chat))
+    }
+
+    fn refresh_presence(&self, rooms: Vec<(ChatId, Vec<UserId>)>) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(self.refresh_rooms(rooms))
+    }
+
+    fn depart_presence(
+        &self,
+        rooms: Vec<(ChatId, Vec<UserId>)>,
+        within: Duration,
+    ) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(self.depart_rooms(rooms, within))
+    }
+
     fn revoked(&self, user: UserId) -> BoxFuture<'_, Result<Option<u64>, BusError>> {
         Box::pin(async move {
             let Err(epoch) = self.shared.checked_recently(user) else { return Ok(None) };
@@ -520,6 +503,7 @@ impl Shared {
             stats: Arc::default(),
             scripts: Scripts::new(),
             checked: Mutex::default(),
+            node_id: presence::random_id(),
         });
         (shared, phase_rx)
     }

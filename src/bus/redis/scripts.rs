@@ -13,6 +13,9 @@
 //! | `herald:{<chat>}:members` | set | the room's members (`chat.member_*` events) |
 //! | `herald:{<chat>}:history` | list | the room's recent events, `<ms>\|<event JSON with seq>`, oldest first |
 //! | `herald:{<chat>}:removed` | hash | user -> when it was removed from the room (Unix seconds, Redis's clock): its older tokens may not subscribe; a re-add deletes the field; expires `auth.max_token_ttl` after the room's last removal |
+//! | `herald:{<chat>}:presence` | sorted set | `<user>\|<node>` -> until when (Redis ms) the node vouches for the user in the room: each node refreshes its own every third of `presence.node_ttl`; a member past its time belongs to a node that stopped (its leave is announced by whichever node next refreshes or reads the room); expires with the last refresh |
+//! | `herald:{<chat>}:presence-users` | hash | user -> how many nodes hold it in the room (a join is announced when it becomes 1, a leave when it drops to 0); kept with the sorted set |
+//! | `herald:{<chat>}:typing:<user>` | string | the user's typing slot in the room, `PX presence.typing_interval`: one typing event per interval, deployment-wide |
 //! | `herald:{<user>}:user` | channel | events addressed to one user, and operator disconnects (`{"control":"disconnect",...}`) |
 //! | `herald:{<user>}:revoked` | string | the user's revocation: tokens issued before these Unix seconds are refused; expires after `auth.max_token_ttl` |
 //! | `herald:members` | channel | membership events and revocations (`{"control":"revoke",...}`), for every node |
@@ -74,6 +77,21 @@ pub(super) fn history_key(chat: ChatId) -> String {
     format!("herald:{{{chat}}}:history")
 }
 
+/// The room's presence: `<user>|<node>` -> until (ms).
+pub(super) fn presence_key(chat: ChatId) -> String {
+    format!("herald:{{{chat}}}:presence")
+}
+
+/// The room's present users: user -> nodes holding it.
+pub(super) fn presence_users_key(chat: ChatId) -> String {
+    format!("herald:{{{chat}}}:presence-users")
+}
+
+/// The user's typing slot in the room.
+pub(super) fn typing_key(chat: ChatId, user: UserId) -> String {
+    format!("herald:{{{chat}}}:typing:{user}")
+}
+
 /// The room's removals: user -> Unix seconds.
 pub(super) fn removed_key(chat: ChatId) -> String {
     format!("{MEMBER_SET_PREFIX}{chat}{REMOVED_SUFFIX}")
@@ -108,11 +126,28 @@ pub(super) struct Scripts {
     pub(super) kept: redis::Script,
     pub(super) touch: redis::Script,
     pub(super) revoke: redis::Script,
+    pub(super) presence_join: redis::Script,
+    pub(super) presence_leave: redis::Script,
+    pub(super) presence_list: redis::Script,
+    pub(super) typing: redis::Script,
+    pub(super) presence_depart: redis::Script,
 }
 
 /// Every script's source, for `SCRIPT LOAD`.
-pub(super) const ALL: [&str; 7] =
-    [PUBLISH_LUA, RESEED_LUA, SNAPSHOT_LUA, HEAD_LUA, KEPT_LUA, TOUCH_LUA, REVOKE_LUA];
+pub(super) const ALL: [&str; 12] = [
+    PUBLISH_LUA,
+    RESEED_LUA,
+    SNAPSHOT_LUA,
+    HEAD_LUA,
+    KEPT_LUA,
+    TOUCH_LUA,
+    REVOKE_LUA,
+    PRESENCE_JOIN_LUA,
+    PRESENCE_LEAVE_LUA,
+    PRESENCE_LIST_LUA,
+    TYPING_LUA,
+    PRESENCE_DEPART_LUA,
+];
 
 impl Scripts {
     pub(super) fn new() -> Scripts {
@@ -124,6 +159,11 @@ impl Scripts {
             kept: redis::Script::new(KEPT_LUA),
             touch: redis::Script::new(TOUCH_LUA),
             revoke: redis::Script::new(REVOKE_LUA),
+            presence_join: redis::Script::new(PRESENCE_JOIN_LUA),
+            presence_leave: redis::Script::new(PRESENCE_LEAVE_LUA),
+            presence_list: redis::Script::new(PRESENCE_LIST_LUA),
+            typing: redis::Script::new(TYPING_LUA),
+            presence_depart: redis::Script::new(PRESENCE_DEPART_LUA),
         }
     }
 }
@@ -394,4 +434,111 @@ if cur > before then before = cur end
 redis.call('SET', KEYS[1], string.format('%d', before), 'PX', ARGV[2])
 redis.call('PUBLISH', ARGV[3], string.format('{"control":"revoke","user_id":"%s","before":%d}', ARGV[4], before))
 return before
+"#;
+
+/// Lua shared by the presence scripts: `now` (Redis ms), `announce(kind, user)` (publishes a
+/// presence message on the room's channel, ARGV[1], for chat ARGV[2]), and `reap()`, which takes
+/// out the members whose node stopped refreshing them and announces the users no node holds any
+/// more. KEYS: presence sorted set, presence-users hash.
+macro_rules! presence_prelude {
+    () => {
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function announce(kind, user)
+  redis.call('PUBLISH', ARGV[1], '{"presence":"' .. kind .. '","chat_id":"' .. ARGV[2] .. '","user_id":"' .. user .. '"}')
+end
+local function gone(user)
+  if redis.call('HINCRBY', KEYS[2], user, -1) <= 0 then
+    redis.call('HDEL', KEYS[2], user)
+    announce('leave', user)
+  end
+end
+local function reap()
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)
+  for _, m in ipairs(dead) do
+    redis.call('ZREM', KEYS[1], m)
+    gone(string.sub(m, 1, 36))
+  end
+end
+"#
+    };
+}
+
+/// A node vouches for its users in a room (a join, or its periodic refresh): reaps the members of
+/// stopped nodes, then (re)sets this node's member of each user until now + TTL; a user no node
+/// held before is announced (`presence.join`), once for the deployment since the script is
+/// atomic. KEYS: presence sorted set, presence-users hash. ARGV: channel, chat, node, TTL ms,
+/// users.
+pub(super) const PRESENCE_JOIN_LUA: &str = concat!(
+    presence_prelude!(),
+    r#"
+reap()
+local ttl = tonumber(ARGV[4])
+for i = 5, #ARGV do
+  local user = ARGV[i]
+  if redis.call('ZADD', KEYS[1], now + ttl, user .. '|' .. ARGV[3]) == 1 then
+    if redis.call('HINCRBY', KEYS[2], user, 1) == 1 then announce('join', user) end
+  end
+end
+if #ARGV >= 5 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+return 0
+"#
+);
+
+/// A node no longer holds these users in a room (their leave delay ran out there): a user no
+/// other node holds is announced (`presence.leave`). KEYS: as [`PRESENCE_JOIN_LUA`]. ARGV:
+/// channel, chat, node, users.
+pub(super) const PRESENCE_LEAVE_LUA: &str = concat!(
+    presence_prelude!(),
+    r#"
+reap()
+for i = 4, #ARGV do
+  local user = ARGV[i]
+  if redis.call('ZREM', KEYS[1], user .. '|' .. ARGV[3]) == 1 then gone(user) end
+end
+return 0
+"#
+);
+
+/// The room's present users (members whose node still vouches for them), after reaping the
+/// others. KEYS: as [`PRESENCE_JOIN_LUA`]. ARGV: channel, chat.
+pub(super) const PRESENCE_LIST_LUA: &str = concat!(
+    presence_prelude!(),
+    r#"
+reap()
+return redis.call('HKEYS', KEYS[2])
+"#
+);
+
+/// A typing event: published on the room's channel only when the user's typing slot in the room
+/// is free (then taken for the interval). Returns 1 when published, 0 when dropped. KEYS: typing
+/// slot. ARGV: interval ms, channel, message.
+pub(super) const TYPING_LUA: &str = r#"
+if redis.call('SET', KEYS[1], '1', 'PX', ARGV[1], 'NX') then
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"#;
+
+/// A node that stops gracefully: its members of these users in a room run out `within` ms from
+/// now (then whichever node refreshes or reads the room next reaps them, announcing a leave for a
+/// user no other node holds by then); the keys are kept at least that long. KEYS: as
+/// [`PRESENCE_JOIN_LUA`]. ARGV: node, within ms, users.
+pub(super) const PRESENCE_DEPART_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local within = tonumber(ARGV[2])
+for i = 3, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', now + within, ARGV[i] .. '|' .. ARGV[1])
+end
+for _, key in ipairs(KEYS) do
+  local ttl = redis.call('PTTL', key)
+  if ttl >= 0 and ttl < within + 1000 then redis.call('PEXPIRE', key, within + 1000) end
+end
+return 0
 "#;

@@ -1,0 +1,446 @@
+//! Presence and typing (issue 23) over real sockets: on the memory bus, and
+//! (`--include-ignored`) on two nodes sharing a real `redis-server`, one of
+//! them a `herald` process killed with SIGKILL.
+
+mod support;
+
+use std::time::Duration;
+
+use herald::config::{Config, Membership};
+use herald::protocol::{ChatId, UserId};
+use serde_json::{json, Value};
+use support::redis::{mark_settled, RedisServer};
+use support::{chat, user, Client, Gateway, API_KEY};
+use tokio::time::{sleep, Instant};
+
+const LEAVE_DELAY: Duration = Duration::from_millis(600);
+const TYPING_INTERVAL: Duration = Duration::from_millis(800);
+
+fn presence_config(mut config: Config) -> Config {
+    config.presence.leave_delay = LEAVE_DELAY;
+    config.presence.typing_interval = TYPING_INTERVAL;
+    config.presence.node_ttl = Duration::from_secs(1);
+    config
+}
+
+async fn node() -> Gateway {
+    support::start(presence_config(support::config())).await
+}
+
+/// Subscribes with `"presence":true`; returns the room's position.
+async fn subscribe_listening(c: &mut Client, chat: ChatId) -> u64 {
+    c.send_json(json!({"type":"subscribe","chat_id":chat,"presence":true})).await;
+    let reply = c.recv().await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    reply["seq"].as_u64().expect("seq")
+}
+
+fn join(chat: ChatId, user: UserId) -> Value {
+    json!({"type":"presence.join","chat_id":chat,"user_id":user})
+}
+
+fn leave(chat: ChatId, user: UserId) -> Value {
+    json!({"type":"presence.leave","chat_id":chat,"user_id":user})
+}
+
+async fn presence_list(c: &mut Client, chat: ChatId) -> Value {
+    c.send_json(json!({"type":"presence","chat_id":chat})).await;
+    c.recv().await
+}
+
+fn sorted(mut users: Vec<UserId>) -> Vec<String> {
+    users.sort();
+    users.iter().map(UserId::to_string).collect()
+}
+
+/// Proves that nothing else is on its way to any of `clients` (all
+/// subscribed to `room`): two markers published one after the other must be
+/// the next thing each of them reads (see `Client::expect_nothing_else`).
+async fn quiet(gw: &Gateway, room: ChatId, clients: &mut [&mut Client]) {
+    for n in 0..2 {
+        let marker = json!({"marker": n});
+        let (status, _) = gw.publish(&support::message_sent(room, &marker)).await;
+        assert_eq!(status, 202, "marker published");
+        for c in clients.iter_mut() {
+            let got = c.recv().await;
+            assert_eq!(got["data"], marker, "expected nothing before marker {n}, got {got}");
+        }
+    }
+}
+
+/// `GET /api/rooms/{chat}/presence` with the API key.
+async fn http_presence(gw: &Gateway, chat: ChatId) -> (u16, Value) {
+    let (status, _, body) = support::exchange(
+        gw.addr,
+        &format!(
+            "GET /api/rooms/{chat}/presence HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {API_KEY}\r\n\
+             Connection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn join_then_leave_after_the_delay_and_the_list_in_between() {
+    let gw = node().await;
+    let (room, alice, bob) = (chat(), user(), user());
+    let mut a = gw.connect(alice, &[]).await;
+    subscribe_listening(&mut a, room).await;
+    assert_eq!(a.recv().await, join(room, alice), "a listener hears its own join too");
+
+    let mut b = gw.connect(bob, &[]).await;
+    b.subscribe(room).await;
+    assert_eq!(a.recv().await, join(room, bob));
+    // A second connection of the same user is no join.
+    let mut b2 = gw.connect(bob, &[]).await;
+    b2.subscribe(room).await;
+
+    let want = json!({"type":"presence","chat_id":room,"users":sorted(vec![alice, bob])});
+    assert_eq!(presence_list(&mut b, room).await, want, "sorted, each once");
+    assert_eq!(
+        http_presence(&gw, room).await,
+        (200, json!({"chat_id":room,"users":sorted(vec![alice, bob])}))
+    );
+
+    // Bob's last subscription ends: the leave comes after the delay, not before.
+    b.send_json(json!({"type":"unsubscribe","chat_id":room})).await;
+    assert_eq!(b.recv().await["type"], "unsubscribed");
+    drop(b2);
+    let gone = Instant::now();
+    assert_eq!(a.recv().await, leave(room, bob));
+    assert!(gone.elapsed() >= LEAVE_DELAY - Duration::from_millis(50), "left after {:?}", gone.elapsed());
+    assert_eq!(presence_list(&mut a, room).await, json!({"type":"presence","chat_id":room,"users":[alice]}));
+    // A subscriber that did not ask for presence events receives none.
+    let mut c = gw.connect(user(), &[]).await;
+    c.subscribe(room).await;
+    assert_eq!(a.recv().await["type"], "presence.join");
+    c.expect_nothing_else(&gw, room).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_reconnect_within_the_delay_produces_neither_leave_nor_join() {
+    let gw = node().await;
+    let (room, alice, bob) = (chat(), user(), user());
+    let mut a = gw.connect(alice, &[]).await;
+    subscribe_listening(&mut a, room).await;
+    assert_eq!(a.recv().await, join(room, alice));
+    let mut b = gw.connect(bob, &[]).await;
+    b.subscribe(room).await;
+    assert_eq!(a.recv().await, join(room, bob));
+    drop(b);
+    sleep(LEAVE_DELAY / 3).await;
+    let mut b = gw.connect(bob, &[]).await;
+    b.subscribe(room).await;
+    sleep(LEAVE_DELAY * 2).await;
+    a.expect_nothing_else(&gw, room).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn typing_reaches_the_others_once_per_interval_never_the_sender() {
+    let gw = node().await;
+    let (room, alice, bob) = (chat(), user(), user());
+    let mut a = gw.connect(alice, &[]).await;
+    a.subscribe(room).await;
+    let mut b = gw.connect(bob, &[]).await;
+    b.subscribe(room).await;
+
+    b.send_json(json!({"type":"typing","chat_id":room})).await;
+    assert_eq!(a.recv().await, json!({"type":"typing","chat_id":room,"user_id":bob}));
+    // A flood within the interval: dropped silently, counted.
+    for _ in 0..5 {
+        b.send_json(json!({"type":"typing","chat_id":room})).await;
+    }
+    quiet(&gw, room, &mut [&mut a, &mut b]).await;
+    gw.wait_metric("typing_dropped_total", 5.0).await;
+    assert_eq!(gw.metric("typing_delivered_total").await, 1.0);
+    sleep(TYPING_INTERVAL).await;
+    b.send_json(json!({"type":"typing","chat_id":room})).await;
+    assert_eq!(a.recv().await, json!({"type":"typing","chat_id":room,"user_id":bob}), "the next interval");
+
+    // Typing needs a subscription.
+    let other = chat();
+    b.send_json(json!({"type":"typing","chat_id":other})).await;
+    let reply = b.recv().await;
+    assert_eq!(
+        (reply["code"].as_str(), reply["chat_id"].as_str()),
+        (Some("not_subscribed"), Some(&*other.to_string()))
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_removed_user_leaves_presence() {
+    let gw = node().await;
+    let (room, alice, bob) = (chat(), user(), user());
+    let mut a = gw.connect(alice, &[]).await;
+    subscribe_listening(&mut a, room).await;
+    assert_eq!(a.recv().await, join(room, alice));
+    let mut b = gw.connect(bob, &[]).await;
+    b.subscribe(room).await;
+    assert_eq!(a.recv().await, join(room, bob));
+    let (status, _) =
+        gw.publish(&json!({"type":"chat.member_removed","chat_id":room,"user_id":bob}).to_string()).await;
+    assert_eq!(status, 202);
+    let reply = b.recv().await;
+    assert_eq!(reply, json!({"type":"unsubscribed","chat_id":room,"reason":"removed"}));
+    // Alice sees the removal event itself, then Bob's leave.
+    loop {
+        let got = a.recv().await;
+        if got["type"] == "presence.leave" {
+            assert_eq!(got, leave(room, bob));
+            break;
+        }
+        assert_eq!(got["type"], "chat.member_removed", "{got}");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn presence_follows_the_membership_rules_and_can_be_switched_off() {
+    let mut config = presence_config(support::config());
+    config.auth.membership = Membership::Token;
+    let gw = support::start(config).await;
+    let (mine, theirs) = (chat(), chat());
+    let mut c = gw.connect(user(), &[mine]).await;
+    let reply = presence_list(&mut c, theirs).await;
+    assert_eq!(reply["code"], "forbidden", "{reply}");
+    let reply = presence_list(&mut c, mine).await;
+    assert_eq!(reply, json!({"type":"presence","chat_id":mine,"users":[]}), "a room never seen is empty");
+    gw.stop().await;
+
+    let mut config = support::config();
+    config.presence.enabled = false;
+    let gw = support::start(config).await;
+    let room = chat();
+    let mut c = gw.connect(user(), &[]).await;
+    c.send_json(json!({"type":"subscribe","chat_id":room,"presence":true})).await;
+    assert_eq!(c.recv().await["type"], "subscribed");
+    for ty in ["presence", "typing"] {
+        c.send_json(json!({"type":ty,"chat_id":room})).await;
+        assert_eq!(c.recv().await["code"], "unknown_type");
+    }
+    assert_eq!(http_presence(&gw, room).await.0, 404);
+    c.expect_nothing_else(&gw, room).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn the_presence_list_is_truncated_at_max_list() {
+    let mut config = presence_config(support::config());
+    config.presence.max_list = 2;
+    let gw = support::start(config).await;
+    let room = chat();
+    let mut clients = Vec::new();
+    let mut users = Vec::new();
+    for _ in 0..3 {
+        let u = user();
+        let mut c = gw.connect(u, &[]).await;
+        c.subscribe(room).await;
+        clients.push(c);
+        users.push(u);
+    }
+    let reply = presence_list(&mut clients[0], room).await;
+    let want = sorted(users);
+    assert_eq!(reply, json!({"type":"presence","chat_id":room,"users":want[..2],"truncated":true}));
+    gw.stop().await;
+}
+
+// ---- two nodes on a real redis-server --------------------------------------
+
+async fn redis_node(redis: &RedisServer) -> Gateway {
+    support::start(presence_config(support::redis::config(redis))).await
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn presence_and_typing_span_nodes_and_a_move_between_them_is_silent() {
+    let redis = RedisServer::start();
+    mark_settled(&redis).await;
+    let (one, two) = (redis_node(&redis).await, redis_node(&redis).await);
+    let (room, alice, bob) = (chat(), user(), user());
+    let mut a = one.connect(alice, &[]).await;
+    subscribe_listening(&mut a, room).await;
+    assert_eq!(a.recv().await, join(room, alice));
+    let mut b = two.connect(bob, &[]).await;
+    subscribe_listening(&mut b, room).await;
+    assert_eq!(a.recv().await, join(room, bob));
+    assert_eq!(b.recv().await, join(room, bob));
+
+    let both = json!({"type":"presence","chat_id":room,"users":sorted(vec![alice, bob])});
+    assert_eq!(presence_list(&mut a, room).await, both);
+    assert_eq!(presence_list(&mut b, room).await, both);
+    assert_eq!(
+        http_presence(&one, room).await,
+        (200, json!({"chat_id":room,"users":sorted(vec![alice, bob])}))
+    );
+
+    // Typing crosses nodes, once per interval deployment-wide, never to the sender.
+    b.send_json(json!({"type":"typing","chat_id":room})).await;
+    assert_eq!(a.recv().await, json!({"type":"typing","chat_id":room,"user_id":bob}));
+    let mut b_on_one = one.connect(bob, &[]).await;
+    b_on_one.subscribe(room).await;
+    b_on_one.send_json(json!({"type":"typing","chat_id":room})).await;
+    b.send_json(json!({"type":"typing","chat_id":room})).await;
+    quiet(&two, room, &mut [&mut a, &mut b, &mut b_on_one]).await;
+    drop(b_on_one);
+
+    // Bob moves from node two to node one within the delay: no leave, no join.
+    drop(b);
+    sleep(LEAVE_DELAY / 3).await;
+    let mut b = one.connect(bob, &[]).await;
+    b.subscribe(room).await;
+    sleep(LEAVE_DELAY * 2).await;
+    a.expect_nothing_else(&one, room).await;
+    assert_eq!(presence_list(&mut a, room).await, both);
+
+    // Gone for good: one leave, announced once.
+    drop(b);
+    assert_eq!(a.recv().await, leave(room, bob));
+    a.expect_nothing_else(&one, room).await;
+    let mut c = two.connect(user(), &[]).await;
+    assert_eq!(presence_list(&mut c, room).await, json!({"type":"presence","chat_id":room,"users":[alice]}));
+    one.stop().await;
+    two.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn the_users_of_a_node_killed_with_sigkill_leave_after_node_ttl() {
+    let redis = RedisServer::start();
+    mark_settled(&redis).await;
+    let one = redis_node(&redis).await;
+    let addr = support::free_addr();
+    let mut child = support::herald()
+        .env("HERALD_SERVER__LISTEN", addr.to_string())
+        .env("HERALD_AUTH__JWT_SECRET", support::SECRET)
+        .env("HERALD_API__KEYS", API_KEY)
+        .env("HERALD_AUTH__MEMBERSHIP", "open")
+        .env("HERALD_BUS__KIND", "redis")
+        .env("HERALD_BUS__REDIS_URL", redis.url())
+        .env("HERALD_PRESENCE__NODE_TTL", "1s")
+        .spawn()
+        .expect("herald starts");
+    support::wait_healthy(&mut child, addr).await;
+
+    let (room, alice, bob) = (chat(), user(), user());
+    let mut a = one.connect(alice, &[]).await;
+    subscribe_listening(&mut a, room).await;
+    assert_eq!(a.recv().await, join(room, alice));
+    let mut b = Client::connect(addr, &support::token(bob, &[])).await;
+    b.subscribe(room).await;
+    assert_eq!(a.recv().await, join(room, bob));
+
+    child.start_kill().expect("SIGKILL");
+    child.wait().await.expect("reaped");
+    let killed = Instant::now();
+    assert_eq!(a.recv().await, leave(room, bob));
+    let took = killed.elapsed();
+    // The killed node's member runs out after node_ttl; node one reaps it at its next refresh.
+    assert!(took <= Duration::from_secs(3), "leave after {took:?}");
+    assert_eq!(presence_list(&mut a, room).await, json!({"type":"presence","chat_id":room,"users":[alice]}));
+    drop(b);
+    one.stop().await;
+}
+
+/// A deploy: node one stops (gracefully) and every one of its clients comes
+/// back on node two within `presence.leave_delay`. The listeners on node two
+/// see neither a leave nor a join, and every user is still listed.
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn a_mass_move_between_nodes_within_the_delay_produces_no_leave_or_join() {
+    // Scaled up by hand for BENCHMARKS.md (a deploy of 10,000 clients in 100 rooms):
+    // PRESENCE_MOVE=<rooms>x<per room>[@<leave delay in s>].
+    let scale = std::env::var("PRESENCE_MOVE").unwrap_or_else(|_| "3x100@4".into());
+    let (shape, delay) = scale.split_once('@').unwrap_or((&scale, "4"));
+    let (rooms_n, per_room) = shape.split_once('x').expect("PRESENCE_MOVE=<rooms>x<per room>[@<s>]");
+    let n_rooms: usize = rooms_n.parse().expect("rooms");
+    let n_per_room: usize = per_room.parse().expect("per room");
+    let delay = Duration::from_secs(delay.parse().expect("leave delay in seconds"));
+    let redis = RedisServer::start();
+    mark_settled(&redis).await;
+    let config = || {
+        let mut c = presence_config(support::redis::config(&redis));
+        c.presence.leave_delay = delay;
+        // Refreshes late by more than a third of this (a loaded test machine) would look like a
+        // node that died: its users would leave and come back.
+        c.presence.node_ttl = Duration::from_secs(10);
+        c.server.max_connections = 50_000;
+        // Clients this test does not read for a while (scaled up, longer than a minute) answer
+        // no pings meanwhile.
+        c.websocket.ping_interval = Duration::from_secs(600);
+        c.websocket.pong_wait = Duration::from_secs(1200);
+        c
+    };
+    let one = support::start(config()).await;
+    let two = support::start(config()).await;
+    let rooms: Vec<ChatId> = (0..n_rooms).map(|_| chat()).collect();
+    let mut listeners = Vec::new();
+    for &room in &rooms {
+        let watcher = user();
+        let mut l = two.connect(watcher, &[]).await;
+        subscribe_listening(&mut l, room).await;
+        assert_eq!(l.recv().await, join(room, watcher));
+        listeners.push((l, watcher));
+    }
+    let mut users = Vec::new();
+    let mut clients = Vec::new();
+    for &room in &rooms {
+        for _ in 0..n_per_room {
+            let u = user();
+            let mut c = one.connect(u, &[]).await;
+            c.subscribe(room).await;
+            clients.push(c);
+            users.push((room, u));
+        }
+    }
+    // One user who does not come back: its leave comes after the delay, not after node_ttl.
+    let gone = user();
+    let mut gone_client = one.connect(gone, &[]).await;
+    gone_client.subscribe(rooms[0]).await;
+    for (i, (l, _)) in listeners.iter_mut().enumerate() {
+        for _ in 0..n_per_room + usize::from(i == 0) {
+            let got = l.recv().await;
+            assert_eq!(
+                (got["type"].as_str(), got["chat_id"].as_str()),
+                (Some("presence.join"), Some(&*rooms[i].to_string()))
+            );
+        }
+    }
+
+    // The deploy: node one stops, its clients are closed with 1001 and come back on node two.
+    let stopped = Instant::now();
+    one.stop().await;
+    drop(clients);
+    drop(gone_client);
+    let moved = Instant::now();
+    let mut clients = Vec::new();
+    for &(room, u) in &users {
+        let mut c = two.connect(u, &[]).await;
+        c.subscribe(room).await;
+        clients.push(c);
+    }
+    let took = moved.elapsed();
+    assert!(took < delay, "moved within the delay: {took:?}");
+    eprintln!("{} clients in {n_rooms} rooms moved in {took:?}", users.len());
+    // Past the delay, node two's refresh reaps what node one handed over: only the user who
+    // stayed away leaves.
+    tokio::time::sleep_until(stopped + delay.mul_f64(0.8).max(delay.saturating_sub(Duration::from_secs(2))))
+        .await;
+    quiet(&two, rooms[0], &mut [&mut listeners[0].0]).await;
+    assert_eq!(listeners[0].0.recv().await, leave(rooms[0], gone), "after the delay, not sooner");
+    sleep(Duration::from_secs(2)).await;
+    let mut all: Vec<&mut Client> = listeners.iter_mut().map(|(l, _)| l).collect();
+    for (i, l) in all.iter_mut().enumerate() {
+        quiet(&two, rooms[i], &mut [&mut **l]).await;
+    }
+    for (i, (l, watcher)) in listeners.iter_mut().enumerate() {
+        let mut want: Vec<UserId> = users.iter().filter(|(r, _)| *r == rooms[i]).map(|(_, u)| *u).collect();
+        want.push(*watcher);
+        let list = presence_list(l, rooms[i]).await;
+        assert_eq!(list["users"], json!(sorted(want)), "room {i}");
+    }
+    two.stop().await;
+}
