@@ -86,16 +86,16 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::{
-    BoxFuture, Bus, BusError, Control, Deliver, Ephemeral, Health, Kept, KeptEvent, LabelledCounter, Pressure,
-    Topic,
+    BoxFuture, Bus, BusError, Control, Deliver, Ephemeral, Health, Kept, KeptEvent, LabelledCounter,
+    Pressure, Topic,
 };
 use crate::config::BusConfig;
 use crate::protocol::event::{DomainEvent, EventKind};
 use crate::protocol::{ChatId, UserId};
 use crate::sync::lock;
 use endpoint::Endpoint;
-use publisher::PublishReq;
 pub use options::RedisOptions;
+use publisher::PublishReq;
 use scripts::Scripts;
 pub use scripts::{channel, MEMBERS_CHANNEL};
 pub use stats::RedisStats;
