@@ -11,7 +11,9 @@
 
 pub mod assemble;
 pub mod client;
+pub mod deflate;
 pub mod event;
+pub mod extension;
 pub mod frame;
 pub mod route;
 pub mod server;
