@@ -71,6 +71,10 @@ pub(crate) struct CommonArgs {
     /// share rooms.
     #[arg(long, default_value_t = 0)]
     pub(crate) room_group: u32,
+    /// Offer permessage-deflate, as browsers and most client libraries do; compressed messages
+    /// are inflated, and the report gives wire bytes per delivery either way.
+    #[arg(long)]
+    pub(crate) compress: bool,
 }
 
 #[derive(Debug, Args)]
