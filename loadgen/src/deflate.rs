@@ -6,6 +6,7 @@
 //! opens: every client of a run offers the same, and one counter for all
 //! of them is what the report divides.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use flate2::{Decompress, FlushDecompress, Status};
@@ -43,12 +44,27 @@ pub(crate) fn prose(n: usize) -> String {
     TEXT.chars().cycle().take(n).collect()
 }
 
+thread_local! {
+    /// One inflater per thread, reset per message (the server answers
+    /// `client_no_context_takeover` and `server_no_context_takeover`, so no
+    /// message needs another's window): a fresh one per message cost more
+    /// than the rest of a delivery and made the load generator the bottleneck.
+    static INFLATER: RefCell<Decompress> = RefCell::new(Decompress::new(false));
+}
+
 /// Inflates one compressed message into `out` (cleared first), at most
 /// `max` bytes; `false` when it is not valid deflate data or is larger.
 pub(crate) fn inflate(payload: &[u8], max: usize, out: &mut Vec<u8>) -> bool {
+    INFLATER.with(|cell| {
+        let mut inflater = cell.borrow_mut();
+        inflater.reset(false);
+        inflate_with(&mut inflater, payload, max, out)
+    })
+}
+
+fn inflate_with(inflater: &mut Decompress, payload: &[u8], max: usize, out: &mut Vec<u8>) -> bool {
     const TAIL: [u8; 4] = [0, 0, 0xff, 0xff];
     out.clear();
-    let mut inflater = Decompress::new(false);
     for input in [payload, &TAIL[..]] {
         let start = inflater.total_in();
         loop {
