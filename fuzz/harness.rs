@@ -15,6 +15,7 @@ use herald::auth::{self, Verifier};
 use herald::config::{AuthConfig, Config};
 use herald::protocol::assemble::{Assembler, Inbound};
 use herald::protocol::client::{self, Command};
+use herald::protocol::deflate::{self, InflateError};
 use herald::protocol::event::{self, DomainEvent};
 use herald::protocol::frame::{self, DecodeError};
 
@@ -26,6 +27,7 @@ pub(crate) type Target = fn(&[u8]);
 pub(crate) const TARGETS: &[(&str, Target)] = &[
     ("frame_decode", frame_decode),
     ("reassemble", reassemble),
+    ("inflate", inflate),
     ("client_command", client_command),
     ("ingress_events", ingress_events),
     ("config", config),
@@ -89,7 +91,7 @@ fn check_error(e: DecodeError, max: usize) {
             assert!(n > max as u64, "TooBig({n}) under max {max}");
             assert_eq!(e.close_code().code(), 1009);
         }
-        DecodeError::InvalidUtf8 => assert_eq!(e.close_code().code(), 1007),
+        DecodeError::InvalidUtf8 | DecodeError::BadDeflate => assert_eq!(e.close_code().code(), 1007),
         _ => assert_eq!(e.close_code().code(), 1002),
     }
 }
@@ -102,7 +104,7 @@ struct Outcome {
     error: Option<DecodeError>,
 }
 
-fn feed(stream: &[u8], cuts: &[u8], max: usize) -> Outcome {
+fn feed(stream: &[u8], cuts: &[u8], max: usize, deflate: bool) -> Outcome {
     let mut assembler = Assembler::default();
     let mut messages = Vec::new();
     let mut rest = stream;
@@ -113,7 +115,7 @@ fn feed(stream: &[u8], cuts: &[u8], max: usize) -> Outcome {
         let n = cut.next().map_or(rest.len(), |&n| usize::from(n).max(1)).min(rest.len());
         let (read, after) = rest.split_at(n);
         rest = after;
-        let result = assembler.ingest(read, max, &mut messages);
+        let result = assembler.ingest(read, max, deflate, &mut messages);
         if let Some(i) = messages.iter().position(|m| matches!(m, Inbound::Close(_))) {
             messages.truncate(i + 1);
             return Outcome { messages, error: None };
@@ -136,8 +138,8 @@ pub(crate) fn reassemble(data: &[u8]) {
     let max = max_from(*selector);
     let k = usize::from(*k % 8).min(rest.len());
     let (cuts, stream) = rest.split_at(k);
-    let split = feed(stream, cuts, max);
-    let whole = feed(stream, &[], max);
+    let split = feed(stream, cuts, max, false);
+    let whole = feed(stream, &[], max, false);
     assert_eq!(split, whole, "the same bytes read differently gave different messages");
 
     let mut total = 0;
@@ -160,6 +162,40 @@ pub(crate) fn reassemble(data: &[u8]) {
     if let Some(e) = split.error {
         check_error(e, max);
     }
+}
+
+/// Input: `[max selector] [k] [k read lengths] [stream...]`, as
+/// [`reassemble`], on a connection that negotiated permessage-deflate:
+/// compressed messages (RSV1) are inflated. Split and whole reads agree,
+/// no message is over `max` once inflated, and errors carry their close
+/// codes. Then the stream itself is inflated as one message payload: never
+/// more than `max` bytes, and a payload Herald's own deflate made inflates
+/// back to itself.
+pub(crate) fn inflate(data: &[u8]) {
+    let [selector, k, rest @ ..] = data else { return };
+    let max = max_from(*selector);
+    let k = usize::from(*k % 8).min(rest.len());
+    let (cuts, stream) = rest.split_at(k);
+    let split = feed(stream, cuts, max, true);
+    let whole = feed(stream, &[], max, true);
+    assert_eq!(split, whole, "the same bytes read differently gave different messages");
+    for m in &split.messages {
+        if let Inbound::Text(text) = m {
+            assert!(text.len() <= max, "inflated message of {} bytes over max {max}", text.len());
+        }
+    }
+    if let Some(e) = split.error {
+        check_error(e, max);
+    }
+    // A small limit keeps a fuzzed bomb cheap; the bound is what is checked.
+    let limit = max.min(1 << 20);
+    match deflate::inflate(stream.to_vec(), limit) {
+        Ok(out) => assert!(out.len() <= limit, "inflated {} bytes over {limit}", out.len()),
+        Err(InflateError::TooBig(n)) => assert!(n > limit as u64, "TooBig({n}) under {limit}"),
+        Err(InflateError::Corrupt) => {}
+    }
+    let round = deflate::deflate_payload(stream);
+    assert_eq!(deflate::inflate(round, stream.len()).as_deref(), Ok(stream), "round trip");
 }
 
 /// Input: one text frame's payload. A command that parses was valid JSON, and

@@ -189,6 +189,10 @@ pub struct WebSocketConfig {
     pub max_subscriptions: usize,
     /// Per-user frames a connection may have queued before it is a slow consumer.
     pub user_queue: usize,
+    /// Agree to permessage-deflate when a client offers it.
+    pub compression: bool,
+    /// Room frames with a smaller payload go out uncompressed.
+    pub compression_threshold: usize,
 }
 
 impl Default for WebSocketConfig {
@@ -202,6 +206,8 @@ impl Default for WebSocketConfig {
             max_message_size: 65536,
             max_subscriptions: 256,
             user_queue: 256,
+            compression: true,
+            compression_threshold: 128,
         }
     }
 }

@@ -69,6 +69,13 @@ pub struct Metrics {
     /// Pings not answered because a pong to the same client was still
     /// waiting to be written.
     pub pongs_dropped: AtomicU64,
+    /// permessage-deflate: frames compressed (each once, however many
+    /// connections receive it), their payload bytes before and after, and
+    /// the open connections that negotiated it.
+    pub compressed_frames: AtomicU64,
+    pub compression_bytes_in: AtomicU64,
+    pub compression_bytes_out: AtomicU64,
+    pub compression_connections: AtomicU64,
     /// Publishes refused with 429 because the node was overloaded.
     pub publish_overloaded: AtomicU64,
     /// Of those, the ones refused for another node's readers (shared pressure).
@@ -205,6 +212,30 @@ impl Metrics {
             "counter",
             "Client pings left unanswered because an earlier pong was still unwritten.",
             get(&self.pongs_dropped),
+        );
+        one(
+            "compressed_frames_total",
+            "counter",
+            "Frames compressed with permessage-deflate (once per frame, whatever its recipients).",
+            get(&self.compressed_frames),
+        );
+        one(
+            "compression_bytes_in_total",
+            "counter",
+            "Payload bytes of the frames compressed, before compression.",
+            get(&self.compression_bytes_in),
+        );
+        one(
+            "compression_bytes_out_total",
+            "counter",
+            "Payload bytes of the frames compressed, after compression.",
+            get(&self.compression_bytes_out),
+        );
+        one(
+            "compression_connections",
+            "gauge",
+            "Open connections that negotiated permessage-deflate.",
+            get(&self.compression_connections),
         );
         one(
             "http_connections",

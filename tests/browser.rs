@@ -651,3 +651,44 @@ fn base64_decode(text: &str) -> Vec<u8> {
     }
     out
 }
+
+/// Chromium offers permessage-deflate on every WebSocket: the page sees
+/// what was agreed, and events above the threshold reach it compressed.
+#[tokio::test]
+#[ignore = "needs chromium"]
+async fn a_browser_negotiates_permessage_deflate_and_receives_compressed_events() {
+    let page_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind page server");
+    let page_origin = format!("http://{}", page_listener.local_addr().expect("page addr"));
+    let gw = support::start(support::config()).await;
+    let chat = ChatId::new_v4();
+    let ws_url = gw.ws_url(&support::token(UserId::new_v4(), &[chat]));
+    let page = format!(
+        r#"<!doctype html><html><body><script>
+const report = (what) => fetch('/report?' + encodeURIComponent(what));
+const ws = new WebSocket('{ws_url}');
+ws.onopen = () => {{
+  report(JSON.stringify({{type: 'open', extensions: ws.extensions}}));
+  ws.send(JSON.stringify({{type: 'subscribe', chat_id: '{chat}'}}));
+}};
+ws.onmessage = (e) => report(e.data);
+</script></body></html>"#
+    );
+    let (reports_tx, mut reports) = mpsc::unbounded_channel();
+    tokio::spawn(serve_page(page_listener, page, reports_tx));
+    let browser = Browser::open(&format!("{page_origin}/")).await;
+
+    let open = next_report(&mut reports).await;
+    assert_eq!(
+        open,
+        json!({"type":"open","extensions":"permessage-deflate; server_no_context_takeover; client_no_context_takeover"})
+    );
+    assert_eq!(next_report(&mut reports).await["type"], "subscribed");
+    let data = json!({"content": "A long message about the release, the build and the notes. ".repeat(4)});
+    assert_eq!(gw.publish(&support::message_sent(chat, &data)).await.0, 202);
+    let event = next_report(&mut reports).await;
+    assert_eq!((event["type"].clone(), event["data"].clone()), (json!("message.new"), data));
+    assert_eq!(gw.metric("compressed_frames_total").await, 1.0, "the event went out compressed");
+    assert_eq!(gw.metric("compression_connections").await, 1.0);
+    gw.stop().await;
+    browser.close().await;
+}

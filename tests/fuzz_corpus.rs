@@ -67,6 +67,11 @@ fn reassemble() {
 }
 
 #[test]
+fn inflate() {
+    replay("inflate");
+}
+
+#[test]
 fn client_command() {
     replay("client_command");
 }

@@ -79,6 +79,10 @@ pub(crate) struct CommonArgs {
     /// With --presence, how often each connection sends typing (fanout, recovery, soak).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub(crate) typing_every: Duration,
+    /// Offer permessage-deflate, as browsers and most client libraries do; compressed messages
+    /// are inflated, and the report gives wire bytes per delivery either way.
+    #[arg(long)]
+    pub(crate) compress: bool,
 }
 
 impl CommonArgs {

@@ -122,7 +122,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
         start,
         end,
         run_id,
-        content: "x".repeat(args.content_bytes as usize),
+        content: crate::deflate::prose(args.content_bytes as usize),
         events: None,
     });
     let pstats = Arc::new(publish::Stats::new(rooms.len()));
@@ -206,6 +206,9 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
             .filter(|_| deliveries > 0)
             .map(|s| s * 1e6 / deliveries as f64),
         presence: crate::report::PresenceSummary::read(common),
+        compress: common.compress,
+        wire_bytes_per_delivery: (received > 0)
+            .then(|| crate::deflate::wire_bytes() as f64 / received as f64),
         notes,
     })
 }

@@ -25,6 +25,8 @@ pub(crate) const CLOSE_ABNORMAL: u16 = 1006;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Header {
     pub(crate) fin: bool,
+    /// RSV1: a compressed message starts here (permessage-deflate).
+    pub(crate) rsv1: bool,
     pub(crate) opcode: u8,
     /// Bytes of header before the payload (2, 4 or 10 for unmasked frames).
     pub(crate) header_len: usize,
@@ -83,9 +85,11 @@ pub(crate) fn parse(buf: &[u8], max_payload: usize) -> Result<Parsed, FrameError
     }
     let (b0, b1) = (buf[0], buf[1]);
     let fin = b0 & 0x80 != 0;
-    if b0 & 0x70 != 0 {
+    // RSV1 is permessage-deflate's; the others mean nothing negotiated.
+    if b0 & 0x30 != 0 {
         return Err(FrameError::ReservedBits);
     }
+    let rsv1 = b0 & 0x40 != 0;
     let opcode = b0 & 0x0F;
     match opcode {
         OP_CONT | OP_TEXT | OP_BINARY => {}
@@ -121,7 +125,7 @@ pub(crate) fn parse(buf: &[u8], max_payload: usize) -> Result<Parsed, FrameError
     }
     // Fits in usize: bounded by max_payload above.
     let payload_len = len as usize;
-    let header = Header { fin, opcode, header_len, payload_len };
+    let header = Header { fin, rsv1, opcode, header_len, payload_len };
     if buf.len() < header.frame_len() {
         return Ok(Parsed::Incomplete { need: Some(header.frame_len()) });
     }
@@ -191,7 +195,7 @@ mod tests {
     fn check(fin: bool, opcode: u8, payload_len: usize, header_len: usize) {
         let payload: Vec<u8> = (0..payload_len).map(|i| (i % 251) as u8).collect();
         let bytes = server_frame(fin, opcode, &payload);
-        let want = Header { fin, opcode, header_len, payload_len };
+        let want = Header { fin, rsv1: false, opcode, header_len, payload_len };
         assert_eq!(parse(&bytes, 1 << 20), Ok(Parsed::Frame(want)));
         assert_eq!(&bytes[header_len..want.frame_len()], &payload[..]);
         // Trailing bytes of the next frame do not change the answer.
@@ -227,7 +231,9 @@ mod tests {
     #[test]
     fn rejects_frames_a_server_must_not_send() {
         assert_eq!(parse(&[0x81, 0x80, 1, 2, 3, 4], 1024), Err(FrameError::Masked));
-        assert_eq!(parse(&[0xC1, 0x00], 1024), Err(FrameError::ReservedBits));
+        assert_eq!(parse(&[0xA1, 0x00], 1024), Err(FrameError::ReservedBits), "RSV2");
+        // RSV1 is permessage-deflate's: parsed, and judged by the connection.
+        assert!(matches!(parse(&[0xC1, 0x00], 1024), Ok(Parsed::Frame(Header { rsv1: true, .. }))));
         assert_eq!(parse(&[0x83, 0x00], 1024), Err(FrameError::BadOpcode(3)));
         assert_eq!(parse(&[0x09, 0x00], 1024), Err(FrameError::BadControl));
         assert_eq!(parse(&[0x89, 126, 0, 126], 1024), Err(FrameError::BadControl));

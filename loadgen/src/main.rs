@@ -13,6 +13,7 @@
 
 mod abuse;
 mod cli;
+mod deflate;
 mod fanout;
 mod frame;
 mod http;
@@ -49,12 +50,14 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let threads = match &cli.command {
-        Command::Fanout(a) => a.common.threads,
-        Command::Idle(a) => a.common.threads,
-        Command::Recovery(a) => a.common.threads,
-        Command::Soak(a) => a.common.threads,
+    let common = match &cli.command {
+        Command::Fanout(a) => &a.common,
+        Command::Idle(a) => &a.common,
+        Command::Recovery(a) => &a.common,
+        Command::Soak(a) => &a.common,
     };
+    let threads = common.threads;
+    deflate::enable(common.compress);
     let runtime = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {

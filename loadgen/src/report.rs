@@ -190,6 +190,11 @@ pub(crate) struct FanoutReport {
     /// With `--presence`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) presence: Option<PresenceSummary>,
+    /// `--compress` was given (the server may still have declined).
+    pub(crate) compress: bool,
+    /// Bytes the clients read off their sockets per delivery over the whole run (handshakes,
+    /// replies and pings included).
+    pub(crate) wire_bytes_per_delivery: Option<f64>,
     pub(crate) notes: Vec<String>,
 }
 
@@ -568,6 +573,11 @@ impl FanoutReport {
             );
         }
         t.row("server close codes", map(&self.close_codes));
+        t.opt(
+            "wire bytes per delivery",
+            self.wire_bytes_per_delivery
+                .map(|b| format!("{b:.1} ({})", if self.compress { "compression offered" } else { "plain" })),
+        );
         self.usage.rows(&mut t, self.server_cpu_us_per_delivery);
         notes(&mut t, &self.notes);
         t.0

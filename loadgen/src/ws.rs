@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
 use uuid::Uuid;
 
+use crate::deflate;
 use crate::frame::{self, Parsed, OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT};
 use crate::msg::{self, ServerMsg, Subscribed};
 use crate::target::Target;
@@ -41,6 +42,12 @@ pub(crate) struct WsClient {
     /// Fragments of a data message in progress (empty almost always).
     frag: Vec<u8>,
     frag_active: bool,
+    /// The message in `frag` is compressed.
+    frag_compressed: bool,
+    /// The handshake agreed to permessage-deflate.
+    compressed: bool,
+    /// The last compressed message, inflated (empty unless compression was agreed).
+    inflated: Vec<u8>,
     /// Frames queued for sending (pongs, close); written by [`WsClient::flush_out`].
     out: Vec<u8>,
     /// Server pings answered since the last [`WsClient::take_pings`].
@@ -83,9 +90,14 @@ impl WsClient {
         let mut key = [0u8; 16];
         getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("random key: {e}"))?;
         let key = base64::engine::general_purpose::STANDARD.encode(key);
+        let offer = if deflate::enabled() {
+            format!("Sec-WebSocket-Extensions: {}\r\n", deflate::OFFER)
+        } else {
+            String::new()
+        };
         let request = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n",
             target.ws_path(token),
             target.host
         );
@@ -113,6 +125,9 @@ impl WsClient {
         if status != 101 {
             bail!("handshake: HTTP {status}");
         }
+        deflate::count(end);
+        let head = String::from_utf8_lossy(&buf[..head_len]).to_ascii_lowercase();
+        let compressed = head.contains("\r\nsec-websocket-extensions: permessage-deflate");
         Ok(WsClient {
             stream,
             buf,
@@ -121,6 +136,9 @@ impl WsClient {
             need: None,
             frag: Vec::new(),
             frag_active: false,
+            frag_compressed: false,
+            compressed,
+            inflated: Vec::new(),
             out: Vec::new(),
             pings: 0,
             presence: false,
@@ -173,6 +191,7 @@ impl WsClient {
             self.buf.resize(size, 0);
         }
         let n = self.stream.read(&mut self.buf[self.end..self.end + max]).await?;
+        deflate::count(n);
         self.end += n;
         Ok(n)
     }
@@ -231,6 +250,7 @@ impl WsClient {
             }
         }
         let n = self.stream.read(&mut self.buf[self.end..]).await?;
+        deflate::count(n);
         self.end += n;
         Ok(n)
     }
@@ -249,6 +269,9 @@ impl WsClient {
             self.need = None;
             let payload = self.start + header.header_len..self.start + header.frame_len();
             self.start += header.frame_len();
+            if header.rsv1 && (!self.compressed || header.opcode == OP_CONT) {
+                return Err(frame::FrameError::ReservedBits);
+            }
             match header.opcode {
                 OP_PING => {
                     self.pings += 1;
@@ -256,12 +279,19 @@ impl WsClient {
                 }
                 OP_PONG => {}
                 OP_CLOSE => return Ok(Some(Incoming::Close(frame::close_code(&self.buf[payload])))),
+                OP_TEXT if header.fin && header.rsv1 => {
+                    if !deflate::inflate(&self.buf[payload], MAX_PAYLOAD, &mut self.inflated) {
+                        return Err(frame::FrameError::TooLarge(MAX_PAYLOAD as u64 + 1));
+                    }
+                    return Ok(Some(Incoming::Text(&self.inflated)));
+                }
                 OP_TEXT if header.fin => return Ok(Some(Incoming::Text(&self.buf[payload]))),
                 OP_BINARY if header.fin => return Ok(Some(Incoming::Binary)),
                 OP_TEXT | OP_BINARY => {
                     self.frag.clear();
                     self.frag.extend_from_slice(&self.buf[payload]);
                     self.frag_active = header.opcode == OP_TEXT;
+                    self.frag_compressed = header.rsv1;
                 }
                 _ => {
                     // OP_CONT: parse() admits no other opcode.
@@ -270,6 +300,12 @@ impl WsClient {
                         return Err(frame::FrameError::TooLarge((self.frag.len() + payload.len()) as u64));
                     }
                     self.frag.extend_from_slice(&self.buf[payload]);
+                    if header.fin && self.frag_active && self.frag_compressed {
+                        if !deflate::inflate(&self.frag, MAX_PAYLOAD, &mut self.inflated) {
+                            return Err(frame::FrameError::TooLarge(MAX_PAYLOAD as u64 + 1));
+                        }
+                        return Ok(Some(Incoming::Text(&self.inflated)));
+                    }
                     if header.fin {
                         return Ok(Some(if self.frag_active {
                             Incoming::Text(&self.frag)

@@ -36,6 +36,7 @@ use crate::error::CloseCode;
 use crate::mailbox::Mailbox;
 use crate::node::Node;
 use crate::protocol::assemble::{Assembler, Inbound};
+use crate::protocol::deflate::Agreed;
 use crate::protocol::{ChatId, UserId};
 use outbound::Outbound;
 pub use socket::Socket;
@@ -70,6 +71,8 @@ struct Conn<S> {
     mailbox: Arc<Mailbox>,
     out: Outbound,
     assembler: Assembler,
+    /// What the handshake agreed for permessage-deflate (`None`: plain).
+    deflate: Option<Agreed>,
     last_heard: Stamp,
     next_ping: Stamp,
     /// The deadline the node's alarm is set for, until it rings.
@@ -104,6 +107,7 @@ struct Conn<S> {
 pub fn serve<S: Socket>(
     stream: S,
     early: Bytes,
+    deflate: Option<Agreed>,
     claims: Claims,
     node: Arc<Node>,
     permit: OwnedSemaphorePermit,
@@ -127,6 +131,7 @@ pub fn serve<S: Socket>(
         mailbox: Arc::new(Mailbox::new(node.ws.user_queue)),
         out: Outbound::default(),
         assembler: Assembler::default(),
+        deflate,
         last_heard: now,
         next_ping: now + node.ws.ping_interval,
         armed: None,
@@ -171,6 +176,9 @@ impl<S: Socket> Conn<S> {
     async fn lifecycle(&mut self) {
         self.node.metrics.connections_opened.fetch_add(1, Ordering::Relaxed);
         self.node.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
+        if self.deflate.is_some() {
+            self.node.metrics.compression_connections.fetch_add(1, Ordering::Relaxed);
+        }
         self.node.users.register(self.user, self.mailbox.clone());
         // Checked after registering: a shutdown signalled earlier missed this mailbox, and so
         // did a revocation applied here between the upgrade's check and now.
@@ -199,6 +207,9 @@ impl<S: Socket> Conn<S> {
         self.node.users.unregister(self.user, &self.mailbox);
         drop(self.permit.take());
         self.node.metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
+        if self.deflate.is_some() {
+            self.node.metrics.compression_connections.fetch_sub(1, Ordering::Relaxed);
+        }
         self.node.metrics.connections_closed.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -249,7 +260,7 @@ mod tests {
         let (server, mut client) = UnixStream::pair()?;
         let permit = Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned()?;
         let claims = Claims { sub: UserId::from_u128(7), exp: u64::MAX / 2, chats: vec![], iat: None };
-        let task = tokio::spawn(serve(server, Bytes::new(), claims, node.clone(), permit));
+        let task = tokio::spawn(serve(server, Bytes::new(), None, claims, node.clone(), permit));
 
         let chat = ChatId::from_u128(42);
         client
@@ -295,7 +306,14 @@ mod tests {
         let node = Arc::new(Node::build(&Config::default()).await?);
         let permit = Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned()?;
         let claims = Claims { sub: UserId::from_u128(1), exp: u64::MAX / 2, chats: vec![], iat: None };
-        let fut = serve(stream, Bytes::new(), claims, node.clone(), permit);
+        let fut = serve(
+            stream,
+            Bytes::new(),
+            Some(Agreed { server_max_window_bits: 15 }),
+            claims,
+            node.clone(),
+            permit,
+        );
         let size = std::mem::size_of_val(&fut);
         eprintln!("connection future: {size} bytes");
         // Dropping the unpolled future must not disturb the node.

@@ -8,6 +8,7 @@ use std::io;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
 
+use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::subs::{Budget, Stopped, Taken};
@@ -15,7 +16,8 @@ use super::{Conn, End, Socket};
 use crate::alarms::Stamp;
 use crate::error::CloseCode;
 use crate::mailbox::{Drained, UserMsg};
-use crate::node::MAX_QUEUED;
+use crate::node::{Node, MAX_QUEUED};
+use crate::protocol::deflate::{Agreed, Wire};
 use crate::protocol::server;
 
 /// Most frames taken from rooms and mailbox in one turn, so one busy
@@ -34,6 +36,21 @@ const MAX_OUT_BYTES: usize = 4 << 20;
 const MIN_PROGRESS: u64 = 64 * 1024;
 /// Most times a connection steps aside before writing while frames keep arriving.
 const MAX_YIELDS: usize = 3;
+
+/// The bytes a room frame goes out as on this connection: its compressed
+/// twin when the connection negotiated permessage-deflate (made by the
+/// first such connection to need it, then shared), the plain frame
+/// otherwise. Per recipient this is a reference-count bump, never a
+/// compression.
+fn wire_for(wire: &Wire, agreed: Option<Agreed>, node: &Node) -> Bytes {
+    wire.for_peer(agreed, node.ws.compression_threshold, |before, after| {
+        let m = &node.metrics;
+        m.compressed_frames.fetch_add(1, Ordering::Relaxed);
+        m.compression_bytes_in.fetch_add(before as u64, Ordering::Relaxed);
+        m.compression_bytes_out.fetch_add(after as u64, Ordering::Relaxed);
+    })
+    .clone()
+}
 
 /// Which source woke the connection.
 enum Wake {
@@ -70,9 +87,10 @@ impl<S: Socket> Conn<S> {
                     return Poll::Ready(Wake::Writable);
                 }
                 if let Some(room_budget) = self.room_budget().filter(|_| !self.subs.is_empty()) {
-                    let out = &mut self.out;
-                    if let Poll::Ready(taken) =
-                        self.subs.poll_take(cx, self.user, room_budget, |f| out.push_owed(f))
+                    let (out, agreed, node) = (&mut self.out, self.deflate, &self.node);
+                    if let Poll::Ready(taken) = self
+                        .subs
+                        .poll_take(cx, self.user, room_budget, |f| out.push_owed(wire_for(&f, agreed, node)))
                     {
                         return Poll::Ready(Wake::Room(taken));
                     }
@@ -158,7 +176,7 @@ impl<S: Socket> Conn<S> {
     /// Decodes client bytes into the inbox.
     pub(super) fn ingest(&mut self, data: &[u8]) -> Result<(), End> {
         self.assembler
-            .ingest(data, self.node.ws.max_message_size, &mut self.inbox)
+            .ingest(data, self.node.ws.max_message_size, self.deflate.is_some(), &mut self.inbox)
             .map_err(|e| End::Close(e.close_code()))
     }
 
@@ -195,9 +213,11 @@ impl<S: Socket> Conn<S> {
     /// each frame at once, one that fell behind writes in bulk).
     fn drain_ready(&mut self, cx: &mut std::task::Context<'_>) -> Result<(), End> {
         let budget = self.room_budget();
-        let out = &mut self.out;
+        let (out, agreed, node) = (&mut self.out, self.deflate, &self.node);
         let room_taken = match budget {
-            Some(budget) => self.subs.poll_take(cx, self.user, budget, |f| out.push_owed(f)),
+            Some(budget) => {
+                self.subs.poll_take(cx, self.user, budget, |f| out.push_owed(wire_for(&f, agreed, node)))
+            }
             None => Poll::Pending,
         };
         match room_taken {

@@ -12,10 +12,10 @@ use std::cell::Cell;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use tokio::sync::broadcast::{error::RecvError, Receiver};
 use tokio_util::sync::ReusableBoxFuture;
 
+use crate::protocol::deflate::Wire;
 use crate::protocol::{ChatId, UserId};
 use crate::rooms::{Frame, Joined, Room};
 
@@ -221,11 +221,11 @@ impl Subscriptions {
         cx: &mut Context<'_>,
         user: UserId,
         budget: Budget,
-        mut push: impl FnMut(Bytes),
+        mut push: impl FnMut(Wire),
     ) -> Poll<Result<Taken, Stopped>> {
         let mut taken = Taken::default();
         let bytes = Cell::new(0);
-        let mut push = |frame: Bytes| {
+        let mut push = |frame: Wire| {
             bytes.set(bytes.get() + frame.len());
             push(frame);
         };
@@ -320,6 +320,7 @@ fn earliest(
 mod tests {
     use super::*;
     use crate::rooms::{HistoryLimits, Rooms};
+    use bytes::Bytes;
     use futures_util::task::noop_waker_ref;
     use std::time::Duration;
 

@@ -14,6 +14,7 @@ use super::{bearer, App, Body, HttpError};
 use crate::auth::{AuthError, Claims};
 use crate::bans::issued_before;
 use crate::conn;
+use crate::protocol::extension;
 
 pub(super) async fn upgrade(app: &Arc<App>, mut req: Request<Incoming>) -> Result<Response<Body>, HttpError> {
     let metrics = &app.node.metrics;
@@ -37,8 +38,18 @@ pub(super) async fn upgrade(app: &Arc<App>, mut req: Request<Incoming>) -> Resul
         metrics.upgrades_rejected_limit.fetch_add(1, Ordering::Relaxed);
         HttpError::Unavailable("too many connections".into())
     })?;
-    let (response, fut) = fastwebsockets::upgrade::upgrade(&mut req)
+    let (mut response, fut) = fastwebsockets::upgrade::upgrade(&mut req)
         .map_err(|e| HttpError::BadRequest(format!("bad WebSocket handshake: {e}")))?;
+    let deflate = if app.node.ws.compression {
+        let offers = req.headers().get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter();
+        extension::negotiate(offers.filter_map(|v| v.to_str().ok())).and_then(|(agreed, answer)| {
+            let answer = header::HeaderValue::from_str(&answer).ok()?;
+            response.headers_mut().insert(header::SEC_WEBSOCKET_EXTENSIONS, answer);
+            Some(agreed)
+        })
+    } else {
+        None
+    };
     let node = app.node.clone();
     app.node.tasks.spawn(async move {
         let upgraded = match fut.await {
@@ -52,7 +63,7 @@ pub(super) async fn upgrade(app: &Arc<App>, mut req: Request<Incoming>) -> Resul
             // A task of its own: the connection's long-lived future then
             // carries none of this short-lived handshake state.
             Some((stream, early)) => {
-                node.tasks.spawn(conn::serve(stream, early, claims, node.clone(), permit));
+                node.tasks.spawn(conn::serve(stream, early, deflate, claims, node.clone(), permit));
             }
             None => tracing::error!("upgraded connection is not a TCP stream"),
         }

@@ -2,12 +2,15 @@
 //! frames, reassembles fragments with a bound on the total size, and keeps
 //! bytes only while a frame is incomplete (nothing is allocated while idle).
 //! Each byte is copied a bounded number of times however the stream is cut,
-//! so a frame trickled one byte per read costs what it weighs.
+//! so a frame trickled one byte per read costs what it weighs. A message
+//! compressed with permessage-deflate is inflated once whole, with the same
+//! limit applied to its inflated size.
 
+use super::deflate::{self, InflateError};
 use super::frame::{self, DecodeError, OpCode};
 
 /// A complete client message or control frame.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inbound {
     Text(Vec<u8>),
     Binary,
@@ -34,21 +37,31 @@ struct Partial {
     /// The message being reassembled from fragments, and its opcode.
     fragments: Vec<u8>,
     fragment_op: Option<OpCode>,
+    /// The message being reassembled is compressed (its first frame had RSV1).
+    fragment_compressed: bool,
 }
 
 impl Assembler {
     /// Consumes freshly read bytes, appending complete messages to `out`;
-    /// `max` bounds one message (its fragments together).
-    pub fn ingest(&mut self, data: &[u8], max: usize, out: &mut Vec<Inbound>) -> Result<(), DecodeError> {
+    /// `max` bounds one message (its fragments together, and again once
+    /// inflated). `deflate`: the connection negotiated permessage-deflate,
+    /// so a message may be compressed (RSV1 on its first frame).
+    pub fn ingest(
+        &mut self,
+        data: &[u8],
+        max: usize,
+        deflate: bool,
+        out: &mut Vec<Inbound>,
+    ) -> Result<(), DecodeError> {
         // A stack value while nothing is pending: no allocation per read.
         let mut state = self.state.take().map_or_else(Partial::default, |boxed| *boxed);
         if state.partial.is_empty() {
-            let used = state.decode_all(data, max, out)?;
+            let used = state.decode_all(data, max, deflate, out)?;
             state.partial.extend_from_slice(&data[used..]);
         } else {
             state.partial.extend_from_slice(data);
             let mut buf = std::mem::take(&mut state.partial);
-            let used = state.decode_all(&buf, max, out)?;
+            let used = state.decode_all(&buf, max, deflate, out)?;
             // Only what follows a completed frame moves (less than a frame),
             // never the incomplete frame on each read.
             if used > 0 {
@@ -72,11 +85,17 @@ impl Partial {
         &mut self,
         mut buf: &[u8],
         max: usize,
+        deflate: bool,
         out: &mut Vec<Inbound>,
     ) -> Result<usize, DecodeError> {
         let total = buf.len();
         while let Some((f, used)) = frame::decode(buf, max)? {
             buf = &buf[used..];
+            // RSV1 marks a compressed message on its first frame only, and
+            // only where compression was negotiated (RFC 7692 6.1).
+            if f.rsv1 && (!deflate || f.op == OpCode::Continuation) {
+                return Err(DecodeError::UnexpectedRsv1);
+            }
             match f.op {
                 OpCode::Ping => out.push(Inbound::Ping(f.payload)),
                 OpCode::Pong => out.push(Inbound::Pong),
@@ -92,9 +111,10 @@ impl Partial {
                         return Err(DecodeError::Reserved);
                     }
                     if f.fin {
-                        out.push(message(f.op, f.payload)?);
+                        out.push(message(f.op, f.rsv1, f.payload, max)?);
                     } else {
                         self.fragment_op = Some(f.op);
+                        self.fragment_compressed = f.rsv1;
                         self.fragments = f.payload;
                     }
                 }
@@ -108,7 +128,8 @@ impl Partial {
                     self.fragments.extend_from_slice(&f.payload);
                     if f.fin {
                         self.fragment_op = None;
-                        out.push(message(op, std::mem::take(&mut self.fragments))?);
+                        let payload = std::mem::take(&mut self.fragments);
+                        out.push(message(op, std::mem::take(&mut self.fragment_compressed), payload, max)?);
                     }
                 }
             }
@@ -117,8 +138,16 @@ impl Partial {
     }
 }
 
-/// A complete message; a text message must be UTF-8 (RFC 6455 8.1).
-fn message(op: OpCode, payload: Vec<u8>) -> Result<Inbound, DecodeError> {
+/// A complete message, inflated first when `compressed`; a text message
+/// must be UTF-8 (RFC 6455 8.1).
+fn message(op: OpCode, compressed: bool, payload: Vec<u8>, max: usize) -> Result<Inbound, DecodeError> {
+    let payload = match compressed {
+        true => deflate::inflate(payload, max).map_err(|e| match e {
+            InflateError::TooBig(n) => DecodeError::TooBig(n),
+            InflateError::Corrupt => DecodeError::BadDeflate,
+        })?,
+        false => payload,
+    };
     match op {
         OpCode::Text if std::str::from_utf8(&payload).is_err() => Err(DecodeError::InvalidUtf8),
         OpCode::Text => Ok(Inbound::Text(payload)),
@@ -145,7 +174,7 @@ mod tests {
         let mut out = Vec::new();
         // Feed one byte at a time: every split point must work.
         for b in &stream {
-            a.ingest(std::slice::from_ref(b), 100, &mut out).unwrap();
+            a.ingest(std::slice::from_ref(b), 100, false, &mut out).unwrap();
         }
         assert_eq!(
             out,
@@ -168,7 +197,7 @@ mod tests {
         let mut a = Assembler::default();
         let mut out = Vec::new();
         for b in &stream {
-            a.ingest(std::slice::from_ref(b), 65_536, &mut out).unwrap();
+            a.ingest(std::slice::from_ref(b), 65_536, false, &mut out).unwrap();
         }
         assert_eq!(out, vec![Inbound::Text(payload)]);
         assert_eq!(a.moved, 0, "bytes of the incomplete frame were moved on reads");
@@ -179,8 +208,8 @@ mod tests {
     fn bounds_the_total_of_a_fragmented_message() {
         let mut a = Assembler::default();
         let mut out = Vec::new();
-        a.ingest(&masked(0x01, &[b'a'; 60]), 100, &mut out).unwrap();
-        let err = a.ingest(&masked(0x00, &[b'a'; 60]), 100, &mut out).unwrap_err();
+        a.ingest(&masked(0x01, &[b'a'; 60]), 100, false, &mut out).unwrap();
+        let err = a.ingest(&masked(0x00, &[b'a'; 60]), 100, false, &mut out).unwrap_err();
         assert_eq!(err.close_code().code(), 1009);
     }
 
@@ -189,16 +218,56 @@ mod tests {
         let mut a = Assembler::default();
         let mut out = Vec::new();
         // "é" split between two fragments is fine once whole.
-        a.ingest(&masked(0x01, &[0xc3]), 100, &mut out).unwrap();
-        a.ingest(&masked(0x80, &[0xa9]), 100, &mut out).unwrap();
+        a.ingest(&masked(0x01, &[0xc3]), 100, false, &mut out).unwrap();
+        a.ingest(&masked(0x80, &[0xa9]), 100, false, &mut out).unwrap();
         assert_eq!(out, vec![Inbound::Text("é".as_bytes().to_vec())]);
-        let err = a.ingest(&masked(0x81, &[0xff, 0xfe]), 100, &mut out).unwrap_err();
+        let err = a.ingest(&masked(0x81, &[0xff, 0xfe]), 100, false, &mut out).unwrap_err();
         assert_eq!(err.close_code().code(), 1007);
+    }
+
+    #[test]
+    fn inflates_compressed_messages_whole_even_fragmented() {
+        let text = br#"{"type":"ping","pad":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#;
+        let z = deflate::deflate_payload(text);
+        let (a, b) = z.split_at(z.len() / 2);
+        let mut stream = masked(0xC1, &z);
+        // Fragmented: RSV1 on the first frame only.
+        stream.extend(masked(0x41, a));
+        stream.extend(masked(0x89, b"hi"));
+        stream.extend(masked(0x80, b));
+        let mut a = Assembler::default();
+        let mut out = Vec::new();
+        for byte in &stream {
+            a.ingest(std::slice::from_ref(byte), 100, true, &mut out).unwrap();
+        }
+        let text = Inbound::Text(text.to_vec());
+        assert_eq!(out, vec![text.clone(), Inbound::Ping(b"hi".to_vec()), text]);
+        assert!(a.state.is_none(), "nothing is kept between messages");
+    }
+
+    #[test]
+    fn refuses_rsv1_where_compression_is_not_allowed() {
+        let z = deflate::deflate_payload(b"{}");
+        let code = |stream: &[u8], deflate| {
+            Assembler::default()
+                .ingest(stream, 100, deflate, &mut Vec::new())
+                .unwrap_err()
+                .close_code()
+                .code()
+        };
+        assert_eq!(code(&masked(0xC1, &z), false), 1002, "not negotiated");
+        let mut on_continuation = masked(0x01, b"{");
+        on_continuation.extend(masked(0xC0, b"}"));
+        assert_eq!(code(&on_continuation, true), 1002, "RSV1 on a continuation");
+        assert_eq!(code(&masked(0xC9, b""), true), 1002, "RSV1 on a ping");
+        assert_eq!(code(&masked(0xC1, &[0xff; 8]), true), 1007, "not deflate data");
+        let bomb = deflate::deflate_payload(&[b' '; 100_000]);
+        assert_eq!(code(&masked(0xC1, &bomb), true), 1009, "inflates past the limit");
     }
 
     #[test]
     fn refuses_a_stray_continuation() {
         let mut a = Assembler::default();
-        assert!(a.ingest(&masked(0x80, b"x"), 100, &mut Vec::new()).is_err());
+        assert!(a.ingest(&masked(0x80, b"x"), 100, false, &mut Vec::new()).is_err());
     }
 }

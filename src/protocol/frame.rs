@@ -100,7 +100,14 @@ pub fn text_with(capacity: usize, write: impl FnOnce(&mut Vec<u8>)) -> Bytes {
     let mut buf = Vec::with_capacity(MAX_HEAD + capacity);
     buf.resize(MAX_HEAD, 0);
     write(&mut buf);
-    let len = buf.len() - MAX_HEAD;
+    with_head(0x80 | OpCode::Text.bits(), buf)
+}
+
+/// Turns `buf`, a payload behind [`MAX_HEAD`] reserved bytes, into a final
+/// frame whose first header byte is `first` (FIN, RSV bits and opcode).
+pub fn with_head(first: u8, buf: Vec<u8>) -> Bytes {
+    let mut buf = buf;
+    let len = buf.len().saturating_sub(MAX_HEAD);
     let head_len = if len < 126 {
         2
     } else if len <= u16::MAX as usize {
@@ -111,6 +118,7 @@ pub fn text_with(capacity: usize, write: impl FnOnce(&mut Vec<u8>)) -> Bytes {
     let start = MAX_HEAD - head_len;
     let mut head = &mut buf[start..MAX_HEAD];
     put_head(&mut head, OpCode::Text, len);
+    buf[start] = first;
     Bytes::from(buf).slice(start..)
 }
 
@@ -139,6 +147,9 @@ pub fn close(code: u16, reason: &str) -> Bytes {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Decoded {
     pub fin: bool,
+    /// RSV1: the message this frame starts is compressed (RFC 7692); the
+    /// reassembler decides whether the connection allows it.
+    pub rsv1: bool,
     pub op: OpCode,
     pub payload: Vec<u8>,
 }
@@ -156,6 +167,10 @@ pub enum DecodeError {
     BadControl,
     #[error("text message is not UTF-8")]
     InvalidUtf8,
+    #[error("compressed frame on a connection that did not negotiate compression, or on a continuation")]
+    UnexpectedRsv1,
+    #[error("compressed message is not valid deflate data")]
+    BadDeflate,
 }
 
 impl DecodeError {
@@ -163,10 +178,11 @@ impl DecodeError {
     pub fn close_code(self) -> CloseCode {
         match self {
             DecodeError::TooBig(_) => CloseCode::TooBig,
-            DecodeError::InvalidUtf8 => CloseCode::InvalidData,
-            DecodeError::Unmasked | DecodeError::Reserved | DecodeError::BadControl => {
-                CloseCode::ProtocolError
-            }
+            DecodeError::InvalidUtf8 | DecodeError::BadDeflate => CloseCode::InvalidData,
+            DecodeError::Unmasked
+            | DecodeError::Reserved
+            | DecodeError::BadControl
+            | DecodeError::UnexpectedRsv1 => CloseCode::ProtocolError,
         }
     }
 }
@@ -179,11 +195,17 @@ pub fn decode(buf: &[u8], max_payload: usize) -> Result<Option<(Decoded, usize)>
         return Ok(None);
     }
     let (b0, b1) = (buf[0], buf[1]);
-    if b0 & 0x70 != 0 {
+    // RSV2 and RSV3 mean nothing Herald negotiates.
+    if b0 & 0x30 != 0 {
         return Err(DecodeError::Reserved);
     }
     let op = OpCode::from_bits(b0 & 0x0F).ok_or(DecodeError::Reserved)?;
     let fin = b0 & 0x80 != 0;
+    let rsv1 = b0 & 0x40 != 0;
+    if rsv1 && op.is_control() {
+        // Control frames are never compressed (RFC 7692 6.1).
+        return Err(DecodeError::Reserved);
+    }
     if b1 & 0x80 == 0 {
         return Err(DecodeError::Unmasked);
     }
@@ -220,7 +242,7 @@ pub fn decode(buf: &[u8], max_payload: usize) -> Result<Option<(Decoded, usize)>
     let mask = [buf[at], buf[at + 1], buf[at + 2], buf[at + 3]];
     at += 4;
     let payload = buf[at..at + len].iter().enumerate().map(|(i, b)| b ^ mask[i & 3]).collect();
-    Ok(Some((Decoded { fin, op, payload }, at + len)))
+    Ok(Some((Decoded { fin, rsv1, op, payload }, at + len)))
 }
 
 #[cfg(test)]
@@ -261,7 +283,7 @@ mod tests {
             let bytes = masked(0x81, &payload);
             let (frame, used) = decode(&bytes, 1 << 20).unwrap().unwrap();
             assert_eq!(used, bytes.len());
-            assert_eq!(frame, Decoded { fin: true, op: OpCode::Text, payload });
+            assert_eq!(frame, Decoded { fin: true, rsv1: false, op: OpCode::Text, payload });
             // Every strict prefix asks for more bytes.
             for cut in [0, 1, bytes.len() / 2, bytes.len() - 1] {
                 assert_eq!(decode(&bytes[..cut], 1 << 20), Ok(None), "len {len} cut {cut}");
@@ -272,7 +294,10 @@ mod tests {
     #[test]
     fn refuses_bad_frames() {
         assert_eq!(decode(b"\x81\x02hi", 100), Err(DecodeError::Unmasked));
-        assert_eq!(decode(&masked(0xC1, b"x"), 100), Err(DecodeError::Reserved));
+        assert_eq!(decode(&masked(0xA1, b"x"), 100), Err(DecodeError::Reserved), "RSV2");
+        assert_eq!(decode(&masked(0x91, b"x"), 100), Err(DecodeError::Reserved), "RSV3");
+        assert_eq!(decode(&masked(0xC9, b"x"), 100), Err(DecodeError::Reserved), "RSV1 on a ping");
+        assert!(decode(&masked(0xC1, b"x"), 100).unwrap().unwrap().0.rsv1, "RSV1 is the reassembler's call");
         assert_eq!(decode(&masked(0x83, b"x"), 100), Err(DecodeError::Reserved));
         assert_eq!(decode(&masked(0x09, b"x"), 100), Err(DecodeError::BadControl));
         // Too big is known from the header alone.

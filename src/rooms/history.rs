@@ -6,10 +6,10 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::config::RoomsConfig;
+use crate::protocol::deflate::Wire;
 use crate::protocol::UserId;
 
 /// How much history rooms keep (`rooms.history_size`, `rooms.history_ttl`,
@@ -54,7 +54,7 @@ pub struct Read {
 pub(super) struct Held {
     pub(super) seq: u64,
     pub(super) at: Instant,
-    pub(super) bytes: Bytes,
+    pub(super) bytes: Wire,
 }
 
 /// What a room holds besides its ring, allocated only while it holds

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 
 use crate::backlog::Backlog;
 use crate::mailbox::Mailbox;
+use crate::protocol::deflate::Wire;
 use crate::protocol::{ChatId, UserId};
 pub use history::{Evicted, HistoryLimits, Read};
 use history::{Held, Lazy};
@@ -141,12 +142,15 @@ impl Rooms {
             None => self.rooms.entry(chat).or_insert_with(|| self.new_room()).clone(),
         };
         let now = Instant::now();
-        let keep = self.limits.size > 0 && bytes.len() <= self.limits.bytes;
-        if keep && self.held_bytes.load(Ordering::Relaxed) + bytes.len() > self.limits.bytes {
+        // One per event: the ring and the history share it (and with it
+        // the frame's compressed twin, made at most once).
+        let wire = Wire::new(bytes);
+        let keep = self.limits.size > 0 && wire.len() <= self.limits.bytes;
+        if keep && self.held_bytes.load(Ordering::Relaxed) + wire.len() > self.limits.bytes {
             // Over the node-wide budget: the globally oldest frames go, down
             // to 90% so the next publishes do not pay for this again. The
             // room's own lock is not held meanwhile (shedding locks others).
-            self.shed((self.limits.bytes / 10 * 9).saturating_sub(bytes.len()));
+            self.shed((self.limits.bytes / 10 * 9).saturating_sub(wire.len()));
         }
         {
             let mut held = room.held();
@@ -159,11 +163,11 @@ impl Rooms {
                 room.backlog.add(i64::try_from(owed).unwrap_or(i64::MAX));
             }
             if keep {
-                self.keep(&mut held, seq, &bytes, now);
+                self.keep(&mut held, seq, &wire, now);
             }
         }
         match room.ring_for_send(self.ring) {
-            Some(ring) if ring.receiver_count() > 0 => ring.send(Frame::new(seq, bytes, now)).unwrap_or(0),
+            Some(ring) if ring.receiver_count() > 0 => ring.send(Frame::new(seq, wire, now)).unwrap_or(0),
             _ => 0,
         }
     }
@@ -204,7 +208,7 @@ impl Rooms {
             let next = if take_mine {
                 mine.next()
             } else {
-                kept.next().map(|(seq, at, bytes)| Held { seq, at, bytes })
+                kept.next().map(|(seq, at, bytes)| Held { seq, at, bytes: Wire::new(bytes) })
             };
             let Some(next) = next else { break };
             match merged.last() {
@@ -226,7 +230,7 @@ impl Rooms {
     }
 
     /// Appends a frame to a room's history (its lock held).
-    fn keep(&self, held: &mut Lazy, seq: u64, bytes: &Bytes, now: Instant) {
+    fn keep(&self, held: &mut Lazy, seq: u64, bytes: &Wire, now: Instant) {
         if held.back().is_some_and(|h| h.seq >= seq) {
             // An older or repeated seq: history holds each seq once, in order.
             return;

@@ -6,7 +6,6 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use bytes::Bytes;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
@@ -14,18 +13,20 @@ use super::history::{Evicted, Lazy, Read};
 use super::waiting::Waiting;
 use crate::backlog::Backlog;
 use crate::mailbox::Mailbox;
+use crate::protocol::deflate::Wire;
 use crate::protocol::UserId;
 use crate::sync::lock;
 
 /// One pre-encoded room event frame and its room `seq`, as the live ring
 /// carries it: the seq lets a reader skip what it already has and see gaps.
 /// A pointer, made once per event: the ring preallocates its slots, so a
-/// small slot keeps an idle room small.
+/// small slot keeps an idle room small. Its bytes are a [`Wire`], shared
+/// with the room's history, so the frame is compressed at most once.
 #[derive(Debug, Clone)]
-pub struct Frame(Arc<(u64, Bytes, Instant)>);
+pub struct Frame(Arc<(u64, Wire, Instant)>);
 
 impl Frame {
-    pub fn new(seq: u64, bytes: Bytes, at: Instant) -> Frame {
+    pub fn new(seq: u64, bytes: Wire, at: Instant) -> Frame {
         Frame(Arc::new((seq, bytes, at)))
     }
 
@@ -33,7 +34,7 @@ impl Frame {
         self.0 .0
     }
 
-    pub fn bytes(&self) -> &Bytes {
+    pub fn bytes(&self) -> &Wire {
         &self.0 .1
     }
 
@@ -158,7 +159,7 @@ impl Room {
         after: u64,
         max: usize,
         max_bytes: usize,
-        mut push: impl FnMut(Bytes),
+        mut push: impl FnMut(Wire),
     ) -> Result<Read, Evicted> {
         let held = self.held();
         let newest = held.back().map_or(0, |h| h.seq);

@@ -1,0 +1,292 @@
+//! permessage-deflate (RFC 7692) without IO: a server frame's compressed
+//! twin, made at most once and shared by every connection that negotiated
+//! compression, and the bounded inflation of a client's compressed message.
+//!
+//! Herald always agrees to `server_no_context_takeover`, so each compressed
+//! frame stands alone: one compression serves a whole room, and no
+//! connection keeps a compressor. It also asks `client_no_context_takeover`,
+//! so a client message is inflated on its own and no connection keeps an
+//! inflater (or its 32 KiB window) between messages.
+
+use std::cell::RefCell;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+
+use super::frame::{self, MAX_HEAD};
+
+/// The empty stored block a sync flush ends with: RFC 7692 7.2.1 leaves it
+/// off the wire, and the receiver appends it again before inflating.
+const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+
+/// zlib level 2: on chat-sized JSON levels 2 to 9 gave the same sizes (a
+/// 337-byte event: 225 bytes), and 2 is the cheapest of them; level 1
+/// (zlib-rs's fixed-Huffman "quick" strategy) gave 277 (BENCHMARKS.md,
+/// "Compression").
+const LEVEL: u32 = 2;
+
+/// The first header byte's RSV1 bit: "this message is compressed".
+pub const RSV1: u8 = 0x40;
+
+/// What one connection agreed to; present only when it negotiated
+/// permessage-deflate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Agreed {
+    /// The client's `server_max_window_bits` (15 when it set none).
+    pub server_max_window_bits: u8,
+}
+
+impl Agreed {
+    /// Largest payload this connection may receive compressed. Each frame
+    /// is compressed alone, so no back-reference reaches further than its
+    /// own length: a payload no longer than the client's window (2^bits)
+    /// is valid for that window whatever window compressed it. Longer ones
+    /// go out uncompressed, which RFC 7692 allows per message.
+    pub fn max_payload(self) -> usize {
+        1usize << self.server_max_window_bits.min(15)
+    }
+}
+
+/// A server frame as every recipient shares it: the plain frame, and its
+/// compressed twin, made the first time a connection that negotiated
+/// compression needs it (then never again, whoever asks: the room, its
+/// history and recoveries all hold this one pointer).
+#[derive(Debug, Clone)]
+pub struct Wire(Arc<Twin>);
+
+#[derive(Debug)]
+struct Twin {
+    plain: Bytes,
+    /// `None` once tried when compressing did not make the frame smaller.
+    deflated: OnceLock<Option<Bytes>>,
+}
+
+impl Wire {
+    pub fn new(plain: Bytes) -> Wire {
+        Wire(Arc::new(Twin { plain, deflated: OnceLock::new() }))
+    }
+
+    /// The uncompressed frame.
+    pub fn plain(&self) -> &Bytes {
+        &self.0.plain
+    }
+
+    /// Bytes of the uncompressed frame: what limits and budgets count.
+    pub fn len(&self) -> usize {
+        self.0.plain.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.plain.is_empty()
+    }
+
+    /// The frame a connection is sent: compressed when it `agreed` to
+    /// compression, the payload is at least `threshold` bytes and fits its
+    /// window, and compression made it smaller; plain otherwise.
+    /// `compressed(before, after)` is called by the one call that
+    /// compresses (payload bytes in, frame payload bytes out).
+    pub fn for_peer(
+        &self,
+        agreed: Option<Agreed>,
+        threshold: usize,
+        compressed: impl FnOnce(usize, usize),
+    ) -> &Bytes {
+        let plain = &self.0.plain;
+        let Some(agreed) = agreed else { return plain };
+        let len = frame::payload(plain).len();
+        if len < threshold || len > agreed.max_payload() {
+            return plain;
+        }
+        let twin = self.0.deflated.get_or_init(|| {
+            let twin = compress_frame(plain);
+            if let Some(twin) = &twin {
+                compressed(len, frame::payload(twin).len());
+            }
+            twin
+        });
+        twin.as_ref().unwrap_or(plain)
+    }
+}
+
+/// Reads as the plain frame, so code that only counts or parses frames
+/// (history limits, the history API) does not care which it holds.
+impl std::ops::Deref for Wire {
+    type Target = Bytes;
+
+    fn deref(&self) -> &Bytes {
+        &self.0.plain
+    }
+}
+
+thread_local! {
+    /// One compressor per worker thread, reset before each frame: its state
+    /// (a few hundred KiB) is paid per thread, never per connection or room.
+    static DEFLATER: RefCell<Option<Compress>> = const { RefCell::new(None) };
+}
+
+/// Compresses a complete unmasked server frame (as `frame::encode` builds
+/// them) into a frame with RSV1 set; `None` when it would not be smaller.
+pub fn compress_frame(plain: &[u8]) -> Option<Bytes> {
+    let first = *plain.first()?;
+    let payload = frame::payload(plain);
+    // Room for the header and no more than the payload itself: output that
+    // fills it is no smaller than the input, so it is not worth finishing.
+    let mut buf = Vec::with_capacity(MAX_HEAD + payload.len() + TAIL.len());
+    buf.resize(MAX_HEAD, 0);
+    let done = DEFLATER.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let deflater = cell.get_or_insert_with(|| Compress::new(Compression::new(LEVEL), false));
+        deflater.reset();
+        let status = deflater.compress_vec(payload, &mut buf, FlushCompress::Sync);
+        matches!(status, Ok(Status::Ok | Status::BufError))
+            && deflater.total_in() == payload.len() as u64
+            && buf.len() < buf.capacity()
+    });
+    if !done || !buf.ends_with(&TAIL) {
+        return None;
+    }
+    buf.truncate(buf.len() - TAIL.len());
+    if buf.len() - MAX_HEAD >= payload.len() {
+        return None;
+    }
+    Some(frame::with_head(first | RSV1, buf))
+}
+
+/// Why a compressed client message could not be inflated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InflateError {
+    /// Inflated past the limit (a deflate bomb, or just too big); the
+    /// bytes inflated so far, at most the limit plus one.
+    #[error("inflated message exceeds max_message_size")]
+    TooBig(u64),
+    #[error("compressed message is not valid deflate data")]
+    Corrupt,
+}
+
+/// Inflates one compressed message (its fragments' payloads together, the
+/// sync-flush tail left off as RFC 7692 says). Never holds more than
+/// `max + 1` inflated bytes: a bomb stops at the limit, not at its size.
+pub fn inflate(mut compressed: Vec<u8>, max: usize) -> Result<Vec<u8>, InflateError> {
+    compressed.extend_from_slice(&TAIL);
+    let cap = max.saturating_add(1);
+    let mut out = Vec::with_capacity(compressed.len().saturating_mul(4).max(64).min(cap));
+    let mut inflater = Decompress::new(false);
+    loop {
+        if out.len() == out.capacity() {
+            if out.len() > max {
+                return Err(InflateError::TooBig(out.len() as u64));
+            }
+            // Doubling, capped one byte past the limit: that byte tells
+            // "exactly max" from "more than max".
+            out.reserve_exact(out.len().max(256).min(cap - out.len()));
+        }
+        let (in_before, out_before) = (inflater.total_in(), inflater.total_out());
+        let rest = compressed.get(in_before as usize..).unwrap_or_default();
+        let status = inflater
+            .decompress_vec(rest, &mut out, FlushDecompress::Sync)
+            .map_err(|_| InflateError::Corrupt)?;
+        if out.len() > max {
+            return Err(InflateError::TooBig(out.len() as u64));
+        }
+        // A final block ends the message; anything after it is ignored, as
+        // the RFC's receivers do.
+        if status == Status::StreamEnd {
+            return Ok(out);
+        }
+        let room_left = out.len() < out.capacity();
+        if inflater.total_in() as usize == compressed.len() && room_left {
+            return Ok(out);
+        }
+        let progressed = inflater.total_in() != in_before || inflater.total_out() != out_before;
+        if !progressed && room_left {
+            return Err(InflateError::Corrupt);
+        }
+    }
+}
+
+/// Compresses a message payload as a client would (raw deflate, sync
+/// flush, the tail left off), for tests, fuzzing and tools.
+pub fn deflate_payload(payload: &[u8]) -> Vec<u8> {
+    let mut deflater = Compress::new(Compression::new(6), false);
+    let mut out = Vec::with_capacity(payload.len() + 64);
+    loop {
+        let rest = &payload[deflater.total_in() as usize..];
+        if deflater.compress_vec(rest, &mut out, FlushCompress::Sync).is_err() {
+            return Vec::new();
+        }
+        if deflater.total_in() as usize == payload.len() && out.len() < out.capacity() {
+            break;
+        }
+        out.reserve(out.capacity().max(64));
+    }
+    if out.ends_with(&TAIL) {
+        out.truncate(out.len() - TAIL.len());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frame::OpCode;
+
+    const EVENT: &str = r#"{"type":"message.new","chat_id":"6f1c2b8e-4a0d-4c8e-9b7a-2d5e8f3a1c90","seq":1733562000000123,"data":{"id":"m-1","author":"1b9d6bcd-bbfd-4b2d-9b5d-ab8dfbbd4bed","text":"See you at the station at six, the train leaves at quarter past.","sent_at":"2026-12-07T10:00:00Z"}}"#;
+
+    #[test]
+    fn a_compressed_frame_inflates_to_the_plain_payload() {
+        let plain = frame::encode(OpCode::Text, EVENT.as_bytes());
+        let twin = compress_frame(&plain).expect("JSON compresses");
+        assert_eq!(twin[0], 0x80 | RSV1 | 0x01, "FIN, RSV1, text");
+        let payload = frame::payload(&twin);
+        assert!(payload.len() < EVENT.len(), "{} >= {}", payload.len(), EVENT.len());
+        assert!(!payload.ends_with(&TAIL), "the sync-flush tail is left off");
+        assert_eq!(inflate(payload.to_vec(), 65_536).unwrap(), EVENT.as_bytes());
+        // The compressor is reset between frames: the same frame again is
+        // the same bytes (no context carried over).
+        assert_eq!(compress_frame(&plain).unwrap(), twin);
+    }
+
+    #[test]
+    fn incompressible_frames_stay_plain() {
+        // xorshift64: bytes with nothing for deflate to find.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..300)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        assert_eq!(compress_frame(&frame::encode(OpCode::Binary, &noise)), None);
+        assert_eq!(compress_frame(&[]), None);
+    }
+
+    #[test]
+    fn a_wire_compresses_once_and_only_for_peers_that_agreed() {
+        let wire = Wire::new(frame::encode(OpCode::Text, EVENT.as_bytes()));
+        let full = Some(Agreed { server_max_window_bits: 15 });
+        let mut calls = 0;
+        assert_eq!(wire.for_peer(None, 0, |_, _| calls += 1), wire.plain());
+        assert_eq!(wire.for_peer(full, 10_000, |_, _| calls += 1), wire.plain(), "under the threshold");
+        let small_window = Some(Agreed { server_max_window_bits: 8 });
+        assert_eq!(wire.for_peer(small_window, 0, |_, _| calls += 1), wire.plain(), "longer than its window");
+        assert_eq!(calls, 0);
+        let a = wire.for_peer(full, 128, |_, _| calls += 1).clone();
+        let b = wire.for_peer(full, 128, |_, _| calls += 1).clone();
+        assert_eq!(calls, 1, "compressed once");
+        assert_eq!(a[0] & RSV1, RSV1);
+        assert_eq!(a.as_ptr(), b.as_ptr(), "the same bytes, shared");
+    }
+
+    #[test]
+    fn inflation_stops_at_the_limit() {
+        let bomb = deflate_payload(&vec![b'a'; 1 << 20]);
+        assert!(bomb.len() < 2_000, "{} bytes", bomb.len());
+        assert_eq!(inflate(bomb.clone(), 65_536), Err(InflateError::TooBig(65_537)));
+        assert_eq!(inflate(bomb, 1 << 20).map(|v| v.len()), Ok(1 << 20), "exactly the limit is fine");
+        assert_eq!(inflate(deflate_payload(b""), 0), Ok(Vec::new()));
+        assert_eq!(inflate(vec![0xff, 0xff, 0xff], 100), Err(InflateError::Corrupt));
+    }
+}
