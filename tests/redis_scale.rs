@@ -564,6 +564,10 @@ async fn events_the_promoted_replica_lost_are_never_reused_by_a_node_that_did_no
     }
     // How: B refused room events until every node had time to re-seed, as after a restart.
     assert_eq!(early, 503, "B published under a counter the failover set back");
+    // And Redis's state is still the same one: the member log is not replayed as if lost.
+    for gw in [&a, &b] {
+        assert_eq!(gw.metric("redis_membership_log_gaps_total").await, 0.0);
+    }
 }
 
 /// `herald_redis_endpoint_sessions_total` of `endpoint`; 0 while the node has not counted it.

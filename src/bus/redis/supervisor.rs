@@ -16,8 +16,8 @@ use tokio::time::Instant;
 use super::delivery::{Inbound, MemberSnapshot, Missed};
 use super::endpoint::{self, Endpoint, Master};
 use super::scripts::{
-    channel, members_key_parts, removed_key_suffix, revoked_key, seq_key, ALL, BOOT_KEY, GSEQ_KEY,
-    MEMBERS_CHANNEL, MEMBER_INDEX_KEY, MEMBER_LOG_KEY, REMOVED_INDEX_KEY,
+    channel, members_key_parts, removed_key_suffix, revoked_key, seq_key, ALL, BOOT_KEY, FAILOVER_KEY,
+    GSEQ_KEY, MARK_FAILOVER_LUA, MEMBERS_CHANNEL, MEMBER_INDEX_KEY, MEMBER_LOG_KEY, REMOVED_INDEX_KEY,
 };
 use super::{MemberMark, Phase, Shared};
 use crate::bus::Control;
@@ -169,9 +169,15 @@ async fn open_session(
     // asynchronous): room counters behind seqs that clients already hold. A node that watched
     // none of those rooms would publish under them again, and its events would reach the
     // clients that hold those seqs as regressions, dropped. So a failover opens the settle
-    // window as a Redis restart does: no room event until every node had time to re-seed.
+    // window as a Redis restart does: no room event until every node had time to re-seed. (The
+    // boot mark stays: the member log, which it names, is still there to replay.)
     if master.check_role && last_addr.is_some_and(|last| last != master.addr) {
-        redis::cmd("DEL").arg(BOOT_KEY).query_async::<()>(&mut conn).await?;
+        let keep_ms = u64::try_from((shared.options.settle * 10).as_millis()).unwrap_or(u64::MAX);
+        redis::Script::new(MARK_FAILOVER_LUA)
+            .key(FAILOVER_KEY)
+            .arg(keep_ms)
+            .invoke_async::<i64>(&mut conn)
+            .await?;
     }
 
     // Re-seed every room this node knows before it publishes again (a restarted Redis starts empty).
