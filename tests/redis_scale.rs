@@ -604,3 +604,40 @@ async fn check_config_connect_names_every_sentinel_that_never_answers() {
         s.signal("CONT");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_node_started_while_every_sentinel_is_down_starts_degraded_and_finds_the_master_later() {
+    let mut group = SentinelGroup::start();
+    group.wait_ready().await;
+    let _: () = query(&group.client_of(group.master.port), &["SET", "herald:boot", "0"]).await;
+    let mut config = support::config();
+    config.bus = BusConfig {
+        kind: BusKind::RedisSentinel,
+        redis_sentinel_urls: group.sentinel_urls(),
+        redis_sentinel_master: MASTER_NAME.into(),
+        ..BusConfig::default()
+    };
+    let ports: Vec<u16> = group.sentinels.iter().map(|s| s.port).collect();
+    for s in &mut group.sentinels {
+        s.kill();
+    }
+    let a = support::start(config).await;
+    assert_eq!(a.get("/readyz").await.0, 503);
+    let room = chat();
+    let (status, reply) = a.publish(&message_sent(room, &json!({"n": 1}))).await;
+    assert_eq!(status, 503, "{reply}");
+    assert_fixed_503(&reply);
+    // The sentinels come back (each rewrote its file with what it knew).
+    group.sentinels = ports
+        .iter()
+        .enumerate()
+        .map(|(n, port)| {
+            let conf = group.dir.path(&format!("sentinel-{n}.conf")).to_string_lossy().into_owned();
+            scale::Proc::redis(*port, &[conf, "--sentinel".into()])
+        })
+        .collect();
+    support::redis::http_publish_eventually(&a, &message_sent(room, &json!({"n": 2}))).await;
+    let at = format!("127.0.0.1:{}", group.master.port);
+    assert_eq!(a.labelled("redis_endpoint_sessions_total", "endpoint", &at).await, 1.0);
+}
