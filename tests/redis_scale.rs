@@ -738,3 +738,28 @@ async fn a_managed_redis_failover_behind_one_address_is_settled_like_a_sentinel_
     }
     assert_eq!(early, 503, "B published under a counter the failover set back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_redis_server_listed_as_the_sentinel_stops_startup_naming_the_key() {
+    // The master's own address where the sentinels' belongs: a plain Redis server answers
+    // every connect and never names a master, so retrying cannot help.
+    let port = scale::free_port();
+    let args: Vec<String> =
+        ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let _server = scale::Proc::redis(port, &args);
+    let mut config = support::config();
+    config.bus = BusConfig {
+        kind: BusKind::RedisSentinel,
+        redis_sentinel_urls: vec![format!("redis://127.0.0.1:{port}")],
+        redis_sentinel_master: MASTER_NAME.into(),
+        ..BusConfig::default()
+    };
+    let err = startup_error(config.clone()).await;
+    assert!(err.contains("bus.redis_sentinel_urls") && err.contains("not a sentinel"), "{err}");
+    let err = check_config::connect(&config).await.map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("not a sentinel"), "{err}");
+}
