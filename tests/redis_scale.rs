@@ -564,6 +564,10 @@ async fn events_the_promoted_replica_lost_are_never_reused_by_a_node_that_did_no
     }
     // How: B refused room events until every node had time to re-seed, as after a restart.
     assert_eq!(early, 503, "B published under a counter the failover set back");
+    // And Redis's state is still the same one: the member log is not replayed as if lost.
+    for gw in [&a, &b] {
+        assert_eq!(gw.metric("redis_membership_log_gaps_total").await, 0.0);
+    }
 }
 
 /// `herald_redis_endpoint_sessions_total` of `endpoint`; 0 while the node has not counted it.
@@ -599,4 +603,163 @@ async fn check_config_connect_names_every_sentinel_that_never_answers() {
     for s in group.sentinels.iter().chain([&stale]) {
         s.signal("CONT");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_node_started_while_every_sentinel_is_down_starts_degraded_and_finds_the_master_later() {
+    let mut group = SentinelGroup::start();
+    group.wait_ready().await;
+    let _: () = query(&group.client_of(group.master.port), &["SET", "herald:boot", "0"]).await;
+    let mut config = support::config();
+    config.bus = BusConfig {
+        kind: BusKind::RedisSentinel,
+        redis_sentinel_urls: group.sentinel_urls(),
+        redis_sentinel_master: MASTER_NAME.into(),
+        ..BusConfig::default()
+    };
+    let ports: Vec<u16> = group.sentinels.iter().map(|s| s.port).collect();
+    for s in &mut group.sentinels {
+        s.kill();
+    }
+    let a = support::start(config).await;
+    assert_eq!(a.get("/readyz").await.0, 503);
+    let room = chat();
+    let (status, reply) = a.publish(&message_sent(room, &json!({"n": 1}))).await;
+    assert_eq!(status, 503, "{reply}");
+    assert_fixed_503(&reply);
+    // The sentinels come back (each rewrote its file with what it knew).
+    group.sentinels = ports
+        .iter()
+        .enumerate()
+        .map(|(n, port)| {
+            let conf = group.dir.path(&format!("sentinel-{n}.conf")).to_string_lossy().into_owned();
+            scale::Proc::redis(*port, &[conf, "--sentinel".into()])
+        })
+        .collect();
+    support::redis::http_publish_eventually(&a, &message_sent(room, &json!({"n": 2}))).await;
+    let at = format!("127.0.0.1:{}", group.master.port);
+    assert_eq!(a.labelled("redis_endpoint_sessions_total", "endpoint", &at).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_managed_redis_failover_behind_one_address_is_settled_like_a_sentinel_one() {
+    // A primary and its replica; each node reaches "the" Redis through its own relay, as
+    // through a managed service's endpoint that a failover moves to the promoted replica.
+    let dir = scale::TempDir::new("managed");
+    let d = dir.0.to_string_lossy().into_owned();
+    let (px, py) = (scale::free_port(), scale::free_port());
+    let server = |port: u16, extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &d,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        scale::Proc::redis(port, &args)
+    };
+    let mut primary = server(px, &[]);
+    let replica = server(py, &["--replicaof", "127.0.0.1", &px.to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let info: String = query(&SentinelGroup::client(py), &["INFO", "replication"]).await;
+        if info.contains("master_link_status:up") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the replica never synced");
+        sleep(Duration::from_millis(100)).await;
+    }
+    let _: () = query(&SentinelGroup::client(px), &["SET", "herald:boot", "0"]).await;
+    let (to_a, to_b) = (scale::Relay::start(px).await, scale::Relay::start(px).await);
+    let node = |relay: &scale::Relay| {
+        let mut config = support::config();
+        config.bus = BusConfig {
+            kind: BusKind::Redis,
+            redis_url: format!("redis://127.0.0.1:{}", relay.port),
+            ..BusConfig::default()
+        };
+        config
+    };
+    let (a, b) = (support::start(node(&to_a)).await, support::start(node(&to_b)).await);
+    let room = chat();
+    let mut on_a = a.connect(user(), &[]).await;
+    let head = on_a.subscribe(room).await;
+    assert_eq!(a.publish(&message_sent(room, &json!({"n": 1}))).await.0, 202);
+    assert_eq!(on_a.recv().await["seq"], head + 1);
+
+    // Three events the replica never gets; the primary crashes; the replica is promoted and
+    // B's address moves to it first.
+    replica.signal("STOP");
+    let _: () = query(&SentinelGroup::client(px), &["CLIENT", "KILL", "TYPE", "replica"]).await;
+    for n in 2..=4 {
+        assert_eq!(a.publish(&message_sent(room, &json!({ "n": n }))).await.0, 202);
+        assert_eq!(on_a.recv().await["data"]["n"], n);
+    }
+    primary.kill();
+    replica.signal("CONT");
+    let _: () = query(&SentinelGroup::client(py), &["REPLICAOF", "NO", "ONE"]).await;
+    let kept: u64 = query(&SentinelGroup::client(py), &["GET", &format!("herald:{{{room}}}:seq")]).await;
+    assert_eq!(kept, head + 1, "the promoted replica lost the last three events");
+    to_b.switch(py);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b.metric("redis_reconnects_total").await < 1.0 {
+        assert!(Instant::now() < deadline, "B never reconnected");
+        sleep(Duration::from_millis(50)).await;
+    }
+    let mut accepted = vec![1, 2, 3, 4];
+    let (early, reply) = b.publish(&message_sent(room, &json!({"n": 5}))).await;
+    match early {
+        202 => accepted.push(5),
+        _ => assert_fixed_503(&reply),
+    }
+    to_a.switch(py);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.metric("redis_reconnects_total").await < 1.0 {
+        assert!(Instant::now() < deadline, "A never reconnected");
+        sleep(Duration::from_millis(50)).await;
+    }
+    support::redis::http_publish_eventually(&b, &message_sent(room, &json!({"n": 6}))).await;
+    accepted.push(6);
+    let mut seen = Seen { seqs: vec![head + 4], ns: vec![1, 2, 3, 4], told_gap: false };
+    follow(&a, &mut on_a, room, head, &mut seen, 6).await;
+    for n in &accepted {
+        assert!(seen.ns.contains(n) || seen.told_gap, "accepted event {n} never reached A's client, untold");
+    }
+    assert_eq!(early, 503, "B published under a counter the failover set back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_redis_server_listed_as_the_sentinel_stops_startup_naming_the_key() {
+    // The master's own address where the sentinels' belongs: a plain Redis server answers
+    // every connect and never names a master, so retrying cannot help.
+    let port = scale::free_port();
+    let args: Vec<String> =
+        ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let _server = scale::Proc::redis(port, &args);
+    let mut config = support::config();
+    config.bus = BusConfig {
+        kind: BusKind::RedisSentinel,
+        redis_sentinel_urls: vec![format!("redis://127.0.0.1:{port}")],
+        redis_sentinel_master: MASTER_NAME.into(),
+        ..BusConfig::default()
+    };
+    let err = startup_error(config.clone()).await;
+    assert!(err.contains("bus.redis_sentinel_urls") && err.contains("not a sentinel"), "{err}");
+    let err = check_config::connect(&config).await.map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("not a sentinel"), "{err}");
 }

@@ -28,6 +28,8 @@ pub(crate) enum Fault {
     Certificate,
     /// A sentinel answered that it monitors no master of the configured name.
     NoSuchMaster,
+    /// A server listed as a sentinel does not know the `SENTINEL` command (a Redis server).
+    NotSentinel,
     /// Down, refused, timed out, or not (yet) the master: worth retrying.
     Unreachable,
 }
@@ -35,7 +37,7 @@ pub(crate) enum Fault {
 impl Fault {
     /// True for a fault no retry cures: the configuration is wrong.
     pub(crate) fn is_config(self) -> bool {
-        matches!(self, Fault::Auth | Fault::Certificate | Fault::NoSuchMaster)
+        matches!(self, Fault::Auth | Fault::Certificate | Fault::NoSuchMaster | Fault::NotSentinel)
     }
 }
 
@@ -238,7 +240,21 @@ impl Endpoint {
             .arg(master)
             .query_async(&mut conn)
             .await
-            .map_err(|e| fail(&e))?;
+            .map_err(|e| {
+                // A Redis server in the sentinels' list: a retry never makes it one.
+                if e.code() == Some("ERR") && e.to_string().contains("unknown command") {
+                    return Failure {
+                        key,
+                        shown: sentinel.shown.clone(),
+                        addr: at.clone(),
+                        reason: "not a sentinel (it does not know the SENTINEL command): list the \
+                                 sentinels' addresses (`redis-server --sentinel`, port 26379 by default)"
+                            .into(),
+                        fault: Fault::NotSentinel,
+                    };
+                }
+                fail(&e)
+            })?;
         let Some((host, port)) = addr else {
             return Err(Failure {
                 key: "bus.redis_sentinel_master",
@@ -284,7 +300,7 @@ impl Endpoint {
                 key,
                 format!("the server's certificate is not trusted by the system roots (set bus.redis_tls_ca_file): {e}"),
             ),
-            Fault::Unreachable | Fault::NoSuchMaster => (key, e.to_string()),
+            Fault::Unreachable | Fault::NoSuchMaster | Fault::NotSentinel => (key, e.to_string()),
         };
         Failure { key, shown: shown.to_string(), addr: addr.to_string(), reason, fault }
     }

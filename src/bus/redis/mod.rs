@@ -28,8 +28,8 @@
 //!   counters (`SET max(current, known)`) on every reconnect before it publishes again; the publish
 //!   script also takes that floor per event. Because the publishing node may know nothing about a
 //!   room only another node watched, the script refuses room events for `settle` after Redis lost
-//!   its state (detected by the missing `herald:boot` key; a node that follows a Sentinel
-//!   failover deletes it, since the promoted replica may lack the last increments), which gives
+//!   its state (detected by the missing `herald:boot` key), or after a node followed a Sentinel
+//!   failover (`herald:failover`: the promoted replica may lack the last increments), which gives
 //!   every node time to reconnect and re-seed. A node that still sees a room's `seq` go backwards drops the event,
 //!   counts it, and re-seeds that room.
 //! - **Membership** is also stored in Redis sets (`herald:{<chat>}:members` plus the index

@@ -25,6 +25,7 @@
 //! | `herald:gseq` | string | global counter of non-room events |
 //! | `herald:boot` | string | when Redis's current state began (ms) |
 //! | `herald:{pressure}` | hash | node id -> `<expires ms>\|<rooms or *>`: the rooms each overloaded node asks every node's publishers to hold back (`pressure.rs`, which owns the name and its script) |
+//! | `herald:failover` | string | when a node last followed a Sentinel failover to this master (ms); room events wait `settle` after it as after `herald:boot`; expires soon after |
 //!
 //! On one Redis server (also the master Sentinel names) a publish script call covers a whole
 //! batch: many rooms plus the global keys. Redis Cluster (`bus.kind: redis_cluster`, reserved and
@@ -45,6 +46,8 @@ use crate::protocol::{ChatId, UserId};
 /// The channel every node subscribes to for its whole life: membership events.
 pub const MEMBERS_CHANNEL: &str = "herald:members";
 pub(super) const BOOT_KEY: &str = "herald:boot";
+/// Read by [`boot_prelude!`] by name (a single server's key, like the boot mark).
+pub(super) const FAILOVER_KEY: &str = "herald:failover";
 pub(super) const GSEQ_KEY: &str = "herald:gseq";
 pub(super) const MEMBER_INDEX_KEY: &str = "herald:member-chats";
 /// Rooms with a removed hash (the publish script adds, the snapshot script prunes).
@@ -168,8 +171,10 @@ impl Scripts {
     }
 }
 
-/// Lua shared by the scripts that need Redis's clock and boot mark: sets `now` (ms) and `boot`
-/// (when Redis's state began, recorded under `KEYS[1]` on first sight).
+/// Lua shared by the scripts that need Redis's clock and boot mark: sets `now` (ms), `boot`
+/// (when Redis's state began, recorded under `KEYS[1]` on first sight) and `fresh` (the later of
+/// `boot` and the last failover a node followed to this server, `herald:failover`): room counters
+/// may be behind what clients hold since `fresh`.
 macro_rules! boot_prelude {
     () => {
         r#"
@@ -180,9 +185,18 @@ if not boot then
   redis.call('SET', KEYS[1], now)
   boot = now
 end
+local fresh = math.max(tonumber(boot), tonumber(redis.call('GET', 'herald:failover') or '0'))
 "#
     };
 }
+
+/// Records that a node followed a failover to this server, now (Redis's clock). KEYS: the
+/// failover key; ARGV: how long the mark is kept (ms).
+pub(super) const MARK_FAILOVER_LUA: &str = r#"
+local t = redis.call('TIME')
+redis.call('SET', KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), 'PX', ARGV[1])
+return 1
+"#;
 
 /// Lua: `origin(floor)`, a new room counter's first value as a string: Redis's clock in
 /// microseconds ([`crate::bus::seq_origin`]), never below `floor`. Built from `TIME`'s two strings,
@@ -221,7 +235,7 @@ pub(super) const SETTLING: &str = "SETTLING";
 pub(super) const PUBLISH_LUA: &str = concat!(
     boot_prelude!(),
     origin_fn!(),
-    r#"if ARGV[2] == '1' and now - tonumber(boot) < tonumber(ARGV[1]) then
+    r#"if ARGV[2] == '1' and now - fresh < tonumber(ARGV[1]) then
   return redis.error_reply('SETTLING redis lost its state recently; nodes are re-seeding room seq')
 end
 local seqs = {}
@@ -291,7 +305,8 @@ return seqs
 );
 
 /// Marks Redis's state as seen (boot key) and raises room counters to the floors this node knows.
-/// KEYS: boot, then room counters; ARGV: the floors. Returns ms since Redis's state began.
+/// KEYS: boot, then room counters; ARGV: the floors. Returns ms since Redis's state began (or a
+/// node last followed a failover to it).
 pub(super) const RESEED_LUA: &str = concat!(
     boot_prelude!(),
     r#"for k = 2, #KEYS do
@@ -299,7 +314,7 @@ pub(super) const RESEED_LUA: &str = concat!(
   local cur = tonumber(redis.call('GET', KEYS[k]) or '0')
   if cur < floor then redis.call('SET', KEYS[k], floor) end
 end
-return now - tonumber(boot)
+return now - fresh
 "#
 );
 

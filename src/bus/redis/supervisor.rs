@@ -16,8 +16,8 @@ use tokio::time::Instant;
 use super::delivery::{Inbound, MemberSnapshot, Missed};
 use super::endpoint::{self, Endpoint, Master};
 use super::scripts::{
-    channel, members_key_parts, removed_key_suffix, revoked_key, seq_key, ALL, BOOT_KEY, GSEQ_KEY,
-    MEMBERS_CHANNEL, MEMBER_INDEX_KEY, MEMBER_LOG_KEY, REMOVED_INDEX_KEY,
+    channel, members_key_parts, removed_key_suffix, revoked_key, seq_key, ALL, BOOT_KEY, FAILOVER_KEY,
+    GSEQ_KEY, MARK_FAILOVER_LUA, MEMBERS_CHANNEL, MEMBER_INDEX_KEY, MEMBER_LOG_KEY, REMOVED_INDEX_KEY,
 };
 use super::{MemberMark, Phase, Shared};
 use crate::bus::Control;
@@ -38,6 +38,9 @@ pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: 
     let mut failures = 0u64;
     // The master of the last session, so a move to another server is counted as a failover.
     let mut last_addr: Option<String> = None;
+    // The replication ID of the last session's server: a promoted replica has another one, also
+    // behind an unchanged address (a managed Redis's endpoint moved to the new primary).
+    let mut last_replid: Option<String> = None;
     loop {
         gen += 1;
         // Sent before the connection exists, so it precedes every push of that connection.
@@ -45,13 +48,17 @@ pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: 
             return;
         }
         let attempt = match endpoint.resolve(shared.options.connect_timeout).await {
-            Ok(master) => match open_session(&shared, &master, &inbound, gen, last_addr.as_deref()).await {
-                Ok(session) => Ok((session, master)),
-                Err(e) => {
-                    endpoint.pass_over(&master);
-                    Err(endpoint.failure(master.key, &master.shown, &master.addr, &e))
+            Ok(master) => {
+                match open_session(&shared, &master, &inbound, gen, last_addr.as_deref(), &mut last_replid)
+                    .await
+                {
+                    Ok(session) => Ok((session, master)),
+                    Err(e) => {
+                        endpoint.pass_over(&master);
+                        Err(endpoint.failure(master.key, &master.shown, &master.addr, &e))
+                    }
                 }
-            },
+            }
             Err(failure) => Err(failure),
         };
         match attempt {
@@ -119,6 +126,7 @@ async fn open_session(
     inbound: &mpsc::Sender<Inbound>,
     gen: u64,
     last_addr: Option<&str>,
+    last_replid: &mut Option<String>,
 ) -> Result<(MultiplexedConnection, Option<Instant>), redis::RedisError> {
     let push_tx = inbound.clone();
     let weak = Arc::downgrade(shared);
@@ -169,9 +177,19 @@ async fn open_session(
     // asynchronous): room counters behind seqs that clients already hold. A node that watched
     // none of those rooms would publish under them again, and its events would reach the
     // clients that hold those seqs as regressions, dropped. So a failover opens the settle
-    // window as a Redis restart does: no room event until every node had time to re-seed.
-    if master.check_role && last_addr.is_some_and(|last| last != master.addr) {
-        redis::cmd("DEL").arg(BOOT_KEY).query_async::<()>(&mut conn).await?;
+    // window as a Redis restart does: no room event until every node had time to re-seed. (The
+    // boot mark stays: the member log, which it names, is still there to replay.) A failover is
+    // a new master under Sentinel, or a server with another replication ID than the last one
+    // (`INFO` may be denied to the ACL user: then only the former is seen).
+    let replid = replication_id(&mut conn).await;
+    let moved = last_replid.as_ref().is_some_and(|last| replid.as_ref().is_some_and(|id| id != last));
+    if moved || (master.check_role && last_addr.is_some_and(|last| last != master.addr)) {
+        let keep_ms = u64::try_from((shared.options.settle * 10).as_millis()).unwrap_or(u64::MAX);
+        redis::Script::new(MARK_FAILOVER_LUA)
+            .key(FAILOVER_KEY)
+            .arg(keep_ms)
+            .invoke_async::<i64>(&mut conn)
+            .await?;
     }
 
     // Re-seed every room this node knows before it publishes again (a restarted Redis starts empty).
@@ -194,9 +212,19 @@ async fn open_session(
     shared.topics.resubscribe_all();
     reconcile(shared, &mut conn).await?;
 
+    if replid.is_some() {
+        *last_replid = replid;
+    }
     *lock(&shared.conn) = Some(conn.clone());
     shared.phase.send_replace(if settle_until.is_some() { Phase::Settling } else { Phase::Up });
     Ok((conn, settle_until))
+}
+
+/// The server's replication ID (`master_replid` of `INFO replication`); `None` when it cannot
+/// be read (an ACL user without `INFO`).
+async fn replication_id(conn: &mut MultiplexedConnection) -> Option<String> {
+    let info: String = redis::cmd("INFO").arg("replication").query_async(conn).await.ok()?;
+    info.lines().find_map(|l| l.strip_prefix("master_replid:")).map(|id| id.trim().to_string())
 }
 
 /// Applies the revocations Redis keeps for every user connected to this node (in chunks), as if
