@@ -423,12 +423,33 @@ mod tests {
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 
+    /// The load sensor of a test node, running until `stop`.
+    struct Sensor {
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Sensor {
+        /// A node built from `config`, with its load sensor started.
+        async fn start(config: &Config) -> Result<(Arc<Node>, Sensor), Box<dyn std::error::Error>> {
+            let node = Arc::new(Node::build(config).await?);
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(sense_load(node.clone(), stop.clone()));
+            Ok((node, Sensor { stop, task }))
+        }
+
+        /// Stops the sensor and waits for it, so a panic inside it fails the test.
+        async fn stop(self) -> TestResult {
+            self.stop.cancel();
+            self.task.await?;
+            Ok(())
+        }
+    }
+
     /// Batching is switched on by load and off again when it passes.
     #[tokio::test(start_paused = true)]
     async fn the_node_counts_as_busy_only_while_it_writes_fast() -> TestResult {
-        let node = Arc::new(Node::build(&Config::default()).await?);
-        let stop = CancellationToken::new();
-        let sensor = tokio::spawn(sense_load(node.clone(), stop.clone()));
+        let (node, sensor) = Sensor::start(&Config::default()).await?;
         let per_sample = BUSY_FRAMES_PER_SEC * LOAD_SAMPLE.as_millis() as u64 / 1000;
         for _ in 0..3 {
             node.metrics.frames_out.add(per_sample as i64 * 2);
@@ -440,9 +461,7 @@ mod tests {
             tokio::time::sleep(LOAD_SAMPLE).await;
         }
         assert!(!node.busy.load(Ordering::Relaxed), "slow writing clears it");
-        stop.cancel();
-        sensor.await?;
-        Ok(())
+        sensor.stop().await
     }
 
     /// CoDel-style admission: publishes are pushed back once most wakes took
@@ -452,9 +471,7 @@ mod tests {
     async fn a_node_delivering_late_for_a_whole_interval_pushes_back() -> TestResult {
         let mut config = Config::default();
         config.api.overload_latency = Duration::from_millis(50);
-        let node = Arc::new(Node::build(&config).await?);
-        let stop = CancellationToken::new();
-        let sensor = tokio::spawn(sense_load(node.clone(), stop.clone()));
+        let (node, sensor) = Sensor::start(&config).await?;
         let window = LOAD_SAMPLE * LAG_WINDOW_TICKS as u32;
         let feed = |ms: u64, n: usize| (0..n).for_each(|_| node.lag.record(Duration::from_millis(ms)));
         tokio::time::sleep(window / 2).await;
@@ -490,35 +507,27 @@ mod tests {
         tokio::time::sleep(window).await;
         assert!(!node.late.load(Ordering::Relaxed));
         assert!(node.admit(&[]).await.is_ok());
-        stop.cancel();
-        sensor.await?;
-        Ok(())
+        sensor.stop().await
     }
 
     /// Off by default: late deliveries alone never push back.
     #[tokio::test(start_paused = true)]
     async fn latency_admission_is_off_by_default() -> TestResult {
-        let node = Arc::new(Node::build(&Config::default()).await?);
-        let stop = CancellationToken::new();
-        let sensor = tokio::spawn(sense_load(node.clone(), stop.clone()));
+        let (node, sensor) = Sensor::start(&Config::default()).await?;
         for _ in 0..2 * LATE_WINDOWS {
             (0..40).for_each(|_| node.lag.record(Duration::from_secs(5)));
             tokio::time::sleep(LOAD_SAMPLE * LAG_WINDOW_TICKS as u32).await;
         }
         assert!(!node.late.load(Ordering::Relaxed));
         assert!(node.admit(&[]).await.is_ok());
-        stop.cancel();
-        sensor.await?;
-        Ok(())
+        sensor.stop().await
     }
 
     /// The lag gauge reports the median of the last window's samples (the
     /// lower bound of its power-of-two bucket), and 0 when too few came.
     #[tokio::test(start_paused = true)]
     async fn the_lag_gauge_is_the_median_of_the_last_window() -> TestResult {
-        let node = Arc::new(Node::build(&Config::default()).await?);
-        let stop = CancellationToken::new();
-        let sensor = tokio::spawn(sense_load(node.clone(), stop.clone()));
+        let (node, sensor) = Sensor::start(&Config::default()).await?;
         let window = LOAD_SAMPLE * LAG_WINDOW_TICKS as u32;
         tokio::time::sleep(window).await;
         for ms in [1, 3, 300, 300, 300] {
@@ -531,9 +540,7 @@ mod tests {
         node.lag.record(Duration::from_millis(300));
         tokio::time::sleep(window).await;
         assert_eq!(node.metrics.lag_median_ms.load(Ordering::Relaxed), 0, "one sample is too few to judge");
-        stop.cancel();
-        sensor.await?;
-        Ok(())
+        sensor.stop().await
     }
 
     /// Publishes wait while the node owes its readers more than the limit,

@@ -9,23 +9,7 @@ use std::time::Duration;
 
 use herald::protocol::ChatId;
 use serde_json::{json, Value};
-use support::{stalled_reader, start, user, RawClient, API_KEY, PATIENCE};
-
-/// One publish of `n` events of about `size` bytes each to `room`.
-fn batch(room: ChatId, n: usize, size: usize) -> String {
-    let blob = "b".repeat(size);
-    let events: Vec<Value> =
-        (0..n).map(|_| json!({"type":"message.sent","chat_id":room,"data":{"blob":blob}})).collect();
-    Value::Array(events).to_string()
-}
-
-/// Reads `count` room events and checks they are seq `head + 1..=head + count` in order.
-async fn read_events(reader: &mut RawClient, head: u64, count: u64) {
-    for want in head + 1..=head + count {
-        let event = reader.read_json().await.expect("an event, not a close");
-        assert_eq!(event["seq"].as_u64(), Some(want), "{}", event["type"]);
-    }
-}
+use support::{batch, post_until_pushed_back, read_events, stalled_reader, start, user, PATIENCE};
 
 #[tokio::test]
 async fn a_node_whose_readers_all_fall_behind_pushes_back_instead_of_dropping_them() {
@@ -39,22 +23,7 @@ async fn a_node_whose_readers_all_fall_behind_pushes_back_instead_of_dropping_th
         readers.push(stalled_reader(&gw, room).await);
     }
     let body = batch(room, 20, 1_000);
-    let mut accepted = 0;
-    let mut refusal = None;
-    for _ in 0..500 {
-        let (status, head, reply) = gw.post_events(&body, Some(API_KEY)).await;
-        match status {
-            202 => {
-                accepted +=
-                    serde_json::from_str::<Value>(&reply).expect("JSON")["accepted"].as_u64().unwrap_or(0)
-            }
-            429 => {
-                refusal = Some((head, reply));
-                break;
-            }
-            other => panic!("unexpected {other}: {reply}"),
-        }
-    }
+    let (accepted, refusal) = post_until_pushed_back(&gw, &body, 500, Duration::ZERO).await;
     let (head, reply) = refusal.expect("publishers were pushed back");
     assert_eq!(serde_json::from_str::<Value>(&reply).expect("JSON"), json!({"error":"overloaded"}));
     assert!(head.to_ascii_lowercase().contains("retry-after: 1"), "{head}");

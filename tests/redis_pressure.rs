@@ -10,16 +10,8 @@ use std::time::Duration;
 use herald::protocol::ChatId;
 use serde_json::{json, Value};
 use support::redis::{mark_settled, redis_cmd, RedisServer};
-use support::{stalled_reader, start, Gateway, RawClient, API_KEY, PATIENCE};
+use support::{batch, post_until_pushed_back, read_events, stalled_reader, start, Gateway, PATIENCE};
 use tokio::time::{sleep, Instant};
-
-/// One publish of `n` events of about `size` bytes each to `room`.
-fn batch(room: ChatId, n: usize, size: usize) -> String {
-    let blob = "b".repeat(size);
-    let events: Vec<Value> =
-        (0..n).map(|_| json!({"type":"message.sent","chat_id":room,"data":{"blob":blob}})).collect();
-    Value::Array(events).to_string()
-}
 
 /// Two nodes on one settled Redis; A's readers may stall as long as the test needs.
 async fn nodes(redis: &RedisServer) -> (Gateway, Gateway) {
@@ -27,14 +19,6 @@ async fn nodes(redis: &RedisServer) -> (Gateway, Gateway) {
     let mut config = support::redis::config(redis);
     config.websocket.write_wait = Duration::from_secs(60);
     (start(config.clone()).await, start(config).await)
-}
-
-/// Reads `count` room events and checks they are seq `head + 1..=head + count` in order.
-async fn read_events(reader: &mut RawClient, head: u64, count: u64) {
-    for want in head + 1..=head + count {
-        let event = reader.read_json().await.expect("an event, not a close");
-        assert_eq!(event["seq"].as_u64(), Some(want), "{}", event["type"]);
-    }
 }
 
 /// Publishes `body` to `gw` until it answers 202 (pressure lapsed), for up to PATIENCE.
@@ -64,23 +48,7 @@ async fn publishers_on_one_node_are_pushed_back_for_readers_on_another() {
     // Paced like a steady publisher, so the few dozen ms the word takes to cross Redis
     // cost the readers a fraction of what they can fall behind.
     let body = batch(room, 10, 1_000);
-    let mut accepted = 0;
-    let mut refusal = None;
-    for _ in 0..1_000 {
-        let (status, head, reply) = b.post_events(&body, Some(API_KEY)).await;
-        match status {
-            202 => {
-                accepted +=
-                    serde_json::from_str::<Value>(&reply).expect("JSON")["accepted"].as_u64().unwrap_or(0)
-            }
-            429 => {
-                refusal = Some((head, reply));
-                break;
-            }
-            other => panic!("unexpected {other}: {reply}"),
-        }
-        sleep(Duration::from_millis(10)).await;
-    }
+    let (accepted, refusal) = post_until_pushed_back(&b, &body, 1_000, Duration::from_millis(10)).await;
     let (head, reply) = refusal.expect("B pushed its publishers back for A's readers");
     assert_eq!(serde_json::from_str::<Value>(&reply).expect("JSON"), json!({"error":"overloaded"}));
     assert!(head.to_ascii_lowercase().contains("retry-after: 1"), "{head}");

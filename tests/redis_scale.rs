@@ -31,6 +31,103 @@ fn tls_config(tls: &TlsRedis, password: &str, ca: Option<&std::path::Path>) -> C
     config
 }
 
+/// The test config on the Sentinel group behind `urls`, monitoring [`MASTER_NAME`].
+fn sentinel_config(urls: Vec<String>) -> Config {
+    let mut config = support::config();
+    config.bus = BusConfig {
+        kind: BusKind::RedisSentinel,
+        redis_sentinel_urls: urls,
+        redis_sentinel_master: MASTER_NAME.into(),
+        ..BusConfig::default()
+    };
+    config
+}
+
+/// A fresh Redis makes nodes wait out the settle window; marked, it counts as long settled.
+async fn mark_settled(client: &redis::Client) {
+    let _: () = query(client, &["SET", "herald:boot", "0"]).await;
+}
+
+/// Waits until the group can fail over, and marks its master settled.
+async fn ready_and_settled(group: &SentinelGroup) {
+    group.wait_ready().await;
+    mark_settled(&group.client_of(group.master.port)).await;
+}
+
+/// Polls `done` every `every` until it holds; fails with `what` after `within`.
+async fn wait_until(what: &str, within: Duration, every: Duration, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what}");
+        sleep(every).await;
+    }
+}
+
+/// A client on `watcher` subscribes to a new room and gets the event `publisher` accepts:
+/// both nodes carry events. Returns the room, the client and the room's head before the event.
+async fn first_event_arrives(publisher: &Gateway, watcher: &Gateway) -> (uuid::Uuid, Client, u64) {
+    let room = chat();
+    let mut client = watcher.connect(user(), &[]).await;
+    let head = client.subscribe(room).await;
+    assert_eq!(publisher.publish(&message_sent(room, &json!({"n": 1}))).await.0, 202);
+    assert_eq!(client.recv().await["seq"], head + 1);
+    (room, client, head)
+}
+
+/// Events 2 to 4, published on `a` and seen by `on_a`, that the replica never gets (it hangs
+/// and loses its link); then the primary crashes and the replica resumes.
+async fn publish_three_the_replica_loses(
+    a: &Gateway,
+    on_a: &mut Client,
+    room: uuid::Uuid,
+    primary: &mut scale::Proc,
+    replica: &scale::Proc,
+    primary_client: &redis::Client,
+) {
+    replica.signal("STOP");
+    let _: () = query(primary_client, &["CLIENT", "KILL", "TYPE", "replica"]).await;
+    for n in 2..=4 {
+        assert_eq!(a.publish(&message_sent(room, &json!({ "n": n }))).await.0, 202);
+        assert_eq!(on_a.recv().await["data"]["n"], n);
+    }
+    primary.kill();
+    replica.signal("CONT");
+}
+
+/// B, moved to the promoted replica while A is not yet, publishes event 5 (it knows nothing of
+/// the room: an event accepted now would take a seq A's client holds). Returns the status and
+/// the events accepted so far.
+async fn publish_before_a_moved(b: &Gateway, room: uuid::Uuid) -> (u16, Vec<u64>) {
+    let mut accepted = vec![1, 2, 3, 4];
+    let (early, reply) = b.publish(&message_sent(room, &json!({"n": 5}))).await;
+    match early {
+        202 => accepted.push(5),
+        _ => assert_fixed_503(&reply),
+    }
+    (early, accepted)
+}
+
+/// Once both nodes moved: B's event 6 reaches A's client, which got every accepted event or
+/// was told it may miss some; and B's early publish was refused: it waited, as after a restart,
+/// until every node had time to re-seed.
+async fn assert_no_event_lost_untold(
+    a: &Gateway,
+    on_a: &mut Client,
+    b: &Gateway,
+    room: uuid::Uuid,
+    head: u64,
+    (early, mut accepted): (u16, Vec<u64>),
+) {
+    support::redis::http_publish_eventually(b, &message_sent(room, &json!({"n": 6}))).await;
+    accepted.push(6);
+    let mut seen = Seen { seqs: vec![head + 4], ns: vec![1, 2, 3, 4], told_gap: false };
+    follow(a, on_a, room, head, &mut seen, 6).await;
+    for n in &accepted {
+        assert!(seen.ns.contains(n) || seen.told_gap, "accepted event {n} never reached A's client, untold");
+    }
+    assert_eq!(early, 503, "B published under a counter the failover set back");
+}
+
 /// Why the node refuses to start with `config`.
 async fn startup_error(config: Config) -> String {
     config.validate().expect("valid config");
@@ -44,8 +141,7 @@ async fn startup_error(config: Config) -> String {
 #[ignore = "needs redis-server"]
 async fn nodes_on_tls_redis_as_an_acl_user_carry_events_and_never_show_the_password() {
     let tls = TlsRedis::start();
-    // A fresh Redis makes nodes wait out the settle window; this one counts as long settled.
-    let _: () = query(&tls.client(), &["SET", "herald:boot", "0"]).await;
+    mark_settled(&tls.client()).await;
     let config = tls_config(&tls, PASSWORD, Some(&tls.ca));
     let (a, b) = (support::start(config.clone()).await, support::start(config.clone()).await);
     let room = chat();
@@ -146,15 +242,8 @@ async fn follow(gw: &Gateway, client: &mut Client, room: uuid::Uuid, head: u64, 
 #[ignore = "needs redis-server"]
 async fn sentinel_failover_mid_stream_is_followed_with_every_event_or_recovered_false() {
     let mut group = SentinelGroup::start();
-    group.wait_ready().await;
-    let _: () = query(&group.client_of(group.master.port), &["SET", "herald:boot", "0"]).await;
-    let mut config = support::config();
-    config.bus = BusConfig {
-        kind: BusKind::RedisSentinel,
-        redis_sentinel_urls: group.sentinel_urls(),
-        redis_sentinel_master: MASTER_NAME.into(),
-        ..BusConfig::default()
-    };
+    ready_and_settled(&group).await;
+    let config = sentinel_config(group.sentinel_urls());
     // A master name the sentinels do not know is a configuration error, named.
     let mut unknown = config.clone();
     unknown.bus.redis_sentinel_master = "not-monitored".into();
@@ -203,11 +292,9 @@ async fn sentinel_failover_mid_stream_is_followed_with_every_event_or_recovered_
 
     // A marker both nodes deliver live: sent once both are ready again.
     for gw in [&a, &b] {
-        let ready = Instant::now() + PATIENCE;
-        while gw.get("/readyz").await.0 != 200 {
-            assert!(Instant::now() < ready, "a node never became ready after the failover");
-            sleep(Duration::from_millis(50)).await;
-        }
+        let what = "a node never became ready after the failover";
+        wait_until(what, PATIENCE, Duration::from_millis(50), async || gw.get("/readyz").await.0 == 200)
+            .await;
     }
     let marker = n + 1;
     assert_eq!(b.publish(&message_sent(room, &json!({ "n": marker }))).await.0, 202);
@@ -233,16 +320,9 @@ async fn sentinel_failover_mid_stream_is_followed_with_every_event_or_recovered_
 #[ignore = "needs redis-server"]
 async fn sentinels_over_tls_as_an_acl_user_name_the_master_and_nodes_carry_events() {
     let group = SentinelGroup::start_with(true);
-    group.wait_ready().await;
-    let _: () = query(&group.client_of(group.master.port), &["SET", "herald:boot", "0"]).await;
-    let mut config = support::config();
-    config.bus = BusConfig {
-        kind: BusKind::RedisSentinel,
-        redis_sentinel_urls: group.sentinel_urls(),
-        redis_sentinel_master: MASTER_NAME.into(),
-        redis_tls_ca_file: group.ca.clone(),
-        ..BusConfig::default()
-    };
+    ready_and_settled(&group).await;
+    let mut config = sentinel_config(group.sentinel_urls());
+    config.bus.redis_tls_ca_file = group.ca.clone();
     let reached = check_config::connect(&config).await.expect("reaches every server");
     assert_eq!(
         reached.lines().filter(|l| l.starts_with("ok")).count(),
@@ -260,11 +340,7 @@ async fn sentinels_over_tls_as_an_acl_user_name_the_master_and_nodes_carry_event
     assert!(!err.contains(wrong), "{err}");
 
     let (a, b) = (support::start(config.clone()).await, support::start(config.clone()).await);
-    let room = chat();
-    let mut on_b = b.connect(user(), &[]).await;
-    let head = on_b.subscribe(room).await;
-    assert_eq!(a.publish(&message_sent(room, &json!({"n": 1}))).await.0, 202);
-    assert_eq!(on_b.recv().await["seq"], head + 1);
+    let _watching = first_event_arrives(&a, &b).await;
     let at = format!("127.0.0.1:{}", group.master.port);
     assert_eq!(a.labelled("redis_endpoint_sessions_total", "endpoint", &at).await, 1.0);
     let (_, metrics) = a.get("/metrics").await;
@@ -275,38 +351,27 @@ async fn sentinels_over_tls_as_an_acl_user_name_the_master_and_nodes_carry_event
 #[ignore = "needs redis-server"]
 async fn a_failover_without_a_crash_moves_the_nodes_off_the_demoted_master() {
     let group = SentinelGroup::start();
-    group.wait_ready().await;
-    let _: () = query(&group.client_of(group.master.port), &["SET", "herald:boot", "0"]).await;
-    let mut config = support::config();
-    config.bus = BusConfig {
-        kind: BusKind::RedisSentinel,
-        redis_sentinel_urls: group.sentinel_urls(),
-        redis_sentinel_master: MASTER_NAME.into(),
-        ..BusConfig::default()
-    };
+    ready_and_settled(&group).await;
+    let config = sentinel_config(group.sentinel_urls());
     let (a, b) = (support::start(config.clone()).await, support::start(config.clone()).await);
-    let room = chat();
-    let mut on_b = b.connect(user(), &[]).await;
-    let head = on_b.subscribe(room).await;
-    assert_eq!(a.publish(&message_sent(room, &json!({"n": 1}))).await.0, 202);
-    assert_eq!(on_b.recv().await["seq"], head + 1);
+    let (room, mut on_b, head) = first_event_arrives(&a, &b).await;
 
     // The old master stays up and becomes a replica (the sentinels also close its clients'
     // connections: the next test covers a node whose connection stays open).
     let _: () =
         query(&group.client_of(group.sentinels[0].port), &["SENTINEL", "FAILOVER", MASTER_NAME]).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while group.master_port().await != group.replica.port {
-        assert!(Instant::now() < deadline, "the sentinels never promoted the replica");
-        sleep(Duration::from_millis(100)).await;
-    }
+    let what = "the sentinels never promoted the replica";
+    wait_until(what, Duration::from_secs(30), Duration::from_millis(100), async || {
+        group.master_port().await == group.replica.port
+    })
+    .await;
     let promoted = format!("127.0.0.1:{}", group.replica.port);
     for gw in [&a, &b] {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while endpoint_failovers(gw, &promoted).await < 1.0 {
-            assert!(Instant::now() < deadline, "a node stayed on the demoted master");
-            sleep(Duration::from_millis(100)).await;
-        }
+        let what = "a node stayed on the demoted master";
+        wait_until(what, Duration::from_secs(20), Duration::from_millis(100), async || {
+            endpoint_failovers(gw, &promoted).await >= 1.0
+        })
+        .await;
     }
     support::redis::http_publish_eventually(&a, &message_sent(room, &json!({"n": 2}))).await;
     let mut seen = Seen::default();
@@ -322,8 +387,14 @@ async fn a_failover_without_a_crash_moves_the_nodes_off_the_demoted_master() {
 
 /// `herald_redis_endpoint_failovers_total` of `endpoint`; 0 while the node has not counted it.
 async fn endpoint_failovers(gw: &Gateway, endpoint: &str) -> f64 {
+    endpoint_count(gw, "redis_endpoint_failovers_total", endpoint).await
+}
+
+/// `herald_<name>{endpoint="<endpoint>"}`, or 0 while the node has not counted it (unlike
+/// `Gateway::labelled`, which wants the series to exist).
+async fn endpoint_count(gw: &Gateway, name: &str, endpoint: &str) -> f64 {
     let (_, text) = gw.get("/metrics").await;
-    let prefix = format!("herald_redis_endpoint_failovers_total{{endpoint=\"{endpoint}\"}} ");
+    let prefix = format!("herald_{name}{{endpoint=\"{endpoint}\"}} ");
     text.lines().find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok()).unwrap_or(0.0)
 }
 
@@ -331,16 +402,9 @@ async fn endpoint_failovers(gw: &Gateway, endpoint: &str) -> f64 {
 #[ignore = "needs redis-server"]
 async fn a_master_demoted_under_an_open_connection_is_left_at_the_next_role_check() {
     let group = SentinelGroup::start();
-    group.wait_ready().await;
+    ready_and_settled(&group).await;
     let master = group.client_of(group.master.port);
-    let _: () = query(&master, &["SET", "herald:boot", "0"]).await;
-    let mut config = support::config();
-    config.bus = BusConfig {
-        kind: BusKind::RedisSentinel,
-        redis_sentinel_urls: group.sentinel_urls(),
-        redis_sentinel_master: MASTER_NAME.into(),
-        ..BusConfig::default()
-    };
+    let config = sentinel_config(group.sentinel_urls());
     let a = support::start(config).await;
     let room = chat();
     assert_eq!(a.publish(&message_sent(room, &json!({"n": 1}))).await.0, 202);
@@ -348,11 +412,11 @@ async fn a_master_demoted_under_an_open_connection_is_left_at_the_next_role_chec
     // Demoted behind the sentinels' back: nobody closes the node's connection, and the
     // sentinels keep naming this server for a while. Only its role says it takes no writes.
     let _: () = query(&master, &["REPLICAOF", "127.0.0.1", &group.replica.port.to_string()]).await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while a.get("/readyz").await.0 != 503 {
-        assert!(Instant::now() < deadline, "the node kept serving on a server that is no longer master");
-        sleep(Duration::from_millis(50)).await;
-    }
+    let what = "the node kept serving on a server that is no longer master";
+    wait_until(what, Duration::from_secs(5), Duration::from_millis(50), async || {
+        a.get("/readyz").await.0 == 503
+    })
+    .await;
     let (status, reply) = a.publish(&message_sent(room, &json!({"n": 2}))).await;
     assert_eq!(status, 503, "{reply}");
     assert_fixed_503(&reply);
@@ -363,8 +427,7 @@ async fn a_master_demoted_under_an_open_connection_is_left_at_the_next_role_chec
 #[ignore = "needs redis-server"]
 async fn a_sentinel_naming_a_replica_does_not_keep_the_node_off_the_master() {
     let group = SentinelGroup::start();
-    group.wait_ready().await;
-    let _: () = query(&group.client_of(group.master.port), &["SET", "herald:boot", "0"]).await;
+    ready_and_settled(&group).await;
     // Listed first: a node that always believes the first sentinel that answers stays on the
     // replica for as long as that sentinel is wrong.
     let stale = group.stale_sentinel();
@@ -374,13 +437,7 @@ async fn a_sentinel_naming_a_replica_does_not_keep_the_node_off_the_master() {
     assert_eq!(named.1, group.replica.port, "the stale sentinel names the replica");
     let mut urls = vec![format!("redis://127.0.0.1:{}", stale.port)];
     urls.extend(group.sentinel_urls());
-    let mut config = support::config();
-    config.bus = BusConfig {
-        kind: BusKind::RedisSentinel,
-        redis_sentinel_urls: urls,
-        redis_sentinel_master: MASTER_NAME.into(),
-        ..BusConfig::default()
-    };
+    let config = sentinel_config(urls);
     // `--connect` says which answer is wrong.
     let err = check_config::connect(&config).await.map(|_| ()).unwrap_err().to_string();
     assert!(
@@ -389,16 +446,9 @@ async fn a_sentinel_naming_a_replica_does_not_keep_the_node_off_the_master() {
     );
 
     let a = support::start(config).await;
-    let deadline = Instant::now() + PATIENCE * 2;
-    while a.get("/readyz").await.0 != 200 {
-        assert!(Instant::now() < deadline, "the node stayed on the replica a stale sentinel named");
-        sleep(Duration::from_millis(50)).await;
-    }
-    let room = chat();
-    let mut on_a = a.connect(user(), &[]).await;
-    let head = on_a.subscribe(room).await;
-    assert_eq!(a.publish(&message_sent(room, &json!({"n": 1}))).await.0, 202);
-    assert_eq!(on_a.recv().await["seq"], head + 1);
+    let what = "the node stayed on the replica a stale sentinel named";
+    wait_until(what, PATIENCE * 2, Duration::from_millis(50), async || a.get("/readyz").await.0 == 200).await;
+    let _watching = first_event_arrives(&a, &a).await;
     let at = format!("127.0.0.1:{}", group.master.port);
     assert_eq!(a.labelled("redis_endpoint_sessions_total", "endpoint", &at).await, 1.0);
 }
@@ -412,7 +462,7 @@ async fn a_password_with_url_characters_is_never_shown_even_unencoded() {
     let _: () =
         query(&tls.client(), &["ACL", "SETUSER", "odd", "on", &format!(">{secret}"), "~*", "&*", "+@all"])
             .await;
-    let _: () = query(&tls.client(), &["SET", "herald:boot", "0"]).await;
+    mark_settled(&tls.client()).await;
     let port = tls.server.port;
     let ca = tls.ca.to_string_lossy().into_owned();
     let pieces = ["ss/wo", "wo?rd", "rd-0123456789"];
@@ -452,11 +502,7 @@ async fn a_password_with_url_characters_is_never_shown_even_unencoded() {
     let mut node = support::config();
     node.bus = config.bus;
     let a = support::start(node).await;
-    let room = chat();
-    let mut on_a = a.connect(user(), &[]).await;
-    let head = on_a.subscribe(room).await;
-    assert_eq!(a.publish(&message_sent(room, &json!({"n": 1}))).await.0, 202);
-    assert_eq!(on_a.recv().await["seq"], head + 1);
+    first_event_arrives(&a, &a).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -494,76 +540,45 @@ async fn check_config_refuses_the_ca_file_startup_refuses() {
 #[ignore = "needs redis-server"]
 async fn events_the_promoted_replica_lost_are_never_reused_by_a_node_that_did_not_see_them() {
     let mut group = SentinelGroup::start();
-    group.wait_ready().await;
-    let _: () = query(&group.client_of(group.master.port), &["SET", "herald:boot", "0"]).await;
+    ready_and_settled(&group).await;
     // A asks only the first sentinel, B the other two (nodes in two zones, say).
     let urls = group.sentinel_urls();
-    let sentinel_config = |urls: &[String]| {
-        let mut config = support::config();
-        config.bus = BusConfig {
-            kind: BusKind::RedisSentinel,
-            redis_sentinel_urls: urls.to_vec(),
-            redis_sentinel_master: MASTER_NAME.into(),
-            ..BusConfig::default()
-        };
-        config
-    };
     let (a, b) = (
-        support::start(sentinel_config(&urls[..1])).await,
-        support::start(sentinel_config(&urls[1..])).await,
+        support::start(sentinel_config(urls[..1].to_vec())).await,
+        support::start(sentinel_config(urls[1..].to_vec())).await,
     );
     // Only A watches the room.
-    let room = chat();
-    let mut on_a = a.connect(user(), &[]).await;
-    let head = on_a.subscribe(room).await;
-    assert_eq!(a.publish(&message_sent(room, &json!({"n": 1}))).await.0, 202);
-    assert_eq!(on_a.recv().await["seq"], head + 1);
+    let (room, mut on_a, head) = first_event_arrives(&a, &a).await;
 
     // The replica hangs and loses its link; A's next events reach A's client but never the
     // replica; then the master crashes. The replica, promoted, lacks them.
     let seq_key = format!("herald:{{{room}}}:seq");
-    group.replica.signal("STOP");
-    let _: () = query(&group.client_of(group.master.port), &["CLIENT", "KILL", "TYPE", "replica"]).await;
-    for n in 2..=4 {
-        assert_eq!(a.publish(&message_sent(room, &json!({ "n": n }))).await.0, 202);
-        assert_eq!(on_a.recv().await["data"]["n"], n);
-    }
-    group.master.kill();
-    group.replica.signal("CONT");
+    let master_client = group.client_of(group.master.port);
+    publish_three_the_replica_loses(&a, &mut on_a, room, &mut group.master, &group.replica, &master_client)
+        .await;
     // A is cut off from its sentinel until B is on the promoted replica.
     group.sentinels[0].signal("STOP");
-    let deadline = Instant::now() + Duration::from_secs(30);
     let promoted = format!("127.0.0.1:{}", group.replica.port);
-    while endpoint_sessions(&b, &promoted).await < 1.0 {
-        assert!(Instant::now() < deadline, "B never followed the failover");
-        sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        "B never followed the failover",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        async || endpoint_sessions(&b, &promoted).await >= 1.0,
+    )
+    .await;
     let kept: u64 = query(&group.client_of(group.replica.port), &["GET", &seq_key]).await;
     assert_eq!(kept, head + 1, "the promoted replica lost the last three events");
 
-    // B knows nothing of the room: an event it accepted now would take a seq A's client holds.
-    let mut accepted = vec![1, 2, 3, 4];
-    let (early, reply) = b.publish(&message_sent(room, &json!({"n": 5}))).await;
-    match early {
-        202 => accepted.push(5),
-        _ => assert_fixed_503(&reply),
-    }
-
+    let early = publish_before_a_moved(&b, room).await;
     group.sentinels[0].signal("CONT");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while endpoint_sessions(&a, &promoted).await < 1.0 {
-        assert!(Instant::now() < deadline, "A never followed the failover");
-        sleep(Duration::from_millis(50)).await;
-    }
-    support::redis::http_publish_eventually(&b, &message_sent(room, &json!({"n": 6}))).await;
-    accepted.push(6);
-    let mut seen = Seen { seqs: vec![head + 4], ns: vec![1, 2, 3, 4], told_gap: false };
-    follow(&a, &mut on_a, room, head, &mut seen, 6).await;
-    for n in &accepted {
-        assert!(seen.ns.contains(n) || seen.told_gap, "accepted event {n} never reached A's client, untold");
-    }
-    // How: B refused room events until every node had time to re-seed, as after a restart.
-    assert_eq!(early, 503, "B published under a counter the failover set back");
+    wait_until(
+        "A never followed the failover",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        async || endpoint_sessions(&a, &promoted).await >= 1.0,
+    )
+    .await;
+    assert_no_event_lost_untold(&a, &mut on_a, &b, room, head, early).await;
     // And Redis's state is still the same one: the member log is not replayed as if lost.
     for gw in [&a, &b] {
         assert_eq!(gw.metric("redis_membership_log_gaps_total").await, 0.0);
@@ -572,9 +587,7 @@ async fn events_the_promoted_replica_lost_are_never_reused_by_a_node_that_did_no
 
 /// `herald_redis_endpoint_sessions_total` of `endpoint`; 0 while the node has not counted it.
 async fn endpoint_sessions(gw: &Gateway, endpoint: &str) -> f64 {
-    let (_, text) = gw.get("/metrics").await;
-    let prefix = format!("herald_redis_endpoint_sessions_total{{endpoint=\"{endpoint}\"}} ");
-    text.lines().find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok()).unwrap_or(0.0)
+    endpoint_count(gw, "redis_endpoint_sessions_total", endpoint).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -582,15 +595,9 @@ async fn endpoint_sessions(gw: &Gateway, endpoint: &str) -> f64 {
 async fn check_config_connect_names_every_sentinel_that_never_answers() {
     let group = SentinelGroup::start();
     let stale = group.stale_sentinel();
-    let mut config = support::config();
     let mut urls = group.sentinel_urls();
     urls.push(format!("redis://127.0.0.1:{}", stale.port));
-    config.bus = BusConfig {
-        kind: BusKind::RedisSentinel,
-        redis_sentinel_urls: urls.clone(),
-        redis_sentinel_master: MASTER_NAME.into(),
-        ..BusConfig::default()
-    };
+    let config = sentinel_config(urls.clone());
     // Four sentinels that accept connections and never reply (hung, or a zone cut off behind
     // a proxy): asked one after the other they outlast `--connect`'s deadline.
     for s in group.sentinels.iter().chain([&stale]) {
@@ -609,15 +616,8 @@ async fn check_config_connect_names_every_sentinel_that_never_answers() {
 #[ignore = "needs redis-server"]
 async fn a_node_started_while_every_sentinel_is_down_starts_degraded_and_finds_the_master_later() {
     let mut group = SentinelGroup::start();
-    group.wait_ready().await;
-    let _: () = query(&group.client_of(group.master.port), &["SET", "herald:boot", "0"]).await;
-    let mut config = support::config();
-    config.bus = BusConfig {
-        kind: BusKind::RedisSentinel,
-        redis_sentinel_urls: group.sentinel_urls(),
-        redis_sentinel_master: MASTER_NAME.into(),
-        ..BusConfig::default()
-    };
+    ready_and_settled(&group).await;
+    let config = sentinel_config(group.sentinel_urls());
     let ports: Vec<u16> = group.sentinels.iter().map(|s| s.port).collect();
     for s in &mut group.sentinels {
         s.kill();
@@ -671,16 +671,12 @@ async fn a_managed_redis_failover_behind_one_address_is_settled_like_a_sentinel_
     };
     let mut primary = server(px, &[]);
     let replica = server(py, &["--replicaof", "127.0.0.1", &px.to_string()]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    wait_until("the replica never synced", Duration::from_secs(20), Duration::from_millis(100), async || {
         let info: String = query(&SentinelGroup::client(py), &["INFO", "replication"]).await;
-        if info.contains("master_link_status:up") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the replica never synced");
-        sleep(Duration::from_millis(100)).await;
-    }
-    let _: () = query(&SentinelGroup::client(px), &["SET", "herald:boot", "0"]).await;
+        info.contains("master_link_status:up")
+    })
+    .await;
+    mark_settled(&SentinelGroup::client(px)).await;
     let (to_a, to_b) = (scale::Relay::start(px).await, scale::Relay::start(px).await);
     let node = |relay: &scale::Relay| {
         let mut config = support::config();
@@ -692,51 +688,27 @@ async fn a_managed_redis_failover_behind_one_address_is_settled_like_a_sentinel_
         config
     };
     let (a, b) = (support::start(node(&to_a)).await, support::start(node(&to_b)).await);
-    let room = chat();
-    let mut on_a = a.connect(user(), &[]).await;
-    let head = on_a.subscribe(room).await;
-    assert_eq!(a.publish(&message_sent(room, &json!({"n": 1}))).await.0, 202);
-    assert_eq!(on_a.recv().await["seq"], head + 1);
+    let (room, mut on_a, head) = first_event_arrives(&a, &a).await;
 
     // Three events the replica never gets; the primary crashes; the replica is promoted and
     // B's address moves to it first.
-    replica.signal("STOP");
-    let _: () = query(&SentinelGroup::client(px), &["CLIENT", "KILL", "TYPE", "replica"]).await;
-    for n in 2..=4 {
-        assert_eq!(a.publish(&message_sent(room, &json!({ "n": n }))).await.0, 202);
-        assert_eq!(on_a.recv().await["data"]["n"], n);
-    }
-    primary.kill();
-    replica.signal("CONT");
+    publish_three_the_replica_loses(&a, &mut on_a, room, &mut primary, &replica, &SentinelGroup::client(px))
+        .await;
     let _: () = query(&SentinelGroup::client(py), &["REPLICAOF", "NO", "ONE"]).await;
     let kept: u64 = query(&SentinelGroup::client(py), &["GET", &format!("herald:{{{room}}}:seq")]).await;
     assert_eq!(kept, head + 1, "the promoted replica lost the last three events");
     to_b.switch(py);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while b.metric("redis_reconnects_total").await < 1.0 {
-        assert!(Instant::now() < deadline, "B never reconnected");
-        sleep(Duration::from_millis(50)).await;
-    }
-    let mut accepted = vec![1, 2, 3, 4];
-    let (early, reply) = b.publish(&message_sent(room, &json!({"n": 5}))).await;
-    match early {
-        202 => accepted.push(5),
-        _ => assert_fixed_503(&reply),
-    }
+    wait_until("B never reconnected", Duration::from_secs(30), Duration::from_millis(50), async || {
+        b.metric("redis_reconnects_total").await >= 1.0
+    })
+    .await;
+    let early = publish_before_a_moved(&b, room).await;
     to_a.switch(py);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while a.metric("redis_reconnects_total").await < 1.0 {
-        assert!(Instant::now() < deadline, "A never reconnected");
-        sleep(Duration::from_millis(50)).await;
-    }
-    support::redis::http_publish_eventually(&b, &message_sent(room, &json!({"n": 6}))).await;
-    accepted.push(6);
-    let mut seen = Seen { seqs: vec![head + 4], ns: vec![1, 2, 3, 4], told_gap: false };
-    follow(&a, &mut on_a, room, head, &mut seen, 6).await;
-    for n in &accepted {
-        assert!(seen.ns.contains(n) || seen.told_gap, "accepted event {n} never reached A's client, untold");
-    }
-    assert_eq!(early, 503, "B published under a counter the failover set back");
+    wait_until("A never reconnected", Duration::from_secs(30), Duration::from_millis(50), async || {
+        a.metric("redis_reconnects_total").await >= 1.0
+    })
+    .await;
+    assert_no_event_lost_untold(&a, &mut on_a, &b, room, head, early).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -751,13 +723,7 @@ async fn a_redis_server_listed_as_the_sentinel_stops_startup_naming_the_key() {
             .map(|s| s.to_string())
             .collect();
     let _server = scale::Proc::redis(port, &args);
-    let mut config = support::config();
-    config.bus = BusConfig {
-        kind: BusKind::RedisSentinel,
-        redis_sentinel_urls: vec![format!("redis://127.0.0.1:{port}")],
-        redis_sentinel_master: MASTER_NAME.into(),
-        ..BusConfig::default()
-    };
+    let config = sentinel_config(vec![format!("redis://127.0.0.1:{port}")]);
     let err = startup_error(config.clone()).await;
     assert!(err.contains("bus.redis_sentinel_urls") && err.contains("not a sentinel"), "{err}");
     let err = check_config::connect(&config).await.map(|_| ()).unwrap_err().to_string();

@@ -61,6 +61,31 @@ fn start_node_with(env: &[(&str, &str)]) -> Node {
     node
 }
 
+/// The soak runs' mix of client behaviours (churners, stallers, room switchers) with its sampling
+/// and drain, shared so that the runs with and without presence differ only in presence.
+const SOAK_MIX: &[&str] = &[
+    "--churn",
+    "0.2",
+    "--churn-every",
+    "500ms",
+    "--outage",
+    "100ms",
+    "--stall",
+    "0.1",
+    "--stall-for",
+    "500ms",
+    "--stall-every",
+    "500ms",
+    "--switch",
+    "0.2",
+    "--switch-every",
+    "500ms",
+    "--sample-every",
+    "2s",
+    "--drain",
+    "2s",
+];
+
 fn loadgen(node: &Node, args: &[&str]) -> serde_json::Value {
     let pid = node.child.id().to_string();
     let out: Output = Command::new(env!("CARGO_BIN_EXE_loadgen"))
@@ -222,38 +247,22 @@ fn soak_loses_nothing_for_healthy_clients_and_closes_abusers_with_the_promised_c
     let r = loadgen(
         &node,
         &[
-            "soak",
-            "--duration",
-            "10s",
-            "--conns",
-            "60",
-            "--rooms",
-            "3",
-            "--rate",
-            "200",
-            "--content-bytes",
-            "200",
-            "--churn",
-            "0.2",
-            "--churn-every",
-            "500ms",
-            "--outage",
-            "100ms",
-            "--stall",
-            "0.1",
-            "--stall-for",
-            "500ms",
-            "--stall-every",
-            "500ms",
-            "--switch",
-            "0.2",
-            "--switch-every",
-            "500ms",
-            "--sample-every",
-            "2s",
-            "--drain",
-            "2s",
-        ],
+            &[
+                "soak",
+                "--duration",
+                "10s",
+                "--conns",
+                "60",
+                "--rooms",
+                "3",
+                "--rate",
+                "200",
+                "--content-bytes",
+                "200",
+            ],
+            SOAK_MIX,
+        ]
+        .concat(),
     );
     assert_eq!(r["conns_subscribed"], 60, "{r}");
     assert_eq!(r["verdict"]["pass"], true, "{r}");
@@ -329,39 +338,11 @@ fn soak_with_presence_and_typing_loses_nothing() {
     let r = loadgen(
         &node,
         &[
-            "soak",
-            "--duration",
-            "6s",
-            "--conns",
-            "40",
-            "--rooms",
-            "2",
-            "--rate",
-            "100",
-            "--churn",
-            "0.2",
-            "--churn-every",
-            "500ms",
-            "--outage",
-            "100ms",
-            "--stall",
-            "0.1",
-            "--stall-for",
-            "500ms",
-            "--stall-every",
-            "500ms",
-            "--switch",
-            "0.2",
-            "--switch-every",
-            "500ms",
-            "--sample-every",
-            "2s",
-            "--drain",
-            "2s",
-            "--presence",
-            "--typing-every",
-            "300ms",
-        ],
+            &["soak", "--duration", "6s", "--conns", "40", "--rooms", "2", "--rate", "100"],
+            SOAK_MIX,
+            &["--presence", "--typing-every", "300ms"],
+        ]
+        .concat(),
     );
     assert_eq!(r["conns_subscribed"], 40, "{r}");
     assert_eq!(r["verdict"]["pass"], true, "{r}");

@@ -396,6 +396,49 @@ pub async fn stalled_reader(gw: &Gateway, room: ChatId) -> (RawClient, u64) {
     (reader, head)
 }
 
+/// One publish of `n` events of about `size` bytes each to `room`.
+pub fn batch(room: ChatId, n: usize, size: usize) -> String {
+    let blob = "b".repeat(size);
+    let events: Vec<Value> =
+        (0..n).map(|_| json!({"type":"message.sent","chat_id":room,"data":{"blob":blob}})).collect();
+    Value::Array(events).to_string()
+}
+
+/// Reads `count` room events and checks they are seq `head + 1..=head + count` in order.
+pub async fn read_events(reader: &mut RawClient, head: u64, count: u64) {
+    for want in head + 1..=head + count {
+        let event = reader.read_json().await.expect("an event, not a close");
+        assert_eq!(event["seq"].as_u64(), Some(want), "{}", event["type"]);
+    }
+}
+
+/// Posts `body` to `gw` up to `attempts` times, `pause` apart (none when zero), until the node
+/// pushes back with 429; any other status than 202 fails the test. Returns how many events were
+/// accepted before that, and the refusal's head and body if it came.
+pub async fn post_until_pushed_back(
+    gw: &Gateway,
+    body: &str,
+    attempts: usize,
+    pause: Duration,
+) -> (u64, Option<(String, String)>) {
+    let mut accepted = 0;
+    for _ in 0..attempts {
+        let (status, head, reply) = gw.post_events(body, Some(API_KEY)).await;
+        match status {
+            202 => {
+                accepted +=
+                    serde_json::from_str::<Value>(&reply).expect("JSON")["accepted"].as_u64().unwrap_or(0)
+            }
+            429 => return (accepted, Some((head, reply))),
+            other => panic!("unexpected {other}: {reply}"),
+        }
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    (accepted, None)
+}
+
 /// A close code as tungstenite names it, for messages.
 pub fn code(c: u16) -> CloseCode {
     CloseCode::from(c)
