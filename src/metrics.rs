@@ -288,7 +288,7 @@ impl Metrics {
         one(
             "ephemeral_dropped_total",
             "counter",
-            "Presence and typing frames not queued for a connection whose mailbox was full.",
+            "Presence and typing frames not queued for a connection whose mailbox or write queue was full.",
             get(&self.ephemeral_dropped),
         );
         one("bus_up", "gauge", "1 when the event bus accepts publishes.", u64::from(bus_healthy));

@@ -444,3 +444,73 @@ async fn a_mass_move_between_nodes_within_the_delay_produces_no_leave_or_join() 
     }
     two.stop().await;
 }
+
+/// A client that stops reading while typing events pour in is not closed
+/// for them (4008 is for room frames it fell behind and per-user events):
+/// once its queue is full, further presence and typing frames are dropped
+/// and counted, and it reads on from where it was when it reads again.
+#[tokio::test]
+async fn a_reader_that_stalls_under_a_typing_flood_is_not_closed_for_it() {
+    const ROOMS: usize = 300;
+    const TYPINGS: usize = 300;
+    let mut config = presence_config(support::config());
+    config.presence.typing_interval = Duration::from_millis(1);
+    // The stall timer is not what this test is about: the reader stops for seconds.
+    config.websocket.write_wait = Duration::from_secs(120);
+    config.websocket.max_subscriptions = ROOMS;
+    let gw = support::start(config).await;
+    let rooms: Vec<ChatId> = (0..ROOMS).map(|_| chat()).collect();
+    let mut reader = support::RawClient::connect_small(gw.addr, &support::token(user(), &[]), 4096).await;
+    for (i, &room) in rooms.iter().enumerate() {
+        if i >= 90 {
+            // Within the command budget (a burst of 100, then 50/s).
+            sleep(Duration::from_millis(22)).await;
+        }
+        reader.send_frame(0x81, json!({"type":"subscribe","chat_id":room}).to_string().as_bytes()).await;
+        let reply = reader.read_json().await.expect("subscribed");
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+    }
+    // One typist per room: each typing event reaches the reader alone. Well
+    // over the 4 MiB a connection may hold queued (about 115 bytes each).
+    let typists = rooms.iter().map(|&room| {
+        let addr = gw.addr;
+        tokio::spawn(async move {
+            let mut c = Client::connect(addr, &support::token(user(), &[])).await;
+            c.subscribe(room).await;
+            for _ in 0..TYPINGS {
+                c.send_json(json!({"type":"typing","chat_id":room})).await;
+                // Within the command rate (50/s), and past typing_interval.
+                sleep(Duration::from_millis(22)).await;
+            }
+            c
+        })
+    });
+    let typists = futures_util::future::join_all(typists).await;
+    // All of them were sent on to the reader or dropped for it.
+    gw.wait_metric("typing_delivered_total", (ROOMS * TYPINGS) as f64).await;
+    let marker = json!({"marker": 0});
+    let (status, _) = gw.publish(&support::message_sent(rooms[0], &marker)).await;
+    assert_eq!(status, 202);
+    let mut typings = 0usize;
+    loop {
+        let (first, payload) = reader.read_frame().await.expect("a frame, not the end");
+        if first & 0x0f == 0x8 {
+            let code = payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+            panic!("closed with {code:?} after {typings} typing events");
+        }
+        if first & 0x0f != 0x1 {
+            continue;
+        }
+        let got: Value = serde_json::from_slice(&payload).expect("JSON");
+        if got["type"] == "typing" {
+            typings += 1;
+            continue;
+        }
+        assert_eq!(got["data"], marker, "{got}");
+        break;
+    }
+    assert!(typings > 0 && typings < ROOMS * TYPINGS, "{typings}");
+    assert!(gw.metric("ephemeral_dropped_total").await > 0.0);
+    drop(typists);
+    gw.stop().await;
+}
