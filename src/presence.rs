@@ -227,8 +227,9 @@ const TICK_MAX: Duration = Duration::from_millis(250);
 const LEAVES_AT_ONCE: usize = 64;
 
 /// Announces due leaves, refreshes this node's presence in the bus (every
-/// third of `node_ttl`; the Redis bus also reaps there the users of nodes
-/// that stopped refreshing) and prunes the typing slots, until `stop`; then
+/// third of `node_ttl`, and at every tick after a refresh failed until one
+/// succeeds; the Redis bus also reaps there the users of nodes that stopped
+/// refreshing) and prunes the typing slots, until `stop`; then
 /// hands its users over ([`crate::bus::Bus::depart_presence`]): they leave
 /// `leave_delay` later unless back on another node.
 pub async fn run(node: Arc<Node>, stop: CancellationToken) {
@@ -238,6 +239,10 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refreshed = Stamp::now();
+    // The last refresh failed (the bus unreachable): tried again at every tick
+    // until one succeeds, or the node's users would run out `node_ttl` after
+    // the last good one although it was back well before that.
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -255,12 +260,18 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
                 }
             }
         }
-        if now.since(refreshed) >= refresh_every {
+        if failing || now.since(refreshed) >= refresh_every {
             refreshed = now;
             registry.sweep_typing(now);
             let local = registry.local();
-            if let Err(e) = node.bus.refresh_presence(local).await {
-                tracing::warn!(error = %e, "cannot refresh this node's presence on the bus");
+            match node.bus.refresh_presence(local).await {
+                Ok(()) => failing = false,
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "cannot refresh this node's presence on the bus; retrying");
+                    }
+                    failing = true;
+                }
             }
         }
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use herald::config::{Config, Membership};
 use herald::protocol::{ChatId, UserId};
 use serde_json::{json, Value};
-use support::redis::{mark_settled, RedisServer};
+use support::redis::{mark_settled, redis_cmd, RedisServer};
 use support::{chat, user, Client, Gateway, API_KEY};
 use tokio::time::{sleep, Instant};
 
@@ -513,4 +513,103 @@ async fn a_reader_that_stalls_under_a_typing_flood_is_not_closed_for_it() {
     assert!(gw.metric("ephemeral_dropped_total").await > 0.0);
     drop(typists);
     gw.stop().await;
+}
+
+const NODE_A_USER: &str = "herald-presence-a";
+const NODE_A_PASSWORD: &str = "presence-a-password-0123";
+
+/// Redis's clock, in ms (the presence scores are on it).
+async fn redis_ms(redis: &RedisServer) -> i64 {
+    let time: Vec<String> = redis_cmd(redis, &["TIME"]).await;
+    let part = |i: usize| time.get(i).and_then(|s| s.parse::<i64>().ok()).expect("TIME answers two numbers");
+    part(0) * 1000 + part(1) / 1000
+}
+
+async fn until_redis_ms(redis: &RedisServer, at: i64) {
+    while redis_ms(redis).await < at {
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Until when (Redis ms) a node vouches for `user` in `chat`, if one does.
+async fn vouched_until(redis: &RedisServer, chat: ChatId, user: UserId) -> Option<i64> {
+    let key = format!("herald:{{{chat}}}:presence");
+    let members: Vec<String> = redis_cmd(redis, &["ZRANGE", &key, "0", "-1", "WITHSCORES"]).await;
+    let user = user.to_string();
+    members
+        .chunks(2)
+        .find(|m| m[0].starts_with(&user))
+        .and_then(|m| m.get(1)?.parse::<f64>().ok())
+        .map(|s| s as i64)
+}
+
+/// Cuts node A off Redis (its Redis user is disabled and its connections killed) until [`let_back`].
+async fn cut_off(redis: &RedisServer, a: &Gateway) {
+    let _: () = redis_cmd(redis, &["ACL", "SETUSER", NODE_A_USER, "off"]).await;
+    let killed: i64 = redis_cmd(redis, &["CLIENT", "KILL", "USER", NODE_A_USER]).await;
+    assert!(killed >= 1, "node A had a connection");
+    a.wait_metric("bus_up", 0.0).await;
+}
+
+async fn let_back(redis: &RedisServer) {
+    let _: () = redis_cmd(redis, &["ACL", "SETUSER", NODE_A_USER, "on"]).await;
+}
+
+/// A node cut off from Redis for less than `presence.node_ttl` keeps its users present: a
+/// refresh that failed is tried again as soon as Redis is back, not a third of `node_ttl`
+/// later (by then two missed refreshes had let the node's users run out: a false leave).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_node_cut_off_for_less_than_node_ttl_produces_no_leave() {
+    const NODE_TTL: Duration = Duration::from_secs(12);
+    let redis = RedisServer::start();
+    mark_settled(&redis).await;
+    let password = format!(">{NODE_A_PASSWORD}");
+    let _: () =
+        redis_cmd(&redis, &["ACL", "SETUSER", NODE_A_USER, "on", &password, "~*", "&*", "+@all"]).await;
+    let config = || {
+        let mut c = presence_config(support::redis::config(&redis));
+        c.presence.node_ttl = NODE_TTL;
+        c
+    };
+    let mut config_a = config();
+    config_a.bus.redis_url = format!("redis://{NODE_A_USER}:{NODE_A_PASSWORD}@127.0.0.1:{}", redis.port());
+    let (a, b) = (support::start(config_a).await, support::start(config()).await);
+    let (room, alice, bob) = (chat(), user(), user());
+    let mut on_b = b.connect(alice, &[]).await;
+    subscribe_listening(&mut on_b, room).await;
+    assert_eq!(on_b.recv().await, join(room, alice));
+    let mut on_a = a.connect(bob, &[]).await;
+    on_a.subscribe(room).await;
+    assert_eq!(on_b.recv().await, join(room, bob));
+
+    // Catch node A's refresh: Bob's member moves to `until`, and A refreshes every `third`.
+    let third = i64::try_from(NODE_TTL.as_millis() / 3).expect("small");
+    let first = vouched_until(&redis, room, bob).await.expect("node A vouches for Bob");
+    let deadline = Instant::now() + NODE_TTL;
+    let until = loop {
+        match vouched_until(&redis, room, bob).await {
+            Some(s) if s != first => break s,
+            _ => assert!(Instant::now() < deadline, "node A never refreshed"),
+        }
+        sleep(Duration::from_millis(10)).await;
+    };
+    // Cut off across A's next two refreshes, back well before `until`...
+    cut_off(&redis, &a).await;
+    until_redis_ms(&redis, until - third + third / 10).await;
+    let_back(&redis).await;
+    // ...and again, briefly, across the one after (a third of node_ttl after the last failed one).
+    until_redis_ms(&redis, until - third / 10).await;
+    cut_off(&redis, &a).await;
+    until_redis_ms(&redis, until + third / 10).await;
+    let_back(&redis).await;
+    a.wait_metric("bus_up", 1.0).await;
+
+    // Bob never left: no leave, and he is still listed.
+    let both = json!({"type":"presence","chat_id":room,"users":sorted(vec![alice, bob])});
+    assert_eq!(presence_list(&mut on_b, room).await, both);
+    on_b.expect_nothing_else(&b, room).await;
+    drop(on_a);
+    a.stop().await;
+    b.stop().await;
 }

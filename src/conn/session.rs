@@ -202,7 +202,7 @@ impl<S: Socket> Conn<S> {
         if registry.enter(chat, self.user, listen) {
             let node = self.node.clone();
             if let Err(e) = node.bus.presence(Ephemeral::Join { chat, user: self.user }).await {
-                // The next refresh (a third of `presence.node_ttl`) announces it.
+                // The next refresh (a third of `presence.node_ttl`, or as soon as the bus is back) announces it.
                 tracing::warn!(%chat, error = %e, "cannot announce a presence join");
             }
         }
