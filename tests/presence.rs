@@ -221,6 +221,13 @@ async fn presence_follows_the_membership_rules_and_can_be_switched_off() {
     for ty in ["presence", "typing"] {
         c.send_json(json!({"type":ty,"chat_id":room})).await;
         assert_eq!(c.recv().await["code"], "unknown_type");
+        // Malformed too: the commands do not exist, so nothing else about them is wrong.
+        for bad in
+            [json!({"type":ty}), json!({"type":ty,"chat_id":"garbage"}), json!({"type":ty,"chat_id":42})]
+        {
+            c.send_json(bad.clone()).await;
+            assert_eq!(c.recv().await["code"], "unknown_type", "{bad}");
+        }
     }
     assert_eq!(http_presence(&gw, room).await.0, 404);
     c.expect_nothing_else(&gw, room).await;

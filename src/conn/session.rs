@@ -86,6 +86,11 @@ impl<S: Socket> Conn<S> {
                 self.leave(chat_id);
                 self.out.push(server::unsubscribed(chat_id));
             }
+            Err(_) if self.node.presence.is_none() && client::names_presence_command(text) => {
+                // `presence.enabled: false`: malformed or not, the commands do not exist.
+                let e = client::CommandError::UnknownType;
+                self.reply_error(e.code(), &e.to_string(), None)?
+            }
             Err(e) => self.reply_error(e.code(), &e.to_string(), None)?,
         }
         Ok(())
