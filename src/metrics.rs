@@ -33,6 +33,8 @@ pub struct Gauges {
     pub alarms: usize,
     /// (room, user) pairs present on this node (leaving ones included).
     pub presence_users: usize,
+    /// Typing slots held: (room, user) pairs that sent a typing event within `presence.typing_interval`.
+    pub typing_slots: usize,
     /// This process's facts (`None` where `/proc` is not available).
     pub process: Option<Process>,
 }
@@ -272,6 +274,12 @@ impl Metrics {
             "gauge",
             "(room, user) pairs present on this node, those within presence.leave_delay included.",
             gauges.presence_users as u64,
+        );
+        one(
+            "typing_slots",
+            "gauge",
+            "(room, user) pairs whose typing slot is taken: a typing event within presence.typing_interval.",
+            gauges.typing_slots as u64,
         );
         one(
             "typing_delivered_total",

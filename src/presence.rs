@@ -56,7 +56,7 @@ pub struct Registry {
     /// the order they come due (the delay is one for the node).
     leaving: Mutex<VecDeque<(Stamp, ChatId, UserId, u16)>>,
     generation: AtomicU16,
-    /// When each (room, user) last had a typing event sent on; pruned once older than the interval.
+    /// When each (room, user) last had a typing event sent on; pruned every interval.
     typed: Mutex<HashMap<(ChatId, UserId), Stamp>>,
     pub leave_delay: Duration,
     pub typing_interval: Duration,
@@ -193,13 +193,20 @@ impl Registry {
         }
     }
 
-    /// Forgets typing slots that are free again.
+    /// Forgets typing slots that are free again, and the room a burst of
+    /// them left behind.
     pub fn sweep_typing(&self, now: Stamp) {
         let mut typed = lock(&self.typed);
         typed.retain(|_, at| now.since(*at) < self.typing_interval);
-        if typed.is_empty() && typed.capacity() > 64 {
-            *typed = HashMap::new();
+        let len = typed.len();
+        if typed.capacity() > 64 && len * 4 < typed.capacity() {
+            typed.shrink_to(len * 2);
         }
+    }
+
+    /// Typing slots taken (those not swept yet included).
+    pub fn typing_slots(&self) -> usize {
+        lock(&self.typed).len()
     }
 
     /// Every room with users here, and those users (for the Redis bus's refresh).
@@ -239,6 +246,7 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refreshed = Stamp::now();
+    let mut swept = refreshed;
     // The last refresh failed (the bus unreachable): tried again at every tick
     // until one succeeds, or the node's users would run out `node_ttl` after
     // the last good one although it was back well before that.
@@ -260,9 +268,14 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
                 }
             }
         }
+        if now.since(swept) >= registry.typing_interval {
+            // Every interval, not with the refresh: a slot is worth keeping for the interval
+            // alone, and slots taken in many rooms must not pile up for a third of node_ttl.
+            swept = now;
+            registry.sweep_typing(now);
+        }
         if failing || now.since(refreshed) >= refresh_every {
             refreshed = now;
-            registry.sweep_typing(now);
             let local = registry.local();
             match node.bus.refresh_presence(local).await {
                 Ok(()) => failing = false,

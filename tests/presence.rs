@@ -255,6 +255,31 @@ async fn the_presence_list_is_truncated_at_max_list() {
     gw.stop().await;
 }
 
+/// Typing in many rooms holds a slot per (room, user) for `presence.typing_interval`, no longer:
+/// the slots are freed every interval, not only with the bus refresh (a third of
+/// `presence.node_ttl`, which may be hours).
+#[tokio::test]
+async fn typing_slots_are_freed_after_the_interval_whatever_node_ttl() {
+    const ROOMS: usize = 20;
+    let mut config = presence_config(support::config());
+    config.presence.node_ttl = Duration::from_secs(3600);
+    let gw = support::start(config).await;
+    let mut c = gw.connect(user(), &[]).await;
+    let rooms: Vec<ChatId> = (0..ROOMS).map(|_| chat()).collect();
+    for &room in &rooms {
+        c.subscribe(room).await;
+        c.send_json(json!({"type":"typing","chat_id":room})).await;
+    }
+    let held = gw.metric("typing_slots").await;
+    assert!(held > 0.0, "one slot per room typed in: {held}");
+    gw.wait_metric("typing_slots", 0.0).await;
+    // And the rate limit still holds within an interval.
+    c.send_json(json!({"type":"typing","chat_id":rooms[0]})).await;
+    c.send_json(json!({"type":"typing","chat_id":rooms[0]})).await;
+    gw.wait_metric("typing_dropped_total", 1.0).await;
+    gw.stop().await;
+}
+
 // ---- two nodes on a real redis-server --------------------------------------
 
 async fn redis_node(redis: &RedisServer) -> Gateway {
