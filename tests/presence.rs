@@ -664,3 +664,57 @@ async fn a_node_cut_off_for_less_than_node_ttl_produces_no_leave() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Nodes with different `presence.node_ttl` (a config change rolled out node by node): a refresh
+/// by the node with the short one must not cut short the room's keys, which hold the other
+/// node's users until their own, longer, time.
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn a_node_with_a_shorter_node_ttl_does_not_expire_the_others_users() {
+    const LONG: Duration = Duration::from_secs(9);
+    let redis = RedisServer::start();
+    mark_settled(&redis).await;
+    let config = |ttl| {
+        let mut c = presence_config(support::redis::config(&redis));
+        c.presence.node_ttl = ttl;
+        c
+    };
+    let a = support::start(config(LONG)).await;
+    let b = support::start(config(Duration::from_secs(1))).await;
+    let (room, alice, bob) = (chat(), user(), user());
+    let mut on_a = a.connect(alice, &[]).await;
+    subscribe_listening(&mut on_a, room).await;
+    assert_eq!(on_a.recv().await, join(room, alice));
+    let mut on_b = b.connect(bob, &[]).await;
+    on_b.subscribe(room).await;
+    assert_eq!(on_a.recv().await, join(room, bob));
+
+    // Right after a refresh of node A (Alice's member moves), Bob leaves: node B refreshes the
+    // room for the last time within the leave delay, setting the keys to expire a second later.
+    let first = vouched_until(&redis, room, alice).await.expect("node A vouches for Alice");
+    let deadline = Instant::now() + LONG;
+    let until = loop {
+        match vouched_until(&redis, room, alice).await {
+            Some(s) if s != first => break s,
+            _ => assert!(Instant::now() < deadline, "node A never refreshed"),
+        }
+        sleep(Duration::from_millis(10)).await;
+    };
+    let refreshed = until - i64::try_from(LONG.as_millis()).expect("small");
+    on_b.send_json(json!({"type":"unsubscribe","chat_id":room})).await;
+    assert_eq!(on_b.recv().await["type"], "unsubscribed");
+    assert_eq!(on_a.recv().await, leave(room, bob));
+    // Past node B's last word on the room, before node A's next refresh (a third of 9 s).
+    until_redis_ms(&redis, refreshed + 2300).await;
+    assert_eq!(
+        presence_list(&mut on_a, room).await,
+        json!({"type":"presence","chat_id":room,"users":[alice]})
+    );
+    assert!(redis_ms(&redis).await < refreshed + 3000, "checked before node A refreshed again");
+    // Nor is Alice announced again when node A refreshes.
+    until_redis_ms(&redis, refreshed + 3500).await;
+    on_a.expect_nothing_else(&a, room).await;
+    drop(on_b);
+    a.stop().await;
+    b.stop().await;
+}
