@@ -33,6 +33,8 @@ pub struct Gauges {
     pub alarms: usize,
     /// (room, user) pairs present on this node (leaving ones included).
     pub presence_users: usize,
+    /// Typing slots held: (room, user) pairs that sent a typing event within `presence.typing_interval`.
+    pub typing_slots: usize,
     /// This process's facts (`None` where `/proc` is not available).
     pub process: Option<Process>,
 }
@@ -274,6 +276,12 @@ impl Metrics {
             gauges.presence_users as u64,
         );
         one(
+            "typing_slots",
+            "gauge",
+            "(room, user) pairs whose typing slot is taken: a typing event within presence.typing_interval.",
+            gauges.typing_slots as u64,
+        );
+        one(
             "typing_delivered_total",
             "counter",
             "Typing events sent on to a room's subscribers.",
@@ -288,7 +296,7 @@ impl Metrics {
         one(
             "ephemeral_dropped_total",
             "counter",
-            "Presence and typing frames not queued for a connection whose mailbox was full.",
+            "Presence and typing frames not queued for a connection whose mailbox or write queue was full.",
             get(&self.ephemeral_dropped),
         );
         one("bus_up", "gauge", "1 when the event bus accepts publishes.", u64::from(bus_healthy));

@@ -56,7 +56,7 @@ pub struct Registry {
     /// the order they come due (the delay is one for the node).
     leaving: Mutex<VecDeque<(Stamp, ChatId, UserId, u16)>>,
     generation: AtomicU16,
-    /// When each (room, user) last had a typing event sent on; pruned once older than the interval.
+    /// When each (room, user) last had a typing event sent on; pruned every interval.
     typed: Mutex<HashMap<(ChatId, UserId), Stamp>>,
     pub leave_delay: Duration,
     pub typing_interval: Duration,
@@ -193,13 +193,20 @@ impl Registry {
         }
     }
 
-    /// Forgets typing slots that are free again.
+    /// Forgets typing slots that are free again, and the room a burst of
+    /// them left behind.
     pub fn sweep_typing(&self, now: Stamp) {
         let mut typed = lock(&self.typed);
         typed.retain(|_, at| now.since(*at) < self.typing_interval);
-        if typed.is_empty() && typed.capacity() > 64 {
-            *typed = HashMap::new();
+        let len = typed.len();
+        if typed.capacity() > 64 && len * 4 < typed.capacity() {
+            typed.shrink_to(len * 2);
         }
+    }
+
+    /// Typing slots taken (those not swept yet included).
+    pub fn typing_slots(&self) -> usize {
+        lock(&self.typed).len()
     }
 
     /// Every room with users here, and those users (for the Redis bus's refresh).
@@ -227,8 +234,9 @@ const TICK_MAX: Duration = Duration::from_millis(250);
 const LEAVES_AT_ONCE: usize = 64;
 
 /// Announces due leaves, refreshes this node's presence in the bus (every
-/// third of `node_ttl`; the Redis bus also reaps there the users of nodes
-/// that stopped refreshing) and prunes the typing slots, until `stop`; then
+/// third of `node_ttl`, and at every tick after a refresh failed until one
+/// succeeds; the Redis bus also reaps there the users of nodes that stopped
+/// refreshing) and prunes the typing slots, until `stop`; then
 /// hands its users over ([`crate::bus::Bus::depart_presence`]): they leave
 /// `leave_delay` later unless back on another node.
 pub async fn run(node: Arc<Node>, stop: CancellationToken) {
@@ -238,6 +246,11 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refreshed = Stamp::now();
+    let mut swept = refreshed;
+    // The last refresh failed (the bus unreachable): tried again at every tick
+    // until one succeeds, or the node's users would run out `node_ttl` after
+    // the last good one although it was back well before that.
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -255,12 +268,23 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
                 }
             }
         }
-        if now.since(refreshed) >= refresh_every {
-            refreshed = now;
+        if now.since(swept) >= registry.typing_interval {
+            // Every interval, not with the refresh: a slot is worth keeping for the interval
+            // alone, and slots taken in many rooms must not pile up for a third of node_ttl.
+            swept = now;
             registry.sweep_typing(now);
+        }
+        if failing || now.since(refreshed) >= refresh_every {
+            refreshed = now;
             let local = registry.local();
-            if let Err(e) = node.bus.refresh_presence(local).await {
-                tracing::warn!(error = %e, "cannot refresh this node's presence on the bus");
+            match node.bus.refresh_presence(local).await {
+                Ok(()) => failing = false,
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "cannot refresh this node's presence on the bus; retrying");
+                    }
+                    failing = true;
+                }
             }
         }
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use herald::config::{Config, Membership};
 use herald::protocol::{ChatId, UserId};
 use serde_json::{json, Value};
-use support::redis::{mark_settled, RedisServer};
+use support::redis::{mark_settled, redis_cmd, RedisServer};
 use support::{chat, user, Client, Gateway, API_KEY};
 use tokio::time::{sleep, Instant};
 
@@ -221,6 +221,13 @@ async fn presence_follows_the_membership_rules_and_can_be_switched_off() {
     for ty in ["presence", "typing"] {
         c.send_json(json!({"type":ty,"chat_id":room})).await;
         assert_eq!(c.recv().await["code"], "unknown_type");
+        // Malformed too: the commands do not exist, so nothing else about them is wrong.
+        for bad in
+            [json!({"type":ty}), json!({"type":ty,"chat_id":"garbage"}), json!({"type":ty,"chat_id":42})]
+        {
+            c.send_json(bad.clone()).await;
+            assert_eq!(c.recv().await["code"], "unknown_type", "{bad}");
+        }
     }
     assert_eq!(http_presence(&gw, room).await.0, 404);
     c.expect_nothing_else(&gw, room).await;
@@ -245,6 +252,31 @@ async fn the_presence_list_is_truncated_at_max_list() {
     let reply = presence_list(&mut clients[0], room).await;
     let want = sorted(users);
     assert_eq!(reply, json!({"type":"presence","chat_id":room,"users":want[..2],"truncated":true}));
+    gw.stop().await;
+}
+
+/// Typing in many rooms holds a slot per (room, user) for `presence.typing_interval`, no longer:
+/// the slots are freed every interval, not only with the bus refresh (a third of
+/// `presence.node_ttl`, which may be hours).
+#[tokio::test]
+async fn typing_slots_are_freed_after_the_interval_whatever_node_ttl() {
+    const ROOMS: usize = 20;
+    let mut config = presence_config(support::config());
+    config.presence.node_ttl = Duration::from_secs(3600);
+    let gw = support::start(config).await;
+    let mut c = gw.connect(user(), &[]).await;
+    let rooms: Vec<ChatId> = (0..ROOMS).map(|_| chat()).collect();
+    for &room in &rooms {
+        c.subscribe(room).await;
+        c.send_json(json!({"type":"typing","chat_id":room})).await;
+    }
+    let held = gw.metric("typing_slots").await;
+    assert!(held > 0.0, "one slot per room typed in: {held}");
+    gw.wait_metric("typing_slots", 0.0).await;
+    // And the rate limit still holds within an interval.
+    c.send_json(json!({"type":"typing","chat_id":rooms[0]})).await;
+    c.send_json(json!({"type":"typing","chat_id":rooms[0]})).await;
+    gw.wait_metric("typing_dropped_total", 1.0).await;
     gw.stop().await;
 }
 
@@ -443,4 +475,246 @@ async fn a_mass_move_between_nodes_within_the_delay_produces_no_leave_or_join() 
         assert_eq!(list["users"], json!(sorted(want)), "room {i}");
     }
     two.stop().await;
+}
+
+/// A client that stops reading while typing events pour in is not closed
+/// for them (4008 is for room frames it fell behind and per-user events):
+/// once its queue is full, further presence and typing frames are dropped
+/// and counted, and it reads on from where it was when it reads again.
+#[tokio::test]
+async fn a_reader_that_stalls_under_a_typing_flood_is_not_closed_for_it() {
+    const ROOMS: usize = 300;
+    const TYPINGS: usize = 300;
+    let mut config = presence_config(support::config());
+    config.presence.typing_interval = Duration::from_millis(1);
+    // The stall timer is not what this test is about: the reader stops for seconds.
+    config.websocket.write_wait = Duration::from_secs(120);
+    config.websocket.max_subscriptions = ROOMS;
+    let gw = support::start(config).await;
+    let rooms: Vec<ChatId> = (0..ROOMS).map(|_| chat()).collect();
+    let mut reader = support::RawClient::connect_small(gw.addr, &support::token(user(), &[]), 4096).await;
+    for (i, &room) in rooms.iter().enumerate() {
+        if i >= 90 {
+            // Within the command budget (a burst of 100, then 50/s).
+            sleep(Duration::from_millis(22)).await;
+        }
+        reader.send_frame(0x81, json!({"type":"subscribe","chat_id":room}).to_string().as_bytes()).await;
+        let reply = reader.read_json().await.expect("subscribed");
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+    }
+    // One typist per room: each typing event reaches the reader alone. Well
+    // over the 4 MiB a connection may hold queued (about 115 bytes each).
+    let typists = rooms.iter().map(|&room| {
+        let addr = gw.addr;
+        tokio::spawn(async move {
+            let mut c = Client::connect(addr, &support::token(user(), &[])).await;
+            c.subscribe(room).await;
+            for _ in 0..TYPINGS {
+                c.send_json(json!({"type":"typing","chat_id":room})).await;
+                // Within the command rate (50/s), and past typing_interval.
+                sleep(Duration::from_millis(22)).await;
+            }
+            c
+        })
+    });
+    let typists = futures_util::future::join_all(typists).await;
+    // Every one was handled: sent on (to the reader, or dropped for it), or dropped by the
+    // rate limit (two that a busy node read together, within typing_interval).
+    let deadline = Instant::now() + support::PATIENCE;
+    loop {
+        let handled = gw.metric("typing_delivered_total").await + gw.metric("typing_dropped_total").await;
+        if handled == (ROOMS * TYPINGS) as f64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{handled} typing events handled");
+        sleep(Duration::from_millis(50)).await;
+    }
+    let marker = json!({"marker": 0});
+    let (status, _) = gw.publish(&support::message_sent(rooms[0], &marker)).await;
+    assert_eq!(status, 202);
+    let mut typings = 0usize;
+    loop {
+        let (first, payload) = reader.read_frame().await.expect("a frame, not the end");
+        if first & 0x0f == 0x8 {
+            let code = payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+            panic!("closed with {code:?} after {typings} typing events");
+        }
+        if first & 0x0f != 0x1 {
+            continue;
+        }
+        let got: Value = serde_json::from_slice(&payload).expect("JSON");
+        if got["type"] == "typing" {
+            typings += 1;
+            continue;
+        }
+        assert_eq!(got["data"], marker, "{got}");
+        break;
+    }
+    assert!(typings > 0 && typings < ROOMS * TYPINGS, "{typings}");
+    assert!(gw.metric("ephemeral_dropped_total").await > 0.0);
+    drop(typists);
+    gw.stop().await;
+}
+
+const NODE_A_USER: &str = "herald-presence-a";
+const NODE_A_PASSWORD: &str = "presence-a-password-0123";
+
+/// Redis's clock, in ms (the presence scores are on it).
+async fn redis_ms(redis: &RedisServer) -> i64 {
+    let time: Vec<String> = redis_cmd(redis, &["TIME"]).await;
+    let part = |i: usize| time.get(i).and_then(|s| s.parse::<i64>().ok()).expect("TIME answers two numbers");
+    part(0) * 1000 + part(1) / 1000
+}
+
+async fn until_redis_ms(redis: &RedisServer, at: i64) {
+    while redis_ms(redis).await < at {
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Until when (Redis ms) a node vouches for `user` in `chat`, if one does.
+async fn vouched_until(redis: &RedisServer, chat: ChatId, user: UserId) -> Option<i64> {
+    let key = format!("herald:{{{chat}}}:presence");
+    let members: Vec<String> = redis_cmd(redis, &["ZRANGE", &key, "0", "-1", "WITHSCORES"]).await;
+    let user = user.to_string();
+    members
+        .chunks(2)
+        .find(|m| m[0].starts_with(&user))
+        .and_then(|m| m.get(1)?.parse::<f64>().ok())
+        .map(|s| s as i64)
+}
+
+/// Cuts node A off Redis (its Redis user is disabled and its connections killed) until [`let_back`].
+async fn cut_off(redis: &RedisServer, a: &Gateway) {
+    let _: () = redis_cmd(redis, &["ACL", "SETUSER", NODE_A_USER, "off"]).await;
+    let killed: i64 = redis_cmd(redis, &["CLIENT", "KILL", "USER", NODE_A_USER]).await;
+    assert!(killed >= 1, "node A had a connection");
+    a.wait_metric("bus_up", 0.0).await;
+}
+
+async fn let_back(redis: &RedisServer) {
+    let _: () = redis_cmd(redis, &["ACL", "SETUSER", NODE_A_USER, "on"]).await;
+}
+
+/// A node cut off from Redis for less than `presence.node_ttl` keeps its users present: a
+/// refresh that failed is tried again as soon as Redis is back, not a third of `node_ttl`
+/// later (by then two missed refreshes had let the node's users run out: a false leave).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_node_cut_off_for_less_than_node_ttl_produces_no_leave() {
+    const NODE_TTL: Duration = Duration::from_secs(12);
+    let redis = RedisServer::start();
+    mark_settled(&redis).await;
+    let password = format!(">{NODE_A_PASSWORD}");
+    let _: () =
+        redis_cmd(&redis, &["ACL", "SETUSER", NODE_A_USER, "on", &password, "~*", "&*", "+@all"]).await;
+    let config = || {
+        let mut c = presence_config(support::redis::config(&redis));
+        c.presence.node_ttl = NODE_TTL;
+        c
+    };
+    let mut config_a = config();
+    config_a.bus.redis_url = format!("redis://{NODE_A_USER}:{NODE_A_PASSWORD}@127.0.0.1:{}", redis.port());
+    let (a, b) = (support::start(config_a).await, support::start(config()).await);
+    let (room, alice, bob) = (chat(), user(), user());
+    let mut on_b = b.connect(alice, &[]).await;
+    subscribe_listening(&mut on_b, room).await;
+    assert_eq!(on_b.recv().await, join(room, alice));
+    let mut on_a = a.connect(bob, &[]).await;
+    on_a.subscribe(room).await;
+    assert_eq!(on_b.recv().await, join(room, bob));
+
+    // Catch node A's refresh: Bob's member moves to `until`, and A refreshes every `third`.
+    let third = i64::try_from(NODE_TTL.as_millis() / 3).expect("small");
+    let first = vouched_until(&redis, room, bob).await.expect("node A vouches for Bob");
+    let deadline = Instant::now() + NODE_TTL;
+    let until = loop {
+        match vouched_until(&redis, room, bob).await {
+            Some(s) if s != first => break s,
+            _ => assert!(Instant::now() < deadline, "node A never refreshed"),
+        }
+        sleep(Duration::from_millis(10)).await;
+    };
+    // Cut off across A's next two refreshes, back well before `until`: A refreshes at once,
+    // before Bob's member runs out (two thirds of node_ttl after A was cut off).
+    cut_off(&redis, &a).await;
+    until_redis_ms(&redis, until - third + third / 10).await;
+    let_back(&redis).await;
+    loop {
+        if vouched_until(&redis, room, bob).await.is_some_and(|s| s > until) {
+            break;
+        }
+        let now = redis_ms(&redis).await;
+        assert!(
+            now < until - third / 10,
+            "node A, back since {} ms, has not refreshed",
+            now - (until - third)
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+    a.wait_metric("bus_up", 1.0).await;
+    // Past the moment Bob's member would have run out.
+    until_redis_ms(&redis, until + third / 10).await;
+
+    // Bob never left: no leave, and he is still listed.
+    let both = json!({"type":"presence","chat_id":room,"users":sorted(vec![alice, bob])});
+    assert_eq!(presence_list(&mut on_b, room).await, both);
+    on_b.expect_nothing_else(&b, room).await;
+    drop(on_a);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Nodes with different `presence.node_ttl` (a config change rolled out node by node): a refresh
+/// by the node with the short one must not cut short the room's keys, which hold the other
+/// node's users until their own, longer, time.
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn a_node_with_a_shorter_node_ttl_does_not_expire_the_others_users() {
+    const LONG: Duration = Duration::from_secs(9);
+    let redis = RedisServer::start();
+    mark_settled(&redis).await;
+    let config = |ttl| {
+        let mut c = presence_config(support::redis::config(&redis));
+        c.presence.node_ttl = ttl;
+        c
+    };
+    let a = support::start(config(LONG)).await;
+    let b = support::start(config(Duration::from_secs(1))).await;
+    let (room, alice, bob) = (chat(), user(), user());
+    let mut on_a = a.connect(alice, &[]).await;
+    subscribe_listening(&mut on_a, room).await;
+    assert_eq!(on_a.recv().await, join(room, alice));
+    let mut on_b = b.connect(bob, &[]).await;
+    on_b.subscribe(room).await;
+    assert_eq!(on_a.recv().await, join(room, bob));
+
+    // Right after a refresh of node A (Alice's member moves), Bob leaves: node B refreshes the
+    // room for the last time within the leave delay, setting the keys to expire a second later.
+    let first = vouched_until(&redis, room, alice).await.expect("node A vouches for Alice");
+    let deadline = Instant::now() + LONG;
+    let until = loop {
+        match vouched_until(&redis, room, alice).await {
+            Some(s) if s != first => break s,
+            _ => assert!(Instant::now() < deadline, "node A never refreshed"),
+        }
+        sleep(Duration::from_millis(10)).await;
+    };
+    let refreshed = until - i64::try_from(LONG.as_millis()).expect("small");
+    on_b.send_json(json!({"type":"unsubscribe","chat_id":room})).await;
+    assert_eq!(on_b.recv().await["type"], "unsubscribed");
+    assert_eq!(on_a.recv().await, leave(room, bob));
+    // Past node B's last word on the room, before node A's next refresh (a third of 9 s).
+    until_redis_ms(&redis, refreshed + 2300).await;
+    assert_eq!(
+        presence_list(&mut on_a, room).await,
+        json!({"type":"presence","chat_id":room,"users":[alice]})
+    );
+    assert!(redis_ms(&redis).await < refreshed + 3000, "checked before node A refreshed again");
+    // Nor is Alice announced again when node A refreshes.
+    until_redis_ms(&redis, refreshed + 3500).await;
+    on_a.expect_nothing_else(&a, room).await;
+    drop(on_b);
+    a.stop().await;
+    b.stop().await;
 }

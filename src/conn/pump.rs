@@ -240,7 +240,14 @@ impl<S: Socket> Conn<S> {
                 UserMsg::Frame(frame) => self.out.push(frame),
                 UserMsg::Ephemeral { chat, listeners_only, skip, frame } => {
                     if skip != self.mailbox.token() && self.subs.wants(chat, listeners_only) {
-                        self.out.push(frame);
+                        // Presence and typing never make a connection a slow
+                        // consumer: past its queue budget (the room frames'
+                        // bound) they are dropped, not queued towards 4008.
+                        if self.room_budget().is_some() {
+                            self.out.push(frame);
+                        } else {
+                            self.node.metrics.ephemeral_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
                 UserMsg::Removed(chat) => {

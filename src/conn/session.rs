@@ -86,6 +86,11 @@ impl<S: Socket> Conn<S> {
                 self.leave(chat_id);
                 self.out.push(server::unsubscribed(chat_id));
             }
+            Err(_) if self.node.presence.is_none() && client::names_presence_command(text) => {
+                // `presence.enabled: false`: malformed or not, the commands do not exist.
+                let e = client::CommandError::UnknownType;
+                self.reply_error(e.code(), &e.to_string(), None)?
+            }
             Err(e) => self.reply_error(e.code(), &e.to_string(), None)?,
         }
         Ok(())
@@ -202,7 +207,7 @@ impl<S: Socket> Conn<S> {
         if registry.enter(chat, self.user, listen) {
             let node = self.node.clone();
             if let Err(e) = node.bus.presence(Ephemeral::Join { chat, user: self.user }).await {
-                // The next refresh (a third of `presence.node_ttl`) announces it.
+                // The next refresh (a third of `presence.node_ttl`, or as soon as the bus is back) announces it.
                 tracing::warn!(%chat, error = %e, "cannot announce a presence join");
             }
         }

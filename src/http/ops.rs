@@ -52,6 +52,7 @@ pub(super) fn metrics(app: &App) -> Response<Body> {
         late: node.late.load(std::sync::atomic::Ordering::Relaxed),
         alarms: node.alarms.pending(),
         presence_users: node.presence.as_ref().map_or(0, |p| p.len()),
+        typing_slots: node.presence.as_ref().map_or(0, |p| p.typing_slots()),
         process: crate::process::read(),
     };
     let mut text = node.metrics.render(&gauges, node.bus.health() == Health::Ok);

@@ -86,6 +86,22 @@ pub fn parse(text: &[u8]) -> Result<Command, CommandError> {
     }
 }
 
+/// Whether `text` names a presence command (`presence` or `typing`),
+/// whatever else is wrong with it: under `presence.enabled: false` those
+/// answer `unknown_type`, as if they did not exist, not `bad_request`.
+pub fn names_presence_command(text: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct TypeOnly<'a> {
+        #[serde(rename = "type", borrow)]
+        ty: Option<Cow<'a, str>>,
+    }
+    let Ok(text) = std::str::from_utf8(text) else { return false };
+    serde_json::from_str::<TypeOnly<'_>>(text)
+        .ok()
+        .and_then(|t| t.ty)
+        .is_some_and(|ty| ty == "presence" || ty == "typing")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@
 //! | `herald:{<chat>}:members` | set | the room's members (`chat.member_*` events) |
 //! | `herald:{<chat>}:history` | list | the room's recent events, `<ms>\|<event JSON with seq>`, oldest first |
 //! | `herald:{<chat>}:removed` | hash | user -> when it was removed from the room (Unix seconds, Redis's clock): its older tokens may not subscribe; a re-add deletes the field; expires `auth.max_token_ttl` after the room's last removal |
-//! | `herald:{<chat>}:presence` | sorted set | `<user>\|<node>` -> until when (Redis ms) the node vouches for the user in the room: each node refreshes its own every third of `presence.node_ttl`; a member past its time belongs to a node that stopped (its leave is announced by whichever node next refreshes or reads the room); expires with the last refresh |
+//! | `herald:{<chat>}:presence` | sorted set | `<user>\|<node>` -> until when (Redis ms) the node vouches for the user in the room: each node refreshes its own every third of `presence.node_ttl`; a member past its time belongs to a node that stopped (its leave is announced by whichever node next refreshes or reads the room); expires once no refresh vouches for any member any more (a refresh never shortens it) |
 //! | `herald:{<chat>}:presence-users` | hash | user -> how many nodes hold it in the room (a join is announced when it becomes 1, a leave when it drops to 0); kept with the sorted set |
 //! | `herald:{<chat>}:typing:<user>` | string | the user's typing slot in the room, `PX presence.typing_interval`: one typing event per interval, deployment-wide |
 //! | `herald:{<user>}:user` | channel | events addressed to one user, and operator disconnects (`{"control":"disconnect",...}`) |
@@ -481,9 +481,9 @@ end
 }
 
 /// A node vouches for its users in a room (a join, or its periodic refresh): reaps the members of
-/// stopped nodes, then (re)sets this node's member of each user until now + TTL; a user no node
-/// held before is announced (`presence.join`), once for the deployment since the script is
-/// atomic. KEYS: presence sorted set, presence-users hash. ARGV: channel, chat, node, TTL ms,
+/// stopped nodes, then (re)sets this node's member of each user until now + TTL, and keeps the
+/// keys at least that long (never shorter: other nodes may vouch longer); a user no node held
+/// before is announced (`presence.join`), once for the deployment since the script is atomic. KEYS: presence sorted set, presence-users hash. ARGV: channel, chat, node, TTL ms,
 /// users.
 pub(super) const PRESENCE_JOIN_LUA: &str = concat!(
     presence_prelude!(),
@@ -497,8 +497,10 @@ for i = 5, #ARGV do
   end
 end
 if #ARGV >= 5 then
-  redis.call('PEXPIRE', KEYS[1], ttl)
-  redis.call('PEXPIRE', KEYS[2], ttl)
+  -- Only ever lengthened: a node with a shorter node_ttl must not cut short the other nodes' time.
+  for _, key in ipairs(KEYS) do
+    if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+  end
 end
 return 0
 "#
