@@ -1,6 +1,7 @@
 //! The in-process bus: one node, no network. Assigns room `seq` locally and
 //! delivers synchronously inside `publish`.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -26,6 +27,10 @@ pub struct MemoryBus {
     /// The highest counter this bus forgot: a new counter starts above it
     /// too, so the origin holds even for a room faster than the clock.
     forgotten: AtomicU64,
+    /// Counters found idle by the last [`Bus::forget_idle`]: one is forgotten
+    /// only when found idle twice in a row, so a position just handed out
+    /// (`head` of a room no one holds yet) survives until its first event.
+    idle: Mutex<HashSet<ChatId>>,
     /// Held across assigning a room's `seq` and delivering the event, which
     /// keeps each room's frames in `seq` order when several publishers race.
     /// Striped by room rather than one lock per room: a room then costs its
@@ -39,6 +44,7 @@ impl MemoryBus {
         MemoryBus {
             seqs: DashMap::new(),
             forgotten: AtomicU64::new(0),
+            idle: Mutex::default(),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             sink,
         }
@@ -96,8 +102,9 @@ impl Bus for MemoryBus {
     fn unwatch(&self, _topic: Topic) {}
 
     fn forget_idle(&self, active: &dyn Fn(ChatId) -> bool) {
-        let idle: Vec<ChatId> = self.seqs.iter().map(|e| *e.key()).filter(|chat| !active(*chat)).collect();
-        for chat in idle {
+        let now: HashSet<ChatId> = self.seqs.iter().map(|e| *e.key()).filter(|chat| !active(*chat)).collect();
+        let before = std::mem::replace(&mut *lock(&self.idle), now.clone());
+        for chat in now.into_iter().filter(|chat| before.contains(chat)) {
             // Checked again under the room's stripe: a publish in flight
             // holds it until its room exists, so its counter is never lost.
             let _ordered = self.stripe(chat);
@@ -127,5 +134,34 @@ impl Bus for MemoryBus {
 
     fn health(&self) -> Health {
         Health::Ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Nowhere;
+
+    impl Deliver for Nowhere {
+        fn deliver(&self, _event: &DomainEvent, _seq: Option<u64>) {}
+    }
+
+    /// A position handed out for a room no one holds yet must survive the
+    /// next sweep (seen under load: a sweep between a client reading the
+    /// position and the first publish restarted the counter, and the
+    /// client's `since` got `recovered:false`); a counter idle for two
+    /// sweeps in a row is forgotten.
+    #[tokio::test]
+    async fn a_counter_is_forgotten_only_when_idle_at_two_sweeps_in_a_row() -> Result<(), BusError> {
+        let bus = MemoryBus::new(Arc::new(Nowhere));
+        let chat = ChatId::from_u128(7);
+        let head = bus.head(chat).await?;
+        bus.forget_idle(&|_| false);
+        assert_eq!(bus.head(chat).await?, head, "kept at its first idle sweep");
+        bus.forget_idle(&|_| false);
+        assert!(bus.seqs.get(&chat).is_none(), "forgotten at its second");
+        assert!(bus.head(chat).await? > head, "a new counter starts above the forgotten one");
+        Ok(())
     }
 }
