@@ -58,6 +58,11 @@ pub struct Registry {
     generation: AtomicU16,
     /// When each (room, user) last had a typing event sent on; pruned every interval.
     typed: Mutex<HashMap<(ChatId, UserId), Stamp>>,
+    /// Orders joins after the leaves being announced: [`Registry::due`] takes
+    /// a user out before its leave is sent, so a user back in that gap gets a
+    /// join that must not overtake the leave (listeners would see the leave
+    /// last and the user gone). Joins share it; sending leaves holds it alone.
+    pub announcing: tokio::sync::RwLock<()>,
     pub leave_delay: Duration,
     pub typing_interval: Duration,
     pub max_list: usize,
@@ -71,6 +76,7 @@ impl Registry {
             leaving: Mutex::default(),
             generation: AtomicU16::new(0),
             typed: Mutex::default(),
+            announcing: tokio::sync::RwLock::new(()),
             leave_delay: config.leave_delay,
             typing_interval: config.typing_interval,
             max_list: config.max_list,
@@ -125,6 +131,11 @@ impl Registry {
             drop(users);
             lock(&self.leaving).push_back((now + self.leave_delay, chat, user, generation));
         }
+    }
+
+    /// Whether a leave is due by `now` (so joins are held back only then).
+    pub fn any_due(&self, now: Stamp) -> bool {
+        lock(&self.leaving).front().is_some_and(|&(at, ..)| at <= now)
     }
 
     /// Removes the users whose leave came due by `now` (and who did not come
@@ -257,7 +268,8 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let now = Stamp::now();
-        let due = registry.due(now);
+        let announcing = if registry.any_due(now) { Some(registry.announcing.write().await) } else { None };
+        let due = if announcing.is_some() { registry.due(now) } else { Vec::new() };
         for chunk in due.chunks(LEAVES_AT_ONCE) {
             let leaves = chunk.iter().map(|&(chat, user)| node.bus.presence(Ephemeral::Leave { chat, user }));
             for (result, (chat, user)) in futures_util::future::join_all(leaves).await.into_iter().zip(chunk)
@@ -268,6 +280,7 @@ pub async fn run(node: Arc<Node>, stop: CancellationToken) {
                 }
             }
         }
+        drop(announcing);
         if now.since(swept) >= registry.typing_interval {
             // Every interval, not with the refresh: a slot is worth keeping for the interval
             // alone, and slots taken in many rooms must not pile up for a third of node_ttl.

@@ -206,6 +206,8 @@ impl<S: Socket> Conn<S> {
         self.subs.set_listening(chat, listen);
         if registry.enter(chat, self.user, listen) {
             let node = self.node.clone();
+            // After any leave of this user being sent now (see `Registry::announcing`).
+            let _after_leaves = registry.announcing.read().await;
             if let Err(e) = node.bus.presence(Ephemeral::Join { chat, user: self.user }).await {
                 // The next refresh (a third of `presence.node_ttl`, or as soon as the bus is back) announces it.
                 tracing::warn!(%chat, error = %e, "cannot announce a presence join");
