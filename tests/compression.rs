@@ -349,3 +349,39 @@ async fn nodes_ws_client_receives_every_event_decompressed_and_in_order() {
     cmd.env("NODE_PATH", modules).arg("-e").arg(NODE_CLIENT);
     a_real_client_receives_every_event(cmd).await;
 }
+
+/// Attack review: many small bombs, each within `max_message_size`
+/// inflated. A read loop that kept reading while fewer than 64 messages
+/// waited held every one of them inflated at once: about 1 KiB on the wire
+/// became 1 MiB held, 64 times over, before the first was answered. The
+/// messages decoded and not yet answered now hold at most about one
+/// `max_message_size` of inflated bytes beyond the message being read.
+#[tokio::test]
+async fn many_small_bombs_are_not_all_held_inflated_at_once() {
+    let mut config = support::config();
+    config.websocket.max_message_size = 1 << 20;
+    let gw = support::start(config).await;
+    let mut c = deflating(gw.addr, UserId::new_v4()).await;
+    // A valid command inflating to just under the limit: a ping with a pad.
+    let ping = format!(r#"{{"type":"ping","pad":"{}"}}"#, " ".repeat((1 << 20) - 64));
+    let z = deflate::deflate_payload(ping.as_bytes());
+    assert!(z.len() < 2_048, "{} bytes", z.len());
+    // Within the command burst (100): every one is answered.
+    let n = 80;
+    let stream: Vec<u8> = (0..n).flat_map(|_| support::masked_frame(0xC1, &z)).collect();
+    drop(ping);
+    let before = reset_peak();
+    c.stream.write_all(&stream).await.expect("send the pings");
+    for i in 0..n {
+        assert_eq!(next_json(&mut c).await.1, json!({"type":"pong"}), "ping {i}");
+    }
+    let peak = status_kb("VmHWM");
+    // 80 MiB inflated in all; 64 of them held at once was 64 MiB.
+    assert!(
+        peak < before + 16 * 1024,
+        "peak RSS grew by {} KiB reading {n} KiB",
+        peak - before,
+        n = stream.len() / 1024
+    );
+    gw.stop().await;
+}
