@@ -385,3 +385,31 @@ async fn many_small_bombs_are_not_all_held_inflated_at_once() {
     );
     gw.stop().await;
 }
+
+/// Attack review: a connection that set no `server_max_window_bits` was
+/// treated as one with a 2^15-byte limit, so no event over 32 KiB was ever
+/// compressed, for anyone. The full window takes any length (it is the
+/// compressor's own); only a smaller window the client asked for does not.
+#[tokio::test]
+async fn events_over_32_kib_are_compressed_unless_the_client_set_a_smaller_window() {
+    let gw = support::start(support::config()).await;
+    let chat = ChatId::new_v4();
+    let mut full = deflating(gw.addr, UserId::new_v4()).await;
+    let offer = ["permessage-deflate; server_max_window_bits=15"];
+    let (mut fifteen, _) = handshake(gw.addr, &support::token(UserId::new_v4(), &[]), &offer).await;
+    let offer = ["permessage-deflate; server_max_window_bits=14"];
+    let (mut fourteen, _) = handshake(gw.addr, &support::token(UserId::new_v4(), &[]), &offer).await;
+    for c in [&mut full, &mut fifteen, &mut fourteen] {
+        subscribe(c, chat, None).await;
+    }
+    let data = json!({"content": "The quarterly report is attached; see section four. ".repeat(800)});
+    support::publish(&gw, chat, 1, &data).await;
+    let (first, payload) = next_text_frame(&mut full).await;
+    assert_eq!(first, 0x80 | RSV1 | 0x1, "a 40 KiB event goes out compressed");
+    let plain = deflate::inflate(payload.clone(), 1 << 20).expect("inflates");
+    assert!(plain.len() > 40_000, "{} bytes", plain.len());
+    assert_eq!(next_text_frame(&mut fifteen).await, (first, payload), "15 is the full window");
+    let (first, payload) = next_text_frame(&mut fourteen).await;
+    assert_eq!((first, payload), (0x81, plain), "longer than a 2^14-byte window: plain");
+    gw.stop().await;
+}

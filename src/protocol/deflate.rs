@@ -42,9 +42,14 @@ impl Agreed {
     /// is compressed alone, so no back-reference reaches further than its
     /// own length: a payload no longer than the client's window (2^bits)
     /// is valid for that window whatever window compressed it. Longer ones
-    /// go out uncompressed, which RFC 7692 allows per message.
+    /// go out uncompressed, which RFC 7692 allows per message. The full
+    /// window (15, also when the client set none) is the compressor's own:
+    /// any length is valid for it.
     pub fn max_payload(self) -> usize {
-        1usize << self.server_max_window_bits.min(15)
+        match self.server_max_window_bits {
+            bits @ ..=14 => 1usize << bits,
+            _ => usize::MAX,
+        }
     }
 }
 
@@ -270,6 +275,7 @@ mod tests {
         let mut calls = 0;
         assert_eq!(wire.for_peer(None, 0, |_, _| calls += 1), wire.plain());
         assert_eq!(wire.for_peer(full, 10_000, |_, _| calls += 1), wire.plain(), "under the threshold");
+        assert_eq!(full.unwrap().max_payload(), usize::MAX, "the full window takes any length");
         let small_window = Some(Agreed { server_max_window_bits: 8 });
         assert_eq!(wire.for_peer(small_window, 0, |_, _| calls += 1), wire.plain(), "longer than its window");
         assert_eq!(calls, 0);
