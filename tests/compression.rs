@@ -413,3 +413,52 @@ async fn events_over_32_kib_are_compressed_unless_the_client_set_a_smaller_windo
     assert_eq!((first, payload), (0x81, plain), "longer than a 2^14-byte window: plain");
     gw.stop().await;
 }
+
+/// Attack review: a compressed twin kept the buffer it was compressed into,
+/// sized for the plain payload, so history held every compressed event at
+/// twice its plain size, however small deflate made it. A twin now holds
+/// what it weighs: a compressing subscriber costs the node about what a
+/// plain one does.
+#[tokio::test]
+async fn a_compressed_twin_holds_its_compressed_size_not_the_plain_one() {
+    let gw = support::start(support::config()).await;
+    // 2 KiB events that deflate to a few dozen bytes.
+    let data = json!({"content": "The quarterly report is attached; see section four. ".repeat(40)});
+    // What 100 rooms of 100 events (history_size) cost the node, read by
+    // one plain subscriber, then by one that agreed to compression (other
+    // rooms, the same events): each holds about 20 MiB of plain frames.
+    let mut grown = Vec::new();
+    let mut plain = 0;
+    for compress in [false, true] {
+        let mut c = match compress {
+            true => deflating(gw.addr, UserId::new_v4()).await,
+            false => RawClient::connect(gw.addr, &support::token(UserId::new_v4(), &[])).await,
+        };
+        let rooms: Vec<ChatId> = (0..100).map(|_| ChatId::new_v4()).collect();
+        for chat in &rooms {
+            subscribe(&mut c, *chat, None).await;
+        }
+        let before = status_kb("VmRSS");
+        plain = 0;
+        for chat in &rooms {
+            support::publish(&gw, *chat, 100, &data).await;
+            for _ in 0..100 {
+                let (first, payload) = next_text_frame(&mut c).await;
+                assert_eq!(first & RSV1 != 0, compress, "compressed only where agreed");
+                assert!(!compress || payload.len() < 256, "{} bytes", payload.len());
+                plain += data.to_string().len();
+            }
+        }
+        grown.push(status_kb("VmRSS").saturating_sub(before));
+    }
+    let plain_kb = (plain / 1024) as u64;
+    // The twins (under 3 MiB with their pointers) and slack; twins as large
+    // as the plain frames were 20 MiB.
+    assert!(
+        grown[1] < grown[0] + plain_kb / 2,
+        "RSS grew by {} KiB with compression, {} KiB without, holding {plain_kb} KiB of frames",
+        grown[1],
+        grown[0]
+    );
+    gw.stop().await;
+}

@@ -155,6 +155,9 @@ pub fn compress_frame(plain: &[u8]) -> Option<Bytes> {
     if buf.len() - MAX_HEAD >= payload.len() {
         return None;
     }
+    // The buffer was sized for the plain payload; the twin is kept (in
+    // history too) as long as the frame, so it keeps only what it weighs.
+    buf.shrink_to_fit();
     Some(frame::with_head(first | RSV1, buf))
 }
 
