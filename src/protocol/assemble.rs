@@ -61,10 +61,12 @@ impl Assembler {
         deflate: bool,
         out: &mut Vec<Inbound>,
     ) -> Result<(), DecodeError> {
-        let room = max.saturating_sub(out.iter().map(Inbound::held).sum());
+        let held: usize = out.iter().map(Inbound::held).sum();
+        // Full only when something waits: with nothing waiting the next
+        // message is always decoded (progress, whatever `max`).
+        let mut room = Room { left: max.saturating_sub(held), full: held > 0 && held >= max };
         // A stack value while nothing is pending: no allocation per read.
         let mut state = self.state.take().map_or_else(Partial::default, |boxed| *boxed);
-        let mut room = Room { left: room, full: room == 0 };
         if state.partial.is_empty() {
             let used = if room.full { 0 } else { state.decode_all(data, max, deflate, &mut room, out)? };
             state.partial.extend_from_slice(&data[used..]);
