@@ -115,7 +115,23 @@ fn feed(stream: &[u8], cuts: &[u8], max: usize, deflate: bool) -> Outcome {
         let n = cut.next().map_or(rest.len(), |&n| usize::from(n).max(1)).min(rest.len());
         let (read, after) = rest.split_at(n);
         rest = after;
-        let result = assembler.ingest(read, max, deflate, &mut messages);
+        let mut result = assembler.ingest(read, max, deflate, &mut messages);
+        // As a connection does: what the assembler held back is decoded once
+        // the messages waiting are answered (here: set aside), and those
+        // waiting never hold more than one message past `max`.
+        let mut answered = Vec::new();
+        loop {
+            let held: usize = messages.iter().map(waiting_bytes).sum();
+            assert!(held <= max.saturating_mul(2), "{held} bytes waiting under max {max}");
+            let closed = messages.iter().any(|m| matches!(m, Inbound::Close(_)));
+            if result.is_err() || closed || !assembler.held_back() {
+                break;
+            }
+            answered.append(&mut messages);
+            result = assembler.ingest(&[], max, deflate, &mut messages);
+        }
+        answered.append(&mut messages);
+        messages = answered;
         if let Some(i) = messages.iter().position(|m| matches!(m, Inbound::Close(_))) {
             messages.truncate(i + 1);
             return Outcome { messages, error: None };
@@ -126,6 +142,14 @@ fn feed(stream: &[u8], cuts: &[u8], max: usize, deflate: bool) -> Outcome {
         if rest.is_empty() {
             return Outcome { messages, error: None };
         }
+    }
+}
+
+/// Bytes a decoded message holds while it waits to be answered.
+fn waiting_bytes(m: &Inbound) -> usize {
+    match m {
+        Inbound::Text(payload) | Inbound::Ping(payload) => payload.len(),
+        _ => 0,
     }
 }
 

@@ -349,3 +349,116 @@ async fn nodes_ws_client_receives_every_event_decompressed_and_in_order() {
     cmd.env("NODE_PATH", modules).arg("-e").arg(NODE_CLIENT);
     a_real_client_receives_every_event(cmd).await;
 }
+
+/// Attack review: many small bombs, each within `max_message_size`
+/// inflated. A read loop that kept reading while fewer than 64 messages
+/// waited held every one of them inflated at once: about 1 KiB on the wire
+/// became 1 MiB held, 64 times over, before the first was answered. The
+/// messages decoded and not yet answered now hold at most about one
+/// `max_message_size` of inflated bytes beyond the message being read.
+#[tokio::test]
+async fn many_small_bombs_are_not_all_held_inflated_at_once() {
+    let mut config = support::config();
+    config.websocket.max_message_size = 1 << 20;
+    let gw = support::start(config).await;
+    let mut c = deflating(gw.addr, UserId::new_v4()).await;
+    // A valid command inflating to just under the limit: a ping with a pad.
+    let ping = format!(r#"{{"type":"ping","pad":"{}"}}"#, " ".repeat((1 << 20) - 64));
+    let z = deflate::deflate_payload(ping.as_bytes());
+    assert!(z.len() < 2_048, "{} bytes", z.len());
+    // Within the command burst (100): every one is answered.
+    let n = 80;
+    let stream: Vec<u8> = (0..n).flat_map(|_| support::masked_frame(0xC1, &z)).collect();
+    drop(ping);
+    let before = reset_peak();
+    c.stream.write_all(&stream).await.expect("send the pings");
+    for i in 0..n {
+        assert_eq!(next_json(&mut c).await.1, json!({"type":"pong"}), "ping {i}");
+    }
+    let peak = status_kb("VmHWM");
+    // 80 MiB inflated in all; 64 of them held at once was 64 MiB.
+    assert!(
+        peak < before + 16 * 1024,
+        "peak RSS grew by {} KiB reading {n} KiB",
+        peak - before,
+        n = stream.len() / 1024
+    );
+    gw.stop().await;
+}
+
+/// Attack review: a connection that set no `server_max_window_bits` was
+/// treated as one with a 2^15-byte limit, so no event over 32 KiB was ever
+/// compressed, for anyone. The full window takes any length (it is the
+/// compressor's own); only a smaller window the client asked for does not.
+#[tokio::test]
+async fn events_over_32_kib_are_compressed_unless_the_client_set_a_smaller_window() {
+    let gw = support::start(support::config()).await;
+    let chat = ChatId::new_v4();
+    let mut full = deflating(gw.addr, UserId::new_v4()).await;
+    let offer = ["permessage-deflate; server_max_window_bits=15"];
+    let (mut fifteen, _) = handshake(gw.addr, &support::token(UserId::new_v4(), &[]), &offer).await;
+    let offer = ["permessage-deflate; server_max_window_bits=14"];
+    let (mut fourteen, _) = handshake(gw.addr, &support::token(UserId::new_v4(), &[]), &offer).await;
+    for c in [&mut full, &mut fifteen, &mut fourteen] {
+        subscribe(c, chat, None).await;
+    }
+    let data = json!({"content": "The quarterly report is attached; see section four. ".repeat(800)});
+    support::publish(&gw, chat, 1, &data).await;
+    let (first, payload) = next_text_frame(&mut full).await;
+    assert_eq!(first, 0x80 | RSV1 | 0x1, "a 40 KiB event goes out compressed");
+    let plain = deflate::inflate(payload.clone(), 1 << 20).expect("inflates");
+    assert!(plain.len() > 40_000, "{} bytes", plain.len());
+    assert_eq!(next_text_frame(&mut fifteen).await, (first, payload), "15 is the full window");
+    let (first, payload) = next_text_frame(&mut fourteen).await;
+    assert_eq!((first, payload), (0x81, plain), "longer than a 2^14-byte window: plain");
+    gw.stop().await;
+}
+
+/// Attack review: a compressed twin kept the buffer it was compressed into,
+/// sized for the plain payload, so history held every compressed event at
+/// twice its plain size, however small deflate made it. A twin now holds
+/// what it weighs: a compressing subscriber costs the node about what a
+/// plain one does.
+#[tokio::test]
+async fn a_compressed_twin_holds_its_compressed_size_not_the_plain_one() {
+    let gw = support::start(support::config()).await;
+    // 2 KiB events that deflate to a few dozen bytes.
+    let data = json!({"content": "The quarterly report is attached; see section four. ".repeat(40)});
+    // What 100 rooms of 100 events (history_size) cost the node, read by
+    // one plain subscriber, then by one that agreed to compression (other
+    // rooms, the same events): each holds about 20 MiB of plain frames.
+    let mut grown = Vec::new();
+    let mut plain = 0;
+    for compress in [false, true] {
+        let mut c = match compress {
+            true => deflating(gw.addr, UserId::new_v4()).await,
+            false => RawClient::connect(gw.addr, &support::token(UserId::new_v4(), &[])).await,
+        };
+        let rooms: Vec<ChatId> = (0..100).map(|_| ChatId::new_v4()).collect();
+        for chat in &rooms {
+            subscribe(&mut c, *chat, None).await;
+        }
+        let before = status_kb("VmRSS");
+        plain = 0;
+        for chat in &rooms {
+            support::publish(&gw, *chat, 100, &data).await;
+            for _ in 0..100 {
+                let (first, payload) = next_text_frame(&mut c).await;
+                assert_eq!(first & RSV1 != 0, compress, "compressed only where agreed");
+                assert!(!compress || payload.len() < 256, "{} bytes", payload.len());
+                plain += data.to_string().len();
+            }
+        }
+        grown.push(status_kb("VmRSS").saturating_sub(before));
+    }
+    let plain_kb = (plain / 1024) as u64;
+    // The twins (under 3 MiB with their pointers) and slack; twins as large
+    // as the plain frames were 20 MiB.
+    assert!(
+        grown[1] < grown[0] + plain_kb / 2,
+        "RSS grew by {} KiB with compression, {} KiB without, holding {plain_kb} KiB of frames",
+        grown[1],
+        grown[0]
+    );
+    gw.stop().await;
+}

@@ -163,7 +163,10 @@ impl<S: Socket> Conn<S> {
                 Ok(n) => {
                     self.last_heard = Stamp::now();
                     self.ingest(&buf[..n])?;
-                    if n < limit || self.inbox.len() > 64 {
+                    // Answer what waits before reading on: the inbox is
+                    // bounded in messages here, and in bytes by the
+                    // reassembler, which holds back the rest of a read.
+                    if n < limit || self.inbox.len() > 64 || self.assembler.held_back() {
                         return Ok(());
                     }
                 }

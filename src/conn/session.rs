@@ -24,8 +24,21 @@ const MAX_ERRORS: f32 = 100.0;
 const ERROR_DECAY_PER_SEC: f32 = 0.1;
 
 impl<S: Socket> Conn<S> {
-    /// Answers every complete client message, in order.
+    /// Answers every complete client message, in order: those in the inbox,
+    /// then those the reassembler held back from bytes already read while
+    /// the inbox was full (a few bytes of compressed messages can be
+    /// megabytes inflated, so they are inflated as they are answered).
     pub(super) async fn handle(&mut self) -> Result<(), End> {
+        loop {
+            self.answer_inbox().await?;
+            if !self.assembler.held_back() {
+                return Ok(());
+            }
+            self.ingest(&[])?;
+        }
+    }
+
+    async fn answer_inbox(&mut self) -> Result<(), End> {
         // Taken whole, so an idle connection keeps no inbox buffer.
         for msg in std::mem::take(&mut self.inbox) {
             match msg {

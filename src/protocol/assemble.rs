@@ -39,6 +39,10 @@ struct Partial {
     fragment_op: Option<OpCode>,
     /// The message being reassembled is compressed (its first frame had RSV1).
     fragment_compressed: bool,
+    /// The last `ingest` stopped at the bound on messages waiting: complete
+    /// frames may be buffered, to be decoded once those are taken. (Here,
+    /// not in `Assembler`: an idle connection holds one pointer.)
+    held_back: bool,
 }
 
 impl Assembler {
@@ -46,6 +50,10 @@ impl Assembler {
     /// `max` bounds one message (its fragments together, and again once
     /// inflated). `deflate`: the connection negotiated permessage-deflate,
     /// so a message may be compressed (RSV1 on its first frame).
+    ///
+    /// Decoding stops once the messages in `out` hold `max` bytes or more;
+    /// [`Assembler::held_back`] then says so, and a later call (with no new
+    /// bytes, once `out` was taken) goes on where this one stopped.
     pub fn ingest(
         &mut self,
         data: &[u8],
@@ -53,15 +61,19 @@ impl Assembler {
         deflate: bool,
         out: &mut Vec<Inbound>,
     ) -> Result<(), DecodeError> {
+        let held: usize = out.iter().map(Inbound::held).sum();
+        // Full only when something waits: with nothing waiting the next
+        // message is always decoded (progress, whatever `max`).
+        let mut room = Room { left: max.saturating_sub(held), full: held > 0 && held >= max };
         // A stack value while nothing is pending: no allocation per read.
         let mut state = self.state.take().map_or_else(Partial::default, |boxed| *boxed);
         if state.partial.is_empty() {
-            let used = state.decode_all(data, max, deflate, out)?;
+            let used = if room.full { 0 } else { state.decode_all(data, max, deflate, &mut room, out)? };
             state.partial.extend_from_slice(&data[used..]);
         } else {
             state.partial.extend_from_slice(data);
             let mut buf = std::mem::take(&mut state.partial);
-            let used = state.decode_all(&buf, max, deflate, out)?;
+            let used = if room.full { 0 } else { state.decode_all(&buf, max, deflate, &mut room, out)? };
             // Only what follows a completed frame moves (less than a frame),
             // never the incomplete frame on each read.
             if used > 0 {
@@ -73,24 +85,53 @@ impl Assembler {
             }
             state.partial = buf;
         }
+        state.held_back = room.full && !state.partial.is_empty();
         if !state.partial.is_empty() || state.fragment_op.is_some() {
             self.state = Some(Box::new(state));
         }
         Ok(())
     }
+
+    /// Bytes already read may hold complete messages that were left
+    /// undecoded because enough were waiting (see [`Assembler::ingest`]):
+    /// call `ingest` again, with no new bytes, once those are taken.
+    pub fn held_back(&self) -> bool {
+        self.state.as_ref().is_some_and(|state| state.held_back)
+    }
+}
+
+/// What the messages decoded by one `ingest` may still hold.
+struct Room {
+    left: usize,
+    /// Spent: decoding stopped (or never started).
+    full: bool,
+}
+
+impl Inbound {
+    /// Bytes the message holds while it waits to be answered.
+    fn held(&self) -> usize {
+        match self {
+            Inbound::Text(payload) | Inbound::Ping(payload) => payload.len(),
+            _ => 0,
+        }
+    }
 }
 
 impl Partial {
+    /// Decodes complete frames from the front of `buf` until it runs out or
+    /// the messages decoded fill `room`; returns the bytes used.
     fn decode_all(
         &mut self,
         mut buf: &[u8],
         max: usize,
         deflate: bool,
+        room: &mut Room,
         out: &mut Vec<Inbound>,
     ) -> Result<usize, DecodeError> {
         let total = buf.len();
         while let Some((f, used)) = frame::decode(buf, max)? {
             buf = &buf[used..];
+            let before = out.len();
             // RSV1 marks a compressed message on its first frame only, and
             // only where compression was negotiated (RFC 7692 6.1).
             if f.rsv1 && (!deflate || f.op == OpCode::Continuation) {
@@ -131,6 +172,15 @@ impl Partial {
                         let payload = std::mem::take(&mut self.fragments);
                         out.push(message(op, std::mem::take(&mut self.fragment_compressed), payload, max)?);
                     }
+                }
+            }
+            // Each message is at most `max` however few bytes it came in
+            // (compressed): stop once those waiting hold that much.
+            if let Some(added) = out.get(before).map(Inbound::held).filter(|n| *n > 0) {
+                room.left = room.left.saturating_sub(added);
+                if room.left == 0 {
+                    room.full = true;
+                    break;
                 }
             }
         }
@@ -242,6 +292,33 @@ mod tests {
         }
         let text = Inbound::Text(text.to_vec());
         assert_eq!(out, vec![text.clone(), Inbound::Ping(b"hi".to_vec()), text]);
+        assert!(a.state.is_none(), "nothing is kept between messages");
+    }
+
+    /// Attack review: five compressed messages in one read were all
+    /// inflated at once, however large each became. Decoding now stops once
+    /// those waiting hold `max` bytes, and goes on when they are taken.
+    #[test]
+    fn holds_back_what_would_inflate_past_one_limit_until_taken() {
+        let text = [b' '; 60];
+        let z = deflate::deflate_payload(&text);
+        let stream: Vec<u8> = (0..5).flat_map(|_| masked(0xC1, &z)).collect();
+        let mut a = Assembler::default();
+        let mut out = Vec::new();
+        a.ingest(&stream, 100, true, &mut out).unwrap();
+        assert_eq!(out.len(), 2, "60 + 60 bytes reach the limit of 100");
+        assert!(a.held_back());
+        // Nothing more is decoded while those wait, not even new bytes.
+        a.ingest(&masked(0x89, b"hi"), 100, true, &mut out).unwrap();
+        assert_eq!(out.len(), 2);
+        let mut taken = std::mem::take(&mut out);
+        while a.held_back() {
+            a.ingest(&[], 100, true, &mut out).unwrap();
+            taken.append(&mut out);
+        }
+        let mut want = vec![Inbound::Text(text.to_vec()); 5];
+        want.push(Inbound::Ping(b"hi".to_vec()));
+        assert_eq!(taken, want, "every message, in order");
         assert!(a.state.is_none(), "nothing is kept between messages");
     }
 

@@ -42,9 +42,14 @@ impl Agreed {
     /// is compressed alone, so no back-reference reaches further than its
     /// own length: a payload no longer than the client's window (2^bits)
     /// is valid for that window whatever window compressed it. Longer ones
-    /// go out uncompressed, which RFC 7692 allows per message.
+    /// go out uncompressed, which RFC 7692 allows per message. The full
+    /// window (15, also when the client set none) is the compressor's own:
+    /// any length is valid for it.
     pub fn max_payload(self) -> usize {
-        1usize << self.server_max_window_bits.min(15)
+        match self.server_max_window_bits {
+            bits @ ..=14 => 1usize << bits,
+            _ => usize::MAX,
+        }
     }
 }
 
@@ -150,6 +155,9 @@ pub fn compress_frame(plain: &[u8]) -> Option<Bytes> {
     if buf.len() - MAX_HEAD >= payload.len() {
         return None;
     }
+    // The buffer was sized for the plain payload; the twin is kept (in
+    // history too) as long as the frame, so it keeps only what it weighs.
+    buf.shrink_to_fit();
     Some(frame::with_head(first | RSV1, buf))
 }
 
@@ -270,6 +278,11 @@ mod tests {
         let mut calls = 0;
         assert_eq!(wire.for_peer(None, 0, |_, _| calls += 1), wire.plain());
         assert_eq!(wire.for_peer(full, 10_000, |_, _| calls += 1), wire.plain(), "under the threshold");
+        assert_eq!(
+            Agreed { server_max_window_bits: 15 }.max_payload(),
+            usize::MAX,
+            "any length fits the full window"
+        );
         let small_window = Some(Agreed { server_max_window_bits: 8 });
         assert_eq!(wire.for_peer(small_window, 0, |_, _| calls += 1), wire.plain(), "longer than its window");
         assert_eq!(calls, 0);
