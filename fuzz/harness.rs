@@ -106,7 +106,10 @@ struct Outcome {
 
 fn feed(stream: &[u8], cuts: &[u8], max: usize, deflate: bool) -> Outcome {
     let mut assembler = Assembler::default();
-    let mut messages = Vec::new();
+    // Every message decoded so far, in order; `waiting` holds those not yet
+    // answered, which is what `ingest` bounds (a connection answers what one
+    // read decoded before it reads again).
+    let mut all = Vec::new();
     let mut rest = stream;
     let mut cut = cuts.iter().cycle();
     loop {
@@ -115,32 +118,31 @@ fn feed(stream: &[u8], cuts: &[u8], max: usize, deflate: bool) -> Outcome {
         let n = cut.next().map_or(rest.len(), |&n| usize::from(n).max(1)).min(rest.len());
         let (read, after) = rest.split_at(n);
         rest = after;
-        let mut result = assembler.ingest(read, max, deflate, &mut messages);
+        let mut waiting = Vec::new();
+        let mut result = assembler.ingest(read, max, deflate, &mut waiting);
         // As a connection does: what the assembler held back is decoded once
-        // the messages waiting are answered (here: set aside), and those
-        // waiting never hold more than one message past `max`.
-        let mut answered = Vec::new();
+        // the messages waiting are answered, and those waiting never hold
+        // more than one message past `max`.
         loop {
-            let held: usize = messages.iter().map(waiting_bytes).sum();
+            let held: usize = waiting.iter().map(waiting_bytes).sum();
             assert!(held <= max.saturating_mul(2), "{held} bytes waiting under max {max}");
-            let closed = messages.iter().any(|m| matches!(m, Inbound::Close(_)));
+            let closed = waiting.iter().any(|m| matches!(m, Inbound::Close(_)));
             if result.is_err() || closed || !assembler.held_back() {
                 break;
             }
-            answered.append(&mut messages);
-            result = assembler.ingest(&[], max, deflate, &mut messages);
+            all.append(&mut waiting);
+            result = assembler.ingest(&[], max, deflate, &mut waiting);
         }
-        answered.append(&mut messages);
-        messages = answered;
-        if let Some(i) = messages.iter().position(|m| matches!(m, Inbound::Close(_))) {
-            messages.truncate(i + 1);
-            return Outcome { messages, error: None };
+        all.append(&mut waiting);
+        if let Some(i) = all.iter().position(|m| matches!(m, Inbound::Close(_))) {
+            all.truncate(i + 1);
+            return Outcome { messages: all, error: None };
         }
         if let Err(e) = result {
-            return Outcome { messages, error: Some(e) };
+            return Outcome { messages: all, error: Some(e) };
         }
         if rest.is_empty() {
-            return Outcome { messages, error: None };
+            return Outcome { messages: all, error: None };
         }
     }
 }
