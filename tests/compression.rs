@@ -15,7 +15,7 @@ use herald::protocol::deflate;
 use herald::protocol::{ChatId, UserId};
 use serde_json::{json, Value};
 use support::{RawClient, PATIENCE};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::TcpStream;
 use tokio::process::ChildStdout;
 
@@ -24,26 +24,15 @@ const RSV1: u8 = 0x40;
 /// Opens a WebSocket by hand with these `Sec-WebSocket-Extensions` lines;
 /// returns the client and the answer's extensions header, if any.
 async fn handshake(addr: SocketAddr, token: &str, offers: &[&str]) -> (RawClient, Option<String>) {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let stream = TcpStream::connect(addr).await.expect("connect");
     let extensions: String = offers.iter().map(|o| format!("Sec-WebSocket-Extensions: {o}\r\n")).collect();
-    let req = format!(
-        "GET /ws?token={token} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extensions}\r\n"
-    );
-    stream.write_all(req.as_bytes()).await.expect("write handshake");
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        stream.read_exact(&mut byte).await.expect("read handshake");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
+    let (client, head) = RawClient::handshake_with(stream, token, &extensions).await;
     assert!(head.starts_with("HTTP/1.1 101"), "an offer never fails the handshake: {head}");
     let answer = head.lines().find_map(|line| {
         let (name, value) = line.split_once(':')?;
         name.eq_ignore_ascii_case("sec-websocket-extensions").then(|| value.trim().to_string())
     });
-    (RawClient { stream }, answer)
+    (client, answer)
 }
 
 async fn deflating(addr: SocketAddr, user: UserId) -> RawClient {

@@ -27,6 +27,26 @@ async fn node() -> Gateway {
     support::start(presence_config(support::config())).await
 }
 
+/// Alice subscribes to a new room listening for presence, then Bob (not
+/// listening): Alice has seen both joins.
+struct Pair {
+    room: ChatId,
+    bob: UserId,
+    a: Client,
+    b: Client,
+}
+
+async fn alice_listens_bob_joins(gw: &Gateway) -> Pair {
+    let (room, alice, bob) = (chat(), user(), user());
+    let mut a = gw.connect(alice, &[]).await;
+    subscribe_listening(&mut a, room).await;
+    assert_eq!(a.recv().await, join(room, alice));
+    let mut b = gw.connect(bob, &[]).await;
+    b.subscribe(room).await;
+    assert_eq!(a.recv().await, join(room, bob));
+    Pair { room, bob, a, b }
+}
+
 /// Subscribes with `"presence":true`; returns the room's position.
 async fn subscribe_listening(c: &mut Client, chat: ChatId) -> u64 {
     c.send_json(json!({"type":"subscribe","chat_id":chat,"presence":true})).await;
@@ -122,13 +142,7 @@ async fn join_then_leave_after_the_delay_and_the_list_in_between() {
 #[tokio::test]
 async fn a_reconnect_within_the_delay_produces_neither_leave_nor_join() {
     let gw = node().await;
-    let (room, alice, bob) = (chat(), user(), user());
-    let mut a = gw.connect(alice, &[]).await;
-    subscribe_listening(&mut a, room).await;
-    assert_eq!(a.recv().await, join(room, alice));
-    let mut b = gw.connect(bob, &[]).await;
-    b.subscribe(room).await;
-    assert_eq!(a.recv().await, join(room, bob));
+    let Pair { room, bob, mut a, b } = alice_listens_bob_joins(&gw).await;
     drop(b);
     sleep(LEAVE_DELAY / 3).await;
     let mut b = gw.connect(bob, &[]).await;
@@ -174,13 +188,7 @@ async fn typing_reaches_the_others_once_per_interval_never_the_sender() {
 #[tokio::test]
 async fn a_removed_user_leaves_presence() {
     let gw = node().await;
-    let (room, alice, bob) = (chat(), user(), user());
-    let mut a = gw.connect(alice, &[]).await;
-    subscribe_listening(&mut a, room).await;
-    assert_eq!(a.recv().await, join(room, alice));
-    let mut b = gw.connect(bob, &[]).await;
-    b.subscribe(room).await;
-    assert_eq!(a.recv().await, join(room, bob));
+    let Pair { room, bob, mut a, mut b } = alice_listens_bob_joins(&gw).await;
     let (status, _) =
         gw.publish(&json!({"type":"chat.member_removed","chat_id":room,"user_id":bob}).to_string()).await;
     assert_eq!(status, 202);

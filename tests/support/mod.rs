@@ -468,10 +468,18 @@ impl RawClient {
         RawClient::handshake(socket.connect(addr).await.expect("connect"), token).await
     }
 
-    async fn handshake(mut stream: TcpStream, token: &str) -> RawClient {
+    async fn handshake(stream: TcpStream, token: &str) -> RawClient {
+        let (client, head) = RawClient::handshake_with(stream, token, "").await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        client
+    }
+
+    /// Sends the upgrade request with `extra` header lines (each ending in
+    /// CRLF) and reads the answer's head, whatever its status.
+    pub async fn handshake_with(mut stream: TcpStream, token: &str, extra: &str) -> (RawClient, String) {
         let req = format!(
             "GET /ws?token={token} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
         );
         stream.write_all(req.as_bytes()).await.expect("write handshake");
         let mut head = Vec::new();
@@ -480,8 +488,7 @@ impl RawClient {
             stream.read_exact(&mut byte).await.expect("read handshake");
             head.push(byte[0]);
         }
-        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-        RawClient { stream }
+        (RawClient { stream }, String::from_utf8_lossy(&head).into_owned())
     }
 
     /// Sends one masked frame with the given first header byte.
