@@ -259,11 +259,28 @@ impl Subscriptions {
                 }
                 let next = match &mut sub.next {
                     Some(next) => next,
-                    None => match sub.room.take_receiver(sub.ticket) {
-                        Some(rx) => sub.next.insert(ReusableBoxFuture::new(receive(rx))),
-                        // No ring yet: the publish that makes it nudges our mailbox.
-                        None => break,
-                    },
+                    None => {
+                        // The head is read before looking for a receiver: a
+                        // publish makes the ring before it moves the head, so
+                        // frames past our position with no ring are in history.
+                        let head = sub.room.head();
+                        match sub.room.take_receiver(sub.ticket) {
+                            Some(rx) => sub.next.insert(ReusableBoxFuture::new(receive(rx))),
+                            // A small room (no ring): read its new frames
+                            // from history, like a catch-up.
+                            None if head > sub.last => {
+                                if head - sub.last > sub.room.ring_capacity() {
+                                    // As far behind as a ring would have lagged.
+                                    taken.catchups += 1;
+                                }
+                                sub.behind = true;
+                                continue;
+                            }
+                            // Nothing new: the publish that keeps a frame, or
+                            // makes the ring, nudges our mailbox.
+                            None => break,
+                        }
+                    }
                 };
                 match next.poll(cx) {
                     Poll::Pending => break,
@@ -386,6 +403,27 @@ mod tests {
         assert_eq!(got, (1..=20).collect::<Vec<u8>>());
         publish(&rooms, chat, 21..=21);
         assert_eq!(take(&mut subs, 7), Poll::Ready(Ok(vec![21])));
+    }
+
+    /// A small room has no ring: a reader takes its frames from history,
+    /// counting a catch-up only when it ran more than a ring behind.
+    #[test]
+    fn a_small_room_is_read_from_history_and_counts_catchups_past_a_ring() {
+        let rooms = Rooms::new(4, LIMITS);
+        let chat = ChatId::from_u128(8);
+        let mut subs = Subscriptions::default();
+        join(&rooms, &mut subs, chat, 0, false);
+        publish(&rooms, chat, 1..=4);
+        let mut cx = Context::from_waker(noop_waker_ref());
+        let budget = Budget { frames: 100, bytes: usize::MAX };
+        let mut got = Vec::new();
+        let taken = subs.poll_take(&mut cx, USER, budget, |b| got.push(b[0]));
+        assert_eq!((got, taken.map(|t| t.map(|t| t.catchups))), (vec![1, 2, 3, 4], Poll::Ready(Ok(0))));
+        publish(&rooms, chat, 5..=9);
+        let mut got = Vec::new();
+        let taken = subs.poll_take(&mut cx, USER, budget, |b| got.push(b[0]));
+        assert_eq!((got, taken.map(|t| t.map(|t| t.catchups))), (vec![5, 6, 7, 8, 9], Poll::Ready(Ok(1))));
+        assert!(rooms.get(chat).unwrap().take_receiver(0).is_none(), "no ring was made");
     }
 
     #[test]

@@ -29,10 +29,17 @@ pub fn user_frame(event: &DomainEvent, route: &Route<'_>) -> Option<Bytes> {
     Some(user_event(event.client_type()?, route.user_chat, data(event)))
 }
 
+/// Bytes of a room event besides its type and data, at most (a `seq` of 20
+/// digits): reserved exactly, since a frame that outgrew its buffer would
+/// double it, and a room's history holds the frame as allocated.
+const ROOM_EVENT_FIXED: usize = r#"{"type":"","chat_id":"","seq":,"data":}"#.len() + 36 + 20;
+/// The same for a per-user event (with a `chat_id`).
+const USER_EVENT_FIXED: usize = r#"{"type":"","chat_id":"","data":}"#.len() + 36;
+
 /// `{"type":"<ty>","chat_id":"<id>","seq":<n>,"data":<raw>}` as a frame.
 /// Room events are encoded once per event, whatever the room's size.
 pub fn room_event(ty: &str, chat_id: ChatId, seq: u64, data: &str) -> Bytes {
-    frame::text_with(72 + ty.len() + data.len(), |buf| {
+    frame::text_with(ROOM_EVENT_FIXED + ty.len() + data.len(), |buf| {
         buf.extend_from_slice(br#"{"type":""#);
         buf.extend_from_slice(ty.as_bytes());
         buf.extend_from_slice(br#"","chat_id":""#);
@@ -48,7 +55,7 @@ pub fn room_event(ty: &str, chat_id: ChatId, seq: u64, data: &str) -> Bytes {
 /// `{"type":"<ty>"[,"chat_id":"<id>"],"data":<raw>}`: a per-user event,
 /// which carries no `seq`; `chat_id` is included when the event has one.
 pub fn user_event(ty: &str, chat_id: Option<ChatId>, data: &str) -> Bytes {
-    frame::text_with(64 + ty.len() + data.len(), |buf| {
+    frame::text_with(USER_EVENT_FIXED + ty.len() + data.len(), |buf| {
         buf.extend_from_slice(br#"{"type":""#);
         buf.extend_from_slice(ty.as_bytes());
         if let Some(chat_id) = chat_id {
@@ -207,6 +214,17 @@ mod tests {
             payload(&error("forbidden", "not \"a\" member", Some(id))),
             serde_json::json!({"type":"error","code":"forbidden","message":"not \"a\" member","chat_id":id.to_string()})
         );
+    }
+
+    /// The buffer reserved for an event is never outgrown (which would
+    /// double it, and history holds frames as allocated).
+    #[test]
+    fn events_fit_the_bytes_reserved_for_them() {
+        let id = ChatId::parse_str("7d1b3c2a-0f7e-4a55-9a55-1b2c3d4e5f60").unwrap();
+        let (ty, data) = ("message.new", r#"{"b":1}"#);
+        let extra = ty.len() + data.len() + 2; // + the 2-byte head of a short frame
+        assert_eq!(room_event(ty, id, u64::MAX, data).len(), ROOM_EVENT_FIXED + extra);
+        assert_eq!(user_event(ty, Some(id), data).len(), USER_EVENT_FIXED + extra);
     }
 
     #[test]

@@ -81,7 +81,7 @@ impl Rooms {
     }
 
     fn new_room(&self) -> Arc<Room> {
-        Arc::new(Room::new(self.backlog.clone()))
+        Arc::new(Room::new(self.backlog.clone(), u32::try_from(self.ring).unwrap_or(u32::MAX)))
     }
 
     /// Joins a room, creating it on first use; the subscriber receives
@@ -152,6 +152,8 @@ impl Rooms {
             // room's own lock is not held meanwhile (shedding locks others).
             self.shed((self.limits.bytes / 10 * 9).saturating_sub(wire.len()));
         }
+        // Made (if the room needs one) before the head moves: see `ring_for_send`.
+        let ring = room.ring_for_send(keep);
         {
             let mut held = room.held();
             let before = room.head.fetch_max(seq, Ordering::AcqRel);
@@ -166,9 +168,11 @@ impl Rooms {
                 self.keep(&mut held, seq, &wire, now);
             }
         }
-        match room.ring_for_send(self.ring) {
+        match ring {
             Some(ring) if ring.receiver_count() > 0 => ring.send(Frame::new(seq, wire, now)).unwrap_or(0),
-            _ => 0,
+            Some(_) => 0,
+            // A small room: its subscribers read the frame from history.
+            None => room.nudge_waiting(),
         }
     }
 
@@ -242,7 +246,13 @@ impl Rooms {
         }
         let over = held.len() + 1 > self.limits.size;
         self.evict(held, usize::from(over));
-        held.state().held.push_back(Held { seq, at: now, bytes: bytes.clone() });
+        let held = &mut held.state().held;
+        if held.len() == held.capacity() && held.len() < 4 {
+            // One slot, then one more up to four (a `VecDeque` would start
+            // at four): most rooms of a chat carry a few events at a time.
+            held.reserve_exact(1);
+        }
+        held.push_back(Held { seq, at: now, bytes: bytes.clone() });
         self.held_frames.fetch_add(1, Ordering::Relaxed);
         self.held_bytes.fetch_add(bytes.len(), Ordering::Relaxed);
     }
@@ -311,15 +321,16 @@ impl Rooms {
 
     /// The rooms that owe this node's readers frames, for an overloaded node
     /// to name to the others (their publishers then hold back too): rooms
-    /// with readers counted in the backlog whose live ring is made (they
-    /// carried an event to a reader here). `None` when there are more than
+    /// with readers counted in the backlog that carried an event here (a
+    /// live ring is made, or history held). `None` when there are more than
     /// `max`: the node then names every room. Scans every room: called only
     /// while the node is overloaded, a few dozen times a second.
     pub fn hot(&self, max: usize) -> Option<Vec<ChatId>> {
         let mut hot = Vec::new();
         for entry in self.rooms.iter() {
             let room = entry.value();
-            if room.readers.load(Ordering::Relaxed) > 0 && room.ring.get().is_some() {
+            let counted = room.readers.load(Ordering::Relaxed) > 0;
+            if counted && (room.ring.get().is_some() || !room.held().is_empty()) {
                 if hot.len() == max {
                     return None;
                 }
@@ -347,6 +358,7 @@ impl Rooms {
 
 #[cfg(test)]
 mod tests {
+    use super::room::SMALL_ROOM;
     use super::*;
     use std::sync::Barrier;
     use std::time::Duration;
@@ -385,11 +397,10 @@ mod tests {
         let (room, b) = rooms.join(chat, UserId::from_u128(99), &mb);
         let (a, b) = (ticket(a), ticket(b));
         assert_eq!((rooms.len(), rooms.subscribers(chat)), (1, 2));
-        assert_eq!(rooms.publish(chat, 1, frame(1)), 2);
-        let mut b = room.take_receiver(b).expect("the ring's first publish made b's receiver");
-        assert_eq!(b.try_recv().unwrap().seq(), 1);
+        assert_eq!(rooms.publish(chat, 1, frame(1)), 2, "both nudged");
+        assert_eq!(read_all(&room, 0), Ok(vec![1]));
         room.stop_waiting(a);
-        drop(b);
+        room.stop_waiting(b);
         rooms.leave(chat);
         assert_eq!(rooms.len(), 1, "history keeps the room");
         rooms.sweep(Instant::now() + LIMITS.ttl);
@@ -418,8 +429,11 @@ mod tests {
         assert_eq!(rooms.hot(1), Some(vec![quiet]));
     }
 
+    /// A small room carries its frames through history, nudging each
+    /// ticket; the first publish after it grows past `SMALL_ROOM` makes the
+    /// ring, with a receiver for everyone waiting, before it sends.
     #[test]
-    fn a_room_makes_its_ring_for_the_first_frame_a_subscriber_waits_for() {
+    fn a_room_makes_its_ring_once_it_grows_past_small() {
         let rooms = Rooms::new(4, LIMITS);
         let chat = ChatId::from_u128(9);
         assert_eq!(rooms.publish(chat, 1, frame(1)), 0);
@@ -431,20 +445,63 @@ mod tests {
         let first = ticket(joined);
         let (_, joined) = rooms.join(chat, UserId::from_u128(2), &left);
         room.stop_waiting(ticket(joined));
-        assert!(room.ring.get().is_none(), "joining makes no ring either");
         assert_eq!((room.subscribers(), room.take_receiver(first).is_none()), (1, true));
         assert!(!waiter.take_pending());
 
-        assert_eq!(rooms.publish(chat, 2, frame(2)), 1, "sent to the one still waiting");
+        assert_eq!(rooms.publish(chat, 2, frame(2)), 1, "nudged the one still waiting");
         assert!(waiter.take_pending(), "its mailbox was nudged");
         assert!(!left.take_pending(), "who left is not");
-        let mut rx = room.take_receiver(first).expect("made with the ring");
-        assert_eq!(rx.try_recv().unwrap().seq(), 2);
-        assert!(room.take_receiver(first).is_none(), "taken once");
-        assert!(room.waiting().is_none(), "nothing left waiting, nothing kept");
+        assert!(room.ring.get().is_none(), "a small room has no ring");
+        assert_eq!((room.head(), read_all(&room, 1)), (2, Ok(vec![2])), "the frame is in history");
 
+        let others: Vec<u32> = (0..SMALL_ROOM)
+            .map(|i| ticket(rooms.join(chat, UserId::from_u128(10 + i as u128), &mailbox()).1))
+            .collect();
+        assert_eq!(rooms.publish(chat, 3, frame(3)), SMALL_ROOM + 1, "sent on the new ring");
+        assert!(waiter.take_pending(), "nudged to take its receiver");
+        let mut rx = room.take_receiver(first).expect("made with the ring");
+        assert_eq!(rx.try_recv().unwrap().seq(), 3);
+        assert!(room.take_receiver(first).is_none(), "taken once");
+        for other in others {
+            room.stop_waiting(other);
+        }
+        assert!(room.waiting().is_none(), "nothing left waiting, nothing kept");
         let (_, joined) = rooms.join(chat, UserId::from_u128(3), &left);
         assert!(matches!(joined, Joined::Live(_)), "later subscribers join the ring");
+    }
+
+    /// A frame history will not hold (here: none is kept) makes the ring
+    /// whatever the room's size: tickets alone would lose it.
+    #[test]
+    fn a_frame_history_does_not_keep_goes_through_a_ring() {
+        let rooms = Rooms::new(4, HistoryLimits { size: 0, ..LIMITS });
+        let chat = ChatId::from_u128(11);
+        let (room, joined) = rooms.join(chat, UserId::from_u128(1), &mailbox());
+        let first = ticket(joined);
+        assert_eq!(rooms.publish(chat, 1, frame(1)), 1);
+        let mut rx = room.take_receiver(first).expect("a ring, made before the frame");
+        assert_eq!(rx.try_recv().unwrap().seq(), 1);
+    }
+
+    /// A two-person room allocates two tickets, and its history one slot
+    /// for its first frame, growing from there.
+    #[test]
+    fn a_two_person_room_allocates_for_two() {
+        let rooms = Rooms::new(4, LIMITS);
+        let chat = ChatId::from_u128(12);
+        let (mb, users) = (mailbox(), [UserId::from_u128(1), UserId::from_u128(2)]);
+        let (room, _) = rooms.join(chat, users[0], &mb);
+        let _ = rooms.join(chat, users[1], &mb);
+        assert_eq!(room.waiting().as_ref().map(|w| w.slots.capacity()), Some(2));
+        let capacity = |rooms: &Rooms| rooms.get(chat).unwrap().held().capacity();
+        rooms.publish(chat, 1, frame(1));
+        assert_eq!(capacity(&rooms), 1);
+        rooms.publish(chat, 2, frame(2));
+        assert_eq!(capacity(&rooms), 2);
+        for seq in 3..=8 {
+            rooms.publish(chat, seq, frame(seq));
+        }
+        assert_eq!(read_all(&rooms.get(chat).unwrap(), 0), Ok((1..=8).collect()));
     }
 
     #[test]

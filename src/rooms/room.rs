@@ -1,7 +1,8 @@
 //! One room: its live ring of pre-encoded frames, the tickets of
-//! subscribers waiting for that ring, its history (read by readers that fell
-//! behind the ring and by recoveries), its head, the readers it counts in
-//! the node's backlog, and the users it revoked.
+//! subscribers waiting for that ring (all a small room has), its history
+//! (read by readers that fell behind the ring, by recoveries and by a small
+//! room's subscribers), its head, the readers it counts in the node's
+//! backlog, and the users it revoked.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -44,17 +45,28 @@ impl Frame {
     }
 }
 
+/// Subscribers up to which a room carries its events without a live ring:
+/// its subscribers read each frame from history, woken through their
+/// tickets. A ring and a receive future per subscriber cost more than a
+/// two-person room's whole history of a few events; past this size the
+/// ring's one send serves many readers without each taking the history's
+/// lock.
+pub(super) const SMALL_ROOM: usize = 8;
+
 /// One room: its live ring and its history. Readers that keep up take frames
 /// from the ring; a reader that lags the ring, or recovers after `since`,
 /// reads the history at its own pace.
 pub struct Room {
     /// The live ring (`rooms.buffer` frames), made by the first publish
-    /// that has a subscriber to reach: a room that only holds history, or
-    /// whose subscribers have had nothing yet, preallocates nothing (its
-    /// channel and slots are most of a small room's cost). Receivers are
-    /// the room's subscribers here, with those still in `waiting`.
+    /// that reaches more than [`SMALL_ROOM`] subscribers (or a frame history
+    /// will not hold): a room that only holds history, whose subscribers
+    /// have had nothing yet, or that has few, preallocates nothing (its
+    /// channel, slots and receive futures are most of a small room's cost).
+    /// Receivers are the room's subscribers here, with those still in
+    /// `waiting`. Once made it stays while the room exists.
     pub(super) ring: OnceLock<broadcast::Sender<Frame>>,
-    /// Subscribers that joined before the ring existed.
+    /// Subscribers that joined before the ring existed: the tickets a
+    /// small room wakes for each frame.
     waiting: Mutex<Option<Box<Waiting>>>,
     /// History and revocations, boxed only while the room has any.
     state: Mutex<Lazy>,
@@ -67,21 +79,24 @@ pub struct Room {
     pub(super) readers: AtomicU32,
     /// The node's backlog, shared by every room ([`super::Rooms::backlog`]).
     pub(super) backlog: Arc<Backlog>,
+    /// Frames the ring holds once made (`rooms.buffer`).
+    capacity: u32,
 }
 
 /// How a subscription joined its room.
 pub enum Joined {
     /// The ring exists: this receiver sees every frame published from now.
     Live(broadcast::Receiver<Frame>),
-    /// No ring yet: the subscriber waits under this ticket. The publish that
-    /// makes the ring makes its receiver too, before sending its frame, and
-    /// nudges its mailbox; it takes the receiver with
-    /// [`Room::take_receiver`].
+    /// No ring yet: the subscriber waits under this ticket. A publish that
+    /// keeps its frame in a small room's history nudges its mailbox (it
+    /// reads the frame there); the publish that makes the ring makes its
+    /// receiver too, before sending its frame, and nudges it; it takes the
+    /// receiver with [`Room::take_receiver`].
     Waiting(u32),
 }
 
 impl Room {
-    pub(super) fn new(backlog: Arc<Backlog>) -> Room {
+    pub(super) fn new(backlog: Arc<Backlog>, capacity: u32) -> Room {
         Room {
             ring: OnceLock::new(),
             waiting: Mutex::new(None),
@@ -90,6 +105,7 @@ impl Room {
             any_revoked: AtomicBool::new(false),
             readers: AtomicU32::new(0),
             backlog,
+            capacity,
         }
     }
 
@@ -237,21 +253,47 @@ impl Room {
     }
 
     /// The ring to send on: made now, with a receiver for every waiting
-    /// subscriber, if there is none yet and anyone waits for it.
-    pub(super) fn ring_for_send(&self, capacity: usize) -> Option<&broadcast::Sender<Frame>> {
+    /// subscriber, if there is none yet and the room needs one. A room of at
+    /// most [`SMALL_ROOM`] subscribers carries frames its history `keeps`
+    /// without a ring: its subscribers keep their tickets and read the frame
+    /// from history when [`Room::nudge_waiting`] wakes them. Call it before
+    /// the frame moves the head: a subscriber that sees the new head and
+    /// finds no ring then knows the frame is in history.
+    pub(super) fn ring_for_send(&self, keeps: bool) -> Option<&broadcast::Sender<Frame>> {
         if let Some(ring) = self.ring.get() {
             return Some(ring);
         }
         let (ring, nudge) = {
             let mut lists = self.waiting();
             let waiting = lists.as_mut()?;
-            let ring = self.ring.get_or_init(|| broadcast::channel(capacity).0);
+            if keeps && waiting.asleep() <= SMALL_ROOM {
+                return None;
+            }
+            let ring = self.ring.get_or_init(|| broadcast::channel(self.capacity as usize).0);
             (ring, waiting.wake(ring))
         };
         for mailbox in nudge {
             mailbox.nudge();
         }
         Some(ring)
+    }
+
+    /// A frame was kept in history, and the room has no ring: wakes every
+    /// subscriber waiting under a ticket to read it there; returns how many.
+    pub(super) fn nudge_waiting(&self) -> usize {
+        // Under the lock, without collecting: this runs once per event.
+        self.waiting().as_ref().map_or(0, |w| w.nudge())
+    }
+
+    /// Frames its ring holds (or would): a reader of a room without one
+    /// that runs further behind has fallen behind as it would a ring.
+    pub fn ring_capacity(&self) -> u64 {
+        u64::from(self.capacity)
+    }
+
+    /// The room's head: the last `seq` this node published here.
+    pub fn head(&self) -> u64 {
+        self.head.load(Ordering::Acquire)
     }
 
     /// The receiver made for the subscriber waiting under `ticket`, once

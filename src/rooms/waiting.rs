@@ -1,6 +1,7 @@
 //! A room's waiting list: the tickets of subscribers that joined before the
-//! room had a live ring, each a weak pointer to the mailbox to nudge until
-//! the ring is made, then the receiver made for it until it takes it.
+//! room had a live ring, each a weak pointer to the mailbox to nudge (for
+//! each frame a small room keeps in history, and when the ring is made),
+//! then the receiver made for it until it takes it.
 
 use std::sync::{Arc, Weak};
 
@@ -28,7 +29,8 @@ const NO_SLOT: u32 = u32::MAX;
 pub(super) enum Slot {
     /// Free: the next free slot.
     Free(u32),
-    /// No ring yet: whom to nudge when it is made.
+    /// No ring yet: whom to nudge for a frame kept in history, or when the
+    /// ring is made.
     Asleep(Weak<Mailbox>),
     /// The ring was made: this subscriber's receiver, until it takes it.
     Ready(broadcast::Receiver<Frame>),
@@ -50,6 +52,11 @@ impl Waiting {
             waiting.slots[ticket as usize] = slot;
             return ticket;
         }
+        if waiting.slots.len() == waiting.slots.capacity() && waiting.slots.len() < 4 {
+            // One slot at a time up to four (a `Vec` would start at four):
+            // two-person rooms are the common chat shape.
+            waiting.slots.reserve_exact(1);
+        }
         waiting.slots.push(slot);
         // Slots are bounded by the room's subscribers, far below u32::MAX.
         u32::try_from(waiting.slots.len() - 1).unwrap_or(NO_SLOT)
@@ -58,6 +65,21 @@ impl Waiting {
     /// Subscribers still without a receiver.
     pub(super) fn asleep(&self) -> usize {
         self.asleep as usize
+    }
+
+    /// A frame was kept for subscribers without a ring: signals the
+    /// mailbox of each (of connections still alive); returns how many.
+    pub(super) fn nudge(&self) -> usize {
+        let mut nudged = 0;
+        for slot in &self.slots {
+            if let Slot::Asleep(mailbox) = slot {
+                if let Some(mailbox) = mailbox.upgrade() {
+                    mailbox.nudge();
+                    nudged += 1;
+                }
+            }
+        }
+        nudged
     }
 
     /// The ring was made: gives every subscriber still asleep its receiver,
