@@ -145,10 +145,11 @@ pub struct ApiConfig {
     /// accepted; `false`: such events are counted and ignored.
     pub reject_unknown: bool,
     /// Admission by delivery latency (CoDel's sojourn idea): while most of
-    /// the node's connections take frames older than this, for a whole
-    /// interval (100 ms), publishes get 429 at once ([`crate::node::Node::admit`]).
-    /// 0: off, the default (measured in BENCHMARKS.md: at 100 ms it refused
-    /// publishes at saturation and bought no clear p99 under overload).
+    /// the node's socket writes send room frames that waited longer than
+    /// this, for a whole interval (100 ms), publishes wait, then get 429
+    /// ([`crate::node::Node::admit`]). 0: off, the default (BENCHMARKS.md:
+    /// 50 ms kept overload p99 near 2x uWS's; off because one client
+    /// catching up over a slow link could trip it on a quiet node).
     #[serde(with = "humantime_serde")]
     pub overload_latency: Duration,
 }

@@ -161,7 +161,7 @@ impl Metrics {
         one(
             "delivery_late",
             "gauge",
-            "1 while most connections take frames older than api.overload_latency (publishes get 429).",
+            "1 while most socket writes send frames older than api.overload_latency (publishes wait, then get 429).",
             u64::from(gauges.late),
         );
         one(
@@ -266,7 +266,7 @@ impl Metrics {
         one(
             "delivery_lag_median_ms",
             "gauge",
-            "Median age of the oldest frame a connection took, over the last 50 ms.",
+            "Median wait of the oldest room frame a socket write sent, over the last 50 ms.",
             get(&self.lag_median_ms),
         );
         one(

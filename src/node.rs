@@ -51,12 +51,13 @@ pub struct Node {
     /// Set by [`sense_load`] while the node writes more than
     /// [`BUSY_FRAMES_PER_SEC`]: connections then wait a moment to batch.
     pub busy: AtomicBool,
-    /// How far behind connections run: the age of the oldest frame each
-    /// took, sampled once per wake (a gauge for operators).
+    /// How far behind connections run: how long the oldest room frame of
+    /// each write had waited, sampled once per write (a gauge and a
+    /// histogram for operators, and the latency admission's signal).
     pub lag: Lag,
-    /// Set by [`sense_load`] while most connections have taken frames older
-    /// than `api.overload_latency` for a whole [`LATE_INTERVAL`]: publishes
-    /// are then pushed back as under a backlog overload.
+    /// Set by [`sense_load`] while most writes have sent frames older than
+    /// `api.overload_latency` for a whole [`LATE_INTERVAL`]: publishes are
+    /// then pushed back as under a backlog overload.
     pub late: Arc<AtomicBool>,
     /// `api.overload_latency`.
     pub overload_latency: Duration,
@@ -141,11 +142,12 @@ const ADMIT_WAIT: Duration = Duration::from_millis(250);
 const ADMIT_POLL_FIRST: Duration = Duration::from_millis(1);
 const ADMIT_POLL_MAX: Duration = Duration::from_millis(8);
 
-/// Delivery lag, fed once per connection wake with the age of the oldest
-/// frame it took for its socket (from the event reaching this node's rooms
-/// to its connection writing it): log2 milliseconds for the load sensor's
-/// median, and the operators' histogram. Cheap enough for every wake
-/// (striped, so workers never share a line).
+/// Delivery lag, fed once per write that sends room frames with how long
+/// the oldest of them had waited (from the event reaching this node's rooms
+/// to the write: the room, the connection's queue and the runtime's turn):
+/// log2 milliseconds for the load sensor's median, and the operators'
+/// histogram. Cheap enough for every write (striped, so workers never share
+/// a line).
 #[derive(Default)]
 pub struct Lag {
     buckets: [Striped; LAG_BUCKETS],
@@ -188,14 +190,17 @@ pub struct Overloaded;
 impl Node {
     /// Admission control for publishers: while the node owes its readers
     /// more frames than they can catch up with (the backlog, checked on every
-    /// publish), or another node reports one of the batch's rooms overloaded
-    /// (its readers, fed through the bus, would fall behind the same way), a
-    /// publish waits a moment for that to pass, then is refused. While the
-    /// node delivers late (most wakes took frames older than
+    /// publish), delivers late (most writes sent frames older than
     /// `api.overload_latency`, when set, for a whole interval: a standing
-    /// queue in CoDel's terms) it is refused at once. One slow
-    /// reader never triggers it (it is one reader among many, and the backlog
-    /// has a floor); the whole node running behind does.
+    /// queue in CoDel's terms), or another node reports one of the batch's
+    /// rooms overloaded (its readers, fed through the bus, would fall behind
+    /// the same way), a publish waits a moment for that to pass, then is
+    /// refused. Waiting rather than refusing at once keeps the pushback
+    /// inside the latency a publisher sees (a 429 sends it away for a whole
+    /// `Retry-After`), and the waiting publishes are bounded by the
+    /// publishers' own concurrency. One slow reader never triggers it (it is
+    /// one reader among many, and the backlog has a floor); the whole node
+    /// running behind does.
     pub async fn admit(&self, events: &[DomainEvent]) -> Result<(), Overloaded> {
         let backlog = self.rooms.backlog();
         let pressed = || {
@@ -205,12 +210,6 @@ impl Node {
         let over = || backlog.over() || self.late.load(Ordering::Relaxed);
         if !over() && !pressed() {
             return Ok(());
-        }
-        if self.late.load(Ordering::Relaxed) {
-            // Waiting would only add to the time an event waits: CoDel
-            // refuses (its drop) rather than queue more.
-            self.metrics.publish_overloaded.fetch_add(1, Ordering::Relaxed);
-            return Err(Overloaded);
         }
         let deadline = tokio::time::Instant::now() + ADMIT_WAIT;
         let mut gap = ADMIT_POLL_FIRST;
@@ -356,9 +355,9 @@ pub async fn sense_load(node: Arc<Node>, stop: CancellationToken) {
         node.busy.store(now.wrapping_sub(last) > threshold, Ordering::Relaxed);
         last = now;
         if n % LAG_WINDOW_TICKS == 0 {
-            // CoDel-style: late once most wakes of every window for a whole
-            // interval took frames older than the target; on time again as
-            // soon as one window is (or too few wakes to judge: little load).
+            // CoDel-style: late once most writes of every window for a whole
+            // interval sent frames older than the target; on time again as
+            // soon as one window is (or too few writes to judge: little load).
             let now = node.lag.latency.counts();
             let (all, within) = Histogram::within(&latency_before, &now, node.overload_latency);
             latency_before = now;
@@ -389,7 +388,7 @@ pub async fn sense_load(node: Arc<Node>, stop: CancellationToken) {
 
 /// Load-sensor ticks per lag window (50 ms).
 const LAG_WINDOW_TICKS: u64 = 5;
-/// How long most wakes must take late frames before publishes are pushed
+/// How long most writes must send late frames before publishes are pushed
 /// back (CoDel's interval), and the same in lag windows.
 pub const LATE_INTERVAL: Duration = Duration::from_millis(100);
 const LATE_WINDOWS: u32 =
@@ -464,7 +463,7 @@ mod tests {
         sensor.stop().await
     }
 
-    /// CoDel-style admission: publishes are pushed back once most wakes took
+    /// CoDel-style admission: publishes are pushed back once most writes sent
     /// frames older than `api.overload_latency` for a whole interval, not for
     /// one late window, and admitted again once a window is on time.
     #[tokio::test(start_paused = true)]

@@ -138,7 +138,7 @@ async fn latency_histograms_count_publishes_and_deliveries() {
     }
     assert_eq!(gw.publish("not json").await.0, 400);
     assert_eq!(gw.metric("publish_duration_seconds_count").await, 4.0, "every answer, any status");
-    // Each wake that took a frame counts once: three events, one to three wakes.
+    // Each socket write that sent room frames counts once: three events, one to three writes.
     let deliveries = gw.metric("delivery_latency_seconds_count").await;
     assert!((1.0..=3.0).contains(&deliveries), "{deliveries}");
     let (_, text) = gw.get("/metrics").await;

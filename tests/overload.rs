@@ -1,10 +1,14 @@
 //! Admission control over real sockets: a node whose readers as a whole run
 //! far behind pushes back on its publishers (wait, then 429 with
 //! `Retry-After`) instead of dropping readers, and admits again once they
-//! catch up; one stalled reader never pushes back on anyone.
+//! catch up; one stalled reader never pushes back on anyone. With
+//! `api.overload_latency`, a node writing late pushes back by time too, long
+//! before the frames owed reach the backlog limit.
 
 mod support;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use herald::protocol::ChatId;
@@ -99,4 +103,91 @@ async fn a_connection_closing_with_frames_queued_leaves_nothing_owed() {
     gw.wait_metric("connections", 0.0).await;
     gw.wait_metric("backlog_frames", 0.0).await;
     assert_eq!(gw.metric("subscriptions").await, 0.0);
+}
+
+/// Latency admission over real sockets: a node too slow for its load (here
+/// a task that hogs the test's one runtime thread 30 ms at a time, so every
+/// socket write comes late) refuses publishes by time (they wait, then 429
+/// with `Retry-After`) while the frames it owes stay far under the backlog
+/// limit, drops nobody, and admits again once it is on time.
+#[test]
+fn a_node_writing_late_pushes_back_by_time_until_it_is_on_time() {
+    // One thread that polls for IO after every task: the hog below then
+    // runs between a publish and the writes it wakes, every time.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .event_interval(1)
+        .build()
+        .expect("runtime");
+    runtime.block_on(writing_late_pushes_back());
+}
+
+async fn writing_late_pushes_back() {
+    let mut config = support::config();
+    config.api.overload_latency = Duration::from_millis(25);
+    let gw = start(config).await;
+    let room = ChatId::new_v4();
+    // The readers' sockets take what the node writes; they are read at the end.
+    let mut readers = Vec::new();
+    for _ in 0..20 {
+        let mut reader = gw.connect(user(), &[]).await;
+        let head = reader.subscribe(room).await;
+        readers.push((reader, head));
+    }
+    let hogging = Arc::new(AtomicBool::new(true));
+    let hog = {
+        let hogging = hogging.clone();
+        tokio::spawn(async move {
+            while hogging.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(30));
+                // Back of the run queue at once (`yield_now` would wait for
+                // everything else, deliveries included): tasks woken from
+                // now on, the connections a publish wakes among them, run
+                // after the next 30 ms.
+                let mut queued = false;
+                std::future::poll_fn(|cx| {
+                    if std::mem::replace(&mut queued, true) {
+                        return std::task::Poll::Ready(());
+                    }
+                    cx.waker().wake_by_ref();
+                    std::task::Poll::Pending
+                })
+                .await;
+            }
+        })
+    };
+    let (accepted, refusal) = post_until_pushed_back(&gw, &batch(room, 5, 100), 200, Duration::ZERO).await;
+    let (head, reply) = refusal.expect("publishers were pushed back by time");
+    assert_eq!(serde_json::from_str::<Value>(&reply).expect("JSON"), json!({"error":"overloaded"}));
+    assert!(head.to_ascii_lowercase().contains("retry-after: 1"), "{head}");
+    // Refused for lateness, not for the backlog (`herald_delivery_late`
+    // itself lapses a window after the publishes, and so their writes, stop).
+    let (owed, limit) = (gw.metric("backlog_frames").await, gw.metric("backlog_limit_frames").await);
+    assert!(owed < limit, "not for the backlog: {owed} owed, limit {limit}");
+
+    // On time again, the node admits publishes; every reader got every
+    // accepted event, and nobody was dropped.
+    hogging.store(false, Ordering::Relaxed);
+    hog.await.expect("hog");
+    gw.wait_metric("delivery_late", 0.0).await;
+    let last = json!([{"type":"message.sent","chat_id":room,"data":{"last":true}}]).to_string();
+    assert_eq!(gw.publish(&last).await.0, 202);
+    for (reader, head) in &mut readers {
+        let events = seqs_until_last(reader).await;
+        let want: Vec<u64> = (*head + 1..=*head + accepted + 1).collect();
+        assert_eq!(events, want, "every accepted event, in order");
+    }
+    assert_eq!(gw.metric("slow_consumers_dropped_total").await, 0.0);
+}
+
+/// Reads a client's room events up to the one whose data says `"last"`; returns their seqs.
+async fn seqs_until_last(reader: &mut support::Client) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    loop {
+        let event = reader.recv().await;
+        seqs.push(event["seq"].as_u64().unwrap_or_default());
+        if event["data"]["last"] == json!(true) {
+            return seqs;
+        }
+    }
 }

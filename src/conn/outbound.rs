@@ -6,8 +6,12 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::num::NonZeroU32;
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::time::Instant;
 
 use super::Socket;
 use crate::backlog::Backlog;
@@ -29,6 +33,57 @@ pub(crate) struct Written {
     pub(crate) frames: u64,
     pub(crate) bytes: u64,
     pub(crate) syscalls: u64,
+    /// How long the oldest room frame queued before this write had waited
+    /// since it reached the node, when the write sent anything: the sojourn
+    /// the load sensor judges (publish to write, the wait for the socket
+    /// and the runtime included).
+    pub(crate) waited: Option<Duration>,
+}
+
+/// A moment on tokio's clock in microseconds, wrapping every 71 minutes,
+/// in 4 bytes where an `Instant` takes 16, in every connection. Ages are
+/// differences, right for anything younger than half the wrap: a queued
+/// frame waits seconds at most (`websocket.write_wait` ends a stalled
+/// connection long before). The lowest bit is always set, so it is never
+/// zero (and `Option<Micros>` costs nothing more).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Micros(NonZeroU32);
+
+/// The moment [`Micros`] count from (tokio's clock, so paused-time tests
+/// move it): an hour before the first one taken, so frames that reached the
+/// node before it are not clamped to it.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(|| {
+        let now = Instant::now();
+        now.checked_sub(Duration::from_secs(3600)).unwrap_or(now)
+    })
+}
+
+impl Micros {
+    fn at(at: Instant) -> Micros {
+        // Truncated on purpose: the count wraps.
+        let us = at.saturating_duration_since(epoch()).as_micros() as u32;
+        Micros(NonZeroU32::MIN | us)
+    }
+
+    /// How long before `later` this moment was.
+    fn before(self, later: Micros) -> u32 {
+        later.0.get().wrapping_sub(self.0.get())
+    }
+
+    fn age(self, now: Instant) -> Duration {
+        Duration::from_micros(u64::from(self.before(Micros::at(now))))
+    }
+
+    /// The earlier of two moments less than half the wrap apart.
+    fn earliest(self, other: Micros) -> Micros {
+        if other.before(self) < u32::MAX / 2 {
+            other
+        } else {
+            self
+        }
+    }
 }
 
 #[derive(Default)]
@@ -39,8 +94,14 @@ pub(crate) struct Outbound {
     /// Bytes queued and not yet written.
     bytes: usize,
     /// Room frames queued and not yet written: the node's backlog counts
-    /// them as owed until the socket takes them.
-    owed: usize,
+    /// them as owed until the socket takes them (at most the connection's
+    /// queue bound, `MAX_QUEUED`).
+    owed: u32,
+    /// When the oldest room frame still queued reached the node. Kept until
+    /// the queue empties: after a partial write the next frame's moment is
+    /// not known, and the older one errs towards "late" (CoDel judges the
+    /// head of the queue too).
+    since: Option<Micros>,
 }
 
 impl Outbound {
@@ -51,18 +112,25 @@ impl Outbound {
 
     /// Queues a room frame, owed in the node's backlog until written.
     pub(crate) fn push_owed(&mut self, frame: Bytes) {
-        self.owed += 1;
+        self.owed = self.owed.saturating_add(1);
         self.push(frame);
+    }
+
+    /// Room frames that reached the node at `at` (the oldest of a take)
+    /// were queued: the next write reports how long they waited.
+    pub(crate) fn waiting_since(&mut self, at: Instant) {
+        let at = Micros::at(at);
+        self.since = Some(self.since.map_or(at, |since| since.earliest(at)));
     }
 
     /// Room frames queued and not yet paid for.
     pub(crate) fn owed(&self) -> usize {
-        self.owed
+        self.owed as usize
     }
 
     /// Stops counting queued room frames as owed; returns how many were.
     pub(crate) fn forgive(&mut self) -> usize {
-        std::mem::take(&mut self.owed)
+        std::mem::take(&mut self.owed) as usize
     }
 
     /// Bytes queued and not yet written.
@@ -91,6 +159,7 @@ impl Outbound {
     /// writer can forget to).
     pub(crate) fn flush(&mut self, stream: &impl Socket, backlog: &Backlog) -> io::Result<Written> {
         let mut written = Written::default();
+        let since = self.since;
         while !self.queue.is_empty() {
             let result = if self.queue.len() == 1 {
                 stream.try_write(&self.queue[0][self.offset..])
@@ -131,12 +200,18 @@ impl Outbound {
         }
         // Written frames pay for room frames first (replies among them make it
         // pay early); an empty queue settles it exactly.
-        let paid = if self.queue.is_empty() { self.owed } else { self.owed.min(written.frames as usize) };
+        let paid = if self.queue.is_empty() { self.owed } else { self.owed.min(written.frames as u32) };
         self.owed -= paid;
-        backlog.pay(paid);
-        if self.queue.is_empty() && self.queue.capacity() > 0 {
-            // Idle connections keep no buffer.
-            self.queue = VecDeque::new();
+        backlog.pay(paid as usize);
+        if written.frames > 0 {
+            written.waited = since.map(|since| since.age(Instant::now()));
+        }
+        if self.queue.is_empty() {
+            self.since = None;
+            if self.queue.capacity() > 0 {
+                // Idle connections keep no buffer.
+                self.queue = VecDeque::new();
+            }
         }
         Ok(written)
     }
@@ -227,6 +302,48 @@ mod tests {
             at += size;
         }
         Ok(())
+    }
+
+    /// A write reports how long the oldest room frame queued before it had
+    /// waited since reaching the node (the load sensor's sojourn sample);
+    /// once the queue empties the next frames start a new wait.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_reports_how_long_its_oldest_room_frame_waited() -> TestResult {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let _client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
+        let (server, _) = listener.accept().await?;
+        let backlog = Backlog::new(1, 0);
+        let mut out = Outbound::default();
+        let published = Instant::now();
+        tokio::time::advance(Duration::from_millis(5)).await;
+        out.push(Bytes::from_static(b"reply"));
+        assert_eq!(out.flush(&server, &backlog)?.waited, None, "no room frame waited");
+        for at in [published + Duration::from_millis(2), published] {
+            out.push_owed(Bytes::from_static(b"frame"));
+            backlog.add(1);
+            out.waiting_since(at);
+        }
+        tokio::time::advance(Duration::from_millis(30)).await;
+        let w = out.flush(&server, &backlog)?;
+        assert_eq!((w.frames, w.waited), (2, Some(Duration::from_millis(35))), "the oldest frame's wait");
+        out.push_owed(Bytes::from_static(b"frame"));
+        backlog.add(1);
+        out.waiting_since(Instant::now());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(out.flush(&server, &backlog)?.waited, Some(Duration::from_millis(1)), "a new wait");
+        assert_eq!(backlog.owed(), 0);
+        Ok(())
+    }
+
+    /// The 4-byte moments wrap: ages and "which is older" stay right across it.
+    #[test]
+    fn moments_compare_across_the_wrap() {
+        let at = |us: u32| Micros(NonZeroU32::MIN | us);
+        let (before_wrap, after_wrap) = (at(u32::MAX - 1_000), at(2_000));
+        assert_eq!(before_wrap.before(after_wrap), 3_002);
+        assert_eq!(before_wrap.earliest(after_wrap), before_wrap);
+        assert_eq!(after_wrap.earliest(before_wrap), before_wrap);
+        assert_eq!(after_wrap.earliest(after_wrap), after_wrap);
     }
 
     #[test]

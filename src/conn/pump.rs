@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering;
 use std::task::Poll;
 
 use bytes::Bytes;
-use tokio::time::Instant;
 
 use super::subs::{Budget, Stopped, Taken};
 use super::{Conn, End, Socket};
@@ -190,7 +189,7 @@ impl<S: Socket> Conn<S> {
         match taken {
             Ok(taken) => {
                 if let Some(oldest) = taken.oldest {
-                    self.node.lag.record(Instant::now().saturating_duration_since(oldest));
+                    self.out.waiting_since(oldest);
                 }
                 if taken.catchups > 0 {
                     self.node.metrics.catchups.fetch_add(taken.catchups as u64, Ordering::Relaxed);
@@ -302,6 +301,9 @@ impl<S: Socket> Conn<S> {
                 self.node.rooms.backlog().pay(self.out.forgive());
             }
             self.subs.park(full);
+        }
+        if let Some(waited) = written.waited {
+            self.node.lag.record(waited);
         }
         let m = &self.node.metrics;
         if written.syscalls > 0 {
