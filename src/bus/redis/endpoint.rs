@@ -16,6 +16,7 @@ use redis::{AsyncConnectionConfig, IntoConnectionInfo, ProtocolVersion, TlsCerti
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
+use super::shards::{Primary, Topology};
 use crate::bus::BusError;
 use crate::config::{mask_url_password, BusConfig, BusKind};
 
@@ -30,6 +31,8 @@ pub(crate) enum Fault {
     NoSuchMaster,
     /// A server listed as a sentinel does not know the `SENTINEL` command (a Redis server).
     NotSentinel,
+    /// A server listed as a cluster seed runs without cluster support.
+    NotCluster,
     /// Down, refused, timed out, or not (yet) the master: worth retrying.
     Unreachable,
 }
@@ -37,7 +40,10 @@ pub(crate) enum Fault {
 impl Fault {
     /// True for a fault no retry cures: the configuration is wrong.
     pub(crate) fn is_config(self) -> bool {
-        matches!(self, Fault::Auth | Fault::Certificate | Fault::NoSuchMaster | Fault::NotSentinel)
+        matches!(
+            self,
+            Fault::Auth | Fault::Certificate | Fault::NoSuchMaster | Fault::NotSentinel | Fault::NotCluster
+        )
     }
 }
 
@@ -87,8 +93,15 @@ enum Target {
         /// cut off during a failover keeps naming the demoted master; the next one is asked).
         first: Arc<AtomicUsize>,
     },
+    /// Redis Cluster: seeds asked in turn for the slot map (`shards.rs`, `cluster.rs`).
+    Cluster {
+        seeds: Vec<Sentinel>,
+        /// The seed asked first: the last one that answered.
+        first: Arc<AtomicUsize>,
+    },
 }
 
+/// A configured server that names others (a sentinel, or a cluster seed).
 #[derive(Clone)]
 struct Sentinel {
     client: redis::Client,
@@ -135,6 +148,17 @@ impl Endpoint {
                     first: Arc::new(AtomicUsize::new(0)),
                 }
             }
+            BusKind::RedisCluster => {
+                let seeds = config
+                    .redis_cluster_urls
+                    .iter()
+                    .map(|url| {
+                        let client = client(url, roots.as_deref(), false, "bus.redis_cluster_urls")?;
+                        Ok(Sentinel { client, url: url.clone(), shown: mask_url_password(url) })
+                    })
+                    .collect::<Result<Vec<_>, BusError>>()?;
+                Target::Cluster { seeds, first: Arc::new(AtomicUsize::new(0)) }
+            }
             _ => Target::Single {
                 client: Box::new(client(&config.redis_url, roots.as_deref(), true, "bus.redis_url")?),
                 shown: mask_url_password(&config.redis_url),
@@ -148,6 +172,14 @@ impl Endpoint {
     /// cures, named by its key. A server that does not answer is an outage: the node starts
     /// degraded and keeps trying.
     pub(crate) async fn refuse_misconfigured(&self, timeout: Duration) -> Result<(), BusError> {
+        if let Target::Cluster { .. } = self.target {
+            // Every primary: a password wrong on one node only would leave its slots unserved.
+            let checked = self.check_all(timeout).await;
+            return match checked.into_iter().filter_map(|(_, r)| r.err()).find(|f| f.fault.is_config()) {
+                Some(failure) => Err(failure.into_bus_error()),
+                None => Ok(()),
+            };
+        }
         let checked = match self.resolve(timeout).await {
             Ok(master) => self.check_master(&master, timeout).await.map(|_| ()),
             Err(failure) => Err(failure),
@@ -163,7 +195,13 @@ impl Endpoint {
         match self.target {
             Target::Single { .. } => "bus.redis_url",
             Target::Sentinel { .. } => "bus.redis_sentinel_urls",
+            Target::Cluster { .. } => "bus.redis_cluster_urls",
         }
+    }
+
+    /// True under Redis Cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self.target, Target::Cluster { .. })
     }
 
     /// What this endpoint is, for logs: the URL or the sentinels and master name, masked.
@@ -173,6 +211,10 @@ impl Endpoint {
             Target::Sentinel { sentinels, master, .. } => {
                 let list: Vec<&str> = sentinels.iter().map(|s| s.shown.as_str()).collect();
                 format!("master `{master}` via sentinels {}", list.join(", "))
+            }
+            Target::Cluster { seeds, .. } => {
+                let list: Vec<&str> = seeds.iter().map(|s| s.shown.as_str()).collect();
+                format!("cluster via seeds {}", list.join(", "))
             }
         }
     }
@@ -213,7 +255,134 @@ impl Endpoint {
                     fault: Fault::Unreachable,
                 }))
             }
+            // The primary of the node-wide calls outside the bus session (the pressure hash).
+            Target::Cluster { .. } => {
+                let (topology, seed) = self.discover(timeout).await?;
+                let key = super::pressure::PRESSURE_KEY.as_bytes();
+                let primary = topology.owner_of(key).cloned().ok_or_else(|| Failure {
+                    key: "bus.redis_cluster_urls",
+                    shown: String::new(),
+                    addr: String::new(),
+                    reason: "the cluster serves no primary for the pressure slot".into(),
+                    fault: Fault::Unreachable,
+                })?;
+                self.primary(&seed, &primary)
+            }
         }
+    }
+
+    /// Reads the cluster's slot map from the first seed that answers (starting with the last one
+    /// that did); returns it with the index of that seed. A seed without cluster support, or one
+    /// that refuses the password, is a configuration fault; a map with unserved slots (the
+    /// cluster is down or still forming) an outage.
+    pub(crate) async fn discover(&self, timeout: Duration) -> Result<(Topology, usize), Failure> {
+        let Target::Cluster { seeds, first } = &self.target else {
+            return Err(Failure {
+                key: self.key(),
+                shown: self.describe(),
+                addr: String::new(),
+                reason: "not a cluster".into(),
+                fault: Fault::NotCluster,
+            });
+        };
+        let key = "bus.redis_cluster_urls";
+        let mut last: Option<Failure> = None;
+        let start = first.load(Ordering::Relaxed);
+        for index in (0..seeds.len()).map(|i| (start + i) % seeds.len()) {
+            let seed = &seeds[index];
+            let at = seed.client.get_connection_info().addr().to_string();
+            let host = at.rsplit_once(':').map_or(at.as_str(), |(h, _)| h).to_string();
+            let fail = |e: &redis::RedisError| self.failure(key, &seed.shown, &at, e);
+            let asked = async {
+                let mut conn = seed
+                    .client
+                    .get_multiplexed_async_connection_with_config(&connection_config(timeout))
+                    .await
+                    .map_err(|e| fail(&e))?;
+                redis::cmd("CLUSTER").arg("SLOTS").query_async::<redis::Value>(&mut conn).await.map_err(|e| {
+                    if e.to_string().contains("cluster support disabled") {
+                        return Failure {
+                            key,
+                            shown: seed.shown.clone(),
+                            addr: at.clone(),
+                            reason: "not a cluster node (cluster support disabled): list nodes of a \
+                                     Redis Cluster, or use bus.kind redis"
+                                .into(),
+                            fault: Fault::NotCluster,
+                        };
+                    }
+                    fail(&e)
+                })
+            };
+            let reply = match asked.await {
+                Ok(reply) => reply,
+                Err(failure) => {
+                    tracing::debug!(error = %failure, "cluster seed could not be read");
+                    if last.as_ref().is_none_or(|l| !l.fault.is_config()) {
+                        last = Some(failure);
+                    }
+                    continue;
+                }
+            };
+            let unusable = |reason: String| Failure {
+                key,
+                shown: seed.shown.clone(),
+                addr: at.clone(),
+                reason,
+                fault: Fault::Unreachable,
+            };
+            let Some(topology) = Topology::parse(&reply, &host) else {
+                last = Some(unusable("unreadable CLUSTER SLOTS reply".into()));
+                continue;
+            };
+            let uncovered = topology.uncovered();
+            if uncovered > 0 {
+                last = Some(unusable(format!(
+                    "the cluster serves no primary for {uncovered} slots (down or forming)"
+                )));
+                continue;
+            }
+            first.store(index, Ordering::Relaxed);
+            return Ok((topology, index));
+        }
+        Err(last.unwrap_or_else(|| Failure {
+            key,
+            shown: String::new(),
+            addr: String::new(),
+            reason: "no seed configured".into(),
+            fault: Fault::Unreachable,
+        }))
+    }
+
+    /// A client for a cluster primary, reached with the seed's scheme and `user:password@`.
+    pub(crate) fn primary(&self, seed: &usize, primary: &Primary) -> Result<Master, Failure> {
+        let key = "bus.redis_cluster_urls";
+        let Target::Cluster { seeds, .. } = &self.target else {
+            return Err(Failure {
+                key,
+                shown: String::new(),
+                addr: String::new(),
+                reason: "not a cluster".into(),
+                fault: Fault::NotCluster,
+            });
+        };
+        let url = master_url(&seeds[*seed].url, &primary.host, primary.port);
+        let shown = mask_url_password(&url);
+        let client = client(&url, self.roots.as_deref(), true, key).map_err(|e| Failure {
+            key,
+            shown: shown.clone(),
+            addr: primary.addr(),
+            reason: e.to_string(),
+            fault: Fault::Unreachable,
+        })?;
+        Ok(Master {
+            client,
+            addr: primary.addr(),
+            shown: format!("primary {shown}"),
+            check_role: false,
+            key,
+            sentinel: None,
+        })
     }
 
     /// The server `master` could not be used as the master (down, or not a master at all):
@@ -300,7 +469,9 @@ impl Endpoint {
                 key,
                 format!("the server's certificate is not trusted by the system roots (set bus.redis_tls_ca_file): {e}"),
             ),
-            Fault::Unreachable | Fault::NoSuchMaster | Fault::NotSentinel => (key, e.to_string()),
+            Fault::Unreachable | Fault::NoSuchMaster | Fault::NotSentinel | Fault::NotCluster => {
+                (key, e.to_string())
+            }
         };
         Failure { key, shown: shown.to_string(), addr: addr.to_string(), reason, fault }
     }
@@ -338,8 +509,54 @@ impl Endpoint {
                     out.push((m.shown.clone(), result));
                 }
             }
+            Target::Cluster { seeds, .. } => {
+                // Each seed on its own (PING), then every primary the first answering seed names.
+                let seed_masters: Vec<Master> = seeds
+                    .iter()
+                    .map(|s| Master {
+                        client: s.client.clone(),
+                        addr: s.client.get_connection_info().addr().to_string(),
+                        shown: format!("seed {}", s.shown),
+                        check_role: false,
+                        key: "bus.redis_cluster_urls",
+                        sentinel: None,
+                    })
+                    .collect();
+                let pinged = join_all(seed_masters.iter().map(|m| self.check_master(m, timeout))).await;
+                for (m, result) in seed_masters.iter().zip(pinged) {
+                    out.push((m.shown.clone(), result));
+                }
+                match self.discover(timeout).await {
+                    Err(failure) => out.push(("cluster slot map".into(), Err(failure))),
+                    Ok((topology, seed)) => {
+                        let n = topology.primaries.len();
+                        out.push(("cluster slot map".into(), Ok(format!("{n} primaries serve every slot"))));
+                        let masters: Vec<Result<Master, Failure>> =
+                            topology.primaries.iter().map(|p| self.primary(&seed, p)).collect();
+                        let checked = join_all(masters.iter().map(|m| async move {
+                            match m {
+                                Ok(m) => (m.shown.clone(), self.check_master(m, timeout).await),
+                                Err(f) => (f.shown.clone(), Err(self.failure_copy(f))),
+                            }
+                        }))
+                        .await;
+                        out.extend(checked);
+                    }
+                }
+            }
         }
         out
+    }
+
+    /// A copy of a failure (it holds no source error).
+    fn failure_copy(&self, f: &Failure) -> Failure {
+        Failure {
+            key: f.key,
+            shown: f.shown.clone(),
+            addr: f.addr.clone(),
+            reason: f.reason.clone(),
+            fault: f.fault,
+        }
     }
 
     /// PINGs a server (and checks it is the master where that matters).
@@ -368,8 +585,9 @@ impl Endpoint {
 }
 
 /// How many `timeout`s [`Endpoint::check_all`] may take: asking the sentinels (connect, reply),
-/// then checking the masters (connect, `PING`, `ROLE`), each step on every server at once.
-pub(crate) const CHECK_ALL_STEPS: u32 = 5;
+/// then checking the masters (connect, `PING`, `ROLE`), each step on every server at once; under
+/// Cluster the slot map is read from one seed after another, so a dead seed costs a step more.
+pub(crate) const CHECK_ALL_STEPS: u32 = 7;
 
 /// The server's replication role (`master`, `slave`, `sentinel`), from `ROLE`.
 pub(crate) async fn role(conn: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<String> {

@@ -1,0 +1,389 @@
+//! Herald on Redis Cluster with sharded pub/sub, against real clusters the tests start: three
+//! nodes carry rooms spread over every shard, each room's messages reach only its own shard,
+//! and a primary killed or a slot moved mid-stream is followed: every client got every event
+//! once and in order, or was told `recovered:false`.
+
+#[path = "support/redis_cluster.rs"]
+mod cluster;
+#[path = "support/redis_scale.rs"]
+mod scale;
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cluster::Cluster;
+use futures_util::StreamExt;
+use herald::cmd::check_config;
+use herald::config::{BusConfig, BusKind, Config};
+use scale::query;
+use serde_json::{json, Value};
+use support::redis::assert_fixed_503;
+use support::{chat, message_sent, user, Client, Gateway, PATIENCE};
+use tokio::time::{sleep, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+/// The test config on the cluster behind `urls` (presence off: every `SPUBLISH` counted below
+/// is a room event).
+fn cluster_config(urls: Vec<String>) -> Config {
+    let mut config = support::config();
+    config.bus = BusConfig { kind: BusKind::RedisCluster, redis_cluster_urls: urls, ..BusConfig::default() };
+    config.presence.enabled = false;
+    config
+}
+
+/// A fresh cluster makes nodes wait out the settle window; marked, it counts as long settled.
+async fn mark_settled(cluster: &Cluster) {
+    let port = cluster.primary_of("herald:{herald}:boot").await;
+    let _: () = query(&Cluster::client(port), &["SET", "herald:{herald}:boot", "0"]).await;
+}
+
+/// `SPUBLISH` calls a primary has run (direct or from scripts).
+async fn spublishes(port: u16) -> u64 {
+    let stats: String = query(&Cluster::client(port), &["INFO", "commandstats"]).await;
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_spublish:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Subscribers of a shard channel on node `port`.
+async fn shard_subscribers(port: u16, channel: &str) -> i64 {
+    let reply: Vec<redis::Value> = query(&Cluster::client(port), &["PUBSUB", "SHARDNUMSUB", channel]).await;
+    match reply.get(1) {
+        Some(redis::Value::Int(n)) => *n,
+        _ => 0,
+    }
+}
+
+/// Rooms until every primary serves `per_shard` of them: (room, its primary's port).
+async fn rooms_on_every_shard(cluster: &Cluster, per_shard: usize) -> Vec<(uuid::Uuid, u16)> {
+    let mut count: HashMap<u16, usize> = HashMap::new();
+    let mut rooms = Vec::new();
+    while count.len() < 3 || count.values().any(|n| *n < per_shard) {
+        let room = chat();
+        let port = cluster.primary_of(&format!("herald:{{{room}}}:room")).await;
+        let n = count.entry(port).or_default();
+        if *n < per_shard {
+            *n += 1;
+            rooms.push((room, port));
+        }
+    }
+    rooms
+}
+
+/// Waits until every node answers `/readyz` 200.
+async fn all_ready(nodes: &[&Gateway]) {
+    for gw in nodes {
+        let deadline = Instant::now() + PATIENCE * 2;
+        while gw.get("/readyz").await.0 != 200 {
+            assert!(Instant::now() < deadline, "a node never became ready");
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Reads `message.new` events from `client` until every room has its `count` events; checks
+/// each room's seqs only grow and no `n` comes twice.
+async fn receive_all(client: &mut Client, rooms: &[uuid::Uuid], count: usize) {
+    let mut seen: HashMap<String, (u64, Vec<u64>)> = HashMap::new();
+    let deadline = Instant::now() + PATIENCE * 3;
+    while seen.values().map(|(_, ns)| ns.len()).sum::<usize>() < rooms.len() * count {
+        let v = tokio::time::timeout_at(deadline, client.recv()).await.expect("every event arrives");
+        if v["type"] != "message.new" {
+            continue;
+        }
+        let room = v["chat_id"].as_str().expect("chat_id").to_string();
+        let (seq, n) = (v["seq"].as_u64().expect("seq"), v["data"]["n"].as_u64().expect("n"));
+        let (last, ns) = seen.entry(room).or_default();
+        assert!(seq > *last, "seq went back or repeated: {last} then {seq}");
+        assert!(!ns.contains(&n), "event {n} delivered twice");
+        *last = seq;
+        ns.push(n);
+    }
+    for room in rooms {
+        let ns = &seen[&room.to_string()].1;
+        assert_eq!(ns.len(), count, "room {room}: {ns:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn three_nodes_carry_rooms_on_every_shard_each_message_only_on_its_own_shard() {
+    let cluster = Cluster::start(1).await;
+    mark_settled(&cluster).await;
+    let reached = check_config::connect(&cluster_config(cluster.urls())).await.expect("reaches every server");
+    assert_eq!(reached.lines().filter(|l| l.starts_with("ok")).count(), 6 + 1 + 3, "{reached}");
+    // A dead seed first: the next one is asked.
+    let mut urls = vec![format!("redis://127.0.0.1:{}", scale::free_port())];
+    urls.extend(cluster.urls().into_iter().take(2));
+    let config = cluster_config(urls);
+    let (a, b, c) = (
+        support::start(config.clone()).await,
+        support::start(config.clone()).await,
+        support::start(config.clone()).await,
+    );
+    let nodes = [&a, &b, &c];
+    all_ready(&nodes).await;
+
+    let rooms = rooms_on_every_shard(&cluster, 2).await;
+    let ids: Vec<uuid::Uuid> = rooms.iter().map(|(r, _)| *r).collect();
+    let mut clients = Vec::new();
+    for gw in nodes {
+        let mut client = gw.connect(user(), &[]).await;
+        for room in &ids {
+            client.subscribe(*room).await;
+        }
+        clients.push(client);
+    }
+    // Every node holds its subscription on the room's own shard only.
+    let primaries: Vec<u16> = {
+        let mut p: Vec<u16> = rooms.iter().map(|(_, p)| *p).collect();
+        p.sort_unstable();
+        p.dedup();
+        p
+    };
+    assert_eq!(primaries.len(), 3);
+    for (room, owner) in &rooms {
+        let channel = herald::bus::redis::channel(herald::bus::Topic::Room(*room));
+        for port in &primaries {
+            let want = if port == owner { 3 } else { 0 };
+            assert_eq!(shard_subscribers(*port, &channel).await, want, "room {room} on {port}");
+        }
+    }
+
+    let before: Vec<u64> = futures_util::future::join_all(primaries.iter().map(|p| spublishes(*p))).await;
+    // Publishers on every node, one event at a time...
+    let per_room = 8;
+    for n in 1..=per_room as u64 {
+        for (i, room) in ids.iter().enumerate() {
+            let gw = nodes[(i + n as usize) % 3];
+            let (status, reply) = gw.publish(&message_sent(*room, &json!({ "n": n }))).await;
+            assert_eq!(status, 202, "{reply}");
+        }
+    }
+    // ...and one batch over every room (every shard): 2xx only once every room's part is taken.
+    let batch: Vec<Value> = ids
+        .iter()
+        .map(|room| json!({"type":"message.sent","chat_id":room,"data":{"n": per_room + 1}}))
+        .collect();
+    let (status, reply) = a.publish(&Value::Array(batch).to_string()).await;
+    assert_eq!(status, 202, "{reply}");
+    for client in &mut clients {
+        receive_all(client, &ids, per_room + 1).await;
+    }
+    // Each shard ran exactly its own rooms' events: one SPUBLISH each, nothing for other rooms.
+    let after: Vec<u64> = futures_util::future::join_all(primaries.iter().map(|p| spublishes(*p))).await;
+    for ((port, before), after) in primaries.iter().zip(before).zip(after) {
+        let own = rooms.iter().filter(|(_, p)| p == port).count() as u64 * (per_room as u64 + 1);
+        assert_eq!(after - before, own, "primary {port} carried other shards' messages");
+    }
+    // Recovery with `since` on another node than the one the events were published on.
+    let mut late = c.connect(user(), &[]).await;
+    let (_, recovered) = late.subscribe_since(ids[0], 1).await;
+    assert!(!recovered || late.recv().await["type"] == "message.new");
+    for gw in nodes {
+        assert_eq!(gw.metric("bus_up").await, 1.0);
+    }
+}
+
+/// Events the client saw, and whether it was told of a gap.
+#[derive(Default)]
+struct Seen {
+    seqs: Vec<u64>,
+    ns: Vec<u64>,
+    told_gap: bool,
+}
+
+/// Reads room events into `seen` until the event with `data.n == last` arrives. A close (4008 at
+/// a gap) is followed by a reconnect with `since`, as a client would.
+async fn follow(gw: &Gateway, client: &mut Client, room: uuid::Uuid, head: u64, seen: &mut Seen, last: u64) {
+    let deadline = Instant::now() + PATIENCE * 3;
+    loop {
+        let next = tokio::time::timeout_at(deadline, client.ws.next()).await.expect("the stream keeps going");
+        match next {
+            Some(Ok(Message::Text(text))) => {
+                let v: Value = serde_json::from_str(&text).expect("JSON");
+                if v["type"] != "message.new" {
+                    continue;
+                }
+                let (seq, n) = (v["seq"].as_u64().expect("seq"), v["data"]["n"].as_u64().expect("n"));
+                if let Some(prev) = seen.seqs.last() {
+                    assert!(seq > *prev, "seq went back or repeated: {prev} then {seq}");
+                }
+                assert!(!seen.ns.contains(&n), "event {n} delivered twice");
+                seen.seqs.push(seq);
+                seen.ns.push(n);
+                if n == last {
+                    return;
+                }
+            }
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                let since = seen.seqs.last().copied().unwrap_or(head);
+                *client = gw.connect(user(), &[]).await;
+                let (_, recovered) = client.subscribe_since(room, since).await;
+                seen.told_gap |= !recovered;
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+/// Publishes to `room` on `a` without pause; runs `disrupt` once 20 events are accepted, and
+/// goes on until 20 more are accepted after the last refusal (every refusal a clean 503).
+/// Returns the accepted events and the last `n`.
+async fn publish_through(
+    a: &Gateway,
+    room: uuid::Uuid,
+    mut disrupt: impl AsyncFnMut(),
+    need_refusal: bool,
+) -> (Vec<u64>, u64) {
+    let (mut accepted, mut refused, mut since_refusal, mut disrupted) = (Vec::new(), 0, 0, false);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut n = 0u64;
+    while !disrupted || since_refusal < 20 || (need_refusal && refused == 0) {
+        n += 1;
+        let (status, reply) = a.publish(&message_sent(room, &json!({ "n": n }))).await;
+        match status {
+            202 => {
+                accepted.push(n);
+                since_refusal += 1;
+            }
+            503 => {
+                assert_fixed_503(&reply);
+                refused += 1;
+                since_refusal = 0;
+            }
+            other => panic!("publish answered {other}: {reply}"),
+        }
+        if accepted.len() == 20 && !disrupted {
+            disrupt().await;
+            disrupted = true;
+        }
+        assert!(Instant::now() < deadline, "no recovery within 60 s ({refused} refused)");
+        sleep(Duration::from_millis(10)).await;
+    }
+    (accepted, n)
+}
+
+/// After a disruption: a marker from `b`, then every client got every accepted event once and in
+/// order, or was told of a gap.
+async fn every_event_or_told(
+    nodes: &[&Gateway],
+    clients: &mut [Client],
+    room: uuid::Uuid,
+    head: u64,
+    mut accepted: Vec<u64>,
+    n: u64,
+) {
+    all_ready(nodes).await;
+    let marker = n + 1;
+    support::redis::http_publish_eventually(nodes[1], &message_sent(room, &json!({ "n": marker }))).await;
+    accepted.push(marker);
+    for (gw, client) in nodes.iter().zip(clients.iter_mut()) {
+        let mut seen = Seen::default();
+        follow(gw, client, room, head, &mut seen, marker).await;
+        if !seen.told_gap {
+            for n in &accepted {
+                assert!(seen.ns.contains(n), "accepted event {n} missing and no recovered:false");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_primary_killed_mid_stream_is_followed_with_every_event_or_recovered_false() {
+    let mut cluster = Cluster::start(1).await;
+    mark_settled(&cluster).await;
+    let config = cluster_config(cluster.urls());
+    let (a, b, c) = (
+        support::start(config.clone()).await,
+        support::start(config.clone()).await,
+        support::start(config.clone()).await,
+    );
+    let nodes = [&a, &b, &c];
+    all_ready(&nodes).await;
+    // A room on a shard that does not hold the `{herald}` slot, and one on that shard.
+    let room = chat();
+    let owner = cluster.primary_of(&format!("herald:{{{room}}}:room")).await;
+    let mut clients = Vec::new();
+    let mut head = 0;
+    for gw in nodes {
+        let mut client = gw.connect(user(), &[]).await;
+        head = client.subscribe(room).await;
+        clients.push(client);
+    }
+    let victim = cluster.nodes.iter().position(|n| n.port == owner).expect("the owner is a node");
+    let (accepted, n) = publish_through(
+        &a,
+        room,
+        async || {
+            cluster.nodes[victim].kill();
+        },
+        true,
+    )
+    .await;
+    assert_ne!(cluster.primary_of(&format!("herald:{{{room}}}:room")).await, owner, "a replica was promoted");
+    every_event_or_told(&nodes, &mut clients, room, head, accepted, n).await;
+    for gw in nodes {
+        assert!(gw.metric("redis_failovers_total").await >= 1.0, "the node followed the failover");
+        assert_eq!(gw.metric("bus_up").await, 1.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_slot_moved_while_events_flow_is_followed_without_duplicates_or_silent_gaps() {
+    let cluster = Cluster::start(0).await;
+    mark_settled(&cluster).await;
+    let config = cluster_config(cluster.urls());
+    let (a, b, c) = (
+        support::start(config.clone()).await,
+        support::start(config.clone()).await,
+        support::start(config.clone()).await,
+    );
+    let nodes = [&a, &b, &c];
+    all_ready(&nodes).await;
+    let room = chat();
+    let channel = format!("herald:{{{room}}}:room");
+    let owner = cluster.primary_of(&channel).await;
+    let target = cluster.nodes.iter().map(|n| n.port).find(|p| *p != owner).expect("another primary");
+    let slot: i64 = query(&Cluster::client(owner), &["CLUSTER", "KEYSLOT", &channel]).await;
+    let mut clients = Vec::new();
+    let mut head = 0;
+    for gw in nodes {
+        let mut client = gw.connect(user(), &[]).await;
+        head = client.subscribe(room).await;
+        clients.push(client);
+    }
+    let (accepted, n) =
+        publish_through(&a, room, async || cluster.move_slot(slot, owner, target).await, false).await;
+    assert_eq!(cluster.primary_of(&channel).await, target, "the slot moved");
+    every_event_or_told(&nodes, &mut clients, room, head, accepted, n).await;
+    // The nodes noticed: the server dropped their shard subscription, or redirected a publish.
+    let mut noticed = 0.0;
+    for gw in nodes {
+        noticed +=
+            gw.metric("redis_shard_unsubscribed_total").await + gw.metric("redis_redirects_total").await;
+    }
+    assert!(noticed >= 1.0, "no node noticed the slot move");
+    assert_eq!(shard_subscribers(target, &channel).await, 3, "subscriptions followed the slot");
+    assert_eq!(shard_subscribers(owner, &channel).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_server_without_cluster_support_stops_startup_naming_the_key() {
+    let redis = support::redis::RedisServer::start();
+    let config = cluster_config(vec![redis.url()]);
+    config.validate().expect("valid config");
+    let err =
+        match tokio::time::timeout(PATIENCE, herald::server::Server::bind(config)).await.expect("in time") {
+            Ok(_) => panic!("the node started"),
+            Err(e) => e.to_string(),
+        };
+    assert!(err.contains("bus.redis_cluster_urls") && err.contains("not a cluster"), "{err}");
+}
