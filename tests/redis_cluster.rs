@@ -359,10 +359,40 @@ async fn a_slot_moved_while_events_flow_is_followed_without_duplicates_or_silent
         head = client.subscribe(room).await;
         clients.push(client);
     }
+    // A second room, on another slot, whose slot moves while nobody publishes to it: only Redis
+    // dropping the shard subscriptions tells the nodes (no publish meets a MOVED).
+    let (quiet, quiet_slot) = loop {
+        let quiet = chat();
+        let name = format!("herald:{{{quiet}}}:room");
+        let quiet_slot: i64 = query(&Cluster::client(owner), &["CLUSTER", "KEYSLOT", &name]).await;
+        if quiet_slot != slot {
+            break (quiet, quiet_slot);
+        }
+    };
+    let mut quiet_clients = Vec::new();
+    let mut quiet_head = 0;
+    for gw in nodes {
+        let mut client = gw.connect(user(), &[]).await;
+        quiet_head = client.subscribe(quiet).await;
+        quiet_clients.push(client);
+    }
     let (accepted, n) =
         publish_through(&a, room, async || cluster.move_slot(slot, owner, target).await, false).await;
     assert_eq!(cluster.primary_of(&channel).await, target, "the slot moved");
     every_event_or_told(&nodes, &mut clients, room, head, accepted, n).await;
+
+    let quiet_name = format!("herald:{{{quiet}}}:room");
+    let (quiet_owner, dropped_before) = (cluster.owner_of_slot(quiet_slot).await, dropped(&nodes).await);
+    let quiet_target =
+        cluster.nodes.iter().map(|n| n.port).find(|p| *p != quiet_owner).expect("another primary");
+    cluster.move_slot(quiet_slot, quiet_owner, quiet_target).await;
+    let deadline = Instant::now() + PATIENCE * 2;
+    while dropped(&nodes).await < dropped_before + 3.0 {
+        assert!(Instant::now() < deadline, "a node never noticed its shard subscription dropped");
+        sleep(Duration::from_millis(50)).await;
+    }
+    every_event_or_told(&nodes, &mut quiet_clients, quiet, quiet_head, Vec::new(), 0).await;
+    assert_eq!(shard_subscribers(quiet_target, &quiet_name).await, 3, "subscriptions followed the slot");
     // The nodes noticed: the server dropped their shard subscription, or redirected a publish.
     let mut noticed = 0.0;
     for gw in nodes {
@@ -372,6 +402,72 @@ async fn a_slot_moved_while_events_flow_is_followed_without_duplicates_or_silent
     assert!(noticed >= 1.0, "no node noticed the slot move");
     assert_eq!(shard_subscribers(target, &channel).await, 3, "subscriptions followed the slot");
     assert_eq!(shard_subscribers(owner, &channel).await, 0);
+}
+
+/// Shard subscriptions Redis dropped, summed over `nodes`.
+async fn dropped(nodes: &[&Gateway]) -> f64 {
+    let mut sum = 0.0;
+    for gw in nodes {
+        sum += gw.metric("redis_shard_unsubscribed_total").await;
+    }
+    sum
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_shard_connection_reset_mid_stream_ends_the_session_with_every_event_or_recovered_false() {
+    let cluster = Cluster::start(0).await;
+    mark_settled(&cluster).await;
+    let config = cluster_config(cluster.urls());
+    let (a, b, c) = (
+        support::start(config.clone()).await,
+        support::start(config.clone()).await,
+        support::start(config.clone()).await,
+    );
+    let nodes = [&a, &b, &c];
+    all_ready(&nodes).await;
+    let room = chat();
+    let owner = cluster.primary_of(&format!("herald:{{{room}}}:room")).await;
+    let mut clients = Vec::new();
+    let mut head = 0;
+    for gw in nodes {
+        let mut client = gw.connect(user(), &[]).await;
+        head = client.subscribe(room).await;
+        clients.push(client);
+    }
+    // Every node's connections to the room's primary are cut (subscriptions and commands).
+    let reset = async || {
+        for kind in ["pubsub", "normal"] {
+            let _: i64 = query(&Cluster::client(owner), &["CLIENT", "KILL", "TYPE", kind]).await;
+        }
+    };
+    let (accepted, n) = publish_through(&a, room, reset, false).await;
+    every_event_or_told(&nodes, &mut clients, room, head, accepted, n).await;
+    for gw in nodes {
+        assert!(gw.metric("redis_reconnects_total").await >= 1.0, "the node opened a new session");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_password_wrong_on_one_primary_only_stops_startup_naming_the_key_and_the_node() {
+    let cluster = Cluster::start(0).await;
+    let last = cluster.nodes[2].port;
+    let _: () =
+        query(&Cluster::client(last), &["CONFIG", "SET", "requirepass", "only-this-node-has-one"]).await;
+    // The first seed answers; the third primary refuses the (absent) password.
+    let config = cluster_config(cluster.urls().into_iter().take(1).collect());
+    let report = check_config::connect(&config).await.expect_err("one primary refuses").to_string();
+    assert!(report.contains(&format!("127.0.0.1:{last}")), "{report}");
+    config.validate().expect("valid config");
+    let err =
+        match tokio::time::timeout(PATIENCE, herald::server::Server::bind(config)).await.expect("in time") {
+            Ok(_) => panic!("the node started"),
+            Err(e) => e.to_string(),
+        };
+    assert!(err.contains("bus.redis_cluster_urls") && err.contains("password"), "{err}");
+    assert!(err.contains(&format!("127.0.0.1:{last}")), "names the node: {err}");
+    assert!(!err.contains("only-this-node-has-one"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
