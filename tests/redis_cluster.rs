@@ -483,3 +483,115 @@ async fn a_server_without_cluster_support_stops_startup_naming_the_key() {
         };
     assert!(err.contains("bus.redis_cluster_urls") && err.contains("not a cluster"), "{err}");
 }
+
+/// What a bus handed its sink: (kind, user, room seq, data).
+type Got = (herald::protocol::event::EventKind, Option<uuid::Uuid>, Option<u64>, Option<String>);
+
+/// A sink recording deliveries.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<Got>>);
+
+impl herald::bus::Deliver for Recorder {
+    fn deliver(&self, event: &herald::protocol::event::DomainEvent, seq: Option<u64>) {
+        let data = event.data.as_ref().map(|d| d.get().to_string());
+        self.0.lock().expect("lock").push((event.kind, event.user_id, seq, data));
+    }
+}
+
+impl Recorder {
+    /// Waits until `n` deliveries arrived; returns them.
+    async fn wait(&self, n: usize) -> Vec<Got> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let got = self.0.lock().expect("lock").clone();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "waited for {n} deliveries, got {got:?}");
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A bus on the cluster, with its sink.
+async fn bus_node(cluster: &Cluster) -> (herald::bus::redis::RedisBus, std::sync::Arc<Recorder>) {
+    let sink = std::sync::Arc::new(Recorder::default());
+    let config = cluster_config(cluster.urls()).bus;
+    let bus = herald::bus::redis::RedisBus::connect(&config, sink.clone()).await.expect("connect");
+    (bus, sink)
+}
+
+fn events(json: &str) -> Vec<herald::protocol::event::DomainEvent> {
+    herald::protocol::event::parse_batch(json.as_bytes()).expect("valid events")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn user_copies_from_several_shards_and_membership_in_the_herald_slot_arrive_once() {
+    use herald::bus::{Bus, Topic};
+    use herald::protocol::event::EventKind;
+    let cluster = Cluster::start(0).await;
+    mark_settled(&cluster).await;
+    let ((a, sink_a), (b, sink_b)) = (bus_node(&cluster).await, bus_node(&cluster).await);
+    // Users on different shards, so one event's copies come from several shards.
+    let (alice, carol, room) = loop {
+        let (alice, carol) = (user(), user());
+        let (on_a, on_c) = (format!("herald:{{{alice}}}:user"), format!("herald:{{{carol}}}:user"));
+        if cluster.primary_of(&on_a).await != cluster.primary_of(&on_c).await {
+            break (alice, carol, chat());
+        }
+    };
+    a.watch(Topic::User(alice)).await.expect("watch");
+    a.watch(Topic::User(carol)).await.expect("watch");
+    a.watch(Topic::Room(room)).await.expect("watch");
+    let head = a.head(room).await.expect("head");
+    let batch = format!(
+        r#"[{{"type":"notification.created","user_id":"{alice}","data":{{"to":"alice"}}}},
+           {{"type":"task.status_changed","user_ids":["{alice}","{carol}"],"data":{{"t":1}}}},
+           {{"type":"task.status_changed","chat_id":"{room}","user_ids":["{alice}","{carol}"],"data":{{"t":2}}}}]"#
+    );
+    b.publish(events(&batch)).await.expect("published");
+    let marker = format!(r#"{{"type":"notification.created","user_id":"{carol}","data":{{"marker":1}}}}"#);
+    b.publish(events(&marker)).await.expect("published");
+    let got = sink_a.wait(4).await;
+    sleep(Duration::from_millis(300)).await;
+    let got_later = sink_a.0.lock().expect("lock").clone();
+    assert_eq!(got, got_later, "each event delivered once although it came from several shards");
+    let data: Vec<&str> = got.iter().filter_map(|g| g.3.as_deref()).collect();
+    for want in [r#"{"to":"alice"}"#, r#"{"t":1}"#, r#"{"t":2}"#, r#"{"marker":1}"#] {
+        assert_eq!(data.iter().filter(|d| **d == want).count(), 1, "{want} once: {got:?}");
+    }
+    let room_event = got.iter().find(|g| g.3.as_deref() == Some(r#"{"t":2}"#)).expect("room event");
+    assert_eq!(room_event.2, Some(head + 1), "the room event keeps its room seq");
+
+    // Membership goes through the `{herald}` slot: every node gets it, a later node loads it.
+    let (u1, u2) = (user(), user());
+    let batch = format!(
+        r#"[{{"type":"chat.member_added","chat_id":"{room}","user_id":"{u1}"}},
+           {{"type":"chat.member_added","chat_id":"{room}","user_id":"{u2}"}},
+           {{"type":"chat.member_removed","chat_id":"{room}","user_id":"{u1}"}}]"#
+    );
+    a.publish(events(&batch)).await.expect("published");
+    let members = |g: &[Got]| {
+        g.iter()
+            .filter(|g| matches!(g.0, EventKind::MemberAdded | EventKind::MemberRemoved))
+            .map(|g| (g.0, g.1))
+            .collect::<Vec<_>>()
+    };
+    let want = vec![
+        (EventKind::MemberAdded, Some(u1)),
+        (EventKind::MemberAdded, Some(u2)),
+        (EventKind::MemberRemoved, Some(u1)),
+    ];
+    let on_b = sink_b.wait(3).await;
+    assert_eq!(members(&on_b), want);
+    let (_c, sink_c) = bus_node(&cluster).await;
+    let got = sink_c.wait(1).await;
+    assert_eq!(members(&got), vec![(EventKind::MemberAdded, Some(u2))], "the snapshot on a later node");
+    let names: Vec<String> = query(
+        &Cluster::client(cluster.primary_of("herald:{herald}:boot").await),
+        &["KEYS", "herald:{herald}:*"],
+    )
+    .await;
+    assert!(names.iter().any(|k| k == &format!("herald:{{herald}}:members:{room}")), "{names:?}");
+}
