@@ -588,6 +588,17 @@ async fn user_copies_from_several_shards_and_membership_in_the_herald_slot_arriv
     let (_c, sink_c) = bus_node(&cluster).await;
     let got = sink_c.wait(1).await;
     assert_eq!(members(&got), vec![(EventKind::MemberAdded, Some(u2))], "the snapshot on a later node");
+    // Presence and typing run on the room's shard and publish there (SPUBLISH from the script).
+    use herald::bus::Ephemeral;
+    assert_eq!(a.presence(Ephemeral::Join { chat: room, user: alice }).await, Ok(true));
+    assert_eq!(b.present(room).await, Ok(Some(vec![alice])));
+    assert_eq!(b.presence(Ephemeral::Typing { chat: room, user: carol, from: 1 }).await, Ok(true));
+    b.refresh_presence(vec![(room, vec![carol]), (chat(), vec![carol])]).await.expect("refresh over shards");
+    let mut present = b.present(room).await.expect("read").expect("kept");
+    present.sort_unstable();
+    let mut both = vec![alice, carol];
+    both.sort_unstable();
+    assert_eq!(present, both);
     let names: Vec<String> = query(
         &Cluster::client(cluster.primary_of("herald:{herald}:boot").await),
         &["KEYS", "herald:{herald}:*"],
