@@ -606,3 +606,31 @@ async fn user_copies_from_several_shards_and_membership_in_the_herald_slot_arriv
     .await;
     assert!(names.iter().any(|k| k == &format!("herald:{{herald}}:members:{room}")), "{names:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_batch_over_every_shard_answers_2xx_only_when_every_shard_took_its_part() {
+    let cluster = Cluster::start(0).await;
+    mark_settled(&cluster).await;
+    let a = support::start(cluster_config(cluster.urls())).await;
+    all_ready(&[&a]).await;
+    let rooms = rooms_on_every_shard(&cluster, 1).await;
+    let batch = |n: u64| {
+        let events: Vec<Value> = rooms
+            .iter()
+            .map(|(room, _)| json!({"type":"message.sent","chat_id":room,"data":{"n": n}}))
+            .collect();
+        Value::Array(events).to_string()
+    };
+    assert_eq!(a.publish(&batch(1)).await.0, 202);
+    // One shard hangs: the batch is not claimed, whatever the other shards took.
+    let (stuck, _) = rooms[0];
+    let port = cluster.primary_of(&format!("herald:{{{stuck}}}:room")).await;
+    let node = cluster.nodes.iter().find(|n| n.port == port).expect("the primary is a node");
+    node.signal("STOP");
+    let (status, reply) = a.publish(&batch(2)).await;
+    node.signal("CONT");
+    assert!(status == 503 || status == 504, "a batch a shard never took answered {status}: {reply}");
+    all_ready(&[&a]).await;
+    support::redis::http_publish_eventually(&a, &batch(3)).await;
+}
