@@ -235,18 +235,26 @@ impl Shared {
     /// the map again (its subscriptions follow their slots); `ASK` (a slot migrating) is answered
     /// 503 until the migration completes.
     pub(super) fn fail(&self, e: &redis::RedisError) -> BusError {
-        if let Some(code @ ("MOVED" | "ASK")) = e.code() {
-            self.stats.redirects.fetch_add(1, Ordering::Relaxed);
-            // `MOVED <slot> <host:port>`: counted for the endpoint the slot moved to.
-            let text = e.to_string();
-            let target =
-                text.split_whitespace().find(|w| w.contains(':') && w.chars().any(|c| c.is_ascii_digit()));
-            self.stats.note_endpoint(target.unwrap_or(""), |c| c.redirects += 1);
-            if code == "MOVED" {
-                self.end_session();
-            }
+        if self.note_redirect(e) == Some("MOVED") {
+            self.end_session();
         }
         classify(e)
+    }
+
+    /// Counts a `MOVED` / `ASK` reply (for the endpoint it redirects to); returns its code.
+    pub(super) fn note_redirect(&self, e: &redis::RedisError) -> Option<&'static str> {
+        let code = match e.code() {
+            Some("MOVED") => "MOVED",
+            Some("ASK") => "ASK",
+            _ => return None,
+        };
+        self.stats.redirects.fetch_add(1, Ordering::Relaxed);
+        // `MOVED <slot> <host:port>`: counted for the endpoint the slot moved to.
+        let text = e.to_string();
+        let target =
+            text.split_whitespace().find(|w| w.contains(':') && w.chars().any(|c| c.is_ascii_digit()));
+        self.stats.note_endpoint(target.unwrap_or(""), |c| c.redirects += 1);
+        Some(code)
     }
 
     /// Ends the session in place (the supervisor opens the next one).
