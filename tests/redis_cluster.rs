@@ -659,3 +659,17 @@ async fn a_batch_over_every_shard_answers_2xx_only_when_every_shard_took_its_par
     all_ready(&[&a]).await;
     support::redis::http_publish_eventually(&a, &batch(3)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn unreachable_seeds_start_the_node_degraded_not_refused() {
+    // An outage is not a configuration error: the node starts, answers 503, and keeps trying.
+    let dead = vec![format!("redis://127.0.0.1:{}", scale::free_port())];
+    let a = support::start(cluster_config(dead)).await;
+    assert_eq!(a.get("/readyz").await.0, 503);
+    assert_eq!(a.metric("bus_up").await, 0.0);
+    let (status, reply) = a.publish(&message_sent(chat(), &json!({"n": 1}))).await;
+    assert_eq!(status, 503, "{reply}");
+    assert_fixed_503(&reply);
+    assert!(a.metric("redis_connect_failures_total").await >= 1.0);
+}
