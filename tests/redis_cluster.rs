@@ -520,6 +520,17 @@ impl herald::bus::Deliver for Recorder {
         let data = event.data.as_ref().map(|d| d.get().to_string());
         self.0.lock().expect("lock").push((event.kind, event.user_id, seq, data));
     }
+
+    /// Recorded with the user it was for.
+    fn deliver_to_user(
+        &self,
+        event: &herald::protocol::event::DomainEvent,
+        seq: Option<u64>,
+        user: uuid::Uuid,
+    ) {
+        let data = event.data.as_ref().map(|d| d.get().to_string());
+        self.0.lock().expect("lock").push((event.kind, Some(user), seq, data));
+    }
 }
 
 impl Recorder {
@@ -577,16 +588,32 @@ async fn user_copies_from_several_shards_and_membership_in_the_herald_slot_arriv
     b.publish(events(&batch)).await.expect("published");
     let marker = format!(r#"{{"type":"notification.created","user_id":"{carol}","data":{{"marker":1}}}}"#);
     b.publish(events(&marker)).await.expect("published");
-    let got = sink_a.wait(4).await;
+    // Per user its own copy (from its own shard), and the room's frame from the room's channel.
+    let got = sink_a.wait(7).await;
     sleep(Duration::from_millis(300)).await;
     let got_later = sink_a.0.lock().expect("lock").clone();
-    assert_eq!(got, got_later, "each event delivered once although it came from several shards");
-    let data: Vec<&str> = got.iter().filter_map(|g| g.3.as_deref()).collect();
-    for want in [r#"{"to":"alice"}"#, r#"{"t":1}"#, r#"{"t":2}"#, r#"{"marker":1}"#] {
-        assert_eq!(data.iter().filter(|d| **d == want).count(), 1, "{want} once: {got:?}");
+    assert_eq!(got, got_later, "each copy delivered once although they came from several shards");
+    let to = |want: &str| {
+        let mut who: Vec<Option<uuid::Uuid>> =
+            got.iter().filter(|g| g.3.as_deref() == Some(want)).map(|g| g.1).collect();
+        who.sort_unstable();
+        who
+    };
+    let sorted = |mut v: Vec<Option<uuid::Uuid>>| {
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(to(r#"{"to":"alice"}"#), [Some(alice)]);
+    assert_eq!(to(r#"{"t":1}"#), sorted(vec![Some(alice), Some(carol)]));
+    assert_eq!(
+        to(r#"{"t":2}"#),
+        sorted(vec![None, Some(alice), Some(carol)]),
+        "the room's frame and each user's"
+    );
+    assert_eq!(to(r#"{"marker":1}"#), [Some(carol)]);
+    for room_event in got.iter().filter(|g| g.3.as_deref() == Some(r#"{"t":2}"#)) {
+        assert_eq!(room_event.2, Some(head + 1), "the room event keeps its room seq");
     }
-    let room_event = got.iter().find(|g| g.3.as_deref() == Some(r#"{"t":2}"#)).expect("room event");
-    assert_eq!(room_event.2, Some(head + 1), "the room event keeps its room seq");
 
     // Membership goes through the `{herald}` slot: every node gets it, a later node loads it.
     let (u1, u2) = (user(), user());
@@ -672,4 +699,121 @@ async fn unreachable_seeds_start_the_node_degraded_not_refused() {
     assert_eq!(status, 503, "{reply}");
     assert_fixed_503(&reply);
     assert!(a.metric("redis_connect_failures_total").await >= 1.0);
+}
+
+/// Three users whose channels are on three different shards, and a room on the third one's.
+async fn users_on_three_shards(cluster: &Cluster) -> ([uuid::Uuid; 3], [u16; 3], uuid::Uuid) {
+    loop {
+        let users = [user(), user(), user()];
+        let mut ports = [0u16; 3];
+        for (u, p) in users.iter().zip(ports.iter_mut()) {
+            *p = cluster.primary_of(&format!("herald:{{{u}}}:user")).await;
+        }
+        if ports[0] == ports[1] || ports[0] == ports[2] || ports[1] == ports[2] {
+            continue;
+        }
+        let room = loop {
+            let room = chat();
+            if cluster.primary_of(&format!("herald:{{{room}}}:room")).await == ports[2] {
+                break room;
+            }
+        };
+        return (users, ports, room);
+    }
+}
+
+/// Waits until Redis's counter of `room` reaches `seq` (a publish's script ran).
+async fn room_seq_reaches(cluster: &Cluster, room: uuid::Uuid, seq: u64) {
+    let key = format!("herald:{{{room}}}:seq");
+    let port = cluster.primary_of(&key).await;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let at: Option<u64> = query(&Cluster::client(port), &["GET", &key]).await;
+        if at.is_some_and(|at| at >= seq) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the room's counter never reached {seq}");
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_user_copy_overtaken_by_a_later_one_from_another_shard_still_arrives() {
+    use herald::bus::{Bus, Topic};
+    let cluster = Cluster::start(0).await;
+    mark_settled(&cluster).await;
+    // Alice's and Carol's channels on two shards, the room on the third; `a` holds both users but
+    // not the room, so their copies are all it gets of the room's events.
+    let ([alice, carol, _], [alice_port, _, _], room) = users_on_three_shards(&cluster).await;
+    let (a, sink) = bus_node(&cluster).await;
+    let ((b, _), (c, _)) = (bus_node(&cluster).await, bus_node(&cluster).await);
+    a.watch(Topic::User(alice)).await.expect("watch");
+    a.watch(Topic::User(carol)).await.expect("watch");
+    let head = b.head(room).await.expect("head");
+    let task = move |to: uuid::Uuid, n: u32| {
+        events(&format!(
+            r#"{{"type":"task.status_changed","chat_id":"{room}","user_ids":["{to}"],"data":{{"n":{n}}}}}"#
+        ))
+    };
+    // Alice's shard holds its writes: the room takes her event (seq head+1), her copy waits.
+    let _: () = query(&Cluster::client(alice_port), &["CLIENT", "PAUSE", "3000", "WRITE"]).await;
+    let first = tokio::spawn(async move { b.publish(task(alice, 1)).await });
+    room_seq_reaches(&cluster, room, head + 1).await;
+    // Carol's event (seq head+2) reaches `a` first, from another shard.
+    c.publish(task(carol, 2)).await.expect("published");
+    sink.wait(1).await;
+    first.await.expect("joined").expect("published once the shard resumed");
+    let got = sink.wait(2).await;
+    let data: Vec<&str> = got.iter().filter_map(|g| g.3.as_deref()).collect();
+    assert_eq!(data, [r#"{"n":2}"#, r#"{"n":1}"#], "Alice's event arrives, later than Carol's: {got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_user_event_overtaken_by_a_full_window_of_others_still_arrives() {
+    use herald::bus::{Bus, Topic};
+    let cluster = Cluster::start(0).await;
+    mark_settled(&cluster).await;
+    // Alice's channel on another shard than the global counter's, so only her copy waits.
+    let gseq_port = cluster.primary_of("herald:{herald}:gseq").await;
+    let (users, ports, _) = users_on_three_shards(&cluster).await;
+    let paused = if ports[0] == gseq_port { 1 } else { 0 };
+    let (alice, alice_port, carol) = (users[paused], ports[paused], users[2]);
+    let (a, sink) = bus_node(&cluster).await;
+    let ((b, _), (c, _)) = (bus_node(&cluster).await, bus_node(&cluster).await);
+    a.watch(Topic::User(alice)).await.expect("watch");
+    a.watch(Topic::User(carol)).await.expect("watch");
+    let note = |to: uuid::Uuid, n: usize| {
+        format!(r#"{{"type":"notification.created","user_id":"{to}","data":{{"n":{n}}}}}"#)
+    };
+    // Alice's notification takes the next global counter; her shard holds its copy.
+    let gseq = |port| async move {
+        query::<Option<u64>>(&Cluster::client(port), &["GET", "herald:{herald}:gseq"]).await
+    };
+    let before = gseq(gseq_port).await.unwrap_or(0);
+    let _: () = query(&Cluster::client(alice_port), &["CLIENT", "PAUSE", "3000", "WRITE"]).await;
+    let first = tokio::spawn(async move { b.publish(events(&format!("[{}]", note(alice, 0)))).await });
+    let deadline = Instant::now() + PATIENCE;
+    while gseq(gseq_port).await.unwrap_or(0) <= before {
+        assert!(Instant::now() < deadline, "the publish script never ran");
+        sleep(Duration::from_millis(10)).await;
+    }
+    // Carol gets more notifications than the node's copy window holds, meanwhile.
+    let many = 5000;
+    let batch: Vec<String> = (1..=many).map(|n| note(carol, n)).collect();
+    c.publish(events(&format!("[{}]", batch.join(",")))).await.expect("published");
+    sink.wait(many).await;
+    first.await.expect("joined").expect("published once the shard resumed");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let got = sink.0.lock().expect("lock").clone();
+        let to_alice = got.iter().filter(|g| g.1 == Some(alice)).count();
+        if to_alice > 0 {
+            assert_eq!((to_alice, got.len()), (1, many + 1), "every notification once");
+            break;
+        }
+        assert!(Instant::now() < deadline, "Alice's notification never arrived ({} delivered)", got.len());
+        sleep(Duration::from_millis(20)).await;
+    }
 }

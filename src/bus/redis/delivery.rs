@@ -4,7 +4,6 @@
 //! supervisor hands it the snapshot (with the membership changes the node missed) before it
 //! subscribes any room or user, so membership is applied before any room event of a connection.
 
-use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -12,16 +11,13 @@ use redis::{PushInfo, Value};
 use tokio::sync::mpsc;
 
 use super::{MemberMark, Shared};
-use crate::bus::{Control, Ephemeral, Topic};
+use crate::bus::{Control, Ephemeral};
 use crate::protocol::event::{DomainEvent, EventKind};
 use crate::protocol::{ChatId, UserId};
 use crate::sync::lock;
 
 /// Membership events held back while the snapshot loads; beyond it they are applied directly.
 const MAX_HELD_MEMBER_EVENTS: usize = 65_536;
-/// Global counters remembered to drop copies: under Cluster the copies of one event reach this
-/// node from several shards, in any order relative to other events' copies.
-const GSEQ_WINDOW: usize = 4096;
 
 /// What the connection's push sender and the supervisor hand to the delivery task, in order.
 pub(super) enum Inbound {
@@ -59,21 +55,20 @@ pub(super) struct Missed {
 /// Per-connection delivery state; reset with each new connection.
 struct Receiving {
     gen: u64,
-    /// The last [`GSEQ_WINDOW`] global counters delivered: copies of a non-room event (several
-    /// channels) are dropped, and so is anything older than the window.
-    seen: BTreeSet<u64>,
+    /// Highest global counter delivered: copies of a non-room event (several channels of one
+    /// server, which sends them in order) are dropped. Under Cluster only the members channel
+    /// comes this way (users' copies are delivered per user, see [`deliver_one`]).
+    last_gseq: u64,
     /// Membership events held until the snapshot of this connection is applied.
     held: Option<Vec<(DomainEvent, u64)>>,
 }
 
 /// Delivers in arrival order until the bus handle is dropped (which aborts this task).
 pub(super) async fn deliver_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Inbound>) {
-    let mut state = Receiving { gen: 0, seen: BTreeSet::new(), held: None };
+    let mut state = Receiving { gen: 0, last_gseq: 0, held: None };
     while let Some(msg) = rx.recv().await {
         match msg {
-            Inbound::Reset { gen } => {
-                state = Receiving { gen, seen: BTreeSet::new(), held: Some(Vec::new()) }
-            }
+            Inbound::Reset { gen } => state = Receiving { gen, last_gseq: 0, held: Some(Vec::new()) },
             Inbound::Snapshot { gen, snapshot } if gen == state.gen => {
                 let ver = snapshot.ver;
                 // First what the node missed while it was cut off, in order, as if live (a
@@ -98,11 +93,10 @@ pub(super) async fn deliver_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Inb
             Inbound::Snapshot { .. } => {}
             Inbound::Push { gen, info } if gen == state.gen => {
                 let Some(Value::BulkString(payload)) = info.data.get(1) else { continue };
-                // Under Cluster a room event's copies to users come from other shards than the
-                // room's own channel, so they may overtake it (see `deliver_one`).
-                let via_user = shared.names.cluster
-                    && matches!(info.data.first(), Some(Value::BulkString(c)) if c.ends_with(b"}:user"));
-                receive(&shared, &mut state, payload, via_user);
+                // Under Cluster each user's copy comes from the user's own shard (see
+                // `deliver_one`).
+                let to_user = if shared.names.cluster { user_channel(info.data.first()) } else { None };
+                receive(&shared, &mut state, payload, to_user);
             }
             // A push from a connection already replaced: the new one restores what is needed.
             Inbound::Push { .. } => {}
@@ -175,7 +169,7 @@ fn presence(shared: &Shared, payload: &[u8]) {
 
 /// One event as a node published it on a channel: this node's only ingress for events from Redis,
 /// where what cannot be delivered is decided.
-fn receive(shared: &Shared, state: &mut Receiving, payload: &[u8], via_user: bool) {
+fn receive(shared: &Shared, state: &mut Receiving, payload: &[u8], to_user: Option<UserId>) {
     if payload.starts_with(super::presence::PRESENCE_PREFIX) {
         presence(shared, payload);
         return;
@@ -212,43 +206,45 @@ fn receive(shared: &Shared, state: &mut Receiving, payload: &[u8], via_user: boo
         shared.sink.deliver(&event, None);
         return;
     }
-    deliver_one(shared, state, event, seq, via_user);
+    deliver_one(shared, state, event, seq, to_user);
 }
 
-impl Receiving {
-    /// True the first time `gseq` is seen within the window.
-    fn first_time(&mut self, gseq: u64) -> bool {
-        if self.seen.contains(&gseq) {
-            return false;
-        }
-        if self.seen.len() >= GSEQ_WINDOW {
-            match self.seen.first() {
-                Some(oldest) if gseq < *oldest => return false,
-                _ => {
-                    self.seen.pop_first();
-                }
-            }
-        }
-        self.seen.insert(gseq);
-        true
-    }
+/// The user whose channel (`herald:{<user>}:user`) a push came on, if it came on one.
+fn user_channel(channel: Option<&Value>) -> Option<UserId> {
+    let Some(Value::BulkString(name)) = channel else { return None };
+    let id = name.strip_prefix(b"herald:{")?.strip_suffix(b"}:user")?;
+    std::str::from_utf8(id).ok()?.parse().ok()
 }
 
 /// Delivers one sequenced event of a known type, checked against its room's `seq` or, for any
 /// other event, the global counter: a copy is dropped, a room `seq` that went backwards is
 /// dropped and the room re-seeded. Membership events wait while this connection's snapshot loads.
-fn deliver_one(shared: &Shared, state: &mut Receiving, event: DomainEvent, seq: u64, via_user: bool) {
-    if let Some(room) = event.room() {
-        if via_user && shared.topics.is_watched(Topic::Room(room)) {
-            // The room's own channel brings it here in order; a copy from a user's shard could
-            // overtake the room's earlier events.
-            shared.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
-            return;
+///
+/// Under Redis Cluster a copy on a user's channel (`to_user`) goes to that user alone, unchecked:
+/// each (event, user) pair is published once, on the user's one channel, so it cannot come twice;
+/// copies of one event (and of consecutive events) come from several shards in any order, so any
+/// ordering check or window across them would drop events no copy delivered. The room's channel
+/// then carries only the room's frame.
+fn deliver_one(
+    shared: &Shared,
+    state: &mut Receiving,
+    event: DomainEvent,
+    seq: u64,
+    to_user: Option<UserId>,
+) {
+    if let Some(user) = to_user {
+        let room = event.room();
+        if let Some(room) = room {
+            shared.note_seq(room, seq);
         }
+        shared.sink.deliver_to_user(&event, room.map(|_| seq), user);
+        return;
+    }
+    if let Some(room) = event.room() {
         let mut delivered = lock(&shared.delivered);
         let last = delivered.entry(room).or_insert(0);
         if seq <= *last {
-            if seq < *last && !via_user {
+            if seq < *last {
                 // Redis's counter went backwards (state lost before every node re-seeded): refuse to
                 // show clients an old seq, and push the counter back above what we delivered.
                 shared.stats.seq_regressions.fetch_add(1, Ordering::Relaxed);
@@ -263,13 +259,19 @@ fn deliver_one(shared: &Shared, state: &mut Receiving, event: DomainEvent, seq: 
         *last = seq;
         drop(delivered);
         shared.note_seq(room, seq);
-        shared.sink.deliver(&event, Some(seq));
+        if shared.names.cluster && !event.user_ids.is_empty() {
+            // Its users' frames come on their own channels.
+            shared.sink.deliver(&DomainEvent { user_ids: Vec::new(), ..event }, Some(seq));
+        } else {
+            shared.sink.deliver(&event, Some(seq));
+        }
         return;
     }
-    if !state.first_time(seq) {
+    if seq <= state.last_gseq {
         shared.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
         return;
     }
+    state.last_gseq = seq;
     let is_member = matches!(event.kind, EventKind::MemberAdded | EventKind::MemberRemoved);
     if let (true, Some(held)) = (is_member, state.held.as_mut()) {
         if held.len() < MAX_HELD_MEMBER_EVENTS {
@@ -305,28 +307,26 @@ mod tests {
     fn an_unknown_type_from_a_newer_node_moves_no_dedupe_mark() {
         let sink = Arc::new(Recorder::default());
         let (shared, _phase) = Shared::new(sink.clone(), RedisOptions::default(), false);
-        let mut state = Receiving { gen: 1, seen: BTreeSet::new(), held: None };
+        let mut state = Receiving { gen: 1, last_gseq: 0, held: None };
         let (chat, user) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
         // A room event of a type this node does not know, with a room `seq` (microseconds)...
         let unknown = format!(r#"{{"type":"chat.typing","chat_id":"{chat}","seq":1700000000000000}}"#);
-        receive(&shared, &mut state, unknown.as_bytes(), false);
+        receive(&shared, &mut state, unknown.as_bytes(), None);
         // ...must not make the next global counter look like a copy already delivered.
         let notification =
             format!(r#"{{"type":"notification.created","user_id":"{user}","data":{{}},"seq":5}}"#);
-        receive(&shared, &mut state, notification.as_bytes(), false);
+        receive(&shared, &mut state, notification.as_bytes(), None);
         assert_eq!(*lock(&sink.0), vec![(EventKind::Unknown, None), (EventKind::NotificationCreated, None)]);
         assert_eq!(shared.stats.duplicates_dropped.load(Ordering::Relaxed), 0);
     }
 
     #[test]
-    fn copies_from_several_shards_are_dropped_in_any_order() {
-        let mut state = Receiving { gen: 1, seen: BTreeSet::new(), held: None };
-        assert!(state.first_time(7) && state.first_time(5), "an older event arriving late is new");
-        assert!(!state.first_time(7) && !state.first_time(5), "copies are dropped");
-        for gseq in 100..100 + GSEQ_WINDOW as u64 {
-            assert!(state.first_time(gseq));
-        }
-        assert!(!state.first_time(6), "older than the window: dropped, never delivered twice");
-        assert_eq!(state.seen.len(), GSEQ_WINDOW);
+    fn a_user_channel_names_its_user() {
+        let user = uuid::Uuid::new_v4();
+        let on = |name: String| user_channel(Some(&Value::BulkString(name.into_bytes())));
+        assert_eq!(on(format!("herald:{{{user}}}:user")), Some(user));
+        assert_eq!(on(format!("herald:{{{user}}}:room")), None);
+        assert_eq!(on("herald:{not-a-uuid}:user".into()), None);
+        assert_eq!(user_channel(None), None);
     }
 }

@@ -229,11 +229,6 @@ impl Topics {
         }
     }
 
-    /// True while a local subscriber watches `topic`.
-    pub(super) fn is_watched(&self, topic: Topic) -> bool {
-        lock(&self.state).map.get(&topic).is_some_and(|entry| entry.count > 0)
-    }
-
     /// The users connected to this node now (their user topics are watched).
     pub(super) fn watched_users(&self) -> Vec<UserId> {
         lock(&self.state)
