@@ -817,3 +817,61 @@ async fn a_user_event_overtaken_by_a_full_window_of_others_still_arrives() {
         sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn the_herald_slot_primary_killed_mid_stream_is_followed_with_membership_and_user_events() {
+    let mut cluster = Cluster::start(1).await;
+    mark_settled(&cluster).await;
+    let config = cluster_config(cluster.urls());
+    let (a, b, c) = (
+        support::start(config.clone()).await,
+        support::start(config.clone()).await,
+        support::start(config.clone()).await,
+    );
+    let nodes = [&a, &b, &c];
+    all_ready(&nodes).await;
+    // The room on the shard that holds the global keys, the members channel and the counters.
+    let owner = cluster.primary_of("herald:{herald}:boot").await;
+    let room = loop {
+        let room = chat();
+        if cluster.primary_of(&format!("herald:{{{room}}}:room")).await == owner {
+            break room;
+        }
+    };
+    let mut clients = Vec::new();
+    let mut head = 0;
+    for gw in nodes {
+        let mut client = gw.connect(user(), &[]).await;
+        head = client.subscribe(room).await;
+        clients.push(client);
+    }
+    let victim = cluster.nodes.iter().position(|n| n.port == owner).expect("the owner is a node");
+    let (accepted, n) = publish_through(
+        &a,
+        room,
+        async || {
+            cluster.nodes[victim].kill();
+        },
+        true,
+    )
+    .await;
+    assert_ne!(cluster.primary_of("herald:{herald}:boot").await, owner, "a replica was promoted");
+    every_event_or_told(&nodes, &mut clients, room, head, accepted, n).await;
+    for gw in nodes {
+        assert!(gw.metric("redis_failovers_total").await >= 1.0, "the node followed the failover");
+    }
+    // The global counter's shard is the new one: user events and membership flow through it.
+    let dana = user();
+    let mut on_c = c.connect(dana, &[]).await;
+    let note = json!({"type":"notification.created","user_id":dana,"data":{"after":"failover"}}).to_string();
+    support::redis::http_publish_eventually(&a, &note).await;
+    let got = tokio::time::timeout(PATIENCE, on_c.recv()).await.expect("the notification arrives");
+    assert_eq!(got["data"]["after"], "failover", "{got}");
+    let added = json!({"type":"chat.member_added","chat_id":room,"user_id":dana}).to_string();
+    support::redis::http_publish_eventually(&b, &added).await;
+    let key = format!("herald:{{herald}}:members:{room}");
+    let new_owner = cluster.primary_of("herald:{herald}:boot").await;
+    let members: Vec<String> = query(&Cluster::client(new_owner), &["SMEMBERS", &key]).await;
+    assert_eq!(members, [dana.to_string()], "membership kept on the promoted primary");
+}
