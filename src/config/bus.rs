@@ -151,6 +151,16 @@ impl BusConfig {
                 for url in &self.redis_cluster_urls {
                     check_redis_url("bus.redis_cluster_urls", url)?;
                 }
+                // Every primary is reached with the scheme of the seed that answered: mixed
+                // seeds would send the bus in plain text whenever a `redis://` one answers.
+                let tls = |u: &String| u.starts_with("rediss://");
+                if self.redis_cluster_urls.iter().any(tls) && !self.redis_cluster_urls.iter().all(tls) {
+                    return Err(key_error(
+                        "bus.redis_cluster_urls",
+                        "mixes redis:// and rediss:// seeds: every node of one cluster is reached the \
+                         same way, so list them all with one scheme",
+                    ));
+                }
             }
             BusKind::RedisSentinel => {
                 if self.redis_sentinel_urls.is_empty() {
@@ -317,6 +327,9 @@ mod tests {
         let err =
             parse("bus:\n  kind: redis_cluster\n  redis_cluster_urls: [http://a:7000]\n", &[]).unwrap_err();
         assert!(err.contains("bus.redis_cluster_urls") && err.contains("rediss://"), "{err}");
+        let mixed = "bus:\n  kind: redis_cluster\n  redis_cluster_urls: [rediss://a:7000, redis://b:7000]\n";
+        let err = parse(mixed, &[]).unwrap_err();
+        assert!(err.contains("bus.redis_cluster_urls") && err.contains("mixes"), "{err}");
         let env = [
             ("HERALD_BUS__KIND", "redis_cluster"),
             ("HERALD_BUS__REDIS_CLUSTER_URLS", "rediss://a:7000, rediss://u:pw@b:7000"),
