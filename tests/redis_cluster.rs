@@ -875,3 +875,26 @@ async fn the_herald_slot_primary_killed_mid_stream_is_followed_with_membership_a
     let members: Vec<String> = query(&Cluster::client(new_owner), &["SMEMBERS", &key]).await;
     assert_eq!(members, [dana.to_string()], "membership kept on the promoted primary");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn primaries_announced_without_an_endpoint_are_reached_at_the_seeds_host() {
+    // `unknown-endpoint`: CLUSTER SLOTS names no host (NULL), meaning "where you asked".
+    let cluster = Cluster::start(0).await;
+    mark_settled(&cluster).await;
+    for node in &cluster.nodes {
+        let _: () = query(
+            &Cluster::client(node.port),
+            &["CONFIG", "SET", "cluster-preferred-endpoint-type", "unknown-endpoint"],
+        )
+        .await;
+    }
+    let a = support::start(cluster_config(cluster.urls())).await;
+    all_ready(&[&a]).await;
+    let mut client = a.connect(user(), &[]).await;
+    let room = chat();
+    client.subscribe(room).await;
+    support::redis::http_publish_eventually(&a, &message_sent(room, &json!({"n": 1}))).await;
+    let got = tokio::time::timeout(PATIENCE, client.recv()).await.expect("the event arrives");
+    assert_eq!(got["data"]["n"], 1, "{got}");
+}

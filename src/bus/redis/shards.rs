@@ -71,8 +71,10 @@ pub(crate) struct Topology {
 }
 
 impl Topology {
-    /// Parses a `CLUSTER SLOTS` reply; `None` when it is not one. A primary announced with an
-    /// empty host is at the seed's (`seed_host`).
+    /// Parses a `CLUSTER SLOTS` reply; `None` when it is not one. A primary announced with no
+    /// endpoint (`NULL` under `cluster-preferred-endpoint-type unknown-endpoint`, or an empty
+    /// one) is at the seed's host (`seed_host`), as Redis documents; one announced as `?` (a
+    /// hostname preferred but none set) cannot be reached, so the map is unusable.
     pub(crate) fn parse(reply: &Value, seed_host: &str) -> Option<Topology> {
         let Value::Array(ranges) = reply else { return None };
         let mut topology = Topology { primaries: Vec::new(), owner: vec![NONE; SLOTS] };
@@ -80,8 +82,14 @@ impl Topology {
             let Value::Array(parts) = range else { return None };
             let (start, end) = (int(parts.first()?)?, int(parts.get(1)?)?);
             let Value::Array(node) = parts.get(2)? else { return None };
-            let host = text(node.first()?)?;
-            let host = if host.is_empty() || host == "?" { seed_host.to_string() } else { host };
+            let host = match node.first()? {
+                Value::Nil => String::new(),
+                other => text(other)?,
+            };
+            if host == "?" {
+                return None;
+            }
+            let host = if host.is_empty() { seed_host.to_string() } else { host };
             let port = u16::try_from(int(node.get(1)?)?).ok()?;
             let id = node.get(2).and_then(text).unwrap_or_default();
             let primary = Primary { host, port, id };
@@ -299,5 +307,12 @@ mod tests {
         let partial = Value::Array(vec![range(0, 8000, 7000, "a")]);
         assert_eq!(Topology::parse(&partial, "seed").map(|t| t.uncovered()), Some(SLOTS - 8001));
         assert!(Topology::parse(&Value::Int(1), "seed").is_none());
+        let announced = |host: Value| {
+            let node = Value::Array(vec![host, Value::Int(7000), Value::BulkString(b"a".to_vec())]);
+            Value::Array(vec![Value::Array(vec![Value::Int(0), Value::Int(16383), node])])
+        };
+        let at_seed = Topology::parse(&announced(Value::Nil), "10.0.0.9").expect("NULL: the seed's host");
+        assert_eq!(at_seed.primaries[0].addr(), "10.0.0.9:7000");
+        assert!(Topology::parse(&announced(Value::BulkString(b"?".to_vec())), "seed").is_none(), "unknown");
     }
 }

@@ -72,7 +72,11 @@ impl Endpoint {
                 fault: Fault::Unreachable,
             };
             let Some(topology) = Topology::parse(&reply, &host) else {
-                last = Some(unusable("unreadable CLUSTER SLOTS reply".into()));
+                last = Some(unusable(
+                    "unreadable CLUSTER SLOTS reply, or a primary announced as `?` (no hostname \
+                     set under cluster-preferred-endpoint-type hostname)"
+                        .into(),
+                ));
                 continue;
             };
             let uncovered = topology.uncovered();
