@@ -898,3 +898,42 @@ async fn primaries_announced_without_an_endpoint_are_reached_at_the_seeds_host()
     let got = tokio::time::timeout(PATIENCE, client.recv()).await.expect("the event arrives");
     assert_eq!(got["data"]["n"], 1, "{got}");
 }
+
+/// `EVALSHA` calls a primary has run.
+async fn evalshas(port: u16) -> u64 {
+    let stats: String = query(&Cluster::client(port), &["INFO", "commandstats"]).await;
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_rooms_events_in_one_request_share_one_call_and_keep_their_order() {
+    use herald::bus::{Bus, Topic};
+    let cluster = Cluster::start(0).await;
+    mark_settled(&cluster).await;
+    let (a, sink) = bus_node(&cluster).await;
+    let (b, _) = bus_node(&cluster).await;
+    let room = chat();
+    a.watch(Topic::Room(room)).await.expect("watch");
+    let head = b.head(room).await.expect("head");
+    let port = cluster.primary_of(&format!("herald:{{{room}}}:room")).await;
+    let before = evalshas(port).await;
+    let batch: Vec<String> = (1..=5)
+        .map(|n| format!(r#"{{"type":"message.sent","chat_id":"{room}","data":{{"n":{n}}}}}"#))
+        .collect();
+    b.publish(events(&format!("[{}]", batch.join(",")))).await.expect("published");
+    assert_eq!(evalshas(port).await - before, 1, "one script call for the room's five events");
+    let got = sink.wait(5).await;
+    let seqs: Vec<Option<u64>> = got.iter().map(|g| g.2).collect();
+    let data: Vec<String> = got.iter().filter_map(|g| g.3.clone()).collect();
+    assert_eq!(seqs, (1..=5).map(|i| Some(head + i)).collect::<Vec<_>>());
+    assert_eq!(data, (1..=5).map(|n| format!(r#"{{"n":{n}}}"#)).collect::<Vec<_>>());
+    let kept = b.kept(room, head).await.expect("read").expect("kept");
+    let kept_seqs: Vec<u64> = kept.events.iter().map(|e| e.seq).collect();
+    assert_eq!(kept_seqs, (1..=5).map(|i| head + i).collect::<Vec<_>>(), "history in order");
+}

@@ -19,7 +19,7 @@ pub(super) struct Scripts {
     pub(super) presence_list: redis::Script,
     pub(super) typing: redis::Script,
     pub(super) presence_depart: redis::Script,
-    /// Cluster only: one room event (see [`ROOM_PUBLISH_LUA`]).
+    /// Cluster only: a batch's events of one room (see [`ROOM_PUBLISH_LUA`]).
     pub(super) room: redis::Script,
     /// Cluster only: one room counter's re-seed.
     pub(super) reseed_room: redis::Script,

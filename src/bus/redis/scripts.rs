@@ -34,8 +34,8 @@
 //! hashes, revocations and the members channel share the `{herald}` slot under cluster-only
 //! names (`names.rs`: `herald:{herald}:boot`, `herald:{herald}:members:<chat>`,
 //! `herald:{herald}:revoked:<user>`, ...), so one-server deployments keep their keys. Room events
-//! go through [`ROOM_PUBLISH_LUA`], one call per event on the room's slot, which `SPUBLISH`es the
-//! room channel; copies to user channels are separate `SPUBLISH`es to each user's slot. Every
+//! go through [`ROOM_PUBLISH_LUA`], one call per room of a batch on the room's slot, which
+//! `SPUBLISH`es the room channel; copies to user channels are separate `SPUBLISH`es to each user's slot. Every
 //! channel is a shard channel (`SSUBSCRIBE`), and the presence and typing scripts `SPUBLISH` too.
 
 use crate::bus::Topic;
@@ -478,12 +478,12 @@ end
 return 0
 "#;
 
-/// Cluster only: publishes one room event on the room's slot (its primary), assigning its `seq`
-/// and appending it to the room's history in the same step; Redis Cluster refuses one script
-/// over several slots, so a batch over many rooms is one call per event. Settling after a
-/// failover is the node's (`cluster.rs`), as no global key shares the room's slot. KEYS: room
-/// counter, room history. ARGV: floor, history size, history TTL ms, payload (event JSON
-/// without seq), room channel. Returns the seq.
+/// Cluster only: publishes a batch's events of one room on the room's slot (its primary),
+/// assigning each its `seq` and appending it to the room's history in the same step; Redis
+/// Cluster refuses one script over several slots, so a batch over many rooms is one call per
+/// room. Settling after a failover is the node's (`cluster.rs`), as no global key shares the
+/// room's slot. KEYS: room counter, room history. ARGV: floor, history size, history TTL ms, room
+/// channel, then each event's payload (event JSON without seq), in order. Returns the seqs.
 pub(super) const ROOM_PUBLISH_LUA: &str = concat!(
     origin_fn!(),
     r#"
@@ -494,16 +494,20 @@ if not cur then
 elseif tonumber(cur) < floor then
   redis.call('SET', KEYS[1], string.format('%d', floor))
 end
-local seq = redis.call('INCR', KEYS[1])
-redis.call('PERSIST', KEYS[1])
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local msg = string.sub(ARGV[4], 1, -2) .. ',"seq":' .. string.format('%d', seq) .. '}'
-redis.call('RPUSH', KEYS[2], string.format('%d', now) .. '|' .. msg)
+local stamp = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) .. '|'
+local seqs = {}
+for i = 5, #ARGV do
+  local seq = redis.call('INCR', KEYS[1])
+  local msg = string.sub(ARGV[i], 1, -2) .. ',"seq":' .. string.format('%d', seq) .. '}'
+  redis.call('RPUSH', KEYS[2], stamp .. msg)
+  redis.call('PUBLISH', ARGV[4], msg)
+  seqs[#seqs + 1] = seq
+end
+redis.call('PERSIST', KEYS[1])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('PUBLISH', ARGV[5], msg)
-return seq
+return seqs
 "#
 );
 
