@@ -937,3 +937,46 @@ async fn a_rooms_events_in_one_request_share_one_call_and_keep_their_order() {
     let kept_seqs: Vec<u64> = kept.events.iter().map(|e| e.seq).collect();
     assert_eq!(kept_seqs, (1..=5).map(|i| head + i).collect::<Vec<_>>(), "history in order");
 }
+
+/// Frames `client` receives until `done` says it has them all, then for a moment more.
+async fn frames_until(client: &mut Client, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let mut got = Vec::new();
+    while !done(&got) {
+        got.push(client.recv().await);
+    }
+    while let Ok(Some(Ok(Message::Text(t)))) =
+        tokio::time::timeout(Duration::from_millis(300), client.ws.next()).await
+    {
+        got.push(serde_json::from_str(&t).expect("JSON"));
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_room_event_for_users_reaches_each_socket_once_per_frame_across_shards() {
+    let cluster = Cluster::start(0).await;
+    mark_settled(&cluster).await;
+    let config = cluster_config(cluster.urls());
+    let (a, c) = (support::start(config.clone()).await, support::start(config).await);
+    all_ready(&[&a, &c]).await;
+    let ([alice, bob, _], _, room) = users_on_three_shards(&cluster).await;
+    // Alice watches the room and is named; Bob is named only. Both on `c`, the publisher on `a`.
+    let (mut on_alice, mut on_bob) = (c.connect(alice, &[]).await, c.connect(bob, &[]).await);
+    on_alice.subscribe(room).await;
+    let event = json!({"type":"task.status_changed","chat_id":room,"user_ids":[alice, bob],"data":{"n":1}});
+    support::redis::http_publish_eventually(&a, &event.to_string()).await;
+    let marker = |to: uuid::Uuid| json!({"type":"notification.created","user_id":to,"data":{"marker":1}});
+    assert_eq!(a.publish(&marker(alice).to_string()).await.0, 202);
+    assert_eq!(a.publish(&marker(bob).to_string()).await.0, 202);
+    let of = |got: &[Value], want: &str| got.iter().filter(|v| v["data"].to_string() == want).count();
+    let alice_got =
+        frames_until(&mut on_alice, |g| of(g, r#"{"marker":1}"#) == 1 && g.iter().any(|v| v["seq"].is_u64()))
+            .await;
+    let bob_got = frames_until(&mut on_bob, |g| of(g, r#"{"marker":1}"#) == 1).await;
+    // Alice: the room's frame (with seq) and her own (without), once each; Bob: his own, once.
+    let room_frames = alice_got.iter().filter(|v| v["data"]["n"] == 1 && v["seq"].is_u64()).count();
+    let alice_own = alice_got.iter().filter(|v| v["data"]["n"] == 1 && v.get("seq").is_none()).count();
+    assert_eq!((room_frames, alice_own), (1, 1), "{alice_got:?}");
+    assert_eq!(of(&bob_got, r#"{"n":1}"#), 1, "{bob_got:?}");
+}
