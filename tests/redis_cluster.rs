@@ -969,14 +969,15 @@ async fn a_room_event_for_users_reaches_each_socket_once_per_frame_across_shards
     let marker = |to: uuid::Uuid| json!({"type":"notification.created","user_id":to,"data":{"marker":1}});
     assert_eq!(a.publish(&marker(alice).to_string()).await.0, 202);
     assert_eq!(a.publish(&marker(bob).to_string()).await.0, 202);
-    let of = |got: &[Value], want: &str| got.iter().filter(|v| v["data"].to_string() == want).count();
-    let alice_got =
-        frames_until(&mut on_alice, |g| of(g, r#"{"marker":1}"#) == 1 && g.iter().any(|v| v["seq"].is_u64()))
-            .await;
-    let bob_got = frames_until(&mut on_bob, |g| of(g, r#"{"marker":1}"#) == 1).await;
+    let of = |got: &[Value], want: Value| got.iter().filter(|v| v["data"] == want).count();
+    let alice_got = frames_until(&mut on_alice, |g| {
+        of(g, json!({"marker":1})) == 1 && g.iter().any(|v| v["seq"].is_u64())
+    })
+    .await;
+    let bob_got = frames_until(&mut on_bob, |g| of(g, json!({"marker":1})) == 1).await;
     // Alice: the room's frame (with seq) and her own (without), once each; Bob: his own, once.
     let room_frames = alice_got.iter().filter(|v| v["data"]["n"] == 1 && v["seq"].is_u64()).count();
     let alice_own = alice_got.iter().filter(|v| v["data"]["n"] == 1 && v.get("seq").is_none()).count();
     assert_eq!((room_frames, alice_own), (1, 1), "{alice_got:?}");
-    assert_eq!(of(&bob_got, r#"{"n":1}"#), 1, "{bob_got:?}");
+    assert_eq!(of(&bob_got, json!({"n":1})), 1, "{bob_got:?}");
 }
