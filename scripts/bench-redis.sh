@@ -12,6 +12,9 @@
 # SPLIT=1 (fanout only): every connection on node A, every publisher on node B
 # (--publish-url), so all of A's load arrives through Redis and A's overload must
 # push back B's publishers (shared pressure, PROTOCOL.md section 5).
+# CLUSTER=1: a Redis Cluster of three primaries (no replicas) on RPORT, RPORT+1, RPORT+2
+# (cluster bus on +10000), the nodes on bus.kind redis_cluster; the summary adds each shard's
+# SPUBLISH calls (its rooms' events only: sharded pub/sub).
 # Usage: scripts/bench-redis.sh <fanout|recovery|soak> <loadgen args...>
 #   e.g. scripts/bench-redis.sh soak --duration 90s --conns 500 --rooms 10 --rate 100 \
 #          --churn 0.2 --outage 8s --content-bytes 20000
@@ -50,15 +53,38 @@ if [ "${REDIS_TLS:-0}" = 1 ]; then
 else
     redis_args+=(--port "$RPORT")
 fi
-redis-server "${redis_args[@]}" >/tmp/bench-redis.log 2>&1 &
-rpid=$!
 pids=()
-cleanup() { kill "${pids[@]}" "$rpid" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$tmp"; }
+rpids=()
+cleanup() { kill "${pids[@]}" "${rpids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
-for _ in $(seq 50); do "${cli[@]}" ping >/dev/null 2>&1 && break; sleep 0.1; done
+bus_env=(HERALD_BUS__KIND=redis HERALD_BUS__REDIS_URL="$url")
+rports=("$RPORT")
+if [ "${CLUSTER:-0}" = 1 ]; then
+    rports=("$RPORT" $((RPORT + 1)) $((RPORT + 2)))
+    seeds=()
+    for p in "${rports[@]}"; do
+        redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --cluster-enabled yes \
+            --cluster-config-file "$tmp/nodes-$p.conf" --dir "$tmp" >>/tmp/bench-redis.log 2>&1 &
+        rpids+=($!)
+        seeds+=("redis://127.0.0.1:$p")
+    done
+    for p in "${rports[@]}"; do
+        for _ in $(seq 50); do redis-cli -p "$p" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    done
+    redis-cli --cluster create "${seeds[@]#redis://}" --cluster-replicas 0 --cluster-yes >/dev/null
+    for _ in $(seq 100); do
+        redis-cli -p "$RPORT" cluster info | grep -q cluster_state:ok && break
+        sleep 0.1
+    done
+    bus_env=(HERALD_BUS__KIND=redis_cluster HERALD_BUS__REDIS_CLUSTER_URLS="$(IFS=,; echo "${seeds[*]}")")
+else
+    redis-server "${redis_args[@]}" >/tmp/bench-redis.log 2>&1 &
+    rpids+=($!)
+    for _ in $(seq 50); do "${cli[@]}" ping >/dev/null 2>&1 && break; sleep 0.1; done
+fi
 for port in "$A" "$B"; do
     env HERALD_AUTH__JWT_SECRET=$LOADGEN_JWT_SECRET HERALD_API__KEYS=$LOADGEN_API_KEY HERALD_AUTH__MEMBERSHIP=open \
-        HERALD_BUS__KIND=redis HERALD_BUS__REDIS_URL="$url" "${tls_env[@]}" \
+        "${bus_env[@]}" "${tls_env[@]}" \
         HERALD_SERVER__LISTEN=127.0.0.1:$port RUST_LOG=warn "$SERVER_BIN" &
     pids+=($!)
 done
@@ -67,16 +93,31 @@ for port in "$A" "$B"; do
 done
 cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }
 rss() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
-before=($(cpu "${pids[0]}") $(cpu "${pids[1]}") $(cpu "$rpid"))
+rcpu() { local t=0; for p in "${rpids[@]}"; do t=$((t + $(cpu "$p"))); done; echo "$t"; }
+# Pub/sub calls per Redis server (direct or from scripts): PUBLISH on one server, SPUBLISH per shard.
+pubs() {
+    local count=(awk -F'[=,:]' '/^cmdstat_s?publish:/ {n += $3} END {print n + 0}')
+    if [ "${CLUSTER:-0}" = 1 ]; then
+        for p in "${rports[@]}"; do redis-cli -p "$p" info commandstats | "${count[@]}"; done
+    else
+        "${cli[@]}" info commandstats | "${count[@]}"
+    fi
+}
+before=($(cpu "${pids[0]}") $(cpu "${pids[1]}") $(rcpu))
+pubs_before=($(pubs))
 status=0
 nodes=(--also-url "http://127.0.0.1:$B")
 [ "${SPLIT:-0}" = 1 ] && nodes=(--publish-url "http://127.0.0.1:$B")
 "$LOADGEN_BIN" "$@" --url "http://127.0.0.1:$A" "${nodes[@]}" --server-pid "${pids[0]}" || status=$?
-after=($(cpu "${pids[0]}") $(cpu "${pids[1]}") $(cpu "$rpid"))
+after=($(cpu "${pids[0]}") $(cpu "${pids[1]}") $(rcpu))
+pubs_after=($(pubs))
 hz=$(getconf CLK_TCK)
 secs() { printf '%d.%02d' $(( $1 / hz )) $(( ($1 % hz) * 100 / hz )); }
 echo "whole-run CPU seconds: node A $(secs $((after[0]-before[0]))), node B $(secs $((after[1]-before[1]))), redis $(secs $((after[2]-before[2])))" >&2
-echo "RSS at end (KiB): node A $(rss "${pids[0]}"), node B $(rss "${pids[1]}"), redis $(rss "$rpid")" >&2
+echo "RSS at end (KiB): node A $(rss "${pids[0]}"), node B $(rss "${pids[1]}"), redis $(rss "${rpids[0]}")" >&2
+for i in "${!rports[@]}"; do
+    echo "redis ${rports[$i]}: $((pubs_after[i] - pubs_before[i])) publish calls" >&2
+done
 for port in "$A" "$B"; do
     curl -s "http://127.0.0.1:$port/metrics" \
         | grep -E '^herald_((frames_out|write_syscalls|slow_consumers_dropped|redis_inbound_dropped|events_in|catchups|recoveries|redis_history_reads|closes|publish_overloaded|publish_overloaded_remote)_total|backlog_frames|history_(frames|bytes))' \

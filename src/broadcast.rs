@@ -90,6 +90,22 @@ impl Deliver for Broadcaster {
         }
     }
 
+    fn deliver_to_user(&self, event: &DomainEvent, _seq: Option<u64>, user: UserId) {
+        if event.kind == EventKind::Unknown {
+            self.metrics.events_unknown.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // Counted per copy: an event for several users here counts once per user.
+        self.metrics.events_in.fetch_add(1, Ordering::Relaxed);
+        let route = route(event);
+        if !route.users.contains(&user) {
+            return;
+        }
+        if let Some(frame) = server::user_frame(event, &route) {
+            self.users.send(user, UserMsg::Frame(frame));
+        }
+    }
+
     fn removals_snapshot(&self, removals: Vec<(ChatId, UserId, u64)>) {
         self.bans.replace_removals(&removals, crate::auth::now_secs());
     }

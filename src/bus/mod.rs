@@ -195,6 +195,16 @@ pub trait Deliver: Send + Sync + 'static {
     /// One event, with the room `seq` the bus assigned (room events only).
     fn deliver(&self, event: &DomainEvent, seq: Option<u64>);
 
+    /// The copy of `event` addressed to `user` alone, as it reached this node on that user's own
+    /// channel: only the user's frame, for `user` only (never the room's frame). Redis Cluster
+    /// publishes each user's copy on the user's shard, so copies of one event arrive from several
+    /// shards in any order; delivering each to its one user needs no dedupe and loses none. The
+    /// default hands the whole event to [`Deliver::deliver`] (for sinks that do not route).
+    fn deliver_to_user(&self, event: &DomainEvent, seq: Option<u64>, user: UserId) {
+        let _ = user;
+        self.deliver(event, seq);
+    }
+
     /// The complete membership as the bus holds it (a multi-node bus loads
     /// it on every connect): every pair not in it is no longer a member.
     /// The Redis bus first delivers, through [`Deliver::deliver`] and in

@@ -14,7 +14,7 @@ pub enum BusKind {
     Memory,
     /// One Redis server, `bus.redis_url`.
     Redis,
-    /// Redis Cluster, `bus.redis_cluster_urls` (refused at startup: not supported yet).
+    /// Redis Cluster, `bus.redis_cluster_urls` (sharded pub/sub, Redis 7 or later).
     RedisCluster,
     /// A master found through Redis Sentinel, `bus.redis_sentinel_urls`.
     RedisSentinel,
@@ -44,7 +44,8 @@ pub struct BusConfig {
     pub kind: BusKind,
     /// `kind: redis`: `redis://` or `rediss://` (TLS), with `user:password@` for an ACL user.
     pub redis_url: String,
-    /// `kind: redis_cluster`: seed nodes.
+    /// `kind: redis_cluster`: seed nodes, asked in turn for the slot map; their scheme and
+    /// `user:password@` are used for every primary.
     #[serde(deserialize_with = "string_or_list")]
     pub redis_cluster_urls: Vec<String>,
     /// `kind: redis_sentinel`: the sentinels, asked in order for the master; their
@@ -144,11 +145,22 @@ impl BusConfig {
             BusKind::Memory => {}
             BusKind::Redis => check_redis_url("bus.redis_url", &self.redis_url)?,
             BusKind::RedisCluster => {
-                return Err(key_error(
-                    "bus.kind",
-                    "redis_cluster is not supported by this version of Herald yet: use redis or \
-                     redis_sentinel (README.md, \"Redis in production\")",
-                ))
+                if self.redis_cluster_urls.is_empty() {
+                    return Err(key_error("bus.redis_cluster_urls", "list at least one seed node"));
+                }
+                for url in &self.redis_cluster_urls {
+                    check_redis_url("bus.redis_cluster_urls", url)?;
+                }
+                // Every primary is reached with the scheme of the seed that answered: mixed
+                // seeds would send the bus in plain text whenever a `redis://` one answers.
+                let tls = |u: &String| u.starts_with("rediss://");
+                if self.redis_cluster_urls.iter().any(tls) && !self.redis_cluster_urls.iter().all(tls) {
+                    return Err(key_error(
+                        "bus.redis_cluster_urls",
+                        "mixes redis:// and rediss:// seeds: every node of one cluster is reached the \
+                         same way, so list them all with one scheme",
+                    ));
+                }
             }
             BusKind::RedisSentinel => {
                 if self.redis_sentinel_urls.is_empty() {
@@ -178,6 +190,15 @@ impl BusConfig {
                 ),
             ));
         }
+        if self.kind != BusKind::RedisCluster && !self.redis_cluster_urls.is_empty() {
+            return Err(key_error(
+                "bus.kind",
+                format!(
+                    "is {} but bus.redis_cluster_urls is set: use kind redis_cluster or remove it",
+                    self.kind.name()
+                ),
+            ));
+        }
         if let Some(path) = &self.redis_tls_ca_file {
             if path.as_os_str().is_empty() {
                 return Err(key_error(
@@ -191,7 +212,8 @@ impl BusConfig {
             let (key, urls): (&str, &[String]) = match self.kind {
                 BusKind::Redis => ("bus.redis_url", std::slice::from_ref(&self.redis_url)),
                 BusKind::RedisSentinel => ("bus.redis_sentinel_urls", &self.redis_sentinel_urls),
-                BusKind::Memory | BusKind::RedisCluster => ("", &[]),
+                BusKind::RedisCluster => ("bus.redis_cluster_urls", &self.redis_cluster_urls),
+                BusKind::Memory => ("", &[]),
             };
             if let Some(plain) = urls.iter().find(|u| !u.starts_with("rediss://")) {
                 return Err(key_error(
@@ -299,9 +321,32 @@ mod tests {
     }
 
     #[test]
-    fn cluster_is_refused_naming_the_kind() {
+    fn cluster_needs_its_seeds_and_takes_them_from_the_environment() {
+        let err = parse("bus:\n  kind: redis_cluster\n", &[]).unwrap_err();
+        assert!(err.contains("bus.redis_cluster_urls"), "{err}");
         let err =
-            parse("bus:\n  kind: redis_cluster\n  redis_cluster_urls: [redis://a:7000]\n", &[]).unwrap_err();
+            parse("bus:\n  kind: redis_cluster\n  redis_cluster_urls: [http://a:7000]\n", &[]).unwrap_err();
+        assert!(err.contains("bus.redis_cluster_urls") && err.contains("rediss://"), "{err}");
+        let mixed = "bus:\n  kind: redis_cluster\n  redis_cluster_urls: [rediss://a:7000, redis://b:7000]\n";
+        let err = parse(mixed, &[]).unwrap_err();
+        assert!(err.contains("bus.redis_cluster_urls") && err.contains("mixes"), "{err}");
+        let env = [
+            ("HERALD_BUS__KIND", "redis_cluster"),
+            ("HERALD_BUS__REDIS_CLUSTER_URLS", "rediss://a:7000, rediss://u:pw@b:7000"),
+        ];
+        let config = parse("", &env).expect("valid");
+        assert_eq!(config.bus.redis_cluster_urls, ["rediss://a:7000", "rediss://u:pw@b:7000"]);
+        let shown = format!("{config:?}");
+        assert!(shown.contains("rediss://u:***@b:7000") && !shown.contains(":pw@"), "{shown}");
+        // Seeds under another kind would be ignored.
+        let env = [("HERALD_BUS__KIND", "redis"), ("HERALD_BUS__REDIS_CLUSTER_URLS", "redis://a:7000")];
+        let err = parse("", &env).unwrap_err();
         assert!(err.contains("bus.kind") && err.contains("redis_cluster"), "{err}");
+        let err = parse(
+            "bus:\n  kind: redis_cluster\n  redis_cluster_urls: [redis://a:7000]\n  redis_tls_ca_file: ca.pem\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.contains("bus.redis_tls_ca_file"), "{err}");
     }
 }

@@ -143,6 +143,11 @@ impl Proc {
         assert!(status.is_ok_and(|s| s.success()), "kill -{signal} {pid}");
     }
 
+    /// True until [`Proc::kill`].
+    pub fn alive(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// SIGKILL: a crash.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

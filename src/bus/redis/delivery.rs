@@ -55,7 +55,9 @@ pub(super) struct Missed {
 /// Per-connection delivery state; reset with each new connection.
 struct Receiving {
     gen: u64,
-    /// Highest global counter delivered: copies of a non-room event (several channels) are dropped.
+    /// Highest global counter delivered: copies of a non-room event (several channels of one
+    /// server, which sends them in order) are dropped. Under Cluster only the members channel
+    /// comes this way (users' copies are delivered per user, see [`deliver_one`]).
     last_gseq: u64,
     /// Membership events held until the snapshot of this connection is applied.
     held: Option<Vec<(DomainEvent, u64)>>,
@@ -91,7 +93,10 @@ pub(super) async fn deliver_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Inb
             Inbound::Snapshot { .. } => {}
             Inbound::Push { gen, info } if gen == state.gen => {
                 let Some(Value::BulkString(payload)) = info.data.get(1) else { continue };
-                receive(&shared, &mut state, payload);
+                // Under Cluster each user's copy comes from the user's own shard (see
+                // `deliver_one`).
+                let to_user = if shared.names.cluster { user_channel(info.data.first()) } else { None };
+                receive(&shared, &mut state, payload, to_user);
             }
             // A push from a connection already replaced: the new one restores what is needed.
             Inbound::Push { .. } => {}
@@ -164,7 +169,7 @@ fn presence(shared: &Shared, payload: &[u8]) {
 
 /// One event as a node published it on a channel: this node's only ingress for events from Redis,
 /// where what cannot be delivered is decided.
-fn receive(shared: &Shared, state: &mut Receiving, payload: &[u8]) {
+fn receive(shared: &Shared, state: &mut Receiving, payload: &[u8], to_user: Option<UserId>) {
     if payload.starts_with(super::presence::PRESENCE_PREFIX) {
         presence(shared, payload);
         return;
@@ -201,13 +206,40 @@ fn receive(shared: &Shared, state: &mut Receiving, payload: &[u8]) {
         shared.sink.deliver(&event, None);
         return;
     }
-    deliver_one(shared, state, event, seq);
+    deliver_one(shared, state, event, seq, to_user);
+}
+
+/// The user whose channel (`herald:{<user>}:user`) a push came on, if it came on one.
+fn user_channel(channel: Option<&Value>) -> Option<UserId> {
+    let Some(Value::BulkString(name)) = channel else { return None };
+    let id = name.strip_prefix(b"herald:{")?.strip_suffix(b"}:user")?;
+    std::str::from_utf8(id).ok()?.parse().ok()
 }
 
 /// Delivers one sequenced event of a known type, checked against its room's `seq` or, for any
 /// other event, the global counter: a copy is dropped, a room `seq` that went backwards is
 /// dropped and the room re-seeded. Membership events wait while this connection's snapshot loads.
-fn deliver_one(shared: &Shared, state: &mut Receiving, event: DomainEvent, seq: u64) {
+///
+/// Under Redis Cluster a copy on a user's channel (`to_user`) goes to that user alone, unchecked:
+/// each (event, user) pair is published once, on the user's one channel, so it cannot come twice;
+/// copies of one event (and of consecutive events) come from several shards in any order, so any
+/// ordering check or window across them would drop events no copy delivered. The room's channel
+/// then carries only the room's frame.
+fn deliver_one(
+    shared: &Shared,
+    state: &mut Receiving,
+    event: DomainEvent,
+    seq: u64,
+    to_user: Option<UserId>,
+) {
+    if let Some(user) = to_user {
+        let room = event.room();
+        if let Some(room) = room {
+            shared.note_seq(room, seq);
+        }
+        shared.sink.deliver_to_user(&event, room.map(|_| seq), user);
+        return;
+    }
     if let Some(room) = event.room() {
         let mut delivered = lock(&shared.delivered);
         let last = delivered.entry(room).or_insert(0);
@@ -227,7 +259,12 @@ fn deliver_one(shared: &Shared, state: &mut Receiving, event: DomainEvent, seq: 
         *last = seq;
         drop(delivered);
         shared.note_seq(room, seq);
-        shared.sink.deliver(&event, Some(seq));
+        if shared.names.cluster && !event.user_ids.is_empty() {
+            // Its users' frames come on their own channels.
+            shared.sink.deliver(&DomainEvent { user_ids: Vec::new(), ..event }, Some(seq));
+        } else {
+            shared.sink.deliver(&event, Some(seq));
+        }
         return;
     }
     if seq <= state.last_gseq {
@@ -269,17 +306,27 @@ mod tests {
     #[test]
     fn an_unknown_type_from_a_newer_node_moves_no_dedupe_mark() {
         let sink = Arc::new(Recorder::default());
-        let (shared, _phase) = Shared::new(sink.clone(), RedisOptions::default());
+        let (shared, _phase) = Shared::new(sink.clone(), RedisOptions::default(), false);
         let mut state = Receiving { gen: 1, last_gseq: 0, held: None };
         let (chat, user) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
         // A room event of a type this node does not know, with a room `seq` (microseconds)...
         let unknown = format!(r#"{{"type":"chat.typing","chat_id":"{chat}","seq":1700000000000000}}"#);
-        receive(&shared, &mut state, unknown.as_bytes());
+        receive(&shared, &mut state, unknown.as_bytes(), None);
         // ...must not make the next global counter look like a copy already delivered.
         let notification =
             format!(r#"{{"type":"notification.created","user_id":"{user}","data":{{}},"seq":5}}"#);
-        receive(&shared, &mut state, notification.as_bytes());
+        receive(&shared, &mut state, notification.as_bytes(), None);
         assert_eq!(*lock(&sink.0), vec![(EventKind::Unknown, None), (EventKind::NotificationCreated, None)]);
         assert_eq!(shared.stats.duplicates_dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_user_channel_names_its_user() {
+        let user = uuid::Uuid::new_v4();
+        let on = |name: String| user_channel(Some(&Value::BulkString(name.into_bytes())));
+        assert_eq!(on(format!("herald:{{{user}}}:user")), Some(user));
+        assert_eq!(on(format!("herald:{{{user}}}:room")), None);
+        assert_eq!(on("herald:{not-a-uuid}:user".into()), None);
+        assert_eq!(user_channel(None), None);
     }
 }

@@ -17,6 +17,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
 use crate::bus::BusError;
+
+mod cluster;
 use crate::config::{mask_url_password, BusConfig, BusKind};
 
 /// How one connect failed, as far as the operator is concerned.
@@ -30,6 +32,8 @@ pub(crate) enum Fault {
     NoSuchMaster,
     /// A server listed as a sentinel does not know the `SENTINEL` command (a Redis server).
     NotSentinel,
+    /// A server listed as a cluster seed runs without cluster support.
+    NotCluster,
     /// Down, refused, timed out, or not (yet) the master: worth retrying.
     Unreachable,
 }
@@ -37,7 +41,10 @@ pub(crate) enum Fault {
 impl Fault {
     /// True for a fault no retry cures: the configuration is wrong.
     pub(crate) fn is_config(self) -> bool {
-        matches!(self, Fault::Auth | Fault::Certificate | Fault::NoSuchMaster | Fault::NotSentinel)
+        matches!(
+            self,
+            Fault::Auth | Fault::Certificate | Fault::NoSuchMaster | Fault::NotSentinel | Fault::NotCluster
+        )
     }
 }
 
@@ -87,8 +94,15 @@ enum Target {
         /// cut off during a failover keeps naming the demoted master; the next one is asked).
         first: Arc<AtomicUsize>,
     },
+    /// Redis Cluster: seeds asked in turn for the slot map (`shards.rs`, `cluster.rs`).
+    Cluster {
+        seeds: Vec<Sentinel>,
+        /// The seed asked first: the last one that answered.
+        first: Arc<AtomicUsize>,
+    },
 }
 
+/// A configured server that names others (a sentinel, or a cluster seed).
 #[derive(Clone)]
 struct Sentinel {
     client: redis::Client,
@@ -135,6 +149,17 @@ impl Endpoint {
                     first: Arc::new(AtomicUsize::new(0)),
                 }
             }
+            BusKind::RedisCluster => {
+                let seeds = config
+                    .redis_cluster_urls
+                    .iter()
+                    .map(|url| {
+                        let client = client(url, roots.as_deref(), false, "bus.redis_cluster_urls")?;
+                        Ok(Sentinel { client, url: url.clone(), shown: mask_url_password(url) })
+                    })
+                    .collect::<Result<Vec<_>, BusError>>()?;
+                Target::Cluster { seeds, first: Arc::new(AtomicUsize::new(0)) }
+            }
             _ => Target::Single {
                 client: Box::new(client(&config.redis_url, roots.as_deref(), true, "bus.redis_url")?),
                 shown: mask_url_password(&config.redis_url),
@@ -148,6 +173,14 @@ impl Endpoint {
     /// cures, named by its key. A server that does not answer is an outage: the node starts
     /// degraded and keeps trying.
     pub(crate) async fn refuse_misconfigured(&self, timeout: Duration) -> Result<(), BusError> {
+        if let Target::Cluster { .. } = self.target {
+            // Every primary: a password wrong on one node only would leave its slots unserved.
+            let checked = self.check_all(timeout).await;
+            return match checked.into_iter().filter_map(|(_, r)| r.err()).find(|f| f.fault.is_config()) {
+                Some(failure) => Err(failure.into_bus_error()),
+                None => Ok(()),
+            };
+        }
         let checked = match self.resolve(timeout).await {
             Ok(master) => self.check_master(&master, timeout).await.map(|_| ()),
             Err(failure) => Err(failure),
@@ -163,7 +196,13 @@ impl Endpoint {
         match self.target {
             Target::Single { .. } => "bus.redis_url",
             Target::Sentinel { .. } => "bus.redis_sentinel_urls",
+            Target::Cluster { .. } => "bus.redis_cluster_urls",
         }
+    }
+
+    /// True under Redis Cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self.target, Target::Cluster { .. })
     }
 
     /// What this endpoint is, for logs: the URL or the sentinels and master name, masked.
@@ -173,6 +212,10 @@ impl Endpoint {
             Target::Sentinel { sentinels, master, .. } => {
                 let list: Vec<&str> = sentinels.iter().map(|s| s.shown.as_str()).collect();
                 format!("master `{master}` via sentinels {}", list.join(", "))
+            }
+            Target::Cluster { seeds, .. } => {
+                let list: Vec<&str> = seeds.iter().map(|s| s.shown.as_str()).collect();
+                format!("cluster via seeds {}", list.join(", "))
             }
         }
     }
@@ -212,6 +255,19 @@ impl Endpoint {
                     reason: "no sentinel configured".into(),
                     fault: Fault::Unreachable,
                 }))
+            }
+            // The primary of the node-wide calls outside the bus session (the pressure hash).
+            Target::Cluster { .. } => {
+                let (topology, seed) = self.discover(timeout).await?;
+                let key = super::pressure::PRESSURE_KEY.as_bytes();
+                let primary = topology.owner_of(key).cloned().ok_or_else(|| Failure {
+                    key: "bus.redis_cluster_urls",
+                    shown: String::new(),
+                    addr: String::new(),
+                    reason: "the cluster serves no primary for the pressure slot".into(),
+                    fault: Fault::Unreachable,
+                })?;
+                self.primary(&seed, &primary)
             }
         }
     }
@@ -300,7 +356,9 @@ impl Endpoint {
                 key,
                 format!("the server's certificate is not trusted by the system roots (set bus.redis_tls_ca_file): {e}"),
             ),
-            Fault::Unreachable | Fault::NoSuchMaster | Fault::NotSentinel => (key, e.to_string()),
+            Fault::Unreachable | Fault::NoSuchMaster | Fault::NotSentinel | Fault::NotCluster => {
+                (key, e.to_string())
+            }
         };
         Failure { key, shown: shown.to_string(), addr: addr.to_string(), reason, fault }
     }
@@ -338,6 +396,7 @@ impl Endpoint {
                     out.push((m.shown.clone(), result));
                 }
             }
+            Target::Cluster { seeds, .. } => self.check_cluster(seeds, timeout, &mut out).await,
         }
         out
     }
@@ -368,8 +427,9 @@ impl Endpoint {
 }
 
 /// How many `timeout`s [`Endpoint::check_all`] may take: asking the sentinels (connect, reply),
-/// then checking the masters (connect, `PING`, `ROLE`), each step on every server at once.
-pub(crate) const CHECK_ALL_STEPS: u32 = 5;
+/// then checking the masters (connect, `PING`, `ROLE`), each step on every server at once; under
+/// Cluster the slot map is read from one seed after another, so a dead seed costs a step more.
+pub(crate) const CHECK_ALL_STEPS: u32 = 7;
 
 /// The server's replication role (`master`, `slave`, `sentinel`), from `ROLE`.
 pub(crate) async fn role(conn: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<String> {

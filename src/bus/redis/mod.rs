@@ -7,7 +7,8 @@
 //!   names, resolved again on every connect (that is how a failover is followed), over
 //!   `rediss://` with certificate verification and as an ACL user. A wrong password or an
 //!   untrusted certificate stops startup naming the key; an unreachable server does not.
-//! - **One connection per node**, RESP3, owned by a supervisor task. It carries publishes (Lua
+//! - **One connection per node** (under Cluster, two per primary: `cluster.rs`), RESP3, owned by a
+//!   supervisor task. It carries publishes (Lua
 //!   script calls) and the node's subscriptions (pushes). The supervisor alone issues `SUBSCRIBE` /
 //!   `UNSUBSCRIBE`, so subscription changes never race each other; it reconnects with capped
 //!   exponential backoff and restores every needed subscription itself (we do not use
@@ -16,7 +17,7 @@
 //! - **Channels**: `herald:{<chat>}:room` while a local subscriber watches the room,
 //!   `herald:{<user>}:user` while the user is connected here, and `herald:members`, which every node
 //!   subscribes to for its whole life (membership events must reach every node). Every name and
-//!   the Redis Cluster outlook are in `scripts.rs`.
+//!   the Redis Cluster names are in `scripts.rs` and `names.rs`.
 //! - **Sequencing**: one Lua script call per `publish` batch INCRs each room's counter
 //!   (`herald:{<chat>}:seq`) and PUBLISHes the event with that `seq` in one atomic step, so every node
 //!   sees the same `seq` in the same order. Non-room events get a global counter (`herald:gseq`)
@@ -63,15 +64,25 @@
 //! - `supervisor.rs`: the connection, its subscriptions, reconnects;
 //! - `publisher.rs`: batches publish calls into script calls;
 //! - `delivery.rs`: hands what Redis pushes to the broadcaster, once each and in order;
-//! - `pressure.rs`: overload shared across nodes; `stats.rs`: the bus's counters.
+//! - `pressure.rs`: overload shared across nodes; `stats.rs`: the bus's counters;
+//!   `checked.rs`: the cache of "no revocation" answers;
+//! - Redis Cluster: `shards.rs` (slot map, connections per primary, [`Link`]), `names.rs` (the
+//!   global names per kind), `cluster.rs` (the cluster session: one session spans every primary,
+//!   and any topology change ends it), `cluster_publish.rs` (batches split by slot).
 
+mod checked;
+mod cluster;
+mod cluster_publish;
 mod delivery;
 pub(crate) mod endpoint;
+mod names;
 mod options;
 mod presence;
 mod pressure;
 mod publisher;
+mod script_set;
 mod scripts;
+pub(crate) mod shards;
 mod stats;
 mod supervisor;
 mod topics;
@@ -79,9 +90,8 @@ mod topics;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
@@ -93,11 +103,14 @@ use crate::config::BusConfig;
 use crate::protocol::event::{DomainEvent, EventKind};
 use crate::protocol::{ChatId, UserId};
 use crate::sync::lock;
+use checked::Checked;
 use endpoint::Endpoint;
+use names::Names;
 pub use options::RedisOptions;
 use publisher::PublishReq;
 use scripts::Scripts;
 pub use scripts::{channel, MEMBERS_CHANNEL};
+use shards::Link;
 pub use stats::RedisStats;
 use stats::COUNTERS;
 use topics::{Topics, WatchGuard};
@@ -135,9 +148,14 @@ struct Shared {
     options: RedisOptions,
     /// Local interest and the subscriptions that serve it.
     topics: Topics,
-    /// The live connection, present only once its subscriptions, re-seed and scripts are in place.
-    /// The handle and the publisher read it; only the supervisor sets and clears it.
-    conn: Mutex<Option<MultiplexedConnection>>,
+    /// The live connection (under Cluster: one per primary), present only once its
+    /// subscriptions, re-seed and scripts are in place. The handle and the publisher read it;
+    /// only the supervisor sets and clears it.
+    conn: Mutex<Option<Link>>,
+    /// The global keys' names for this bus kind.
+    names: Names,
+    /// The generation of the session in place (a `MOVED` reply ends it: the slot map changed).
+    session_gen: AtomicU64,
     /// Where the connection stands. The supervisor sends; `connect_with` waits on a receiver for
     /// the first attempt's outcome, and `health` reads it.
     phase: watch::Sender<Phase>,
@@ -165,26 +183,15 @@ struct Shared {
     node_id: u64,
 }
 
-/// How long a "no revocation" answer from Redis is trusted (revocations published meanwhile
-/// arrive on the members channel and forget it at once).
-const CHECKED_FOR: Duration = Duration::from_secs(60);
-/// Users whose "no revocation" answer is held at most; a full table starts over.
-const CHECKED_MAX: usize = 65_536;
-
-/// See [`Shared::checked`].
-#[derive(Default)]
-struct Checked {
-    /// Moved by every forget: an answer read before it is not cached.
-    epoch: u64,
-    users: HashMap<UserId, Instant>,
-}
-
 /// What a Redis error means to a publisher or a subscriber: the one place a Redis failure becomes
 /// a [`BusError`]. The caller logs the error itself: its text never reaches a client.
 fn classify(e: &redis::RedisError) -> BusError {
     if e.code() == Some(scripts::SETTLING) {
         // The publish script's refusal while Redis's state is new (see `PUBLISH_LUA`).
         BusError::Settling
+    } else if matches!(e.code(), Some("MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN")) {
+        // Redis Cluster is moving a slot or failing over: worth a retry once the node follows.
+        BusError::Unreachable
     } else if e.is_timeout() {
         BusError::Timeout
     } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
@@ -229,14 +236,18 @@ impl RedisBus {
         let endpoint = Endpoint::from_config(config)?;
         let (target, key) = (endpoint.describe(), endpoint.key());
         endpoint.refuse_misconfigured(options.connect_timeout * 3).await?;
-        let (shared, mut phase_rx) = Shared::new(sink, options);
+        let (shared, mut phase_rx) = Shared::new(sink, options, endpoint.is_cluster());
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
         let pressure = pressure::start(endpoint.clone(), inbound_tx.downgrade());
         let tasks = vec![
             tokio::spawn(delivery::deliver_task(shared.clone(), inbound_rx)),
             tokio::spawn(publisher::publisher_task(shared.clone(), publish_rx)),
-            tokio::spawn(supervisor::supervise(shared.clone(), endpoint, inbound_tx)),
+            if endpoint.is_cluster() {
+                tokio::spawn(cluster::supervise(shared.clone(), endpoint, inbound_tx))
+            } else {
+                tokio::spawn(supervisor::supervise(shared.clone(), endpoint, inbound_tx))
+            },
         ];
         let bus = RedisBus { shared, publish_tx, tasks, pressure };
         // Wait for the first attempt's outcome; once connected, also for a fresh Redis to settle.
@@ -324,7 +335,7 @@ impl Bus for RedisBus {
 
     fn head(&self, chat: ChatId) -> BoxFuture<'_, Result<u64, BusError>> {
         Box::pin(async move {
-            let mut conn = self.shared.connection()?;
+            let mut conn = self.shared.connection_for(&scripts::seq_key(chat))?;
             let floor = lock(&self.shared.floors).get(&chat).map_or(0, |f| f.saturating_add(1));
             let mut cmd = redis::cmd("EVALSHA");
             let ttl = self.shared.options.history_ttl.as_millis().to_string();
@@ -335,7 +346,7 @@ impl Bus for RedisBus {
                 .arg(ttl);
             let head: u64 = cmd.query_async(&mut conn).await.map_err(|e| {
                 tracing::warn!(%chat, error = %e, "redis head read failed");
-                classify(&e)
+                self.shared.fail(&e)
             })?;
             // Remembered like a delivered seq: if Redis loses its state before the room's first
             // event, the re-seed restores this position, and its subscribers see no gap.
@@ -346,7 +357,7 @@ impl Bus for RedisBus {
 
     fn kept(&self, chat: ChatId, since: u64) -> BoxFuture<'_, Result<Option<Kept>, BusError>> {
         Box::pin(async move {
-            let mut conn = self.shared.connection()?;
+            let mut conn = self.shared.connection_for(&scripts::seq_key(chat))?;
             self.shared.stats.history_reads.fetch_add(1, Ordering::Relaxed);
             let mut cmd = redis::cmd("EVALSHA");
             cmd.arg(self.shared.scripts.kept.get_hash())
@@ -357,7 +368,7 @@ impl Bus for RedisBus {
                 .arg(since);
             let reply: Vec<Vec<u8>> = cmd.query_async(&mut conn).await.map_err(|e| {
                 tracing::warn!(%chat, error = %e, "redis history read failed");
-                classify(&e)
+                self.shared.fail(&e)
             })?;
             let number =
                 |v: Option<Vec<u8>>| v.and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u64>().ok());
@@ -385,25 +396,28 @@ impl Bus for RedisBus {
 
     fn control(&self, msg: Control) -> BoxFuture<'_, Result<(), BusError>> {
         Box::pin(async move {
-            let mut conn = self.shared.connection()?;
+            let names = self.shared.names;
             let reply = match msg {
                 // Only the nodes where the user is connected subscribe its channel.
                 Control::Disconnect(user) => {
-                    redis::cmd("PUBLISH")
-                        .arg(channel(Topic::User(user)))
+                    let user_channel = channel(Topic::User(user));
+                    let mut conn = self.shared.connection_for(&user_channel)?;
+                    redis::cmd(if names.cluster { "SPUBLISH" } else { "PUBLISH" })
+                        .arg(user_channel)
                         .arg(msg.to_json())
                         .query_async::<i64>(&mut conn)
                         .await
                 }
                 // Every node subscribes the members channel for life.
                 Control::Revoke { user, before } => {
+                    let mut conn = self.shared.connection()?;
                     redis::cmd("EVALSHA")
                         .arg(self.shared.scripts.revoke.get_hash())
                         .arg(1)
-                        .arg(scripts::revoked_key(user))
+                        .arg(names.revoked_key(user))
                         .arg(before)
                         .arg(self.shared.options.token_ttl.as_millis().to_string())
-                        .arg(MEMBERS_CHANNEL)
+                        .arg(names.members_channel)
                         .arg(user.to_string())
                         .query_async::<i64>(&mut conn)
                         .await
@@ -411,7 +425,7 @@ impl Bus for RedisBus {
             };
             reply.map(|_| ()).map_err(|e| {
                 tracing::warn!(user = %msg.user(), error = %e, "redis control message failed");
-                classify(&e)
+                self.shared.fail(&e)
             })
         })
     }
@@ -439,14 +453,13 @@ impl Bus for RedisBus {
     fn revoked(&self, user: UserId) -> BoxFuture<'_, Result<Option<u64>, BusError>> {
         Box::pin(async move {
             let Err(epoch) = self.shared.checked_recently(user) else { return Ok(None) };
-            let mut conn = self.shared.connection()?;
+            let key = self.shared.names.revoked_key(user);
+            let mut conn = self.shared.connection_for(&key)?;
             let before: Option<u64> =
-                redis::cmd("GET").arg(scripts::revoked_key(user)).query_async(&mut conn).await.map_err(
-                    |e| {
-                        tracing::warn!(%user, error = %e, "redis revocation read failed");
-                        classify(&e)
-                    },
-                )?;
+                redis::cmd("GET").arg(key).query_async(&mut conn).await.map_err(|e| {
+                    tracing::warn!(%user, error = %e, "redis revocation read failed");
+                    self.shared.fail(&e)
+                })?;
             if before.is_none() {
                 self.shared.checked_none(user, epoch);
             }
@@ -487,13 +500,19 @@ impl RedisBus {
 
 impl Shared {
     /// The state of a bus that has no connection yet, and a receiver of its phase.
-    fn new(sink: Arc<dyn Deliver>, options: RedisOptions) -> (Arc<Shared>, watch::Receiver<Phase>) {
+    fn new(
+        sink: Arc<dyn Deliver>,
+        options: RedisOptions,
+        cluster: bool,
+    ) -> (Arc<Shared>, watch::Receiver<Phase>) {
         let (phase, phase_rx) = watch::channel(Phase::Connecting);
         let shared = Arc::new(Shared {
             sink,
             options,
             topics: Topics::default(),
             conn: Mutex::new(None),
+            names: if cluster { names::CLUSTER } else { names::SINGLE },
+            session_gen: AtomicU64::new(0),
             phase,
             floors: Mutex::default(),
             delivered: Mutex::default(),
@@ -501,7 +520,7 @@ impl Shared {
             lost_gen: AtomicU64::new(0),
             lost: Notify::new(),
             stats: Arc::default(),
-            scripts: Scripts::new(),
+            scripts: Scripts::new(cluster),
             checked: Mutex::default(),
             node_id: presence::random_id(),
         });
@@ -517,11 +536,6 @@ impl Shared {
         }
     }
 
-    /// The live connection, or what [`Shared::connected`] answers without one.
-    fn connection(&self) -> Result<MultiplexedConnection, BusError> {
-        lock(&self.conn).clone().ok_or(BusError::Unreachable)
-    }
-
     /// A membership event with global counter `gseq` was applied.
     fn note_member(&self, gseq: u64) {
         if let Some(mark) = lock(&self.member_mark).as_mut() {
@@ -534,41 +548,6 @@ impl Shared {
         let mut floors = lock(&self.floors);
         let floor = floors.entry(chat).or_insert(0);
         *floor = (*floor).max(seq);
-    }
-
-    /// `Ok` when Redis said recently that it holds no revocation for `user`; otherwise the epoch
-    /// to hand [`Shared::checked_none`] with Redis's answer.
-    fn checked_recently(&self, user: UserId) -> Result<(), u64> {
-        let checked = lock(&self.checked);
-        match checked.users.get(&user) {
-            Some(at) if at.elapsed() < CHECKED_FOR => Ok(()),
-            _ => Err(checked.epoch),
-        }
-    }
-
-    /// Redis said it holds no revocation for `user`, in an answer asked for at `epoch`: cached
-    /// unless a revocation or a loss came in between.
-    fn checked_none(&self, user: UserId, epoch: u64) {
-        let mut checked = lock(&self.checked);
-        if checked.epoch != epoch {
-            return;
-        }
-        if checked.users.len() >= CHECKED_MAX {
-            checked.users.clear();
-        }
-        checked.users.insert(user, Instant::now());
-    }
-
-    /// Forgets the cached answers for `user` (all of them for `None`).
-    fn forget_checked(&self, user: Option<UserId>) {
-        let mut checked = lock(&self.checked);
-        checked.epoch += 1;
-        match user {
-            Some(user) => {
-                checked.users.remove(&user);
-            }
-            None => checked.users = HashMap::new(),
-        }
     }
 
     /// The connection is gone: refuse publishes and watches, forget confirmations, fail waiters.

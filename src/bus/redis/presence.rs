@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use super::{channel, classify, scripts, RedisBus};
+use super::{channel, scripts, RedisBus};
 use crate::bus::{BusError, Ephemeral, Topic};
 use crate::protocol::{ChatId, UserId};
 
@@ -42,8 +42,8 @@ const REFRESH_ROOMS: usize = 256;
 
 impl RedisBus {
     pub(super) async fn presence_call(&self, event: Ephemeral) -> Result<bool, BusError> {
-        let mut conn = self.shared.connection()?;
         let chat = event.chat();
+        let mut conn = self.shared.connection_for(&scripts::presence_key(chat))?;
         let room = channel(Topic::Room(chat));
         let scripts = &self.shared.scripts;
         let mut cmd = redis::cmd("EVALSHA");
@@ -83,13 +83,13 @@ impl RedisBus {
         }
         let sent: i64 = cmd.query_async(&mut conn).await.map_err(|e| {
             tracing::warn!(%chat, error = %e, "redis presence call failed");
-            classify(&e)
+            self.shared.fail(&e)
         })?;
         Ok(!matches!(event, Ephemeral::Typing { .. }) || sent == 1)
     }
 
     pub(super) async fn present_users(&self, chat: ChatId) -> Result<Option<Vec<UserId>>, BusError> {
-        let mut conn = self.shared.connection()?;
+        let mut conn = self.shared.connection_for(&scripts::presence_key(chat))?;
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.shared.scripts.presence_list.get_hash())
             .arg(2)
@@ -99,7 +99,7 @@ impl RedisBus {
             .arg(chat.to_string());
         let users: Vec<String> = cmd.query_async(&mut conn).await.map_err(|e| {
             tracing::warn!(%chat, error = %e, "redis presence read failed");
-            classify(&e)
+            self.shared.fail(&e)
         })?;
         let mut users: Vec<UserId> = users.iter().filter_map(|u| UserId::try_parse(u).ok()).collect();
         users.sort_unstable();
@@ -108,10 +108,15 @@ impl RedisBus {
     }
 
     pub(super) async fn refresh_rooms(&self, rooms: Vec<(ChatId, Vec<UserId>)>) -> Result<(), BusError> {
-        let mut conn = self.shared.connection()?;
+        let link = self.shared.link()?;
         let ttl = self.shared.options.presence_ttl.as_millis().to_string();
-        // One call per room (one slot under Cluster), pipelined a chunk at a time.
-        for chunk in rooms.chunks(REFRESH_ROOMS) {
+        // One call per room (one slot under Cluster), pipelined a chunk at a time per primary.
+        let keys: Vec<String> = rooms.iter().map(|(chat, _)| scripts::presence_key(*chat)).collect();
+        for (mut conn, chunk) in link.group(&keys).into_iter().flat_map(|(conn, indexes)| {
+            let chunks: Vec<Vec<usize>> = indexes.chunks(REFRESH_ROOMS).map(<[usize]>::to_vec).collect();
+            chunks.into_iter().map(move |c| (conn.clone(), c))
+        }) {
+            let chunk: Vec<&(ChatId, Vec<UserId>)> = chunk.iter().map(|i| &rooms[*i]).collect();
             let mut pipe = redis::pipe();
             for (chat, users) in chunk {
                 let cmd = pipe
@@ -131,7 +136,7 @@ impl RedisBus {
             }
             pipe.query_async::<()>(&mut conn).await.map_err(|e| {
                 tracing::warn!(error = %e, "redis presence refresh failed");
-                classify(&e)
+                self.shared.fail(&e)
             })?;
         }
         Ok(())
@@ -142,9 +147,14 @@ impl RedisBus {
         rooms: Vec<(ChatId, Vec<UserId>)>,
         within: Duration,
     ) -> Result<(), BusError> {
-        let mut conn = self.shared.connection()?;
+        let link = self.shared.link()?;
         let within = within.as_millis().to_string();
-        for chunk in rooms.chunks(REFRESH_ROOMS) {
+        let keys: Vec<String> = rooms.iter().map(|(chat, _)| scripts::presence_key(*chat)).collect();
+        for (mut conn, chunk) in link.group(&keys).into_iter().flat_map(|(conn, indexes)| {
+            let chunks: Vec<Vec<usize>> = indexes.chunks(REFRESH_ROOMS).map(<[usize]>::to_vec).collect();
+            chunks.into_iter().map(move |c| (conn.clone(), c))
+        }) {
+            let chunk: Vec<&(ChatId, Vec<UserId>)> = chunk.iter().map(|i| &rooms[*i]).collect();
             let mut pipe = redis::pipe();
             for (chat, users) in chunk {
                 let cmd = pipe
@@ -162,7 +172,7 @@ impl RedisBus {
             }
             pipe.query_async::<()>(&mut conn).await.map_err(|e| {
                 tracing::warn!(error = %e, "redis presence departure failed");
-                classify(&e)
+                self.shared.fail(&e)
             })?;
         }
         Ok(())

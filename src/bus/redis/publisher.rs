@@ -7,11 +7,9 @@ use redis::aio::MultiplexedConnection;
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use super::scripts::{
-    channel, history_key, members_key, removed_key, seq_key, BOOT_KEY, GSEQ_KEY, MEMBERS_CHANNEL,
-    MEMBER_INDEX_KEY, MEMBER_LOG_KEY, PUBLISH_LUA, REMOVED_INDEX_KEY,
-};
-use super::{classify, Shared};
+use super::scripts::{channel, history_key, seq_key};
+use super::shards::Link;
+use super::Shared;
 use crate::bus::{BusError, Topic};
 use crate::protocol::event::DomainEvent;
 use crate::protocol::route::{route, MemberChange, Route};
@@ -43,8 +41,8 @@ pub(super) async fn publisher_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<P
                 Err(_) => break,
             }
         }
-        let mut conn = match shared.connection() {
-            Ok(conn) => conn,
+        let link = match shared.link() {
+            Ok(link) => link,
             Err(error) => {
                 for req in batch {
                     let _ = req.reply.send(Err(error.clone()));
@@ -52,7 +50,10 @@ pub(super) async fn publisher_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<P
                 continue;
             }
         };
-        let results = publish_batch(&shared, &mut conn, &batch).await;
+        let results = match link {
+            Link::One(mut conn) => publish_batch(&shared, &mut conn, &batch).await,
+            Link::Cluster(shards) => super::cluster_publish::publish_batch(&shared, &shards, &batch).await,
+        };
         for (req, result) in batch.into_iter().zip(results) {
             let _ = req.reply.send(result);
         }
@@ -65,7 +66,8 @@ async fn publish_batch(
     conn: &mut MultiplexedConnection,
     batch: &[PublishReq],
 ) -> Vec<Result<(), BusError>> {
-    let calls: Vec<Option<ScriptCall>> = batch.iter().map(|req| script_call(shared, &req.events)).collect();
+    let calls: Vec<Option<ScriptCall>> =
+        batch.iter().map(|req| script_call(shared, &req.events.iter().collect::<Vec<_>>(), false)).collect();
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for call in calls.iter().flatten() {
@@ -82,7 +84,7 @@ async fn publish_batch(
             // The connection failed mid-pipeline: some calls may have run, but none is claimed.
             // The supervisor's PING or the disconnection push notices a dead connection.
             tracing::warn!(error = %e, "redis publish failed");
-            let error = classify(&e);
+            let error = shared.fail(&e);
             return batch.iter().map(|_| Err(error.clone())).collect();
         }
     };
@@ -101,7 +103,8 @@ async fn publish_batch(
         for &i in &missing {
             retry.add_command(cmds[i].clone());
         }
-        let loaded = redis::cmd("SCRIPT").arg("LOAD").arg(PUBLISH_LUA).query_async::<String>(conn).await;
+        let source = &shared.scripts.sources[0];
+        let loaded = redis::cmd("SCRIPT").arg("LOAD").arg(source).query_async::<String>(conn).await;
         let again = match loaded {
             Ok(_) => retry.query_async::<Vec<redis::RedisResult<Value>>>(conn).await,
             Err(e) => Err(e),
@@ -134,7 +137,7 @@ async fn publish_batch(
                     tracing::error!(reply = ?other, "redis publish script: unexpected reply");
                     Err(BusError::Rejected)
                 }
-                Some(Err(e)) => match classify(&e) {
+                Some(Err(e)) => match shared.fail(&e) {
                     // Expected for a while after Redis lost its state: not an error of this node.
                     BusError::Settling => Err(BusError::Settling),
                     error => {
@@ -153,37 +156,44 @@ async fn publish_batch(
 
 /// The channels an event is published on: its room's, one per addressed user (each once), and
 /// the global membership channel for membership changes. Empty for events that go nowhere.
-fn channels(route: &Route<'_>) -> Vec<String> {
-    let mut channels: Vec<String> = route.room.map(|c| channel(Topic::Room(c))).into_iter().collect();
-    channels.extend(route.users.iter().map(|u| channel(Topic::User(*u))));
+/// Under Cluster the script publishes only on the members channel (its own slot's): the room's
+/// events have their own script and user copies are separate `SPUBLISH`es (`cluster_publish.rs`).
+fn channels(shared: &Shared, route: &Route<'_>) -> Vec<String> {
+    let mut channels: Vec<String> = Vec::new();
+    if !shared.names.cluster {
+        channels.extend(route.room.map(|c| channel(Topic::Room(c))));
+        channels.extend(route.users.iter().map(|u| channel(Topic::User(*u))));
+    }
     if route.membership.is_some() {
-        channels.push(MEMBERS_CHANNEL.to_string());
+        channels.push(shared.names.members_channel.to_string());
     }
     channels
 }
 
 /// One publish script call and, per event it carries, the room whose seq the reply holds.
-struct ScriptCall {
-    cmd: redis::Cmd,
+pub(super) struct ScriptCall {
+    pub(super) cmd: redis::Cmd,
     rooms: Vec<Option<ChatId>>,
 }
 
-/// Builds the publish script call for one batch; `None` when no event needs Redis.
-fn script_call(shared: &Shared, events: &[DomainEvent]) -> Option<ScriptCall> {
+/// Builds the publish script call for one batch; `None` when no event needs Redis. `keep_all`
+/// (Cluster, whose caller has picked the events) keeps events the script publishes nowhere.
+pub(super) fn script_call(shared: &Shared, events: &[&DomainEvent], keep_all: bool) -> Option<ScriptCall> {
+    let names = &shared.names;
     let mut keys: Vec<String> =
-        vec![BOOT_KEY.into(), GSEQ_KEY.into(), MEMBER_INDEX_KEY.into(), REMOVED_INDEX_KEY.into()];
+        vec![names.boot.into(), names.gseq.into(), names.member_index.into(), names.removed_index.into()];
     let mut rooms = Vec::with_capacity(events.len());
     let mut args: Vec<String> = Vec::new();
     let mut has_room = false;
-    let routes: Vec<Route<'_>> = events.iter().map(route).collect();
+    let routes: Vec<Route<'_>> = events.iter().map(|e| route(e)).collect();
     // Look the floors up in one short lock; the JSON encoding below runs without it.
     let floors: Vec<u64> = {
         let known = lock(&shared.floors);
         routes.iter().map(|r| r.room.and_then(|room| known.get(&room).copied()).unwrap_or(0)).collect()
     };
     for ((event, route), floor) in events.iter().zip(&routes).zip(floors) {
-        let channels = channels(route);
-        if channels.is_empty() {
+        let channels = channels(shared, route);
+        if channels.is_empty() && !keep_all {
             continue;
         }
         // The script reads chat and user only for membership ops.
@@ -193,12 +203,12 @@ fn script_call(shared: &Shared, events: &[DomainEvent]) -> Option<ScriptCall> {
                 ("r", seq_key(room), floor, None, None)
             }
             (None, Some(MemberChange::Added { chat, user })) => {
-                ("a", members_key(chat), 0, Some(chat), Some(user))
+                ("a", names.members_key(chat), 0, Some(chat), Some(user))
             }
             (None, Some(MemberChange::Removed { chat, user })) => {
-                ("x", members_key(chat), 0, Some(chat), Some(user))
+                ("x", names.members_key(chat), 0, Some(chat), Some(user))
             }
-            (None, None) => ("u", GSEQ_KEY.into(), 0, None, None),
+            (None, None) => ("u", names.gseq.into(), 0, None, None),
         };
         let text = |id: Option<uuid::Uuid>| id.map(|id| id.to_string()).unwrap_or_default();
         keys.push(key);
@@ -207,8 +217,8 @@ fn script_call(shared: &Shared, events: &[DomainEvent]) -> Option<ScriptCall> {
         } else if let Some(MemberChange::Added { chat, .. } | MemberChange::Removed { chat, .. }) =
             route.membership
         {
-            keys.push(MEMBER_LOG_KEY.into());
-            keys.push(removed_key(chat));
+            keys.push(names.member_log.into());
+            keys.push(names.removed_key(chat));
         }
         rooms.push(route.room);
         args.extend([op.to_string(), floor.to_string(), text(chat), text(user), event.to_json(None)]);

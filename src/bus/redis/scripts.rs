@@ -28,20 +28,20 @@
 //! | `herald:failover` | string | when a node last followed a Sentinel failover to this master (ms); room events wait `settle` after it as after `herald:boot`; expires soon after |
 //!
 //! On one Redis server (also the master Sentinel names) a publish script call covers a whole
-//! batch: many rooms plus the global keys. Redis Cluster (`bus.kind: redis_cluster`, reserved and
-//! refused today) needs more than the room hash tags: the global keys (`herald:boot`,
-//! `herald:gseq`, the indexes, the member log), the member sets, removed hashes and revocations
-//! read by the snapshot script, and the members channel must share one slot of their own (a
-//! `{herald}` tag) under cluster-only names, so upgrades of one-server deployments keep their
-//! keys; room events need a room-only publish script (no boot key, `SPUBLISH`) per room, their
-//! user-channel copies separate `SPUBLISH`es that the delivery task drops while the room is
-//! watched (copies from two shards may arrive out of order), and user events a gseq dedupe that
-//! tolerates reordering across shards. Re-seeding and touching go per room, `SSUBSCRIBE` per
-//! slot, and a shard's lost connection or an unrequested `SUNSUBSCRIBE` (a resharded slot) must
-//! end the session like a lost connection does here, so gaps stay visible.
+//! batch: many rooms plus the global keys.
+//!
+//! Under Redis Cluster (`bus.kind: redis_cluster`) the global keys, the member sets, removed
+//! hashes, revocations and the members channel share the `{herald}` slot under cluster-only
+//! names (`names.rs`: `herald:{herald}:boot`, `herald:{herald}:members:<chat>`,
+//! `herald:{herald}:revoked:<user>`, ...), so one-server deployments keep their keys. Room events
+//! go through [`ROOM_PUBLISH_LUA`], one call per room of a batch on the room's slot, which
+//! `SPUBLISH`es the room channel; copies to user channels are separate `SPUBLISH`es to each user's slot. Every
+//! channel is a shard channel (`SSUBSCRIBE`), and the presence and typing scripts `SPUBLISH` too.
 
 use crate::bus::Topic;
 use crate::protocol::{ChatId, UserId};
+
+pub(super) use super::script_set::Scripts;
 
 /// The channel every node subscribes to for its whole life: membership events.
 pub const MEMBERS_CHANNEL: &str = "herald:members";
@@ -52,15 +52,9 @@ pub(super) const GSEQ_KEY: &str = "herald:gseq";
 pub(super) const MEMBER_INDEX_KEY: &str = "herald:member-chats";
 /// Rooms with a removed hash (the publish script adds, the snapshot script prunes).
 pub(super) const REMOVED_INDEX_KEY: &str = "herald:removed-chats";
-/// A room's removed hash is `MEMBER_SET_PREFIX <chat> REMOVED_SUFFIX`.
-const REMOVED_SUFFIX: &str = "}:removed";
 /// The membership log: every `chat.member_*` event, bounded, so a node that was cut off from Redis
 /// replays the changes it missed (the publish script writes it, the snapshot script reads it).
 pub(super) const MEMBER_LOG_KEY: &str = "herald:member-log";
-/// A room's member set is `MEMBER_SET_PREFIX <chat> MEMBER_SET_SUFFIX` (the snapshot script builds
-/// it from these two).
-const MEMBER_SET_PREFIX: &str = "herald:{";
-const MEMBER_SET_SUFFIX: &str = "}:members";
 
 /// The Redis channel for a topic (public so tests and tools can inspect `PUBSUB CHANNELS`).
 pub fn channel(topic: Topic) -> String {
@@ -93,82 +87,6 @@ pub(super) fn presence_users_key(chat: ChatId) -> String {
 /// The user's typing slot in the room.
 pub(super) fn typing_key(chat: ChatId, user: UserId) -> String {
     format!("herald:{{{chat}}}:typing:{user}")
-}
-
-/// The room's removals: user -> Unix seconds.
-pub(super) fn removed_key(chat: ChatId) -> String {
-    format!("{MEMBER_SET_PREFIX}{chat}{REMOVED_SUFFIX}")
-}
-
-/// The snapshot script's ARGV: how to name a room's removed hash (after the member set prefix).
-pub(super) fn removed_key_suffix() -> &'static str {
-    REMOVED_SUFFIX
-}
-
-/// A user's revocation.
-pub(super) fn revoked_key(user: UserId) -> String {
-    format!("herald:{{{user}}}:revoked")
-}
-
-/// The room's member set.
-pub(super) fn members_key(chat: ChatId) -> String {
-    format!("{MEMBER_SET_PREFIX}{chat}{MEMBER_SET_SUFFIX}")
-}
-
-/// The snapshot script's ARGV: how to name a room's member set.
-pub(super) fn members_key_parts() -> [&'static str; 2] {
-    [MEMBER_SET_PREFIX, MEMBER_SET_SUFFIX]
-}
-
-/// The scripts, hashed once; calls go by `EVALSHA` (loaded on every connect, from [`ALL`]).
-pub(super) struct Scripts {
-    pub(super) publish: redis::Script,
-    pub(super) reseed: redis::Script,
-    pub(super) snapshot: redis::Script,
-    pub(super) head: redis::Script,
-    pub(super) kept: redis::Script,
-    pub(super) touch: redis::Script,
-    pub(super) revoke: redis::Script,
-    pub(super) presence_join: redis::Script,
-    pub(super) presence_leave: redis::Script,
-    pub(super) presence_list: redis::Script,
-    pub(super) typing: redis::Script,
-    pub(super) presence_depart: redis::Script,
-}
-
-/// Every script's source, for `SCRIPT LOAD`.
-pub(super) const ALL: [&str; 12] = [
-    PUBLISH_LUA,
-    RESEED_LUA,
-    SNAPSHOT_LUA,
-    HEAD_LUA,
-    KEPT_LUA,
-    TOUCH_LUA,
-    REVOKE_LUA,
-    PRESENCE_JOIN_LUA,
-    PRESENCE_LEAVE_LUA,
-    PRESENCE_LIST_LUA,
-    TYPING_LUA,
-    PRESENCE_DEPART_LUA,
-];
-
-impl Scripts {
-    pub(super) fn new() -> Scripts {
-        Scripts {
-            publish: redis::Script::new(PUBLISH_LUA),
-            reseed: redis::Script::new(RESEED_LUA),
-            snapshot: redis::Script::new(SNAPSHOT_LUA),
-            head: redis::Script::new(HEAD_LUA),
-            kept: redis::Script::new(KEPT_LUA),
-            touch: redis::Script::new(TOUCH_LUA),
-            revoke: redis::Script::new(REVOKE_LUA),
-            presence_join: redis::Script::new(PRESENCE_JOIN_LUA),
-            presence_leave: redis::Script::new(PRESENCE_LEAVE_LUA),
-            presence_list: redis::Script::new(PRESENCE_LIST_LUA),
-            typing: redis::Script::new(TYPING_LUA),
-            presence_depart: redis::Script::new(PRESENCE_DEPART_LUA),
-        }
-    }
 }
 
 /// Lua shared by the scripts that need Redis's clock and boot mark: sets `now` (ms), `boot`
@@ -557,5 +475,45 @@ for _, key in ipairs(KEYS) do
   local ttl = redis.call('PTTL', key)
   if ttl >= 0 and ttl < within + 1000 then redis.call('PEXPIRE', key, within + 1000) end
 end
+return 0
+"#;
+
+/// Cluster only: publishes a batch's events of one room on the room's slot (its primary),
+/// assigning each its `seq` and appending it to the room's history in the same step; Redis
+/// Cluster refuses one script over several slots, so a batch over many rooms is one call per
+/// room. Settling after a failover is the node's (`cluster.rs`), as no global key shares the
+/// room's slot. KEYS: room counter, room history. ARGV: floor, history size, history TTL ms, room
+/// channel, then each event's payload (event JSON without seq), in order. Returns the seqs.
+pub(super) const ROOM_PUBLISH_LUA: &str = concat!(
+    origin_fn!(),
+    r#"
+local floor = tonumber(ARGV[1])
+local cur = redis.call('GET', KEYS[1])
+if not cur then
+  redis.call('SET', KEYS[1], origin(floor))
+elseif tonumber(cur) < floor then
+  redis.call('SET', KEYS[1], string.format('%d', floor))
+end
+local t = redis.call('TIME')
+local stamp = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) .. '|'
+local seqs = {}
+for i = 5, #ARGV do
+  local seq = redis.call('INCR', KEYS[1])
+  local msg = string.sub(ARGV[i], 1, -2) .. ',"seq":' .. string.format('%d', seq) .. '}'
+  redis.call('RPUSH', KEYS[2], stamp .. msg)
+  redis.call('PUBLISH', ARGV[4], msg)
+  seqs[#seqs + 1] = seq
+end
+redis.call('PERSIST', KEYS[1])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return seqs
+"#
+);
+
+/// Cluster only: raises one room counter (KEYS[1]) to the floor ARGV[1].
+pub(super) const RESEED_ROOM_LUA: &str = r#"
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if cur < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
 return 0
 "#;

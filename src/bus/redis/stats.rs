@@ -23,6 +23,8 @@ pub struct EndpointCounts {
     /// Sessions opened on it after one on another master: failovers followed to it
     /// (`herald_redis_endpoint_failovers_total`).
     pub failovers_to: u64,
+    /// Redis Cluster `MOVED` / `ASK` replies redirecting to this endpoint.
+    pub redirects: u64,
 }
 
 /// The bus's own counters. `/metrics` exports them through [`crate::bus::Bus::counters`] under the names in
@@ -53,6 +55,10 @@ pub struct RedisStats {
     /// Sessions opened on another master than the previous one: Sentinel failovers followed
     /// (`herald_redis_failovers_total`).
     pub failovers: AtomicU64,
+    /// Redis Cluster `MOVED` / `ASK` replies (a slot moved or migrating).
+    pub redirects: AtomicU64,
+    /// Shard subscriptions the server ended (their slot moved), each ending the session.
+    pub shard_unsubscribed: AtomicU64,
     /// Per endpoint (`host:port`), at most [`MAX_ENDPOINTS`] of them; only the supervisor writes.
     pub(super) endpoints: Mutex<BTreeMap<String, EndpointCounts>>,
 }
@@ -97,6 +103,7 @@ pub(super) const ENDPOINT_COUNTERS: &[(&str, &str, EndpointCounter)] = &[
     ("redis_endpoint_sessions_total", "Redis bus connections opened, per Redis endpoint.", |c| c.sessions),
     ("redis_endpoint_connect_failures_total", "Redis connect attempts that failed, per Redis endpoint (a sentinel or server).", |c| c.connect_failures),
     ("redis_endpoint_failovers_total", "Failovers followed to this Redis endpoint (the new master).", |c| c.failovers_to),
+    ("redis_endpoint_redirects_total", "Redis Cluster MOVED/ASK replies redirecting to this endpoint.", |c| c.redirects),
 ];
 
 /// Picks one counter out of [`RedisStats`].
@@ -114,7 +121,9 @@ pub(super) const COUNTERS: &[(&str, &str, Counter)] = &[
     ("redis_duplicates_total", "Duplicate copies of an event dropped.", |s| &s.duplicates_dropped),
     ("redis_history_reads_total", "Reads of a room's Redis history for recoveries this node's history could not serve.", |s| &s.history_reads),
     ("redis_membership_log_gaps_total", "Reconnects after which missed membership changes could not all be replayed.", |s| &s.membership_log_gaps),
-    ("redis_failovers_total", "Reconnects that followed a failover to another master (Sentinel).", |s| &s.failovers),
+    ("redis_failovers_total", "Reconnects that followed a failover to another master (Sentinel, or a Cluster shard).", |s| &s.failovers),
+    ("redis_redirects_total", "Redis Cluster MOVED/ASK replies (a slot moved or migrating).", |s| &s.redirects),
+    ("redis_shard_unsubscribed_total", "Redis Cluster shard subscriptions the server ended (slot moved); each ends the session.", |s| &s.shard_unsubscribed),
 ];
 
 #[cfg(test)]

@@ -15,10 +15,8 @@ use tokio::time::Instant;
 
 use super::delivery::{Inbound, MemberSnapshot, Missed};
 use super::endpoint::{self, Endpoint, Master};
-use super::scripts::{
-    channel, members_key_parts, removed_key_suffix, revoked_key, seq_key, ALL, BOOT_KEY, FAILOVER_KEY,
-    GSEQ_KEY, MARK_FAILOVER_LUA, MEMBERS_CHANNEL, MEMBER_INDEX_KEY, MEMBER_LOG_KEY, REMOVED_INDEX_KEY,
-};
+use super::scripts::{channel, seq_key, MARK_FAILOVER_LUA};
+use super::shards::Link;
 use super::{MemberMark, Phase, Shared};
 use crate::bus::Control;
 use crate::protocol::event::DomainEvent;
@@ -106,6 +104,38 @@ pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: 
     }
 }
 
+/// What a connection's push sender does with a push of generation `gen` (it runs on the
+/// connection's reader: it must not block, so it only forwards or counts): a lost connection
+/// wakes the supervisor, a message (or shard message) goes to the delivery task.
+pub(super) fn forward_push(
+    shared: &Shared,
+    push_tx: &mpsc::Sender<Inbound>,
+    gen: u64,
+    info: PushInfo,
+) -> Result<(), ()> {
+    match info.kind {
+        PushKind::Disconnection => {
+            shared.lost_gen.store(gen, Ordering::SeqCst);
+            shared.lost.notify_one();
+            Ok(())
+        }
+        PushKind::Message | PushKind::SMessage => match push_tx.try_send(Inbound::Push { gen, info }) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // A revocation may be among what is dropped: ask Redis again.
+                shared.forget_checked(None);
+                if shared.stats.inbound_dropped.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
+                    tracing::error!("redis bus delivery task is behind; dropping events (seq gaps)");
+                }
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+        },
+        // Subscribe confirmations are awaited as replies; other kinds do not concern us.
+        _ => Ok(()),
+    }
+}
+
 /// The error a session ends with when the server it is on is no longer the master (a failover
 /// demoted it): the next attempt asks the sentinels again.
 fn not_master(role: &str) -> redis::RedisError {
@@ -133,27 +163,7 @@ async fn open_session(
     // Runs on the connection's reader: must not block, so it only forwards or counts.
     let push_sender = move |info: PushInfo| -> Result<(), ()> {
         let Some(shared) = weak.upgrade() else { return Err(()) };
-        match info.kind {
-            PushKind::Disconnection => {
-                shared.lost_gen.store(gen, Ordering::SeqCst);
-                shared.lost.notify_one();
-                Ok(())
-            }
-            PushKind::Message => match push_tx.try_send(Inbound::Push { gen, info }) {
-                Ok(()) => Ok(()),
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    // A revocation may be among what is dropped: ask Redis again.
-                    shared.forget_checked(None);
-                    if shared.stats.inbound_dropped.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
-                        tracing::error!("redis bus delivery task is behind; dropping events (seq gaps)");
-                    }
-                    Ok(())
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
-            },
-            // Subscribe confirmations are awaited as replies; other kinds do not concern us.
-            _ => Ok(()),
-        }
+        forward_push(&shared, &push_tx, gen, info)
     };
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(shared.options.connect_timeout))
@@ -169,9 +179,7 @@ async fn open_session(
         }
     }
 
-    for code in ALL {
-        redis::cmd("SCRIPT").arg("LOAD").arg(code).query_async::<String>(&mut conn).await?;
-    }
+    load_scripts(shared, &mut conn).await?;
 
     // A promoted replica may lack the last writes of the master it replaces (replication is
     // asynchronous): room counters behind seqs that clients already hold. A node that watched
@@ -186,7 +194,7 @@ async fn open_session(
     if moved || (master.check_role && last_addr.is_some_and(|last| last != master.addr)) {
         let keep_ms = u64::try_from((shared.options.settle * 10).as_millis()).unwrap_or(u64::MAX);
         redis::Script::new(MARK_FAILOVER_LUA)
-            .key(FAILOVER_KEY)
+            .key(shared.names.failover())
             .arg(keep_ms)
             .invoke_async::<i64>(&mut conn)
             .await?;
@@ -200,7 +208,7 @@ async fn open_session(
         (age_ms < settle_ms).then(|| Instant::now() + Duration::from_millis(settle_ms - age_ms));
 
     // The members channel first, then the snapshot, so no membership event falls between the two.
-    conn.subscribe(MEMBERS_CHANNEL).await?;
+    conn.subscribe(shared.names.members_channel).await?;
     let snapshot = member_snapshot(shared, &mut conn).await?;
     if inbound.send(Inbound::Snapshot { gen, snapshot }).await.is_err() {
         return Err(redis::RedisError::from((redis::ErrorKind::Client, "redis bus stopped")));
@@ -215,9 +223,21 @@ async fn open_session(
     if replid.is_some() {
         *last_replid = replid;
     }
-    *lock(&shared.conn) = Some(conn.clone());
+    shared.session_gen.store(gen, Ordering::SeqCst);
+    *lock(&shared.conn) = Some(Link::One(conn.clone()));
     shared.phase.send_replace(if settle_until.is_some() { Phase::Settling } else { Phase::Up });
     Ok((conn, settle_until))
+}
+
+/// Loads every script (calls go by `EVALSHA`).
+pub(super) async fn load_scripts(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+) -> Result<(), redis::RedisError> {
+    for code in &shared.scripts.sources {
+        redis::cmd("SCRIPT").arg("LOAD").arg(code).query_async::<String>(conn).await?;
+    }
+    Ok(())
 }
 
 /// The server's replication ID (`master_replid` of `INFO replication`); `None` when it cannot
@@ -229,13 +249,13 @@ async fn replication_id(conn: &mut MultiplexedConnection) -> Option<String> {
 
 /// Applies the revocations Redis keeps for every user connected to this node (in chunks), as if
 /// they had just been heard: each connection compares its own token.
-async fn catch_up_revocations(
+pub(super) async fn catch_up_revocations(
     shared: &Shared,
     conn: &mut MultiplexedConnection,
 ) -> Result<(), redis::RedisError> {
     let users = shared.topics.watched_users();
     for chunk in users.chunks(CHUNK) {
-        let keys: Vec<String> = chunk.iter().map(|u| revoked_key(*u)).collect();
+        let keys: Vec<String> = chunk.iter().map(|u| shared.names.revoked_key(*u)).collect();
         let kept: Vec<Option<u64>> = redis::cmd("MGET").arg(&keys).query_async(conn).await?;
         for (user, before) in chunk.iter().zip(kept) {
             if let Some(before) = before {
@@ -248,7 +268,7 @@ async fn catch_up_revocations(
 
 /// Reads the membership snapshot and the member log entries after this node's mark in one script
 /// call. On the node's first connect there is no mark: it starts at the snapshot's position.
-async fn member_snapshot(
+pub(super) async fn member_snapshot(
     shared: &Shared,
     conn: &mut MultiplexedConnection,
 ) -> Result<MemberSnapshot, redis::RedisError> {
@@ -257,15 +277,15 @@ async fn member_snapshot(
     let flat: Vec<String> = redis::cmd("EVALSHA")
         .arg(shared.scripts.snapshot.get_hash())
         .arg(5)
-        .arg(BOOT_KEY)
-        .arg(MEMBER_INDEX_KEY)
-        .arg(GSEQ_KEY)
-        .arg(MEMBER_LOG_KEY)
-        .arg(REMOVED_INDEX_KEY)
-        .arg(&members_key_parts()[..])
+        .arg(shared.names.boot)
+        .arg(shared.names.member_index)
+        .arg(shared.names.gseq)
+        .arg(shared.names.member_log)
+        .arg(shared.names.removed_index)
+        .arg(&shared.names.members_key_parts()[..])
         .arg(known_boot)
         .arg(after)
-        .arg(removed_key_suffix())
+        .arg(shared.names.removed_key_suffix())
         .arg(shared.options.token_ttl.as_millis().to_string())
         .query_async(conn)
         .await?;
@@ -303,7 +323,7 @@ async fn member_snapshot(
 }
 
 /// Raises room counters to the given floors (in chunks); returns ms since Redis's state began.
-async fn reseed(
+pub(super) async fn reseed(
     shared: &Shared,
     conn: &mut MultiplexedConnection,
     floors: &[(ChatId, u64)],
@@ -315,7 +335,7 @@ async fn reseed(
     }
     for chunk in chunks {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(shared.scripts.reseed.get_hash()).arg(1 + chunk.len()).arg(BOOT_KEY);
+        cmd.arg(shared.scripts.reseed.get_hash()).arg(1 + chunk.len()).arg(shared.names.boot);
         for (chat, _) in chunk {
             cmd.arg(seq_key(*chat));
         }

@@ -1,0 +1,169 @@
+//! A local Redis Cluster for the tests: `redis-server --cluster-enabled yes` processes on free
+//! loopback ports (each also listens on port + 10000, the cluster bus), joined with
+//! `redis-cli --cluster create`, three primaries with or without a replica each. Every process is
+//! a child of the test with its files in a temporary directory; all are killed on drop.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::TcpListener;
+use std::process::Command;
+use std::time::Duration;
+
+use tokio::time::{sleep, Instant};
+
+use crate::scale::{query, Proc, TempDir};
+
+/// Nodes of the cluster; the first three start as primaries.
+pub struct Cluster {
+    pub nodes: Vec<Proc>,
+    _dir: TempDir,
+}
+
+/// A free port below 55536 whose cluster bus port (+10000) is free too.
+fn cluster_port() -> u16 {
+    loop {
+        let port = crate::support::free_addr().port();
+        if port < 55_536 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// `redis-cli` with `args`; panics with its output on failure.
+fn redis_cli(args: &[String]) -> String {
+    let out = Command::new("redis-cli").args(args).output().expect("run redis-cli (package redis-tools)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "redis-cli {args:?}: {text}");
+    text
+}
+
+impl Cluster {
+    /// Three primaries, each with `replicas` replicas (0 or 1), ready: every slot served, every
+    /// replica linked.
+    pub async fn start(replicas: usize) -> Cluster {
+        let dir = TempDir::new("cluster");
+        let mut nodes = Vec::new();
+        for _ in 0..3 * (1 + replicas) {
+            let port = cluster_port();
+            let args: Vec<String> = [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &dir.path(&format!("nodes-{port}.conf")).display().to_string(),
+                "--cluster-node-timeout",
+                "1500",
+                "--dir",
+                &dir.0.display().to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            nodes.push(Proc::redis(port, &args));
+        }
+        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        args.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
+        args.extend(["--cluster-replicas".into(), replicas.to_string(), "--cluster-yes".into()]);
+        redis_cli(&args);
+        let cluster = Cluster { nodes, _dir: dir };
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// A client for node `port`.
+    pub fn client(port: u16) -> redis::Client {
+        redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("client")
+    }
+
+    /// The seed URLs of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| format!("redis://127.0.0.1:{}", n.port)).collect()
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and agrees on the slot map's
+    /// primaries, and every replica's link is up.
+    pub async fn wait_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut ok = true;
+            for node in self.nodes.iter().filter(|n| n.alive()) {
+                let info: String = query(&Cluster::client(node.port), &["CLUSTER", "INFO"]).await;
+                ok &= info.contains("cluster_state:ok");
+                let repl: String = query(&Cluster::client(node.port), &["INFO", "replication"]).await;
+                ok &= !repl.contains("role:slave") || repl.contains("master_link_status:up");
+            }
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster never became ready");
+            sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The port of the primary serving `key`'s slot (asked of a live node).
+    pub async fn primary_of(&self, key: &str) -> u16 {
+        let node = self.nodes.iter().find(|n| n.alive()).expect("a live node");
+        let slot: i64 = query(&Cluster::client(node.port), &["CLUSTER", "KEYSLOT", key]).await;
+        self.owner_of_slot(slot).await
+    }
+
+    /// The port of the primary serving `slot`.
+    pub async fn owner_of_slot(&self, slot: i64) -> u16 {
+        let node = self.nodes.iter().find(|n| n.alive()).expect("a live node");
+        let slots: redis::Value = query(&Cluster::client(node.port), &["CLUSTER", "SLOTS"]).await;
+        let redis::Value::Array(ranges) = slots else { panic!("CLUSTER SLOTS: {slots:?}") };
+        for range in ranges {
+            let redis::Value::Array(parts) = range else { continue };
+            let (Some(redis::Value::Int(a)), Some(redis::Value::Int(b)), Some(redis::Value::Array(node))) =
+                (parts.first(), parts.get(1), parts.get(2))
+            else {
+                continue;
+            };
+            if (*a..=*b).contains(&slot) {
+                if let Some(redis::Value::Int(port)) = node.get(1) {
+                    return u16::try_from(*port).expect("port");
+                }
+            }
+        }
+        panic!("no primary serves slot {slot}")
+    }
+
+    /// The node id of node `port`.
+    pub async fn id_of(port: u16) -> String {
+        query(&Cluster::client(port), &["CLUSTER", "MYID"]).await
+    }
+
+    /// Moves `slot` from primary `from` to primary `to` by hand, key by key, as
+    /// `redis-cli --cluster reshard` does (SETSLOT IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE).
+    pub async fn move_slot(&self, slot: i64, from: u16, to: u16) {
+        let (src, dst) = (Cluster::client(from), Cluster::client(to));
+        let (src_id, dst_id) = (Cluster::id_of(from).await, Cluster::id_of(to).await);
+        let s = slot.to_string();
+        let _: () = query(&dst, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &src_id]).await;
+        let _: () = query(&src, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &dst_id]).await;
+        loop {
+            let keys: Vec<String> = query(&src, &["CLUSTER", "GETKEYSINSLOT", &s, "100"]).await;
+            if keys.is_empty() {
+                break;
+            }
+            let mut args: Vec<String> =
+                ["MIGRATE", "127.0.0.1", &to.to_string(), "", "0", "5000", "KEYS"].map(String::from).to_vec();
+            args.extend(keys);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let _: String = query(&src, &args).await;
+        }
+        for node in self.nodes.iter().filter(|n| n.alive()) {
+            let client = Cluster::client(node.port);
+            let role: String = query(&client, &["INFO", "replication"]).await;
+            if role.contains("role:master") {
+                let _: () = query(&client, &["CLUSTER", "SETSLOT", &s, "NODE", &dst_id]).await;
+            }
+        }
+    }
+}
