@@ -426,6 +426,19 @@ mod tests {
         assert!(rooms.get(chat).unwrap().take_receiver(0).is_none(), "no ring was made");
     }
 
+    /// A history shorter than the ring (`rooms.history_size` 1, `rooms.buffer`
+    /// 4): a small room makes its ring, so frames published before its reader
+    /// runs are not evicted from under it.
+    #[test]
+    fn a_small_room_with_a_history_shorter_than_the_ring_evicts_nothing_unread() {
+        let rooms = Rooms::new(4, HistoryLimits { size: 1, ..LIMITS });
+        let chat = ChatId::from_u128(9);
+        let mut subs = Subscriptions::default();
+        join(&rooms, &mut subs, chat, 0, false);
+        publish(&rooms, chat, 1..=3);
+        assert_eq!(take(&mut subs, 100), Poll::Ready(Ok(vec![1, 2, 3])));
+    }
+
     #[test]
     fn a_recovery_replays_from_history_then_goes_live() {
         let rooms = Rooms::new(4, LIMITS);

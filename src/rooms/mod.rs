@@ -153,7 +153,10 @@ impl Rooms {
             self.shed((self.limits.bytes / 10 * 9).saturating_sub(wire.len()));
         }
         // Made (if the room needs one) before the head moves: see `ring_for_send`.
-        let ring = room.ring_for_send(keep);
+        // A history shorter than the ring would evict a small room's frames
+        // before its readers took what a ring still held: such a node gives
+        // every room its ring.
+        let ring = room.ring_for_send(keep && self.limits.size >= self.ring);
         {
             let mut held = room.held();
             let before = room.head.fetch_max(seq, Ordering::AcqRel);
