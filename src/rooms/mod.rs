@@ -285,23 +285,29 @@ impl Rooms {
     }
 
     /// Evicts the node's oldest frames, whatever their room, until at most
-    /// `target` bytes are held.
+    /// `target` bytes are held: all but the frames a room without a ring
+    /// still carries to its subscribers ([`Room::sheddable`]), which a ring
+    /// would hold outside the budget too (at most `rooms.buffer` a room).
     fn shed(&self, target: usize) {
         if self.held_bytes.load(Ordering::Relaxed) <= target {
             return;
         }
         let mut oldest: BinaryHeap<Reverse<(Instant, ChatId)>> = BinaryHeap::new();
         for entry in self.rooms.iter() {
-            if let Some(front) = entry.value().held().front() {
+            let floor = entry.value().sheddable();
+            if let Some(front) = entry.value().held().front().filter(|h| h.seq <= floor) {
                 oldest.push(Reverse((front.at, *entry.key())));
             }
         }
         while self.held_bytes.load(Ordering::Relaxed) > target {
             let Some(Reverse((_, chat))) = oldest.pop() else { break };
             let Some(room) = self.get(chat) else { continue };
+            let floor = room.sheddable();
             let mut held = room.held();
-            self.evict(&mut held, 1);
-            if let Some(front) = held.front() {
+            if held.front().is_some_and(|h| h.seq <= floor) {
+                self.evict(&mut held, 1);
+            }
+            if let Some(front) = held.front().filter(|h| h.seq <= floor) {
                 oldest.push(Reverse((front.at, chat)));
             }
         }

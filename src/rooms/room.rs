@@ -291,6 +291,19 @@ impl Room {
         u64::from(self.capacity)
     }
 
+    /// The newest `seq` the node-wide byte budget may shed here. A room
+    /// without a ring carries its last `rooms.buffer` frames to its
+    /// subscribers from history, where a ring would hold them whatever the
+    /// budget: shedding those closed a reader that ran a few frames behind,
+    /// as any reader of a ring may, with 4008 once other rooms published.
+    pub(super) fn sheddable(&self) -> u64 {
+        let ringless = self.ring.get().is_none() && self.waiting().as_ref().is_some_and(|w| w.asleep() > 0);
+        if !ringless {
+            return u64::MAX;
+        }
+        self.head().saturating_sub(u64::from(self.capacity))
+    }
+
     /// The room's head: the last `seq` this node published here.
     pub fn head(&self) -> u64 {
         self.head.load(Ordering::Acquire)
