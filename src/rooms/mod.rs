@@ -53,7 +53,8 @@ impl Rooms {
     pub fn with_backlog(ring: usize, limits: HistoryLimits, backlog: Arc<Backlog>) -> Rooms {
         Rooms {
             rooms: DashMap::new(),
-            ring: ring.max(1),
+            // `rooms.buffer` is at most 65,536 (validated).
+            ring: ring.clamp(1, 1 << 16),
             limits,
             held_frames: AtomicUsize::new(0),
             held_bytes: AtomicUsize::new(0),
@@ -81,7 +82,7 @@ impl Rooms {
     }
 
     fn new_room(&self) -> Arc<Room> {
-        Arc::new(Room::new(self.backlog.clone(), u32::try_from(self.ring).unwrap_or(u32::MAX)))
+        Arc::new(Room::new(self.backlog.clone(), self.ring))
     }
 
     /// Joins a room, creating it on first use; the subscriber receives
@@ -249,12 +250,6 @@ impl Rooms {
         }
         let over = held.len() + 1 > self.limits.size;
         self.evict(held, usize::from(over));
-        let held = &mut held.state().held;
-        if held.len() == held.capacity() && held.len() < 4 {
-            // One slot, then one more up to four (a `VecDeque` would start
-            // at four): most rooms of a chat carry a few events at a time.
-            held.reserve_exact(1);
-        }
         held.push_back(Held { seq, at: now, bytes: bytes.clone() });
         self.held_frames.fetch_add(1, Ordering::Relaxed);
         self.held_bytes.fetch_add(bytes.len(), Ordering::Relaxed);
