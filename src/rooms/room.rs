@@ -68,7 +68,7 @@ pub struct Room {
     /// Subscribers that joined before the ring existed: the tickets a
     /// small room wakes for each frame.
     waiting: Mutex<Option<Box<Waiting>>>,
-    /// History and revocations, boxed only while the room has any.
+    /// History and revocations: one frame inline, boxed once there is more.
     state: Mutex<Lazy>,
     /// The last `seq` published here.
     pub(super) head: AtomicU64,
