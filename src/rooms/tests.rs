@@ -300,3 +300,11 @@ fn one_frame_of_history_is_held_inline() {
     assert_eq!(read_all(&room, 0), Ok(vec![1, 2]));
     assert!(std::mem::size_of::<Room>() + 16 <= 112, "{}", std::mem::size_of::<Room>());
 }
+
+/// A ticket's slot is a tag and a pointer: a two-person room's two slots
+/// fill one 32-byte size class (the receiver made with the ring is boxed;
+/// it is taken at the subscriber's next poll).
+#[test]
+fn a_ticket_slot_is_two_words() {
+    assert_eq!(std::mem::size_of::<super::waiting::Slot>(), 16);
+}
