@@ -132,3 +132,32 @@ async fn a_recovery_spans_the_ring_being_made() {
     pair.extend(joiners);
     all_read_until(pair, head + 20).await;
 }
+
+/// `rooms.history_size` below `rooms.buffer` (here 1 against 8): a small
+/// room's history would hold less than the ring it goes without, so two
+/// events published back to back would evict the first before its
+/// subscribers read it (4008 where a ring of 8 delivered both). Such a node
+/// gives every room its ring, as before small rooms went without one.
+#[tokio::test]
+async fn a_history_shorter_than_the_ring_loses_nothing_in_a_small_room() {
+    let mut config = support::config();
+    config.rooms.history_size = 1;
+    let gw = start(config).await;
+    let chat = ChatId::new_v4();
+    let mut pair = subscribers(&gw, chat, 2).await;
+    let head = pair[0].1;
+    for round in 0..5 {
+        // One batch: the bus delivers both before any reader runs.
+        let mut events = Vec::new();
+        for n in 0..2 {
+            let event = support::message_sent(chat, &json!({ "round": round, "n": n }));
+            events.extend(parse_batch(event.as_bytes()).expect("valid event"));
+        }
+        gw.publisher.publish(events).await.expect("published");
+        let last = head + 2 * round + 2;
+        for (c, _) in &mut pair {
+            assert_eq!(seqs_until(c, last).await, vec![last - 1, last]);
+        }
+    }
+    assert_eq!(gw.metric("slow_consumers_dropped_total").await, 0.0);
+}

@@ -57,9 +57,10 @@ pub(super) struct Held {
     pub(super) bytes: Wire,
 }
 
-/// What a room holds besides its ring, allocated only while it holds
-/// something: an idle room pays for one pointer (two-person rooms are the
-/// common chat shape, so a room's fixed cost is most of a connection's).
+/// What a room holds besides its ring and its one frame, allocated only
+/// while it holds more: an idle room pays for nothing here (two-person rooms
+/// are the common chat shape, so a room's fixed cost is most of a
+/// connection's).
 #[derive(Default)]
 pub(super) struct State {
     /// Recent frames in `seq` order.
@@ -70,45 +71,131 @@ pub(super) struct State {
     pub(super) revoked: Vec<(UserId, u64)>,
 }
 
-/// A room's [`State`], boxed only while it holds something; reads as the
-/// frames held (none while unboxed).
+/// A room's history and revocations: nothing, one frame inline (a warm
+/// two-person room: no box and no slot besides the frame), or a boxed
+/// [`State`] once it holds more.
 #[derive(Default)]
-pub(super) struct Lazy(Option<Box<State>>);
-
-static NOTHING_HELD: VecDeque<Held> = VecDeque::new();
-
-impl std::ops::Deref for Lazy {
-    type Target = VecDeque<Held>;
-
-    fn deref(&self) -> &VecDeque<Held> {
-        self.0.as_ref().map_or(&NOTHING_HELD, |s| &s.held)
-    }
+pub(super) enum Lazy {
+    #[default]
+    Empty,
+    One(Held),
+    Boxed(Box<State>),
 }
 
 impl Lazy {
-    /// The state, boxed now if it was not.
+    /// The frames held, oldest first, as two runs (a ring buffer's halves).
+    pub(super) fn slices(&self) -> (&[Held], &[Held]) {
+        match self {
+            Lazy::Empty => (&[], &[]),
+            Lazy::One(h) => (std::slice::from_ref(h), &[]),
+            Lazy::Boxed(s) => s.held.as_slices(),
+        }
+    }
+
+    /// The frames held, oldest first.
+    pub(super) fn iter(&self) -> impl Iterator<Item = &Held> {
+        let (a, b) = self.slices();
+        a.iter().chain(b)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        let (a, b) = self.slices();
+        a.len() + b.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(super) fn front(&self) -> Option<&Held> {
+        self.iter().next()
+    }
+
+    pub(super) fn back(&self) -> Option<&Held> {
+        let (a, b) = self.slices();
+        b.last().or(a.last())
+    }
+
+    /// The state, boxed now (with the frame held inline, if any) if it was not.
     pub(super) fn state(&mut self) -> &mut State {
-        self.0.get_or_insert_with(Box::default)
+        if !matches!(self, Lazy::Boxed(_)) {
+            let mut state = Box::<State>::default();
+            if let Lazy::One(h) = std::mem::take(self) {
+                state.held.reserve_exact(2);
+                state.held.push_back(h);
+            }
+            *self = Lazy::Boxed(state);
+        }
+        match self {
+            Lazy::Boxed(s) => s,
+            // Made boxed just above.
+            _ => unreachable!("boxed above"),
+        }
+    }
+
+    /// Appends a frame: inline while it is the only one.
+    pub(super) fn push_back(&mut self, h: Held) {
+        if let Lazy::Empty = self {
+            *self = Lazy::One(h);
+            return;
+        }
+        let held = &mut self.state().held;
+        if held.len() == held.capacity() && held.len() < 4 {
+            // One slot more at a time up to four (a `VecDeque` would start
+            // at four): most rooms of a chat carry a few events at a time.
+            held.reserve_exact(1);
+        }
+        held.push_back(h);
     }
 
     pub(super) fn revoked(&self) -> &[(UserId, u64)] {
-        self.0.as_ref().map_or(&[], |s| &s.revoked)
+        match self {
+            Lazy::Boxed(s) => &s.revoked,
+            _ => &[],
+        }
     }
 
     /// Takes every frame held, leaving none (call [`Lazy::trim`] after).
     pub(super) fn take_held(&mut self) -> VecDeque<Held> {
-        self.0.as_mut().map(|s| std::mem::take(&mut s.held)).unwrap_or_default()
+        match std::mem::take(self) {
+            Lazy::Empty => VecDeque::new(),
+            Lazy::One(h) => VecDeque::from([h]),
+            Lazy::Boxed(mut s) => {
+                let held = std::mem::take(&mut s.held);
+                *self = Lazy::Boxed(s);
+                held
+            }
+        }
     }
 
     /// Takes the oldest frame held (call [`Lazy::trim`] after).
     pub(super) fn pop_front(&mut self) -> Option<Held> {
-        self.0.as_mut()?.held.pop_front()
+        match self {
+            Lazy::Empty => None,
+            Lazy::One(_) => match std::mem::take(self) {
+                Lazy::One(h) => Some(h),
+                _ => None,
+            },
+            Lazy::Boxed(s) => s.held.pop_front(),
+        }
     }
 
     /// Frees the box once it holds nothing.
     pub(super) fn trim(&mut self) {
-        if self.0.as_ref().is_some_and(|s| s.held.is_empty() && s.revoked.is_empty()) {
-            self.0 = None;
+        if let Lazy::Boxed(s) = self {
+            if s.held.is_empty() && s.revoked.is_empty() {
+                *self = Lazy::Empty;
+            }
+        }
+    }
+
+    /// Slots the history has room for (tests: it grows from one).
+    #[cfg(test)]
+    pub(super) fn capacity(&self) -> usize {
+        match self {
+            Lazy::Empty => 0,
+            Lazy::One(_) => 1,
+            Lazy::Boxed(s) => s.held.capacity(),
         }
     }
 }

@@ -53,7 +53,8 @@ impl Rooms {
     pub fn with_backlog(ring: usize, limits: HistoryLimits, backlog: Arc<Backlog>) -> Rooms {
         Rooms {
             rooms: DashMap::new(),
-            ring: ring.max(1),
+            // `rooms.buffer` is at most 65,536 (validated).
+            ring: ring.clamp(1, 1 << 16),
             limits,
             held_frames: AtomicUsize::new(0),
             held_bytes: AtomicUsize::new(0),
@@ -81,7 +82,7 @@ impl Rooms {
     }
 
     fn new_room(&self) -> Arc<Room> {
-        Arc::new(Room::new(self.backlog.clone(), u32::try_from(self.ring).unwrap_or(u32::MAX)))
+        Arc::new(Room::new(self.backlog.clone(), self.ring))
     }
 
     /// Joins a room, creating it on first use; the subscriber receives
@@ -153,7 +154,10 @@ impl Rooms {
             self.shed((self.limits.bytes / 10 * 9).saturating_sub(wire.len()));
         }
         // Made (if the room needs one) before the head moves: see `ring_for_send`.
-        let ring = room.ring_for_send(keep);
+        // A history shorter than the ring would evict a small room's frames
+        // before its readers took what a ring still held: such a node gives
+        // every room its ring.
+        let ring = room.ring_for_send(keep && self.limits.size >= self.ring);
         {
             let mut held = room.held();
             let before = room.head.fetch_max(seq, Ordering::AcqRel);
@@ -246,12 +250,6 @@ impl Rooms {
         }
         let over = held.len() + 1 > self.limits.size;
         self.evict(held, usize::from(over));
-        let held = &mut held.state().held;
-        if held.len() == held.capacity() && held.len() < 4 {
-            // One slot, then one more up to four (a `VecDeque` would start
-            // at four): most rooms of a chat carry a few events at a time.
-            held.reserve_exact(1);
-        }
         held.push_back(Held { seq, at: now, bytes: bytes.clone() });
         self.held_frames.fetch_add(1, Ordering::Relaxed);
         self.held_bytes.fetch_add(bytes.len(), Ordering::Relaxed);
@@ -282,23 +280,29 @@ impl Rooms {
     }
 
     /// Evicts the node's oldest frames, whatever their room, until at most
-    /// `target` bytes are held.
+    /// `target` bytes are held: all but the frames a room without a ring
+    /// still carries to its subscribers ([`Room::sheddable`]), which a ring
+    /// would hold outside the budget too (at most `rooms.buffer` a room).
     fn shed(&self, target: usize) {
         if self.held_bytes.load(Ordering::Relaxed) <= target {
             return;
         }
         let mut oldest: BinaryHeap<Reverse<(Instant, ChatId)>> = BinaryHeap::new();
         for entry in self.rooms.iter() {
-            if let Some(front) = entry.value().held().front() {
+            let floor = entry.value().sheddable();
+            if let Some(front) = entry.value().held().front().filter(|h| h.seq <= floor) {
                 oldest.push(Reverse((front.at, *entry.key())));
             }
         }
         while self.held_bytes.load(Ordering::Relaxed) > target {
             let Some(Reverse((_, chat))) = oldest.pop() else { break };
             let Some(room) = self.get(chat) else { continue };
+            let floor = room.sheddable();
             let mut held = room.held();
-            self.evict(&mut held, 1);
-            if let Some(front) = held.front() {
+            if held.front().is_some_and(|h| h.seq <= floor) {
+                self.evict(&mut held, 1);
+            }
+            if let Some(front) = held.front().filter(|h| h.seq <= floor) {
                 oldest.push(Reverse((front.at, chat)));
             }
         }

@@ -68,7 +68,7 @@ pub struct Room {
     /// Subscribers that joined before the ring existed: the tickets a
     /// small room wakes for each frame.
     waiting: Mutex<Option<Box<Waiting>>>,
-    /// History and revocations, boxed only while the room has any.
+    /// History and revocations: one frame inline, boxed once there is more.
     state: Mutex<Lazy>,
     /// The last `seq` published here.
     pub(super) head: AtomicU64,
@@ -79,8 +79,9 @@ pub struct Room {
     pub(super) readers: AtomicU32,
     /// The node's backlog, shared by every room ([`super::Rooms::backlog`]).
     pub(super) backlog: Arc<Backlog>,
-    /// Frames the ring holds once made (`rooms.buffer`).
-    capacity: u32,
+    /// Frames the ring holds once made (`rooms.buffer`, at most 65,536),
+    /// less one: two bytes, so the room fits a smaller size class.
+    capacity_less_one: u16,
 }
 
 /// How a subscription joined its room.
@@ -96,7 +97,8 @@ pub enum Joined {
 }
 
 impl Room {
-    pub(super) fn new(backlog: Arc<Backlog>, capacity: u32) -> Room {
+    /// `capacity`: from 1 to 65,536 frames (`rooms.buffer`), clamped.
+    pub(super) fn new(backlog: Arc<Backlog>, capacity: usize) -> Room {
         Room {
             ring: OnceLock::new(),
             waiting: Mutex::new(None),
@@ -105,7 +107,7 @@ impl Room {
             any_revoked: AtomicBool::new(false),
             readers: AtomicU32::new(0),
             backlog,
-            capacity,
+            capacity_less_one: u16::try_from(capacity.saturating_sub(1)).unwrap_or(u16::MAX),
         }
     }
 
@@ -269,7 +271,7 @@ impl Room {
             if keeps && waiting.asleep() <= SMALL_ROOM {
                 return None;
             }
-            let ring = self.ring.get_or_init(|| broadcast::channel(self.capacity as usize).0);
+            let ring = self.ring.get_or_init(|| broadcast::channel(self.ring_capacity() as usize).0);
             (ring, waiting.wake(ring))
         };
         for mailbox in nudge {
@@ -288,7 +290,20 @@ impl Room {
     /// Frames its ring holds (or would): a reader of a room without one
     /// that runs further behind has fallen behind as it would a ring.
     pub fn ring_capacity(&self) -> u64 {
-        u64::from(self.capacity)
+        u64::from(self.capacity_less_one) + 1
+    }
+
+    /// The newest `seq` the node-wide byte budget may shed here. A room
+    /// without a ring carries its last `rooms.buffer` frames to its
+    /// subscribers from history, where a ring would hold them whatever the
+    /// budget: shedding those closed a reader that ran a few frames behind,
+    /// as any reader of a ring may, with 4008 once other rooms published.
+    pub(super) fn sheddable(&self) -> u64 {
+        let ringless = self.ring.get().is_none() && self.waiting().as_ref().is_some_and(|w| w.asleep() > 0);
+        if !ringless {
+            return u64::MAX;
+        }
+        self.head().saturating_sub(self.ring_capacity())
     }
 
     /// The room's head: the last `seq` this node published here.

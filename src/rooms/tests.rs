@@ -284,3 +284,27 @@ fn join_racing_the_last_leave_is_never_lost() {
         assert!(rooms.is_empty());
     }
 }
+
+/// A warm two-person room holds its one frame inline: no history box and
+/// no slot besides the frame (the warm-idle target, BENCHMARKS.md). The
+/// room itself stays within one 112-byte size class.
+#[test]
+fn one_frame_of_history_is_held_inline() {
+    let rooms = Rooms::new(4, LIMITS);
+    let chat = ChatId::from_u128(13);
+    rooms.publish(chat, 1, frame(1));
+    let room = rooms.get(chat).unwrap();
+    assert!(matches!(*room.held(), super::history::Lazy::One(_)));
+    rooms.publish(chat, 2, frame(2));
+    assert!(matches!(*room.held(), super::history::Lazy::Boxed(_)));
+    assert_eq!(read_all(&room, 0), Ok(vec![1, 2]));
+    assert!(std::mem::size_of::<Room>() + 16 <= 112, "{}", std::mem::size_of::<Room>());
+}
+
+/// A ticket's slot is a tag and a pointer: a two-person room's two slots
+/// fill one 32-byte size class (the receiver made with the ring is boxed;
+/// it is taken at the subscriber's next poll).
+#[test]
+fn a_ticket_slot_is_two_words() {
+    assert_eq!(std::mem::size_of::<super::waiting::Slot>(), 16);
+}

@@ -33,7 +33,9 @@ pub(super) enum Slot {
     /// ring is made.
     Asleep(Weak<Mailbox>),
     /// The ring was made: this subscriber's receiver, until it takes it.
-    Ready(broadcast::Receiver<Frame>),
+    /// Boxed: it is there only until the subscriber's next poll, and a
+    /// slot of two words keeps a small room's list small.
+    Ready(Box<broadcast::Receiver<Frame>>),
 }
 
 impl Waiting {
@@ -89,7 +91,7 @@ impl Waiting {
         for slot in &mut self.slots {
             if let Slot::Asleep(mailbox) = slot {
                 nudge.extend(mailbox.upgrade());
-                *slot = Slot::Ready(ring.subscribe());
+                *slot = Slot::Ready(Box::new(ring.subscribe()));
             }
         }
         self.asleep = 0;
@@ -107,7 +109,7 @@ impl Waiting {
             return None;
         }
         match Waiting::take(lists, ticket) {
-            Some(Slot::Ready(rx)) => Some(rx),
+            Some(Slot::Ready(rx)) => Some(*rx),
             _ => None,
         }
     }
