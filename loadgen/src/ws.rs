@@ -28,6 +28,9 @@ pub(crate) enum Incoming<'a> {
     Text(&'a [u8]),
     Binary,
     Close(u16),
+    /// A compressed text message left uninflated by [`WsClient::sample_inflation`]: its bytes
+    /// were read and counted, its content is unknown.
+    Uninflated,
 }
 
 /// A connected, upgraded client socket with its buffers.
@@ -48,6 +51,10 @@ pub(crate) struct WsClient {
     compressed: bool,
     /// The last compressed message, inflated (empty unless compression was agreed).
     inflated: Vec<u8>,
+    /// Inflate one compressed text message in this many (1: all of them).
+    inflate_every: u64,
+    /// Unfragmented compressed text messages seen, to pick the sampled ones.
+    compressed_seen: u64,
     /// Frames queued for sending (pongs, close); written by [`WsClient::flush_out`].
     out: Vec<u8>,
     /// Server pings answered since the last [`WsClient::take_pings`].
@@ -139,6 +146,8 @@ impl WsClient {
             frag_compressed: false,
             compressed,
             inflated: Vec::new(),
+            inflate_every: 1,
+            compressed_seen: 0,
             out: Vec::new(),
             pings: 0,
             presence: false,
@@ -219,7 +228,7 @@ impl WsClient {
                         ServerMsg::Error(code) => bail!("subscribe refused: {}", msg::lossy(code)),
                         _ => {}
                     },
-                    Incoming::Binary => {}
+                    Incoming::Binary | Incoming::Uninflated => {}
                     Incoming::Close(code) => bail!("subscribe: server closed with {code}"),
                 }
             }
@@ -255,6 +264,15 @@ impl WsClient {
         Ok(n)
     }
 
+    /// From now on inflate only the first of every `every` unfragmented compressed text messages
+    /// and hand the others back as [`Incoming::Uninflated`] (counted, not read): a load generator
+    /// that inflates every delivery on the server's cores slows its reading, and with it the
+    /// server's batching, so a compressed run would measure the client's inflation.
+    pub(crate) fn sample_inflation(&mut self, every: u32) {
+        self.inflate_every = u64::from(every.max(1));
+        self.compressed_seen = 0;
+    }
+
     /// The next frame already in the buffer, or `None` when more bytes are needed. Pings queue a
     /// pong in the out buffer; pongs are dropped; fragments are reassembled.
     pub(crate) fn next_incoming(&mut self) -> Result<Option<Incoming<'_>>, frame::FrameError> {
@@ -280,6 +298,10 @@ impl WsClient {
                 OP_PONG => {}
                 OP_CLOSE => return Ok(Some(Incoming::Close(frame::close_code(&self.buf[payload])))),
                 OP_TEXT if header.fin && header.rsv1 => {
+                    self.compressed_seen += 1;
+                    if (self.compressed_seen - 1) % self.inflate_every != 0 {
+                        return Ok(Some(Incoming::Uninflated));
+                    }
                     if !deflate::inflate(&self.buf[payload], MAX_PAYLOAD, &mut self.inflated) {
                         return Err(frame::FrameError::TooLarge(MAX_PAYLOAD as u64 + 1));
                     }
@@ -438,7 +460,7 @@ mod tests {
             while let Some(inc) = c.next_incoming().expect("valid frames") {
                 match inc {
                     Incoming::Text(t) => texts.push(t.to_vec()),
-                    Incoming::Binary => {}
+                    Incoming::Binary | Incoming::Uninflated => {}
                     Incoming::Close(code) => break 'outer code,
                 }
             }
