@@ -173,6 +173,32 @@ async fn frames_above_the_threshold_are_compressed_once_for_every_subscriber() {
 }
 
 #[tokio::test]
+async fn a_catch_up_longer_than_one_history_read_is_compressed_whole_and_in_order() {
+    let gw = support::start(support::config()).await;
+    let chat = ChatId::new_v4();
+    // A plain subscriber keeps the room; nobody compresses while it fills.
+    let mut plain = RawClient::connect(gw.addr, &support::token(UserId::new_v4(), &[])).await;
+    let head = subscribe(&mut plain, chat, None).await;
+    // More than two of the reads a catch-up takes from history at a time
+    // (each compressed after the room's lock is released).
+    let n = 70;
+    for i in 0..n {
+        support::publish(&gw, chat, 1, &big(i)).await;
+    }
+    let mut late = deflating(gw.addr, UserId::new_v4()).await;
+    subscribe(&mut late, chat, Some(head)).await;
+    for i in 0..n {
+        let (first, payload) = next_text_frame(&mut late).await;
+        assert_eq!(first, 0x80 | RSV1 | 0x1, "event {i} compressed");
+        let value: Value =
+            serde_json::from_slice(&deflate::inflate(payload, 1 << 20).expect("deflate")).expect("JSON");
+        assert_eq!((value["seq"].as_u64(), &value["data"]), (Some(head + 1 + i), &big(i)), "in order");
+    }
+    assert_eq!(gw.metric("compressed_frames_total").await, n as f64, "each compressed once, by the catch-up");
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn compressed_client_messages_are_inflated_whole_even_fragmented() {
     let gw = support::start(support::config()).await;
     let chat = ChatId::new_v4();
