@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use zlib_rs::{Deflate, DeflateConfig, DeflateFlush};
 
 use super::frame::{self, MAX_HEAD};
 
@@ -20,11 +21,20 @@ use super::frame::{self, MAX_HEAD};
 /// off the wire, and the receiver appends it again before inflating.
 const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
-/// zlib level 2: on chat-sized JSON levels 2 to 9 gave the same sizes (a
-/// 337-byte event: 225 bytes), and 2 is the cheapest of them; level 1
-/// (zlib-rs's fixed-Huffman "quick" strategy) gave 277 (BENCHMARKS.md,
-/// "Compression").
-const LEVEL: u32 = 2;
+/// zlib level 2: on chat-sized events levels 2 to 9 give the same sizes
+/// (within 2.5%), and 2 is the cheapest of them; level 1 (zlib-rs's
+/// fixed-Huffman "quick" strategy) is 19-24% larger (`benches/deflate.rs`,
+/// BENCHMARKS.md "Compression").
+const LEVEL: i32 = 2;
+
+/// zlib's memLevel sizes the symbol buffer (2^(memLevel+6) symbols, 3 bytes
+/// each) that zlib-rs clears whole at every reset and after every block:
+/// twice per frame. The default 8 clears 48 KiB each time, for a frame of a
+/// few hundred symbols; 4 (1,024 symbols) gives chat events the same bytes
+/// and clears 3 KiB. A frame of more symbols is cut into more blocks, each
+/// with its own code tables (the bench's payloads up to 32 KiB still gave
+/// the same bytes: `benches/deflate.rs`).
+const MEM_LEVEL: i32 = 4;
 
 /// The first header byte's RSV1 bit: "this message is compressed".
 pub const RSV1: u8 = 0x40;
@@ -127,7 +137,18 @@ impl std::ops::Deref for Wire {
 thread_local! {
     /// One compressor per worker thread, reset before each frame: its state
     /// (a few hundred KiB) is paid per thread, never per connection or room.
-    static DEFLATER: RefCell<Option<Compress>> = const { RefCell::new(None) };
+    /// zlib-rs's own API, which flate2 wraps without memLevel.
+    static DEFLATER: RefCell<Option<Deflate>> = const { RefCell::new(None) };
+}
+
+fn new_deflater() -> Deflate {
+    // Raw deflate (negative window bits: no zlib header), the full window.
+    Deflate::new_with_config(DeflateConfig {
+        level: LEVEL,
+        window_bits: -15,
+        mem_level: MEM_LEVEL,
+        ..DeflateConfig::default()
+    })
 }
 
 /// Compresses a complete unmasked server frame (as `frame::encode` builds
@@ -137,18 +158,21 @@ pub fn compress_frame(plain: &[u8]) -> Option<Bytes> {
     let payload = frame::payload(plain);
     // Room for the header and no more than the payload itself: output that
     // fills it is no smaller than the input, so it is not worth finishing.
-    let mut buf = Vec::with_capacity(MAX_HEAD + payload.len() + TAIL.len());
-    buf.resize(MAX_HEAD, 0);
-    let done = DEFLATER.with(|cell| {
+    let mut buf = vec![0; MAX_HEAD + payload.len() + TAIL.len()];
+    let room = buf.len() - MAX_HEAD;
+    let written = DEFLATER.with(|cell| {
         let mut cell = cell.borrow_mut();
-        let deflater = cell.get_or_insert_with(|| Compress::new(Compression::new(LEVEL), false));
+        let deflater = cell.get_or_insert_with(new_deflater);
         deflater.reset();
-        let status = deflater.compress_vec(payload, &mut buf, FlushCompress::Sync);
-        matches!(status, Ok(Status::Ok | Status::BufError))
+        let status = deflater.compress(payload, &mut buf[MAX_HEAD..], DeflateFlush::SyncFlush);
+        let written = usize::try_from(deflater.total_out()).unwrap_or(usize::MAX);
+        let done = matches!(status, Ok(zlib_rs::Status::Ok | zlib_rs::Status::BufError))
             && deflater.total_in() == payload.len() as u64
-            && buf.len() < buf.capacity()
+            && written < room;
+        done.then_some(written)
     });
-    if !done || !buf.ends_with(&TAIL) {
+    buf.truncate(MAX_HEAD + written?);
+    if !buf.ends_with(&TAIL) {
         return None;
     }
     buf.truncate(buf.len() - TAIL.len());
