@@ -88,13 +88,14 @@ fn once_per_room(c: &mut Criterion) {
         eprintln!("frame of {} bytes (payload {len}) -> {z} bytes compressed", f.len());
     }
     let frame = event(300);
-    let agreed = Some(Agreed { server_max_window_bits: 15 });
+    let agreed = Some(Agreed { server_max_window_bits: 15, context: false });
     let mut group = c.benchmark_group("deflate_100_recipients");
     group.throughput(Throughput::Elements(100));
     group.bench_function("once_shared", |b| {
         b.iter(|| {
             let wire = Wire::new(frame.clone());
-            let out: Vec<_> = (0..100).map(|_| wire.for_peer(agreed, 128, |_, _| {}).clone()).collect();
+            let out: Vec<_> =
+                (0..100).map(|_| wire.for_peer(agreed, 128, &mut 0, |_, _| {}).clone()).collect();
             black_box(out)
         })
     });
