@@ -180,7 +180,9 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<FanoutReport> {
     if args.inflate_every > 1 {
         notes.push(format!(
             "--inflate-every {}: deliveries, deliveries_per_sec and latency count sampled deliveries only; \
-             compare runs by deliveries_arrived and server_cpu_us_per_arrived_delivery",
+             compare runs by deliveries_arrived and server_cpu_us_per_arrived_delivery; clients asked for \
+             server_no_context_takeover (skipped messages would break a kept window), so wire bytes \
+             are those of standalone frames",
             args.inflate_every
         ));
     }

@@ -49,6 +49,10 @@ pub(crate) struct WsClient {
     frag_compressed: bool,
     /// The handshake agreed to permessage-deflate.
     compressed: bool,
+    /// The inflate window kept across messages when the server keeps its
+    /// context (it did not answer `server_no_context_takeover`): about
+    /// 40 KiB per connection, as in any client that keeps it.
+    window: Option<Box<flate2::Decompress>>,
     /// The last compressed message, inflated (empty unless compression was agreed).
     inflated: Vec<u8>,
     /// Inflate one compressed text message in this many (1: all of them).
@@ -98,7 +102,7 @@ impl WsClient {
         getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("random key: {e}"))?;
         let key = base64::engine::general_purpose::STANDARD.encode(key);
         let offer = if deflate::enabled() {
-            format!("Sec-WebSocket-Extensions: {}\r\n", deflate::OFFER)
+            format!("Sec-WebSocket-Extensions: {}\r\n", deflate::offer())
         } else {
             String::new()
         };
@@ -134,7 +138,11 @@ impl WsClient {
         }
         deflate::count(end);
         let head = String::from_utf8_lossy(&buf[..head_len]).to_ascii_lowercase();
-        let compressed = head.contains("\r\nsec-websocket-extensions: permessage-deflate");
+        let extensions = head.lines().find(|l| l.starts_with("sec-websocket-extensions: permessage-deflate"));
+        let compressed = extensions.is_some();
+        let window = extensions
+            .filter(|e| !e.contains("server_no_context_takeover"))
+            .map(|_| Box::new(flate2::Decompress::new(false)));
         Ok(WsClient {
             stream,
             buf,
@@ -145,6 +153,7 @@ impl WsClient {
             frag_active: false,
             frag_compressed: false,
             compressed,
+            window,
             inflated: Vec::new(),
             inflate_every: 1,
             compressed_seen: 0,
@@ -269,6 +278,13 @@ impl WsClient {
     /// that inflates every delivery on the server's cores slows its reading, and with it the
     /// server's batching, so a compressed run would measure the client's inflation.
     pub(crate) fn sample_inflation(&mut self, every: u32) {
+        // With the context kept every compressed message must be inflated,
+        // or the window would miss what later ones refer to (loadgen asks
+        // for `server_no_context_takeover` when sampling; a server that
+        // keeps its context anyway gets every message inflated).
+        if self.window.is_some() {
+            return;
+        }
         self.inflate_every = u64::from(every.max(1));
         self.compressed_seen = 0;
     }
@@ -302,7 +318,8 @@ impl WsClient {
                     if (self.compressed_seen - 1) % self.inflate_every != 0 {
                         return Ok(Some(Incoming::Uninflated));
                     }
-                    if !deflate::inflate(&self.buf[payload], MAX_PAYLOAD, &mut self.inflated) {
+                    let window = self.window.as_deref_mut();
+                    if !deflate::inflate(window, &self.buf[payload], MAX_PAYLOAD, &mut self.inflated) {
                         return Err(frame::FrameError::TooLarge(MAX_PAYLOAD as u64 + 1));
                     }
                     return Ok(Some(Incoming::Text(&self.inflated)));
@@ -323,7 +340,8 @@ impl WsClient {
                     }
                     self.frag.extend_from_slice(&self.buf[payload]);
                     if header.fin && self.frag_active && self.frag_compressed {
-                        if !deflate::inflate(&self.frag, MAX_PAYLOAD, &mut self.inflated) {
+                        let window = self.window.as_deref_mut();
+                        if !deflate::inflate(window, &self.frag, MAX_PAYLOAD, &mut self.inflated) {
                             return Err(frame::FrameError::TooLarge(MAX_PAYLOAD as u64 + 1));
                         }
                         return Ok(Some(Incoming::Text(&self.inflated)));
