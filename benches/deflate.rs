@@ -283,6 +283,40 @@ fn levels(c: &mut Criterion) {
             black_box(deflated_len(&mut d, Some(&chat[k - 1]), &chat[k], &mut out))
         })
     });
+    // Herald's own path (memLevel 4): a room frame's standalone twin, and
+    // its twin after the room's previous frame (the context kept).
+    let frames: Vec<bytes::Bytes> = chat.iter().map(|p| frame::encode(frame::OpCode::Text, p)).collect();
+    let kept = Some(Agreed { server_max_window_bits: 15, context: true });
+    let (mut plain, mut alone, mut after) = (0, 0, 0);
+    for pair in frames.windows(2) {
+        let prev = Wire::new(pair[0].clone());
+        let wire = Wire::after(pair[1].clone(), &prev);
+        plain += frame::payload(&pair[1]).len();
+        alone += frame::payload(wire.for_peer(kept, 0, &mut 0, |_, _| {})).len();
+        after += frame::payload(wire.for_peer(kept, 0, &mut prev.id(), |_, _| {})).len();
+    }
+    eprintln!(
+        "chat, Herald's twins: alone {:.3}, after the previous frame {:.3} of {plain} payload bytes",
+        alone as f64 / plain as f64,
+        after as f64 / plain as f64
+    );
+    let mut k = 0;
+    group.bench_function("herald_twin_alone", |b| {
+        b.iter(|| {
+            k = (k + 1) % frames.len();
+            let wire = Wire::new(frames[k].clone());
+            black_box(wire.for_peer(kept, 0, &mut 0, |_, _| {}).len())
+        })
+    });
+    let mut k = 0;
+    group.bench_function("herald_twin_after_previous", |b| {
+        b.iter(|| {
+            k = k % (frames.len() - 1) + 1;
+            let prev = Wire::new(frames[k - 1].clone());
+            let wire = Wire::after(frames[k].clone(), &prev);
+            black_box(wire.for_peer(kept, 0, &mut prev.id(), |_, _| {}).len())
+        })
+    });
     group.finish();
 }
 

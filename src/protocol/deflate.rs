@@ -113,8 +113,15 @@ impl Wire {
     /// frame, `seq` one less).
     pub fn after(plain: Bytes, prev: &Wire) -> Wire {
         let whole = frame::payload(&prev.0.plain);
-        let start = prev.0.plain.len() - whole.len() + whole.len().saturating_sub(WINDOW);
-        Wire::with_prev(plain, Some((prev.0.id, prev.0.plain.slice(start..))))
+        let tail = match whole.len().checked_sub(WINDOW) {
+            // Shares the previous frame's buffer (held by history anyway).
+            None | Some(0) => prev.0.plain.slice(prev.0.plain.len() - whole.len()..),
+            // A huge previous frame is not kept alive by its successor
+            // after history lets it go: only the 32 KiB that can be
+            // referred to, copied (once per frame, not per recipient).
+            Some(skip) => Bytes::copy_from_slice(&whole[skip..]),
+        };
+        Wire::with_prev(plain, Some((prev.0.id, tail)))
     }
 
     fn with_prev(plain: Bytes, prev: Option<(u64, Bytes)>) -> Wire {
