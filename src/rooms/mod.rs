@@ -157,7 +157,7 @@ impl Rooms {
             // the frame's compressed twins, each made at most once). Made
             // under the room's lock, after the room's previous frame when
             // history holds it: no compression here, only its id and tail.
-            wire = chained(held.back(), seq, bytes);
+            wire = history::chained(held.back(), seq, bytes);
             let before = room.head.fetch_max(seq, Ordering::AcqRel);
             let readers = room.readers.load(Ordering::Relaxed);
             if seq > before && readers > 0 {
@@ -215,7 +215,7 @@ impl Rooms {
                 kept.next().map(|(seq, at, bytes)| Held {
                     seq,
                     at,
-                    bytes: chained(merged.last(), seq, bytes),
+                    bytes: history::chained(merged.last(), seq, bytes),
                 })
             };
             let Some(next) = next else { break };
@@ -350,15 +350,6 @@ impl Rooms {
     /// Frame bytes held in history, all rooms together.
     pub fn held_bytes(&self) -> usize {
         self.held_bytes.load(Ordering::Relaxed)
-    }
-}
-
-/// The frame of `seq`, after the room's previous one when `held` (the last
-/// frame held) is it (`seq - 1`), so its compressed twin may refer to it.
-fn chained(held: Option<&Held>, seq: u64, bytes: Bytes) -> Wire {
-    match held {
-        Some(prev) if prev.seq.checked_add(1) == Some(seq) => Wire::after(bytes, &prev.bytes),
-        _ => Wire::new(bytes),
     }
 }
 
