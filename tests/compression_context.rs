@@ -204,3 +204,40 @@ async fn a_client_that_asks_for_no_context_takeover_gets_frames_that_stand_alone
     off.stop().await;
     gw.stop().await;
 }
+
+/// A recovery on a node that never watched the room reads the room's
+/// history from Redis: those frames are chained after each other too, and
+/// a kept-context client inflates every one of them in its window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_recovery_from_redis_history_replays_chained_frames() {
+    let redis = support::redis::RedisServer::start();
+    let (a, b) = support::redis::two_nodes(&redis, herald::config::Membership::Open).await;
+    let chat_id = ChatId::new_v4();
+    let (mut on_a, _) = Client::open(a.addr, "permessage-deflate").await;
+    let head = on_a.subscribe(chat_id, None).await;
+    let n = 12;
+    for i in 0..n {
+        let (status, _) = a.publish(&support::message_sent(chat_id, &chat(i))).await;
+        assert_eq!(status, 202);
+    }
+    let mut live = Vec::new();
+    for _ in 0..n {
+        live.push(on_a.next().await);
+    }
+    // B never watched this room: its history comes from Redis.
+    let (mut on_b, _) = Client::open(b.addr, "permessage-deflate").await;
+    on_b.subscribe(chat_id, Some(head)).await;
+    let mut sizes = Vec::new();
+    for i in 0..n {
+        let (wire, compressed, v) = on_b.next().await;
+        assert!(compressed, "event {i}");
+        assert_eq!((v["seq"].as_u64(), &v["data"]), (Some(head + 1 + i), &chat(i)), "recovered in order");
+        assert_eq!(&v, &live[i as usize].2, "the same event as live on A");
+        sizes.push(wire);
+    }
+    for (i, size) in sizes.iter().enumerate().skip(1) {
+        assert!(size * 2 < sizes[0], "event {i}: {size} bytes after its predecessor, {} alone", sizes[0]);
+    }
+    assert_eq!(b.labelled("recoveries_total", "result", "recovered").await, 1.0);
+}
