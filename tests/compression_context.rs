@@ -26,7 +26,17 @@ struct Client {
 
 impl Client {
     async fn open(addr: SocketAddr, offer: &str) -> (Client, String) {
-        let stream = TcpStream::connect(addr).await.expect("connect");
+        Client::open_on(TcpStream::connect(addr).await.expect("connect"), offer).await
+    }
+
+    /// With a small socket receive buffer: a reader the server can stall.
+    async fn open_small(addr: SocketAddr, offer: &str) -> (Client, String) {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        Client::open_on(socket.connect(addr).await.expect("connect"), offer).await
+    }
+
+    async fn open_on(stream: TcpStream, offer: &str) -> (Client, String) {
         let token = support::token(UserId::new_v4(), &[]);
         let (raw, head) =
             RawClient::handshake_with(stream, &token, &format!("Sec-WebSocket-Extensions: {offer}\r\n"))
@@ -240,4 +250,52 @@ async fn a_recovery_from_redis_history_replays_chained_frames() {
         assert!(size * 2 < sizes[0], "event {i}: {size} bytes after its predecessor, {} alone", sizes[0]);
     }
     assert_eq!(b.labelled("recoveries_total", "result", "recovered").await, 1.0);
+}
+
+/// `n` bytes of hex from a xorshift seeded by `seed`: about half of it is
+/// left after deflate, so a stalled reader's backlog stays large compressed.
+fn hex(seed: u64, n: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n / 16)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            format!("{x:016x}")
+        })
+        .collect()
+}
+
+/// A kept-context client that stops reading while its room runs past the
+/// live ring: when it reads again, the catch-up from history continues its
+/// chain (each frame after the one it was sent before), and every event
+/// inflates in its window, in order.
+#[tokio::test]
+async fn a_kept_context_reader_that_stalls_catches_up_in_its_window() {
+    let mut config = support::config();
+    config.rooms.buffer = 4;
+    config.rooms.history_size = 5_000;
+    config.websocket.write_wait = std::time::Duration::from_secs(60);
+    let gw = support::start(config).await;
+    let chat_id = ChatId::new_v4();
+    let (mut slow, answer) = Client::open_small(gw.addr, "permessage-deflate").await;
+    assert_eq!(answer, "permessage-deflate; client_no_context_takeover");
+    let head = slow.subscribe(chat_id, None).await;
+    // 1,500 events of 4 KB: about 3 MB compressed, more than socket buffers
+    // and the connection's own queue hold for a client that does not read.
+    let n = 1_500u64;
+    for i in 0..n {
+        support::publish(&gw, chat_id, 1, &json!({"blob": hex(i, 4096)})).await;
+    }
+    for i in 0..n {
+        let (_, _, v) = slow.next().await;
+        assert_eq!(
+            (v["seq"].as_u64(), &v["data"]),
+            (Some(head + 1 + i), &json!({"blob": hex(i, 4096)})),
+            "event {i}"
+        );
+    }
+    assert!(gw.metric("catchups_total").await >= 1.0, "the stalled reader fell behind the ring");
+    assert_eq!(gw.metric("slow_consumers_dropped_total").await, 0.0);
+    gw.stop().await;
 }
