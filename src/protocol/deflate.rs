@@ -466,6 +466,16 @@ mod tests {
         );
     }
 
+    /// What each frame held (ring, history) weighs besides its bytes: the
+    /// plain frame, its id, the previous frame's id and tail handle, two
+    /// twins' slots. Held per frame of history, so kept in view.
+    #[test]
+    fn a_frame_s_fixed_cost_stays_in_view() {
+        let size = std::mem::size_of::<Twin>();
+        eprintln!("Twin: {size} bytes (+16 for the Arc's counts)");
+        assert!(size <= 160, "Twin grew to {size} bytes");
+    }
+
     /// Only the last 32 KiB of a huge previous frame can be referred to:
     /// the twin after it still inflates in a 32 KiB window.
     #[test]
