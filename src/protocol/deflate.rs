@@ -95,8 +95,18 @@ struct Twin {
     plain: Bytes,
     /// The room's previous frame: its id and at most the last 32 KiB of
     /// its payload (sharing that frame's buffer; never the previous `Wire`,
-    /// so no chain keeps a room's past alive).
-    prev: Option<(u64, Bytes)>,
+    /// so no chain keeps a room's past alive). Boxed, as are the twins: a
+    /// frame that starts a room or is never compressed (a quiet room's
+    /// one frame of history, a node nobody asks to compress for) pays a
+    /// pointer for each, not their size.
+    prev: Option<Box<(u64, Bytes)>>,
+    /// Made the first time a connection that agreed to compression needs
+    /// this frame.
+    twins: OnceLock<Box<Twins>>,
+}
+
+#[derive(Debug, Default)]
+struct Twins {
     /// `None` once tried when compressing did not make the frame smaller.
     deflated: OnceLock<Option<Bytes>>,
     /// Compressed with `prev`'s payload as preset dictionary: valid only
@@ -121,12 +131,12 @@ impl Wire {
             // referred to, copied (once per frame, not per recipient).
             Some(skip) => Bytes::copy_from_slice(&whole[skip..]),
         };
-        Wire::with_prev(plain, Some((prev.0.id, tail)))
+        Wire::with_prev(plain, Some(Box::new((prev.0.id, tail))))
     }
 
-    fn with_prev(plain: Bytes, prev: Option<(u64, Bytes)>) -> Wire {
+    fn with_prev(plain: Bytes, prev: Option<Box<(u64, Bytes)>>) -> Wire {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        Wire(Arc::new(Twin { id, plain, prev, deflated: OnceLock::new(), after_prev: OnceLock::new() }))
+        Wire(Arc::new(Twin { id, plain, prev, twins: OnceLock::new() }))
     }
 
     /// This frame's unique id.
@@ -177,15 +187,16 @@ impl Wire {
             }
             twin
         };
-        let after = match &self.0.prev {
+        let twins = self.0.twins.get_or_init(Box::default);
+        let after = match self.0.prev.as_deref() {
             Some((prev, dictionary))
                 if agreed.context && agreed.server_max_window_bits >= 15 && *prev == *last =>
             {
-                self.0.after_prev.get_or_init(|| made(compress_after(plain, dictionary))).as_ref()
+                twins.after_prev.get_or_init(|| made(compress_after(plain, dictionary))).as_ref()
             }
             _ => None,
         };
-        let twin = after.or_else(|| self.0.deflated.get_or_init(|| made(compress_frame(plain))).as_ref());
+        let twin = after.or_else(|| twins.deflated.get_or_init(|| made(compress_frame(plain))).as_ref());
         match twin {
             Some(twin) => {
                 *last = self.0.id;
@@ -467,13 +478,14 @@ mod tests {
     }
 
     /// What each frame held (ring, history) weighs besides its bytes: the
-    /// plain frame, its id, the previous frame's id and tail handle, two
-    /// twins' slots. Held per frame of history, so kept in view.
+    /// plain frame, its id, a pointer to the previous frame's id and tail,
+    /// a slot for the twins. Held per frame of history, so kept in view
+    /// (a warm two-person room's one frame is half its subscribers' cost).
     #[test]
     fn a_frame_s_fixed_cost_stays_in_view() {
         let size = std::mem::size_of::<Twin>();
         eprintln!("Twin: {size} bytes (+16 for the Arc's counts)");
-        assert!(size <= 160, "Twin grew to {size} bytes");
+        assert!(size <= 64, "Twin grew to {size} bytes");
     }
 
     /// Only the last 32 KiB of a huge previous frame can be referred to:
