@@ -194,6 +194,9 @@ pub struct WebSocketConfig {
     pub compression: bool,
     /// Room frames with a smaller payload go out uncompressed.
     pub compression_threshold: usize,
+    /// Keep the compression context (room frames compressed after the
+    /// room's previous one) unless the client asks `server_no_context_takeover`.
+    pub compression_context: bool,
 }
 
 impl Default for WebSocketConfig {
@@ -209,6 +212,7 @@ impl Default for WebSocketConfig {
             user_queue: 256,
             compression: true,
             compression_threshold: 128,
+            compression_context: true,
         }
     }
 }

@@ -4,7 +4,7 @@
 //! made the ring it waited for), with the waker its task polls.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::task::{Context, Poll};
 
@@ -55,6 +55,12 @@ pub struct Mailbox {
     /// task keeps no wait future for its mailbox.
     waker: AtomicWaker,
     capacity: usize,
+    /// The id of the last room frame queued compressed to the socket (0:
+    /// none): its payload ends the client's inflate window, so the room's
+    /// next frame may go out compressed after it (`Wire::for_peer`). Only
+    /// the connection task touches it; kept here, not in the task, whose
+    /// future is held under 400 bytes.
+    deflated_last: AtomicU64,
 }
 
 /// Frame bytes a mailbox holds at most (besides its count bound).
@@ -100,7 +106,17 @@ impl Mailbox {
             alarm: AtomicBool::new(false),
             waker: AtomicWaker::new(),
             capacity: capacity.max(1),
+            deflated_last: AtomicU64::new(0),
         }
+    }
+
+    /// See [`Mailbox::deflated_last`]'s field.
+    pub(crate) fn deflated_last(&self) -> u64 {
+        self.deflated_last.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_deflated_last(&self, id: u64) {
+        self.deflated_last.store(id, Ordering::Relaxed);
     }
 
     /// Queues `msg`, or marks the connection a slow consumer when the

@@ -71,8 +71,9 @@ pub struct Metrics {
     /// Pings not answered because a pong to the same client was still
     /// waiting to be written.
     pub pongs_dropped: AtomicU64,
-    /// permessage-deflate: frames compressed (each once, however many
-    /// connections receive it), their payload bytes before and after, and
+    /// permessage-deflate: frame compressions (at most two per frame, alone
+    /// and after the room's previous frame, however many connections
+    /// receive it), their payload bytes before and after, and
     /// the open connections that negotiated it.
     pub compressed_frames: AtomicU64,
     pub compression_bytes_in: AtomicU64,
@@ -218,7 +219,7 @@ impl Metrics {
         one(
             "compressed_frames_total",
             "counter",
-            "Frames compressed with permessage-deflate (once per frame, whatever its recipients).",
+            "Frame compressions for permessage-deflate (at most two per frame, alone and after the room's previous one, whatever its recipients).",
             get(&self.compressed_frames),
         );
         one(

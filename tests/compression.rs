@@ -89,7 +89,9 @@ fn big(n: u64) -> Value {
 async fn the_handshake_answers_each_offer_shape_as_rfc_7692_says() {
     let gw = support::start(support::config()).await;
     let token = support::token(UserId::new_v4(), &[]);
-    let base = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+    // The context is kept unless the offer asks for server_no_context_takeover.
+    let base = "permessage-deflate; client_no_context_takeover";
+    let asked = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
     let with_bits = format!("{base}; server_max_window_bits=10");
     let cases: Vec<(Vec<&str>, Option<&str>)> = vec![
         (vec![], None),
@@ -97,7 +99,7 @@ async fn the_handshake_answers_each_offer_shape_as_rfc_7692_says() {
         // Chromium's offer: client_max_window_bits without a value.
         (vec!["permessage-deflate; client_max_window_bits"], Some(base)),
         (vec!["permessage-deflate; client_max_window_bits=9"], Some(base)),
-        (vec!["permessage-deflate; server_no_context_takeover; client_no_context_takeover"], Some(base)),
+        (vec!["permessage-deflate; server_no_context_takeover; client_no_context_takeover"], Some(asked)),
         (vec!["permessage-deflate; server_max_window_bits=10"], Some(&with_bits)),
         // Declined: values out of range or missing, unknown or repeated parameters.
         (vec!["permessage-deflate; server_max_window_bits"], None),
@@ -169,6 +171,37 @@ async fn frames_above_the_threshold_are_compressed_once_for_every_subscriber() {
     let (before, after) =
         (gw.metric("compression_bytes_in_total").await, gw.metric("compression_bytes_out_total").await);
     assert_eq!((before, after), (big_plain.1.len() as f64, big_a.1.len() as f64));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_catch_up_longer_than_one_history_read_is_compressed_whole_and_in_order() {
+    let gw = support::start(support::config()).await;
+    let chat = ChatId::new_v4();
+    // A plain subscriber keeps the room; nobody compresses while it fills.
+    let mut plain = RawClient::connect(gw.addr, &support::token(UserId::new_v4(), &[])).await;
+    let head = subscribe(&mut plain, chat, None).await;
+    // More than two of the reads a catch-up takes from history at a time
+    // (each compressed after the room's lock is released).
+    let n = 70;
+    for i in 0..n {
+        support::publish(&gw, chat, 1, &big(i)).await;
+    }
+    let mut late = deflating(gw.addr, UserId::new_v4()).await;
+    subscribe(&mut late, chat, Some(head)).await;
+    // The context is kept: consecutive frames refer to each other, so the
+    // client inflates them in one window, as RFC 7692 asks of it.
+    let mut window = flate2::Decompress::new(false);
+    for i in 0..n {
+        let (first, mut payload) = next_text_frame(&mut late).await;
+        assert_eq!(first, 0x80 | RSV1 | 0x1, "event {i} compressed");
+        payload.extend_from_slice(&[0, 0, 0xff, 0xff]);
+        let mut text = Vec::with_capacity(1 << 16);
+        window.decompress_vec(&payload, &mut text, flate2::FlushDecompress::Sync).expect("deflate");
+        let value: Value = serde_json::from_slice(&text).expect("JSON");
+        assert_eq!((value["seq"].as_u64(), &value["data"]), (Some(head + 1 + i), &big(i)), "in order");
+    }
+    assert_eq!(gw.metric("compressed_frames_total").await, n as f64, "each compressed once, by the catch-up");
     gw.stop().await;
 }
 
@@ -249,9 +282,10 @@ async fn rsv1_where_compression_is_not_allowed_is_closed_with_1002() {
 }
 
 /// Runs a client program that prints the negotiated extensions, then each
-/// message it receives, one per line; publishes `n` events (alternately
-/// small and above the threshold) once it has subscribed, and checks it
-/// received every one, decompressed and in order.
+/// message it receives, one per line; publishes `n` events (runs of three
+/// above the threshold between small ones, so most refer to their
+/// predecessor in the context the client keeps) once it has subscribed,
+/// and checks it received every one, decompressed and in order.
 async fn a_real_client_receives_every_event(mut program: tokio::process::Command) {
     let gw = support::start(support::config()).await;
     let chat = ChatId::new_v4();
@@ -268,21 +302,22 @@ async fn a_real_client_receives_every_event(mut program: tokio::process::Command
     let hello = next_line(&mut lines).await;
     let extensions = hello["extensions"].as_str().unwrap_or_default().to_string();
     assert!(extensions.starts_with("permessage-deflate"), "negotiated: {hello}");
+    assert!(!extensions.contains("server_no_context_takeover"), "context kept: {hello}");
     let subscribed = next_line(&mut lines).await;
     assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
     let head = subscribed["seq"].as_u64().expect("seq");
     let n = 20u64;
     for i in 1..=n {
-        let data = if i % 2 == 0 { big(i) } else { json!({"n": i}) };
+        let data = if i % 4 != 1 { big(i) } else { json!({"n": i}) };
         support::publish(&gw, chat, 1, &data).await;
     }
     for i in 1..=n {
         let event = next_line(&mut lines).await;
-        let data = if i % 2 == 0 { big(i) } else { json!({"n": i}) };
+        let data = if i % 4 != 1 { big(i) } else { json!({"n": i}) };
         assert_eq!((event["seq"].as_u64(), &event["data"]), (Some(head + i), &data), "event {i}");
     }
     assert_eq!(gw.metric("compression_connections").await, 1.0);
-    assert_eq!(gw.metric("compressed_frames_total").await, (n / 2) as f64);
+    assert_eq!(gw.metric("compressed_frames_total").await, (n - n / 4) as f64);
     drop(child);
     gw.stop().await;
 }

@@ -133,6 +133,16 @@ pub(crate) struct FanoutArgs {
     /// Bytes of the `content` field of each message.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub(crate) content_bytes: u32,
+    /// With --compress: inflate only one compressed delivery in N per connection, and count the
+    /// others without reading them, so the load generator's inflation does not slow its reading
+    /// (and the server's batching) on shared cores. Every delivery is still counted (lost =
+    /// expected - received), and each sampled one is seq-checked against the count of those
+    /// before it; latency and publish-window figures come from the sampled ones, and server CPU
+    /// is divided by deliveries that arrived inside the window. Skipping messages needs frames
+    /// that each inflate alone: with N > 1 clients ask for `server_no_context_takeover`, so the
+    /// wire bytes are those of standalone frames, not of Herald's default context takeover.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000), conflicts_with = "presence")]
+    pub(crate) inflate_every: u32,
 }
 
 #[derive(Debug, Args)]

@@ -13,8 +13,13 @@ use flate2::{Decompress, FlushDecompress, Status};
 
 /// What a client offers: the shape Python's `websockets` and Node's `ws` send.
 pub(crate) const OFFER: &str = "permessage-deflate; client_max_window_bits";
+/// What a client offers with `--inflate-every N` (N > 1): frames that each
+/// inflate alone, so skipping some leaves the others readable.
+pub(crate) const OFFER_STANDALONE: &str =
+    "permessage-deflate; server_no_context_takeover; client_max_window_bits";
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+static STANDALONE: AtomicBool = AtomicBool::new(false);
 static WIRE_BYTES: AtomicU64 = AtomicU64::new(0);
 
 /// Makes every client of this run offer compression.
@@ -24,6 +29,20 @@ pub(crate) fn enable(on: bool) {
 
 pub(crate) fn enabled() -> bool {
     ENABLED.load(Relaxed)
+}
+
+/// Makes every client ask for `server_no_context_takeover` (`--inflate-every`).
+pub(crate) fn ask_standalone(on: bool) {
+    STANDALONE.store(on, Relaxed);
+}
+
+/// The offer every client of this run sends.
+pub(crate) fn offer() -> &'static str {
+    if STANDALONE.load(Relaxed) {
+        OFFER_STANDALONE
+    } else {
+        OFFER
+    }
 }
 
 /// Counts bytes a client read from its socket.
@@ -45,21 +64,32 @@ pub(crate) fn prose(n: usize) -> String {
 }
 
 thread_local! {
-    /// One inflater per thread, reset per message (the server answers
-    /// `client_no_context_takeover` and `server_no_context_takeover`, so no
-    /// message needs another's window): a fresh one per message cost more
-    /// than the rest of a delivery and made the load generator the bottleneck.
+    /// One inflater per thread, reset per message, for connections whose
+    /// server answered `server_no_context_takeover` (no message needs
+    /// another's window): a fresh one per message cost more than the rest
+    /// of a delivery and made the load generator the bottleneck.
     static INFLATER: RefCell<Decompress> = RefCell::new(Decompress::new(false));
 }
 
 /// Inflates one compressed message into `out` (cleared first), at most
 /// `max` bytes; `false` when it is not valid deflate data or is larger.
-pub(crate) fn inflate(payload: &[u8], max: usize, out: &mut Vec<u8>) -> bool {
-    INFLATER.with(|cell| {
-        let mut inflater = cell.borrow_mut();
-        inflater.reset(false);
-        inflate_with(&mut inflater, payload, max, out)
-    })
+/// `window`: the connection's own inflater when the server keeps its
+/// context (RFC 7692 context takeover): never reset, so each message may
+/// refer to the ones before it; every compressed message must go through it.
+pub(crate) fn inflate(
+    window: Option<&mut Decompress>,
+    payload: &[u8],
+    max: usize,
+    out: &mut Vec<u8>,
+) -> bool {
+    match window {
+        Some(window) => inflate_with(window, payload, max, out),
+        None => INFLATER.with(|cell| {
+            let mut inflater = cell.borrow_mut();
+            inflater.reset(false);
+            inflate_with(&mut inflater, payload, max, out)
+        }),
+    }
 }
 
 fn inflate_with(inflater: &mut Decompress, payload: &[u8], max: usize, out: &mut Vec<u8>) -> bool {
@@ -106,9 +136,27 @@ mod tests {
         assert!(z.ends_with(&[0, 0, 0xff, 0xff]));
         z.truncate(z.len() - 4);
         let mut out = Vec::new();
-        assert!(inflate(&z, 1 << 20, &mut out));
+        assert!(inflate(None, &z, 1 << 20, &mut out));
         assert_eq!(out, text);
-        assert!(!inflate(&z, 10, &mut out), "over the limit");
-        assert!(!inflate(&[0xff; 8], 1 << 20, &mut out), "not deflate data");
+        assert!(!inflate(None, &z, 10, &mut out), "over the limit");
+        assert!(!inflate(None, &[0xff; 8], 1 << 20, &mut out), "not deflate data");
+    }
+
+    #[test]
+    fn a_kept_window_inflates_messages_that_refer_to_earlier_ones() {
+        let text = br#"{"type":"message.new","data":{"content":"the same words again and again"}}"#;
+        let mut c = Compress::new(Compression::new(6), false);
+        let mut window = Decompress::new(false);
+        let mut sizes = Vec::new();
+        for _ in 0..3 {
+            let mut z = Vec::with_capacity(256);
+            c.compress_vec(text, &mut z, FlushCompress::Sync).expect("compress");
+            z.truncate(z.len() - 4);
+            sizes.push(z.len());
+            let mut out = Vec::new();
+            assert!(inflate(Some(&mut window), &z, 1 << 20, &mut out));
+            assert_eq!(out, text);
+        }
+        assert!(sizes[1] < sizes[0] / 2, "{sizes:?}: the second refers to the first");
     }
 }

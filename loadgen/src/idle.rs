@@ -283,7 +283,7 @@ async fn connection(
             loop {
                 match client.next_incoming() {
                     Ok(Some(Incoming::Text(p))) => on_text(p, run_id, &mut seqs, &mut local),
-                    Ok(Some(Incoming::Binary)) => {}
+                    Ok(Some(Incoming::Binary | Incoming::Uninflated)) => {}
                     Ok(Some(Incoming::Close(code))) => {
                         close = Some(code);
                         break;

@@ -58,6 +58,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let threads = common.threads;
     deflate::enable(common.compress);
+    if let Command::Fanout(a) = &cli.command {
+        deflate::ask_standalone(a.inflate_every > 1);
+    }
     let runtime = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {

@@ -187,6 +187,15 @@ pub(crate) struct FanoutReport {
     #[serde(flatten)]
     pub(crate) usage: Usage,
     pub(crate) server_cpu_us_per_delivery: Option<f64>,
+    /// Deliveries that arrived inside the measured window (whenever published).
+    pub(crate) deliveries_arrived: u64,
+    /// The server's CPU over the window / `deliveries_arrived`: what runs with
+    /// `--inflate-every` compare (they read the publish time of sampled deliveries only).
+    pub(crate) server_cpu_us_per_arrived_delivery: Option<f64>,
+    /// `--inflate-every`: inflate one compressed delivery in this many per connection.
+    pub(crate) inflate_every: u32,
+    /// Compressed deliveries counted without being inflated.
+    pub(crate) uninflated_deliveries: u64,
     /// With `--presence`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) presence: Option<PresenceSummary>,
@@ -577,6 +586,20 @@ impl FanoutReport {
             "wire bytes per delivery",
             self.wire_bytes_per_delivery
                 .map(|b| format!("{b:.1} ({})", if self.compress { "compression offered" } else { "plain" })),
+        );
+        if self.inflate_every > 1 {
+            t.row(
+                "inflated",
+                format!(
+                    "1 in {} per connection ({} deliveries counted uninflated; latency and the seq check from the rest)",
+                    self.inflate_every, self.uninflated_deliveries
+                ),
+            );
+        }
+        t.opt(
+            "deliveries arrived in window",
+            self.server_cpu_us_per_arrived_delivery
+                .map(|us| format!("{} ({us:.2} us server CPU each)", self.deliveries_arrived)),
         );
         self.usage.rows(&mut t, self.server_cpu_us_per_delivery);
         notes(&mut t, &self.notes);

@@ -41,6 +41,19 @@ impl SeqTracker {
         }
     }
 
+    /// Moves the only room's position `n` events on: that many of its deliveries were counted
+    /// without being read (`--inflate-every`), so the next one read must be `n` further. `false`
+    /// (and nothing moved) unless exactly one room is tracked.
+    pub(crate) fn skip_sole(&mut self, n: u64) -> bool {
+        match &mut self.rooms[..] {
+            [(_, last)] => {
+                *last = last.saturating_add(n);
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn observe(&mut self, chat_id: &[u8], seq: u64) -> SeqOutcome {
         let Some((_, last)) = self.rooms.iter_mut().find(|(id, _)| &id[..] == chat_id) else {
             self.rooms.push((chat_id.into(), seq));
@@ -69,6 +82,10 @@ pub(crate) struct Local {
     pub(crate) duplicated: u64,
     pub(crate) malformed: u64,
     pub(crate) pongs: u64,
+    /// Deliveries of this run's events (read or not) that arrived inside the measured window.
+    pub(crate) arrived_in_window: u64,
+    /// Compressed deliveries counted without being inflated (`--inflate-every`).
+    pub(crate) uninflated: u64,
     /// Latencies (microseconds) of in-window deliveries since the last flush.
     pub(crate) latencies_us: Vec<u64>,
 }
@@ -83,6 +100,12 @@ pub(crate) struct Shared {
     pub(crate) own_deliveries: AtomicU64,
     /// Deliveries of this run's events published inside the measured window.
     pub(crate) window_deliveries: AtomicU64,
+    /// Deliveries of this run's events that arrived inside the measured window, whenever
+    /// published: the deliveries the server's CPU over the window paid for, countable without
+    /// reading a frame (so with `--inflate-every` too).
+    pub(crate) arrived_window_deliveries: AtomicU64,
+    /// Compressed deliveries counted but not inflated (`--inflate-every`).
+    pub(crate) uninflated_deliveries: AtomicU64,
     /// `message.new` frames not published by this run (other loadgen processes, other publishers).
     pub(crate) foreign_deliveries: AtomicU64,
     pub(crate) gap_missing: AtomicU64,
@@ -106,6 +129,8 @@ impl Shared {
             connect_error_kinds: Mutex::new(BTreeMap::new()),
             own_deliveries: AtomicU64::new(0),
             window_deliveries: AtomicU64::new(0),
+            arrived_window_deliveries: AtomicU64::new(0),
+            uninflated_deliveries: AtomicU64::new(0),
             foreign_deliveries: AtomicU64::new(0),
             gap_missing: AtomicU64::new(0),
             duplicated: AtomicU64::new(0),
@@ -157,6 +182,8 @@ impl Shared {
             (&self.duplicated, local.duplicated),
             (&self.malformed, local.malformed),
             (&self.pongs, local.pongs),
+            (&self.arrived_window_deliveries, local.arrived_in_window),
+            (&self.uninflated_deliveries, local.uninflated),
         ] {
             if value != 0 {
                 counter.fetch_add(value, Relaxed);

@@ -882,7 +882,8 @@ async fn connection(client: WsClient, opened: Opened, ctx: Arc<Ctx>, mut phase: 
                         Reply::None => {}
                     }
                 }
-                Ok(Some(Incoming::Binary)) => tally.malformed += 1,
+                // Only fanout samples inflation; here every message is read.
+                Ok(Some(Incoming::Binary | Incoming::Uninflated)) => tally.malformed += 1,
                 Ok(Some(Incoming::Close(code))) => {
                     close = Some(code);
                     break;

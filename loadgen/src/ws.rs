@@ -28,6 +28,9 @@ pub(crate) enum Incoming<'a> {
     Text(&'a [u8]),
     Binary,
     Close(u16),
+    /// A compressed text message left uninflated by [`WsClient::sample_inflation`]: its bytes
+    /// were read and counted, its content is unknown.
+    Uninflated,
 }
 
 /// A connected, upgraded client socket with its buffers.
@@ -46,8 +49,16 @@ pub(crate) struct WsClient {
     frag_compressed: bool,
     /// The handshake agreed to permessage-deflate.
     compressed: bool,
+    /// The inflate window kept across messages when the server keeps its
+    /// context (it did not answer `server_no_context_takeover`): about
+    /// 40 KiB per connection, as in any client that keeps it.
+    window: Option<Box<flate2::Decompress>>,
     /// The last compressed message, inflated (empty unless compression was agreed).
     inflated: Vec<u8>,
+    /// Inflate one compressed text message in this many (1: all of them).
+    inflate_every: u64,
+    /// Unfragmented compressed text messages seen, to pick the sampled ones.
+    compressed_seen: u64,
     /// Frames queued for sending (pongs, close); written by [`WsClient::flush_out`].
     out: Vec<u8>,
     /// Server pings answered since the last [`WsClient::take_pings`].
@@ -91,7 +102,7 @@ impl WsClient {
         getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("random key: {e}"))?;
         let key = base64::engine::general_purpose::STANDARD.encode(key);
         let offer = if deflate::enabled() {
-            format!("Sec-WebSocket-Extensions: {}\r\n", deflate::OFFER)
+            format!("Sec-WebSocket-Extensions: {}\r\n", deflate::offer())
         } else {
             String::new()
         };
@@ -127,7 +138,11 @@ impl WsClient {
         }
         deflate::count(end);
         let head = String::from_utf8_lossy(&buf[..head_len]).to_ascii_lowercase();
-        let compressed = head.contains("\r\nsec-websocket-extensions: permessage-deflate");
+        let extensions = head.lines().find(|l| l.starts_with("sec-websocket-extensions: permessage-deflate"));
+        let compressed = extensions.is_some();
+        let window = extensions
+            .filter(|e| !e.contains("server_no_context_takeover"))
+            .map(|_| Box::new(flate2::Decompress::new(false)));
         Ok(WsClient {
             stream,
             buf,
@@ -138,7 +153,10 @@ impl WsClient {
             frag_active: false,
             frag_compressed: false,
             compressed,
+            window,
             inflated: Vec::new(),
+            inflate_every: 1,
+            compressed_seen: 0,
             out: Vec::new(),
             pings: 0,
             presence: false,
@@ -219,7 +237,7 @@ impl WsClient {
                         ServerMsg::Error(code) => bail!("subscribe refused: {}", msg::lossy(code)),
                         _ => {}
                     },
-                    Incoming::Binary => {}
+                    Incoming::Binary | Incoming::Uninflated => {}
                     Incoming::Close(code) => bail!("subscribe: server closed with {code}"),
                 }
             }
@@ -255,6 +273,22 @@ impl WsClient {
         Ok(n)
     }
 
+    /// From now on inflate only the first of every `every` unfragmented compressed text messages
+    /// and hand the others back as [`Incoming::Uninflated`] (counted, not read): a load generator
+    /// that inflates every delivery on the server's cores slows its reading, and with it the
+    /// server's batching, so a compressed run would measure the client's inflation.
+    pub(crate) fn sample_inflation(&mut self, every: u32) {
+        // With the context kept every compressed message must be inflated,
+        // or the window would miss what later ones refer to (loadgen asks
+        // for `server_no_context_takeover` when sampling; a server that
+        // keeps its context anyway gets every message inflated).
+        if self.window.is_some() {
+            return;
+        }
+        self.inflate_every = u64::from(every.max(1));
+        self.compressed_seen = 0;
+    }
+
     /// The next frame already in the buffer, or `None` when more bytes are needed. Pings queue a
     /// pong in the out buffer; pongs are dropped; fragments are reassembled.
     pub(crate) fn next_incoming(&mut self) -> Result<Option<Incoming<'_>>, frame::FrameError> {
@@ -280,7 +314,12 @@ impl WsClient {
                 OP_PONG => {}
                 OP_CLOSE => return Ok(Some(Incoming::Close(frame::close_code(&self.buf[payload])))),
                 OP_TEXT if header.fin && header.rsv1 => {
-                    if !deflate::inflate(&self.buf[payload], MAX_PAYLOAD, &mut self.inflated) {
+                    self.compressed_seen += 1;
+                    if (self.compressed_seen - 1) % self.inflate_every != 0 {
+                        return Ok(Some(Incoming::Uninflated));
+                    }
+                    let window = self.window.as_deref_mut();
+                    if !deflate::inflate(window, &self.buf[payload], MAX_PAYLOAD, &mut self.inflated) {
                         return Err(frame::FrameError::TooLarge(MAX_PAYLOAD as u64 + 1));
                     }
                     return Ok(Some(Incoming::Text(&self.inflated)));
@@ -301,7 +340,8 @@ impl WsClient {
                     }
                     self.frag.extend_from_slice(&self.buf[payload]);
                     if header.fin && self.frag_active && self.frag_compressed {
-                        if !deflate::inflate(&self.frag, MAX_PAYLOAD, &mut self.inflated) {
+                        let window = self.window.as_deref_mut();
+                        if !deflate::inflate(window, &self.frag, MAX_PAYLOAD, &mut self.inflated) {
                             return Err(frame::FrameError::TooLarge(MAX_PAYLOAD as u64 + 1));
                         }
                         return Ok(Some(Incoming::Text(&self.inflated)));
@@ -438,7 +478,7 @@ mod tests {
             while let Some(inc) = c.next_incoming().expect("valid frames") {
                 match inc {
                     Incoming::Text(t) => texts.push(t.to_vec()),
-                    Incoming::Binary => {}
+                    Incoming::Binary | Incoming::Uninflated => {}
                     Incoming::Close(code) => break 'outer code,
                 }
             }

@@ -74,6 +74,7 @@ ui:
         yaml,
         &[
             ("HERALD_WEBSOCKET__PING_INTERVAL", "2s"),
+            ("HERALD_WEBSOCKET__COMPRESSION_CONTEXT", "false"),
             ("HERALD_API__KEYS", "a-0123456789abcdef,b-0123456789abcdef"),
             ("HERALD_LOG__LEVEL", "debug"),
         ],
@@ -83,6 +84,7 @@ ui:
     assert_eq!(c.auth.allowed_origins, vec!["https://app.example"]);
     assert_eq!(c.websocket.ping_interval, Duration::from_secs(2));
     assert_eq!(c.websocket.pong_wait, Duration::from_secs(15));
+    assert!(!c.websocket.compression_context && Config::default().websocket.compression_context);
     assert_eq!(c.rooms.buffer, 64);
     assert_eq!(c.bus.kind, BusKind::Redis);
     assert_eq!(c.api.keys.len(), 2);

@@ -309,7 +309,7 @@ mod tests {
         let fut = serve(
             stream,
             Bytes::new(),
-            Some(Agreed { server_max_window_bits: 15 }),
+            Some(Agreed { server_max_window_bits: 15, context: true }),
             claims,
             node.clone(),
             permit,

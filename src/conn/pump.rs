@@ -41,8 +41,8 @@ const MAX_YIELDS: usize = 3;
 /// first such connection to need it, then shared), the plain frame
 /// otherwise. Per recipient this is a reference-count bump, never a
 /// compression.
-fn wire_for(wire: &Wire, agreed: Option<Agreed>, node: &Node) -> Bytes {
-    wire.for_peer(agreed, node.ws.compression_threshold, |before, after| {
+fn wire_for(wire: &Wire, agreed: Option<Agreed>, last: &mut u64, node: &Node) -> Bytes {
+    wire.for_peer(agreed, node.ws.compression_threshold, last, |before, after| {
         let m = &node.metrics;
         m.compressed_frames.fetch_add(1, Ordering::Relaxed);
         m.compression_bytes_in.fetch_add(before as u64, Ordering::Relaxed);
@@ -87,10 +87,12 @@ impl<S: Socket> Conn<S> {
                 }
                 if let Some(room_budget) = self.room_budget().filter(|_| !self.subs.is_empty()) {
                     let (out, agreed, node) = (&mut self.out, self.deflate, &self.node);
-                    if let Poll::Ready(taken) = self
-                        .subs
-                        .poll_take(cx, self.user, room_budget, |f| out.push_owed(wire_for(&f, agreed, node)))
-                    {
+                    let mut last = self.mailbox.deflated_last();
+                    let taken = self.subs.poll_take(cx, self.user, room_budget, |f| {
+                        out.push_owed(wire_for(&f, agreed, &mut last, node))
+                    });
+                    self.mailbox.set_deflated_last(last);
+                    if let Poll::Ready(taken) = taken {
                         return Poll::Ready(Wake::Room(taken));
                     }
                 }
@@ -216,12 +218,14 @@ impl<S: Socket> Conn<S> {
     fn drain_ready(&mut self, cx: &mut std::task::Context<'_>) -> Result<(), End> {
         let budget = self.room_budget();
         let (out, agreed, node) = (&mut self.out, self.deflate, &self.node);
+        let mut last = self.mailbox.deflated_last();
         let room_taken = match budget {
-            Some(budget) => {
-                self.subs.poll_take(cx, self.user, budget, |f| out.push_owed(wire_for(&f, agreed, node)))
-            }
+            Some(budget) => self
+                .subs
+                .poll_take(cx, self.user, budget, |f| out.push_owed(wire_for(&f, agreed, &mut last, node))),
             None => Poll::Pending,
         };
+        self.mailbox.set_deflated_last(last);
         match room_taken {
             Poll::Ready(taken) => self.on_room(taken),
             _ if self.mailbox.take_pending() => self.on_mailbox(),

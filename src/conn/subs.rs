@@ -19,6 +19,10 @@ use crate::protocol::deflate::Wire;
 use crate::protocol::{ChatId, UserId};
 use crate::rooms::{Frame, Joined, Room};
 
+/// Most history frames one read takes out under a room's lock while a
+/// reader catches up (it reads again for more).
+const CATCH_UP_CHUNK: usize = 32;
+
 /// What a receive future resolves to: the outcome and the receiver back.
 type Received = (Result<Frame, RecvError>, Receiver<Frame>);
 
@@ -236,9 +240,24 @@ impl Subscriptions {
             while taken.frames < budget.frames && bytes.get() < budget.bytes && sub.last < cutoff {
                 if sub.behind {
                     let frames = (budget.frames - taken.frames)
-                        .min(usize::try_from(cutoff - sub.last).unwrap_or(usize::MAX));
+                        .min(usize::try_from(cutoff - sub.last).unwrap_or(usize::MAX))
+                        .min(CATCH_UP_CHUNK);
                     let left = budget.bytes - bytes.get();
-                    let read = sub.room.read_after(sub.last, frames, left, &mut push);
+                    // Frames are taken out under the room's history lock and
+                    // handed on (compressed, the first time a peer that
+                    // agreed needs them) only once it is released: a
+                    // compression under it would stall the room's publishes
+                    // and every other reader. A stack chunk, so catching up
+                    // allocates nothing and the task's future does not grow.
+                    let mut chunk: [Option<Wire>; CATCH_UP_CHUNK] = [const { None }; CATCH_UP_CHUNK];
+                    let mut held = 0;
+                    let read = sub.room.read_after(sub.last, frames, left, |frame| {
+                        if let Some(slot) = chunk.get_mut(held) {
+                            *slot = Some(frame);
+                            held += 1;
+                        }
+                    });
+                    chunk.iter_mut().filter_map(Option::take).for_each(&mut push);
                     let read = match read {
                         Ok(read) => read,
                         Err(e) => {

@@ -42,7 +42,8 @@ pub(super) async fn upgrade(app: &Arc<App>, mut req: Request<Incoming>) -> Resul
         .map_err(|e| HttpError::BadRequest(format!("bad WebSocket handshake: {e}")))?;
     let deflate = if app.node.ws.compression {
         let offers = req.headers().get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter();
-        extension::negotiate(offers.filter_map(|v| v.to_str().ok())).and_then(|(agreed, answer)| {
+        let context = app.node.ws.compression_context;
+        extension::negotiate(offers.filter_map(|v| v.to_str().ok()), context).and_then(|(agreed, answer)| {
             let answer = header::HeaderValue::from_str(&answer).ok()?;
             response.headers_mut().insert(header::SEC_WEBSOCKET_EXTENSIONS, answer);
             Some(agreed)

@@ -2,17 +2,23 @@
 //! twin, made at most once and shared by every connection that negotiated
 //! compression, and the bounded inflation of a client's compressed message.
 //!
-//! Herald always agrees to `server_no_context_takeover`, so each compressed
-//! frame stands alone: one compression serves a whole room, and no
-//! connection keeps a compressor. It also asks `client_no_context_takeover`,
-//! so a client message is inflated on its own and no connection keeps an
-//! inflater (or its 32 KiB window) between messages.
+//! Unless the client asks for `server_no_context_takeover`, Herald keeps its
+//! context (RFC 7692 lets it): a room frame has, besides its standalone
+//! twin, an "after previous" twin compressed with the room's previous frame
+//! as preset dictionary, valid for a connection whose last compressed
+//! message was exactly that frame (ids tell, never pointers). Both twins
+//! are made at most once per room and shared; no connection keeps a
+//! compressor, only the id of the last frame it was sent compressed. Herald
+//! asks `client_no_context_takeover`, so a client message is inflated on
+//! its own and no connection keeps an inflater between messages.
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use zlib_rs::{Deflate, DeflateConfig, DeflateFlush};
 
 use super::frame::{self, MAX_HEAD};
 
@@ -20,14 +26,32 @@ use super::frame::{self, MAX_HEAD};
 /// off the wire, and the receiver appends it again before inflating.
 const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
-/// zlib level 2: on chat-sized JSON levels 2 to 9 gave the same sizes (a
-/// 337-byte event: 225 bytes), and 2 is the cheapest of them; level 1
-/// (zlib-rs's fixed-Huffman "quick" strategy) gave 277 (BENCHMARKS.md,
-/// "Compression").
-const LEVEL: u32 = 2;
+/// zlib level 2: on chat-sized events levels 2 to 9 give the same sizes
+/// (within 2.5%), and 2 is the cheapest of them; level 1 (zlib-rs's
+/// fixed-Huffman "quick" strategy) is 19-24% larger (`benches/deflate.rs`,
+/// BENCHMARKS.md "Compression").
+const LEVEL: i32 = 2;
+
+/// zlib's memLevel sizes the symbol buffer (2^(memLevel+6) symbols, 3 bytes
+/// each) that zlib-rs clears whole at every reset and after every block:
+/// twice per frame. The default 8 clears 48 KiB each time, for a frame of a
+/// few hundred symbols; 4 (1,024 symbols) gives chat events the same bytes
+/// and clears 3 KiB. A frame of more symbols is cut into more blocks, each
+/// with its own code tables (the bench's payloads up to 32 KiB still gave
+/// the same bytes: `benches/deflate.rs`).
+const MEM_LEVEL: i32 = 4;
 
 /// The first header byte's RSV1 bit: "this message is compressed".
 pub const RSV1: u8 = 0x40;
+
+/// The LZ77 window of `server_max_window_bits=15`: a preset dictionary
+/// longer than this could not be referenced, so only its tail is kept.
+const WINDOW: usize = 1 << 15;
+
+/// Ids of frames, unique for the process's life (0: "none yet"). Never a
+/// pointer: a freed frame's allocation reused by a new one would let a
+/// connection believe its client's window holds bytes it never received.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// What one connection agreed to; present only when it negotiated
 /// permessage-deflate.
@@ -35,6 +59,10 @@ pub const RSV1: u8 = 0x40;
 pub struct Agreed {
     /// The client's `server_max_window_bits` (15 when it set none).
     pub server_max_window_bits: u8,
+    /// Herald keeps its compression context (it did not answer
+    /// `server_no_context_takeover`): the client keeps its inflate window
+    /// across messages, so a frame may refer to the one sent before it.
+    pub context: bool,
 }
 
 impl Agreed {
@@ -62,14 +90,58 @@ pub struct Wire(Arc<Twin>);
 
 #[derive(Debug)]
 struct Twin {
+    /// Unique per frame ([`NEXT_ID`]).
+    id: u64,
     plain: Bytes,
+    /// The room's previous frame: its id and at most the last 32 KiB of
+    /// its payload (sharing that frame's buffer; never the previous `Wire`,
+    /// so no chain keeps a room's past alive). Boxed, as are the twins: a
+    /// frame that starts a room or is never compressed (a quiet room's
+    /// one frame of history, a node nobody asks to compress for) pays a
+    /// pointer for each, not their size.
+    prev: Option<Box<(u64, Bytes)>>,
+    /// Made the first time a connection that agreed to compression needs
+    /// this frame.
+    twins: OnceLock<Box<Twins>>,
+}
+
+#[derive(Debug, Default)]
+struct Twins {
     /// `None` once tried when compressing did not make the frame smaller.
     deflated: OnceLock<Option<Bytes>>,
+    /// Compressed with `prev`'s payload as preset dictionary: valid only
+    /// for a client whose window ends with that payload.
+    after_prev: OnceLock<Option<Bytes>>,
 }
 
 impl Wire {
     pub fn new(plain: Bytes) -> Wire {
-        Wire(Arc::new(Twin { plain, deflated: OnceLock::new() }))
+        Wire::with_prev(plain, None)
+    }
+
+    /// A room frame published right after `prev` (the room's previous
+    /// frame, `seq` one less).
+    pub fn after(plain: Bytes, prev: &Wire) -> Wire {
+        let whole = frame::payload(&prev.0.plain);
+        let tail = match whole.len().checked_sub(WINDOW) {
+            // Shares the previous frame's buffer (held by history anyway).
+            None | Some(0) => prev.0.plain.slice(prev.0.plain.len() - whole.len()..),
+            // A huge previous frame is not kept alive by its successor
+            // after history lets it go: only the 32 KiB that can be
+            // referred to, copied (once per frame, not per recipient).
+            Some(skip) => Bytes::copy_from_slice(&whole[skip..]),
+        };
+        Wire::with_prev(plain, Some(Box::new((prev.0.id, tail))))
+    }
+
+    fn with_prev(plain: Bytes, prev: Option<Box<(u64, Bytes)>>) -> Wire {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        Wire(Arc::new(Twin { id, plain, prev, twins: OnceLock::new() }))
+    }
+
+    /// This frame's unique id.
+    pub fn id(&self) -> u64 {
+        self.0.id
     }
 
     /// The uncompressed frame.
@@ -89,13 +161,19 @@ impl Wire {
     /// The frame a connection is sent: compressed when it `agreed` to
     /// compression, the payload is at least `threshold` bytes and fits its
     /// window, and compression made it smaller; plain otherwise.
-    /// `compressed(before, after)` is called by the one call that
-    /// compresses (payload bytes in, frame payload bytes out).
+    /// `last` is the id of the last frame the connection was sent
+    /// compressed (0: none): when it is this frame's predecessor and the
+    /// context is kept in the full window, the "after previous" twin goes
+    /// out. `last` becomes this frame's id when it goes out compressed
+    /// (plain messages do not enter the client's window, RFC 7692 6.2.3).
+    /// `compressed(before, after)` is called by each call that compresses
+    /// (payload bytes in, frame payload bytes out): at most twice a frame.
     pub fn for_peer(
         &self,
         agreed: Option<Agreed>,
         threshold: usize,
-        compressed: impl FnOnce(usize, usize),
+        last: &mut u64,
+        mut compressed: impl FnMut(usize, usize),
     ) -> &Bytes {
         let plain = &self.0.plain;
         let Some(agreed) = agreed else { return plain };
@@ -103,14 +181,29 @@ impl Wire {
         if len < threshold || len > agreed.max_payload() {
             return plain;
         }
-        let twin = self.0.deflated.get_or_init(|| {
-            let twin = compress_frame(plain);
+        let mut made = |twin: Option<Bytes>| {
             if let Some(twin) = &twin {
                 compressed(len, frame::payload(twin).len());
             }
             twin
-        });
-        twin.as_ref().unwrap_or(plain)
+        };
+        let twins = self.0.twins.get_or_init(Box::default);
+        let after = match self.0.prev.as_deref() {
+            Some((prev, dictionary))
+                if agreed.context && agreed.server_max_window_bits >= 15 && *prev == *last =>
+            {
+                twins.after_prev.get_or_init(|| made(compress_after(plain, dictionary))).as_ref()
+            }
+            _ => None,
+        };
+        let twin = after.or_else(|| twins.deflated.get_or_init(|| made(compress_frame(plain))).as_ref());
+        match twin {
+            Some(twin) => {
+                *last = self.0.id;
+                twin
+            }
+            None => plain,
+        }
     }
 }
 
@@ -127,28 +220,57 @@ impl std::ops::Deref for Wire {
 thread_local! {
     /// One compressor per worker thread, reset before each frame: its state
     /// (a few hundred KiB) is paid per thread, never per connection or room.
-    static DEFLATER: RefCell<Option<Compress>> = const { RefCell::new(None) };
+    /// zlib-rs's own API, which flate2 wraps without memLevel.
+    static DEFLATER: RefCell<Option<Deflate>> = const { RefCell::new(None) };
+}
+
+fn new_deflater() -> Deflate {
+    // Raw deflate (negative window bits: no zlib header), the full window.
+    Deflate::new_with_config(DeflateConfig {
+        level: LEVEL,
+        window_bits: -15,
+        mem_level: MEM_LEVEL,
+        ..DeflateConfig::default()
+    })
 }
 
 /// Compresses a complete unmasked server frame (as `frame::encode` builds
 /// them) into a frame with RSV1 set; `None` when it would not be smaller.
+/// The sync flush never sets BFINAL, so the frame also continues a kept
+/// context.
 pub fn compress_frame(plain: &[u8]) -> Option<Bytes> {
+    compress_with(plain, &[])
+}
+
+/// As [`compress_frame`], with `dictionary` (at most 32 KiB: the tail of
+/// the payload the client inflated last) as what came before.
+fn compress_after(plain: &[u8], dictionary: &[u8]) -> Option<Bytes> {
+    compress_with(plain, dictionary)
+}
+
+fn compress_with(plain: &[u8], dictionary: &[u8]) -> Option<Bytes> {
     let first = *plain.first()?;
     let payload = frame::payload(plain);
     // Room for the header and no more than the payload itself: output that
     // fills it is no smaller than the input, so it is not worth finishing.
-    let mut buf = Vec::with_capacity(MAX_HEAD + payload.len() + TAIL.len());
-    buf.resize(MAX_HEAD, 0);
-    let done = DEFLATER.with(|cell| {
+    let mut buf = vec![0; MAX_HEAD + payload.len() + TAIL.len()];
+    let room = buf.len() - MAX_HEAD;
+    let written = DEFLATER.with(|cell| {
         let mut cell = cell.borrow_mut();
-        let deflater = cell.get_or_insert_with(|| Compress::new(Compression::new(LEVEL), false));
+        let deflater = cell.get_or_insert_with(new_deflater);
         deflater.reset();
-        let status = deflater.compress_vec(payload, &mut buf, FlushCompress::Sync);
-        matches!(status, Ok(Status::Ok | Status::BufError))
+        if !dictionary.is_empty() && deflater.set_dictionary(dictionary).is_err() {
+            return None;
+        }
+        let status = deflater.compress(payload, &mut buf[MAX_HEAD..], DeflateFlush::SyncFlush);
+        let written = usize::try_from(deflater.total_out()).unwrap_or(usize::MAX);
+        let done = matches!(status, Ok(zlib_rs::Status::Ok | zlib_rs::Status::BufError))
             && deflater.total_in() == payload.len() as u64
-            && buf.len() < buf.capacity()
+            && written < room;
+        done.then_some(written)
     });
-    if !done || !buf.ends_with(&TAIL) {
+    buf.truncate(MAX_HEAD + written?);
+    if !buf.ends_with(&TAIL) {
         return None;
     }
     buf.truncate(buf.len() - TAIL.len());
@@ -274,23 +396,119 @@ mod tests {
     #[test]
     fn a_wire_compresses_once_and_only_for_peers_that_agreed() {
         let wire = Wire::new(frame::encode(OpCode::Text, EVENT.as_bytes()));
-        let full = Some(Agreed { server_max_window_bits: 15 });
-        let mut calls = 0;
-        assert_eq!(wire.for_peer(None, 0, |_, _| calls += 1), wire.plain());
-        assert_eq!(wire.for_peer(full, 10_000, |_, _| calls += 1), wire.plain(), "under the threshold");
+        let full = Some(Agreed { server_max_window_bits: 15, context: false });
+        let (mut calls, mut last) = (0, 0);
+        assert_eq!(wire.for_peer(None, 0, &mut last, |_, _| calls += 1), wire.plain());
         assert_eq!(
-            Agreed { server_max_window_bits: 15 }.max_payload(),
-            usize::MAX,
-            "any length fits the full window"
+            wire.for_peer(full, 10_000, &mut last, |_, _| calls += 1),
+            wire.plain(),
+            "under the threshold"
         );
-        let small_window = Some(Agreed { server_max_window_bits: 8 });
-        assert_eq!(wire.for_peer(small_window, 0, |_, _| calls += 1), wire.plain(), "longer than its window");
-        assert_eq!(calls, 0);
-        let a = wire.for_peer(full, 128, |_, _| calls += 1).clone();
-        let b = wire.for_peer(full, 128, |_, _| calls += 1).clone();
+        let full_window = Agreed { server_max_window_bits: 15, context: false };
+        assert_eq!(full_window.max_payload(), usize::MAX, "any length fits the full window");
+        let small_window = Some(Agreed { server_max_window_bits: 8, context: true });
+        assert_eq!(
+            wire.for_peer(small_window, 0, &mut last, |_, _| calls += 1),
+            wire.plain(),
+            "longer than its window"
+        );
+        assert_eq!((calls, last), (0, 0), "plain frames leave the window as it was");
+        let a = wire.for_peer(full, 128, &mut last, |_, _| calls += 1).clone();
+        let b = wire.for_peer(full, 128, &mut last, |_, _| calls += 1).clone();
         assert_eq!(calls, 1, "compressed once");
+        assert_eq!(last, wire.id());
         assert_eq!(a[0] & RSV1, RSV1);
         assert_eq!(a.as_ptr(), b.as_ptr(), "the same bytes, shared");
+    }
+
+    /// A client keeping its window (context takeover) inflates each frame
+    /// after the last one it inflated: it must see the same events whichever
+    /// twin each frame went out as, and the twin after the previous frame
+    /// is smaller than the frame alone.
+    #[test]
+    fn frames_after_their_predecessor_refer_to_it_and_inflate_in_a_kept_window() {
+        let events: Vec<String> = (0..6).map(|i| EVENT.replace("m-1", &format!("m-{i}"))).collect();
+        let mut wires: Vec<Wire> = Vec::new();
+        for e in &events {
+            let plain = frame::encode(OpCode::Text, e.as_bytes());
+            wires.push(match wires.last() {
+                Some(prev) => Wire::after(plain, prev),
+                None => Wire::new(plain),
+            });
+        }
+        let ctx = Some(Agreed { server_max_window_bits: 15, context: true });
+        let mut inflater = Decompress::new(false);
+        let mut last = 0;
+        let mut sizes = Vec::new();
+        // Frame 3 skipped (another room's frame went out between): frame 4
+        // must then go standalone, and 5 after 4 again.
+        for (i, wire) in wires.iter().enumerate().filter(|(i, _)| *i != 3) {
+            let sent = wire.for_peer(ctx, 0, &mut last, |_, _| {}).clone();
+            assert_eq!(sent[0] & RSV1, RSV1);
+            let mut input = frame::payload(&sent).to_vec();
+            input.extend_from_slice(&TAIL);
+            let mut out = Vec::with_capacity(4096);
+            inflater
+                .decompress_vec(&input, &mut out, FlushDecompress::Sync)
+                .expect("inflates in the kept window");
+            assert_eq!(out, events[i].as_bytes(), "frame {i}");
+            sizes.push((i, frame::payload(&sent).len()));
+        }
+        let standalone = frame::payload(&compress_frame(wires[1].plain()).unwrap()).len();
+        let size = |i| sizes.iter().find(|s| s.0 == i).unwrap().1;
+        assert!(size(1) < standalone / 2, "{} after previous against {standalone} alone", size(1));
+        assert_eq!(
+            size(4),
+            frame::payload(&compress_frame(wires[4].plain()).unwrap()).len(),
+            "after a gap: alone"
+        );
+        assert!(size(5) < standalone / 2);
+        // A client without the context always gets the standalone twin.
+        let mut other = 0;
+        let alone = wires[2].for_peer(
+            Some(Agreed { server_max_window_bits: 15, context: false }),
+            0,
+            &mut other,
+            |_, _| {},
+        );
+        assert_eq!(
+            frame::payload(alone).len(),
+            frame::payload(&compress_frame(wires[2].plain()).unwrap()).len()
+        );
+    }
+
+    /// What each frame held (ring, history) weighs besides its bytes: the
+    /// plain frame, its id, a pointer to the previous frame's id and tail,
+    /// a slot for the twins. Held per frame of history, so kept in view
+    /// (a warm two-person room's one frame is half its subscribers' cost).
+    #[test]
+    fn a_frame_s_fixed_cost_stays_in_view() {
+        let size = std::mem::size_of::<Twin>();
+        eprintln!("Twin: {size} bytes (+16 for the Arc's counts)");
+        assert!(size <= 64, "Twin grew to {size} bytes");
+    }
+
+    /// Only the last 32 KiB of a huge previous frame can be referred to:
+    /// the twin after it still inflates in a 32 KiB window.
+    #[test]
+    fn the_dictionary_is_the_tail_of_a_huge_previous_frame() {
+        let huge: Vec<u8> = (0..100_000u32).flat_map(|i| format!("{i:06},").into_bytes()).collect();
+        let first = Wire::new(frame::encode(OpCode::Text, &huge));
+        let tail = huge[huge.len() - 500..].to_vec();
+        let second = Wire::after(frame::encode(OpCode::Text, &tail), &first);
+        assert_eq!(second.0.prev.as_ref().unwrap().1.len(), WINDOW);
+        let ctx = Some(Agreed { server_max_window_bits: 15, context: true });
+        let mut inflater = Decompress::new_with_window_bits(false, 15);
+        let mut last = 0;
+        for (wire, want) in [(&first, &huge), (&second, &tail)] {
+            let sent = wire.for_peer(ctx, 0, &mut last, |_, _| {}).clone();
+            let mut input = frame::payload(&sent).to_vec();
+            input.extend_from_slice(&TAIL);
+            let mut out = Vec::with_capacity(want.len() + 64);
+            inflater.decompress_vec(&input, &mut out, FlushDecompress::Sync).expect("inflates");
+            assert_eq!(&out, want);
+        }
+        assert!(frame::payload(second.for_peer(ctx, 0, &mut first.id(), |_, _| {})).len() < 100);
     }
 
     #[test]

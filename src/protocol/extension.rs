@@ -11,14 +11,21 @@ const NAME: &str = "permessage-deflate";
 /// Herald's answer to the client's offers (each header value a
 /// comma-separated list of offers): what was agreed, and the header value
 /// that says so. `None`: no offer of permessage-deflate Herald accepts.
-pub fn negotiate<'a>(offers: impl IntoIterator<Item = &'a str>) -> Option<(Agreed, String)> {
-    let agreed = offers.into_iter().flat_map(|value| value.split(',')).find_map(accept)?;
-    // `server_no_context_takeover` is what lets one compressed frame serve
-    // every subscriber, and `client_no_context_takeover` what lets a
-    // connection drop its inflater between messages: both are always
-    // answered (RFC 7692 7.1.1.1 and 7.1.1.2 let a server answer them
-    // unasked).
-    let mut answer = format!("{NAME}; server_no_context_takeover; client_no_context_takeover");
+/// `context` (`websocket.compression_context`): keep the compression
+/// context when the client did not ask for `server_no_context_takeover`.
+pub fn negotiate<'a>(offers: impl IntoIterator<Item = &'a str>, context: bool) -> Option<(Agreed, String)> {
+    let mut agreed = offers.into_iter().flat_map(|value| value.split(',')).find_map(accept)?;
+    agreed.0.context &= context;
+    // Without the context each compressed frame stands alone; with it a
+    // frame may refer to the room frame sent before it (RFC 7692 7.1.1.1
+    // lets the server answer `server_no_context_takeover` unasked, and
+    // keep the context otherwise). `client_no_context_takeover` is always
+    // answered (7.1.1.2): a connection drops its inflater between messages.
+    let mut answer = String::from(NAME);
+    if !agreed.0.context {
+        answer.push_str("; server_no_context_takeover");
+    }
+    answer.push_str("; client_no_context_takeover");
     if let Some(bits) = agreed.1 {
         // Accepting an offer's `server_max_window_bits` means answering it
         // (7.1.2.1); Herald honours it by sending longer frames plain.
@@ -62,7 +69,8 @@ fn accept(offer: &str) -> Option<(Agreed, Option<u8>)> {
             return None;
         }
     }
-    Some((Agreed { server_max_window_bits: server_bits.unwrap_or(15) }, server_bits))
+    let agreed = Agreed { server_max_window_bits: server_bits.unwrap_or(15), context: !seen[0] };
+    Some((agreed, server_bits))
 }
 
 /// A window size: a decimal 8..=15 without leading zeros (7.1.2).
@@ -89,7 +97,7 @@ mod tests {
     const BASE: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
 
     fn answer(offer: &str) -> Option<String> {
-        negotiate([offer]).map(|(_, answer)| answer)
+        negotiate([offer], false).map(|(_, answer)| answer)
     }
 
     #[test]
@@ -107,9 +115,26 @@ mod tests {
         ] {
             assert_eq!(answer(offer).as_deref(), Some(BASE), "{offer}");
         }
-        let (agreed, text) = negotiate(["permessage-deflate; server_max_window_bits=10"]).unwrap();
+        let (agreed, text) = negotiate(["permessage-deflate; server_max_window_bits=10"], false).unwrap();
         assert_eq!(text, format!("{BASE}; server_max_window_bits=10"));
         assert_eq!(agreed.max_payload(), 1024);
+    }
+
+    #[test]
+    fn keeps_the_context_unless_the_client_or_the_config_says_not_to() {
+        let kept = "permessage-deflate; client_no_context_takeover";
+        for offer in ["permessage-deflate", "permessage-deflate; client_max_window_bits"] {
+            let (agreed, text) = negotiate([offer], true).unwrap();
+            assert_eq!(text, kept, "{offer}");
+            assert!(agreed.context);
+        }
+        let (agreed, text) = negotiate(["permessage-deflate; server_max_window_bits=10"], true).unwrap();
+        assert_eq!(text, format!("{kept}; server_max_window_bits=10"));
+        assert!(agreed.context, "kept, but frames go out standalone in a window under 15 bits");
+        let (agreed, text) = negotiate(["permessage-deflate; server_no_context_takeover"], true).unwrap();
+        assert_eq!(text, BASE, "asked for: answered");
+        assert!(!agreed.context);
+        assert!(!negotiate(["permessage-deflate"], false).unwrap().0.context, "turned off");
     }
 
     #[test]
@@ -134,6 +159,6 @@ mod tests {
             "permessage-deflate; server_max_window_bits=4",
             "permessage-deflate; server_max_window_bits=9, permessage-deflate",
         ];
-        assert_eq!(negotiate(offers).unwrap().0.server_max_window_bits, 9);
+        assert_eq!(negotiate(offers, true).unwrap().0.server_max_window_bits, 9);
     }
 }

@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::config::RoomsConfig;
@@ -55,6 +56,15 @@ pub(super) struct Held {
     pub(super) seq: u64,
     pub(super) at: Instant,
     pub(super) bytes: Wire,
+}
+
+/// The frame of `seq`, after the room's previous one when `held` (the last
+/// frame held) is it (`seq - 1`), so its compressed twin may refer to it.
+pub(super) fn chained(held: Option<&Held>, seq: u64, bytes: Bytes) -> Wire {
+    match held {
+        Some(prev) if prev.seq.checked_add(1) == Some(seq) => Wire::after(bytes, &prev.bytes),
+        _ => Wire::new(bytes),
+    }
 }
 
 /// What a room holds besides its ring and its one frame, allocated only

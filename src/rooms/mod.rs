@@ -143,23 +143,27 @@ impl Rooms {
             None => self.rooms.entry(chat).or_insert_with(|| self.new_room()).clone(),
         };
         let now = Instant::now();
-        // One per event: the ring and the history share it (and with it
-        // the frame's compressed twin, made at most once).
-        let wire = Wire::new(bytes);
-        let keep = self.limits.size > 0 && wire.len() <= self.limits.bytes;
-        if keep && self.held_bytes.load(Ordering::Relaxed) + wire.len() > self.limits.bytes {
+        let len = bytes.len();
+        let keep = self.limits.size > 0 && len <= self.limits.bytes;
+        if keep && self.held_bytes.load(Ordering::Relaxed) + len > self.limits.bytes {
             // Over the node-wide budget: the globally oldest frames go, down
             // to 90% so the next publishes do not pay for this again. The
             // room's own lock is not held meanwhile (shedding locks others).
-            self.shed((self.limits.bytes / 10 * 9).saturating_sub(wire.len()));
+            self.shed((self.limits.bytes / 10 * 9).saturating_sub(len));
         }
         // Made (if the room needs one) before the head moves: see `ring_for_send`.
         // A history shorter than the ring would evict a small room's frames
         // before its readers took what a ring still held: such a node gives
         // every room its ring.
         let ring = room.ring_for_send(keep && self.limits.size >= self.ring);
+        let wire;
         {
             let mut held = room.held();
+            // One per event: the ring and the history share it (and with it
+            // the frame's compressed twins, each made at most once). Made
+            // under the room's lock, after the room's previous frame when
+            // history holds it: no compression here, only its id and tail.
+            wire = history::chained(held.back(), seq, bytes);
             let before = room.head.fetch_max(seq, Ordering::AcqRel);
             let readers = room.readers.load(Ordering::Relaxed);
             if seq > before && readers > 0 {
@@ -216,7 +220,11 @@ impl Rooms {
             let next = if take_mine {
                 mine.next()
             } else {
-                kept.next().map(|(seq, at, bytes)| Held { seq, at, bytes: Wire::new(bytes) })
+                kept.next().map(|(seq, at, bytes)| Held {
+                    seq,
+                    at,
+                    bytes: history::chained(merged.last(), seq, bytes),
+                })
             };
             let Some(next) = next else { break };
             match merged.last() {

@@ -1,0 +1,301 @@
+//! permessage-deflate with the compression context kept (RFC 7692 context
+//! takeover, Herald's default) over real sockets: a client that keeps its
+//! inflate window receives every event intact and in order across rooms,
+//! frames that follow their room's previous frame are smaller than alone,
+//! recoveries replay them, and a client that asks for
+//! `server_no_context_takeover` gets frames that each inflate alone.
+
+mod support;
+
+use std::net::SocketAddr;
+
+use flate2::{Decompress, FlushDecompress};
+use herald::protocol::{deflate, ChatId, UserId};
+use serde_json::{json, Value};
+use support::RawClient;
+use tokio::net::TcpStream;
+
+const RSV1: u8 = 0x40;
+
+/// A raw client with the inflate window RFC 7692 asks of it when the server
+/// keeps its context: every compressed message is inflated in one stream.
+struct Client {
+    raw: RawClient,
+    window: Decompress,
+}
+
+impl Client {
+    async fn open(addr: SocketAddr, offer: &str) -> (Client, String) {
+        Client::open_on(TcpStream::connect(addr).await.expect("connect"), offer).await
+    }
+
+    /// With a small socket receive buffer: a reader the server can stall.
+    async fn open_small(addr: SocketAddr, offer: &str) -> (Client, String) {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        Client::open_on(socket.connect(addr).await.expect("connect"), offer).await
+    }
+
+    async fn open_on(stream: TcpStream, offer: &str) -> (Client, String) {
+        let token = support::token(UserId::new_v4(), &[]);
+        let (raw, head) =
+            RawClient::handshake_with(stream, &token, &format!("Sec-WebSocket-Extensions: {offer}\r\n"))
+                .await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let answer = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("sec-websocket-extensions").then(|| value.trim().to_string())
+            })
+            .expect("compression agreed");
+        (Client { raw, window: Decompress::new(false) }, answer)
+    }
+
+    /// The next text message: (its payload's size on the wire, compressed?, JSON).
+    async fn next(&mut self) -> (usize, bool, Value) {
+        loop {
+            let (first, payload) = self.raw.read_frame().await.expect("a frame");
+            match first & 0x0f {
+                0x1 => {
+                    let compressed = first & RSV1 != 0;
+                    let wire = payload.len();
+                    let text = if compressed { self.inflate(payload) } else { payload };
+                    return (wire, compressed, serde_json::from_slice(&text).expect("JSON"));
+                }
+                0x8 => panic!("closed: {payload:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    fn inflate(&mut self, mut payload: Vec<u8>) -> Vec<u8> {
+        payload.extend_from_slice(&[0, 0, 0xff, 0xff]);
+        let mut out = Vec::with_capacity(1 << 20);
+        let before = self.window.total_in();
+        self.window
+            .decompress_vec(&payload, &mut out, FlushDecompress::Sync)
+            .expect("inflates in the kept window");
+        assert_eq!((self.window.total_in() - before) as usize, payload.len(), "whole message inflated");
+        out
+    }
+
+    async fn subscribe(&mut self, chat: ChatId, since: Option<u64>) -> u64 {
+        let mut cmd = json!({"type":"subscribe","chat_id":chat});
+        if let Some(since) = since {
+            cmd["since"] = json!(since);
+        }
+        self.raw.send_frame(0x81, cmd.to_string().as_bytes()).await;
+        let (_, _, reply) = self.next().await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        reply["seq"].as_u64().expect("seq")
+    }
+}
+
+/// A chat message of about 300 bytes, differing by `n`.
+fn chat(n: u64) -> Value {
+    json!({"id": format!("m-{n}"), "author": "1b9d6bcd-bbfd-4b2d-9b5d-ab8dfbbd4bed",
+           "text": format!("Message {n}: see you at the station at six, the train leaves at quarter past."),
+           "sent_at": "2026-12-07T10:00:00Z"})
+}
+
+#[tokio::test]
+async fn the_context_is_kept_unless_asked_and_consecutive_frames_shrink() {
+    let gw = support::start(support::config()).await;
+    let (mut c, answer) = Client::open(gw.addr, "permessage-deflate; client_max_window_bits").await;
+    assert_eq!(answer, "permessage-deflate; client_no_context_takeover", "context kept");
+    let chat_id = ChatId::new_v4();
+    let head = c.subscribe(chat_id, None).await;
+    let n = 20;
+    for i in 0..n {
+        support::publish(&gw, chat_id, 1, &chat(i)).await;
+    }
+    let mut sizes = Vec::new();
+    for i in 0..n {
+        let (wire, compressed, v) = c.next().await;
+        assert!(compressed, "event {i}");
+        assert_eq!((v["seq"].as_u64(), &v["data"]), (Some(head + 1 + i), &chat(i)), "intact and in order");
+        sizes.push(wire);
+    }
+    // The first had nothing before it; each next one refers to its predecessor.
+    for (i, size) in sizes.iter().enumerate().skip(1) {
+        assert!(size * 2 < sizes[0], "event {i}: {size} bytes after its predecessor, {} alone", sizes[0]);
+    }
+    // Recovery from `since` replays the same chain to a new client.
+    let (mut late, _) = Client::open(gw.addr, "permessage-deflate").await;
+    late.subscribe(chat_id, Some(head)).await;
+    for i in 0..n {
+        let (wire, _, v) = late.next().await;
+        assert_eq!((v["seq"].as_u64(), &v["data"]), (Some(head + 1 + i), &chat(i)), "replayed in order");
+        assert_eq!(wire, sizes[i as usize], "the same twins, made once");
+    }
+    assert_eq!(gw.metric("compressed_frames_total").await, n as f64, "each frame compressed once");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn interleaved_rooms_and_small_events_keep_every_window_in_step() {
+    let gw = support::start(support::config()).await;
+    let (mut c, _) = Client::open(gw.addr, "permessage-deflate").await;
+    let (mut one, _) = Client::open(gw.addr, "permessage-deflate").await;
+    let (a, b) = (ChatId::new_v4(), ChatId::new_v4());
+    c.subscribe(a, None).await;
+    c.subscribe(b, None).await;
+    one.subscribe(a, None).await;
+    // Events over and under the threshold (the small ones go out plain and
+    // leave the window as it was), alternating between rooms in runs.
+    let plan: Vec<(ChatId, Value)> = (0..40u64)
+        .map(|i| {
+            let room = if (i / 3) % 2 == 0 { a } else { b };
+            let data = if i % 5 == 4 { json!({"n": i}) } else { chat(i) };
+            (room, data)
+        })
+        .collect();
+    for (room, data) in &plan {
+        support::publish(&gw, *room, 1, data).await;
+    }
+    // Order holds within a room (rooms are independent streams); every
+    // message inflated in the one window either way.
+    let mut small_seen = false;
+    let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+    for _ in &plan {
+        let (_, compressed, v) = c.next().await;
+        small_seen |= !compressed;
+        if v["chat_id"] == json!(a) { &mut got_a } else { &mut got_b }.push(v["data"].clone());
+    }
+    let want = |room| plan.iter().filter(|(r, _)| *r == room).map(|(_, d)| d.clone()).collect::<Vec<_>>();
+    assert_eq!(got_a, want(a), "room a intact and in order");
+    assert_eq!(got_b, want(b), "room b intact and in order");
+    for (i, data) in want(a).iter().enumerate() {
+        let (_, _, v) = one.next().await;
+        assert_eq!(&v["data"], data, "event {i}, one room");
+    }
+    assert!(small_seen, "small events went out plain");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_asks_for_no_context_takeover_gets_frames_that_stand_alone() {
+    let gw = support::start(support::config()).await;
+    let (mut c, answer) = Client::open(gw.addr, "permessage-deflate; server_no_context_takeover").await;
+    assert_eq!(answer, "permessage-deflate; server_no_context_takeover; client_no_context_takeover");
+    // And a kept-context client in the same room, so the twins after the
+    // previous frame exist and must not reach the first one.
+    let (mut kept, _) = Client::open(gw.addr, "permessage-deflate").await;
+    let chat_id = ChatId::new_v4();
+    c.subscribe(chat_id, None).await;
+    kept.subscribe(chat_id, None).await;
+    for i in 0..10 {
+        support::publish(&gw, chat_id, 1, &chat(i)).await;
+    }
+    for i in 0..10 {
+        let (_, _, v) = kept.next().await;
+        assert_eq!(&v["data"], &chat(i));
+        let (first, payload) = loop {
+            let (first, payload) = c.raw.read_frame().await.expect("a frame");
+            if first & 0x0f == 0x1 {
+                break (first, payload);
+            }
+        };
+        assert_eq!(first & RSV1, RSV1);
+        // Inflated alone, with a fresh inflater: no context needed.
+        let v: Value =
+            serde_json::from_slice(&deflate::inflate(payload, 1 << 20).expect("stands alone")).expect("JSON");
+        assert_eq!(&v["data"], &chat(i), "event {i}");
+    }
+    let mut config = support::config();
+    config.websocket.compression_context = false;
+    let off = support::start(config).await;
+    let (_c, answer) = Client::open(off.addr, "permessage-deflate").await;
+    assert_eq!(
+        answer, "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+        "turned off"
+    );
+    off.stop().await;
+    gw.stop().await;
+}
+
+/// A recovery on a node that never watched the room reads the room's
+/// history from Redis: those frames are chained after each other too, and
+/// a kept-context client inflates every one of them in its window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn a_recovery_from_redis_history_replays_chained_frames() {
+    let redis = support::redis::RedisServer::start();
+    let (a, b) = support::redis::two_nodes(&redis, herald::config::Membership::Open).await;
+    let chat_id = ChatId::new_v4();
+    let (mut on_a, _) = Client::open(a.addr, "permessage-deflate").await;
+    let head = on_a.subscribe(chat_id, None).await;
+    let n = 12;
+    for i in 0..n {
+        let (status, _) = a.publish(&support::message_sent(chat_id, &chat(i))).await;
+        assert_eq!(status, 202);
+    }
+    let mut live = Vec::new();
+    for _ in 0..n {
+        live.push(on_a.next().await);
+    }
+    // B never watched this room: its history comes from Redis.
+    let (mut on_b, _) = Client::open(b.addr, "permessage-deflate").await;
+    on_b.subscribe(chat_id, Some(head)).await;
+    let mut sizes = Vec::new();
+    for i in 0..n {
+        let (wire, compressed, v) = on_b.next().await;
+        assert!(compressed, "event {i}");
+        assert_eq!((v["seq"].as_u64(), &v["data"]), (Some(head + 1 + i), &chat(i)), "recovered in order");
+        assert_eq!(&v, &live[i as usize].2, "the same event as live on A");
+        sizes.push(wire);
+    }
+    for (i, size) in sizes.iter().enumerate().skip(1) {
+        assert!(size * 2 < sizes[0], "event {i}: {size} bytes after its predecessor, {} alone", sizes[0]);
+    }
+    assert_eq!(b.labelled("recoveries_total", "result", "recovered").await, 1.0);
+}
+
+/// `n` bytes of hex from a xorshift seeded by `seed`: about half of it is
+/// left after deflate, so a stalled reader's backlog stays large compressed.
+fn hex(seed: u64, n: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n / 16)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            format!("{x:016x}")
+        })
+        .collect()
+}
+
+/// A kept-context client that stops reading while its room runs past the
+/// live ring: when it reads again, the catch-up from history continues its
+/// chain (each frame after the one it was sent before), and every event
+/// inflates in its window, in order.
+#[tokio::test]
+async fn a_kept_context_reader_that_stalls_catches_up_in_its_window() {
+    let mut config = support::config();
+    config.rooms.buffer = 4;
+    config.rooms.history_size = 5_000;
+    config.websocket.write_wait = std::time::Duration::from_secs(60);
+    let gw = support::start(config).await;
+    let chat_id = ChatId::new_v4();
+    let (mut slow, answer) = Client::open_small(gw.addr, "permessage-deflate").await;
+    assert_eq!(answer, "permessage-deflate; client_no_context_takeover");
+    let head = slow.subscribe(chat_id, None).await;
+    // 1,500 events of 4 KB: about 3 MB compressed, more than socket buffers
+    // and the connection's own queue hold for a client that does not read.
+    let n = 1_500u64;
+    for i in 0..n {
+        support::publish(&gw, chat_id, 1, &json!({"blob": hex(i, 4096)})).await;
+    }
+    for i in 0..n {
+        let (_, _, v) = slow.next().await;
+        assert_eq!(
+            (v["seq"].as_u64(), &v["data"]),
+            (Some(head + 1 + i), &json!({"blob": hex(i, 4096)})),
+            "event {i}"
+        );
+    }
+    assert!(gw.metric("catchups_total").await >= 1.0, "the stalled reader fell behind the ring");
+    assert_eq!(gw.metric("slow_consumers_dropped_total").await, 0.0);
+    gw.stop().await;
+}
