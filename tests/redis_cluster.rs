@@ -38,15 +38,21 @@ async fn mark_settled(cluster: &Cluster) {
     let _: () = query(&Cluster::client(port), &["SET", "herald:{herald}:boot", "0"]).await;
 }
 
-/// `SPUBLISH` calls a primary has run (direct or from scripts).
-async fn spublishes(port: u16) -> u64 {
+/// Calls of `command` (lower case) a primary has run (direct or from scripts).
+async fn calls(port: u16, command: &str) -> u64 {
     let stats: String = query(&Cluster::client(port), &["INFO", "commandstats"]).await;
+    let prefix = format!("cmdstat_{command}:calls=");
     stats
         .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_spublish:calls="))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|rest| rest.split(',').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
+}
+
+/// `SPUBLISH` calls a primary has run (direct or from scripts).
+async fn spublishes(port: u16) -> u64 {
+    calls(port, "spublish").await
 }
 
 /// Subscribers of a shard channel on node `port`.
@@ -775,17 +781,6 @@ async fn primaries_announced_without_an_endpoint_are_reached_at_the_seeds_host()
     assert_eq!(got["data"]["n"], 1, "{got}");
 }
 
-/// `EVALSHA` calls a primary has run.
-async fn evalshas(port: u16) -> u64 {
-    let stats: String = query(&Cluster::client(port), &["INFO", "commandstats"]).await;
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server"]
 async fn a_rooms_events_in_one_request_share_one_call_and_keep_their_order() {
@@ -797,12 +792,12 @@ async fn a_rooms_events_in_one_request_share_one_call_and_keep_their_order() {
     a.watch(Topic::Room(room)).await.expect("watch");
     let head = b.head(room).await.expect("head");
     let port = cluster.primary_of(&format!("herald:{{{room}}}:room")).await;
-    let before = evalshas(port).await;
+    let before = calls(port, "evalsha").await;
     let batch: Vec<String> = (1..=5)
         .map(|n| format!(r#"{{"type":"message.sent","chat_id":"{room}","data":{{"n":{n}}}}}"#))
         .collect();
     b.publish(events(&format!("[{}]", batch.join(",")))).await.expect("published");
-    assert_eq!(evalshas(port).await - before, 1, "one script call for the room's five events");
+    assert_eq!(calls(port, "evalsha").await - before, 1, "one script call for the room's five events");
     let got = sink.wait(5).await;
     let seqs: Vec<Option<u64>> = got.iter().map(|g| g.2).collect();
     let data: Vec<String> = got.iter().filter_map(|g| g.3.clone()).collect();
