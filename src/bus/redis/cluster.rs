@@ -17,7 +17,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures_util::future::join_all;
 use redis::aio::MultiplexedConnection;
@@ -30,8 +29,8 @@ use super::endpoint::{Endpoint, Failure, Master};
 use super::scripts::{channel, seq_key};
 use super::shards::{self, Link, Shards};
 use super::supervisor::{
-    back_off, connect_failed, connection_config, floors_of, forward_push, go_live, known_floors,
-    load_scripts, mark_failover, reseed, restore_membership, session_timers, settle_deadline, until_lost,
+    connection_config, floors_of, forward_push, go_live, known_floors, load_scripts, mark_failover, reseed,
+    restore_membership, session_timers, settle_deadline, until_lost, Attempts,
 };
 use super::Shared;
 use crate::bus::Topic;
@@ -42,31 +41,16 @@ const CHUNK: usize = 512;
 
 /// Sessions one after another, with backoff, until the bus handle is dropped.
 pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: mpsc::Sender<Inbound>) {
-    let mut gen = 0u64;
-    let mut delay = Duration::from_millis(50);
-    let mut was_up = false;
-    let mut failures = 0u64;
+    let mut attempts = Attempts::new("redis cluster bus");
     // The primaries' node ids of the last session: a new one is a promoted replica.
     let mut last_ids: Option<Vec<String>> = None;
-    loop {
-        gen += 1;
-        if inbound.send(Inbound::Reset { gen }).await.is_err() {
-            return;
-        }
+    while let Some(gen) = attempts.next(&inbound).await {
         match open(&shared, &endpoint, &inbound, gen, &mut last_ids).await {
             Ok((shards, settle_until)) => {
-                if was_up {
-                    shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                }
                 for primary in &shards.topology.primaries {
                     shared.stats.note_endpoint(&primary.addr(), |e| e.sessions += 1);
                 }
-                if was_up || failures > 0 {
-                    tracing::warn!(redis = %endpoint.describe(), "redis cluster bus reconnected; subscriptions restored");
-                }
-                was_up = true;
-                failures = 0;
-                delay = Duration::from_millis(50);
+                attempts.opened(&shared, &endpoint.describe());
                 let err = run(&shared, &shards, gen, settle_until).await;
                 shared.go_down();
                 tracing::error!(
@@ -74,9 +58,9 @@ pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: 
                     "redis cluster bus session ended; publishes answer 503 until the next one"
                 );
             }
-            Err(failure) => connect_failed(&shared, &failure, &mut failures, "redis cluster bus"),
+            Err(failure) => attempts.failed(&shared, &failure),
         }
-        back_off(&shared, &mut delay).await;
+        attempts.back_off(&shared).await;
     }
 }
 

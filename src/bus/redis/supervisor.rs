@@ -33,21 +33,13 @@ const CHUNK: usize = 512;
 /// aborts this task). Each attempt resolves the endpoint again: under Sentinel that is how a
 /// failover is followed (the sentinels name the promoted replica).
 pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: mpsc::Sender<Inbound>) {
-    let mut gen = 0u64;
-    let mut delay = Duration::from_millis(50);
-    let mut was_up = false;
-    let mut failures = 0u64;
+    let mut attempts = Attempts::new("redis bus");
     // The master of the last session, so a move to another server is counted as a failover.
     let mut last_addr: Option<String> = None;
     // The replication ID of the last session's server: a promoted replica has another one, also
     // behind an unchanged address (a managed Redis's endpoint moved to the new primary).
     let mut last_replid: Option<String> = None;
-    loop {
-        gen += 1;
-        // Sent before the connection exists, so it precedes every push of that connection.
-        if inbound.send(Inbound::Reset { gen }).await.is_err() {
-            return;
-        }
+    while let Some(gen) = attempts.next(&inbound).await {
         let attempt = match endpoint.resolve(shared.options.connect_timeout).await {
             Ok(master) => {
                 match open_session(&shared, &master, &inbound, gen, last_addr.as_deref(), &mut last_replid)
@@ -64,9 +56,6 @@ pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: 
         };
         match attempt {
             Ok(((conn, settle_until), master)) => {
-                if was_up {
-                    shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                }
                 let failover = last_addr.as_ref().is_some_and(|last| *last != master.addr);
                 shared.stats.note_endpoint(&master.addr, |e| {
                     e.sessions += 1;
@@ -77,12 +66,7 @@ pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: 
                     tracing::warn!(redis = %master.shown, "redis bus followed a failover to a new master");
                 }
                 last_addr = Some(master.addr.clone());
-                if was_up || failures > 0 {
-                    tracing::warn!(redis = %master.shown, "redis bus reconnected; subscriptions restored");
-                }
-                was_up = true;
-                failures = 0;
-                delay = Duration::from_millis(50);
+                attempts.opened(&shared, &master.shown);
                 let err = run_session(&shared, conn, gen, settle_until, master.check_role).await;
                 shared.go_down();
                 tracing::error!(
@@ -90,31 +74,68 @@ pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: 
                     "redis bus lost its connection; publishes answer 503 until it is back"
                 );
             }
-            Err(failure) => connect_failed(&shared, &failure, &mut failures, "redis bus"),
+            Err(failure) => attempts.failed(&shared, &failure),
         }
-        back_off(&shared, &mut delay).await;
+        attempts.back_off(&shared).await;
     }
 }
 
-/// A session that could not open: the bus is down, the failure is counted (per endpoint too),
-/// and logged as `bus` (the kind of bus) on the first failure and then every ~30 attempts, not
-/// on every retry.
-pub(super) fn connect_failed(shared: &Shared, failure: &endpoint::Failure, failures: &mut u64, bus: &str) {
-    shared.go_down();
-    shared.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-    shared.stats.note_endpoint(&failure.addr, |e| e.connect_failures += 1);
-    *failures += 1;
-    if *failures == 1 || *failures % 30 == 0 {
-        tracing::error!(error = %failure, attempts = *failures, "{bus} cannot connect; retrying");
-    }
+/// A supervisor's session attempts: the generation of each, whether a session was ever up, the
+/// failures in a row and the backoff delay. `bus` names the kind of bus in the logs.
+pub(super) struct Attempts {
+    gen: u64,
+    delay: Duration,
+    was_up: bool,
+    failures: u64,
+    bus: &'static str,
 }
 
-/// Waits `delay` plus up to half of it again (jitter, so nodes do not retry in step), then
-/// doubles `delay` up to `backoff_max`.
-pub(super) async fn back_off(shared: &Shared, delay: &mut Duration) {
-    let jitter = delay.mul_f64(f64::from(getrandom::u32().unwrap_or(0) % 1000) / 2000.0);
-    tokio::time::sleep(*delay + jitter).await;
-    *delay = (*delay * 2).min(shared.options.backoff_max);
+impl Attempts {
+    pub(super) fn new(bus: &'static str) -> Attempts {
+        Attempts { gen: 0, delay: Duration::from_millis(50), was_up: false, failures: 0, bus }
+    }
+
+    /// The next attempt's generation, announced to the delivery task before the connection
+    /// exists, so it precedes every push of that connection; `None` once the bus is dropped.
+    pub(super) async fn next(&mut self, inbound: &mpsc::Sender<Inbound>) -> Option<u64> {
+        self.gen += 1;
+        inbound.send(Inbound::Reset { gen: self.gen }).await.ok()?;
+        Some(self.gen)
+    }
+
+    /// A session opened on `redis` (as shown in logs): a reconnect when one was up before, and
+    /// the backoff starts over.
+    pub(super) fn opened(&mut self, shared: &Shared, redis: &str) {
+        if self.was_up {
+            shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.was_up || self.failures > 0 {
+            tracing::warn!(redis = %redis, "{} reconnected; subscriptions restored", self.bus);
+        }
+        self.was_up = true;
+        self.failures = 0;
+        self.delay = Duration::from_millis(50);
+    }
+
+    /// A session that could not open: the bus is down, the failure is counted (per endpoint
+    /// too), and logged on the first failure and then every ~30 attempts, not on every retry.
+    pub(super) fn failed(&mut self, shared: &Shared, failure: &endpoint::Failure) {
+        shared.go_down();
+        shared.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+        shared.stats.note_endpoint(&failure.addr, |e| e.connect_failures += 1);
+        self.failures += 1;
+        if self.failures == 1 || self.failures % 30 == 0 {
+            tracing::error!(error = %failure, attempts = self.failures, "{} cannot connect; retrying", self.bus);
+        }
+    }
+
+    /// Waits the delay plus up to half of it again (jitter, so nodes do not retry in step), then
+    /// doubles the delay up to `backoff_max`.
+    pub(super) async fn back_off(&mut self, shared: &Shared) {
+        let jitter = self.delay.mul_f64(f64::from(getrandom::u32().unwrap_or(0) % 1000) / 2000.0);
+        tokio::time::sleep(self.delay + jitter).await;
+        self.delay = (self.delay * 2).min(shared.options.backoff_max);
+    }
 }
 
 /// The options of every connection the bus opens: its timeouts, and `push_sender` for pushes.
