@@ -18,7 +18,7 @@ use herald::cmd::check_config;
 use herald::config::{BusConfig, BusKind, Config};
 use scale::query;
 use serde_json::{json, Value};
-use support::redis::assert_fixed_503;
+use support::redis::{assert_fixed_503, follow, publish_through, Seen};
 use support::{chat, message_sent, user, Client, Gateway, PATIENCE};
 use tokio::time::{sleep, Instant};
 use tokio_tungstenite::tungstenite::Message;
@@ -38,15 +38,21 @@ async fn mark_settled(cluster: &Cluster) {
     let _: () = query(&Cluster::client(port), &["SET", "herald:{herald}:boot", "0"]).await;
 }
 
-/// `SPUBLISH` calls a primary has run (direct or from scripts).
-async fn spublishes(port: u16) -> u64 {
+/// Calls of `command` (lower case) a primary has run (direct or from scripts).
+async fn calls(port: u16, command: &str) -> u64 {
     let stats: String = query(&Cluster::client(port), &["INFO", "commandstats"]).await;
+    let prefix = format!("cmdstat_{command}:calls=");
     stats
         .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_spublish:calls="))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|rest| rest.split(',').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
+}
+
+/// `SPUBLISH` calls a primary has run (direct or from scripts).
+async fn spublishes(port: u16) -> u64 {
+    calls(port, "spublish").await
 }
 
 /// Subscribers of a shard channel on node `port`.
@@ -72,6 +78,49 @@ async fn rooms_on_every_shard(cluster: &Cluster, per_shard: usize) -> Vec<(uuid:
         }
     }
     rooms
+}
+
+/// A cluster with `replicas` per primary, marked settled.
+async fn settled_cluster(replicas: usize) -> Cluster {
+    let cluster = Cluster::start(replicas).await;
+    mark_settled(&cluster).await;
+    cluster
+}
+
+/// Three nodes on the cluster behind `urls`, once all are ready.
+async fn three_nodes(urls: Vec<String>) -> (Gateway, Gateway, Gateway) {
+    let config = cluster_config(urls);
+    let (a, b, c) = (
+        support::start(config.clone()).await,
+        support::start(config.clone()).await,
+        support::start(config.clone()).await,
+    );
+    all_ready(&[&a, &b, &c]).await;
+    (a, b, c)
+}
+
+/// A client on each node watching `room`, and the room's head.
+async fn watching(nodes: &[&Gateway], room: uuid::Uuid) -> (Vec<Client>, u64) {
+    let mut clients = Vec::new();
+    let mut head = 0;
+    for gw in nodes {
+        let mut client = gw.connect(user(), &[]).await;
+        head = client.subscribe(room).await;
+        clients.push(client);
+    }
+    (clients, head)
+}
+
+/// Publishes to `room` on `a` through the kill of the primary on port `owner` (see
+/// [`publish_through`]; a refusal is required).
+async fn publish_killing(
+    cluster: &mut Cluster,
+    a: &Gateway,
+    room: uuid::Uuid,
+    owner: u16,
+) -> (Vec<u64>, u64) {
+    let victim = cluster.nodes.iter().position(|n| n.port == owner).expect("the owner is a node");
+    publish_through(a, room, async || cluster.nodes[victim].kill(), true).await
 }
 
 /// Waits until every node answers `/readyz` 200.
@@ -112,21 +161,14 @@ async fn receive_all(client: &mut Client, rooms: &[uuid::Uuid], count: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server"]
 async fn three_nodes_carry_rooms_on_every_shard_each_message_only_on_its_own_shard() {
-    let cluster = Cluster::start(1).await;
-    mark_settled(&cluster).await;
+    let cluster = settled_cluster(1).await;
     let reached = check_config::connect(&cluster_config(cluster.urls())).await.expect("reaches every server");
     assert_eq!(reached.lines().filter(|l| l.starts_with("ok")).count(), 6 + 1 + 3, "{reached}");
     // A dead seed first: the next one is asked.
     let mut urls = vec![format!("redis://127.0.0.1:{}", scale::free_port())];
     urls.extend(cluster.urls().into_iter().take(2));
-    let config = cluster_config(urls);
-    let (a, b, c) = (
-        support::start(config.clone()).await,
-        support::start(config.clone()).await,
-        support::start(config.clone()).await,
-    );
+    let (a, b, c) = three_nodes(urls).await;
     let nodes = [&a, &b, &c];
-    all_ready(&nodes).await;
 
     let rooms = rooms_on_every_shard(&cluster, 2).await;
     let ids: Vec<uuid::Uuid> = rooms.iter().map(|(r, _)| *r).collect();
@@ -189,85 +231,6 @@ async fn three_nodes_carry_rooms_on_every_shard_each_message_only_on_its_own_sha
     }
 }
 
-/// Events the client saw, and whether it was told of a gap.
-#[derive(Default)]
-struct Seen {
-    seqs: Vec<u64>,
-    ns: Vec<u64>,
-    told_gap: bool,
-}
-
-/// Reads room events into `seen` until the event with `data.n == last` arrives. A close (4008 at
-/// a gap) is followed by a reconnect with `since`, as a client would.
-async fn follow(gw: &Gateway, client: &mut Client, room: uuid::Uuid, head: u64, seen: &mut Seen, last: u64) {
-    let deadline = Instant::now() + PATIENCE * 3;
-    loop {
-        let next = tokio::time::timeout_at(deadline, client.ws.next()).await.expect("the stream keeps going");
-        match next {
-            Some(Ok(Message::Text(text))) => {
-                let v: Value = serde_json::from_str(&text).expect("JSON");
-                if v["type"] != "message.new" {
-                    continue;
-                }
-                let (seq, n) = (v["seq"].as_u64().expect("seq"), v["data"]["n"].as_u64().expect("n"));
-                if let Some(prev) = seen.seqs.last() {
-                    assert!(seq > *prev, "seq went back or repeated: {prev} then {seq}");
-                }
-                assert!(!seen.ns.contains(&n), "event {n} delivered twice");
-                seen.seqs.push(seq);
-                seen.ns.push(n);
-                if n == last {
-                    return;
-                }
-            }
-            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
-                let since = seen.seqs.last().copied().unwrap_or(head);
-                *client = gw.connect(user(), &[]).await;
-                let (_, recovered) = client.subscribe_since(room, since).await;
-                seen.told_gap |= !recovered;
-            }
-            Some(Ok(_)) => {}
-        }
-    }
-}
-
-/// Publishes to `room` on `a` without pause; runs `disrupt` once 20 events are accepted, and
-/// goes on until 20 more are accepted after the last refusal (every refusal a clean 503).
-/// Returns the accepted events and the last `n`.
-async fn publish_through(
-    a: &Gateway,
-    room: uuid::Uuid,
-    mut disrupt: impl AsyncFnMut(),
-    need_refusal: bool,
-) -> (Vec<u64>, u64) {
-    let (mut accepted, mut refused, mut since_refusal, mut disrupted) = (Vec::new(), 0, 0, false);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut n = 0u64;
-    while !disrupted || since_refusal < 20 || (need_refusal && refused == 0) {
-        n += 1;
-        let (status, reply) = a.publish(&message_sent(room, &json!({ "n": n }))).await;
-        match status {
-            202 => {
-                accepted.push(n);
-                since_refusal += 1;
-            }
-            503 => {
-                assert_fixed_503(&reply);
-                refused += 1;
-                since_refusal = 0;
-            }
-            other => panic!("publish answered {other}: {reply}"),
-        }
-        if accepted.len() == 20 && !disrupted {
-            disrupt().await;
-            disrupted = true;
-        }
-        assert!(Instant::now() < deadline, "no recovery within 60 s ({refused} refused)");
-        sleep(Duration::from_millis(10)).await;
-    }
-    (accepted, n)
-}
-
 /// After a disruption: a marker from `b`, then every client got every accepted event once and in
 /// order, or was told of a gap.
 async fn every_event_or_told(
@@ -296,36 +259,14 @@ async fn every_event_or_told(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server"]
 async fn a_primary_killed_mid_stream_is_followed_with_every_event_or_recovered_false() {
-    let mut cluster = Cluster::start(1).await;
-    mark_settled(&cluster).await;
-    let config = cluster_config(cluster.urls());
-    let (a, b, c) = (
-        support::start(config.clone()).await,
-        support::start(config.clone()).await,
-        support::start(config.clone()).await,
-    );
+    let mut cluster = settled_cluster(1).await;
+    let (a, b, c) = three_nodes(cluster.urls()).await;
     let nodes = [&a, &b, &c];
-    all_ready(&nodes).await;
     // A room on a shard that does not hold the `{herald}` slot, and one on that shard.
     let room = chat();
     let owner = cluster.primary_of(&format!("herald:{{{room}}}:room")).await;
-    let mut clients = Vec::new();
-    let mut head = 0;
-    for gw in nodes {
-        let mut client = gw.connect(user(), &[]).await;
-        head = client.subscribe(room).await;
-        clients.push(client);
-    }
-    let victim = cluster.nodes.iter().position(|n| n.port == owner).expect("the owner is a node");
-    let (accepted, n) = publish_through(
-        &a,
-        room,
-        async || {
-            cluster.nodes[victim].kill();
-        },
-        true,
-    )
-    .await;
+    let (mut clients, head) = watching(&nodes, room).await;
+    let (accepted, n) = publish_killing(&mut cluster, &a, room, owner).await;
     assert_ne!(cluster.primary_of(&format!("herald:{{{room}}}:room")).await, owner, "a replica was promoted");
     every_event_or_told(&nodes, &mut clients, room, head, accepted, n).await;
     for gw in nodes {
@@ -337,28 +278,15 @@ async fn a_primary_killed_mid_stream_is_followed_with_every_event_or_recovered_f
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server"]
 async fn a_slot_moved_while_events_flow_is_followed_without_duplicates_or_silent_gaps() {
-    let cluster = Cluster::start(0).await;
-    mark_settled(&cluster).await;
-    let config = cluster_config(cluster.urls());
-    let (a, b, c) = (
-        support::start(config.clone()).await,
-        support::start(config.clone()).await,
-        support::start(config.clone()).await,
-    );
+    let cluster = settled_cluster(0).await;
+    let (a, b, c) = three_nodes(cluster.urls()).await;
     let nodes = [&a, &b, &c];
-    all_ready(&nodes).await;
     let room = chat();
     let channel = format!("herald:{{{room}}}:room");
     let owner = cluster.primary_of(&channel).await;
     let target = cluster.nodes.iter().map(|n| n.port).find(|p| *p != owner).expect("another primary");
     let slot: i64 = query(&Cluster::client(owner), &["CLUSTER", "KEYSLOT", &channel]).await;
-    let mut clients = Vec::new();
-    let mut head = 0;
-    for gw in nodes {
-        let mut client = gw.connect(user(), &[]).await;
-        head = client.subscribe(room).await;
-        clients.push(client);
-    }
+    let (mut clients, head) = watching(&nodes, room).await;
     // A second room, on another slot, whose slot moves while nobody publishes to it: only Redis
     // dropping the shard subscriptions tells the nodes (no publish meets a MOVED).
     let (quiet, quiet_slot) = loop {
@@ -369,13 +297,7 @@ async fn a_slot_moved_while_events_flow_is_followed_without_duplicates_or_silent
             break (quiet, quiet_slot);
         }
     };
-    let mut quiet_clients = Vec::new();
-    let mut quiet_head = 0;
-    for gw in nodes {
-        let mut client = gw.connect(user(), &[]).await;
-        quiet_head = client.subscribe(quiet).await;
-        quiet_clients.push(client);
-    }
+    let (mut quiet_clients, quiet_head) = watching(&nodes, quiet).await;
     let (accepted, n) =
         publish_through(&a, room, async || cluster.move_slot(slot, owner, target).await, false).await;
     assert_eq!(cluster.primary_of(&channel).await, target, "the slot moved");
@@ -440,25 +362,12 @@ async fn dropped(nodes: &[&Gateway]) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server"]
 async fn a_shard_connection_reset_mid_stream_ends_the_session_with_every_event_or_recovered_false() {
-    let cluster = Cluster::start(0).await;
-    mark_settled(&cluster).await;
-    let config = cluster_config(cluster.urls());
-    let (a, b, c) = (
-        support::start(config.clone()).await,
-        support::start(config.clone()).await,
-        support::start(config.clone()).await,
-    );
+    let cluster = settled_cluster(0).await;
+    let (a, b, c) = three_nodes(cluster.urls()).await;
     let nodes = [&a, &b, &c];
-    all_ready(&nodes).await;
     let room = chat();
     let owner = cluster.primary_of(&format!("herald:{{{room}}}:room")).await;
-    let mut clients = Vec::new();
-    let mut head = 0;
-    for gw in nodes {
-        let mut client = gw.connect(user(), &[]).await;
-        head = client.subscribe(room).await;
-        clients.push(client);
-    }
+    let (mut clients, head) = watching(&nodes, room).await;
     // Every node's connections to the room's primary are cut (subscriptions and commands).
     let reset = async || {
         for kind in ["pubsub", "normal"] {
@@ -565,8 +474,7 @@ fn events(json: &str) -> Vec<herald::protocol::event::DomainEvent> {
 async fn user_copies_from_several_shards_and_membership_in_the_herald_slot_arrive_once() {
     use herald::bus::{Bus, Topic};
     use herald::protocol::event::EventKind;
-    let cluster = Cluster::start(0).await;
-    mark_settled(&cluster).await;
+    let cluster = settled_cluster(0).await;
     let ((a, sink_a), (b, sink_b)) = (bus_node(&cluster).await, bus_node(&cluster).await);
     // Users on different shards, so one event's copies come from several shards.
     let (alice, carol, room) = loop {
@@ -661,8 +569,7 @@ async fn user_copies_from_several_shards_and_membership_in_the_herald_slot_arriv
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server"]
 async fn a_batch_over_every_shard_answers_2xx_only_when_every_shard_took_its_part() {
-    let cluster = Cluster::start(0).await;
-    mark_settled(&cluster).await;
+    let cluster = settled_cluster(0).await;
     let a = support::start(cluster_config(cluster.urls())).await;
     all_ready(&[&a]).await;
     let rooms = rooms_on_every_shard(&cluster, 1).await;
@@ -741,8 +648,7 @@ async fn room_seq_reaches(cluster: &Cluster, room: uuid::Uuid, seq: u64) {
 #[ignore = "needs redis-server"]
 async fn a_user_copy_overtaken_by_a_later_one_from_another_shard_still_arrives() {
     use herald::bus::{Bus, Topic};
-    let cluster = Cluster::start(0).await;
-    mark_settled(&cluster).await;
+    let cluster = settled_cluster(0).await;
     // Alice's and Carol's channels on two shards, the room on the third; `a` holds both users but
     // not the room, so their copies are all it gets of the room's events.
     let ([alice, carol, _], [alice_port, _, _], room) = users_on_three_shards(&cluster).await;
@@ -773,8 +679,7 @@ async fn a_user_copy_overtaken_by_a_later_one_from_another_shard_still_arrives()
 #[ignore = "needs redis-server"]
 async fn a_user_event_overtaken_by_a_full_window_of_others_still_arrives() {
     use herald::bus::{Bus, Topic};
-    let cluster = Cluster::start(0).await;
-    mark_settled(&cluster).await;
+    let cluster = settled_cluster(0).await;
     // Alice's channel on another shard than the global counter's, so only her copy waits.
     let gseq_port = cluster.primary_of("herald:{herald}:gseq").await;
     let (users, ports, _) = users_on_three_shards(&cluster).await;
@@ -821,16 +726,9 @@ async fn a_user_event_overtaken_by_a_full_window_of_others_still_arrives() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server"]
 async fn the_herald_slot_primary_killed_mid_stream_is_followed_with_membership_and_user_events() {
-    let mut cluster = Cluster::start(1).await;
-    mark_settled(&cluster).await;
-    let config = cluster_config(cluster.urls());
-    let (a, b, c) = (
-        support::start(config.clone()).await,
-        support::start(config.clone()).await,
-        support::start(config.clone()).await,
-    );
+    let mut cluster = settled_cluster(1).await;
+    let (a, b, c) = three_nodes(cluster.urls()).await;
     let nodes = [&a, &b, &c];
-    all_ready(&nodes).await;
     // The room on the shard that holds the global keys, the members channel and the counters.
     let owner = cluster.primary_of("herald:{herald}:boot").await;
     let room = loop {
@@ -839,23 +737,8 @@ async fn the_herald_slot_primary_killed_mid_stream_is_followed_with_membership_a
             break room;
         }
     };
-    let mut clients = Vec::new();
-    let mut head = 0;
-    for gw in nodes {
-        let mut client = gw.connect(user(), &[]).await;
-        head = client.subscribe(room).await;
-        clients.push(client);
-    }
-    let victim = cluster.nodes.iter().position(|n| n.port == owner).expect("the owner is a node");
-    let (accepted, n) = publish_through(
-        &a,
-        room,
-        async || {
-            cluster.nodes[victim].kill();
-        },
-        true,
-    )
-    .await;
+    let (mut clients, head) = watching(&nodes, room).await;
+    let (accepted, n) = publish_killing(&mut cluster, &a, room, owner).await;
     assert_ne!(cluster.primary_of("herald:{herald}:boot").await, owner, "a replica was promoted");
     every_event_or_told(&nodes, &mut clients, room, head, accepted, n).await;
     for gw in nodes {
@@ -880,8 +763,7 @@ async fn the_herald_slot_primary_killed_mid_stream_is_followed_with_membership_a
 #[ignore = "needs redis-server"]
 async fn primaries_announced_without_an_endpoint_are_reached_at_the_seeds_host() {
     // `unknown-endpoint`: CLUSTER SLOTS names no host (NULL), meaning "where you asked".
-    let cluster = Cluster::start(0).await;
-    mark_settled(&cluster).await;
+    let cluster = settled_cluster(0).await;
     for node in &cluster.nodes {
         let _: () = query(
             &Cluster::client(node.port),
@@ -899,35 +781,23 @@ async fn primaries_announced_without_an_endpoint_are_reached_at_the_seeds_host()
     assert_eq!(got["data"]["n"], 1, "{got}");
 }
 
-/// `EVALSHA` calls a primary has run.
-async fn evalshas(port: u16) -> u64 {
-    let stats: String = query(&Cluster::client(port), &["INFO", "commandstats"]).await;
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server"]
 async fn a_rooms_events_in_one_request_share_one_call_and_keep_their_order() {
     use herald::bus::{Bus, Topic};
-    let cluster = Cluster::start(0).await;
-    mark_settled(&cluster).await;
+    let cluster = settled_cluster(0).await;
     let (a, sink) = bus_node(&cluster).await;
     let (b, _) = bus_node(&cluster).await;
     let room = chat();
     a.watch(Topic::Room(room)).await.expect("watch");
     let head = b.head(room).await.expect("head");
     let port = cluster.primary_of(&format!("herald:{{{room}}}:room")).await;
-    let before = evalshas(port).await;
+    let before = calls(port, "evalsha").await;
     let batch: Vec<String> = (1..=5)
         .map(|n| format!(r#"{{"type":"message.sent","chat_id":"{room}","data":{{"n":{n}}}}}"#))
         .collect();
     b.publish(events(&format!("[{}]", batch.join(",")))).await.expect("published");
-    assert_eq!(evalshas(port).await - before, 1, "one script call for the room's five events");
+    assert_eq!(calls(port, "evalsha").await - before, 1, "one script call for the room's five events");
     let got = sink.wait(5).await;
     let seqs: Vec<Option<u64>> = got.iter().map(|g| g.2).collect();
     let data: Vec<String> = got.iter().filter_map(|g| g.3.clone()).collect();
@@ -955,8 +825,7 @@ async fn frames_until(client: &mut Client, done: impl Fn(&[Value]) -> bool) -> V
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server"]
 async fn a_room_event_for_users_reaches_each_socket_once_per_frame_across_shards() {
-    let cluster = Cluster::start(0).await;
-    mark_settled(&cluster).await;
+    let cluster = settled_cluster(0).await;
     let config = cluster_config(cluster.urls());
     let (a, c) = (support::start(config.clone()).await, support::start(config).await);
     all_ready(&[&a, &c]).await;

@@ -8,16 +8,14 @@ mod support;
 
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use herald::cmd::check_config;
 use herald::config::{BusConfig, BusKind, Config};
 use herald::server::Server;
 use scale::{query, SentinelGroup, TlsRedis, MASTER_NAME, PASSWORD};
-use serde_json::{json, Value};
-use support::redis::assert_fixed_503;
+use serde_json::json;
+use support::redis::{assert_fixed_503, follow, publish_through, Seen};
 use support::{chat, message_sent, user, Client, Gateway, PATIENCE};
 use tokio::time::{sleep, Instant};
-use tokio_tungstenite::tungstenite::Message;
 
 /// The test config on a TLS Redis as the ACL user with `password`, trusting `ca`.
 fn tls_config(tls: &TlsRedis, password: &str, ca: Option<&std::path::Path>) -> Config {
@@ -194,50 +192,6 @@ async fn a_wrong_password_or_an_untrusted_certificate_stops_startup_naming_the_k
     assert!(!text.contains(wrong), "{text}");
 }
 
-/// What a client saw of a room: the events (`n` of each), and whether it was ever told that
-/// something may be missing.
-#[derive(Default)]
-struct Seen {
-    seqs: Vec<u64>,
-    ns: Vec<u64>,
-    told_gap: bool,
-}
-
-/// Reads room events into `seen` until the event with `data.n == last` arrives. A close (4008 at
-/// a gap this node never received) is followed by a reconnect with `since`, as a client would.
-async fn follow(gw: &Gateway, client: &mut Client, room: uuid::Uuid, head: u64, seen: &mut Seen, last: u64) {
-    let deadline = Instant::now() + PATIENCE * 3;
-    loop {
-        let next = tokio::time::timeout_at(deadline, client.ws.next()).await.expect("the stream keeps going");
-        match next {
-            Some(Ok(Message::Text(text))) => {
-                let v: Value = serde_json::from_str(&text).expect("JSON");
-                if v["type"] != "message.new" {
-                    continue;
-                }
-                let (seq, n) = (v["seq"].as_u64().expect("seq"), v["data"]["n"].as_u64().expect("n"));
-                if let Some(prev) = seen.seqs.last() {
-                    assert!(seq > *prev, "seq went back or repeated: {prev} then {seq}");
-                }
-                assert!(!seen.ns.contains(&n), "event {n} delivered twice");
-                seen.seqs.push(seq);
-                seen.ns.push(n);
-                if n == last {
-                    return;
-                }
-            }
-            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
-                // Resume after the last event seen, on the same node.
-                let since = seen.seqs.last().copied().unwrap_or(head);
-                *client = gw.connect(user(), &[]).await;
-                let (_, recovered) = client.subscribe_since(room, since).await;
-                seen.told_gap |= !recovered;
-            }
-            Some(Ok(_)) => {}
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server"]
 async fn sentinel_failover_mid_stream_is_followed_with_every_event_or_recovered_false() {
@@ -264,30 +218,7 @@ async fn sentinel_failover_mid_stream_is_followed_with_every_event_or_recovered_
 
     // Publish on A without pause; kill the master after 20 events are accepted; keep on until
     // 20 more are accepted after the last refusal.
-    let (mut accepted, mut refused, mut since_refusal) = (Vec::new(), 0, 0);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut n = 0u64;
-    while since_refusal < 20 || refused == 0 {
-        n += 1;
-        let (status, reply) = a.publish(&message_sent(room, &json!({ "n": n }))).await;
-        match status {
-            202 => {
-                accepted.push(n);
-                since_refusal += 1;
-            }
-            503 => {
-                assert_fixed_503(&reply);
-                refused += 1;
-                since_refusal = 0;
-            }
-            other => panic!("publish answered {other}: {reply}"),
-        }
-        if accepted.len() == 20 && refused == 0 {
-            group.master.kill();
-        }
-        assert!(Instant::now() < deadline, "no failover within 60 s ({refused} refused)");
-        sleep(Duration::from_millis(10)).await;
-    }
+    let (mut accepted, n) = publish_through(&a, room, async || group.master.kill(), true).await;
     assert_eq!(group.master_port().await, group.replica.port, "the sentinels promoted the replica");
 
     // A marker both nodes deliver live: sent once both are ready again.

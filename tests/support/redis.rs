@@ -7,11 +7,13 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use herald::bus::BusError;
 use herald::config::{BusConfig, BusKind, Config, Membership};
-use serde_json::json;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
 
-use super::Gateway;
+use super::{message_sent, user, Client, Gateway, PATIENCE};
 
 /// A running (or killed, until restarted) `redis-server`. Killed on drop.
 pub struct RedisServer {
@@ -180,4 +182,91 @@ pub async fn http_publish_eventually(gw: &Gateway, body: &str) {
         assert!(tokio::time::Instant::now() < deadline, "still 503: {reply}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// What a client saw of a room: the events (`seq` and `data.n` of each), and whether it was ever
+/// told that something may be missing.
+#[derive(Default)]
+pub struct Seen {
+    pub seqs: Vec<u64>,
+    pub ns: Vec<u64>,
+    pub told_gap: bool,
+}
+
+/// Reads room events into `seen` until the event with `data.n == last` arrives. A close (4008 at
+/// a gap) is followed by a reconnect with `since`, as a client would.
+pub async fn follow(
+    gw: &Gateway,
+    client: &mut Client,
+    room: uuid::Uuid,
+    head: u64,
+    seen: &mut Seen,
+    last: u64,
+) {
+    let deadline = tokio::time::Instant::now() + PATIENCE * 3;
+    loop {
+        let next = tokio::time::timeout_at(deadline, client.ws.next()).await.expect("the stream keeps going");
+        match next {
+            Some(Ok(Message::Text(text))) => {
+                let v: Value = serde_json::from_str(&text).expect("JSON");
+                if v["type"] != "message.new" {
+                    continue;
+                }
+                let (seq, n) = (v["seq"].as_u64().expect("seq"), v["data"]["n"].as_u64().expect("n"));
+                if let Some(prev) = seen.seqs.last() {
+                    assert!(seq > *prev, "seq went back or repeated: {prev} then {seq}");
+                }
+                assert!(!seen.ns.contains(&n), "event {n} delivered twice");
+                seen.seqs.push(seq);
+                seen.ns.push(n);
+                if n == last {
+                    return;
+                }
+            }
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                let since = seen.seqs.last().copied().unwrap_or(head);
+                *client = gw.connect(user(), &[]).await;
+                let (_, recovered) = client.subscribe_since(room, since).await;
+                seen.told_gap |= !recovered;
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+/// Publishes to `room` on `a` without pause; runs `disrupt` once 20 events are accepted, and
+/// goes on until 20 more are accepted after the last refusal (every refusal a clean 503).
+/// Returns the accepted events and the last `n`.
+pub async fn publish_through(
+    a: &Gateway,
+    room: uuid::Uuid,
+    mut disrupt: impl AsyncFnMut(),
+    need_refusal: bool,
+) -> (Vec<u64>, u64) {
+    let (mut accepted, mut refused, mut since_refusal, mut disrupted) = (Vec::new(), 0, 0, false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut n = 0u64;
+    while !disrupted || since_refusal < 20 || (need_refusal && refused == 0) {
+        n += 1;
+        let (status, reply) = a.publish(&message_sent(room, &json!({ "n": n }))).await;
+        match status {
+            202 => {
+                accepted.push(n);
+                since_refusal += 1;
+            }
+            503 => {
+                assert_fixed_503(&reply);
+                refused += 1;
+                since_refusal = 0;
+            }
+            other => panic!("publish answered {other}: {reply}"),
+        }
+        if accepted.len() == 20 && !disrupted {
+            disrupt().await;
+            disrupted = true;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no recovery within 60 s ({refused} refused)");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (accepted, n)
 }

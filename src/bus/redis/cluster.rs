@@ -17,54 +17,40 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures_util::future::join_all;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, PushInfo, PushKind, Value};
+use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::delivery::Inbound;
 use super::endpoint::{Endpoint, Failure, Master};
-use super::scripts::{channel, seq_key, MARK_FAILOVER_LUA};
+use super::scripts::{channel, seq_key};
 use super::shards::{self, Link, Shards};
-use super::supervisor::{catch_up_revocations, forward_push, load_scripts, member_snapshot, reseed};
-use super::{Phase, Shared};
+use super::supervisor::{
+    connection_config, floors_of, forward_push, go_live, known_floors, load_scripts, mark_failover, reseed,
+    restore_membership, session_timers, settle_deadline, until_lost, Attempts,
+};
+use super::Shared;
 use crate::bus::Topic;
 use crate::protocol::ChatId;
-use crate::sync::lock;
 
 /// Channels per pipeline of `SSUBSCRIBE` / `SUNSUBSCRIBE`, and rooms per re-seed or touch pipeline.
 const CHUNK: usize = 512;
 
 /// Sessions one after another, with backoff, until the bus handle is dropped.
 pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: mpsc::Sender<Inbound>) {
-    let mut gen = 0u64;
-    let mut delay = Duration::from_millis(50);
-    let mut was_up = false;
-    let mut failures = 0u64;
+    let mut attempts = Attempts::new("redis cluster bus");
     // The primaries' node ids of the last session: a new one is a promoted replica.
     let mut last_ids: Option<Vec<String>> = None;
-    loop {
-        gen += 1;
-        if inbound.send(Inbound::Reset { gen }).await.is_err() {
-            return;
-        }
+    while let Some(gen) = attempts.next(&inbound).await {
         match open(&shared, &endpoint, &inbound, gen, &mut last_ids).await {
             Ok((shards, settle_until)) => {
-                if was_up {
-                    shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                }
                 for primary in &shards.topology.primaries {
                     shared.stats.note_endpoint(&primary.addr(), |e| e.sessions += 1);
                 }
-                if was_up || failures > 0 {
-                    tracing::warn!(redis = %endpoint.describe(), "redis cluster bus reconnected; subscriptions restored");
-                }
-                was_up = true;
-                failures = 0;
-                delay = Duration::from_millis(50);
+                attempts.opened(&shared, &endpoint.describe());
                 let err = run(&shared, &shards, gen, settle_until).await;
                 shared.go_down();
                 tracing::error!(
@@ -72,19 +58,9 @@ pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: 
                     "redis cluster bus session ended; publishes answer 503 until the next one"
                 );
             }
-            Err(failure) => {
-                shared.go_down();
-                shared.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                shared.stats.note_endpoint(&failure.addr, |e| e.connect_failures += 1);
-                failures += 1;
-                if failures == 1 || failures % 30 == 0 {
-                    tracing::error!(error = %failure, attempts = failures, "redis cluster bus cannot connect; retrying");
-                }
-            }
+            Err(failure) => attempts.failed(&shared, &failure),
         }
-        let jitter = delay.mul_f64(f64::from(getrandom::u32().unwrap_or(0) % 1000) / 2000.0);
-        tokio::time::sleep(delay + jitter).await;
-        delay = (delay * 2).min(shared.options.backoff_max);
+        attempts.back_off(&shared).await;
     }
 }
 
@@ -155,10 +131,7 @@ async fn connect(
             _ => forward_push(&shared, &push_tx, gen, info),
         }
     };
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(shared.options.connect_timeout))
-        .set_response_timeout(Some(shared.options.response_timeout))
-        .set_push_sender(push_sender);
+    let config = connection_config(shared, push_sender);
     master.client.get_multiplexed_async_connection_with_config(&config).await
 }
 
@@ -187,36 +160,21 @@ async fn restore(
             shared.stats.note_endpoint(&primary.addr(), |e| e.failovers_to += 1);
             tracing::warn!(redis = %primary.addr(), "redis cluster bus followed a failover to a new primary");
         }
-        let keep_ms = u64::try_from((shared.options.settle * 10).as_millis()).unwrap_or(u64::MAX);
-        redis::Script::new(MARK_FAILOVER_LUA)
-            .key(shared.names.failover())
-            .arg(keep_ms)
-            .invoke_async::<i64>(&mut global)
-            .await?;
+        mark_failover(shared, &mut global).await?;
     }
     // The boot mark and failover mark live in the `{herald}` slot: their age decides settling.
     let age_ms = reseed(shared, &mut global, &[]).await?;
-    let floors: Vec<(ChatId, u64)> = lock(&shared.floors).iter().map(|(c, s)| (*c, *s)).collect();
-    reseed_rooms(shared, shards, &floors).await?;
-    let settle_ms = u64::try_from(shared.options.settle.as_millis()).unwrap_or(u64::MAX);
-    let settle_until =
-        (age_ms < settle_ms).then(|| Instant::now() + Duration::from_millis(settle_ms - age_ms));
+    reseed_rooms(shared, shards, &known_floors(shared)).await?;
+    let settle_until = settle_deadline(shared, age_ms);
 
     // Membership first, as on one server.
     let members = [shared.names.members_channel.to_string()];
     subscribe(&mut shards.subscriptions[herald].clone(), "SSUBSCRIBE", &members).await?;
-    let snapshot = member_snapshot(shared, &mut global).await?;
-    if inbound.send(Inbound::Snapshot { gen, snapshot }).await.is_err() {
-        return Err(redis::RedisError::from((redis::ErrorKind::Client, "redis bus stopped")));
-    }
-    catch_up_revocations(shared, &mut global).await?;
-    shared.topics.resubscribe_all();
+    restore_membership(shared, &mut global, inbound, gen).await?;
     reconcile(shared, shards).await?;
 
     *last_ids = Some(ids);
-    shared.session_gen.store(gen, Ordering::SeqCst);
-    *lock(&shared.conn) = Some(Link::Cluster(shards.clone()));
-    shared.phase.send_replace(if settle_until.is_some() { Phase::Settling } else { Phase::Up });
+    go_live(shared, gen, Link::Cluster(shards.clone()), settle_until);
     Ok(settle_until)
 }
 
@@ -227,13 +185,8 @@ async fn run(
     gen: u64,
     mut settle_until: Option<Instant>,
 ) -> redis::RedisError {
-    let mut ping = tokio::time::interval(shared.options.ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let every = (shared.options.history_ttl / 3).clamp(Duration::from_millis(50), Duration::from_secs(60));
-    let mut touch = tokio::time::interval(every);
-    touch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut ping, mut touch) = session_timers(shared);
     loop {
-        let settle_at = settle_until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             _ = shared.topics.changed() => {
                 if let Err(e) = reconcile(shared, shards).await {
@@ -262,14 +215,8 @@ async fn run(
                     }
                 }
             }
-            _ = shared.lost.notified() => {
-                if shared.lost_gen.load(Ordering::SeqCst) == gen {
-                    return redis::RedisError::from((redis::ErrorKind::Io, "a shard connection closed, or its slots moved"));
-                }
-            }
-            _ = tokio::time::sleep_until(settle_at), if settle_until.is_some() => {
-                settle_until = None;
-                shared.phase.send_replace(Phase::Up);
+            () = until_lost(shared, gen, &mut settle_until) => {
+                return redis::RedisError::from((redis::ErrorKind::Io, "a shard connection closed, or its slots moved"));
             }
         }
     }
@@ -306,11 +253,7 @@ async fn reconcile(shared: &Shared, shards: &Shards) -> Result<(), redis::RedisE
     loop {
         let plan = shared.topics.plan();
         if !plan.reseed.is_empty() {
-            let floors: Vec<(ChatId, u64)> = {
-                let known = lock(&shared.floors);
-                plan.reseed.iter().filter_map(|c| known.get(c).map(|f| (*c, *f))).collect()
-            };
-            reseed_rooms(shared, shards, &floors).await?;
+            reseed_rooms(shared, shards, &floors_of(shared, &plan.reseed)).await?;
         }
         if plan.settled() {
             return Ok(());

@@ -3,6 +3,9 @@
 //! missed, then its subscriptions), alone issues the `SUBSCRIBE` / `UNSUBSCRIBE` commands that
 //! `topics.rs` plans to match local interest, detects a lost connection (or, under Sentinel, a
 //! demoted master), and reconnects with capped, jittered backoff to the server the endpoint names.
+//! The session steps that do not depend on the topology (backoff, connection options, failover
+//! mark, re-seed floors, settle window, membership restore, going live) are here too, and the
+//! cluster supervisor (`cluster.rs`) calls them for its sessions.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -30,21 +33,13 @@ const CHUNK: usize = 512;
 /// aborts this task). Each attempt resolves the endpoint again: under Sentinel that is how a
 /// failover is followed (the sentinels name the promoted replica).
 pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: mpsc::Sender<Inbound>) {
-    let mut gen = 0u64;
-    let mut delay = Duration::from_millis(50);
-    let mut was_up = false;
-    let mut failures = 0u64;
+    let mut attempts = Attempts::new("redis bus");
     // The master of the last session, so a move to another server is counted as a failover.
     let mut last_addr: Option<String> = None;
     // The replication ID of the last session's server: a promoted replica has another one, also
     // behind an unchanged address (a managed Redis's endpoint moved to the new primary).
     let mut last_replid: Option<String> = None;
-    loop {
-        gen += 1;
-        // Sent before the connection exists, so it precedes every push of that connection.
-        if inbound.send(Inbound::Reset { gen }).await.is_err() {
-            return;
-        }
+    while let Some(gen) = attempts.next(&inbound).await {
         let attempt = match endpoint.resolve(shared.options.connect_timeout).await {
             Ok(master) => {
                 match open_session(&shared, &master, &inbound, gen, last_addr.as_deref(), &mut last_replid)
@@ -61,9 +56,6 @@ pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: 
         };
         match attempt {
             Ok(((conn, settle_until), master)) => {
-                if was_up {
-                    shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                }
                 let failover = last_addr.as_ref().is_some_and(|last| *last != master.addr);
                 shared.stats.note_endpoint(&master.addr, |e| {
                     e.sessions += 1;
@@ -74,12 +66,7 @@ pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: 
                     tracing::warn!(redis = %master.shown, "redis bus followed a failover to a new master");
                 }
                 last_addr = Some(master.addr.clone());
-                if was_up || failures > 0 {
-                    tracing::warn!(redis = %master.shown, "redis bus reconnected; subscriptions restored");
-                }
-                was_up = true;
-                failures = 0;
-                delay = Duration::from_millis(50);
+                attempts.opened(&shared, &master.shown);
                 let err = run_session(&shared, conn, gen, settle_until, master.check_role).await;
                 shared.go_down();
                 tracing::error!(
@@ -87,21 +74,172 @@ pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: 
                     "redis bus lost its connection; publishes answer 503 until it is back"
                 );
             }
-            Err(failure) => {
-                shared.go_down();
-                shared.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                shared.stats.note_endpoint(&failure.addr, |e| e.connect_failures += 1);
-                failures += 1;
-                // Loud on the first failure and then every ~30 attempts, not on every retry.
-                if failures == 1 || failures % 30 == 0 {
-                    tracing::error!(error = %failure, attempts = failures, "redis bus cannot connect; retrying");
+            Err(failure) => attempts.failed(&shared, &failure),
+        }
+        attempts.back_off(&shared).await;
+    }
+}
+
+/// A supervisor's session attempts: the generation of each, whether a session was ever up, the
+/// failures in a row and the backoff delay. `bus` names the kind of bus in the logs.
+pub(super) struct Attempts {
+    gen: u64,
+    delay: Duration,
+    was_up: bool,
+    failures: u64,
+    bus: &'static str,
+}
+
+impl Attempts {
+    pub(super) fn new(bus: &'static str) -> Attempts {
+        Attempts { gen: 0, delay: Duration::from_millis(50), was_up: false, failures: 0, bus }
+    }
+
+    /// The next attempt's generation, announced to the delivery task before the connection
+    /// exists, so it precedes every push of that connection; `None` once the bus is dropped.
+    pub(super) async fn next(&mut self, inbound: &mpsc::Sender<Inbound>) -> Option<u64> {
+        self.gen += 1;
+        inbound.send(Inbound::Reset { gen: self.gen }).await.ok()?;
+        Some(self.gen)
+    }
+
+    /// A session opened on `redis` (as shown in logs): a reconnect when one was up before, and
+    /// the backoff starts over.
+    pub(super) fn opened(&mut self, shared: &Shared, redis: &str) {
+        if self.was_up {
+            shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.was_up || self.failures > 0 {
+            tracing::warn!(redis = %redis, "{} reconnected; subscriptions restored", self.bus);
+        }
+        self.was_up = true;
+        self.failures = 0;
+        self.delay = Duration::from_millis(50);
+    }
+
+    /// A session that could not open: the bus is down, the failure is counted (per endpoint
+    /// too), and logged on the first failure and then every ~30 attempts, not on every retry.
+    pub(super) fn failed(&mut self, shared: &Shared, failure: &endpoint::Failure) {
+        shared.go_down();
+        shared.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+        shared.stats.note_endpoint(&failure.addr, |e| e.connect_failures += 1);
+        self.failures += 1;
+        if self.failures == 1 || self.failures % 30 == 0 {
+            tracing::error!(error = %failure, attempts = self.failures, "{} cannot connect; retrying", self.bus);
+        }
+    }
+
+    /// Waits the delay plus up to half of it again (jitter, so nodes do not retry in step), then
+    /// doubles the delay up to `backoff_max`.
+    pub(super) async fn back_off(&mut self, shared: &Shared) {
+        let jitter = self.delay.mul_f64(f64::from(getrandom::u32().unwrap_or(0) % 1000) / 2000.0);
+        tokio::time::sleep(self.delay + jitter).await;
+        self.delay = (self.delay * 2).min(shared.options.backoff_max);
+    }
+}
+
+/// The options of every connection the bus opens: its timeouts, and `push_sender` for pushes.
+pub(super) fn connection_config(
+    shared: &Shared,
+    push_sender: impl Fn(PushInfo) -> Result<(), ()> + Send + Sync + 'static,
+) -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(shared.options.connect_timeout))
+        .set_response_timeout(Some(shared.options.response_timeout))
+        .set_push_sender(push_sender)
+}
+
+/// Marks a failover (in the `{herald}` slot under Cluster): every node that opens a session
+/// within `settle` of the mark settles before it publishes room events.
+pub(super) async fn mark_failover(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+) -> Result<(), redis::RedisError> {
+    let keep_ms = u64::try_from((shared.options.settle * 10).as_millis()).unwrap_or(u64::MAX);
+    redis::Script::new(MARK_FAILOVER_LUA)
+        .key(shared.names.failover())
+        .arg(keep_ms)
+        .invoke_async::<i64>(conn)
+        .await?;
+    Ok(())
+}
+
+/// Every room counter floor this node knows.
+pub(super) fn known_floors(shared: &Shared) -> Vec<(ChatId, u64)> {
+    lock(&shared.floors).iter().map(|(c, s)| (*c, *s)).collect()
+}
+
+/// The floors of the rooms a plan asks to re-seed (those this node knows a floor for).
+pub(super) fn floors_of(shared: &Shared, rooms: &[ChatId]) -> Vec<(ChatId, u64)> {
+    let known = lock(&shared.floors);
+    rooms.iter().filter_map(|c| known.get(c).map(|f| (*c, *f))).collect()
+}
+
+/// Until when room events wait, given the age of Redis's state (ms since the boot or failover
+/// mark): `None` when it is older than `settle`.
+pub(super) fn settle_deadline(shared: &Shared, age_ms: u64) -> Option<Instant> {
+    let settle_ms = u64::try_from(shared.options.settle.as_millis()).unwrap_or(u64::MAX);
+    (age_ms < settle_ms).then(|| Instant::now() + Duration::from_millis(settle_ms - age_ms))
+}
+
+/// After the members channel is subscribed: the membership snapshot (with the changes missed)
+/// goes to the delivery task, revocations published while this node was cut off are applied, and
+/// every watched topic is marked for the first reconcile to subscribe again.
+pub(super) async fn restore_membership(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+    inbound: &mpsc::Sender<Inbound>,
+    gen: u64,
+) -> Result<(), redis::RedisError> {
+    let snapshot = member_snapshot(shared, conn).await?;
+    if inbound.send(Inbound::Snapshot { gen, snapshot }).await.is_err() {
+        return Err(redis::RedisError::from((redis::ErrorKind::Client, "redis bus stopped")));
+    }
+    // Revocations published while this node was cut off reached nobody here: read those of
+    // the users connected here before serving again, so their old-token connections close too.
+    catch_up_revocations(shared, conn).await?;
+    // Everything watched is resubscribed by the first reconcile.
+    shared.topics.resubscribe_all();
+    Ok(())
+}
+
+/// Makes a restored session the one publishes use, and opens the bus (settling until
+/// `settle_until`, if any).
+pub(super) fn go_live(shared: &Shared, gen: u64, link: Link, settle_until: Option<Instant>) {
+    shared.session_gen.store(gen, Ordering::SeqCst);
+    *lock(&shared.conn) = Some(link);
+    shared.phase.send_replace(if settle_until.is_some() { Phase::Settling } else { Phase::Up });
+}
+
+/// Returns once this session's connection is lost (a wake-up for generation `gen`; older ones
+/// are passed over), and meanwhile ends the settle window at `settle_until`, opening the bus to
+/// room events. Cancel-safe: `run` polls it in a `select!` with the session's other work.
+pub(super) async fn until_lost(shared: &Shared, gen: u64, settle_until: &mut Option<Instant>) {
+    loop {
+        let settle_at = settle_until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            () = shared.lost.notified() => {
+                if shared.lost_gen.load(Ordering::SeqCst) == gen {
+                    return;
                 }
             }
+            () = tokio::time::sleep_until(settle_at), if settle_until.is_some() => {
+                *settle_until = None;
+                shared.phase.send_replace(Phase::Up);
+            }
         }
-        let jitter = delay.mul_f64(f64::from(getrandom::u32().unwrap_or(0) % 1000) / 2000.0);
-        tokio::time::sleep(delay + jitter).await;
-        delay = (delay * 2).min(shared.options.backoff_max);
     }
+}
+
+/// The liveness ping and the counter refresh of a session. Counters of watched rooms without
+/// events expire after the history TTL: they are refreshed well before (see `HEAD_LUA`).
+pub(super) fn session_timers(shared: &Shared) -> (tokio::time::Interval, tokio::time::Interval) {
+    let mut ping = tokio::time::interval(shared.options.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let every = (shared.options.history_ttl / 3).clamp(Duration::from_millis(50), Duration::from_secs(60));
+    let mut touch = tokio::time::interval(every);
+    touch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    (ping, touch)
 }
 
 /// What a connection's push sender does with a push of generation `gen` (it runs on the
@@ -165,10 +303,7 @@ async fn open_session(
         let Some(shared) = weak.upgrade() else { return Err(()) };
         forward_push(&shared, &push_tx, gen, info)
     };
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(shared.options.connect_timeout))
-        .set_response_timeout(Some(shared.options.response_timeout))
-        .set_push_sender(push_sender);
+    let config = connection_config(shared, push_sender);
     let mut conn = master.client.get_multiplexed_async_connection_with_config(&config).await?;
     // A sentinel may still name a master that a failover demoted, or one that came back as a
     // replica: only a master takes writes.
@@ -192,40 +327,22 @@ async fn open_session(
     let replid = replication_id(&mut conn).await;
     let moved = last_replid.as_ref().is_some_and(|last| replid.as_ref().is_some_and(|id| id != last));
     if moved || (master.check_role && last_addr.is_some_and(|last| last != master.addr)) {
-        let keep_ms = u64::try_from((shared.options.settle * 10).as_millis()).unwrap_or(u64::MAX);
-        redis::Script::new(MARK_FAILOVER_LUA)
-            .key(shared.names.failover())
-            .arg(keep_ms)
-            .invoke_async::<i64>(&mut conn)
-            .await?;
+        mark_failover(shared, &mut conn).await?;
     }
 
     // Re-seed every room this node knows before it publishes again (a restarted Redis starts empty).
-    let floors: Vec<(ChatId, u64)> = lock(&shared.floors).iter().map(|(c, s)| (*c, *s)).collect();
-    let age_ms = reseed(shared, &mut conn, &floors).await?;
-    let settle_ms = u64::try_from(shared.options.settle.as_millis()).unwrap_or(u64::MAX);
-    let settle_until =
-        (age_ms < settle_ms).then(|| Instant::now() + Duration::from_millis(settle_ms - age_ms));
+    let age_ms = reseed(shared, &mut conn, &known_floors(shared)).await?;
+    let settle_until = settle_deadline(shared, age_ms);
 
     // The members channel first, then the snapshot, so no membership event falls between the two.
     conn.subscribe(shared.names.members_channel).await?;
-    let snapshot = member_snapshot(shared, &mut conn).await?;
-    if inbound.send(Inbound::Snapshot { gen, snapshot }).await.is_err() {
-        return Err(redis::RedisError::from((redis::ErrorKind::Client, "redis bus stopped")));
-    }
-    // Revocations published while this node was cut off reached nobody here: read those of
-    // the users connected here before serving again, so their old-token connections close too.
-    catch_up_revocations(shared, &mut conn).await?;
-    // Everything watched is resubscribed by the first reconcile.
-    shared.topics.resubscribe_all();
+    restore_membership(shared, &mut conn, inbound, gen).await?;
     reconcile(shared, &mut conn).await?;
 
     if replid.is_some() {
         *last_replid = replid;
     }
-    shared.session_gen.store(gen, Ordering::SeqCst);
-    *lock(&shared.conn) = Some(Link::One(conn.clone()));
-    shared.phase.send_replace(if settle_until.is_some() { Phase::Settling } else { Phase::Up });
+    go_live(shared, gen, Link::One(conn.clone()), settle_until);
     Ok((conn, settle_until))
 }
 
@@ -356,15 +473,8 @@ async fn run_session(
     mut settle_until: Option<Instant>,
     check_role: bool,
 ) -> redis::RedisError {
-    let mut ping = tokio::time::interval(shared.options.ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Counters of watched rooms without events expire after the history TTL: refresh them well
-    // before (see `HEAD_LUA`).
-    let every = (shared.options.history_ttl / 3).clamp(Duration::from_millis(50), Duration::from_secs(60));
-    let mut touch = tokio::time::interval(every);
-    touch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut ping, mut touch) = session_timers(shared);
     loop {
-        let settle_at = settle_until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             _ = shared.topics.changed() => {
                 if let Err(e) = reconcile(shared, &mut conn).await {
@@ -395,14 +505,8 @@ async fn run_session(
                     Err(_) => return redis::RedisError::from((redis::ErrorKind::Io, "PING timed out")),
                 }
             }
-            _ = shared.lost.notified() => {
-                if shared.lost_gen.load(Ordering::SeqCst) == gen {
-                    return redis::RedisError::from((redis::ErrorKind::Io, "connection closed"));
-                }
-            }
-            _ = tokio::time::sleep_until(settle_at), if settle_until.is_some() => {
-                settle_until = None;
-                shared.phase.send_replace(Phase::Up);
+            () = until_lost(shared, gen, &mut settle_until) => {
+                return redis::RedisError::from((redis::ErrorKind::Io, "connection closed"));
             }
         }
     }
@@ -430,11 +534,7 @@ async fn reconcile(shared: &Shared, conn: &mut MultiplexedConnection) -> Result<
     loop {
         let plan = shared.topics.plan();
         if !plan.reseed.is_empty() {
-            let floors: Vec<(ChatId, u64)> = {
-                let known = lock(&shared.floors);
-                plan.reseed.iter().filter_map(|c| known.get(c).map(|f| (*c, *f))).collect()
-            };
-            reseed(shared, conn, &floors).await?;
+            reseed(shared, conn, &floors_of(shared, &plan.reseed)).await?;
         }
         if plan.settled() {
             return Ok(());
