@@ -239,10 +239,13 @@ fn idle_subscribes_each_connection_to_several_rooms() {
 
 #[test]
 fn soak_loses_nothing_for_healthy_clients_and_closes_abusers_with_the_promised_codes() {
-    // Short limits so that every abusive kind is closed, more than once, within 10 s.
+    // Short limits so that every abusive kind is closed, more than once, within 10 s. A history
+    // longer than the run: returning clients must recover whatever a loaded machine delays them by
+    // (the default 100 events is 1.5 s of one of these rooms).
     let node = start_node_with(&[
         ("HERALD_WEBSOCKET__WRITE_WAIT", "2s"),
         ("HERALD_SERVER__HEADER_READ_TIMEOUT", "1s"),
+        ("HERALD_ROOMS__HISTORY_SIZE", "2000"),
     ]);
     let r = loadgen(
         &node,
@@ -334,7 +337,9 @@ fn fanout_with_presence_and_typing_still_counts_every_delivery() {
 
 #[test]
 fn soak_with_presence_and_typing_loses_nothing() {
-    let node = start_node_with(&[("HERALD_PRESENCE__LEAVE_DELAY", "200ms")]);
+    // A history longer than the run, as in the soak above.
+    let node =
+        start_node_with(&[("HERALD_PRESENCE__LEAVE_DELAY", "200ms"), ("HERALD_ROOMS__HISTORY_SIZE", "2000")]);
     let r = loadgen(
         &node,
         &[
