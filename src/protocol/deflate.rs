@@ -53,6 +53,17 @@ const WINDOW: usize = 1 << 15;
 /// connection believe its client's window holds bytes it never received.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// How much larger than a frame its previous frame may be for the frame to
+/// link to it. A link keeps the previous frame's buffer alive as long as
+/// the frame, and history counts only frames it holds: a small frame after
+/// a huge one, kept after history let the huge one go (the oldest frame of
+/// each of many rooms, once the node-wide byte budget shed their
+/// predecessors), held 32 KiB its budget never saw. Bounded by this ratio,
+/// what history holds uncounted is at most four times what it counts; a
+/// frame far smaller than its predecessor goes standalone (a chat event
+/// after a long message of up to four times its size still refers to it).
+const LINK_RATIO: usize = 4;
+
 /// What one connection agreed to; present only when it negotiated
 /// permessage-deflate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,18 +131,19 @@ impl Wire {
     }
 
     /// A room frame published right after `prev` (the room's previous
-    /// frame, `seq` one less).
+    /// frame, `seq` one less). Linked only when `prev` is at most
+    /// [`LINK_RATIO`] times this frame's size: the link shares `prev`'s
+    /// buffer, which history does not count once it has let `prev` go.
     pub fn after(plain: Bytes, prev: &Wire) -> Wire {
+        if prev.0.plain.len() > plain.len().saturating_mul(LINK_RATIO) {
+            return Wire::new(plain);
+        }
         let whole = frame::payload(&prev.0.plain);
-        let tail = match whole.len().checked_sub(WINDOW) {
-            // Shares the previous frame's buffer (held by history anyway).
-            None | Some(0) => prev.0.plain.slice(prev.0.plain.len() - whole.len()..),
-            // A huge previous frame is not kept alive by its successor
-            // after history lets it go: only the 32 KiB that can be
-            // referred to, copied (once per frame, not per recipient).
-            Some(skip) => Bytes::copy_from_slice(&whole[skip..]),
-        };
-        Wire::with_prev(plain, Some(Box::new((prev.0.id, tail))))
+        // Only the last 32 KiB can be referred to; sharing the buffer (held
+        // by history anyway) costs no copy.
+        let tail = whole.len().saturating_sub(WINDOW);
+        let start = prev.0.plain.len() - whole.len() + tail;
+        Wire::with_prev(plain, Some(Box::new((prev.0.id, prev.0.plain.slice(start..)))))
     }
 
     fn with_prev(plain: Bytes, prev: Option<Box<(u64, Bytes)>>) -> Wire {
@@ -494,13 +506,14 @@ mod tests {
     fn the_dictionary_is_the_tail_of_a_huge_previous_frame() {
         let huge: Vec<u8> = (0..100_000u32).flat_map(|i| format!("{i:06},").into_bytes()).collect();
         let first = Wire::new(frame::encode(OpCode::Text, &huge));
-        let tail = huge[huge.len() - 500..].to_vec();
-        let second = Wire::after(frame::encode(OpCode::Text, &tail), &first);
+        // Its last 500 bytes again, then padding enough to be linked.
+        let next: Vec<u8> = [&huge[huge.len() - 500..], &vec![b' '; huge.len() / 4]].concat();
+        let second = Wire::after(frame::encode(OpCode::Text, &next), &first);
         assert_eq!(second.0.prev.as_ref().unwrap().1.len(), WINDOW);
         let ctx = Some(Agreed { server_max_window_bits: 15, context: true });
         let mut inflater = Decompress::new_with_window_bits(false, 15);
         let mut last = 0;
-        for (wire, want) in [(&first, &huge), (&second, &tail)] {
+        for (wire, want) in [(&first, &huge), (&second, &next)] {
             let sent = wire.for_peer(ctx, 0, &mut last, |_, _| {}).clone();
             let mut input = frame::payload(&sent).to_vec();
             input.extend_from_slice(&TAIL);
@@ -508,7 +521,26 @@ mod tests {
             inflater.decompress_vec(&input, &mut out, FlushDecompress::Sync).expect("inflates");
             assert_eq!(&out, want);
         }
-        assert!(frame::payload(second.for_peer(ctx, 0, &mut first.id(), |_, _| {})).len() < 100);
+        let after = frame::payload(second.for_peer(ctx, 0, &mut first.id(), |_, _| {})).len();
+        let alone = frame::payload(&compress_frame(second.plain()).unwrap()).len();
+        assert!(after + 100 < alone, "{after} after the huge frame, {alone} alone");
+    }
+
+    /// Attack review: a link shares its previous frame's buffer (or held a
+    /// copy of its last 32 KiB), which history does not count once it lets
+    /// that frame go. A publisher that sent a huge event then a tiny one to
+    /// each of many rooms, then enough to make the node-wide budget shed
+    /// the huge ones, had the tiny ones keep 32 KiB each alive uncounted
+    /// (hundreds of times `rooms.history_bytes`). A frame links only to a
+    /// predecessor at most [`LINK_RATIO`] times its size.
+    #[test]
+    fn a_small_frame_keeps_no_much_larger_predecessor_alive() {
+        let huge = Wire::new(frame::encode(OpCode::Text, &vec![b'x'; 100_000]));
+        let tiny = Wire::after(frame::encode(OpCode::Text, EVENT.as_bytes()), &huge);
+        assert!(tiny.0.prev.is_none(), "not linked to a predecessor 300 times its size");
+        let long = Wire::new(frame::encode(OpCode::Text, EVENT.repeat(3).as_bytes()));
+        let short = Wire::after(frame::encode(OpCode::Text, EVENT.as_bytes()), &long);
+        assert!(short.0.prev.is_some(), "a chat event after a message three times as long refers to it");
     }
 
     #[test]
