@@ -460,3 +460,37 @@ async fn nodes_ws_keeps_its_window_across_rooms_and_a_recovery() {
     cmd.env("NODE_PATH", modules).arg("-e").arg(NODE_CLIENT);
     a_strict_client_keeps_its_window_across_rooms_and_a_recovery(cmd).await;
 }
+
+/// A client asking for `server_max_window_bits=10` with the context kept
+/// keeps a 1 KiB window across messages: every payload that fits it goes
+/// out compressed, standalone (a frame after its predecessor could refer
+/// further back than 1 KiB, which the RFC forbids, though zlib's inflater
+/// tolerates it while the bytes are still in its buffers), and inflates in
+/// that window.
+#[tokio::test]
+async fn a_client_with_a_small_window_is_never_sent_a_frame_after_its_predecessor() {
+    let gw = support::start(support::config()).await;
+    let chat_id = ChatId::new_v4();
+    let (mut c, answer) = Client::open(gw.addr, "permessage-deflate; server_max_window_bits=10").await;
+    assert_eq!(answer, "permessage-deflate; client_no_context_takeover; server_max_window_bits=10");
+    c.window = Decompress::new_with_window_bits(false, 10);
+    c.subscribe(chat_id, None).await;
+    // Under 1 KiB each; an odd event ends with what its predecessor starts
+    // with, more than 1 KiB back.
+    let event = |i: u64| match i % 2 {
+        0 => json!({"x": hex(i / 2, 384), "y": hex(1_000 + i, 384)}),
+        _ => json!({"y": hex(1_000 + i, 384), "x": hex(i / 2, 384)}),
+    };
+    let n = 30;
+    for i in 0..n {
+        support::publish(&gw, chat_id, 1, &event(i)).await;
+    }
+    let mut compressed = 0;
+    for i in 0..n {
+        let (_, deflated, v) = c.next().await;
+        compressed += u32::from(deflated);
+        assert_eq!(v["data"], event(i), "event {i}");
+    }
+    assert_eq!(compressed, n as u32, "every one fits the window");
+    gw.stop().await;
+}
