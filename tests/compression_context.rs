@@ -2,8 +2,11 @@
 //! takeover, Herald's default) over real sockets: a client that keeps its
 //! inflate window receives every event intact and in order across rooms,
 //! frames that follow their room's previous frame are smaller than alone,
-//! recoveries replay them, and a client that asks for
-//! `server_no_context_takeover` gets frames that each inflate alone.
+//! recoveries replay them, a client that asks for
+//! `server_no_context_takeover` gets frames that each inflate alone, one
+//! with a 1 KiB window gets standalone frames that fit it, and Python's
+//! `websockets` and Node's `ws` (ignored unless installed) keep one window
+//! across a room's live events and another room's recovery.
 
 mod support;
 
