@@ -2,18 +2,24 @@
 //! takeover, Herald's default) over real sockets: a client that keeps its
 //! inflate window receives every event intact and in order across rooms,
 //! frames that follow their room's previous frame are smaller than alone,
-//! recoveries replay them, and a client that asks for
-//! `server_no_context_takeover` gets frames that each inflate alone.
+//! recoveries replay them, a client that asks for
+//! `server_no_context_takeover` gets frames that each inflate alone, one
+//! with a 1 KiB window gets standalone frames that fit it, and Python's
+//! `websockets` and Node's `ws` (ignored unless installed) keep one window
+//! across a room's live events and another room's recovery.
 
 mod support;
 
 use std::net::SocketAddr;
+use std::process::Stdio;
 
 use flate2::{Decompress, FlushDecompress};
 use herald::protocol::{deflate, ChatId, UserId};
 use serde_json::{json, Value};
 use support::RawClient;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::net::TcpStream;
+use tokio::process::ChildStdout;
 
 const RSV1: u8 = 0x40;
 
@@ -297,5 +303,197 @@ async fn a_kept_context_reader_that_stalls_catches_up_in_its_window() {
     }
     assert!(gw.metric("catchups_total").await >= 1.0, "the stalled reader fell behind the ring");
     assert_eq!(gw.metric("slow_consumers_dropped_total").await, 0.0);
+    gw.stop().await;
+}
+
+/// The event `i` of a plan that mixes every shape a kept window meets:
+/// small events that go out plain, chat events, events just under and
+/// over the 32 KiB window, and a large one of which only a part is
+/// repetitive.
+fn mixed(i: u64) -> Value {
+    match i % 6 {
+        0 => json!({"n": i}),
+        1 | 4 => chat(i),
+        2 => json!({"text": format!("{i} ").repeat(32_700 / (2 + i.to_string().len()))}),
+        3 => json!({"blob": hex(i, 70_000)}),
+        _ => json!({"text": chat(i).to_string().repeat(120)}),
+    }
+}
+
+/// Subscribes to room `a`, prints each message on a line; once it has
+/// printed `k` events of `a`, subscribes to room `b` from `since` (a
+/// recovery replayed between `a`'s live events).
+const PYTHON_CLIENT: &str = r#"
+import asyncio, json, sys
+from websockets.asyncio.client import connect
+
+async def main(url, a, b, since, k):
+    async with connect(url, compression="deflate", max_size=None) as ws:
+        print(json.dumps({"extensions": ws.response.headers.get("Sec-WebSocket-Extensions")}), flush=True)
+        await ws.send(json.dumps({"type": "subscribe", "chat_id": a}))
+        seen = 0
+        while True:
+            msg = await ws.recv()
+            print(msg, flush=True)
+            v = json.loads(msg)
+            if v.get("chat_id") == a and "seq" in v and v.get("type") != "subscribed":
+                seen += 1
+                if seen == k:
+                    await ws.send(json.dumps({"type": "subscribe", "chat_id": b, "since": since}))
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])))
+"#;
+
+const NODE_CLIENT: &str = r#"
+const WebSocket = require('ws');
+const [url, a, b, since, k] = process.argv.slice(1);
+const ws = new WebSocket(url, { perMessageDeflate: true, maxPayload: 0 });
+let seen = 0;
+ws.on('open', () => {
+  console.log(JSON.stringify({ extensions: ws.extensions }));
+  ws.send(JSON.stringify({ type: 'subscribe', chat_id: a }));
+});
+ws.on('message', (data) => {
+  const text = data.toString();
+  console.log(text);
+  const v = JSON.parse(text);
+  if (v.chat_id === a && v.seq !== undefined && v.type !== 'subscribed' && ++seen === Number(k)) {
+    ws.send(JSON.stringify({ type: 'subscribe', chat_id: b, since: Number(since) }));
+  }
+});
+ws.on('close', (code) => { console.error('closed', code); process.exit(1); });
+ws.on('error', (e) => { console.error(e); process.exit(1); });
+"#;
+
+async fn next_line(lines: &mut Lines<BufReader<ChildStdout>>) -> Value {
+    let line = tokio::time::timeout(support::PATIENCE, lines.next_line()).await.expect("a line in time");
+    let line = line.expect("read stdout").expect("the client is still running (it closed on a bad frame?)");
+    serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line:.200}"))
+}
+
+/// A strict real client (its zlib checks every distance against the
+/// window it kept) receives a mixed plan in one window: live events of one
+/// room, then a recovery of another replayed from history while the first
+/// goes on live, every shape from plain to over 32 KiB.
+async fn a_strict_client_keeps_its_window_across_rooms_and_a_recovery(mut program: tokio::process::Command) {
+    let gw = support::start(support::config()).await;
+    let (a, b) = (ChatId::new_v4(), ChatId::new_v4());
+    let (mut probe, _) = Client::open(gw.addr, "permessage-deflate").await;
+    let since = probe.subscribe(b, None).await;
+    let k = 12u64;
+    let url = gw.ws_url(&support::token(UserId::new_v4(), &[]));
+    let mut child = program
+        .arg(&url)
+        .arg(a.to_string())
+        .arg(b.to_string())
+        .arg(since.to_string())
+        .arg(k.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the client program");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let hello = next_line(&mut lines).await;
+    let extensions = hello["extensions"].as_str().unwrap_or_default().to_string();
+    assert!(extensions.starts_with("permessage-deflate"), "negotiated: {hello}");
+    assert!(!extensions.contains("server_no_context_takeover"), "context kept: {hello}");
+    assert_eq!(next_line(&mut lines).await["type"], "subscribed");
+    // Room b's events wait in its history; room a's first k go out live.
+    let n = 18u64;
+    for i in 0..n {
+        support::publish(&gw, b, 1, &mixed(i)).await;
+    }
+    for i in 0..k {
+        support::publish(&gw, a, 1, &mixed(i)).await;
+    }
+    let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+    while (got_a.len() as u64) < k {
+        let v = next_line(&mut lines).await;
+        assert_eq!(v["chat_id"], json!(a), "{v:.200}");
+        got_a.push(v["data"].clone());
+    }
+    // The client subscribes to b now: its replay goes out between a's
+    // live events, and b's own live ones follow it.
+    for i in k..2 * k {
+        support::publish(&gw, a, 1, &mixed(i)).await;
+    }
+    for i in n..n + 6 {
+        support::publish(&gw, b, 1, &mixed(i)).await;
+    }
+    let mut recovered = None;
+    while (got_a.len() as u64) < 2 * k || (got_b.len() as u64) < n + 6 {
+        let v = next_line(&mut lines).await;
+        if v["type"] == "subscribed" {
+            recovered = Some(v["recovered"].clone());
+        } else if v["chat_id"] == json!(a) {
+            got_a.push(v["data"].clone());
+        } else {
+            assert_eq!(v["chat_id"], json!(b), "{v:.200}");
+            got_b.push(v["data"].clone());
+        }
+    }
+    assert_eq!(recovered, Some(json!(true)), "b recovered from history");
+    for (i, data) in got_a.iter().enumerate() {
+        assert!(data == &mixed(i as u64), "room a, event {i}");
+    }
+    for (i, data) in got_b.iter().enumerate() {
+        assert!(data == &mixed(i as u64), "room b, event {i}");
+    }
+    assert!(gw.metric("compressed_frames_total").await > 0.0);
+    drop(child);
+    drop(probe);
+    gw.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "needs python3 with websockets (.ci/run installs it)"]
+async fn pythons_websockets_keeps_its_window_across_rooms_and_a_recovery() {
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.arg("-c").arg(PYTHON_CLIENT);
+    a_strict_client_keeps_its_window_across_rooms_and_a_recovery(cmd).await;
+}
+
+#[tokio::test]
+#[ignore = "needs node with npm's ws in target/node-ws (.ci/run installs it)"]
+async fn nodes_ws_keeps_its_window_across_rooms_and_a_recovery() {
+    let modules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/node-ws/node_modules");
+    assert!(modules.join("ws").exists(), "npm install --prefix target/node-ws ws@8 (see .ci/run)");
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.env("NODE_PATH", modules).arg("-e").arg(NODE_CLIENT);
+    a_strict_client_keeps_its_window_across_rooms_and_a_recovery(cmd).await;
+}
+
+/// A client asking for `server_max_window_bits=10` with the context kept
+/// keeps a 1 KiB window across messages: every payload that fits it goes
+/// out compressed, standalone (a frame after its predecessor could refer
+/// further back than 1 KiB, which the RFC forbids, though zlib's inflater
+/// tolerates it while the bytes are still in its buffers), and inflates in
+/// that window.
+#[tokio::test]
+async fn a_client_with_a_small_window_is_never_sent_a_frame_after_its_predecessor() {
+    let gw = support::start(support::config()).await;
+    let chat_id = ChatId::new_v4();
+    let (mut c, answer) = Client::open(gw.addr, "permessage-deflate; server_max_window_bits=10").await;
+    assert_eq!(answer, "permessage-deflate; client_no_context_takeover; server_max_window_bits=10");
+    c.window = Decompress::new_with_window_bits(false, 10);
+    c.subscribe(chat_id, None).await;
+    // Under 1 KiB each; an odd event ends with what its predecessor starts
+    // with, more than 1 KiB back.
+    let event = |i: u64| match i % 2 {
+        0 => json!({"x": hex(i / 2, 384), "y": hex(1_000 + i, 384)}),
+        _ => json!({"y": hex(1_000 + i, 384), "x": hex(i / 2, 384)}),
+    };
+    let n = 30;
+    for i in 0..n {
+        support::publish(&gw, chat_id, 1, &event(i)).await;
+    }
+    let mut compressed = 0;
+    for i in 0..n {
+        let (_, deflated, v) = c.next().await;
+        compressed += u32::from(deflated);
+        assert_eq!(v["data"], event(i), "event {i}");
+    }
+    assert_eq!(compressed, n as u32, "every one fits the window");
     gw.stop().await;
 }
