@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use redis::aio::MultiplexedConnection;
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -26,37 +27,57 @@ pub(super) struct PublishReq {
     pub(super) reply: oneshot::Sender<Result<(), BusError>>,
 }
 
+/// Batches in flight at once. Each waits for its replies (under Cluster, for its slowest shard);
+/// one at a time, every request queued meanwhile waited for a whole round trip before its own
+/// began (a convoy). Order between batches does not matter: a request's events are all in one
+/// batch, concurrent requests have no order between them, and Redis assigns a room's `seq` in
+/// the same atomic step as its (S)PUBLISH, so each channel's order is its `seq` order whichever
+/// batch runs first. Bounds what the task holds to `MAX_IN_FLIGHT × MAX_BATCH_EVENTS` events.
+const MAX_IN_FLIGHT: usize = 4;
+
 /// Serves publish calls until the bus handle is dropped (which aborts this task).
 pub(super) async fn publisher_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<PublishReq>) {
-    while let Some(first) = rx.recv().await {
-        // Everything queued while the previous pipeline was in flight goes out together.
-        let mut n = first.events.len();
-        let mut batch = vec![first];
-        while n < MAX_BATCH_EVENTS {
-            match rx.try_recv() {
-                Ok(req) => {
-                    n += req.events.len();
-                    batch.push(req);
-                }
-                Err(_) => break,
+    let mut in_flight = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            // Answer finished batches first: that frees room for the next one.
+            biased;
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            first = rx.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
+                let Some(first) = first else { break };
+                in_flight.push(run_batch(shared.clone(), gather(first, &mut rx)));
             }
         }
-        let link = match shared.link() {
-            Ok(link) => link,
-            Err(error) => {
-                for req in batch {
-                    let _ = req.reply.send(Err(error.clone()));
-                }
-                continue;
+    }
+    // The handle is gone: answer what is in flight.
+    while in_flight.next().await.is_some() {}
+}
+
+/// `first` and everything queued behind it, up to `MAX_BATCH_EVENTS` events.
+fn gather(first: PublishReq, rx: &mut mpsc::Receiver<PublishReq>) -> Vec<PublishReq> {
+    let mut n = first.events.len();
+    let mut batch = vec![first];
+    while n < MAX_BATCH_EVENTS {
+        match rx.try_recv() {
+            Ok(req) => {
+                n += req.events.len();
+                batch.push(req);
             }
-        };
-        let results = match link {
-            Link::One(mut conn) => publish_batch(&shared, &mut conn, &batch).await,
-            Link::Cluster(shards) => super::cluster_publish::publish_batch(&shared, &shards, &batch).await,
-        };
-        for (req, result) in batch.into_iter().zip(results) {
-            let _ = req.reply.send(result);
+            Err(_) => break,
         }
+    }
+    batch
+}
+
+/// Publishes one batch and answers each of its requests.
+async fn run_batch(shared: Arc<Shared>, batch: Vec<PublishReq>) {
+    let results = match shared.link() {
+        Ok(Link::One(mut conn)) => publish_batch(&shared, &mut conn, &batch).await,
+        Ok(Link::Cluster(shards)) => super::cluster_publish::publish_batch(&shared, &shards, &batch).await,
+        Err(error) => batch.iter().map(|_| Err(error.clone())).collect(),
+    };
+    for (req, result) in batch.into_iter().zip(results) {
+        let _ = req.reply.send(result);
     }
 }
 
