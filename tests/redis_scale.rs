@@ -82,6 +82,9 @@ async fn publish_three_the_replica_loses(
     replica: &scale::Proc,
     primary_client: &redis::Client,
 ) {
+    // The replica has event 1 first (the lost ones are exactly the next three).
+    let acked: i64 = query(primary_client, &["WAIT", "1", "5000"]).await;
+    assert_eq!(acked, 1, "the replica never acknowledged event 1");
     replica.signal("STOP");
     let _: () = query(primary_client, &["CLIENT", "KILL", "TYPE", "replica"]).await;
     for n in 2..=4 {
