@@ -367,10 +367,7 @@ ws.on('error', (e) => { console.error(e); process.exit(1); });
 #[tokio::test]
 #[ignore = "needs node with npm's ws in target/node-ws (.ci/run installs it)"]
 async fn nodes_ws_client_receives_every_event_decompressed_and_in_order() {
-    let modules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/node-ws/node_modules");
-    assert!(modules.join("ws").exists(), "npm install --prefix target/node-ws ws@8 (see .ci/run)");
-    let mut cmd = tokio::process::Command::new("node");
-    cmd.env("NODE_PATH", modules).arg("-e").arg(NODE_CLIENT);
+    let cmd = support::node_ws(NODE_CLIENT);
     a_real_client_receives_every_event(cmd).await;
 }
 

@@ -457,10 +457,7 @@ async fn pythons_websockets_keeps_its_window_across_rooms_and_a_recovery() {
 #[tokio::test]
 #[ignore = "needs node with npm's ws in target/node-ws (.ci/run installs it)"]
 async fn nodes_ws_keeps_its_window_across_rooms_and_a_recovery() {
-    let modules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/node-ws/node_modules");
-    assert!(modules.join("ws").exists(), "npm install --prefix target/node-ws ws@8 (see .ci/run)");
-    let mut cmd = tokio::process::Command::new("node");
-    cmd.env("NODE_PATH", modules).arg("-e").arg(NODE_CLIENT);
+    let cmd = support::node_ws(NODE_CLIENT);
     a_strict_client_keeps_its_window_across_rooms_and_a_recovery(cmd).await;
 }
 

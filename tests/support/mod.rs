@@ -614,3 +614,13 @@ pub async fn wait_healthy(child: &mut Child, addr: SocketAddr) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `node -e script` with npm's `ws` on its module path (`.ci/run` installs it into
+/// `target/node-ws`); the real Node client the compression tests run.
+pub fn node_ws(script: &str) -> tokio::process::Command {
+    let modules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/node-ws/node_modules");
+    assert!(modules.join("ws").exists(), "npm install --prefix target/node-ws ws@8 (see .ci/run)");
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.env("NODE_PATH", modules).arg("-e").arg(script);
+    cmd
+}
