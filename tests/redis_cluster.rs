@@ -937,4 +937,15 @@ async fn two_nodes_on_a_tls_cluster_as_an_acl_user_deliver_every_event_once_in_o
     let err = startup_error(tls_cluster_config(wrong, Some(&ca))).await;
     assert!(err.contains("bus.redis_cluster_urls") && err.contains("password"), "{err}");
     assert!(!err.contains("not-the-password-at-all"), "{err}");
+
+    // Plain `redis://` seeds on the TLS-only ports: each reset is an outage to the node (it
+    // starts degraded and keeps trying, as for any unreachable seed), and `--connect` says why.
+    let plain: Vec<String> = urls.iter().map(|u| u.replace("rediss://", "redis://")).collect();
+    let err = check_config::connect(&tls_cluster_config(plain.clone(), None)).await.map(|_| ()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("FAILED bus.redis_cluster_urls") && text.contains("use rediss://"), "{text}");
+    assert!(!text.contains(scale::PASSWORD), "{text}");
+    let c = support::start(tls_cluster_config(plain, None)).await;
+    assert_eq!(c.get("/readyz").await.0, 503);
+    assert_eq!(c.metric("bus_up").await, 0.0);
 }
