@@ -53,3 +53,17 @@ pub(crate) fn fault(e: &redis::RedisError) -> Fault {
         Fault::Unreachable
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reset_is_told_from_a_refusal() {
+        let io = |kind| redis::RedisError::from(std::io::Error::from(kind));
+        assert!(reset(&io(std::io::ErrorKind::ConnectionReset)));
+        assert!(reset(&io(std::io::ErrorKind::UnexpectedEof)));
+        assert!(!reset(&io(std::io::ErrorKind::ConnectionRefused)));
+        assert!(matches!(fault(&io(std::io::ErrorKind::ConnectionReset)), Fault::Unreachable));
+    }
+}
