@@ -850,3 +850,102 @@ async fn a_room_event_for_users_reaches_each_socket_once_per_frame_across_shards
     assert_eq!((room_frames, alice_own), (1, 1), "{alice_got:?}");
     assert_eq!(of(&bob_got, json!({"n":1})), 1, "{bob_got:?}");
 }
+
+/// The cluster config with `redis_tls_ca_file` set to `ca`.
+fn tls_cluster_config(urls: Vec<String>, ca: Option<&std::path::Path>) -> Config {
+    let mut config = cluster_config(urls);
+    config.bus.redis_tls_ca_file = ca.map(std::path::Path::to_path_buf);
+    config
+}
+
+/// The message `Server::bind` stops with.
+async fn startup_error(config: Config) -> String {
+    config.validate().expect("valid config");
+    match tokio::time::timeout(PATIENCE, herald::server::Server::bind(config)).await.expect("in time") {
+        Ok(_) => panic!("the node started"),
+        Err(e) => e.to_string(),
+    }
+}
+
+// Three primaries without replicas keep this test short: the TLS and ACL path is the same for
+// every primary, and failover is covered on the plain cluster above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server"]
+async fn two_nodes_on_a_tls_cluster_as_an_acl_user_deliver_every_event_once_in_order() {
+    let cluster = Cluster::start_tls(0).await;
+    let (ca, other_ca) = cluster.tls.clone().expect("a TLS cluster");
+    let port = cluster.primary_of("herald:{herald}:boot").await;
+    let _: () = query(&cluster.node(port), &["SET", "herald:{herald}:boot", "0"]).await;
+    let urls = cluster.urls();
+    let config = tls_cluster_config(urls.clone(), Some(&ca));
+
+    // Every seed and every primary `CLUSTER SLOTS` names (its TLS port) answers over TLS.
+    let reached = check_config::connect(&config).await.expect("reaches every server");
+    assert_eq!(reached.lines().filter(|l| l.starts_with("ok")).count(), 3 + 1 + 3, "{reached}");
+    assert!(!reached.contains(scale::PASSWORD), "{reached}");
+    for node in &cluster.nodes {
+        assert!(
+            reached.contains(&format!("primary rediss://herald:***@127.0.0.1:{}", node.port)),
+            "{reached}"
+        );
+    }
+
+    let (a, b) = (support::start(config.clone()).await, support::start(config.clone()).await);
+    all_ready(&[&a, &b]).await;
+    let rooms = rooms_on_every_shard(&cluster, 2).await;
+    let ids: Vec<uuid::Uuid> = rooms.iter().map(|(r, _)| *r).collect();
+    let mut clients = Vec::new();
+    for gw in [&a, &b] {
+        let mut client = gw.connect(user(), &[]).await;
+        for room in &ids {
+            client.subscribe(*room).await;
+        }
+        clients.push(client);
+    }
+    for (room, owner) in &rooms {
+        let channel = herald::bus::redis::channel(herald::bus::Topic::Room(*room));
+        let reply: Vec<redis::Value> =
+            query(&cluster.node(*owner), &["PUBSUB", "SHARDNUMSUB", &channel]).await;
+        assert_eq!(reply.get(1), Some(&redis::Value::Int(2)), "room {room} on its primary {owner}");
+    }
+    // Publishers on both nodes, alternating.
+    let per_room = 6;
+    for n in 1..=per_room as u64 {
+        for (i, room) in ids.iter().enumerate() {
+            let gw = [&a, &b][(i + n as usize) % 2];
+            let (status, reply) = gw.publish(&message_sent(*room, &json!({ "n": n }))).await;
+            assert_eq!(status, 202, "{reply}");
+        }
+    }
+    for client in &mut clients {
+        receive_all(client, &ids, per_room).await;
+    }
+    for gw in [&a, &b] {
+        assert_eq!(gw.metric("bus_up").await, 1.0);
+        let (_, metrics) = gw.get("/metrics").await;
+        assert!(!metrics.contains(scale::PASSWORD), "password in the metrics");
+    }
+
+    // An untrusted certificate, a wrong password: startup stops naming the key, never the password.
+    let err = startup_error(tls_cluster_config(urls.clone(), Some(&other_ca))).await;
+    assert!(err.contains("bus.redis_tls_ca_file") && err.contains("not trusted"), "{err}");
+    assert!(!err.contains(scale::PASSWORD), "{err}");
+    let err = startup_error(tls_cluster_config(urls.clone(), None)).await;
+    assert!(err.contains("bus.redis_cluster_urls") && err.contains("not trusted"), "{err}");
+    let wrong: Vec<String> =
+        urls.iter().map(|u| u.replace(scale::PASSWORD, "not-the-password-at-all")).collect();
+    let err = startup_error(tls_cluster_config(wrong, Some(&ca))).await;
+    assert!(err.contains("bus.redis_cluster_urls") && err.contains("password"), "{err}");
+    assert!(!err.contains("not-the-password-at-all"), "{err}");
+
+    // Plain `redis://` seeds on the TLS-only ports: each reset is an outage to the node (it
+    // starts degraded and keeps trying, as for any unreachable seed), and `--connect` says why.
+    let plain: Vec<String> = urls.iter().map(|u| u.replace("rediss://", "redis://")).collect();
+    let err = check_config::connect(&tls_cluster_config(plain.clone(), None)).await.map(|_| ()).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("FAILED bus.redis_cluster_urls") && text.contains("use rediss://"), "{text}");
+    assert!(!text.contains(scale::PASSWORD), "{text}");
+    let c = support::start(tls_cluster_config(plain, None)).await;
+    assert_eq!(c.get("/readyz").await.0, 503);
+    assert_eq!(c.metric("bus_up").await, 0.0);
+}

@@ -1,20 +1,26 @@
 //! A local Redis Cluster for the tests: `redis-server --cluster-enabled yes` processes on free
 //! loopback ports (each also listens on port + 10000, the cluster bus), joined with
 //! `redis-cli --cluster create`, three primaries with or without a replica each. Every process is
-//! a child of the test with its files in a temporary directory; all are killed on drop.
+//! a child of the test with its files in a temporary directory; all are killed on drop. A TLS
+//! cluster ([`Cluster::start_tls`]) listens on TLS ports only (clients, replication and the
+//! cluster bus) with the default user off and one ACL user.
 #![allow(dead_code, unreachable_pub)]
 
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use tokio::time::{sleep, Instant};
 
-use crate::scale::{query, Proc, TempDir};
+use crate::scale::{make_ca, query, Proc, TempDir, PASSWORD, USER};
 
 /// Nodes of the cluster; the first three start as primaries.
 pub struct Cluster {
     pub nodes: Vec<Proc>,
+    /// Under TLS: the CA that signed every node's certificate (IP 127.0.0.1), and another that
+    /// did not.
+    pub tls: Option<(PathBuf, PathBuf)>,
     _dir: TempDir,
 }
 
@@ -40,38 +46,98 @@ impl Cluster {
     /// Three primaries, each with `replicas` replicas (0 or 1), ready: every slot served, every
     /// replica linked.
     pub async fn start(replicas: usize) -> Cluster {
+        Cluster::start_with(replicas, false).await
+    }
+
+    /// As [`Cluster::start`], on TLS ports only (`tls-cluster` and `tls-replication` too, so
+    /// `CLUSTER SLOTS` announces the TLS ports), as the ACL user [`USER`] with the default user
+    /// off; replicas authenticate with `masteruser`/`masterauth`.
+    pub async fn start_tls(replicas: usize) -> Cluster {
+        Cluster::start_with(replicas, true).await
+    }
+
+    async fn start_with(replicas: usize, tls: bool) -> Cluster {
         let dir = TempDir::new("cluster");
+        let tls = tls.then(|| (make_ca(&dir.0, "herald", true), make_ca(&dir.0, "other", false)));
         let mut nodes = Vec::new();
         for _ in 0..3 * (1 + replicas) {
             let port = cluster_port();
-            let args: Vec<String> = [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                &dir.path(&format!("nodes-{port}.conf")).display().to_string(),
-                "--cluster-node-timeout",
-                "1500",
-                "--dir",
-                &dir.0.display().to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+            let path = |name: &str| dir.path(name).display().to_string();
+            let listen: Vec<String> = match &tls {
+                None => vec!["--port".into(), port.to_string()],
+                Some((ca, _)) => [
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port.to_string(),
+                    "--tls-cert-file",
+                    &path("server.pem"),
+                    "--tls-key-file",
+                    &path("server.key"),
+                    "--tls-ca-cert-file",
+                    &ca.display().to_string(),
+                    "--tls-auth-clients",
+                    "no",
+                    "--tls-cluster",
+                    "yes",
+                    "--tls-replication",
+                    "yes",
+                    "--user",
+                    "default",
+                    "off",
+                    "--user",
+                    USER,
+                    "on",
+                    &format!(">{PASSWORD}"),
+                    "~*",
+                    "&*",
+                    "+@all",
+                    "--masteruser",
+                    USER,
+                    "--masterauth",
+                    PASSWORD,
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            };
+            let mut args: Vec<String> = listen;
+            args.extend(
+                [
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &dir.path(&format!("nodes-{port}.conf")).display().to_string(),
+                    "--cluster-node-timeout",
+                    "1500",
+                    "--dir",
+                    &dir.0.display().to_string(),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ]
+                .iter()
+                .map(|s| s.to_string()),
+            );
             nodes.push(Proc::redis(port, &args));
         }
-        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        let mut args: Vec<String> = match &tls {
+            None => Vec::new(),
+            Some((ca, _)) => {
+                ["--tls", "--cacert", &ca.display().to_string(), "--user", USER, "--pass", PASSWORD]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect()
+            }
+        };
+        args.extend(["--cluster".into(), "create".into()]);
         args.extend(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
         args.extend(["--cluster-replicas".into(), replicas.to_string(), "--cluster-yes".into()]);
         redis_cli(&args);
-        let cluster = Cluster { nodes, _dir: dir };
+        let cluster = Cluster { nodes, tls, _dir: dir };
         cluster.wait_ok().await;
         cluster
     }
@@ -81,9 +147,26 @@ impl Cluster {
         redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("client")
     }
 
-    /// The seed URLs of every node.
+    /// A client for node `port` of this cluster: under TLS, trusting its CA, as the ACL user.
+    pub fn node(&self, port: u16) -> redis::Client {
+        let Some((ca, _)) = &self.tls else { return Cluster::client(port) };
+        let certs = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(std::fs::read(ca).expect("read the CA")),
+        };
+        redis::Client::build_with_tls(format!("rediss://{USER}:{PASSWORD}@127.0.0.1:{port}"), certs)
+            .expect("a TLS client")
+    }
+
+    /// The seed URLs of every node (under TLS: `rediss://` as the ACL user).
     pub fn urls(&self) -> Vec<String> {
-        self.nodes.iter().map(|n| format!("redis://127.0.0.1:{}", n.port)).collect()
+        self.nodes
+            .iter()
+            .map(|n| match self.tls {
+                None => format!("redis://127.0.0.1:{}", n.port),
+                Some(_) => format!("rediss://{USER}:{PASSWORD}@127.0.0.1:{}", n.port),
+            })
+            .collect()
     }
 
     /// Waits until every live node says `cluster_state:ok` and agrees on the slot map's
@@ -93,9 +176,9 @@ impl Cluster {
         loop {
             let mut ok = true;
             for node in self.nodes.iter().filter(|n| n.alive()) {
-                let info: String = query(&Cluster::client(node.port), &["CLUSTER", "INFO"]).await;
+                let info: String = query(&self.node(node.port), &["CLUSTER", "INFO"]).await;
                 ok &= info.contains("cluster_state:ok");
-                let repl: String = query(&Cluster::client(node.port), &["INFO", "replication"]).await;
+                let repl: String = query(&self.node(node.port), &["INFO", "replication"]).await;
                 ok &= !repl.contains("role:slave") || repl.contains("master_link_status:up");
             }
             if ok {
@@ -109,14 +192,14 @@ impl Cluster {
     /// The port of the primary serving `key`'s slot (asked of a live node).
     pub async fn primary_of(&self, key: &str) -> u16 {
         let node = self.nodes.iter().find(|n| n.alive()).expect("a live node");
-        let slot: i64 = query(&Cluster::client(node.port), &["CLUSTER", "KEYSLOT", key]).await;
+        let slot: i64 = query(&self.node(node.port), &["CLUSTER", "KEYSLOT", key]).await;
         self.owner_of_slot(slot).await
     }
 
     /// The port of the primary serving `slot`.
     pub async fn owner_of_slot(&self, slot: i64) -> u16 {
         let node = self.nodes.iter().find(|n| n.alive()).expect("a live node");
-        let slots: redis::Value = query(&Cluster::client(node.port), &["CLUSTER", "SLOTS"]).await;
+        let slots: redis::Value = query(&self.node(node.port), &["CLUSTER", "SLOTS"]).await;
         let redis::Value::Array(ranges) = slots else { panic!("CLUSTER SLOTS: {slots:?}") };
         for range in ranges {
             let redis::Value::Array(parts) = range else { continue };

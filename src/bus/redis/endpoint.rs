@@ -19,7 +19,10 @@ use rustls::pki_types::CertificateDer;
 use crate::bus::BusError;
 
 mod cluster;
+mod fault;
 use crate::config::{mask_url_password, BusConfig, BusKind};
+pub(crate) use fault::fault;
+use fault::reset;
 
 /// How one connect failed, as far as the operator is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -356,6 +359,11 @@ impl Endpoint {
                 key,
                 format!("the server's certificate is not trusted by the system roots (set bus.redis_tls_ca_file): {e}"),
             ),
+            // A TLS-only port resets a plain client during its first command: say so, since
+            // "connection reset" alone points at the network.
+            Fault::Unreachable if !shown.contains("rediss://") && reset(e) => {
+                (key, format!("{e} (a server that accepts only TLS resets plain connections: use rediss://)"))
+            }
             Fault::Unreachable | Fault::NoSuchMaster | Fault::NotSentinel | Fault::NotCluster => {
                 (key, e.to_string())
             }
@@ -508,39 +516,6 @@ fn master_url(sentinel_url: &str, host: &str, port: u16) -> String {
     let user = authority.rfind('@').map_or("", |at| &authority[..=at]);
     let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
     format!("{scheme}://{user}{host}:{port}")
-}
-
-/// What a connect or command error means: the one place that reads TLS and ACL failures out of
-/// the redis crate's errors.
-pub(crate) fn fault(e: &redis::RedisError) -> Fault {
-    if e.kind() == redis::ErrorKind::AuthenticationFailed
-        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
-    {
-        return Fault::Auth;
-    }
-    // TLS failures arrive as an io::Error wrapping rustls's error.
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if let Some(tls) = io.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
-                return match tls {
-                    rustls::Error::InvalidCertificate(_)
-                    | rustls::Error::NoCertificatesPresented
-                    | rustls::Error::AlertReceived(_) => Fault::Certificate,
-                    _ => Fault::Unreachable,
-                };
-            }
-        }
-        source = err.source();
-    }
-    let text = e.to_string();
-    if text.contains("WRONGPASS") || text.contains("NOAUTH") {
-        Fault::Auth
-    } else if text.contains("certificate") {
-        Fault::Certificate
-    } else {
-        Fault::Unreachable
-    }
 }
 
 #[cfg(test)]
