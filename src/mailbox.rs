@@ -54,7 +54,7 @@ pub struct Mailbox {
     /// The connection task's waker. Polling registers it in place, so the
     /// task keeps no wait future for its mailbox.
     waker: AtomicWaker,
-    capacity: usize,
+    capacity: u32,
     /// The id of the last room frame queued compressed to the socket (0:
     /// none): its payload ends the client's inflate window, so the room's
     /// next frame may go out compressed after it (`Wire::for_peer`). Only
@@ -66,21 +66,45 @@ pub struct Mailbox {
 /// Frame bytes a mailbox holds at most (besides its count bound).
 const MAILBOX_BYTES: usize = 1 << 20;
 
+/// Boxed and made only while something is queued: every connection has a
+/// mailbox and most are empty most of the time, so an empty one costs a
+/// pointer, not a queue's header (with the rest, the `Arc` stays in the
+/// 80-byte class; a unit test keeps it there).
 #[derive(Default)]
 struct Inbox {
-    msgs: VecDeque<UserMsg>,
-    bytes: usize,
+    // The extra allocation is the point: it exists only while messages wait.
+    #[allow(clippy::box_collection)]
+    msgs: Option<Box<VecDeque<UserMsg>>>,
+    /// At most [`MAILBOX_BYTES`].
+    bytes: u32,
 }
 
 impl Inbox {
+    fn len(&self) -> usize {
+        self.msgs.as_ref().map_or(0, |m| m.len())
+    }
+
+    /// Whether one more message of `len` bytes stays within both bounds.
+    fn fits(&self, len: usize, capacity: u32) -> bool {
+        self.len() < capacity as usize && self.bytes as usize + len <= MAILBOX_BYTES
+    }
+
+    /// Queues `msg` of `len` bytes (checked by [`Inbox::fits`]).
+    fn push(&mut self, msg: UserMsg, len: usize) {
+        // At most MAILBOX_BYTES after the check: fits in u32.
+        self.bytes += len as u32;
+        self.msgs.get_or_insert_default().push_back(msg);
+    }
+
     /// Drops the oldest ephemeral message (presence, typing) to make room;
     /// false when there is none.
     fn evict_ephemeral(&mut self) -> bool {
-        let Some(i) = self.msgs.iter().position(|m| matches!(m, UserMsg::Ephemeral { .. })) else {
+        let Some(msgs) = self.msgs.as_mut() else { return false };
+        let Some(i) = msgs.iter().position(|m| matches!(m, UserMsg::Ephemeral { .. })) else {
             return false;
         };
-        if let Some(UserMsg::Ephemeral { frame, .. }) = self.msgs.remove(i) {
-            self.bytes -= frame.len();
+        if let Some(UserMsg::Ephemeral { frame, .. }) = msgs.remove(i) {
+            self.bytes -= frame.len() as u32;
         }
         true
     }
@@ -105,7 +129,7 @@ impl Mailbox {
             shutdown: AtomicBool::new(false),
             alarm: AtomicBool::new(false),
             waker: AtomicWaker::new(),
-            capacity: capacity.max(1),
+            capacity: u32::try_from(capacity).unwrap_or(u32::MAX).max(1),
             deflated_last: AtomicU64::new(0),
         }
     }
@@ -129,12 +153,11 @@ impl Mailbox {
             };
             let mut q = lock(&self.queue);
             // Presence and typing frames give way: they never make a connection a slow consumer.
-            while (q.msgs.len() >= self.capacity || q.bytes + len > MAILBOX_BYTES) && q.evict_ephemeral() {}
-            if q.msgs.len() >= self.capacity || q.bytes + len > MAILBOX_BYTES {
-                self.overflowed.store(true, Ordering::Relaxed);
+            while !q.fits(len, self.capacity) && q.evict_ephemeral() {}
+            if q.fits(len, self.capacity) {
+                q.push(msg, len);
             } else {
-                q.bytes += len;
-                q.msgs.push_back(msg);
+                self.overflowed.store(true, Ordering::Relaxed);
             }
         }
         self.signal();
@@ -150,11 +173,10 @@ impl Mailbox {
                 _ => 0,
             };
             let mut q = lock(&self.queue);
-            if q.msgs.len() >= self.capacity || q.bytes + len > MAILBOX_BYTES {
+            if !q.fits(len, self.capacity) {
                 return false;
             }
-            q.bytes += len;
-            q.msgs.push_back(msg);
+            q.push(msg, len);
         }
         self.signal();
         true
@@ -221,12 +243,11 @@ impl Mailbox {
             return Drained::Overflowed;
         }
         let mut q = lock(&self.queue);
-        out.extend(q.msgs.drain(..));
-        q.bytes = 0;
-        if q.msgs.capacity() > 0 {
-            // Idle connections keep no queue buffer.
-            q.msgs = VecDeque::new();
+        // Idle connections keep no queue.
+        if let Some(msgs) = q.msgs.take() {
+            out.extend(*msgs);
         }
+        q.bytes = 0;
         Drained::Messages
     }
 }
@@ -234,6 +255,13 @@ impl Mailbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every connection holds one: with its `Arc`'s counts it stays in
+    /// the allocator's 80-byte class (an empty queue is a pointer).
+    #[test]
+    fn a_mailbox_stays_small() {
+        assert!(std::mem::size_of::<Mailbox>() + 16 <= 80, "{}", std::mem::size_of::<Mailbox>());
+    }
 
     #[test]
     fn presence_frames_give_way_and_never_overflow_a_mailbox() {
