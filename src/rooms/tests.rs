@@ -1,5 +1,6 @@
 //! The room registry's unit tests: joining, publishing (with and without
-//! a ring), history bounds and reads, revocations, races of join and leave.
+//! a ring), history bounds and reads, revocations, races of join and leave
+//! (the parent declares this module under `#[cfg(test)]`).
 
 use super::room::SMALL_ROOM;
 use super::*;

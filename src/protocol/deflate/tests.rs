@@ -1,4 +1,5 @@
-//! Unit tests of the twins, the kept-window chain and bounded inflation.
+//! Unit tests of the twins, the kept-window chain and bounded inflation
+//! (the parent declares this module under `#[cfg(test)]`).
 
 use super::*;
 use crate::protocol::frame::OpCode;
