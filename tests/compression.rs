@@ -9,15 +9,13 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 
 use herald::protocol::deflate;
 use herald::protocol::{ChatId, UserId};
 use serde_json::{json, Value};
-use support::{RawClient, PATIENCE};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use support::{next_line, RawClient};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::process::ChildStdout;
 
 const RSV1: u8 = 0x40;
 
@@ -290,19 +288,7 @@ async fn a_real_client_receives_every_event(mut program: tokio::process::Command
     let gw = support::start(support::config()).await;
     let chat = ChatId::new_v4();
     let url = gw.ws_url(&support::token(UserId::new_v4(), &[]));
-    let mut child = program
-        .arg(&url)
-        .arg(chat.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the client program");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let hello = next_line(&mut lines).await;
-    let extensions = hello["extensions"].as_str().unwrap_or_default().to_string();
-    assert!(extensions.starts_with("permessage-deflate"), "negotiated: {hello}");
-    assert!(!extensions.contains("server_no_context_takeover"), "context kept: {hello}");
+    let (child, mut lines) = support::spawn_deflating_client(&mut program, &[url, chat.to_string()]).await;
     let subscribed = next_line(&mut lines).await;
     assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
     let head = subscribed["seq"].as_u64().expect("seq");
@@ -320,12 +306,6 @@ async fn a_real_client_receives_every_event(mut program: tokio::process::Command
     assert_eq!(gw.metric("compressed_frames_total").await, (n - n / 4) as f64);
     drop(child);
     gw.stop().await;
-}
-
-async fn next_line(lines: &mut Lines<BufReader<ChildStdout>>) -> Value {
-    let line = tokio::time::timeout(PATIENCE, lines.next_line()).await.expect("a line in time");
-    let line = line.expect("read stdout").expect("the client is still running");
-    serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"))
 }
 
 const PYTHON_CLIENT: &str = r#"

@@ -11,15 +11,12 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 
 use flate2::{Decompress, FlushDecompress};
 use herald::protocol::{deflate, ChatId, UserId};
 use serde_json::{json, Value};
-use support::RawClient;
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use support::{next_line, RawClient};
 use tokio::net::TcpStream;
-use tokio::process::ChildStdout;
 
 const RSV1: u8 = 0x40;
 
@@ -365,12 +362,6 @@ ws.on('close', (code) => { console.error('closed', code); process.exit(1); });
 ws.on('error', (e) => { console.error(e); process.exit(1); });
 "#;
 
-async fn next_line(lines: &mut Lines<BufReader<ChildStdout>>) -> Value {
-    let line = tokio::time::timeout(support::PATIENCE, lines.next_line()).await.expect("a line in time");
-    let line = line.expect("read stdout").expect("the client is still running (it closed on a bad frame?)");
-    serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line:.200}"))
-}
-
 /// A strict real client (its zlib checks every distance against the
 /// window it kept) receives a mixed plan in one window: live events of one
 /// room, then a recovery of another replayed from history while the first
@@ -382,22 +373,8 @@ async fn a_strict_client_keeps_its_window_across_rooms_and_a_recovery(mut progra
     let since = probe.subscribe(b, None).await;
     let k = 12u64;
     let url = gw.ws_url(&support::token(UserId::new_v4(), &[]));
-    let mut child = program
-        .arg(&url)
-        .arg(a.to_string())
-        .arg(b.to_string())
-        .arg(since.to_string())
-        .arg(k.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the client program");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let hello = next_line(&mut lines).await;
-    let extensions = hello["extensions"].as_str().unwrap_or_default().to_string();
-    assert!(extensions.starts_with("permessage-deflate"), "negotiated: {hello}");
-    assert!(!extensions.contains("server_no_context_takeover"), "context kept: {hello}");
+    let args = [url, a.to_string(), b.to_string(), since.to_string(), k.to_string()];
+    let (child, mut lines) = support::spawn_deflating_client(&mut program, &args).await;
     assert_eq!(next_line(&mut lines).await["type"], "subscribed");
     // Room b's events wait in its history; room a's first k go out live.
     let n = 18u64;

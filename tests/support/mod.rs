@@ -624,3 +624,36 @@ pub fn node_ws(script: &str) -> tokio::process::Command {
     cmd.env("NODE_PATH", modules).arg("-e").arg(script);
     cmd
 }
+
+/// A client program's stdout, one JSON value per line.
+pub type ClientLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>;
+
+/// Starts a real client program (`node -e`, `python3 -c`) with `args`. It prints the negotiated
+/// extensions first, which must be permessage-deflate with the server's context kept, then one
+/// line per message it receives.
+pub async fn spawn_deflating_client(
+    program: &mut tokio::process::Command,
+    args: &[String],
+) -> (tokio::process::Child, ClientLines) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = program
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the client program");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let hello = next_line(&mut lines).await;
+    let extensions = hello["extensions"].as_str().unwrap_or_default().to_string();
+    assert!(extensions.starts_with("permessage-deflate"), "negotiated: {hello}");
+    assert!(!extensions.contains("server_no_context_takeover"), "context kept: {hello}");
+    (child, lines)
+}
+
+/// The client program's next line, within [`PATIENCE`].
+pub async fn next_line(lines: &mut ClientLines) -> Value {
+    let line = tokio::time::timeout(PATIENCE, lines.next_line()).await.expect("a line in time");
+    let line = line.expect("read stdout").expect("the client is still running (it closed on a bad frame?)");
+    serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line:.200}"))
+}

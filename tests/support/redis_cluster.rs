@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::time::{sleep, Instant};
 
-use crate::scale::{make_ca, query, Proc, TempDir, PASSWORD, USER};
+use crate::scale::{acl_user_args, make_ca, query, Proc, TempDir, PASSWORD, USER};
 
 /// Nodes of the cluster; the first three start as primaries.
 pub struct Cluster {
@@ -82,16 +82,6 @@ impl Cluster {
                     "yes",
                     "--tls-replication",
                     "yes",
-                    "--user",
-                    "default",
-                    "off",
-                    "--user",
-                    USER,
-                    "on",
-                    &format!(">{PASSWORD}"),
-                    "~*",
-                    "&*",
-                    "+@all",
                     "--masteruser",
                     USER,
                     "--masterauth",
@@ -99,6 +89,7 @@ impl Cluster {
                 ]
                 .iter()
                 .map(|s| s.to_string())
+                .chain(acl_user_args())
                 .collect(),
             };
             let mut args: Vec<String> = listen;

@@ -173,6 +173,14 @@ pub struct TlsRedis {
     pub dir: TempDir,
 }
 
+/// `redis-server` arguments: the default user off, [`USER`] with [`PASSWORD`] allowed everything.
+pub fn acl_user_args() -> Vec<String> {
+    let password = format!(">{PASSWORD}");
+    ["--user", "default", "off", "--user", USER, "on", &password, "~*", "&*", "+@all"]
+        .map(String::from)
+        .to_vec()
+}
+
 impl TlsRedis {
     pub fn start() -> TlsRedis {
         let dir = TempDir::new("tls-redis");
@@ -201,19 +209,10 @@ impl TlsRedis {
             "no",
             "--dir",
             &dir.0.to_string_lossy(),
-            "--user",
-            "default",
-            "off",
-            "--user",
-            USER,
-            "on",
-            &format!(">{PASSWORD}"),
-            "~*",
-            "&*",
-            "+@all",
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(acl_user_args())
         .collect();
         let server = Proc::redis(port, &args);
         TlsRedis { server, ca, other_ca, dir }
