@@ -12,31 +12,19 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use cluster::Cluster;
+use cluster::{
+    all_ready, cluster_config, every_event_or_told, publish_killing, three_nodes, tls_cluster_config,
+    watching, Cluster,
+};
 use futures_util::StreamExt;
 use herald::cmd::check_config;
-use herald::config::{BusConfig, BusKind, Config};
+use herald::config::Config;
 use scale::query;
 use serde_json::{json, Value};
-use support::redis::{assert_fixed_503, follow, publish_through, Seen};
+use support::redis::{assert_fixed_503, publish_through};
 use support::{chat, message_sent, user, Client, Gateway, PATIENCE};
 use tokio::time::{sleep, Instant};
 use tokio_tungstenite::tungstenite::Message;
-
-/// The test config on the cluster behind `urls` (presence off: every `SPUBLISH` counted below
-/// is a room event).
-fn cluster_config(urls: Vec<String>) -> Config {
-    let mut config = support::config();
-    config.bus = BusConfig { kind: BusKind::RedisCluster, redis_cluster_urls: urls, ..BusConfig::default() };
-    config.presence.enabled = false;
-    config
-}
-
-/// A fresh cluster makes nodes wait out the settle window; marked, it counts as long settled.
-async fn mark_settled(cluster: &Cluster) {
-    let port = cluster.primary_of("herald:{herald}:boot").await;
-    let _: () = query(&Cluster::client(port), &["SET", "herald:{herald}:boot", "0"]).await;
-}
 
 /// Calls of `command` (lower case) a primary has run (direct or from scripts).
 async fn calls(port: u16, command: &str) -> u64 {
@@ -83,55 +71,8 @@ async fn rooms_on_every_shard(cluster: &Cluster, per_shard: usize) -> Vec<(uuid:
 /// A cluster with `replicas` per primary, marked settled.
 async fn settled_cluster(replicas: usize) -> Cluster {
     let cluster = Cluster::start(replicas).await;
-    mark_settled(&cluster).await;
+    cluster.mark_settled().await;
     cluster
-}
-
-/// Three nodes on the cluster behind `urls`, once all are ready.
-async fn three_nodes(urls: Vec<String>) -> (Gateway, Gateway, Gateway) {
-    let config = cluster_config(urls);
-    let (a, b, c) = (
-        support::start(config.clone()).await,
-        support::start(config.clone()).await,
-        support::start(config.clone()).await,
-    );
-    all_ready(&[&a, &b, &c]).await;
-    (a, b, c)
-}
-
-/// A client on each node watching `room`, and the room's head.
-async fn watching(nodes: &[&Gateway], room: uuid::Uuid) -> (Vec<Client>, u64) {
-    let mut clients = Vec::new();
-    let mut head = 0;
-    for gw in nodes {
-        let mut client = gw.connect(user(), &[]).await;
-        head = client.subscribe(room).await;
-        clients.push(client);
-    }
-    (clients, head)
-}
-
-/// Publishes to `room` on `a` through the kill of the primary on port `owner` (see
-/// [`publish_through`]; a refusal is required).
-async fn publish_killing(
-    cluster: &mut Cluster,
-    a: &Gateway,
-    room: uuid::Uuid,
-    owner: u16,
-) -> (Vec<u64>, u64) {
-    let victim = cluster.nodes.iter().position(|n| n.port == owner).expect("the owner is a node");
-    publish_through(a, room, async || cluster.nodes[victim].kill(), true).await
-}
-
-/// Waits until every node answers `/readyz` 200.
-async fn all_ready(nodes: &[&Gateway]) {
-    for gw in nodes {
-        let deadline = Instant::now() + PATIENCE * 2;
-        while gw.get("/readyz").await.0 != 200 {
-            assert!(Instant::now() < deadline, "a node never became ready");
-            sleep(Duration::from_millis(50)).await;
-        }
-    }
 }
 
 /// Reads `message.new` events from `client` until every room has its `count` events; checks
@@ -167,7 +108,7 @@ async fn three_nodes_carry_rooms_on_every_shard_each_message_only_on_its_own_sha
     // A dead seed first: the next one is asked.
     let mut urls = vec![format!("redis://127.0.0.1:{}", scale::free_port())];
     urls.extend(cluster.urls().into_iter().take(2));
-    let (a, b, c) = three_nodes(urls).await;
+    let (a, b, c) = three_nodes(cluster_config(urls)).await;
     let nodes = [&a, &b, &c];
 
     let rooms = rooms_on_every_shard(&cluster, 2).await;
@@ -231,36 +172,11 @@ async fn three_nodes_carry_rooms_on_every_shard_each_message_only_on_its_own_sha
     }
 }
 
-/// After a disruption: a marker from `b`, then every client got every accepted event once and in
-/// order, or was told of a gap.
-async fn every_event_or_told(
-    nodes: &[&Gateway],
-    clients: &mut [Client],
-    room: uuid::Uuid,
-    head: u64,
-    mut accepted: Vec<u64>,
-    n: u64,
-) {
-    all_ready(nodes).await;
-    let marker = n + 1;
-    support::redis::http_publish_eventually(nodes[1], &message_sent(room, &json!({ "n": marker }))).await;
-    accepted.push(marker);
-    for (gw, client) in nodes.iter().zip(clients.iter_mut()) {
-        let mut seen = Seen::default();
-        follow(gw, client, room, head, &mut seen, marker).await;
-        if !seen.told_gap {
-            for n in &accepted {
-                assert!(seen.ns.contains(n), "accepted event {n} missing and no recovered:false");
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server"]
 async fn a_primary_killed_mid_stream_is_followed_with_every_event_or_recovered_false() {
     let mut cluster = settled_cluster(1).await;
-    let (a, b, c) = three_nodes(cluster.urls()).await;
+    let (a, b, c) = three_nodes(cluster_config(cluster.urls())).await;
     let nodes = [&a, &b, &c];
     // A room on a shard that does not hold the `{herald}` slot, and one on that shard.
     let room = chat();
@@ -279,7 +195,7 @@ async fn a_primary_killed_mid_stream_is_followed_with_every_event_or_recovered_f
 #[ignore = "needs redis-server"]
 async fn a_slot_moved_while_events_flow_is_followed_without_duplicates_or_silent_gaps() {
     let cluster = settled_cluster(0).await;
-    let (a, b, c) = three_nodes(cluster.urls()).await;
+    let (a, b, c) = three_nodes(cluster_config(cluster.urls())).await;
     let nodes = [&a, &b, &c];
     let room = chat();
     let channel = format!("herald:{{{room}}}:room");
@@ -363,7 +279,7 @@ async fn dropped(nodes: &[&Gateway]) -> f64 {
 #[ignore = "needs redis-server"]
 async fn a_shard_connection_reset_mid_stream_ends_the_session_with_every_event_or_recovered_false() {
     let cluster = settled_cluster(0).await;
-    let (a, b, c) = three_nodes(cluster.urls()).await;
+    let (a, b, c) = three_nodes(cluster_config(cluster.urls())).await;
     let nodes = [&a, &b, &c];
     let room = chat();
     let owner = cluster.primary_of(&format!("herald:{{{room}}}:room")).await;
@@ -727,7 +643,7 @@ async fn a_user_event_overtaken_by_a_full_window_of_others_still_arrives() {
 #[ignore = "needs redis-server"]
 async fn the_herald_slot_primary_killed_mid_stream_is_followed_with_membership_and_user_events() {
     let mut cluster = settled_cluster(1).await;
-    let (a, b, c) = three_nodes(cluster.urls()).await;
+    let (a, b, c) = three_nodes(cluster_config(cluster.urls())).await;
     let nodes = [&a, &b, &c];
     // The room on the shard that holds the global keys, the members channel and the counters.
     let owner = cluster.primary_of("herald:{herald}:boot").await;
@@ -851,13 +767,6 @@ async fn a_room_event_for_users_reaches_each_socket_once_per_frame_across_shards
     assert_eq!(of(&bob_got, json!({"n":1})), 1, "{bob_got:?}");
 }
 
-/// The cluster config with `redis_tls_ca_file` set to `ca`.
-fn tls_cluster_config(urls: Vec<String>, ca: Option<&std::path::Path>) -> Config {
-    let mut config = cluster_config(urls);
-    config.bus.redis_tls_ca_file = ca.map(std::path::Path::to_path_buf);
-    config
-}
-
 /// The message `Server::bind` stops with.
 async fn startup_error(config: Config) -> String {
     config.validate().expect("valid config");
@@ -874,8 +783,7 @@ async fn startup_error(config: Config) -> String {
 async fn two_nodes_on_a_tls_cluster_as_an_acl_user_deliver_every_event_once_in_order() {
     let cluster = Cluster::start_tls(0).await;
     let (ca, other_ca) = cluster.tls.clone().expect("a TLS cluster");
-    let port = cluster.primary_of("herald:{herald}:boot").await;
-    let _: () = query(&cluster.node(port), &["SET", "herald:{herald}:boot", "0"]).await;
+    cluster.mark_settled().await;
     let urls = cluster.urls();
     let config = tls_cluster_config(urls.clone(), Some(&ca));
 

@@ -13,9 +13,8 @@ use herald::config::{BusConfig, BusKind, Config};
 use herald::server::Server;
 use scale::{query, SentinelGroup, TlsRedis, MASTER_NAME, PASSWORD};
 use serde_json::json;
-use support::redis::{assert_fixed_503, follow, publish_through, Seen};
+use support::redis::{assert_fixed_503, endpoint_count, follow, publish_through, wait_until, Seen};
 use support::{chat, message_sent, user, Client, Gateway, PATIENCE};
-use tokio::time::{sleep, Instant};
 
 /// The test config on a TLS Redis as the ACL user with `password`, trusting `ca`.
 fn tls_config(tls: &TlsRedis, password: &str, ca: Option<&std::path::Path>) -> Config {
@@ -50,15 +49,6 @@ async fn mark_settled(client: &redis::Client) {
 async fn ready_and_settled(group: &SentinelGroup) {
     group.wait_ready().await;
     mark_settled(&group.client_of(group.master.port)).await;
-}
-
-/// Polls `done` every `every` until it holds; fails with `what` after `within`.
-async fn wait_until(what: &str, within: Duration, every: Duration, mut done: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done().await {
-        assert!(Instant::now() < deadline, "{what}");
-        sleep(every).await;
-    }
 }
 
 /// A client on `watcher` subscribes to a new room and gets the event `publisher` accepts:
@@ -322,14 +312,6 @@ async fn a_failover_without_a_crash_moves_the_nodes_off_the_demoted_master() {
 /// `herald_redis_endpoint_failovers_total` of `endpoint`; 0 while the node has not counted it.
 async fn endpoint_failovers(gw: &Gateway, endpoint: &str) -> f64 {
     endpoint_count(gw, "redis_endpoint_failovers_total", endpoint).await
-}
-
-/// `herald_<name>{endpoint="<endpoint>"}`, or 0 while the node has not counted it (unlike
-/// `Gateway::labelled`, which wants the series to exist).
-async fn endpoint_count(gw: &Gateway, name: &str, endpoint: &str) -> f64 {
-    let (_, text) = gw.get("/metrics").await;
-    let prefix = format!("herald_{name}{{endpoint=\"{endpoint}\"}} ");
-    text.lines().find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok()).unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -270,3 +270,20 @@ pub async fn publish_through(
     }
     (accepted, n)
 }
+
+/// Polls `done` every `every` until it holds; fails with `what` after `within`.
+pub async fn wait_until(what: &str, within: Duration, every: Duration, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !done().await {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// `herald_<name>{endpoint="<endpoint>"}`, or 0 while the node has not counted it (unlike
+/// `Gateway::labelled`, which wants the series to exist).
+pub async fn endpoint_count(gw: &Gateway, name: &str, endpoint: &str) -> f64 {
+    let (_, text) = gw.get("/metrics").await;
+    let prefix = format!("herald_{name}{{endpoint=\"{endpoint}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok()).unwrap_or(0.0)
+}

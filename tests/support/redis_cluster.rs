@@ -4,6 +4,8 @@
 //! a child of the test with its files in a temporary directory; all are killed on drop. A TLS
 //! cluster ([`Cluster::start_tls`]) listens on TLS ports only (clients, replication and the
 //! cluster bus) with the default user off and one ACL user.
+//! Also the helpers the cluster test files share: Herald nodes on a cluster, clients watching a
+//! room, and the check that every client got every accepted event or was told it may miss some.
 #![allow(dead_code, unreachable_pub)]
 
 use std::net::TcpListener;
@@ -11,9 +13,13 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use herald::config::{BusConfig, BusKind, Config};
+use serde_json::json;
 use tokio::time::{sleep, Instant};
 
 use crate::scale::{acl_user_args, make_ca, query, Proc, TempDir, PASSWORD, USER};
+use crate::support::redis::{follow, publish_through, Seen};
+use crate::support::{message_sent, user, Client, Gateway, PATIENCE};
 
 /// Nodes of the cluster; the first three start as primaries.
 pub struct Cluster {
@@ -208,16 +214,30 @@ impl Cluster {
         panic!("no primary serves slot {slot}")
     }
 
-    /// The node id of node `port`.
-    pub async fn id_of(port: u16) -> String {
-        query(&Cluster::client(port), &["CLUSTER", "MYID"]).await
+    /// The node id of node `port` of this cluster.
+    pub async fn id_of(&self, port: u16) -> String {
+        query(&self.node(port), &["CLUSTER", "MYID"]).await
+    }
+
+    /// Marks the cluster's Herald state as long settled: a fresh cluster would make nodes wait
+    /// out the settle window.
+    pub async fn mark_settled(&self) {
+        let port = self.primary_of("herald:{herald}:boot").await;
+        let _: () = query(&self.node(port), &["SET", "herald:{herald}:boot", "0"]).await;
+    }
+
+    /// The port of the primary node `port` replicates (`None` for a primary).
+    pub async fn primary_of_replica(&self, port: u16) -> Option<u16> {
+        let info: String = query(&self.node(port), &["INFO", "replication"]).await;
+        info.lines().find_map(|l| l.trim().strip_prefix("master_port:")).and_then(|p| p.parse().ok())
     }
 
     /// Moves `slot` from primary `from` to primary `to` by hand, key by key, as
-    /// `redis-cli --cluster reshard` does (SETSLOT IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE).
+    /// `redis-cli --cluster reshard` does (SETSLOT IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE);
+    /// under TLS, `MIGRATE` logs in as the ACL user (`AUTH2`) over the cluster's TLS links.
     pub async fn move_slot(&self, slot: i64, from: u16, to: u16) {
-        let (src, dst) = (Cluster::client(from), Cluster::client(to));
-        let (src_id, dst_id) = (Cluster::id_of(from).await, Cluster::id_of(to).await);
+        let (src, dst) = (self.node(from), self.node(to));
+        let (src_id, dst_id) = (self.id_of(from).await, self.id_of(to).await);
         let s = slot.to_string();
         let _: () = query(&dst, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &src_id]).await;
         let _: () = query(&src, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &dst_id]).await;
@@ -227,16 +247,108 @@ impl Cluster {
                 break;
             }
             let mut args: Vec<String> =
-                ["MIGRATE", "127.0.0.1", &to.to_string(), "", "0", "5000", "KEYS"].map(String::from).to_vec();
+                ["MIGRATE", "127.0.0.1", &to.to_string(), "", "0", "5000"].map(String::from).to_vec();
+            if self.tls.is_some() {
+                args.extend(["AUTH2", USER, PASSWORD].map(String::from));
+            }
+            args.push("KEYS".into());
             args.extend(keys);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let _: String = query(&src, &args).await;
         }
         for node in self.nodes.iter().filter(|n| n.alive()) {
-            let client = Cluster::client(node.port);
+            let client = self.node(node.port);
             let role: String = query(&client, &["INFO", "replication"]).await;
             if role.contains("role:master") {
                 let _: () = query(&client, &["CLUSTER", "SETSLOT", &s, "NODE", &dst_id]).await;
+            }
+        }
+    }
+}
+
+/// The test config on the cluster behind `urls` (presence off: every `SPUBLISH` the tests count
+/// is a room event).
+pub fn cluster_config(urls: Vec<String>) -> Config {
+    let mut config = crate::support::config();
+    config.bus = BusConfig { kind: BusKind::RedisCluster, redis_cluster_urls: urls, ..BusConfig::default() };
+    config.presence.enabled = false;
+    config
+}
+
+/// The cluster config with `redis_tls_ca_file` set to `ca`.
+pub fn tls_cluster_config(urls: Vec<String>, ca: Option<&std::path::Path>) -> Config {
+    let mut config = cluster_config(urls);
+    config.bus.redis_tls_ca_file = ca.map(std::path::Path::to_path_buf);
+    config
+}
+
+/// Waits until every node answers `/readyz` 200.
+pub async fn all_ready(nodes: &[&Gateway]) {
+    for gw in nodes {
+        let deadline = Instant::now() + PATIENCE * 2;
+        while gw.get("/readyz").await.0 != 200 {
+            assert!(Instant::now() < deadline, "a node never became ready");
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Three nodes with `config`, once all are ready.
+pub async fn three_nodes(config: Config) -> (Gateway, Gateway, Gateway) {
+    let (a, b, c) = (
+        crate::support::start(config.clone()).await,
+        crate::support::start(config.clone()).await,
+        crate::support::start(config).await,
+    );
+    all_ready(&[&a, &b, &c]).await;
+    (a, b, c)
+}
+
+/// A client on each node watching `room`, and the room's head.
+pub async fn watching(nodes: &[&Gateway], room: uuid::Uuid) -> (Vec<Client>, u64) {
+    let mut clients = Vec::new();
+    let mut head = 0;
+    for gw in nodes {
+        let mut client = gw.connect(user(), &[]).await;
+        head = client.subscribe(room).await;
+        clients.push(client);
+    }
+    (clients, head)
+}
+
+/// Publishes to `room` on `a` through the kill of the primary on port `owner` (see
+/// [`publish_through`]; a refusal is required).
+pub async fn publish_killing(
+    cluster: &mut Cluster,
+    a: &Gateway,
+    room: uuid::Uuid,
+    owner: u16,
+) -> (Vec<u64>, u64) {
+    let victim = cluster.nodes.iter().position(|n| n.port == owner).expect("the owner is a node");
+    publish_through(a, room, async || cluster.nodes[victim].kill(), true).await
+}
+
+/// After a disruption: a marker from the second node, then every client got every accepted event
+/// once and in order, or was told of a gap.
+pub async fn every_event_or_told(
+    nodes: &[&Gateway],
+    clients: &mut [Client],
+    room: uuid::Uuid,
+    head: u64,
+    mut accepted: Vec<u64>,
+    n: u64,
+) {
+    all_ready(nodes).await;
+    let marker = n + 1;
+    crate::support::redis::http_publish_eventually(nodes[1], &message_sent(room, &json!({ "n": marker })))
+        .await;
+    accepted.push(marker);
+    for (gw, client) in nodes.iter().zip(clients.iter_mut()) {
+        let mut seen = Seen::default();
+        follow(gw, client, room, head, &mut seen, marker).await;
+        if !seen.told_gap {
+            for n in &accepted {
+                assert!(seen.ns.contains(n), "accepted event {n} missing and no recovered:false");
             }
         }
     }

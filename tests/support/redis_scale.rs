@@ -233,9 +233,15 @@ impl TlsRedis {
     }
 }
 
-/// Runs one command with `client`, panicking with the command on error.
+/// Runs one command with `client`, panicking with the command on error. Connect and reply may
+/// take up to 10 s (the client's defaults, 1 s and 500 ms, are too short for a TLS handshake or a
+/// `MIGRATE` on a loaded machine).
 pub async fn query<T: redis::FromRedisValue>(client: &redis::Client, args: &[&str]) -> T {
-    let mut conn = client.get_multiplexed_async_connection().await.expect("connect to redis");
+    let patient = Some(Duration::from_secs(10));
+    let config =
+        redis::AsyncConnectionConfig::new().set_connection_timeout(patient).set_response_timeout(patient);
+    let mut conn =
+        client.get_multiplexed_async_connection_with_config(&config).await.expect("connect to redis");
     redis::cmd(args[0])
         .arg(&args[1..])
         .query_async(&mut conn)
