@@ -1,7 +1,7 @@
 //! Redis Cluster failovers the other cluster tests do not walk, against real clusters the tests
-//! start: a primary killed and a slot moved mid-stream on a cluster reached only over TLS as an
-//! ACL user (replication and the cluster bus on TLS too), and a failover to a replica that never
-//! got a primary's last writes. Every client gets every accepted event once and in order, or is
+//! start: a primary killed, a slot moved and a manual failover mid-stream on a cluster reached
+//! only over TLS as an ACL user (replication and the cluster bus on TLS too), and a failover to a
+//! replica that never got a primary's last writes. Every client gets every accepted event once and in order, or is
 //! told `recovered:false`; no client ever gets another event under a `seq` it already had.
 
 #[path = "support/redis_cluster.rs"]
@@ -49,7 +49,7 @@ async fn replicas(cluster: &Cluster) -> Vec<(u16, u16)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server"]
-async fn a_tls_cluster_as_an_acl_user_is_followed_through_a_primary_kill_and_a_slot_move() {
+async fn a_tls_cluster_as_an_acl_user_is_followed_through_a_primary_kill_a_slot_move_and_a_manual_failover() {
     let mut cluster = Cluster::start_tls(1).await;
     cluster.mark_settled().await;
     let (ca, _) = cluster.tls.clone().expect("a TLS cluster");
@@ -94,7 +94,39 @@ async fn a_tls_cluster_as_an_acl_user_is_followed_through_a_primary_kill_and_a_s
     }
     let history: i64 = query(&cluster.node(to), &["LLEN", &format!("herald:{{{moving}}}:history")]).await;
     assert!(history > 0, "the room's history moved with its slot");
+
+    // And a failover without a crash (`CLUSTER FAILOVER`, as for maintenance): the demoted
+    // primary stays up, and the nodes leave it for its promoted replica.
+    let (replica, demoted) = *replicas(&cluster).await.first().expect("a shard with a replica left");
+    let calm = loop {
+        let calm = chat();
+        if cluster.primary_of(&room_key(calm)).await == demoted {
+            break calm;
+        }
+    };
+    let (mut clients, head) = watching(&nodes, calm).await;
+    let fail_over = async || {
+        let _: () = query(&cluster.node(replica), &["CLUSTER", "FAILOVER"]).await;
+        let what = "the replica never took over";
+        wait_until(what, Duration::from_secs(20), Duration::from_millis(50), async || {
+            cluster.primary_of_replica(replica).await.is_none()
+        })
+        .await;
+    };
+    let (accepted, n) = publish_through(&a, calm, fail_over, false).await;
+    assert_eq!(cluster.primary_of(&room_key(calm)).await, replica, "the replica took over");
+    every_event_or_told(&nodes, &mut clients, calm, head, accepted, n).await;
+    let channel = herald::bus::redis::channel(herald::bus::Topic::Room(calm));
+    for (port, want) in [(replica, 3), (demoted, 0)] {
+        let reply: Vec<redis::Value> = query(&cluster.node(port), &["PUBSUB", "SHARDNUMSUB", &channel]).await;
+        assert_eq!(
+            reply.get(1),
+            Some(&redis::Value::Int(want)),
+            "subscriptions on {port} after the failover"
+        );
+    }
     for gw in nodes {
+        assert!(sessions_at(gw, replica).await >= 1.0, "a session on the replica that took over");
         assert_eq!(gw.metric("bus_up").await, 1.0);
         let (_, metrics) = gw.get("/metrics").await;
         assert!(!metrics.contains(scale::PASSWORD), "password in the metrics");
