@@ -249,6 +249,29 @@ pub async fn query<T: redis::FromRedisValue>(client: &redis::Client, args: &[&st
         .unwrap_or_else(|e| panic!("{args:?}: {e}"))
 }
 
+/// Waits until the replica behind `replica` has applied everything the primary behind `primary`
+/// was given so far: its processed replication offset reaches the primary's. (`WAIT` would not
+/// do: it waits for the writes of its own connection only, and the test's connection wrote
+/// nothing. A replica's link is up right after its first sync while the primary still holds
+/// back the writes made since, for up to a second.)
+pub async fn replica_caught_up(primary: &redis::Client, replica: &redis::Client) {
+    let offset = |info: &str, field: &str| -> Option<u64> {
+        info.lines().find_map(|l| l.trim().strip_prefix(field)).and_then(|v| v.parse().ok())
+    };
+    let info: String = query(primary, &["INFO", "replication"]).await;
+    let target = offset(&info, "master_repl_offset:").expect("the primary's replication offset");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let info: String = query(replica, &["INFO", "replication"]).await;
+        let applied = offset(&info, "slave_repl_offset:");
+        if info.contains("master_link_status:up") && applied.is_some_and(|o| o >= target) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the replica never caught up: {info}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The name the sentinels monitor.
 pub const MASTER_NAME: &str = "herald";
 
