@@ -777,7 +777,7 @@ async fn startup_error(config: Config) -> String {
 }
 
 // Three primaries without replicas keep this test short: the TLS and ACL path is the same for
-// every primary, and failover is covered on the plain cluster above.
+// every primary; failovers and a slot move over TLS are in `redis_cluster_failover.rs`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server"]
 async fn two_nodes_on_a_tls_cluster_as_an_acl_user_deliver_every_event_once_in_order() {
