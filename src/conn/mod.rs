@@ -85,8 +85,10 @@ struct Conn<S> {
     pong_queued: bool,
     /// The command rate limit and the error budget.
     limits: session::Limits,
-    /// Frames were queued this turn by a delivery (not only by replies).
-    fresh: bool,
+    /// What the wait loop knows of this turn (bits of `pump::turn`: frames
+    /// queued by a delivery, sources already found pending). One byte: the
+    /// task's future is held under 400 bytes.
+    turn: u8,
     /// Client messages read and not yet answered (taken whole when
     /// answered, so an idle connection keeps no buffer).
     inbox: Vec<Inbound>,
@@ -139,7 +141,7 @@ pub fn serve<S: Socket>(
         progress: 0,
         pong_queued: false,
         limits: session::Limits::new(now),
-        fresh: false,
+        turn: 0,
         inbox: Vec::new(),
         early_end: None,
         permit: Some(permit),

@@ -106,6 +106,11 @@ pub(crate) struct Outbound {
 
 impl Outbound {
     pub(crate) fn push(&mut self, frame: Bytes) {
+        if self.queue.capacity() == 0 {
+            // An idle connection's queue holds no buffer, so most deliveries
+            // make one: at the size growth would give, without its path.
+            self.queue = VecDeque::with_capacity(4);
+        }
         self.bytes += frame.len();
         self.queue.push_back(frame);
     }

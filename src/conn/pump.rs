@@ -51,6 +51,26 @@ fn wire_for(wire: &Wire, agreed: Option<Agreed>, last: &mut u64, node: &Node) ->
     .clone()
 }
 
+/// The bits of [`Conn`]'s `turn`.
+///
+/// `SOCKET` and `ROOMS` mark sources polled pending earlier in the task's
+/// current poll. Polling one again before the task returns `Pending` would
+/// find nothing new and only take its lock again (the socket's
+/// registration, the room ring's tail): whatever arrives after a source
+/// registered the task's waker wakes the task, and a task woken while it
+/// runs is polled once more, with both bits cleared. They are cleared
+/// whenever the task may yield, so they never outlive the poll that set them.
+mod turn {
+    /// Frames were queued by a delivery (not only by replies).
+    pub(super) const FRESH: u8 = 1;
+    /// The socket's read readiness.
+    pub(super) const SOCKET: u8 = 2;
+    /// Every room: each ring receiver registered, each ringless room
+    /// waiting for a mailbox nudge (which clears the bit).
+    pub(super) const ROOMS: u8 = 4;
+    pub(super) const QUIET: u8 = SOCKET | ROOMS;
+}
+
 /// Which source woke the connection.
 enum Wake {
     /// The socket is readable (false: its registration failed).
@@ -78,33 +98,7 @@ impl<S: Socket> Conn<S> {
             // One hand-written poll over every source instead of `select!`:
             // readiness, rooms and mailbox register their wakers in place,
             // so an idle connection's task holds no wait futures at all.
-            let wake = poll_fn(|cx| {
-                if let Poll::Ready(ready) = self.stream.poll_read_ready(cx) {
-                    return Poll::Ready(Wake::Readable(ready.is_ok()));
-                }
-                if !self.out.is_empty() && self.stream.poll_write_ready(cx).is_ready() {
-                    return Poll::Ready(Wake::Writable);
-                }
-                if let Some(room_budget) = self.room_budget().filter(|_| !self.subs.is_empty()) {
-                    let (out, agreed, node) = (&mut self.out, self.deflate, &self.node);
-                    let mut last = self.mailbox.deflated_last();
-                    let taken = self.subs.poll_take(cx, self.user, room_budget, |f| {
-                        out.push_owed(wire_for(&f, agreed, &mut last, node))
-                    });
-                    self.mailbox.set_deflated_last(last);
-                    if let Poll::Ready(taken) = taken {
-                        return Poll::Ready(Wake::Room(taken));
-                    }
-                }
-                if self.mailbox.poll_pending(cx).is_ready() {
-                    return Poll::Ready(Wake::Mailbox);
-                }
-                if self.mailbox.take_alarm() {
-                    return Poll::Ready(Wake::Alarm);
-                }
-                Poll::Pending
-            })
-            .await;
+            let wake = poll_fn(|cx| self.poll_wake(cx)).await;
             let step = match wake {
                 // A client that floods keeps the socket readable, which is
                 // polled first: timers are checked here too, or it would
@@ -119,13 +113,17 @@ impl<S: Socket> Conn<S> {
             let step = match step {
                 // Boxed: commands are rare next to deliveries, and their
                 // futures (a bus watch among them) need not widen every task.
-                Ok(()) if !self.inbox.is_empty() => Box::pin(self.handle()).await,
+                Ok(()) if !self.inbox.is_empty() => {
+                    self.turn &= !turn::QUIET;
+                    Box::pin(self.handle()).await
+                }
                 other => other,
             };
             if let Err(end) = step {
                 return end;
             }
-            let fresh = std::mem::take(&mut self.fresh);
+            let fresh = self.turn & turn::FRESH != 0;
+            self.turn &= !turn::FRESH;
             let busy = self.node.busy.load(Ordering::Relaxed) || self.out.len() > 1;
             if fresh && self.stalled_since.is_none() && busy {
                 // Frames from rooms are waiting and the node is under load
@@ -134,6 +132,7 @@ impl<S: Socket> Conn<S> {
                 // publishers it wakes, so more frames join this write (one
                 // syscall for many frames); again only while that keeps
                 // bringing frames. On a quiet node a frame is written at once.
+                self.turn &= !turn::QUIET;
                 for _ in 0..MAX_YIELDS {
                     let before = self.out.len();
                     tokio::task::yield_now().await;
@@ -151,6 +150,42 @@ impl<S: Socket> Conn<S> {
             deadline = self.deadline();
             self.arm(deadline);
         }
+    }
+
+    /// One look at every source the connection waits on; registers the
+    /// task's waker with each it finds pending.
+    fn poll_wake(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Wake> {
+        let quiet = self.turn;
+        if quiet & turn::SOCKET == 0 {
+            if let Poll::Ready(ready) = self.stream.poll_read_ready(cx) {
+                return Poll::Ready(Wake::Readable(ready.is_ok()));
+            }
+            self.turn |= turn::SOCKET;
+        }
+        if !self.out.is_empty() && self.stream.poll_write_ready(cx).is_ready() {
+            return Poll::Ready(Wake::Writable);
+        }
+        let room_budget = self.room_budget().filter(|_| !self.subs.is_empty());
+        if let Some(room_budget) = room_budget.filter(|_| quiet & turn::ROOMS == 0) {
+            match self.take_rooms(cx, room_budget) {
+                Poll::Ready(taken) => {
+                    if taken.as_ref().is_ok_and(|t| t.waiting) {
+                        self.turn |= turn::ROOMS;
+                    }
+                    return Poll::Ready(Wake::Room(taken));
+                }
+                Poll::Pending => self.turn |= turn::ROOMS,
+            }
+        }
+        if self.mailbox.poll_pending(cx).is_ready() {
+            return Poll::Ready(Wake::Mailbox);
+        }
+        if self.mailbox.take_alarm() {
+            return Poll::Ready(Wake::Alarm);
+        }
+        // The task yields: what woke it next may be any source.
+        self.turn &= !turn::QUIET;
+        Poll::Pending
     }
 
     /// Reads everything the socket has, into a stack buffer that exists only
@@ -187,14 +222,14 @@ impl<S: Socket> Conn<S> {
     /// Room frames were queued: count catch-ups, and take what the mailbox
     /// holds too.
     fn on_room(&mut self, taken: Result<Taken, Stopped>) -> Result<(), End> {
-        self.fresh = true;
+        self.turn |= turn::FRESH;
         match taken {
             Ok(taken) => {
                 if let Some(oldest) = taken.oldest {
                     self.out.waiting_since(oldest);
                 }
                 if taken.catchups > 0 {
-                    self.node.metrics.catchups.fetch_add(taken.catchups as u64, Ordering::Relaxed);
+                    self.node.metrics.catchups.fetch_add(u64::from(taken.catchups), Ordering::Relaxed);
                 }
                 if self.mailbox.take_pending() {
                     return self.on_mailbox();
@@ -216,16 +251,10 @@ impl<S: Socket> Conn<S> {
     /// carries them all (adaptive batching: a connection that keeps up writes
     /// each frame at once, one that fell behind writes in bulk).
     fn drain_ready(&mut self, cx: &mut std::task::Context<'_>) -> Result<(), End> {
-        let budget = self.room_budget();
-        let (out, agreed, node) = (&mut self.out, self.deflate, &self.node);
-        let mut last = self.mailbox.deflated_last();
-        let room_taken = match budget {
-            Some(budget) => self
-                .subs
-                .poll_take(cx, self.user, budget, |f| out.push_owed(wire_for(&f, agreed, &mut last, node))),
+        let room_taken = match self.room_budget() {
+            Some(budget) => self.take_rooms(cx, budget),
             None => Poll::Pending,
         };
-        self.mailbox.set_deflated_last(last);
         match room_taken {
             Poll::Ready(taken) => self.on_room(taken),
             _ if self.mailbox.take_pending() => self.on_mailbox(),
@@ -233,8 +262,30 @@ impl<S: Socket> Conn<S> {
         }
     }
 
+    /// Queues what the rooms have ready, within `budget`.
+    fn take_rooms(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        budget: Budget,
+    ) -> Poll<Result<Taken, Stopped>> {
+        let (out, agreed, node) = (&mut self.out, self.deflate, &self.node);
+        // Only a connection that agreed to compression needs it: a plain
+        // one leaves the mailbox's cache line alone here.
+        let mut last = if agreed.is_some() { self.mailbox.deflated_last() } else { 0 };
+        let taken = self
+            .subs
+            .poll_take(cx, self.user, budget, |f| out.push_owed(wire_for(&f, agreed, &mut last, node)));
+        if agreed.is_some() {
+            self.mailbox.set_deflated_last(last);
+        }
+        taken
+    }
+
     pub(super) fn on_mailbox(&mut self) -> Result<(), End> {
-        self.fresh = true;
+        self.turn |= turn::FRESH;
+        // A signal may be a small room's nudge, or one that made its ring:
+        // the rooms must be looked at again.
+        self.turn &= !turn::ROOMS;
         let mut msgs = Vec::new();
         match self.mailbox.drain(&mut msgs) {
             Drained::Messages => {}

@@ -87,10 +87,17 @@ pub(crate) struct Budget {
 pub(crate) struct Taken {
     pub(crate) frames: usize,
     /// Rooms that started reading from history in this poll (catch-ups).
-    pub(crate) catchups: usize,
+    /// (`u32`, so [`Taken::waiting`] fits beside it: a wider `Taken`
+    /// widens every connection's future, which keeps a wake's outcome.)
+    pub(crate) catchups: u32,
     /// When the oldest frame taken was published: how far behind this
     /// connection runs (the node's load sensor samples it).
     pub(crate) oldest: Option<tokio::time::Instant>,
+    /// Every room is waiting (its receiver registered with the poll's
+    /// waker, or a ringless room waiting for the mailbox's nudge), rather
+    /// than the budget having stopped the take: until the task is woken,
+    /// polling again finds nothing.
+    pub(crate) waiting: bool,
 }
 
 #[derive(Default)]
@@ -227,7 +234,7 @@ impl Subscriptions {
         budget: Budget,
         mut push: impl FnMut(Wire),
     ) -> Poll<Result<Taken, Stopped>> {
-        let mut taken = Taken::default();
+        let mut taken = Taken { waiting: true, ..Taken::default() };
         let bytes = Cell::new(0);
         let mut push = |frame: Wire| {
             bytes.set(bytes.get() + frame.len());
@@ -237,6 +244,9 @@ impl Subscriptions {
             // A user removed from the room takes nothing past the removal,
             // even before its connection has read the removal itself.
             let cutoff = sub.room.cutoff(user).unwrap_or(u64::MAX);
+            // Set where the room is left waiting; a budget that ends the
+            // loop first leaves it unset.
+            let mut waiting = sub.last >= cutoff;
             while taken.frames < budget.frames && bytes.get() < budget.bytes && sub.last < cutoff {
                 if sub.behind {
                     let frames = (budget.frames - taken.frames)
@@ -297,12 +307,18 @@ impl Subscriptions {
                             }
                             // Nothing new: the publish that keeps a frame, or
                             // makes the ring, nudges our mailbox.
-                            None => break,
+                            None => {
+                                waiting = true;
+                                break;
+                            }
                         }
                     }
                 };
                 match next.poll(cx) {
-                    Poll::Pending => break,
+                    Poll::Pending => {
+                        waiting = true;
+                        break;
+                    }
                     Poll::Ready((Ok(frame), rx)) => {
                         next.set(receive(rx));
                         let seq = frame.seq();
@@ -333,6 +349,7 @@ impl Subscriptions {
                     }
                 }
             }
+            taken.waiting &= waiting;
         }
         if taken.frames > 0 {
             Poll::Ready(Ok(taken))
@@ -387,6 +404,28 @@ mod tests {
     fn a_subscription_stays_56_bytes() {
         // Presence added one flag, in what was padding.
         assert!(std::mem::size_of::<Sub>() <= 56, "{}", std::mem::size_of::<Sub>());
+    }
+
+    /// The pump polls the rooms only once per task poll when a take left
+    /// every room waiting: a take the budget stopped must not say so, or
+    /// the frames it left would wait for the next wake.
+    #[test]
+    fn a_take_says_whether_it_left_every_room_waiting() {
+        // A ringless small room (read from history), then one with a ring
+        // (a history shorter than the ring makes one).
+        for history in [64, 1] {
+            let rooms = Rooms::new(4, HistoryLimits { size: history, ..LIMITS });
+            let chat = ChatId::from_u128(12);
+            let mut subs = Subscriptions::default();
+            join(&rooms, &mut subs, chat, 0, false);
+            publish(&rooms, chat, 1..=3);
+            let mut cx = Context::from_waker(noop_waker_ref());
+            let budget = |frames| Budget { frames, bytes: usize::MAX };
+            let taken = subs.poll_take(&mut cx, USER, budget(2), |_| {});
+            assert!(matches!(taken, Poll::Ready(Ok(Taken { frames: 2, waiting: false, .. }))), "{taken:?}");
+            let taken = subs.poll_take(&mut cx, USER, budget(10), |_| {});
+            assert!(matches!(taken, Poll::Ready(Ok(Taken { frames: 1, waiting: true, .. }))), "{taken:?}");
+        }
     }
 
     #[test]
