@@ -79,8 +79,9 @@ struct Conn<S> {
     armed: Option<Stamp>,
     /// Set while frames wait for a socket that does not take them all.
     stalled_since: Option<Stamp>,
-    /// Bytes written since `stalled_since` was last set.
-    progress: u64,
+    /// Bytes written since `stalled_since` was last set (saturating: it is
+    /// only compared with 64 KiB).
+    progress: u32,
     /// A pong is queued and not yet written.
     pong_queued: bool,
     /// The command rate limit and the error budget.
@@ -324,8 +325,9 @@ mod tests {
         // tokio's task cell adds 96 bytes (and tokio_util's tracker 16) and
         // rounds up to 128: at most 400 bytes of future keeps each
         // connection's cell at 512. Debug builds lay futures out a little
-        // less tightly (408 here for 392 in release).
-        let limit = if cfg!(debug_assertions) { 416 } else { 400 };
+        // less tightly (408 here for 400 in release), and CI runs them:
+        // their limit is as tight.
+        let limit = if cfg!(debug_assertions) { 408 } else { 400 };
         assert!(size <= limit, "connection future grew to {size} bytes (limit {limit})");
         Ok(())
     }

@@ -89,10 +89,12 @@ impl Micros {
 #[derive(Default)]
 pub(crate) struct Outbound {
     queue: VecDeque<Bytes>,
-    /// Bytes of the front frame already written.
-    offset: usize,
-    /// Bytes queued and not yet written.
-    bytes: usize,
+    /// Bytes of the front frame already written. This and `bytes` are 4
+    /// bytes each (every idle connection holds an `Outbound`): a queue is
+    /// bounded far below 4 GiB (`MAX_OUT_BYTES`).
+    offset: u32,
+    /// Bytes queued and not yet written (saturating).
+    bytes: u32,
     /// Room frames queued and not yet written: the node's backlog counts
     /// them as owed until the socket takes them (at most the connection's
     /// queue bound, `MAX_QUEUED`).
@@ -104,6 +106,12 @@ pub(crate) struct Outbound {
     since: Option<Micros>,
 }
 
+/// A length as the queue's 4-byte counts (saturating: no frame or queue
+/// comes near 4 GiB).
+fn len32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 impl Outbound {
     pub(crate) fn push(&mut self, frame: Bytes) {
         if self.queue.capacity() == 0 {
@@ -111,7 +119,7 @@ impl Outbound {
             // make one: at the size growth would give, without its path.
             self.queue = VecDeque::with_capacity(4);
         }
-        self.bytes += frame.len();
+        self.bytes = self.bytes.saturating_add(len32(frame.len()));
         self.queue.push_back(frame);
     }
 
@@ -140,7 +148,7 @@ impl Outbound {
 
     /// Bytes queued and not yet written.
     pub(crate) fn bytes(&self) -> usize {
-        self.bytes
+        self.bytes as usize
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -156,7 +164,7 @@ impl Outbound {
     pub(crate) fn truncate_unstarted(&mut self) {
         let keep = usize::from(self.offset > 0);
         self.queue.truncate(keep);
-        self.bytes = self.queue.front().map_or(0, |f| f.len() - self.offset);
+        self.bytes = self.queue.front().map_or(0, |f| len32(f.len() - self.offset as usize));
     }
 
     /// Writes as much as the socket takes without blocking, and pays the
@@ -167,15 +175,15 @@ impl Outbound {
         let since = self.since;
         while !self.queue.is_empty() {
             let result = if self.queue.len() == 1 {
-                stream.try_write(&self.queue[0][self.offset..])
-            } else if self.queue[0].len() - self.offset <= GATHER_BYTES {
+                stream.try_write(&self.queue[0][self.offset as usize..])
+            } else if self.queue[0].len() - self.offset as usize <= GATHER_BYTES {
                 // Several small frames: copy them into one buffer and `send`
                 // it, which measured cheaper than `writev` of many iovecs.
                 SCRATCH.with(|scratch| {
                     let mut buf = scratch.borrow_mut();
                     buf.clear();
                     for (i, frame) in self.queue.iter().enumerate() {
-                        let part = if i == 0 { &frame[self.offset..] } else { &frame[..] };
+                        let part = if i == 0 { &frame[self.offset as usize..] } else { &frame[..] };
                         if i > 0 && buf.len() + part.len() > GATHER_BYTES {
                             break;
                         }
@@ -187,7 +195,7 @@ impl Outbound {
                 let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
                 let mut n = 0;
                 for (i, frame) in self.queue.iter().take(MAX_IOVECS).enumerate() {
-                    slices[i] = IoSlice::new(if i == 0 { &frame[self.offset..] } else { frame });
+                    slices[i] = IoSlice::new(if i == 0 { &frame[self.offset as usize..] } else { frame });
                     n = i + 1;
                 }
                 stream.try_write_vectored(&slices[..n])
@@ -226,16 +234,17 @@ impl Outbound {
         let mut done = 0;
         while n > 0 {
             let Some(front) = self.queue.front() else { break };
-            let left = front.len() - self.offset;
+            let left = front.len() - self.offset as usize;
             if n >= left {
                 n -= left;
-                self.bytes -= left;
+                self.bytes = self.bytes.saturating_sub(len32(left));
                 self.offset = 0;
                 self.queue.pop_front();
                 done += 1;
             } else {
-                self.offset += n;
-                self.bytes -= n;
+                // n < left: the front frame's offset stays within its length.
+                self.offset += len32(n);
+                self.bytes = self.bytes.saturating_sub(len32(n));
                 n = 0;
             }
         }

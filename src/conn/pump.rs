@@ -32,7 +32,7 @@ const MAX_OUT_BYTES: usize = 4 << 20;
 /// While frames wait, the socket must take at least this much per
 /// `write_wait`, or the connection is a slow consumer: a reader that
 /// trickles a byte at a time cannot hold its queue forever.
-const MIN_PROGRESS: u64 = 64 * 1024;
+const MIN_PROGRESS: u32 = 64 * 1024;
 /// Most times a connection steps aside before writing while frames keep arriving.
 const MAX_YIELDS: usize = 3;
 
@@ -69,6 +69,13 @@ mod turn {
     /// waiting for a mailbox nudge (which clears the bit).
     pub(super) const ROOMS: u8 = 4;
     pub(super) const QUIET: u8 = SOCKET | ROOMS;
+    /// One pass of the wait poll, counted in two bits (up to [`PASSES`]).
+    pub(super) const PASS: u8 = 8;
+    /// A poll that keeps finding work never yields, so its marks would never
+    /// clear: after this many passes every source is looked at again, and
+    /// client input and its timers are not held back by a steady trickle of
+    /// frames.
+    pub(super) const PASSES: u8 = 3 * PASS;
 }
 
 /// Which source woke the connection.
@@ -155,6 +162,10 @@ impl<S: Socket> Conn<S> {
     /// One look at every source the connection waits on; registers the
     /// task's waker with each it finds pending.
     fn poll_wake(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Wake> {
+        if self.turn & turn::PASSES == turn::PASSES {
+            self.turn &= !(turn::QUIET | turn::PASSES);
+        }
+        self.turn += turn::PASS;
         let quiet = self.turn;
         if quiet & turn::SOCKET == 0 {
             if let Poll::Ready(ready) = self.stream.poll_read_ready(cx) {
@@ -184,7 +195,7 @@ impl<S: Socket> Conn<S> {
             return Poll::Ready(Wake::Alarm);
         }
         // The task yields: what woke it next may be any source.
-        self.turn &= !turn::QUIET;
+        self.turn &= !(turn::QUIET | turn::PASSES);
         Poll::Pending
     }
 
@@ -376,7 +387,7 @@ impl<S: Socket> Conn<S> {
         } else {
             // The deadline moves on only for real progress: a reader that
             // trickles a few bytes at a time still meets write_wait.
-            self.progress += written.bytes;
+            self.progress = self.progress.saturating_add(u32::try_from(written.bytes).unwrap_or(u32::MAX));
             if self.progress >= MIN_PROGRESS {
                 self.stalled_since = Some(Stamp::now());
                 self.progress = 0;
