@@ -15,6 +15,8 @@
 # CLUSTER=1: a Redis Cluster of three primaries (no replicas) on RPORT, RPORT+1, RPORT+2
 # (cluster bus on +10000), the nodes on bus.kind redis_cluster; the summary adds each shard's
 # SPUBLISH calls (its rooms' events only: sharded pub/sub).
+# Each node's line "publish answered in X ms" is the mean POST /api/events time: without --rate
+# the publishers wait for each answer, so it sets the event rate at saturation.
 # Usage: scripts/bench-redis.sh <fanout|recovery|soak> <loadgen args...>
 #   e.g. scripts/bench-redis.sh soak --duration 90s --conns 500 --rooms 10 --rate 100 \
 #          --churn 0.2 --outage 8s --content-bytes 20000
@@ -119,7 +121,13 @@ for i in "${!rports[@]}"; do
     echo "redis ${rports[$i]}: $((pubs_after[i] - pubs_before[i])) publish calls" >&2
 done
 for port in "$A" "$B"; do
-    curl -s "http://127.0.0.1:$port/metrics" \
+    metrics=$(curl -s "http://127.0.0.1:$port/metrics" || true)
+    # Saturation runs are a closed loop (each publisher waits for its answer): the mean time a
+    # POST /api/events took on this node (admission + the Redis round trip) sets the event rate.
+    awk -v port="$port" '/^herald_publish_duration_seconds_sum / {s = $2} /^herald_publish_duration_seconds_count / {n = $2}
+        END {if (n > 0) printf "node %s: publish answered in %.2f ms on average (%d requests)\n", port, s * 1000 / n, n}' \
+        <<<"$metrics" >&2
+    printf '%s\n' "$metrics" \
         | grep -E '^herald_((frames_out|write_syscalls|slow_consumers_dropped|redis_inbound_dropped|events_in|catchups|recoveries|redis_history_reads|closes|publish_overloaded|publish_overloaded_remote)_total|backlog_frames|history_(frames|bytes))' \
         | sed "s/^/node $port: /" >&2 || true
 done
