@@ -377,6 +377,11 @@ impl Config {
                 return Err(key_error(key, "must be greater than 0"));
             }
         }
+        // A publish body becomes frames every reader queues: a connection's
+        // write queue counts in 4 bytes, so no frame may come near 4 GiB.
+        if self.server.max_body_bytes > 1 << 30 {
+            return Err(key_error("server.max_body_bytes", "must be at most 1 GiB (1073741824)"));
+        }
         // Bounded above too: a huge duration would overflow the clock.
         const DAY: Duration = Duration::from_secs(86_400);
         for (key, value, max) in [

@@ -158,6 +158,8 @@ fn bad_input_names_the_key() {
     assert!(err("websocket:\n  pong_wait: soon\n", &[]).contains("websocket.pong_wait"));
     assert!(err("rooms:\n  buffer: -3\n", &[]).contains("rooms.buffer"));
     assert!(err("rooms:\n  buffer: 0\n", &[]).contains("rooms.buffer"));
+    assert!(err("server:\n  max_body_bytes: 2147483648\n", &[]).contains("server.max_body_bytes"));
+    assert!(load_yaml("server:\n  max_body_bytes: 1073741824\n", &[]).is_ok());
     assert!(err("rooms:\n  history_size: 1000000\n", &[]).contains("rooms.history_size"));
     assert!(err("api:\n  overload_latency: 500us\n", &[]).contains("api.overload_latency"));
     assert!(err("", &[("HERALD_API__OVERLOAD_LATENCY", "1h")]).contains("api.overload_latency"));

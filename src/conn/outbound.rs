@@ -90,8 +90,10 @@ impl Micros {
 pub(crate) struct Outbound {
     queue: VecDeque<Bytes>,
     /// Bytes of the front frame already written. This and `bytes` are 4
-    /// bytes each (every idle connection holds an `Outbound`): a queue is
-    /// bounded far below 4 GiB (`MAX_OUT_BYTES`).
+    /// bytes each (every idle connection holds an `Outbound`): no frame
+    /// comes near 4 GiB (a publish body is at most 1 GiB, checked at
+    /// startup, and client messages far less), and the queue is closed with
+    /// 4008 past `MAX_OUT_BYTES`, so a saturated `bytes` only closes it.
     offset: u32,
     /// Bytes queued and not yet written (saturating).
     bytes: u32,
@@ -243,6 +245,7 @@ impl Outbound {
                 done += 1;
             } else {
                 // n < left: the front frame's offset stays within its length.
+                debug_assert!(self.offset as usize + n < front.len());
                 self.offset += len32(n);
                 self.bytes = self.bytes.saturating_sub(len32(n));
                 n = 0;
