@@ -115,3 +115,96 @@ async fn a_stale_or_lying_word_in_redis_holds_publishers_back_only_briefly() {
     admitted_eventually(&b, &body).await;
     assert_eq!(b.metric("redis_pressure_nodes").await, 0.0);
 }
+
+/// What Redis pushes a node is read off the node's runtime, into the queue its word counts: a
+/// node whose runtime is stalled (every worker busy) still tells the others it is behind, before
+/// what it owes lands on its readers. Node A runs on this test's runtime, which the test blocks
+/// while node B, on a thread of its own, publishes to A's reader.
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn a_node_whose_runtime_is_stalled_still_pushes_back_publishers_on_another() {
+    let redis = RedisServer::start();
+    mark_settled(&redis).await;
+    let mut config = support::redis::config(&redis);
+    // Room enough that the reader keeps every event A owes it once A runs again: what is checked
+    // here is the word, not the history.
+    config.rooms.history_size = 20_000;
+    config.websocket.write_wait = Duration::from_secs(60);
+    let a = start(config.clone()).await;
+    let room = ChatId::new_v4();
+    let (mut reader, head) = stalled_reader(&a, room).await;
+
+    let b_node = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("B's runtime");
+        runtime.block_on(async move {
+            let b = start(config).await;
+            let body = batch(room, 1, 100);
+            let mut accepted = 0u64;
+            for _ in 0..10_000 {
+                let (status, reply) = b.publish(&body).await;
+                if status == 429 {
+                    let remote = b.metric("publish_overloaded_remote_total").await;
+                    b.stop().await;
+                    return (accepted, Some(remote));
+                }
+                assert_eq!(status, 202, "{reply}");
+                accepted += 1;
+            }
+            b.stop().await;
+            (accepted, None)
+        })
+    });
+    // Blocks this thread, so A's runtime runs nothing until B is done.
+    let (accepted, remote) = b_node.join().expect("node B's thread");
+    assert_eq!(remote, Some(1.0), "B pushed back for A's stalled node after {accepted} events");
+    assert!(accepted > 0);
+
+    // A runs again: its reader gets every accepted event, in order, none lost.
+    read_events(&mut reader, head, accepted).await;
+    assert_eq!(a.metric("redis_inbound_dropped_total").await, 0.0);
+    assert_eq!(a.metric("slow_consumers_dropped_total").await, 0.0);
+    a.wait_metric("redis_pressure_reporting", 0.0).await;
+}
+
+/// What waits for a stalled node's delivery is bounded in bytes, not only in pushes: from 8 MiB
+/// the node names every room, and past 32 MiB it drops what Redis pushes (counted; its clients
+/// see a gap and recover from Redis's history), instead of holding 65,536 big messages.
+#[tokio::test]
+#[ignore = "needs redis-server"]
+async fn what_waits_for_a_stalled_node_is_bounded_in_bytes() {
+    let redis = RedisServer::start();
+    mark_settled(&redis).await;
+    let a = start(support::redis::config(&redis)).await;
+    let room = ChatId::new_v4();
+    let _reader = stalled_reader(&a, room).await;
+    let url = redis.url();
+    let channel = herald::bus::redis::channel(herald::bus::Topic::Room(room));
+
+    // Redis pushes 40 messages of 1 MiB on the room's channel while A's runtime (this test's)
+    // is blocked; a thread of the test's own watches A's word.
+    let pusher = std::thread::spawn(move || {
+        let client = redis::Client::open(url).expect("redis url");
+        let mut conn = client.get_connection().expect("connects");
+        let blob = "x".repeat(1 << 20);
+        let mut named_every_room_after = None;
+        for i in 0..40 {
+            let _: i64 = redis::cmd("PUBLISH").arg(&channel).arg(&blob).query(&mut conn).expect("PUBLISH");
+            std::thread::sleep(Duration::from_millis(30));
+            let words: Vec<String> =
+                redis::cmd("HVALS").arg("herald:{pressure}").query(&mut conn).expect("HVALS");
+            if named_every_room_after.is_none() && words.iter().any(|w| w.ends_with("|*")) {
+                named_every_room_after = Some(i + 1);
+            }
+        }
+        named_every_room_after
+    });
+    let named = pusher.join().expect("the pushing thread");
+    let named = named.expect("A named every room while 40 MiB waited for its delivery");
+    assert!((8..=12).contains(&named), "from 8 MiB: named after {named} MiB");
+    let dropped = a.metric("redis_inbound_dropped_total").await;
+    assert!((8.0..=10.0).contains(&dropped), "what is past 32 MiB is dropped and counted: {dropped}");
+}

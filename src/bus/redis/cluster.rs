@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 use super::delivery::Inbound;
 use super::endpoint::{Endpoint, Failure, Master};
+use super::io_thread;
 use super::scripts::{channel, seq_key};
 use super::shards::{self, Link, Shards};
 use super::supervisor::{
@@ -132,7 +133,8 @@ async fn connect(
         }
     };
     let config = connection_config(shared, push_sender);
-    master.client.get_multiplexed_async_connection_with_config(&config).await
+    // Read on the I/O thread: what waits for delivery must be where the overload word counts it.
+    io_thread::connect(&master.client, &config).await
 }
 
 /// Scripts, failover mark, re-seed, membership, subscriptions: as `supervisor::open_session`

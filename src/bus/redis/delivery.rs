@@ -25,8 +25,18 @@ pub(super) enum Inbound {
     Reset { gen: u64 },
     /// The membership snapshot of generation `gen`, sent before any room or user is subscribed.
     Snapshot { gen: u64, snapshot: MemberSnapshot },
-    /// A message on one of generation `gen`'s subscribed channels.
-    Push { gen: u64, info: PushInfo },
+    /// A message on one of generation `gen`'s subscribed channels, `bytes` long (counted in
+    /// [`Shared::inbound_bytes`] while it waits).
+    Push { gen: u64, info: PushInfo, bytes: usize },
+}
+
+impl Inbound {
+    /// What a push holds while it waits: its strings, and a little for the rest.
+    pub(super) fn push_bytes(info: &PushInfo) -> usize {
+        let strings: usize =
+            info.data.iter().map(|v| if let Value::BulkString(s) = v { s.len() } else { 0 }).sum();
+        strings + 64
+    }
 }
 
 /// What the snapshot script read, in one atomic step: the membership, and the membership events
@@ -91,7 +101,8 @@ pub(super) async fn deliver_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Inb
                 }
             }
             Inbound::Snapshot { .. } => {}
-            Inbound::Push { gen, info } if gen == state.gen => {
+            Inbound::Push { gen, info, bytes } if gen == state.gen => {
+                shared.inbound_bytes.fetch_sub(bytes, Ordering::Relaxed);
                 let Some(Value::BulkString(payload)) = info.data.get(1) else { continue };
                 // Under Cluster each user's copy comes from the user's own shard (see
                 // `deliver_one`).
@@ -99,7 +110,9 @@ pub(super) async fn deliver_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Inb
                 receive(&shared, &mut state, payload, to_user);
             }
             // A push from a connection already replaced: the new one restores what is needed.
-            Inbound::Push { .. } => {}
+            Inbound::Push { bytes, .. } => {
+                shared.inbound_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            }
         }
     }
 }

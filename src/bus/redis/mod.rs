@@ -64,7 +64,8 @@
 //! - `supervisor.rs`: the connection, its subscriptions, reconnects;
 //! - `publisher.rs`: batches publish calls into script calls;
 //! - `delivery.rs`: hands what Redis pushes to the broadcaster, once each and in order;
-//! - `pressure.rs`: overload shared across nodes; `stats.rs`: the bus's counters;
+//! - `pressure.rs`: overload shared across nodes; `io_thread.rs`: the thread every connection is
+//!   read on (what Redis pushes waits where `pressure.rs` counts it); `stats.rs`: the bus's counters;
 //!   `checked.rs`: the cache of "no revocation" answers;
 //! - Redis Cluster: `shards.rs` (slot map, connections per primary, [`Link`]), `names.rs` (the
 //!   global names per kind), `cluster.rs` (the cluster session: one session spans every primary,
@@ -75,6 +76,7 @@ mod cluster;
 mod cluster_publish;
 mod delivery;
 pub(crate) mod endpoint;
+mod io_thread;
 mod names;
 mod options;
 mod presence;
@@ -88,7 +90,7 @@ mod supervisor;
 mod topics;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -118,6 +120,10 @@ use topics::{Topics, WatchGuard};
 /// Pushes that may wait for the delivery task; beyond it they are dropped and counted (the clients
 /// see a `seq` gap) rather than growing memory without bound.
 const INBOUND_CAPACITY: usize = 65_536;
+/// Bytes of pushes that may wait for the delivery task (what Redis itself holds for a subscriber
+/// by default before it cuts it off); beyond it they are dropped and counted in the same way.
+/// The connections are read at once ([`io_thread`]), so a stalled runtime leaves them here.
+const INBOUND_BYTES: usize = 32 << 20;
 /// Publish calls that may wait for the publisher task; callers beyond it wait (backpressure).
 const PUBLISH_QUEUE: usize = 1024;
 
@@ -181,6 +187,8 @@ struct Shared {
     checked: Mutex<Checked>,
     /// This node's name in presence members and typing messages: random per process.
     node_id: u64,
+    /// Bytes of the pushes waiting for the delivery task (at most [`INBOUND_BYTES`]).
+    inbound_bytes: Arc<AtomicUsize>,
 }
 
 /// What a Redis error means to a publisher or a subscriber: the one place a Redis failure becomes
@@ -239,7 +247,8 @@ impl RedisBus {
         let (shared, mut phase_rx) = Shared::new(sink, options, endpoint.is_cluster());
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_CAPACITY);
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
-        let pressure = pressure::start(endpoint.clone(), inbound_tx.downgrade());
+        let pressure =
+            pressure::start(endpoint.clone(), inbound_tx.downgrade(), shared.inbound_bytes.clone());
         let tasks = vec![
             tokio::spawn(delivery::deliver_task(shared.clone(), inbound_rx)),
             tokio::spawn(publisher::publisher_task(shared.clone(), publish_rx)),
@@ -523,6 +532,7 @@ impl Shared {
             scripts: Scripts::new(cluster),
             checked: Mutex::default(),
             node_id: presence::random_id(),
+            inbound_bytes: Arc::default(),
         });
         (shared, phase_rx)
     }

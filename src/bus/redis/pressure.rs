@@ -29,9 +29,11 @@
 //!
 //! This node also names every room (`*`) while its delivery task runs far behind Redis (pushes
 //! waiting for it), which the backlog does not see yet: dropped pushes would be lost events.
+//! Those pushes wait in the delivery queue, not unread in the socket, because the connections are
+//! read on a thread of their own ([`super::io_thread`]), however busy the node's runtime is.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -39,7 +41,7 @@ use tokio::sync::mpsc;
 
 use super::delivery::Inbound;
 use super::endpoint::Endpoint;
-use super::INBOUND_CAPACITY;
+use super::{INBOUND_BYTES, INBOUND_CAPACITY};
 use crate::bus::{Hot, Pressure};
 use crate::protocol::ChatId;
 use crate::sync::lock;
@@ -67,6 +69,8 @@ const MAX_NODES: usize = 64;
 /// Pushes waiting for this node's delivery task above which it names every room: events already
 /// accepted that its backlog does not count yet (a few hundred ms of a busy room's events).
 const INBOUND_HOT: usize = INBOUND_CAPACITY / 128;
+/// The same in bytes of those pushes (a few big events are behind as much as many small ones).
+const INBOUND_BYTES_HOT: usize = INBOUND_BYTES / 4;
 
 /// Writes this node's word (ARGV[6], empty: none) and returns the other nodes' live payloads.
 /// ARGV: node id, ttl ms, max ttl ms, max field bytes, max fields returned, payload.
@@ -159,9 +163,9 @@ impl Signals {
 }
 
 /// This node's payload: `*` when it names more rooms than [`MAX_ROOMS`] or its delivery runs far
-/// behind Redis (`waiting` pushes), else its rooms; empty when it is not overloaded.
-fn payload(hot: &Hot, waiting: usize) -> String {
-    if hot.all || hot.rooms.len() > MAX_ROOMS || waiting > INBOUND_HOT {
+/// behind Redis (`waiting` pushes of `held` bytes), else its rooms; empty when it is not overloaded.
+fn payload(hot: &Hot, waiting: usize, held: usize) -> String {
+    if hot.all || hot.rooms.len() > MAX_ROOMS || waiting > INBOUND_HOT || held > INBOUND_BYTES_HOT {
         return "*".into();
     }
     let mut out = String::with_capacity(hot.rooms.len() * 37);
@@ -233,16 +237,21 @@ impl Pressure for Signals {
     }
 }
 
-/// Starts the sync thread for a bus on `endpoint`; `inbound` is the delivery task's queue, watched
-/// for how far delivery runs behind Redis. The thread ends once the returned signals are dropped.
+/// Starts the sync thread for a bus on `endpoint`; `inbound` is the delivery task's queue and
+/// `held` the bytes waiting in it, watched for how far delivery runs behind Redis. The thread ends
+/// once the returned signals are dropped.
 /// Must be called inside the runtime: resolving a Sentinel master runs on it.
-pub(super) fn start(endpoint: Endpoint, inbound: mpsc::WeakSender<Inbound>) -> Arc<Signals> {
+pub(super) fn start(
+    endpoint: Endpoint,
+    inbound: mpsc::WeakSender<Inbound>,
+    held: Arc<AtomicUsize>,
+) -> Arc<Signals> {
     let signals = Signals::new();
     let weak = Arc::downgrade(&signals);
     let runtime = tokio::runtime::Handle::current();
     let spawned = std::thread::Builder::new()
         .name("herald-pressure".into())
-        .spawn(move || sync(&endpoint, &runtime, &weak, &inbound));
+        .spawn(move || sync(&endpoint, &runtime, &weak, &inbound, &held));
     if let Err(e) = spawned {
         // The node still admits on its own backlog; only the sharing is missing.
         tracing::error!(error = %e, "could not start the pressure thread; overload is not shared");
@@ -256,6 +265,7 @@ fn sync(
     runtime: &tokio::runtime::Handle,
     weak: &Weak<Signals>,
     inbound: &mpsc::WeakSender<Inbound>,
+    held: &AtomicUsize,
 ) {
     let script = redis::Script::new(SCRIPT);
     let mut conn: Option<redis::Connection> = None;
@@ -265,7 +275,7 @@ fn sync(
         let Some(signals) = weak.upgrade() else { return };
         let waiting = inbound.upgrade().map_or(0, |tx| tx.max_capacity() - tx.capacity());
         let hot = lock(&signals.source).as_ref().map(|hot| hot()).unwrap_or_default();
-        let payload = payload(&hot, waiting);
+        let payload = payload(&hot, waiting, held.load(Ordering::Relaxed));
         if conn.is_none() && Instant::now() >= connect_at {
             conn = connect(endpoint, runtime);
             connect_at = Instant::now() + RECONNECT_AFTER;
@@ -312,12 +322,13 @@ mod tests {
     fn a_payload_names_rooms_or_every_room() {
         let a = ChatId::from_u128(1);
         let b = ChatId::from_u128(2);
-        assert_eq!(payload(&Hot::default(), 0), "");
-        assert_eq!(payload(&Hot { all: false, rooms: vec![a, b] }, 0), format!("{a} {b}"));
-        assert_eq!(payload(&Hot { all: true, rooms: vec![] }, 0), "*");
+        assert_eq!(payload(&Hot::default(), 0, 0), "");
+        assert_eq!(payload(&Hot { all: false, rooms: vec![a, b] }, 0, 0), format!("{a} {b}"));
+        assert_eq!(payload(&Hot { all: true, rooms: vec![] }, 0, 0), "*");
         let many = Hot { all: false, rooms: (0..=MAX_ROOMS as u128).map(ChatId::from_u128).collect() };
-        assert_eq!(payload(&many, 0), "*");
-        assert_eq!(payload(&Hot::default(), INBOUND_HOT + 1), "*", "delivery far behind Redis");
+        assert_eq!(payload(&many, 0, 0), "*");
+        assert_eq!(payload(&Hot::default(), INBOUND_HOT + 1, 0), "*", "delivery far behind Redis");
+        assert_eq!(payload(&Hot::default(), 1, INBOUND_BYTES_HOT + 1), "*", "in bytes too");
     }
 
     #[test]

@@ -116,7 +116,7 @@ pub(super) const COUNTERS: &[(&str, &str, Counter)] = &[
     ("redis_reconnects_total", "Redis connections re-established.", |s| &s.reconnects),
     ("redis_connect_failures_total", "Redis connect attempts that failed (each followed by a backoff wait).", |s| &s.connect_failures),
     ("redis_publish_failures_total", "Publishes refused while Redis was unavailable.", |s| &s.publish_failures),
-    ("redis_inbound_dropped_total", "Redis pushes dropped because delivery fell behind.", |s| &s.inbound_dropped),
+    ("redis_inbound_dropped_total", "Redis pushes dropped because delivery fell behind (65,536 pushes or 32 MiB).", |s| &s.inbound_dropped),
     ("redis_seq_regressions_total", "Room events whose seq went backwards, dropped.", |s| &s.seq_regressions),
     ("redis_duplicates_total", "Duplicate copies of an event dropped.", |s| &s.duplicates_dropped),
     ("redis_history_reads_total", "Reads of a room's Redis history for recoveries this node's history could not serve.", |s| &s.history_reads),

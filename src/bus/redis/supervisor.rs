@@ -18,9 +18,10 @@ use tokio::time::Instant;
 
 use super::delivery::{Inbound, MemberSnapshot, Missed};
 use super::endpoint::{self, Endpoint, Master};
+use super::io_thread;
 use super::scripts::{channel, seq_key, MARK_FAILOVER_LUA};
 use super::shards::Link;
-use super::{MemberMark, Phase, Shared};
+use super::{MemberMark, Phase, Shared, INBOUND_BYTES};
 use crate::bus::Control;
 use crate::protocol::event::DomainEvent;
 use crate::protocol::ChatId;
@@ -257,20 +258,38 @@ pub(super) fn forward_push(
             shared.lost.notify_one();
             Ok(())
         }
-        PushKind::Message | PushKind::SMessage => match push_tx.try_send(Inbound::Push { gen, info }) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                // A revocation may be among what is dropped: ask Redis again.
-                shared.forget_checked(None);
-                if shared.stats.inbound_dropped.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
-                    tracing::error!("redis bus delivery task is behind; dropping events (seq gaps)");
-                }
-                Ok(())
+        PushKind::Message | PushKind::SMessage => {
+            let bytes = Inbound::push_bytes(&info);
+            if shared.inbound_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes > INBOUND_BYTES {
+                shared.inbound_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                dropped(shared);
+                return Ok(());
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
-        },
+            match push_tx.try_send(Inbound::Push { gen, info, bytes }) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    shared.inbound_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                    match e {
+                        mpsc::error::TrySendError::Full(_) => {
+                            dropped(shared);
+                            Ok(())
+                        }
+                        mpsc::error::TrySendError::Closed(_) => Err(()),
+                    }
+                }
+            }
+        }
         // Subscribe confirmations are awaited as replies; other kinds do not concern us.
         _ => Ok(()),
+    }
+}
+
+/// A push the delivery task has no room for (in pushes or bytes): dropped and counted.
+fn dropped(shared: &Shared) {
+    // A revocation may be among what is dropped: ask Redis again.
+    shared.forget_checked(None);
+    if shared.stats.inbound_dropped.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
+        tracing::error!("redis bus delivery task is behind; dropping events (seq gaps)");
     }
 }
 
@@ -304,7 +323,8 @@ async fn open_session(
         forward_push(&shared, &push_tx, gen, info)
     };
     let config = connection_config(shared, push_sender);
-    let mut conn = master.client.get_multiplexed_async_connection_with_config(&config).await?;
+    // Read on the I/O thread: what waits for delivery must be where the overload word counts it.
+    let mut conn = io_thread::connect(&master.client, &config).await?;
     // A sentinel may still name a master that a failover demoted, or one that came back as a
     // replica: only a master takes writes.
     if master.check_role {
