@@ -172,24 +172,33 @@ async fn a_node_whose_runtime_is_stalled_still_pushes_back_publishers_on_another
 
 /// What waits for a stalled node's delivery is bounded in bytes, not only in pushes: from 8 MiB
 /// the node names every room, and past 32 MiB it drops what Redis pushes (counted; its clients
-/// see a gap and recover from Redis's history), instead of holding 65,536 big messages.
+/// see a gap and recover from Redis's history) and opens a new session, which reads back what it
+/// may have dropped: a revocation published meanwhile still closes the revoked connection.
 #[tokio::test]
 #[ignore = "needs redis-server"]
-async fn what_waits_for_a_stalled_node_is_bounded_in_bytes() {
+async fn what_waits_for_a_stalled_node_is_bounded_in_bytes_and_nothing_dropped_is_forgotten() {
     let redis = RedisServer::start();
     mark_settled(&redis).await;
-    let a = start(support::redis::config(&redis)).await;
+    let config = support::redis::config(&redis);
+    let a = start(config.clone()).await;
     let room = ChatId::new_v4();
     let _reader = stalled_reader(&a, room).await;
+    let alice = support::user();
+    let mut alice_on_a =
+        a.connect_token(&support::token_at(alice, &[], Some(herald::auth::now_secs() - 100))).await;
+    alice_on_a.send_json(json!({"type":"ping"})).await;
+    assert_eq!(alice_on_a.recv().await, json!({"type":"pong"}));
     let url = redis.url();
     let channel = herald::bus::redis::channel(herald::bus::Topic::Room(room));
 
-    // Redis pushes 40 messages of 1 MiB on the room's channel while A's runtime (this test's)
-    // is blocked; a thread of the test's own watches A's word.
+    // Redis pushes 40 messages of 1 MiB on the room's channel while A's runtime (this test's) is
+    // blocked, watching A's word after each; then node B, on the same thread, revokes alice.
+    // Each push counts its channel, its message and 64 bytes: 32 of them fill the 32 MiB exactly,
+    // so the revocation finds no room either.
     let pusher = std::thread::spawn(move || {
         let client = redis::Client::open(url).expect("redis url");
         let mut conn = client.get_connection().expect("connects");
-        let blob = "x".repeat(1 << 20);
+        let blob = "x".repeat((1 << 20) - 64 - channel.len());
         let mut named_every_room_after = None;
         for i in 0..40 {
             let _: i64 = redis::cmd("PUBLISH").arg(&channel).arg(&blob).query(&mut conn).expect("PUBLISH");
@@ -200,11 +209,26 @@ async fn what_waits_for_a_stalled_node_is_bounded_in_bytes() {
                 named_every_room_after = Some(i + 1);
             }
         }
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("B's runtime");
+        runtime.block_on(async move {
+            let b = start(config).await;
+            let path = format!("/api/users/{alice}/revoke");
+            let (status, reply) = support::api_post(b.addr, &path, "", Some(support::API_KEY)).await;
+            assert_eq!(status, 200, "{reply}");
+            b.stop().await;
+        });
         named_every_room_after
     });
     let named = pusher.join().expect("the pushing thread");
     let named = named.expect("A named every room while 40 MiB waited for its delivery");
     assert!((8..=12).contains(&named), "from 8 MiB: named after {named} MiB");
+    // 32 fit in 32 MiB; the other 8, and the revocation after them, were dropped.
     let dropped = a.metric("redis_inbound_dropped_total").await;
-    assert!((8.0..=10.0).contains(&dropped), "what is past 32 MiB is dropped and counted: {dropped}");
+    assert_eq!(dropped, 9.0, "what is past 32 MiB is dropped and counted");
+
+    // A opens a new session and reads the revocation back.
+    let (code, _) = tokio::time::timeout(PATIENCE, alice_on_a.closed()).await.expect("closed in time");
+    assert_eq!(code, Some(4003), "the revoked connection closes");
+    a.wait_metric("redis_reconnects_total", 1.0).await;
 }

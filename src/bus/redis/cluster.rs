@@ -108,6 +108,7 @@ async fn connect(
     gen: u64,
     leaving: Option<shards::Leaving>,
 ) -> Result<MultiplexedConnection, redis::RedisError> {
+    let subscribing = leaving.is_some();
     let push_tx = inbound.clone();
     let weak = Arc::downgrade(shared);
     let push_sender = move |info: PushInfo| -> Result<(), ()> {
@@ -133,8 +134,13 @@ async fn connect(
         }
     };
     let config = connection_config(shared, push_sender);
-    // Read on the I/O thread: what waits for delivery must be where the overload word counts it.
-    io_thread::connect(&master.client, &config).await
+    if subscribing {
+        // Read on the I/O thread: what waits for delivery must be where the overload word counts
+        // it. Commands stay on the node's runtime: their replies wake the callers there.
+        io_thread::connect(&master.client, &config, shared.options.connect_timeout * 2).await
+    } else {
+        master.client.get_multiplexed_async_connection_with_config(&config).await
+    }
 }
 
 /// Scripts, failover mark, re-seed, membership, subscriptions: as `supervisor::open_session`

@@ -122,7 +122,8 @@ pub(super) async fn deliver_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Inb
 /// single socket brings many per read), so delivering each read at once hands a room's events to
 /// its connections a few at a time and wakes them for fewer frames per write (measured: 2.1
 /// frames per write against 2.6-2.8 on one Redis at saturation, BENCHMARKS.md). Stepping aside
-/// lets the runtime poll its sockets first, so the other shards' pushes join this run. Order is
+/// gives the I/O thread, which reads every shard's socket, time to queue the other shards' pushes,
+/// so they join this run. Order is
 /// untouched (one queue, one reader); on an idle runtime the step costs one scheduler pass.
 async fn next(rx: &mut mpsc::Receiver<Inbound>, coalesce: bool) -> Option<Inbound> {
     if let Ok(msg) = rx.try_recv() {

@@ -1,6 +1,8 @@
-//! The thread the bus's Redis connections are driven on: a runtime of its own, so what Redis
-//! pushes leaves the kernel's socket buffer for the delivery queue as soon as it arrives, however
-//! busy the node's runtime is.
+//! The thread the bus's subscription connections are read on: a runtime of its own, so what
+//! Redis pushes leaves the kernel's socket buffer for the delivery queue as soon as it arrives,
+//! however busy the node's runtime is. (Command connections stay on the node's runtime: their
+//! replies wake their callers there, and read here every reply woke its caller from another
+//! thread, which halved the events published at saturation.)
 //!
 //! Why: the overload word a node shares ([`super::pressure`]) counts the pushes waiting in the
 //! delivery queue and the frames its readers owe. Pushes still unread in the socket count nowhere.
@@ -13,6 +15,7 @@
 //! is all it takes; commands are still sent from any task (a channel to the reader).
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisResult};
@@ -23,7 +26,7 @@ use tokio::runtime::Handle;
 static RUNTIME: OnceLock<Option<Handle>> = OnceLock::new();
 
 /// The I/O runtime's handle, started on first use: one thread for every bus of the process (a
-/// connection's reader only parses and forwards, so one thread keeps up with many).
+/// subscription connection's reader only parses and forwards, so one thread keeps up with many).
 fn runtime() -> Option<&'static Handle> {
     RUNTIME
         .get_or_init(|| {
@@ -52,10 +55,12 @@ fn runtime() -> Option<&'static Handle> {
 }
 
 /// Opens `client`'s connection with `config` on the I/O thread (or, when it could not start, here:
-/// the bus still works, only its overload word misses what waits in the socket).
+/// the bus still works, only its overload word misses what waits in the socket). Gives up after
+/// `within` whatever the I/O thread does (the connection's own timeouts run there).
 pub(super) async fn connect(
     client: &redis::Client,
     config: &AsyncConnectionConfig,
+    within: Duration,
 ) -> RedisResult<MultiplexedConnection> {
     let Some(runtime) = runtime() else {
         return client.get_multiplexed_async_connection_with_config(config).await;
@@ -64,7 +69,13 @@ pub(super) async fn connect(
     let task = Abort(
         runtime.spawn(async move { client.get_multiplexed_async_connection_with_config(&config).await }),
     );
-    run(task).await
+    match tokio::time::timeout(within, run(task)).await {
+        Ok(result) => result,
+        Err(_) => Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "connecting on the redis I/O thread timed out",
+        ))),
+    }
 }
 
 /// Awaits the opening task; a panic in it is the caller's error (an I/O error: the session retries).

@@ -7,9 +7,11 @@
 //!   names, resolved again on every connect (that is how a failover is followed), over
 //!   `rediss://` with certificate verification and as an ACL user. A wrong password or an
 //!   untrusted certificate stops startup naming the key; an unreachable server does not.
-//! - **One connection per node** (under Cluster, two per primary: `cluster.rs`), RESP3, owned by a
-//!   supervisor task. It carries publishes (Lua
-//!   script calls) and the node's subscriptions (pushes). The supervisor alone issues `SUBSCRIBE` /
+//! - **Two connections per node** (under Cluster, two per primary: `cluster.rs`), RESP3, owned by
+//!   a supervisor task: one carries publishes (Lua script calls) and other commands and is read
+//!   on the node's runtime; the other carries the node's subscriptions (pushes) and is read on a
+//!   thread of its own (`io_thread.rs`), so what Redis pushes reaches the delivery queue however
+//!   busy the runtime is. The supervisor alone issues `SUBSCRIBE` /
 //!   `UNSUBSCRIBE`, so subscription changes never race each other; it reconnects with capped
 //!   exponential backoff and restores every needed subscription itself (we do not use
 //!   `ConnectionManager`'s automatic resubscription: we need a hook at reconnect to re-seed room

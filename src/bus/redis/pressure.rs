@@ -29,8 +29,9 @@
 //!
 //! This node also names every room (`*`) while its delivery task runs far behind Redis (pushes
 //! waiting for it), which the backlog does not see yet: dropped pushes would be lost events.
-//! Those pushes wait in the delivery queue, not unread in the socket, because the connections are
-//! read on a thread of their own ([`super::io_thread`]), however busy the node's runtime is.
+//! Those pushes wait in the delivery queue, not unread in the socket, because the subscription
+//! connections are read on a thread of their own ([`super::io_thread`]), however busy the node's
+//! runtime is.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -56,7 +56,7 @@ pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: 
             Err(failure) => Err(failure),
         };
         match attempt {
-            Ok(((conn, settle_until), master)) => {
+            Ok(((session, settle_until), master)) => {
                 let failover = last_addr.as_ref().is_some_and(|last| *last != master.addr);
                 shared.stats.note_endpoint(&master.addr, |e| {
                     e.sessions += 1;
@@ -68,7 +68,7 @@ pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: 
                 }
                 last_addr = Some(master.addr.clone());
                 attempts.opened(&shared, &master.shown);
-                let err = run_session(&shared, conn, gen, settle_until, master.check_role).await;
+                let err = run_session(&shared, session, gen, settle_until, master.check_role).await;
                 shared.go_down();
                 tracing::error!(
                     redis = %master.shown, error = %err,
@@ -259,10 +259,19 @@ pub(super) fn forward_push(
             Ok(())
         }
         PushKind::Message | PushKind::SMessage => {
+            // After a drop the session is ending (see `dropped`): nothing more of it is delivered,
+            // so no later membership event moves the node's mark past the one dropped.
+            if shared.lost_gen.load(Ordering::SeqCst) == gen {
+                shared.stats.inbound_dropped.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
             let bytes = Inbound::push_bytes(&info);
-            if shared.inbound_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes > INBOUND_BYTES {
+            let before = shared.inbound_bytes.fetch_add(bytes, Ordering::Relaxed);
+            // One push bigger than the whole budget still passes an empty queue: an event may be
+            // as big as `server.max_body_bytes` allows, and must not end every session.
+            if before > 0 && before + bytes > INBOUND_BYTES {
                 shared.inbound_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                dropped(shared);
+                dropped(shared, gen);
                 return Ok(());
             }
             match push_tx.try_send(Inbound::Push { gen, info, bytes }) {
@@ -271,7 +280,7 @@ pub(super) fn forward_push(
                     shared.inbound_bytes.fetch_sub(bytes, Ordering::Relaxed);
                     match e {
                         mpsc::error::TrySendError::Full(_) => {
-                            dropped(shared);
+                            dropped(shared, gen);
                             Ok(())
                         }
                         mpsc::error::TrySendError::Closed(_) => Err(()),
@@ -284,12 +293,20 @@ pub(super) fn forward_push(
     }
 }
 
-/// A push the delivery task has no room for (in pushes or bytes): dropped and counted.
-fn dropped(shared: &Shared) {
-    // A revocation may be among what is dropped: ask Redis again.
+/// A push of session `gen` the delivery task has no room for (in pushes or bytes): dropped,
+/// counted, and the session ends, as Redis ends a subscriber that reads too slowly. The push may
+/// be a revocation or a membership change, which only a new session reads back (revocations of
+/// the connected users, the membership snapshot and the changes missed); room events dropped are
+/// `seq` gaps, which clients recover from Redis's history.
+fn dropped(shared: &Shared, gen: u64) {
     shared.forget_checked(None);
+    shared.lost_gen.store(gen, Ordering::SeqCst);
+    shared.lost.notify_one();
     if shared.stats.inbound_dropped.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
-        tracing::error!("redis bus delivery task is behind; dropping events (seq gaps)");
+        tracing::error!(
+            "redis bus delivery is behind; dropping events (seq gaps) and opening a new session \
+             to read membership and revocations again"
+        );
     }
 }
 
@@ -303,10 +320,20 @@ fn not_master(role: &str) -> redis::RedisError {
     ))
 }
 
-/// Opens a connection and restores everything the node needs before it is used: scripts, room
+/// A session's two connections to the master: `commands` (publishes, scripts, pings) is read on
+/// the node's runtime, where its replies wake their callers; `subscriptions` is read on the I/O
+/// thread ([`io_thread`]), so what Redis pushes waits in the delivery queue, where the overload
+/// word counts it, however busy the runtime is. (Both on the I/O thread halved the events
+/// published at saturation: every reply woke its caller from another thread.)
+struct Session {
+    commands: MultiplexedConnection,
+    subscriptions: MultiplexedConnection,
+}
+
+/// Opens a session and restores everything the node needs before it is used: scripts, room
 /// counter floors, the membership channel, the membership snapshot with the changes the node
 /// missed, and only then the watched rooms and users (membership first: the delivery task applies
-/// the snapshot before any room event of this connection, which comes after it on `inbound`).
+/// the snapshot before any room event of this session, which comes after it on `inbound`).
 async fn open_session(
     shared: &Arc<Shared>,
     master: &Master,
@@ -314,7 +341,7 @@ async fn open_session(
     gen: u64,
     last_addr: Option<&str>,
     last_replid: &mut Option<String>,
-) -> Result<(MultiplexedConnection, Option<Instant>), redis::RedisError> {
+) -> Result<(Session, Option<Instant>), redis::RedisError> {
     let push_tx = inbound.clone();
     let weak = Arc::downgrade(shared);
     // Runs on the connection's reader: must not block, so it only forwards or counts.
@@ -323,8 +350,8 @@ async fn open_session(
         forward_push(&shared, &push_tx, gen, info)
     };
     let config = connection_config(shared, push_sender);
-    // Read on the I/O thread: what waits for delivery must be where the overload word counts it.
-    let mut conn = io_thread::connect(&master.client, &config).await?;
+    let mut conn = master.client.get_multiplexed_async_connection_with_config(&config).await?;
+    let mut subs = io_thread::connect(&master.client, &config, shared.options.connect_timeout * 2).await?;
     // A sentinel may still name a master that a failover demoted, or one that came back as a
     // replica: only a master takes writes.
     if master.check_role {
@@ -355,15 +382,15 @@ async fn open_session(
     let settle_until = settle_deadline(shared, age_ms);
 
     // The members channel first, then the snapshot, so no membership event falls between the two.
-    conn.subscribe(shared.names.members_channel).await?;
+    subs.subscribe(shared.names.members_channel).await?;
     restore_membership(shared, &mut conn, inbound, gen).await?;
-    reconcile(shared, &mut conn).await?;
+    reconcile(shared, &mut conn, &mut subs).await?;
 
     if replid.is_some() {
         *last_replid = replid;
     }
     go_live(shared, gen, Link::One(conn.clone()), settle_until);
-    Ok((conn, settle_until))
+    Ok((Session { commands: conn, subscriptions: subs }, settle_until))
 }
 
 /// Loads every script (calls go by `EVALSHA`).
@@ -488,16 +515,17 @@ pub(super) async fn reseed(
 /// Serves one connection until it fails; returns why.
 async fn run_session(
     shared: &Shared,
-    mut conn: MultiplexedConnection,
+    session: Session,
     gen: u64,
     mut settle_until: Option<Instant>,
     check_role: bool,
 ) -> redis::RedisError {
+    let Session { commands: mut conn, subscriptions: mut subs } = session;
     let (mut ping, mut touch) = session_timers(shared);
     loop {
         tokio::select! {
             _ = shared.topics.changed() => {
-                if let Err(e) = reconcile(shared, &mut conn).await {
+                if let Err(e) = reconcile(shared, &mut conn, &mut subs).await {
                     return e;
                 }
             }
@@ -511,6 +539,9 @@ async fn run_session(
                 // while this connection stayed up (`+switch-master` without a crash) is left
                 // within a ping interval.
                 let pong = tokio::time::timeout(shared.options.ping_timeout, async {
+                    // Both connections: a subscription connection that died silently would
+                    // lose events without a word.
+                    redis::cmd("PING").query_async::<String>(&mut subs).await?;
                     if check_role {
                         endpoint::role(&mut conn).await
                     } else {
@@ -550,7 +581,11 @@ async fn touch_watched(shared: &Shared, conn: &mut MultiplexedConnection) -> Res
 /// Brings Redis subscriptions in line with local interest, and re-seeds regressed rooms: issues
 /// the commands of each [`Topics::plan`](super::topics::Topics::plan) and reports their
 /// confirmations, until a plan needs no subscription change.
-async fn reconcile(shared: &Shared, conn: &mut MultiplexedConnection) -> Result<(), redis::RedisError> {
+async fn reconcile(
+    shared: &Shared,
+    conn: &mut MultiplexedConnection,
+    subs: &mut MultiplexedConnection,
+) -> Result<(), redis::RedisError> {
     loop {
         let plan = shared.topics.plan();
         if !plan.reseed.is_empty() {
@@ -561,12 +596,12 @@ async fn reconcile(shared: &Shared, conn: &mut MultiplexedConnection) -> Result<
         }
         for chunk in plan.unsubscribe.chunks(CHUNK) {
             let channels: Vec<String> = chunk.iter().map(|t| channel(*t)).collect();
-            conn.unsubscribe(&channels).await?;
+            subs.unsubscribe(&channels).await?;
             shared.topics.unsubscribed(chunk);
         }
         for chunk in plan.subscribe.chunks(CHUNK) {
             let channels: Vec<String> = chunk.iter().map(|t| channel(*t)).collect();
-            conn.subscribe(&channels).await?;
+            subs.subscribe(&channels).await?;
             shared.topics.subscribed(chunk);
         }
     }
