@@ -45,7 +45,7 @@ pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: 
     let mut attempts = Attempts::new("redis cluster bus");
     // The primaries' node ids of the last session: a new one is a promoted replica.
     let mut last_ids: Option<Vec<String>> = None;
-    while let Some(gen) = attempts.next(&inbound).await {
+    while let Some(gen) = attempts.next(&shared, &inbound).await {
         match open(&shared, &endpoint, &inbound, gen, &mut last_ids).await {
             Ok((shards, settle_until)) => {
                 for primary in &shards.topology.primaries {
@@ -125,7 +125,7 @@ async fn connect(
                         channel = %String::from_utf8_lossy(channel),
                         "redis cluster dropped a shard subscription (its slot moved); reopening the session"
                     );
-                    shared.lost_gen.store(gen, Ordering::SeqCst);
+                    shared.lost_gen.fetch_max(gen, Ordering::SeqCst);
                     shared.lost.notify_one();
                 }
                 Ok(())
@@ -137,7 +137,12 @@ async fn connect(
     if subscribing {
         // Read on the I/O thread: what waits for delivery must be where the overload word counts
         // it. Commands stay on the node's runtime: their replies wake the callers there.
-        io_thread::connect(&master.client, &config, shared.options.connect_timeout * 2).await
+        io_thread::connect(
+            &master.client,
+            &config,
+            shared.options.connect_timeout + shared.options.response_timeout,
+        )
+        .await
     } else {
         master.client.get_multiplexed_async_connection_with_config(&config).await
     }

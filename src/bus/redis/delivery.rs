@@ -81,6 +81,9 @@ pub(super) async fn deliver_task(shared: Arc<Shared>, mut rx: mpsc::Receiver<Inb
             Inbound::Reset { gen } => state = Receiving { gen, last_gseq: 0, held: Some(Vec::new()) },
             Inbound::Snapshot { gen, snapshot } if gen == state.gen => {
                 let ver = snapshot.ver;
+                // A membership event the snapshot holds may still come on the subscription
+                // connection after it (the snapshot is read on the other one): not twice.
+                state.last_gseq = state.last_gseq.max(ver);
                 // First what the node missed while it was cut off, in order, as if live (a
                 // removal ends the user's subscriptions here, under every membership source).
                 if let Some(missed) = snapshot.missed {

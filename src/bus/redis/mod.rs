@@ -66,8 +66,9 @@
 //! - `supervisor.rs`: the connection, its subscriptions, reconnects;
 //! - `publisher.rs`: batches publish calls into script calls;
 //! - `delivery.rs`: hands what Redis pushes to the broadcaster, once each and in order;
-//! - `pressure.rs`: overload shared across nodes; `io_thread.rs`: the thread every connection is
-//!   read on (what Redis pushes waits where `pressure.rs` counts it); `stats.rs`: the bus's counters;
+//! - `pressure.rs`: overload shared across nodes; `io_thread.rs`: the thread subscription
+//!   connections are read on (what Redis pushes waits where `pressure.rs` counts it); `stats.rs`:
+//!   the bus's counters;
 //!   `checked.rs`: the cache of "no revocation" answers;
 //! - Redis Cluster: `shards.rs` (slot map, connections per primary, [`Link`]), `names.rs` (the
 //!   global names per kind), `cluster.rs` (the cluster session: one session spans every primary,
@@ -120,11 +121,12 @@ use stats::COUNTERS;
 use topics::{Topics, WatchGuard};
 
 /// Pushes that may wait for the delivery task; beyond it they are dropped and counted (the clients
-/// see a `seq` gap) rather than growing memory without bound.
+/// see a `seq` gap) rather than growing memory without bound, and the session ends
+/// (`supervisor::dropped`).
 const INBOUND_CAPACITY: usize = 65_536;
 /// Bytes of pushes that may wait for the delivery task (what Redis itself holds for a subscriber
-/// by default before it cuts it off); beyond it they are dropped and counted in the same way.
-/// The connections are read at once ([`io_thread`]), so a stalled runtime leaves them here.
+/// by default before it cuts it off); beyond it they are dropped in the same way. Subscriptions are
+/// read at once ([`io_thread`]), so a stalled runtime leaves them here.
 const INBOUND_BYTES: usize = 32 << 20;
 /// Publish calls that may wait for the publisher task; callers beyond it wait (backpressure).
 const PUBLISH_QUEUE: usize = 1024;
@@ -180,6 +182,9 @@ struct Shared {
     member_mark: Mutex<Option<MemberMark>>,
     /// Generation whose connection reported a disconnection, and the wake-up for the supervisor.
     lost_gen: AtomicU64,
+    /// Generation that dropped a membership or revocation push: the rest of its pushes are dropped
+    /// too, so no later membership event moves the node's mark past the one dropped.
+    dropped_gen: AtomicU64,
     lost: Notify,
     stats: Arc<RedisStats>,
     scripts: Scripts,
@@ -529,6 +534,7 @@ impl Shared {
             delivered: Mutex::default(),
             member_mark: Mutex::default(),
             lost_gen: AtomicU64::new(0),
+            dropped_gen: AtomicU64::new(0),
             lost: Notify::new(),
             stats: Arc::default(),
             scripts: Scripts::new(cluster),

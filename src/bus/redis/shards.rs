@@ -267,7 +267,7 @@ impl Shared {
 
     /// Ends the session in place (the supervisor opens the next one).
     pub(super) fn end_session(&self) {
-        self.lost_gen.store(self.session_gen.load(Ordering::SeqCst), Ordering::SeqCst);
+        self.lost_gen.fetch_max(self.session_gen.load(Ordering::SeqCst), Ordering::SeqCst);
         self.lost.notify_one();
     }
 }

@@ -1,4 +1,5 @@
-//! The supervisor task: owns the node's one Redis connection. It connects, restores what a node
+//! The supervisor task: owns the node's Redis session (a command connection and a subscription
+//! connection, [`Session`]). It connects, restores what a node
 //! needs (scripts, room counter floors, the membership snapshot and the membership changes it
 //! missed, then its subscriptions), alone issues the `SUBSCRIBE` / `UNSUBSCRIBE` commands that
 //! `topics.rs` plans to match local interest, detects a lost connection (or, under Sentinel, a
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, PushInfo, PushKind};
+use redis::{AsyncConnectionConfig, PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -21,7 +22,7 @@ use super::endpoint::{self, Endpoint, Master};
 use super::io_thread;
 use super::scripts::{channel, seq_key, MARK_FAILOVER_LUA};
 use super::shards::Link;
-use super::{MemberMark, Phase, Shared, INBOUND_BYTES};
+use super::{MemberMark, Phase, Shared, INBOUND_BYTES, INBOUND_CAPACITY};
 use crate::bus::Control;
 use crate::protocol::event::DomainEvent;
 use crate::protocol::ChatId;
@@ -40,7 +41,7 @@ pub(super) async fn supervise(shared: Arc<Shared>, endpoint: Endpoint, inbound: 
     // The replication ID of the last session's server: a promoted replica has another one, also
     // behind an unchanged address (a managed Redis's endpoint moved to the new primary).
     let mut last_replid: Option<String> = None;
-    while let Some(gen) = attempts.next(&inbound).await {
+    while let Some(gen) = attempts.next(&shared, &inbound).await {
         let attempt = match endpoint.resolve(shared.options.connect_timeout).await {
             Ok(master) => {
                 match open_session(&shared, &master, &inbound, gen, last_addr.as_deref(), &mut last_replid)
@@ -98,7 +99,17 @@ impl Attempts {
 
     /// The next attempt's generation, announced to the delivery task before the connection
     /// exists, so it precedes every push of that connection; `None` once the bus is dropped.
-    pub(super) async fn next(&mut self, inbound: &mpsc::Sender<Inbound>) -> Option<u64> {
+    /// Waits first for the delivery queue to be down to a quarter: a session opened onto a queue
+    /// still full of the last one's pushes would drop its own first ones, and end again.
+    pub(super) async fn next(&mut self, shared: &Shared, inbound: &mpsc::Sender<Inbound>) -> Option<u64> {
+        while inbound.max_capacity() - inbound.capacity() > INBOUND_CAPACITY / 4
+            || shared.inbound_bytes.load(Ordering::Relaxed) > INBOUND_BYTES / 4
+        {
+            if inbound.is_closed() {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         self.gen += 1;
         inbound.send(Inbound::Reset { gen: self.gen }).await.ok()?;
         Some(self.gen)
@@ -254,24 +265,24 @@ pub(super) fn forward_push(
 ) -> Result<(), ()> {
     match info.kind {
         PushKind::Disconnection => {
-            shared.lost_gen.store(gen, Ordering::SeqCst);
+            // `fetch_max`: a late word from an older session must not hide this one's end.
+            shared.lost_gen.fetch_max(gen, Ordering::SeqCst);
             shared.lost.notify_one();
             Ok(())
         }
         PushKind::Message | PushKind::SMessage => {
-            // After a drop the session is ending (see `dropped`): nothing more of it is delivered,
-            // so no later membership event moves the node's mark past the one dropped.
-            if shared.lost_gen.load(Ordering::SeqCst) == gen {
-                shared.stats.inbound_dropped.fetch_add(1, Ordering::Relaxed);
+            if shared.dropped_gen.load(Ordering::SeqCst) == gen {
+                dropped(shared, gen, false);
                 return Ok(());
             }
+            let room = matches!(info.data.first(), Some(Value::BulkString(c)) if c.ends_with(b":room"));
             let bytes = Inbound::push_bytes(&info);
             let before = shared.inbound_bytes.fetch_add(bytes, Ordering::Relaxed);
             // One push bigger than the whole budget still passes an empty queue: an event may be
             // as big as `server.max_body_bytes` allows, and must not end every session.
             if before > 0 && before + bytes > INBOUND_BYTES {
                 shared.inbound_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                dropped(shared, gen);
+                dropped(shared, gen, room);
                 return Ok(());
             }
             match push_tx.try_send(Inbound::Push { gen, info, bytes }) {
@@ -280,7 +291,7 @@ pub(super) fn forward_push(
                     shared.inbound_bytes.fetch_sub(bytes, Ordering::Relaxed);
                     match e {
                         mpsc::error::TrySendError::Full(_) => {
-                            dropped(shared, gen);
+                            dropped(shared, gen, room);
                             Ok(())
                         }
                         mpsc::error::TrySendError::Closed(_) => Err(()),
@@ -293,20 +304,24 @@ pub(super) fn forward_push(
     }
 }
 
-/// A push of session `gen` the delivery task has no room for (in pushes or bytes): dropped,
-/// counted, and the session ends, as Redis ends a subscriber that reads too slowly. The push may
-/// be a revocation or a membership change, which only a new session reads back (revocations of
-/// the connected users, the membership snapshot and the changes missed); room events dropped are
-/// `seq` gaps, which clients recover from Redis's history.
-fn dropped(shared: &Shared, gen: u64) {
+/// A push of session `gen` the delivery task has no room for (in pushes or bytes): dropped and
+/// counted. A room event dropped is a `seq` gap, which clients recover from Redis's history. Any
+/// other push (`room` false) may be a membership change or a revocation, which only a new session
+/// reads back (the membership snapshot with the changes missed, the connected users'
+/// revocations): the session ends, and the rest of its pushes are dropped too.
+fn dropped(shared: &Shared, gen: u64, room: bool) {
+    // A revocation may be among what is dropped: ask Redis again.
     shared.forget_checked(None);
-    shared.lost_gen.store(gen, Ordering::SeqCst);
-    shared.lost.notify_one();
-    if shared.stats.inbound_dropped.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
+    if !room && shared.dropped_gen.fetch_max(gen, Ordering::SeqCst) < gen {
+        shared.lost_gen.fetch_max(gen, Ordering::SeqCst);
+        shared.lost.notify_one();
         tracing::error!(
-            "redis bus delivery is behind; dropping events (seq gaps) and opening a new session \
-             to read membership and revocations again"
+            "redis bus delivery is behind and dropped a membership or user push; opening a new \
+             session to read membership and revocations again"
         );
+    }
+    if shared.stats.inbound_dropped.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
+        tracing::error!("redis bus delivery task is behind; dropping events (seq gaps)");
     }
 }
 
@@ -351,7 +366,12 @@ async fn open_session(
     };
     let config = connection_config(shared, push_sender);
     let mut conn = master.client.get_multiplexed_async_connection_with_config(&config).await?;
-    let mut subs = io_thread::connect(&master.client, &config, shared.options.connect_timeout * 2).await?;
+    let mut subs = io_thread::connect(
+        &master.client,
+        &config,
+        shared.options.connect_timeout + shared.options.response_timeout,
+    )
+    .await?;
     // A sentinel may still name a master that a failover demoted, or one that came back as a
     // replica: only a master takes writes.
     if master.check_role {
@@ -372,6 +392,18 @@ async fn open_session(
     // a new master under Sentinel, or a server with another replication ID than the last one
     // (`INFO` may be denied to the ACL user: then only the former is seen).
     let replid = replication_id(&mut conn).await;
+    // The two connections reach the address one after the other: a failover in between (a
+    // managed Redis's name moved to the promoted replica) could put them on different servers.
+    if master.check_role && endpoint::role(&mut subs).await? != "master" {
+        return Err(not_master("subscriptions on a replica"));
+    }
+    let subs_replid = replication_id(&mut subs).await;
+    if replid.is_some() && subs_replid.is_some() && replid != subs_replid {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "the session's two connections reached different servers (a failover in between); retrying",
+        )));
+    }
     let moved = last_replid.as_ref().is_some_and(|last| replid.as_ref().is_some_and(|id| id != last));
     if moved || (master.check_role && last_addr.is_some_and(|last| last != master.addr)) {
         mark_failover(shared, &mut conn).await?;
@@ -512,7 +544,7 @@ pub(super) async fn reseed(
     Ok(age)
 }
 
-/// Serves one connection until it fails; returns why.
+/// Serves one session until either connection fails; returns why.
 async fn run_session(
     shared: &Shared,
     session: Session,
